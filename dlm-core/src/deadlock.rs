@@ -1,0 +1,180 @@
+//! Deadlock detection over a wait-for graph between sessions.
+//!
+//! A session waits for another when one of its pending requests is behind a
+//! lock of the other that is incompatible with it (see
+//! `Lockspace::wait_edges`). A cycle means none of its sessions can proceed
+//! unless one gives up, so one request on the cycle is failed with
+//! [`crate::Status::Deadlock`].
+//!
+//! **Victim rule:** the request on the cycle that started waiting last (the
+//! highest wait sequence number): it has waited least, and it is usually the
+//! one that closed the cycle. The rule needs only the edges, so it works the
+//! same when the edges come from several masters in a cluster.
+//!
+//! The search is generic over [`WaitForGraph`], so a cluster can feed it
+//! edges gathered from other nodes as well as local ones.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::ids::{LockspaceId, SessionId};
+
+/// A pending request that makes its session wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WaitRef {
+    /// The lockspace of the waiting lock.
+    pub lockspace: LockspaceId,
+    /// The waiting lock (an engine-internal index).
+    pub lock: u32,
+    /// When it started waiting: larger is younger.
+    pub seq: u64,
+}
+
+/// An edge of the wait-for graph: the session it leaves waits, through
+/// `wait`, for session `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Edge {
+    /// The session waited for.
+    pub to: SessionId,
+    /// The waiting request.
+    pub wait: WaitRef,
+}
+
+/// A source of wait-for edges.
+pub trait WaitForGraph {
+    /// Appends the edges out of `session` to `edges`.
+    fn edges_from(&self, session: SessionId, edges: &mut Vec<Edge>);
+}
+
+/// The outcome of a search.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Search {
+    /// No cycle is reachable from the roots.
+    NoCycle,
+    /// The waits that form a cycle, in the order of the cycle.
+    Cycle(Vec<WaitRef>),
+    /// The search visited its budget of sessions without finishing.
+    BudgetExhausted,
+}
+
+/// Looks for a cycle reachable from any of `roots`, visiting at most `budget`
+/// sessions. Depth-first with the usual three colours; a session fully
+/// explored from one root is not explored again from another.
+pub fn find_cycle(graph: &impl WaitForGraph, roots: &[SessionId], budget: u32) -> Search {
+    let mut done: HashSet<SessionId> = HashSet::new();
+    let mut on_path: HashMap<SessionId, usize> = HashMap::new();
+    let mut visited = 0u32;
+    let mut scratch = Vec::new();
+
+    struct Frame {
+        session: SessionId,
+        edges: Vec<Edge>,
+        next: usize,
+        /// The edge this frame was entered by (none for a root).
+        entered_by: Option<Edge>,
+    }
+
+    for &root in roots {
+        if done.contains(&root) {
+            continue;
+        }
+        let mut path: Vec<Frame> = Vec::new();
+        graph.edges_from(root, &mut scratch);
+        path.push(Frame { session: root, edges: std::mem::take(&mut scratch), next: 0, entered_by: None });
+        on_path.insert(root, 0);
+        visited += 1;
+        while let Some(frame) = path.last_mut() {
+            if frame.next == frame.edges.len() {
+                let frame = path.pop().expect("non-empty path");
+                on_path.remove(&frame.session);
+                done.insert(frame.session);
+                continue;
+            }
+            let edge = frame.edges[frame.next];
+            frame.next += 1;
+            if let Some(&depth) = on_path.get(&edge.to) {
+                let mut cycle: Vec<WaitRef> =
+                    path[depth + 1..].iter().filter_map(|f| f.entered_by.map(|e| e.wait)).collect();
+                cycle.push(edge.wait);
+                return Search::Cycle(cycle);
+            }
+            if done.contains(&edge.to) {
+                continue;
+            }
+            if visited >= budget {
+                return Search::BudgetExhausted;
+            }
+            visited += 1;
+            graph.edges_from(edge.to, &mut scratch);
+            on_path.insert(edge.to, path.len());
+            path.push(Frame { session: edge.to, edges: std::mem::take(&mut scratch), next: 0, entered_by: Some(edge) });
+        }
+    }
+    Search::NoCycle
+}
+
+/// The request to fail on a cycle: the youngest wait.
+#[must_use]
+pub fn victim(cycle: &[WaitRef]) -> Option<WaitRef> {
+    cycle.iter().copied().max_by_key(|wait| wait.seq)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Graph(Vec<(u64, u64, u64)>);
+
+    impl WaitForGraph for Graph {
+        fn edges_from(&self, session: SessionId, edges: &mut Vec<Edge>) {
+            for &(from, to, seq) in &self.0 {
+                if from == session.0 {
+                    edges.push(Edge {
+                        to: SessionId(to),
+                        wait: WaitRef { lockspace: LockspaceId(0), lock: seq as u32, seq },
+                    });
+                }
+            }
+        }
+    }
+
+    fn seqs(search: Search) -> Vec<u64> {
+        match search {
+            Search::Cycle(waits) => waits.iter().map(|w| w.seq).collect(),
+            other => panic!("expected a cycle, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn finds_a_two_session_cycle() {
+        let graph = Graph(vec![(1, 2, 10), (2, 1, 11)]);
+        assert_eq!(seqs(find_cycle(&graph, &[SessionId(1)], 100)), vec![10, 11]);
+    }
+
+    #[test]
+    fn finds_a_cycle_not_through_the_root() {
+        let graph = Graph(vec![(1, 2, 1), (2, 3, 2), (3, 4, 3), (4, 2, 4)]);
+        assert_eq!(seqs(find_cycle(&graph, &[SessionId(1)], 100)), vec![2, 3, 4]);
+    }
+
+    #[test]
+    fn a_diamond_is_not_a_cycle() {
+        let graph = Graph(vec![(1, 2, 1), (1, 3, 2), (2, 4, 3), (3, 4, 4)]);
+        assert_eq!(find_cycle(&graph, &[SessionId(1), SessionId(3)], 100), Search::NoCycle);
+    }
+
+    #[test]
+    fn the_budget_bounds_the_search() {
+        let chain: Vec<_> = (0..100).map(|i| (i, i + 1, i)).collect();
+        assert_eq!(find_cycle(&Graph(chain), &[SessionId(0)], 10), Search::BudgetExhausted);
+    }
+
+    #[test]
+    fn the_victim_is_the_youngest_wait() {
+        let cycle = [
+            WaitRef { lockspace: LockspaceId(0), lock: 0, seq: 5 },
+            WaitRef { lockspace: LockspaceId(0), lock: 1, seq: 9 },
+            WaitRef { lockspace: LockspaceId(0), lock: 2, seq: 7 },
+        ];
+        assert_eq!(victim(&cycle).map(|w| w.seq), Some(9));
+    }
+}

@@ -1,0 +1,78 @@
+//! # dlm-core
+//!
+//! The lock engine of dlm: the lock semantics of the VMS / Linux distributed
+//! lock manager — six modes, granted / converting / waiting queues,
+//! conversions, lock value blocks, completion and blocking callbacks,
+//! try-locks, cancels, timeouts, orphans, deadlock detection — and a fencing
+//! token on every grant, as a deterministic state machine.
+//!
+//! It is **sans-IO**: no sockets, no threads, no clock. The driver (the
+//! `dlm-agent` service, a test, a simulator) feeds it events with the current
+//! time and carries out the effects it asks for:
+//!
+//! ```text
+//!   client requests ──▶ Node::handle_client(now, session, request)
+//!   time passing    ──▶ Node::handle_timeout(now)
+//!                          │
+//!                          ▼
+//!   Node::poll_effect() ──▶ Complete (the request's outcome, fencing token, value block)
+//!                       ──▶ Blocking (tell a holder it is in someone's way)
+//!                       ──▶ Revoked  (a lock is gone)
+//!   Node::poll_timeout() ──▶ when to call handle_timeout next
+//! ```
+//!
+//! It is not a service and not a cluster protocol (yet): the agent owns
+//! sockets and sessions' lifetimes; distribution of resources over nodes
+//! comes with the cluster work.
+//!
+//! ```
+//! use dlm_core::*;
+//!
+//! let mut node = Node::new(NodeConfig::default()).unwrap();
+//! let ls = node.create_lockspace(b"app", LockspaceConfig::default()).unwrap();
+//! node.open_session(SessionId(1)).unwrap();
+//! let now = Instant::ZERO;
+//! node.handle_client(now, SessionId(1), ClientRequest::Lock(LockRequest {
+//!     handle: LockHandle(1),
+//!     lockspace: ls,
+//!     name: b"db/orders".to_vec(),
+//!     mode: Mode::Ex,
+//!     flags: LockFlags::EMPTY,
+//!     timeout: None,
+//! })).unwrap();
+//! let Some(Effect::Complete(done)) = node.poll_effect() else { panic!() };
+//! assert_eq!(done.status, Status::Granted);
+//! assert!(done.token.is_some());
+//! ```
+
+mod deadlock;
+mod dump;
+mod effect;
+mod flags;
+mod ids;
+mod invariants;
+mod limits;
+mod lock;
+mod lockspace;
+mod mode;
+mod node;
+mod outbox;
+mod queue;
+mod request;
+mod resource;
+mod slab;
+mod time;
+
+pub use deadlock::{Edge, Search, WaitForGraph, WaitRef, find_cycle, victim};
+pub use dump::{LockInfo, LockspaceInfo, ResourceInfo};
+pub use effect::{Completion, Effect, Op, RevokeReason, Status};
+pub use flags::{LockFlags, StatusFlags, UnlockFlags};
+pub use ids::{FencingToken, LockHandle, LockspaceId, SessionId};
+pub use limits::{
+    LOCKSPACE_NAME_LEN_MAX, LVB_LEN_DEFAULT, LVB_LEN_MAX, LVB_LEN_MULTIPLE, Limit, Limits, RESOURCE_NAME_LEN_MAX,
+};
+pub use lockspace::LockspaceConfig;
+pub use mode::{ALL_MODES, LvbAction, Mode, ModeCounts};
+pub use node::{Node, NodeConfig};
+pub use request::{ClientRequest, ConvertRequest, LockRequest, RequestError, UnlockRequest};
+pub use time::Instant;

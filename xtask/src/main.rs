@@ -1,0 +1,66 @@
+//! `cargo xtask`: the developer and CI entry points of the dlm workspace.
+//!
+//! Each command first sets up what it needs on a fresh machine (rustup
+//! components today; Debian packages and bpf-linker as the agent and eBPF
+//! crates arrive), then runs. Nothing here is needed to build the crates.
+
+use std::process::{Command, ExitCode};
+
+mod setup;
+
+const HELP: &str = "\
+cargo xtask <COMMAND> [ARGS]
+
+Commands:
+  setup        install what the build and the tests need (rustup components)
+  test         set up, then check formatting, run clippy and run every test of the workspace
+  bench [ARGS] set up, then run the criterion and memory benchmarks (ARGS go to `cargo bench`)
+  help         print this help
+
+Environment:
+  CI=true      tests that need something this machine lacks fail instead of skipping
+";
+
+fn main() -> ExitCode {
+    let mut args = std::env::args().skip(1);
+    let command = args.next().unwrap_or_else(|| "help".to_string());
+    let rest: Vec<String> = args.collect();
+    let result = match command.as_str() {
+        "setup" => setup::run(),
+        "test" => setup::run().and_then(|()| test()),
+        "bench" => setup::run().and_then(|()| bench(&rest)),
+        "help" | "-h" | "--help" => {
+            print!("{HELP}");
+            Ok(())
+        }
+        other => Err(format!("unknown command {other:?}\n\n{HELP}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("xtask: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs a step, echoing it first so a CI log shows what failed.
+pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), String> {
+    eprintln!("xtask: $ {program} {}", args.join(" "));
+    let status = Command::new(program).args(args).status().map_err(|e| format!("cannot run {program}: {e}"))?;
+    if status.success() { Ok(()) } else { Err(format!("`{program} {}` failed ({status})", args.join(" "))) }
+}
+
+fn test() -> Result<(), String> {
+    run("cargo", &["fmt", "--all", "--", "--check"])?;
+    run("cargo", &["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])?;
+    // Release mode: the property tests and the simulation run many cases,
+    // and debug assertions stay on through the test profile below.
+    run("cargo", &["test", "--workspace", "--locked", "--profile", "ci-test"])
+}
+
+fn bench(args: &[String]) -> Result<(), String> {
+    let mut full = vec!["bench", "--package", "dlm-core", "--locked"];
+    full.extend(args.iter().map(String::as_str));
+    run("cargo", &full)
+}
