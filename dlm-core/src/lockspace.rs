@@ -251,7 +251,10 @@ impl Lockspace {
         let lock = &mut self.locks[l];
         let previous_flags = lock.flags;
         lock.requested = req.mode;
-        lock.flags = req.flags;
+        // PERSISTENT belongs to the lock, not to one request: a conversion
+        // may set it but does not clear it.
+        let persistent = previous_flags.contains(LockFlags::PERSISTENT);
+        lock.flags = if persistent { req.flags | LockFlags::PERSISTENT } else { req.flags };
         lock.status = StatusFlags::EMPTY;
         out.touched.push((self.id, r));
 
