@@ -10,12 +10,19 @@ use crate::slab::NIL;
 /// No two incompatible modes are held at once. Constant time: it compares the
 /// counted modes, not the locks.
 pub(crate) fn held_modes_compatible(held: &ModeCounts) -> bool {
-    ALL_MODES.iter().all(|&a| {
-        ALL_MODES.iter().all(|&b| {
-            let both_held = if a == b { held.get(a) >= 2 } else { held.get(a) > 0 && held.get(b) > 0 };
-            !both_held || a.compatible(b)
-        })
-    })
+    for (i, &a) in ALL_MODES.iter().enumerate() {
+        let count = held.get(a);
+        if count == 0 {
+            continue;
+        }
+        if count >= 2 && !a.compatible(a) {
+            return false;
+        }
+        if ALL_MODES[i + 1..].iter().any(|&b| held.get(b) > 0 && !a.compatible(b)) {
+            return false;
+        }
+    }
+    true
 }
 
 impl Lockspace {

@@ -7,9 +7,9 @@
 //! their blocking callback, and a resource with no lock left is gone.
 
 use std::collections::BTreeSet;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 
-use hashbrown::HashTable;
+use hashbrown::{DefaultHashBuilder, HashTable};
 
 use crate::deadlock::{Edge, WaitRef};
 use crate::effect::{Completion, Effect, Op, RevokeReason, Status};
@@ -55,7 +55,7 @@ pub(crate) struct Lockspace {
     /// Resource indices, hashed by the name stored in the resource itself, so
     /// that a name is held once.
     index: HashTable<u32>,
-    hasher: RandomState,
+    hasher: DefaultHashBuilder,
     pub(crate) locks: Slab<Lock>,
     /// The last fencing token issued. One counter per lockspace makes tokens
     /// strictly increasing per resource even when a resource is freed and
@@ -82,7 +82,7 @@ impl Lockspace {
             config,
             resources: Slab::new(),
             index: HashTable::new(),
-            hasher: RandomState::new(),
+            hasher: DefaultHashBuilder::default(),
             locks: Slab::new(),
             last_token: 0,
             deadlines: BTreeSet::new(),

@@ -1,6 +1,10 @@
 //! [`Node`]: one node's lock engine, the type drivers use.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+// Session and handle maps are keyed by ids clients choose: hashbrown's
+// default hasher is randomly seeded (so not predictable by them) and fast.
+use hashbrown::HashMap;
 use std::time::Duration;
 
 use crate::deadlock::{self, Edge, Search, WaitForGraph};

@@ -56,7 +56,10 @@ fn test() -> Result<(), String> {
     run("cargo", &["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])?;
     // Release mode: the property tests and the simulation run many cases,
     // and debug assertions stay on through the test profile below.
-    run("cargo", &["test", "--workspace", "--locked", "--profile", "ci-test"])
+    // --all-targets also runs the benchmarks once each as tests (the memory
+    // benchmark checks its target then); doc tests need their own run.
+    run("cargo", &["test", "--workspace", "--all-targets", "--locked", "--profile", "ci-test"])?;
+    run("cargo", &["test", "--workspace", "--doc", "--locked", "--profile", "ci-test"])
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
