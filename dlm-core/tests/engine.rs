@@ -669,8 +669,7 @@ fn deadlock_detection_can_be_turned_off() {
 
 #[test]
 fn a_search_out_of_budget_leaves_the_cycle_to_a_full_scan() {
-    let mut limits = Limits::default();
-    limits.deadlock_search_sessions_max = 1;
+    let limits = Limits { deadlock_search_sessions_max: 1, ..Limits::default() };
     let mut h = harness_with(NodeConfig { limits, ..NodeConfig::default() });
     h.lock(1, 1, "a", Ex, NONE);
     h.lock(2, 1, "b", Ex, NONE);
