@@ -75,3 +75,14 @@ impl Lock {
         matches!(self.state, LockState::Converting | LockState::Waiting)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Locks are the engine's most numerous object (see the memory benchmark).
+    #[test]
+    fn a_lock_stays_small() {
+        assert!(std::mem::size_of::<Lock>() <= 80, "Lock is {} bytes", std::mem::size_of::<Lock>());
+    }
+}

@@ -40,3 +40,15 @@ impl Resource {
         self.granted.is_empty() && self.converting.is_empty() && self.waiting.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With its name, index entry and one lock a resource must stay within
+    /// 256 bytes (the memory benchmark checks the total).
+    #[test]
+    fn a_resource_stays_small() {
+        assert!(std::mem::size_of::<Resource>() <= 96, "Resource is {} bytes", std::mem::size_of::<Resource>());
+    }
+}
