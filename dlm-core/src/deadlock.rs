@@ -11,6 +11,17 @@
 //! one that closed the cycle. The rule needs only the edges, so it works the
 //! same when the edges come from several masters in a cluster.
 //!
+//! A session waiting for its own lock is not a cycle: the session can still
+//! release that lock (clients are asynchronous), so such a request simply
+//! waits. Orphans are not in the graph: they never release, but they wait
+//! for nothing either, so they cannot close a cycle.
+//!
+//! Searches start from the sessions that gained an edge in an event (a
+//! request was queued, or a lock was granted while others wait on its
+//! resource): any new cycle passes through one of them. A search visits at
+//! most `Limits::deadlock_search_sessions_max` sessions; past that, a full
+//! scan runs `NodeConfig::deadlock_rescan_delay` later.
+//!
 //! The search is generic over [`WaitForGraph`], so a cluster can feed it
 //! edges gathered from other nodes as well as local ones.
 
