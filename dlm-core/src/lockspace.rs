@@ -378,7 +378,9 @@ impl Lockspace {
                     continue;
                 }
                 self.resources[r].granted.push_back(&mut self.locks, l);
+                // The dropped request's status (DEMOTED) goes with it.
                 self.locks[l].state = LockState::Granted;
+                self.locks[l].status = StatusFlags::EMPTY;
             }
             let lock = &mut self.locks[l];
             if lock.flags.contains(LockFlags::PERSISTENT) {

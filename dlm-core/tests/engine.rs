@@ -840,3 +840,16 @@ fn the_dump_shows_every_queue() {
     let info = h.node.lockspaces();
     assert_eq!((info[0].resources, info[0].locks), (1, 3));
 }
+
+#[test]
+fn a_dropped_conversion_takes_its_demoted_status_with_it() {
+    // Found by the reference model: the orphan's adopter asked for NL and got
+    // it; DEMOTED belonged to the conversion dropped with the session.
+    let mut h = harness();
+    h.lock(1, 1, "r", Cw, LockFlags::PERSISTENT);
+    h.lock(2, 1, "r", Cr, NONE);
+    h.convert(2, 1, Pr, NONE);
+    h.convert(1, 1, Ex, LockFlags::CONVDEADLK);
+    assert_eq!(h.end(1), vec![]);
+    assert_eq!(h.lock(3, 1, "r", Nl, LockFlags::ADOPT), vec![granted(3, 1, Op::Lock, Nl, 4)]);
+}
