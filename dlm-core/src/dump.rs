@@ -22,6 +22,8 @@ pub struct LockspaceInfo {
     pub resources: u32,
     /// Locks, orphans included.
     pub locks: u32,
+    /// Locks with a request pending (waiting or converting).
+    pub waiting: u32,
 }
 
 /// One resource with its three queues.
@@ -70,6 +72,7 @@ impl Lockspace {
             config: self.config,
             resources: self.resources.len(),
             locks: self.locks.len(),
+            waiting: u32::try_from(self.waiting_by_session.len()).unwrap_or(u32::MAX),
         }
     }
 

@@ -1,0 +1,220 @@
+//! `dlm-agent status`, `ls` and `dump`: read-only views, as text or `--json`.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+
+use clap::Args;
+use dlm_agent::proto;
+use dlm_core::{LockFlags, Mode};
+use serde_json::{Value, json};
+
+use super::AgentAddress;
+
+/// Options of `dlm-agent status`.
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    agent: AgentAddress,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+}
+
+/// Options of `dlm-agent ls`.
+#[derive(Args, Debug)]
+pub struct LsArgs {
+    #[command(flatten)]
+    agent: AgentAddress,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+}
+
+/// Options of `dlm-agent dump`.
+#[derive(Args, Debug)]
+pub struct DumpArgs {
+    #[command(flatten)]
+    agent: AgentAddress,
+    /// The lockspace to show
+    #[arg(long, short, default_value = "default")]
+    lockspace: String,
+    /// Show only this resource
+    name: Option<String>,
+    /// Show at most this many resources (sorted by name)
+    #[arg(long, default_value_t = 1000)]
+    max: u32,
+    /// Print JSON
+    #[arg(long)]
+    json: bool,
+}
+
+fn print(json: bool, value: &Value, text: impl FnOnce() -> String) {
+    if json {
+        println!("{value:#}");
+    } else {
+        print!("{}", text());
+    }
+}
+
+pub async fn status(args: StatusArgs) -> ExitCode {
+    let client = match args.agent.connect().await {
+        Ok(client) => client,
+        Err(code) => return ExitCode::from(code),
+    };
+    match client.status().await {
+        Ok(s) => {
+            let value = json!({
+                "node": s.node, "version": s.version, "uptime_ms": s.uptime_ms, "sessions": s.sessions,
+                "lockspaces": s.lockspaces, "locks": s.locks, "waiting": s.waiting, "ebpf": s.ebpf,
+            });
+            print(args.json, &value, || {
+                format!(
+                    "node {}\nversion {}\nuptime {:.1}s\nsessions {}\nlockspaces {}\nlocks {} ({} waiting)\nebpf {}\n",
+                    s.node,
+                    s.version,
+                    s.uptime_ms as f64 / 1000.0,
+                    s.sessions,
+                    s.lockspaces,
+                    s.locks,
+                    s.waiting,
+                    if s.ebpf { "on" } else { "off" }
+                )
+            });
+            ExitCode::SUCCESS
+        }
+        Err(error) => ExitCode::from(super::call_failed(&error)),
+    }
+}
+
+pub async fn ls(args: LsArgs) -> ExitCode {
+    let client = match args.agent.connect().await {
+        Ok(client) => client,
+        Err(code) => return ExitCode::from(code),
+    };
+    match client.lockspaces().await {
+        Ok(reply) => {
+            let value = Value::Array(
+                reply
+                    .lockspaces
+                    .iter()
+                    .map(|ls| json!({"name": ls.name, "lvb_len": ls.lvb_len, "resources": ls.resources, "locks": ls.locks, "waiting": ls.waiting}))
+                    .collect(),
+            );
+            print(args.json, &value, || {
+                let mut out =
+                    format!("{:<24} {:>7} {:>10} {:>8} {:>8}\n", "LOCKSPACE", "LVB", "RESOURCES", "LOCKS", "WAITING");
+                for ls in &reply.lockspaces {
+                    let _ = writeln!(
+                        out,
+                        "{:<24} {:>7} {:>10} {:>8} {:>8}",
+                        ls.name, ls.lvb_len, ls.resources, ls.locks, ls.waiting
+                    );
+                }
+                out
+            });
+            ExitCode::SUCCESS
+        }
+        Err(error) => ExitCode::from(super::call_failed(&error)),
+    }
+}
+
+fn mode_name(mode: Option<i32>) -> &'static str {
+    mode.and_then(|m| usize::try_from(m).ok()).and_then(Mode::from_index).map_or("--", Mode::name)
+}
+
+/// A resource name as text when it is printable, else as hex.
+fn display_name(name: &[u8]) -> String {
+    match std::str::from_utf8(name) {
+        Ok(text) if text.chars().all(|c| !c.is_control()) => format!("{text:?}"),
+        _ => name.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn lock_json(lock: &proto::LockInfo) -> Value {
+    json!({
+        "session": lock.session, "handle": lock.handle, "pid": lock.pid, "orphan": lock.orphan,
+        "granted": lock.granted.map(|m| mode_name(Some(m))), "requested": lock.requested.map(|m| mode_name(Some(m))),
+        "fencing_token": lock.fencing_token,
+        "flags": LockFlags::from_bits(lock.flags).map(|f| f.to_string()).unwrap_or_default(),
+    })
+}
+
+fn lock_line(out: &mut String, lock: &proto::LockInfo) {
+    let owner = if lock.orphan { "orphan".to_string() } else { format!("pid {}", lock.pid) };
+    let modes = match lock.requested {
+        Some(requested) => format!("{} -> {}", mode_name(lock.granted), mode_name(Some(requested))),
+        None => mode_name(lock.granted).to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "    session {:<6} handle {:<6} {:<12} {:<10} token {}",
+        lock.session, lock.handle, owner, modes, lock.fencing_token
+    );
+}
+
+pub async fn dump(args: DumpArgs) -> ExitCode {
+    let client = match args.agent.connect().await {
+        Ok(client) => client,
+        Err(code) => return ExitCode::from(code),
+    };
+    let request = proto::DumpRequest {
+        lockspace: args.lockspace.clone(),
+        name: args.name.map(String::into_bytes),
+        max_resources: args.max,
+    };
+    match client.dump(request).await {
+        Ok(reply) => {
+            let value = Value::Array(
+                reply
+                    .resources
+                    .iter()
+                    .map(|r| {
+                        json!({
+                            "name": String::from_utf8_lossy(&r.name), "name_hex": hex(&r.name),
+                            "lvb": r.lvb.as_deref().map(hex), "lvb_valid": r.lvb_valid, "last_token": r.last_token,
+                            "granted": r.granted.iter().map(lock_json).collect::<Vec<_>>(),
+                            "converting": r.converting.iter().map(lock_json).collect::<Vec<_>>(),
+                            "waiting": r.waiting.iter().map(lock_json).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect(),
+            );
+            print(args.json, &value, || {
+                let mut out = String::new();
+                for r in &reply.resources {
+                    let lvb = match &r.lvb {
+                        Some(lvb) => format!("lvb {}{}", hex(lvb), if r.lvb_valid { "" } else { " (not valid)" }),
+                        None => "no lvb".into(),
+                    };
+                    let _ = writeln!(
+                        out,
+                        "Resource {} in {} (last token {}, {lvb})",
+                        display_name(&r.name),
+                        args.lockspace,
+                        r.last_token
+                    );
+                    for (title, queue) in
+                        [("Granted", &r.granted), ("Converting", &r.converting), ("Waiting", &r.waiting)]
+                    {
+                        if !queue.is_empty() {
+                            let _ = writeln!(out, "  {title}");
+                            for lock in queue {
+                                lock_line(&mut out, lock);
+                            }
+                        }
+                    }
+                }
+                if reply.resources.is_empty() {
+                    out.push_str("no resources\n");
+                }
+                out
+            });
+            ExitCode::SUCCESS
+        }
+        Err(error) => ExitCode::from(super::call_failed(&error)),
+    }
+}

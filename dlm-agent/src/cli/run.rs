@@ -1,0 +1,75 @@
+//! `dlm-agent run`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use dlm_agent::config::{Config, Overrides};
+
+/// Options of `dlm-agent run`; each also has a `DLM_*` variable.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// A TOML configuration file (keys: node, socket, tcp, http, keepalive, session_queue_max, [limits], [[lockspace]])
+    #[arg(long, short, env = "DLM_CONFIG")]
+    config: Option<PathBuf>,
+    /// This node's name [default: the host name]
+    #[arg(long, env = "DLM_NODE")]
+    node: Option<String>,
+    /// Serve the client API on this Unix socket
+    #[arg(long, env = "DLM_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Also serve the client API on this TCP address (HOST:PORT, or "off")
+    #[arg(long, env = "DLM_TCP")]
+    tcp: Option<String>,
+    /// Serve /metrics, /healthz and /readyz on this address (HOST:PORT, or "off") [default: 127.0.0.1:9420]
+    #[arg(long, env = "DLM_HTTP")]
+    http: Option<String>,
+    /// Log filter (error, warn, info, debug, trace, or a tracing directive)
+    #[arg(long, env = "DLM_LOG", default_value = "info")]
+    log: String,
+}
+
+pub async fn run(args: RunArgs) -> ExitCode {
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
+        Ok(filter) => filter,
+        Err(error) => {
+            eprintln!("dlm-agent: invalid --log {:?}: {error}", args.log);
+            return ExitCode::from(super::EXIT_USAGE);
+        }
+    };
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal();
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    let overrides = Overrides { node: args.node, socket: args.socket, tcp: args.tcp, http: args.http };
+    let config = match Config::load(args.config.as_deref(), &overrides) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("dlm-agent: configuration: {error}");
+            return ExitCode::from(super::EXIT_CONFIG);
+        }
+    };
+    let socket = config.socket.clone();
+    match dlm_agent::server::serve(config, shutdown_signal()).await {
+        Ok(()) => {
+            tracing::info!(socket = %socket.display(), "stopped");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("dlm-agent: {error}");
+            ExitCode::from(super::EXIT_UNREACHABLE)
+        }
+    }
+}
+
+/// SIGTERM (systemd's stop) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot install signal handlers; stop the agent with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

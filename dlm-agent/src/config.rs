@@ -1,0 +1,322 @@
+//! The agent's configuration: an embedded default, a TOML file, `DLM_*`
+//! environment variables and flags, in increasing precedence (the last two
+//! through clap). Validated as a whole, with a message that names the key.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use dlm_core::Limits;
+use serde::Deserialize;
+
+/// Everything the agent runs with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// This node's name, reported to clients and in metrics.
+    pub node: String,
+    /// The Unix socket of the client API.
+    pub socket: PathBuf,
+    /// The TCP address of the client API; off when `None`.
+    pub tcp: Option<SocketAddr>,
+    /// The HTTP address of `/metrics`, `/healthz`, `/readyz`; off when `None`.
+    pub http: Option<SocketAddr>,
+    /// HTTP/2 ping interval on client connections; a connection that does not
+    /// answer within the same time again is closed and its session ended.
+    pub keepalive: Duration,
+    /// Messages queued to one client before it counts as not reading and its
+    /// session is ended.
+    pub session_queue_max: usize,
+    /// The engine's bounds.
+    pub limits: Limits,
+    /// Lockspaces created at start.
+    pub lockspaces: Vec<LockspaceEntry>,
+}
+
+/// A lockspace the agent creates at start.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LockspaceEntry {
+    /// Its name.
+    pub name: String,
+    /// Its value block length in bytes.
+    #[serde(default = "default_lvb_len")]
+    pub lvb_len: usize,
+}
+
+fn default_lvb_len() -> usize {
+    dlm_core::LVB_LEN_DEFAULT
+}
+
+/// The default socket: `$XDG_RUNTIME_DIR/dlm/dlm.sock` for a user,
+/// `/run/dlm/dlm.sock` for root (or when `XDG_RUNTIME_DIR` is unset).
+#[must_use]
+pub fn default_socket() -> PathBuf {
+    let is_root =
+        std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !is_root => PathBuf::from(dir).join("dlm/dlm.sock"),
+        _ => PathBuf::from("/run/dlm/dlm.sock"),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: hostname(),
+            socket: default_socket(),
+            tcp: None,
+            http: Some(SocketAddr::from(([127, 0, 0, 1], 9420))),
+            keepalive: Duration::from_secs(10),
+            session_queue_max: 4096,
+            limits: Limits::default(),
+            lockspaces: vec![LockspaceEntry { name: "default".into(), lvb_len: default_lvb_len() }],
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
+/// The TOML file's shape: every key optional, unknown keys refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    node: Option<String>,
+    socket: Option<PathBuf>,
+    tcp: Option<String>,
+    http: Option<String>,
+    keepalive: Option<String>,
+    session_queue_max: Option<usize>,
+    limits: Option<FileLimits>,
+    #[serde(default)]
+    lockspace: Vec<LockspaceEntry>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLimits {
+    lockspaces_max: Option<u32>,
+    sessions_max: Option<u32>,
+    locks_per_session_max: Option<u32>,
+    locks_per_lockspace_max: Option<u32>,
+    resources_per_lockspace_max: Option<u32>,
+    waiters_per_resource_max: Option<u32>,
+    request_timeout_max: Option<String>,
+    deadlock_search_sessions_max: Option<u32>,
+}
+
+/// A configuration that cannot be used, with the reason.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (it names the line and key).
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("invalid {key}: {message}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Why.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+/// Parses a duration such as `250ms`, `5s`, `2m`, `1h`.
+///
+/// # Errors
+/// A message saying what is expected.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 250ms, 5s, 2m or 1h"))?;
+    let scale = match unit {
+        "ms" => Duration::from_millis(1),
+        "s" => Duration::from_secs(1),
+        "m" => Duration::from_secs(60),
+        "h" => Duration::from_secs(3600),
+        _ => return Err(format!("{text:?}: unit must be ms, s, m or h")),
+    };
+    scale
+        .checked_mul(u32::try_from(value).map_err(|_| format!("{text:?} is too large"))?)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn parse_addr(key: &'static str, text: &str) -> Result<Option<SocketAddr>, ConfigError> {
+    if text.is_empty() || text == "off" {
+        return Ok(None);
+    }
+    text.parse()
+        .map(Some)
+        .map_err(|_| invalid(key, format!("{text:?} is not an address like 127.0.0.1:9420 (or \"off\")")))
+}
+
+/// Overrides from flags and `DLM_*` variables (clap fills them).
+#[derive(Clone, Debug, Default)]
+pub struct Overrides {
+    /// `--node` / `DLM_NODE`.
+    pub node: Option<String>,
+    /// `--socket` / `DLM_SOCKET`.
+    pub socket: Option<PathBuf>,
+    /// `--tcp` / `DLM_TCP`.
+    pub tcp: Option<String>,
+    /// `--http` / `DLM_HTTP`.
+    pub http: Option<String>,
+}
+
+impl Config {
+    /// The embedded default, then the file (if any), then the overrides.
+    ///
+    /// # Errors
+    /// The file is unreadable or invalid, or a value is out of range.
+    pub fn load(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut config = Config::default();
+        if let Some(path) = path {
+            let text =
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+            let file: File =
+                toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+            config.apply_file(file)?;
+        }
+        if let Some(node) = &overrides.node {
+            config.node.clone_from(node);
+        }
+        if let Some(socket) = &overrides.socket {
+            config.socket.clone_from(socket);
+        }
+        if let Some(tcp) = &overrides.tcp {
+            config.tcp = parse_addr("tcp", tcp)?;
+        }
+        if let Some(http) = &overrides.http {
+            config.http = parse_addr("http", http)?;
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_file(&mut self, file: File) -> Result<(), ConfigError> {
+        if let Some(node) = file.node {
+            self.node = node;
+        }
+        if let Some(socket) = file.socket {
+            self.socket = socket;
+        }
+        if let Some(tcp) = file.tcp {
+            self.tcp = parse_addr("tcp", &tcp)?;
+        }
+        if let Some(http) = file.http {
+            self.http = parse_addr("http", &http)?;
+        }
+        if let Some(keepalive) = file.keepalive {
+            self.keepalive = parse_duration(&keepalive).map_err(|m| invalid("keepalive", m))?;
+        }
+        if let Some(n) = file.session_queue_max {
+            self.session_queue_max = n;
+        }
+        if let Some(limits) = file.limits {
+            let l = &mut self.limits;
+            macro_rules! take {
+                ($($field:ident),*) => { $( if let Some(v) = limits.$field { l.$field = v; } )* };
+            }
+            take!(
+                lockspaces_max,
+                sessions_max,
+                locks_per_session_max,
+                locks_per_lockspace_max,
+                resources_per_lockspace_max,
+                waiters_per_resource_max,
+                deadlock_search_sessions_max
+            );
+            if let Some(t) = limits.request_timeout_max {
+                l.request_timeout_max = parse_duration(&t).map_err(|m| invalid("limits.request_timeout_max", m))?;
+            }
+        }
+        if !file.lockspace.is_empty() {
+            self.lockspaces = file.lockspace;
+        }
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.is_empty() || self.node.len() > 64 {
+            return Err(invalid("node", "must be 1 to 64 characters"));
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err(invalid("socket", "must be a path"));
+        }
+        if self.keepalive < Duration::from_millis(100) {
+            return Err(invalid("keepalive", "must be at least 100ms"));
+        }
+        if !(16..=1 << 20).contains(&self.session_queue_max) {
+            return Err(invalid("session_queue_max", "must be from 16 to 1048576"));
+        }
+        self.limits.validate().map_err(|m| invalid("limits", m))?;
+        let mut names = std::collections::BTreeSet::new();
+        for entry in &self.lockspaces {
+            if !names.insert(&entry.name) {
+                return Err(invalid("lockspace", format!("{:?} is listed twice", entry.name)));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("99999999999h").is_err());
+    }
+
+    #[test]
+    fn a_file_overrides_defaults_and_bad_values_name_their_key() {
+        let dir = std::env::temp_dir().join(format!("dlm-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("agent.toml");
+        std::fs::write(
+            &path,
+            "node = \"n1\"\nkeepalive = \"2s\"\n[limits]\nwaiters_per_resource_max = 9\n[[lockspace]]\nname = \"a\"\n",
+        )
+        .expect("write");
+        let config = Config::load(Some(&path), &Overrides::default()).expect("valid");
+        assert_eq!(config.node, "n1");
+        assert_eq!(config.keepalive, Duration::from_secs(2));
+        assert_eq!(config.limits.waiters_per_resource_max, 9);
+        assert_eq!(config.lockspaces, vec![LockspaceEntry { name: "a".into(), lvb_len: 32 }]);
+
+        std::fs::write(&path, "keepalive = \"soon\"\n").expect("write");
+        let error = Config::load(Some(&path), &Overrides::default()).expect_err("invalid").to_string();
+        assert!(error.contains("keepalive"), "{error}");
+        std::fs::write(&path, "colour = \"blue\"\n").expect("write");
+        let error = Config::load(Some(&path), &Overrides::default()).expect_err("unknown key").to_string();
+        assert!(error.contains("colour"), "{error}");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}

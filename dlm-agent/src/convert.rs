@@ -1,0 +1,296 @@
+//! Between the wire (`proto`) and the engine (`dlm_core`): requests in,
+//! effects out. The flag bits on the wire are the engine's bits (a test
+//! checks that every proto enum value matches).
+
+use std::time::Duration;
+
+use dlm_core::{
+    ClientRequest, Completion, ConvertRequest, Effect, LockFlags, LockHandle, LockRequest, Mode, Op, RequestError,
+    Status, StatusFlags, UnlockFlags, UnlockRequest,
+};
+
+use crate::proto;
+
+/// A request the agent refuses before it reaches the engine, or one the
+/// engine refused: becomes a [`proto::Rejected`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    /// The handle the request named (0 when it named none).
+    pub handle: u64,
+    /// A stable, lower-case identifier.
+    pub code: &'static str,
+    /// What was wrong.
+    pub message: String,
+}
+
+impl Rejection {
+    pub(crate) fn new(handle: u64, code: &'static str, message: impl Into<String>) -> Rejection {
+        Rejection { handle, code, message: message.into() }
+    }
+
+    /// The engine's error, with its stable code.
+    #[must_use]
+    pub fn from_engine(handle: u64, error: &RequestError) -> Rejection {
+        let code = match error {
+            RequestError::UnknownSession => "unknown_session",
+            RequestError::SessionExists => "session_exists",
+            RequestError::UnknownLockspace => "unknown_lockspace",
+            RequestError::LockspaceExists => "lockspace_exists",
+            RequestError::LockspaceBusy { .. } => "lockspace_busy",
+            RequestError::InvalidLockspaceName { .. } => "invalid_lockspace_name",
+            RequestError::InvalidLvbLen { .. } => "invalid_lvb_len",
+            RequestError::InvalidResourceName { .. } => "invalid_resource_name",
+            RequestError::LvbTooLong { .. } => "lvb_too_long",
+            RequestError::InvalidFlags(_) => "invalid_flags",
+            RequestError::QuecvtNotAllowed { .. } => "quecvt_not_allowed",
+            RequestError::HandleInUse => "handle_in_use",
+            RequestError::UnknownHandle => "unknown_handle",
+            RequestError::Pending => "pending",
+            RequestError::NotPending => "not_pending",
+            RequestError::LimitExceeded(_) => "limit_exceeded",
+        };
+        Rejection::new(handle, code, error.to_string())
+    }
+
+    pub(crate) fn into_message(self) -> proto::ServerMessage {
+        proto::ServerMessage {
+            body: Some(proto::server_message::Body::Rejected(proto::Rejected {
+                handle: self.handle,
+                code: self.code.to_string(),
+                message: self.message,
+            })),
+        }
+    }
+}
+
+/// Every code a rejection can carry, for metric labels created at zero.
+pub const REJECTION_CODES: &[&str] = &[
+    "unknown_session",
+    "session_exists",
+    "unknown_lockspace",
+    "lockspace_exists",
+    "lockspace_busy",
+    "invalid_lockspace_name",
+    "invalid_lvb_len",
+    "invalid_resource_name",
+    "lvb_too_long",
+    "invalid_flags",
+    "quecvt_not_allowed",
+    "handle_in_use",
+    "unknown_handle",
+    "pending",
+    "not_pending",
+    "limit_exceeded",
+    "invalid_mode",
+    "empty_message",
+];
+
+/// A client message ready for the engine.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The handle it is about.
+    pub handle: u64,
+    /// For a new lock: the lockspace name, to be resolved by the engine task.
+    pub lockspace: Option<String>,
+    /// The request (a new lock's `lockspace` field is filled in later).
+    pub request: ClientRequest,
+    /// The W3C `traceparent` the client passed, if any.
+    pub traceparent: Option<String>,
+}
+
+pub(crate) fn mode_from_wire(handle: u64, value: i32) -> Result<Mode, Rejection> {
+    usize::try_from(value).ok().and_then(Mode::from_index).ok_or_else(|| {
+        Rejection::new(handle, "invalid_mode", format!("mode {value} is not one of NL CR CW PR PW EX (0 to 5)"))
+    })
+}
+
+pub(crate) fn mode_to_wire(mode: Mode) -> i32 {
+    mode.index() as i32
+}
+
+fn lock_flags(handle: u64, bits: u32) -> Result<LockFlags, Rejection> {
+    LockFlags::from_bits(bits)
+        .ok_or_else(|| Rejection::new(handle, "invalid_flags", format!("unknown flag bits {bits:#x}")))
+}
+
+fn timeout(ms: u64) -> Option<Duration> {
+    (ms > 0).then(|| Duration::from_millis(ms))
+}
+
+fn traceparent(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+/// Decodes a client message, refusing what the engine's types cannot hold.
+///
+/// # Errors
+/// An empty message, an unknown mode, unknown flag bits.
+pub fn decode(message: proto::ClientMessage) -> Result<Decoded, Rejection> {
+    use proto::client_message::Body;
+    match message.body {
+        None => Err(Rejection::new(0, "empty_message", "the message carries no request")),
+        Some(Body::Lock(lock)) => {
+            let handle = lock.handle;
+            Ok(Decoded {
+                handle,
+                lockspace: Some(lock.lockspace),
+                request: ClientRequest::Lock(LockRequest {
+                    handle: LockHandle(handle),
+                    lockspace: dlm_core::LockspaceId(u32::MAX),
+                    name: lock.name,
+                    mode: mode_from_wire(handle, lock.mode)?,
+                    flags: lock_flags(handle, lock.flags)?,
+                    timeout: timeout(lock.timeout_ms),
+                }),
+                traceparent: traceparent(lock.traceparent),
+            })
+        }
+        Some(Body::Convert(convert)) => {
+            let handle = convert.handle;
+            Ok(Decoded {
+                handle,
+                lockspace: None,
+                request: ClientRequest::Convert(ConvertRequest {
+                    handle: LockHandle(handle),
+                    mode: mode_from_wire(handle, convert.mode)?,
+                    flags: lock_flags(handle, convert.flags)?,
+                    lvb: convert.lvb,
+                    timeout: timeout(convert.timeout_ms),
+                }),
+                traceparent: traceparent(convert.traceparent),
+            })
+        }
+        Some(Body::Unlock(unlock)) => {
+            let handle = unlock.handle;
+            let flags = UnlockFlags::from_bits(unlock.flags).ok_or_else(|| {
+                Rejection::new(handle, "invalid_flags", format!("unknown unlock flag bits {:#x}", unlock.flags))
+            })?;
+            Ok(Decoded {
+                handle,
+                lockspace: None,
+                request: ClientRequest::Unlock(UnlockRequest { handle: LockHandle(handle), flags, lvb: unlock.lvb }),
+                traceparent: None,
+            })
+        }
+        Some(Body::Cancel(cancel)) => Ok(Decoded {
+            handle: cancel.handle,
+            lockspace: None,
+            request: ClientRequest::Cancel { handle: LockHandle(cancel.handle) },
+            traceparent: None,
+        }),
+    }
+}
+
+fn op_to_wire(op: Op) -> proto::Op {
+    match op {
+        Op::Lock => proto::Op::Lock,
+        Op::Convert => proto::Op::Convert,
+        Op::Unlock => proto::Op::Unlock,
+    }
+}
+
+/// The wire status of an engine status.
+#[must_use]
+pub fn status_to_wire(status: Status) -> proto::Status {
+    match status {
+        Status::Granted => proto::Status::Granted,
+        Status::Unlocked => proto::Status::Unlocked,
+        Status::Cancelled => proto::Status::Cancelled,
+        Status::WouldBlock => proto::Status::WouldBlock,
+        Status::Deadlock => proto::Status::Deadlock,
+        Status::TimedOut => proto::Status::TimedOut,
+        Status::NotFound => proto::Status::NotFound,
+    }
+}
+
+pub(crate) fn completion_to_wire(completion: Completion) -> proto::ServerMessage {
+    proto::ServerMessage {
+        body: Some(proto::server_message::Body::Completion(proto::Completion {
+            handle: completion.handle.0,
+            op: op_to_wire(completion.op) as i32,
+            status: status_to_wire(completion.status) as i32,
+            mode: completion.mode.map(mode_to_wire),
+            fencing_token: completion.token.map_or(0, |t| t.0),
+            lvb: completion.lvb,
+            status_flags: completion.flags.bits(),
+        })),
+    }
+}
+
+/// The wire form of an effect (the session it goes to is the caller's business).
+pub(crate) fn effect_to_wire(effect: Effect) -> proto::ServerMessage {
+    use proto::server_message::Body;
+    match effect {
+        Effect::Complete(completion) => completion_to_wire(completion),
+        Effect::Blocking { handle, mode, .. } => proto::ServerMessage {
+            body: Some(Body::Blocking(proto::Blocking { handle: handle.0, mode: mode_to_wire(mode) })),
+        },
+        Effect::Revoked { handle, reason, .. } => proto::ServerMessage {
+            body: Some(Body::Revoked(proto::Revoked { handle: handle.0, reason: format!("{reason:?}") })),
+        },
+    }
+}
+
+/// Status flag bits on the wire.
+#[must_use]
+pub fn status_flags(bits: u32) -> StatusFlags {
+    StatusFlags::from_bits(bits & StatusFlags::ALL.bits()).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_flag_bits_are_the_engines() {
+        use proto::{LockFlag as W, StatusFlag as S, UnlockFlag as U};
+        let lock = [
+            (W::Noqueue, LockFlags::NOQUEUE),
+            (W::Noqueuebast, LockFlags::NOQUEUEBAST),
+            (W::Valblk, LockFlags::VALBLK),
+            (W::Ivvalblk, LockFlags::IVVALBLK),
+            (W::Quecvt, LockFlags::QUECVT),
+            (W::Convdeadlk, LockFlags::CONVDEADLK),
+            (W::Expedite, LockFlags::EXPEDITE),
+            (W::Noorder, LockFlags::NOORDER),
+            (W::Headque, LockFlags::HEADQUE),
+            (W::Altpr, LockFlags::ALTPR),
+            (W::Altcw, LockFlags::ALTCW),
+            (W::Persistent, LockFlags::PERSISTENT),
+            (W::Adopt, LockFlags::ADOPT),
+        ];
+        for (wire, flag) in lock {
+            assert_eq!(wire as u32, flag.bits(), "{wire:?}");
+        }
+        assert_eq!(lock.len(), LockFlags::NAMES.len());
+        for (wire, flag) in [
+            (U::Forceunlock, UnlockFlags::FORCE),
+            (U::UnlockValblk, UnlockFlags::VALBLK),
+            (U::UnlockIvvalblk, UnlockFlags::IVVALBLK),
+        ] {
+            assert_eq!(wire as u32, flag.bits(), "{wire:?}");
+        }
+        for (wire, flag) in [
+            (S::Demoted, StatusFlags::DEMOTED),
+            (S::Altmode, StatusFlags::ALTMODE),
+            (S::Valnotvalid, StatusFlags::VALNOTVALID),
+        ] {
+            assert_eq!(wire as u32, flag.bits(), "{wire:?}");
+        }
+        for mode in Mode::ALL {
+            assert_eq!(mode_from_wire(0, mode_to_wire(mode)), Ok(mode));
+        }
+    }
+
+    #[test]
+    fn malformed_messages_are_rejected_with_a_code() {
+        assert_eq!(decode(proto::ClientMessage { body: None }).unwrap_err().code, "empty_message");
+        let lock = |mode, flags| proto::ClientMessage {
+            body: Some(proto::client_message::Body::Lock(proto::Lock { handle: 3, mode, flags, ..Default::default() })),
+        };
+        assert_eq!(decode(lock(6, 0)).unwrap_err().code, "invalid_mode");
+        assert_eq!(decode(lock(-1, 0)).unwrap_err().code, "invalid_mode");
+        assert_eq!(decode(lock(0, 1 << 20)).unwrap_err().code, "invalid_flags");
+        assert!(decode(lock(5, 1)).is_ok());
+    }
+}

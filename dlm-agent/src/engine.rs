@@ -1,0 +1,497 @@
+//! The engine task: the one owner of the `dlm_core::Node`. Everything else
+//! talks to it through [`EngineHandle`]; it feeds requests and time to the
+//! node and routes the node's effects to the sessions they are for.
+//!
+//! ```text
+//!  session streams ──Command──▶ engine task ──▶ Node::handle_client / handle_timeout
+//!        ▲                          │
+//!        └──── ServerMessage ◀──────┘ poll_effect → route to the session's queue
+//! ```
+//!
+//! Each session's outgoing queue is bounded (`session_queue_max`); a client
+//! that does not read its stream until the queue is full has its session
+//! ended, so one stuck client cannot grow the agent's memory or stall others.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dlm_core::{ClientRequest, Effect, LockspaceConfig, LockspaceId, Mode, Node, NodeConfig, Op, SessionId, Status};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::convert::{self, Decoded, Rejection};
+use crate::metrics::Metrics;
+use crate::proto;
+
+/// Who is on the other end of a session.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// The client's process id (Unix socket clients only).
+    pub pid: Option<i32>,
+    /// The client's user id (Unix socket clients only).
+    pub uid: Option<u32>,
+}
+
+/// Messages to a session's stream.
+pub type SessionSender = mpsc::Sender<Result<proto::ServerMessage, tonic::Status>>;
+
+/// What the engine task is asked to do.
+#[expect(missing_docs, reason = "each variant's doc says what its fields are for; `reply` carries the answer")]
+pub enum Command {
+    /// Open a session whose messages go to `events`.
+    Open { peer: Peer, events: SessionSender, reply: oneshot::Sender<Result<SessionId, Rejection>> },
+    /// A message from a session's client.
+    Client { session: SessionId, message: proto::ClientMessage },
+    /// The session's stream ended.
+    Close { session: SessionId },
+    /// Status for the `Status` call.
+    Status { reply: oneshot::Sender<proto::StatusReply> },
+    /// Lockspaces for the `Lockspaces` call (and the metrics' gauges).
+    Lockspaces { reply: oneshot::Sender<proto::LockspacesReply> },
+    /// A dump for the `Dump` call.
+    Dump { request: proto::DumpRequest, reply: oneshot::Sender<Result<proto::DumpReply, Rejection>> },
+    /// Create a lockspace.
+    CreateLockspace { name: String, lvb_len: usize, reply: oneshot::Sender<Result<(), Rejection>> },
+    /// Release a lockspace.
+    ReleaseLockspace { name: String, force: bool, reply: oneshot::Sender<Result<(), Rejection>> },
+    /// Cancel pending requests, revoke locks, end every session, stop.
+    Shutdown { reply: oneshot::Sender<()> },
+}
+
+/// A cheap, cloneable way to reach the engine task.
+#[derive(Clone)]
+pub struct EngineHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+/// The engine task is gone (the agent is stopping).
+#[derive(Debug, thiserror::Error)]
+#[error("the lock engine has stopped")]
+pub struct EngineStopped;
+
+impl EngineHandle {
+    /// Sends a command, waiting for room in the queue (back-pressure).
+    ///
+    /// # Errors
+    /// The engine task has stopped.
+    pub async fn send(&self, command: Command) -> Result<(), EngineStopped> {
+        self.commands.send(command).await.map_err(|_| EngineStopped)
+    }
+
+    /// Sends a command built around a reply channel and waits for the reply.
+    ///
+    /// # Errors
+    /// The engine task has stopped.
+    pub async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, EngineStopped> {
+        let (reply, answer) = oneshot::channel();
+        self.send(command(reply)).await?;
+        answer.await.map_err(|_| EngineStopped)
+    }
+}
+
+/// Engine commands queued at most; senders wait beyond that.
+const COMMAND_QUEUE_MAX: usize = 16_384;
+/// Resources a dump returns when the request does not say.
+const DUMP_RESOURCES_DEFAULT: usize = 1000;
+/// Resources a dump returns at most.
+const DUMP_RESOURCES_MAX: usize = 100_000;
+
+/// What the agent remembers about one of a session's locks, for metrics.
+struct HandleState {
+    lockspace: Arc<str>,
+    /// The mode of the pending request, or of the grant.
+    mode: Mode,
+    /// When the pending request was made.
+    requested_at: Option<Instant>,
+    /// When the lock was first granted.
+    granted_at: Option<Instant>,
+}
+
+struct SessionState {
+    events: SessionSender,
+    peer: Peer,
+    handles: HashMap<u64, HandleState>,
+}
+
+struct Engine {
+    node: Node,
+    clock: Clock,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    started: Instant,
+    sessions: HashMap<SessionId, SessionState>,
+    lockspace_names: HashMap<LockspaceId, Arc<str>>,
+    next_session: u64,
+    /// Sessions found not reading during routing, ended after it.
+    slow: Vec<SessionId>,
+}
+
+/// Creates the node and its lockspaces and starts the engine task.
+///
+/// # Errors
+/// The configured limits or lockspaces are invalid.
+pub fn start(
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    clock: Clock,
+) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), String> {
+    let node_config = NodeConfig { limits: config.limits.clone(), ..NodeConfig::default() };
+    let node = Node::new(node_config)?;
+    let mut engine = Engine {
+        node,
+        clock,
+        config: config.clone(),
+        metrics,
+        started: clock.now(),
+        sessions: HashMap::new(),
+        lockspace_names: HashMap::new(),
+        next_session: 1,
+        slow: Vec::new(),
+    };
+    for entry in &config.lockspaces {
+        engine
+            .create_lockspace(&entry.name, entry.lvb_len)
+            .map_err(|r| format!("lockspace {:?}: {}", entry.name, r.message))?;
+    }
+    let (commands, receiver) = mpsc::channel(COMMAND_QUEUE_MAX);
+    let task = tokio::spawn(engine.run(receiver));
+    Ok((EngineHandle { commands }, task))
+}
+
+impl Engine {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        loop {
+            let deadline = self.node.poll_timeout().map(|at| self.clock.to_tokio(at));
+            tokio::select! {
+                command = commands.recv() => {
+                    let Some(command) = command else { break };
+                    if let Command::Shutdown { reply } = command {
+                        self.shutdown();
+                        let _ = reply.send(());
+                        break;
+                    }
+                    self.handle(command);
+                }
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    self.node.handle_timeout(self.clock.engine_now());
+                }
+            }
+            self.route_effects();
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Open { peer, events, reply } => {
+                let session = SessionId(self.next_session);
+                let result = match self.node.open_session(session) {
+                    Ok(()) => {
+                        self.next_session += 1;
+                        self.sessions.insert(session, SessionState { events, peer, handles: HashMap::new() });
+                        self.metrics.sessions.inc();
+                        self.metrics.sessions_opened.inc();
+                        Ok(session)
+                    }
+                    Err(error) => Err(Rejection::from_engine(0, &error)),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Client { session, message } => self.client(session, message),
+            Command::Close { session } => self.end_session(session, "closed"),
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::Lockspaces { reply } => {
+                let _ = reply.send(self.lockspaces());
+            }
+            Command::Dump { request, reply } => {
+                let _ = reply.send(self.dump(&request));
+            }
+            Command::CreateLockspace { name, lvb_len, reply } => {
+                let _ = reply.send(self.create_lockspace(&name, lvb_len));
+            }
+            Command::ReleaseLockspace { name, force, reply } => {
+                let _ = reply.send(self.release_lockspace(&name, force));
+            }
+            Command::Shutdown { .. } => unreachable!("handled by run"),
+        }
+    }
+
+    fn client(&mut self, session: SessionId, message: proto::ClientMessage) {
+        let Some(state) = self.sessions.get(&session) else { return };
+        let decoded = match convert::decode(message) {
+            Ok(decoded) => decoded,
+            Err(rejection) => return self.reject(session, rejection),
+        };
+        let Decoded { handle, lockspace, mut request, .. } = decoded;
+        let mut lockspace_name = None;
+        if let (Some(name), ClientRequest::Lock(lock)) = (lockspace, &mut request) {
+            let Some(id) = self.node.lockspace_id(name.as_bytes()) else {
+                let message = format!("no lockspace named {name:?}");
+                return self.reject(session, Rejection::new(handle, "unknown_lockspace", message));
+            };
+            lock.lockspace = id;
+            lockspace_name = self.lockspace_names.get(&id).cloned();
+        }
+        let _ = state;
+        let now = self.clock.now();
+        let mode = match &request {
+            ClientRequest::Lock(lock) => Some(lock.mode),
+            ClientRequest::Convert(convert) => Some(convert.mode),
+            _ => None,
+        };
+        match self.node.handle_client(self.clock.to_engine(now), session, request) {
+            Ok(()) => {
+                let Some(state) = self.sessions.get_mut(&session) else { return };
+                match (lockspace_name, mode) {
+                    (Some(lockspace), Some(mode)) => {
+                        // A new lock; its completion may already be queued.
+                        state
+                            .handles
+                            .insert(handle, HandleState { lockspace, mode, requested_at: Some(now), granted_at: None });
+                    }
+                    (None, Some(mode)) => {
+                        if let Some(known) = state.handles.get_mut(&handle) {
+                            known.mode = mode;
+                            known.requested_at = Some(now);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            Err(error) => self.reject(session, Rejection::from_engine(handle, &error)),
+        }
+    }
+
+    fn reject(&mut self, session: SessionId, rejection: Rejection) {
+        self.metrics.rejected.with_label_values(&[rejection.code]).inc();
+        self.deliver(session, Ok(rejection.into_message()));
+    }
+
+    /// Queues a message for a session; a full queue marks the session slow.
+    fn deliver(&mut self, session: SessionId, message: Result<proto::ServerMessage, tonic::Status>) {
+        let Some(state) = self.sessions.get(&session) else { return };
+        if let Err(mpsc::error::TrySendError::Full(_)) = state.events.try_send(message) {
+            self.slow.push(session);
+        }
+    }
+
+    fn route_effects(&mut self) {
+        while let Some(effect) = self.node.poll_effect() {
+            self.account(&effect);
+            let session = match &effect {
+                Effect::Complete(completion) => completion.session,
+                Effect::Blocking { session, .. } | Effect::Revoked { session, .. } => *session,
+            };
+            self.deliver(session, Ok(convert::effect_to_wire(effect)));
+        }
+        for session in std::mem::take(&mut self.slow) {
+            if self.sessions.contains_key(&session) {
+                tracing::warn!(session = session.0, "client does not read its stream; ending its session");
+                self.end_session(session, "slow_reader");
+            }
+        }
+    }
+
+    /// Updates metrics and the per-handle bookkeeping for one effect.
+    fn account(&mut self, effect: &Effect) {
+        let now = self.clock.now();
+        match effect {
+            Effect::Complete(completion) => {
+                let Some(state) = self.sessions.get_mut(&completion.session) else { return };
+                let handle = completion.handle.0;
+                let Some(known) = state.handles.get_mut(&handle) else { return };
+                let op = match completion.op {
+                    Op::Lock => "lock",
+                    Op::Convert => "convert",
+                    Op::Unlock => "unlock",
+                };
+                let mode = completion.mode.unwrap_or(known.mode);
+                let lockspace = known.lockspace.clone();
+                self.metrics
+                    .requests
+                    .with_label_values(&[&lockspace, op, known.mode.name(), completion.status.name()])
+                    .inc();
+                match completion.status {
+                    Status::Granted => {
+                        if let Some(at) = known.requested_at.take() {
+                            let wait = now.saturating_duration_since(at).as_secs_f64();
+                            self.metrics.grant_wait.with_label_values(&[&lockspace, mode.name()]).observe(wait);
+                        }
+                        known.granted_at.get_or_insert(now);
+                        known.mode = mode;
+                    }
+                    Status::Unlocked => {
+                        if let Some(at) = known.granted_at {
+                            let held = now.saturating_duration_since(at).as_secs_f64();
+                            self.metrics.hold.with_label_values(&[&lockspace, known.mode.name()]).observe(held);
+                        }
+                        state.handles.remove(&handle);
+                    }
+                    _ if completion.mode.is_none() => {
+                        state.handles.remove(&handle);
+                    }
+                    _ => known.requested_at = None,
+                }
+            }
+            Effect::Blocking { session, handle, .. } => {
+                if let Some(known) = self.sessions.get(session).and_then(|s| s.handles.get(&handle.0)) {
+                    self.metrics.blocking.with_label_values(&[&known.lockspace]).inc();
+                }
+            }
+            Effect::Revoked { session, handle, .. } => {
+                if let Some(state) = self.sessions.get_mut(session) {
+                    state.handles.remove(&handle.0);
+                }
+            }
+        }
+    }
+
+    fn end_session(&mut self, session: SessionId, reason: &'static str) {
+        if self.sessions.remove(&session).is_none() {
+            return;
+        }
+        let _ = self.node.end_session(self.clock.engine_now(), session);
+        self.metrics.sessions.dec();
+        self.metrics.sessions_ended.with_label_values(&[reason]).inc();
+    }
+
+    /// Answers every pending request (cancelled) and revokes every lock,
+    /// then ends every session, so clients hear why before the streams close.
+    fn shutdown(&mut self) {
+        let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for session in sessions {
+            let Some(state) = self.sessions.get(&session) else { continue };
+            let handles: Vec<u64> = state.handles.keys().copied().collect();
+            for handle in handles {
+                let pending = self
+                    .node
+                    .lock_info(session, dlm_core::LockHandle(handle))
+                    .is_some_and(|info| info.requested.is_some());
+                if pending {
+                    let cancel = ClientRequest::Cancel { handle: dlm_core::LockHandle(handle) };
+                    let _ = self.node.handle_client(self.clock.engine_now(), session, cancel);
+                }
+            }
+            self.route_effects();
+            if let Some(state) = self.sessions.get(&session) {
+                for (&handle, known) in &state.handles {
+                    if known.granted_at.is_some() {
+                        let revoked = proto::ServerMessage {
+                            body: Some(proto::server_message::Body::Revoked(proto::Revoked {
+                                handle,
+                                reason: "agent shutting down".into(),
+                            })),
+                        };
+                        let _ = state.events.try_send(Ok(revoked));
+                    }
+                }
+            }
+            self.end_session(session, "shutdown");
+        }
+        self.route_effects();
+    }
+
+    fn status(&self) -> proto::StatusReply {
+        let lockspaces = self.node.lockspaces();
+        proto::StatusReply {
+            node: self.config.node.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_ms: u64::try_from(self.clock.now().saturating_duration_since(self.started).as_millis())
+                .unwrap_or(u64::MAX),
+            sessions: u32::try_from(self.node.session_count()).unwrap_or(u32::MAX),
+            lockspaces: u32::try_from(lockspaces.len()).unwrap_or(u32::MAX),
+            locks: lockspaces.iter().map(|ls| u64::from(ls.locks)).sum(),
+            waiting: lockspaces.iter().map(|ls| u64::from(ls.waiting)).sum(),
+            ebpf: false,
+        }
+    }
+
+    fn lockspaces(&self) -> proto::LockspacesReply {
+        let lockspaces = self
+            .node
+            .lockspaces()
+            .into_iter()
+            .map(|ls| {
+                let name = String::from_utf8_lossy(&ls.name).into_owned();
+                self.metrics.granted.with_label_values(&[&name]).set(i64::from(ls.locks - ls.waiting));
+                self.metrics.waiting.with_label_values(&[&name]).set(i64::from(ls.waiting));
+                self.metrics.resources.with_label_values(&[&name]).set(i64::from(ls.resources));
+                proto::LockspaceInfo {
+                    name,
+                    lvb_len: u32::try_from(ls.config.lvb_len).unwrap_or(u32::MAX),
+                    resources: ls.resources,
+                    locks: ls.locks,
+                    waiting: ls.waiting,
+                }
+            })
+            .collect();
+        proto::LockspacesReply { lockspaces }
+    }
+
+    fn dump(&self, request: &proto::DumpRequest) -> Result<proto::DumpReply, Rejection> {
+        let id = self.node.lockspace_id(request.lockspace.as_bytes()).ok_or_else(|| {
+            Rejection::new(0, "unknown_lockspace", format!("no lockspace named {:?}", request.lockspace))
+        })?;
+        let max = match request.max_resources {
+            0 => DUMP_RESOURCES_DEFAULT,
+            n => (n as usize).min(DUMP_RESOURCES_MAX),
+        };
+        let resources = self.node.dump(id, request.name.as_deref(), max).map_err(|e| Rejection::from_engine(0, &e))?;
+        let lock = |info: &dlm_core::LockInfo| proto::LockInfo {
+            session: info.session.0,
+            handle: info.handle.0,
+            pid: if info.orphan { 0 } else { self.sessions.get(&info.session).and_then(|s| s.peer.pid).unwrap_or(0) },
+            orphan: info.orphan,
+            granted: info.granted.map(convert::mode_to_wire),
+            requested: info.requested.map(convert::mode_to_wire),
+            fencing_token: info.token.map_or(0, |t| t.0),
+            flags: info.flags.bits(),
+        };
+        Ok(proto::DumpReply {
+            resources: resources
+                .iter()
+                .map(|r| proto::ResourceInfo {
+                    name: r.name.clone(),
+                    lvb: r.lvb.clone(),
+                    lvb_valid: r.lvb_valid,
+                    last_token: r.last_token.0,
+                    granted: r.granted.iter().map(lock).collect(),
+                    converting: r.converting.iter().map(lock).collect(),
+                    waiting: r.waiting.iter().map(lock).collect(),
+                })
+                .collect(),
+        })
+    }
+
+    fn create_lockspace(&mut self, name: &str, lvb_len: usize) -> Result<(), Rejection> {
+        let lvb_len = if lvb_len == 0 { dlm_core::LVB_LEN_DEFAULT } else { lvb_len };
+        let id = self
+            .node
+            .create_lockspace(name.as_bytes(), LockspaceConfig { lvb_len })
+            .map_err(|e| Rejection::from_engine(0, &e))?;
+        self.lockspace_names.insert(id, Arc::from(name));
+        self.metrics.add_lockspace(name);
+        Ok(())
+    }
+
+    fn release_lockspace(&mut self, name: &str, force: bool) -> Result<(), Rejection> {
+        let id = self
+            .node
+            .lockspace_id(name.as_bytes())
+            .ok_or_else(|| Rejection::new(0, "unknown_lockspace", format!("no lockspace named {name:?}")))?;
+        self.node.release_lockspace(id, force).map_err(|e| Rejection::from_engine(0, &e))?;
+        self.lockspace_names.remove(&id);
+        self.metrics.remove_lockspace(name);
+        Ok(())
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,29 @@
+//! # dlm-agent
+//!
+//! The dlm node service and its command line. One agent runs per node; the
+//! applications on the node take locks through it over gRPC (a Unix socket
+//! by default, TCP when configured). The lock semantics are `dlm-core`'s;
+//! this crate owns the sockets, the sessions' lifetimes, the clock, metrics
+//! and the CLI.
+//!
+//! ```text
+//!  app ─┐  gRPC Session stream        ┌──────────── dlm-agent ─────────────┐
+//!  app ─┼──(Unix socket / TCP)──────▶ │ service ──▶ engine task (Node) ──┐ │
+//!  CLI ─┘  ◀── completions, BASTs ─── │    ◀───── bounded session queues ─┘ │
+//!                                     │ axum: /metrics /healthz /readyz      │
+//!                                     └──────────────────────────────────────┘
+//! ```
+//!
+//! It is not (yet) a cluster member: every lockspace is local to the node.
+//! The Rust client library is [`client`].
+
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod convert;
+pub mod engine;
+pub mod http;
+pub mod metrics;
+pub mod proto;
+pub mod server;
+pub mod service;

@@ -1,0 +1,49 @@
+//! `dlm-agent`: the dlm node service and its command line.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod cli;
+
+/// The dlm node agent: a distributed lock manager service and its tools.
+#[derive(Parser)]
+#[command(name = "dlm-agent", version, about, long_about = None)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent (with no options: single node, embedded default configuration).
+    Run(cli::run::RunArgs),
+    /// Run a command while holding a lock, like flock(1).
+    Lock(cli::lock::LockArgs),
+    /// Show the agent's status.
+    Status(cli::inspect::StatusArgs),
+    /// List lockspaces.
+    Ls(cli::inspect::LsArgs),
+    /// Show resources with their granted, converting and waiting locks.
+    Dump(cli::inspect::DumpArgs),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("dlm-agent: cannot start the async runtime: {error}");
+            return ExitCode::from(cli::EXIT_SOFTWARE);
+        }
+    };
+    runtime.block_on(async {
+        match args.command {
+            Command::Run(args) => cli::run::run(args).await,
+            Command::Lock(args) => cli::lock::run(args).await,
+            Command::Status(args) => cli::inspect::status(args).await,
+            Command::Ls(args) => cli::inspect::ls(args).await,
+            Command::Dump(args) => cli::inspect::dump(args).await,
+        }
+    })
+}

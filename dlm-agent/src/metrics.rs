@@ -1,0 +1,162 @@
+//! The agent's Prometheus metrics. Names follow
+//! `dlm_<subsystem>_<name>_<unit>[_total]`; labels come from bounded sets
+//! (lockspace names are bounded by `lockspaces_max`, the rest are enums).
+//! Resource names are never labels: `dlm-agent dump` is for those.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::convert::REJECTION_CODES;
+
+/// Every metric the agent exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests that completed, by lockspace, operation, mode and outcome.
+    pub requests: IntCounterVec,
+    /// Requests refused, by code.
+    pub rejected: IntCounterVec,
+    /// Time from a lock or convert request to its grant.
+    pub grant_wait: HistogramVec,
+    /// Time from a grant to the unlock.
+    pub hold: HistogramVec,
+    /// Blocking callbacks sent.
+    pub blocking: IntCounterVec,
+    /// Locks granted now, by lockspace.
+    pub granted: IntGaugeVec,
+    /// Requests waiting now, by lockspace.
+    pub waiting: IntGaugeVec,
+    /// Resources now, by lockspace.
+    pub resources: IntGaugeVec,
+    /// Sessions open now.
+    pub sessions: IntGauge,
+    /// Sessions opened since start.
+    pub sessions_opened: IntCounter,
+    /// Sessions ended, by reason.
+    pub sessions_ended: IntCounterVec,
+}
+
+/// Why a session ended, as a metric label.
+pub const SESSION_END_REASONS: &[&str] = &["closed", "slow_reader", "shutdown"];
+const OPS: &[&str] = &["lock", "convert", "unlock"];
+const OUTCOMES: &[&str] = &["granted", "unlocked", "cancelled", "would_block", "deadlock", "timed_out", "not_found"];
+
+/// Bucket bounds of the time histograms: 10 µs to about 42 s, ×4 apart.
+fn time_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(0.000_01, 4.0, 12).expect("valid bucket parameters")
+}
+
+impl Metrics {
+    /// Creates and registers every metric, plus the process collector.
+    ///
+    /// # Panics
+    /// Never with these fixed names (registration fails only on duplicates).
+    #[must_use]
+    pub fn new(node: &str) -> Metrics {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let histogram = |name: &str, help: &str| {
+            let metric =
+                HistogramVec::new(HistogramOpts::new(name, help).buckets(time_buckets()), &["lockspace", "mode"])
+                    .expect("valid metric");
+            registry.register(Box::new(metric.clone())).expect("unique metric");
+            metric
+        };
+        let metrics = Metrics {
+            requests: counter(
+                "dlm_lock_requests_total",
+                "Lock, convert and unlock requests that completed, by outcome.",
+                &["lockspace", "op", "mode", "outcome"],
+            ),
+            rejected: counter(
+                "dlm_lock_requests_rejected_total",
+                "Requests refused before they changed anything.",
+                &["code"],
+            ),
+            grant_wait: histogram("dlm_lock_grant_wait_seconds", "Time from a lock or convert request to its grant."),
+            hold: histogram("dlm_lock_hold_seconds", "Time from the grant of a lock to its release."),
+            blocking: counter(
+                "dlm_lock_blocking_callbacks_total",
+                "Blocking callbacks sent to holders.",
+                &["lockspace"],
+            ),
+            granted: gauge("dlm_lock_granted", "Locks granted now.", &["lockspace"]),
+            waiting: gauge("dlm_lock_waiting", "Requests waiting or converting now.", &["lockspace"]),
+            resources: gauge("dlm_lockspace_resources", "Resources in use now.", &["lockspace"]),
+            sessions: {
+                let metric = IntGauge::new("dlm_session_active", "Client sessions open now.").expect("valid metric");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
+            sessions_opened: {
+                let metric =
+                    IntCounter::new("dlm_session_opened_total", "Client sessions opened.").expect("valid metric");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
+            sessions_ended: counter("dlm_session_ended_total", "Client sessions ended, by reason.", &["reason"]),
+            registry,
+        };
+        let info =
+            IntGaugeVec::new(Opts::new("dlm_agent_info", "The agent's version and node name."), &["version", "node"])
+                .expect("valid metric");
+        info.with_label_values(&[env!("CARGO_PKG_VERSION"), node]).set(1);
+        metrics.registry.register(Box::new(info)).expect("unique metric");
+        #[cfg(target_os = "linux")]
+        metrics
+            .registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("unique metric");
+        for code in REJECTION_CODES {
+            metrics.rejected.with_label_values(&[code]);
+        }
+        for reason in SESSION_END_REASONS {
+            metrics.sessions_ended.with_label_values(&[reason]);
+        }
+        metrics
+    }
+
+    /// Creates a lockspace's series at zero, so dashboards show them before
+    /// the first request.
+    pub fn add_lockspace(&self, lockspace: &str) {
+        for op in OPS {
+            for mode in dlm_core::Mode::ALL {
+                for outcome in OUTCOMES {
+                    self.requests.with_label_values(&[lockspace, op, mode.name(), outcome]);
+                }
+            }
+        }
+        for mode in dlm_core::Mode::ALL {
+            self.grant_wait.with_label_values(&[lockspace, mode.name()]);
+            self.hold.with_label_values(&[lockspace, mode.name()]);
+        }
+        self.blocking.with_label_values(&[lockspace]);
+        self.granted.with_label_values(&[lockspace]);
+        self.waiting.with_label_values(&[lockspace]);
+        self.resources.with_label_values(&[lockspace]);
+    }
+
+    /// Drops a released lockspace's series.
+    pub fn remove_lockspace(&self, lockspace: &str) {
+        for vec in [&self.granted, &self.waiting, &self.resources] {
+            let _ = vec.remove_label_values(&[lockspace]);
+        }
+    }
+
+    /// The text exposition of everything.
+    #[must_use]
+    pub fn encode(&self) -> String {
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("encoding to memory");
+        String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}

@@ -1,0 +1,156 @@
+//! `dlm-agent run`: binds the sockets, starts the engine, serves until told
+//! to stop, then stops in order: answer clients, close streams, exit.
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::engine::{self, Command};
+use crate::metrics::Metrics;
+use crate::proto::dlm_server::DlmServer;
+use crate::service::DlmService;
+
+/// Largest client message accepted: names are 64 bytes and value blocks
+/// 256, so anything near this is garbage.
+pub const CLIENT_MESSAGE_LEN_MAX: usize = 64 * 1024;
+
+/// Why the agent could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Another agent answers on the socket.
+    #[error("another agent is already listening on {0}")]
+    AlreadyRunning(String),
+    /// A socket could not be bound.
+    #[error("cannot listen on {what}: {source}")]
+    Bind {
+        /// Which socket.
+        what: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration was refused by the engine.
+    #[error("{0}")]
+    Config(String),
+    /// The gRPC server failed.
+    #[error("serving clients failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// Binds the Unix socket, removing a stale file left by a dead agent but
+/// refusing to take over from a live one.
+async fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
+    let bind_error = |source| ServeError::Bind { what: path.display().to_string(), source };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(bind_error)?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(ServeError::AlreadyRunning(path.display().to_string()));
+        }
+        std::fs::remove_file(path).map_err(bind_error)?;
+    }
+    let listener = UnixListener::bind(path).map_err(bind_error)?;
+    // Any local user may take locks; the agent knows who they are from the socket.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(bind_error)?;
+    Ok(listener)
+}
+
+/// Runs the agent until `shutdown` completes.
+///
+/// # Errors
+/// A socket cannot be bound, another agent runs, or serving fails.
+pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::new(&config.node));
+    let unix = bind_unix(&config.socket).await?;
+    let tcp = match config.tcp {
+        Some(addr) => {
+            Some(TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { what: addr.to_string(), source })?)
+        }
+        None => None,
+    };
+    let http = match config.http {
+        Some(addr) => {
+            Some(TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { what: addr.to_string(), source })?)
+        }
+        None => None,
+    };
+    let (engine, engine_task) =
+        engine::start(config.clone(), metrics.clone(), Clock::start()).map_err(ServeError::Config)?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut stop_rx = stop_rx.clone();
+        async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        }
+    };
+
+    let service = || {
+        DlmServer::new(DlmService::new(engine.clone(), config.node.clone(), config.session_queue_max))
+            .max_decoding_message_size(CLIENT_MESSAGE_LEN_MAX)
+    };
+    let server = || {
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(config.keepalive))
+            .http2_keepalive_timeout(Some(config.keepalive))
+            .max_concurrent_streams(Some(1024))
+    };
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(server().add_service(service()).serve_with_incoming_shutdown(UnixListenerStream::new(unix), stopped()));
+    if let Some(tcp) = tcp {
+        tasks.spawn(
+            server().add_service(service()).serve_with_incoming_shutdown(TcpListenerStream::new(tcp), stopped()),
+        );
+    }
+    if let Some(http) = http {
+        let router = crate::http::router(engine.clone(), metrics.clone());
+        let stop = stopped();
+        tasks.spawn(async move {
+            axum::serve(http, router)
+                .with_graceful_shutdown(stop)
+                .await
+                .map_err(|e| {
+                    tracing::error!(error = %e, "http server failed");
+                })
+                .ok();
+            Ok(())
+        });
+    }
+    tracing::info!(
+        node = %config.node,
+        socket = %config.socket.display(),
+        tcp = ?config.tcp,
+        http = ?config.http,
+        "dlm-agent ready"
+    );
+
+    let mut result = Ok(());
+    tokio::select! {
+        () = shutdown => tracing::info!("stopping: answering pending requests"),
+        Some(ended) = tasks.join_next() => {
+            if let Ok(Err(error)) = ended {
+                result = Err(ServeError::Serve(error));
+            }
+        }
+    }
+    // Pending requests are answered (cancelled), locks revoked, sessions
+    // ended; then the servers stop, letting the ended streams drain.
+    let _ = engine.ask(|reply| Command::Shutdown { reply }).await;
+    let _ = stop_tx.send(true);
+    let drain = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+        tracing::warn!("connections still open after 5s; closing them");
+    }
+    drop(engine);
+    let _ = engine_task.await;
+    let _ = std::fs::remove_file(&config.socket);
+    result
+}
