@@ -41,7 +41,13 @@ pub type SessionSender = mpsc::Sender<Result<proto::ServerMessage, tonic::Status
 #[expect(missing_docs, reason = "each variant's doc says what its fields are for; `reply` carries the answer")]
 pub enum Command {
     /// Open a session whose messages go to `events`.
-    Open { peer: Peer, events: SessionSender, reply: oneshot::Sender<Result<SessionId, Rejection>> },
+    /// `ended` is dropped when the session ends, which stops its reader.
+    Open {
+        peer: Peer,
+        events: SessionSender,
+        ended: oneshot::Sender<()>,
+        reply: oneshot::Sender<Result<SessionId, Rejection>>,
+    },
     /// A message from a session's client.
     Client { session: SessionId, message: proto::ClientMessage },
     /// The session's stream ended.
@@ -111,6 +117,8 @@ struct HandleState {
 
 struct SessionState {
     events: SessionSender,
+    /// Dropped with the state: tells the session's reader task to stop.
+    _ended: oneshot::Sender<()>,
     peer: Peer,
     handles: HashMap<u64, HandleState>,
 }
@@ -184,12 +192,13 @@ impl Engine {
 
     fn handle(&mut self, command: Command) {
         match command {
-            Command::Open { peer, events, reply } => {
+            Command::Open { peer, events, ended, reply } => {
                 let session = SessionId(self.next_session);
                 let result = match self.node.open_session(session) {
                     Ok(()) => {
                         self.next_session += 1;
-                        self.sessions.insert(session, SessionState { events, peer, handles: HashMap::new() });
+                        self.sessions
+                            .insert(session, SessionState { events, _ended: ended, peer, handles: HashMap::new() });
                         self.metrics.sessions.inc();
                         self.metrics.sessions_opened.inc();
                         Ok(session)
@@ -360,38 +369,38 @@ impl Engine {
 
     /// Answers every pending request (cancelled) and revokes every lock,
     /// then ends every session, so clients hear why before the streams close.
+    /// Pending requests are cancelled first, across all sessions, so that no
+    /// lock released by an ending session is granted to a waiter meanwhile.
     fn shutdown(&mut self) {
-        let sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
-        for session in sessions {
-            let Some(state) = self.sessions.get(&session) else { continue };
-            let handles: Vec<u64> = state.handles.keys().copied().collect();
+        let mut sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+        sessions.sort_unstable();
+        for &session in &sessions {
+            let handles: Vec<u64> = self.sessions[&session].handles.keys().copied().collect();
             for handle in handles {
-                let pending = self
-                    .node
-                    .lock_info(session, dlm_core::LockHandle(handle))
-                    .is_some_and(|info| info.requested.is_some());
-                if pending {
-                    let cancel = ClientRequest::Cancel { handle: dlm_core::LockHandle(handle) };
-                    let _ = self.node.handle_client(self.clock.engine_now(), session, cancel);
+                let handle = dlm_core::LockHandle(handle);
+                if self.node.lock_info(session, handle).is_some_and(|info| info.requested.is_some()) {
+                    let _ = self.node.handle_client(self.clock.engine_now(), session, ClientRequest::Cancel { handle });
                 }
             }
-            self.route_effects();
-            if let Some(state) = self.sessions.get(&session) {
-                for (&handle, known) in &state.handles {
-                    if known.granted_at.is_some() {
-                        let revoked = proto::ServerMessage {
-                            body: Some(proto::server_message::Body::Revoked(proto::Revoked {
-                                handle,
-                                reason: "agent shutting down".into(),
-                            })),
-                        };
-                        let _ = state.events.try_send(Ok(revoked));
-                    }
+        }
+        self.route_effects();
+        for session in sessions {
+            let Some(state) = self.sessions.get(&session) else { continue };
+            for (&handle, known) in &state.handles {
+                if known.granted_at.is_some() {
+                    let revoked = proto::ServerMessage {
+                        body: Some(proto::server_message::Body::Revoked(proto::Revoked {
+                            handle,
+                            reason: "agent shutting down".into(),
+                        })),
+                    };
+                    let _ = state.events.try_send(Ok(revoked));
                 }
             }
             self.end_session(session, "shutdown");
         }
-        self.route_effects();
+        // Ending sessions grants nothing to anyone left: there is no one left.
+        while self.node.poll_effect().is_some() {}
     }
 
     fn status(&self) -> proto::StatusReply {

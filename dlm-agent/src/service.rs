@@ -71,9 +71,10 @@ impl proto::dlm_server::Dlm for DlmService {
         let mut inbound = request.into_inner();
         let (events, outbound) = mpsc::channel(self.session_queue_max);
         let welcome_events = events.clone();
+        let (ended, mut session_ended) = tokio::sync::oneshot::channel();
         let session = self
             .engine
-            .ask(|reply| Command::Open { peer, events, reply })
+            .ask(|reply| Command::Open { peer, events, ended, reply })
             .await
             .map_err(unavailable)?
             .map_err(rejected)?;
@@ -89,9 +90,14 @@ impl proto::dlm_server::Dlm for DlmService {
         let engine = self.engine.clone();
         tokio::spawn(async move {
             // Ends on a clean close, a broken connection (the client died, a
-            // keepalive went unanswered) or a frame that does not decode.
+            // keepalive went unanswered), a frame that does not decode, or
+            // the engine ending the session (slow reader, shutdown).
             loop {
-                match inbound.message().await {
+                let message = tokio::select! {
+                    message = inbound.message() => message,
+                    _ = &mut session_ended => return,
+                };
+                match message {
                     Ok(Some(message)) => {
                         if engine.send(Command::Client { session, message }).await.is_err() {
                             return;

@@ -12,6 +12,8 @@ const HELP: &str = "\
 cargo xtask <COMMAND> [ARGS]
 
 Commands:
+  run [ARGS]   set up, build the agent (release) and run it: `dlm-agent run ARGS`
+               (no ARGS: single node on the embedded default configuration)
   setup        install what the build and the tests need (rustup components)
   test         set up, then check formatting, run clippy and run every test of the workspace
   bench [ARGS] set up, then run the criterion and memory benchmarks (ARGS go to `cargo bench`)
@@ -27,6 +29,7 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args.collect();
     let result = match command.as_str() {
         "setup" => setup::run(),
+        "run" => setup::run().and_then(|()| run_agent(&rest)),
         "test" => setup::run().and_then(|()| test()),
         "bench" => setup::run().and_then(|()| bench(&rest)),
         "help" | "-h" | "--help" => {
@@ -60,6 +63,12 @@ fn test() -> Result<(), String> {
     // benchmark checks its target then); doc tests need their own run.
     run("cargo", &["test", "--workspace", "--all-targets", "--locked", "--profile", "ci-test"])?;
     run("cargo", &["test", "--workspace", "--doc", "--locked", "--profile", "ci-test"])
+}
+
+fn run_agent(args: &[String]) -> Result<(), String> {
+    let mut full = vec!["run", "--release", "--locked", "--package", "dlm-agent", "--", "run"];
+    full.extend(args.iter().map(String::as_str));
+    run("cargo", &full)
 }
 
 fn bench(args: &[String]) -> Result<(), String> {

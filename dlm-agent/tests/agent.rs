@@ -1,0 +1,408 @@
+//! The real agent binary, driven by its CLI and by the Rust client library
+//! over its Unix socket.
+
+mod support;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dlm_agent::client::{LockError, LockOptions, SessionEvent};
+use dlm_agent::proto;
+use dlm_core::{LockFlags, Mode};
+use support::{Agent, eventually};
+
+const EXIT_NOT_ACQUIRED: i32 = 75;
+const EXIT_UNREACHABLE: i32 = 69;
+const EXIT_USAGE: i32 = 64;
+const EXIT_CONFIG: i32 = 78;
+
+#[test]
+fn two_cli_lockers_of_the_same_name_serialize() {
+    let agent = Agent::start("serialize", "");
+    let journal = agent.dir.join("journal");
+    let script = format!("echo start >> {0}; sleep 0.3; echo end >> {0}", journal.display());
+    let mut lockers: Vec<_> = (0..2)
+        .map(|_| agent.cli().args(["lock", "--mode", "ex", "x", "--", "sh", "-c", &script]).spawn().expect("spawn"))
+        .collect();
+    for locker in &mut lockers {
+        assert!(locker.wait().expect("wait").success());
+    }
+    let journal = std::fs::read_to_string(&journal).expect("journal");
+    assert_eq!(journal, "start\nend\nstart\nend\n", "the two commands overlapped");
+}
+
+#[test]
+fn the_command_gets_the_fencing_token_and_its_exit_status_is_kept() {
+    let agent = Agent::start("token", "");
+    let output =
+        agent.cli().args(["lock", "t", "--", "sh", "-c", "echo $DLM_FENCING_TOKEN; exit 7"]).output().expect("run");
+    assert_eq!(output.status.code(), Some(7));
+    let first: u64 = String::from_utf8_lossy(&output.stdout).trim().parse().expect("a token");
+    let output = agent.cli().args(["lock", "t", "--", "sh", "-c", "echo $DLM_FENCING_TOKEN"]).output().expect("run");
+    let second: u64 = String::from_utf8_lossy(&output.stdout).trim().parse().expect("a token");
+    assert!(second > first, "tokens must increase: {first} then {second}");
+}
+
+#[test]
+fn try_fails_fast_when_held_and_exit_codes_are_distinct() {
+    let agent = Agent::start("try", "");
+    let mut holder = agent.cli().args(["lock", "held", "--", "sleep", "30"]).spawn().expect("spawn");
+    wait_for_holder(&agent, "held");
+    let started = Instant::now();
+    let status = agent.cli().args(["lock", "--try", "held", "--", "true"]).status().expect("run");
+    assert_eq!(status.code(), Some(EXIT_NOT_ACQUIRED));
+    assert!(started.elapsed() < Duration::from_secs(2), "--try took {:?}", started.elapsed());
+    let status = agent.cli().args(["lock", "--timeout", "200ms", "held", "--", "true"]).status().expect("run");
+    assert_eq!(status.code(), Some(EXIT_NOT_ACQUIRED));
+    let status = agent.cli().args(["lock", "-l", "missing", "held", "--", "true"]).status().expect("run");
+    assert_eq!(status.code(), Some(EXIT_USAGE));
+    let status = Command::new(support::BIN)
+        .args(["lock", "--socket", "/nonexistent/dlm.sock", "x", "--", "true"])
+        .stderr(Stdio::null())
+        .status()
+        .expect("run");
+    assert_eq!(status.code(), Some(EXIT_UNREACHABLE));
+    holder.kill().expect("kill");
+    let _ = holder.wait();
+}
+
+/// Polls `dump` until `name` has a granted lock.
+fn wait_for_holder(agent: &Agent, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let output = agent.cli().args(["dump", "--json", name]).output().expect("dump");
+        let dump: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_default();
+        if dump[0]["granted"].as_array().is_some_and(|g| !g.is_empty()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("{name} never got a holder");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_holders_lock_goes_to_the_waiter() {
+    let agent = Agent::start("kill", "");
+    let mut holder = agent.cli().args(["lock", "k", "--", "sleep", "30"]).spawn().expect("spawn");
+    wait_for_holder(&agent, "k");
+    let request = proto::DumpRequest { lockspace: "default".into(), name: Some(b"k".to_vec()), max_resources: 0 };
+    let holder_pid = agent.client().await.dump(request).await.expect("dump").resources[0].granted[0].pid;
+    assert_eq!(holder_pid, i32::try_from(holder.id()).expect("pid"), "dump shows the holder's pid");
+
+    let client = agent.client().await;
+    let session = client.session().await.expect("session");
+    let waiter = tokio::spawn(async move {
+        let guard = session.lock("default", "k", Mode::Ex, LockOptions::default()).await;
+        (guard.map(|g| g.fencing_token()), Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!waiter.is_finished(), "the waiter must wait while the holder lives");
+    let killed_at = Instant::now();
+    holder.kill().expect("SIGKILL the holder");
+    let _ = holder.wait();
+    let (token, granted_at) =
+        tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("granted in time").expect("task");
+    assert!(token.expect("granted") > 1);
+    eprintln!("killed holder -> waiter granted in {:?}", granted_at.saturating_duration_since(killed_at));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_callback_reaches_the_holder() {
+    let agent = Agent::start("bast", "");
+    let client = agent.client().await;
+    let holder = client.session().await.expect("session");
+    let mut events = holder.events();
+    let guard = holder.lock("default", "b", Mode::Pr, LockOptions::default()).await.expect("granted");
+    let waiter = client.session().await.expect("session");
+    let pending =
+        tokio::spawn(
+            async move { waiter.lock("default", "b", Mode::Ex, LockOptions::default()).await.map(|g| g.mode()) },
+        );
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.expect("a callback").expect("event");
+    assert_eq!(event, SessionEvent::Blocking { handle: guard.handle(), mode: Mode::Ex });
+    guard.unlock().await.expect("unlock");
+    assert_eq!(pending.await.expect("task").expect("granted"), Mode::Ex);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_value_blocks_and_conversions_travel_through_the_api() {
+    let agent = Agent::start("lvb", "");
+    let client = agent.client().await;
+    let session = client.session().await.expect("session");
+    let valblk = LockOptions { flags: LockFlags::VALBLK, ..LockOptions::default() };
+    let mut writer = session.lock("default", "v", Mode::Ex, valblk.clone()).await.expect("granted");
+    let before = writer.fencing_token();
+    writer.convert(Mode::Nl, valblk.clone(), Some(b"hello".to_vec())).await.expect("down-convert writes");
+    assert!(writer.fencing_token() > before);
+    let reader = session.lock("default", "v", Mode::Pr, valblk).await.expect("granted");
+    assert_eq!(&reader.lvb().expect("lvb")[..5], b"hello");
+    assert_eq!(reader.lvb().expect("lvb").len(), 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_move_as_locks_are_taken() {
+    let agent = Agent::start("metrics", "");
+    let granted = |text: &str| -> f64 {
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let scrape = prometheus_parse::Scrape::parse(lines).expect("valid exposition format");
+        scrape
+            .samples
+            .iter()
+            .filter(|s| s.metric == "dlm_lock_requests_total" && s.labels.get("outcome") == Some("granted"))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v) | prometheus_parse::Value::Untyped(v) => v,
+                _ => 0.0,
+            })
+            .sum()
+    };
+    let before = granted(&agent.metrics());
+    let client = agent.client().await;
+    let session = client.session().await.expect("session");
+    let guard = session.lock("default", "m", Mode::Ex, LockOptions::default()).await.expect("granted");
+    let text = agent.metrics();
+    assert_eq!(granted(&text), before + 1.0);
+    assert!(text.contains("dlm_lock_granted{lockspace=\"default\"} 1"), "{text}");
+    assert!(text.contains("dlm_session_active 1"), "{text}");
+    assert!(text.contains("process_resident_memory_bytes"), "{text}");
+    guard.unlock().await.expect("unlock");
+    let text = agent.metrics();
+    assert!(text.contains("dlm_lock_hold_seconds_count{lockspace=\"default\",mode=\"EX\"} 1"), "{text}");
+    assert!(text.contains("dlm_lock_grant_wait_seconds_count{lockspace=\"default\",mode=\"EX\"} 1"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_typed_errors_and_the_agent_keeps_serving() {
+    let agent = Agent::start("bad", "[limits]\nlocks_per_session_max = 3\n");
+    let client = agent.client().await;
+    let session = client.session().await.expect("session");
+    let refused = |result: Result<dlm_agent::client::LockGuard, LockError>| match result {
+        Err(LockError::Rejected { code, .. }) => code,
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("expected a refusal, got a grant"),
+    };
+    let plain = LockOptions::default;
+    assert_eq!(refused(session.lock("nope", "a", Mode::Ex, plain()).await), "unknown_lockspace");
+    assert_eq!(refused(session.lock("default", vec![b'x'; 65], Mode::Ex, plain()).await), "invalid_resource_name");
+    assert_eq!(refused(session.lock("default", "", Mode::Ex, plain()).await), "invalid_resource_name");
+    let bad_flags = LockOptions { flags: LockFlags::QUECVT, ..plain() };
+    assert_eq!(refused(session.lock("default", "a", Mode::Ex, bad_flags).await), "invalid_flags");
+    let mut guard = session.lock("default", "a", Mode::Ex, plain()).await.expect("granted");
+    let long_lvb =
+        guard.convert(Mode::Nl, LockOptions { flags: LockFlags::VALBLK, ..plain() }, Some(vec![0; 33])).await;
+    assert!(matches!(long_lvb, Err(LockError::Rejected { ref code, .. }) if code == "lvb_too_long"), "{long_lvb:?}");
+    let _b = session.lock("default", "b", Mode::Ex, plain()).await.expect("granted");
+    let _c = session.lock("default", "c", Mode::Ex, plain()).await.expect("granted");
+    assert_eq!(refused(session.lock("default", "d", Mode::Ex, plain()).await), "limit_exceeded");
+
+    // Raw messages the client library would never send.
+    let mut raw = RawSession::open(&agent).await;
+    let invalid_mode = proto::client_message::Body::Lock(proto::Lock {
+        handle: 1,
+        lockspace: "default".into(),
+        name: b"r".to_vec(),
+        mode: 9,
+        ..Default::default()
+    });
+    assert_eq!(raw.rejected(invalid_mode).await, "invalid_mode");
+    let unlock_unknown = proto::client_message::Body::Unlock(proto::Unlock { handle: 42, flags: 0, lvb: None });
+    assert_eq!(raw.rejected(unlock_unknown).await, "unknown_handle");
+    assert_eq!(raw.rejected_empty().await, "empty_message");
+
+    // Garbage and truncated frames on the socket: that connection is dropped.
+    for garbage in
+        [&b"GET / HTTP/1.1\r\n\r\n"[..], &[0xff; 64][..], b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\xff\x04"]
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::UnixStream::connect(&agent.socket).await.expect("connect");
+        let _ = stream.write_all(garbage).await;
+        // End our side mid-frame: the agent must drop the connection.
+        let _ = stream.shutdown().await;
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "the agent kept a garbage connection open: {garbage:?}");
+    }
+    // Everyone else is still served.
+    let status = agent.client().await.status().await.expect("status");
+    assert_eq!(status.sessions, 2);
+    guard.unlock().await.expect("still served");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_loses_its_session_and_others_are_served() {
+    let agent = Agent::start("slow", "session_queue_max = 16\n");
+    let raw = RawSession::open(&agent).await;
+    // Lock and unlock the same handle many times without reading a reply:
+    // the replies pile up until the agent gives up on this client.
+    for round in 0..20_000u64 {
+        let handle = round % 2;
+        let body = if round % 4 < 2 {
+            proto::client_message::Body::Lock(proto::Lock {
+                handle,
+                lockspace: "default".into(),
+                name: vec![b'a' + handle as u8],
+                mode: 5,
+                ..Default::default()
+            })
+        } else {
+            proto::client_message::Body::Unlock(proto::Unlock { handle, flags: 0, lvb: None })
+        };
+        if raw.requests.send(proto::ClientMessage { body: Some(body) }).await.is_err() {
+            break;
+        }
+        if round % 512 == 0 && agent.metrics().contains("dlm_session_ended_total{reason=\"slow_reader\"} 1") {
+            break;
+        }
+    }
+    eventually("the slow session is ended", async || {
+        agent.metrics().contains("dlm_session_ended_total{reason=\"slow_reader\"} 1")
+    })
+    .await;
+    let session = agent.client().await.session().await.expect("session");
+    let guard = session.lock("default", "a", Mode::Ex, LockOptions::default()).await.expect("its locks were released");
+    guard.unlock().await.expect("unlock");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_answers_pending_requests_and_exits_cleanly() {
+    let mut agent = Agent::start("term", "");
+    let client = agent.client().await;
+    let holder = client.session().await.expect("session");
+    let mut events = holder.events();
+    let guard = holder.lock("default", "t", Mode::Ex, LockOptions::default()).await.expect("granted");
+    let waiter = client.session().await.expect("session");
+    let pending =
+        tokio::spawn(async move { waiter.lock("default", "t", Mode::Ex, LockOptions::default()).await.err() });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = agent.terminate();
+        (status, agent)
+    });
+    let outcome = tokio::time::timeout(Duration::from_secs(10), pending).await.expect("answered").expect("task");
+    assert!(matches!(outcome, Some(LockError::NotGranted(proto::Status::Cancelled))), "{outcome:?}");
+    let revoked = loop {
+        match tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("told").expect("event") {
+            SessionEvent::Revoked { handle, reason } => break (handle, reason),
+            SessionEvent::Blocking { .. } => {}
+        }
+    };
+    assert_eq!(revoked.0, guard.handle());
+    let (status, agent) = status.await.expect("task");
+    assert!(status.success(), "{status:?}\n{}", agent.log());
+    assert!(!agent.socket.exists(), "the socket file is removed");
+}
+
+#[test]
+fn a_bad_configuration_is_refused_with_a_clear_message() {
+    let dir = std::env::temp_dir().join(format!("dlm-test-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for (config, expected) in [
+        ("keepalive = \"soon\"\n", "keepalive"),
+        ("colour = 1\n", "colour"),
+        ("[limits]\nsessions_max = 0\n", "sessions_max"),
+        ("http = \"not an address\"\n", "http"),
+    ] {
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, config).expect("write");
+        let output = Command::new(support::BIN)
+            .args(["run", "--config"])
+            .arg(&path)
+            .arg("--socket")
+            .arg(dir.join("s"))
+            .output()
+            .expect("run");
+        assert_eq!(output.status.code(), Some(EXIT_CONFIG), "{config}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{config}: {stderr}");
+    }
+    let output = Command::new(support::BIN).args(["run", "--config", "/nonexistent.toml"]).output().expect("run");
+    assert_eq!(output.status.code(), Some(EXIT_CONFIG));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent.toml"));
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}
+
+#[test]
+fn every_command_has_help() {
+    for command in [
+        &["--help"][..],
+        &["run", "--help"],
+        &["lock", "--help"],
+        &["status", "--help"],
+        &["ls", "--help"],
+        &["dump", "--help"],
+    ] {
+        let output = Command::new(support::BIN).args(command).output().expect("run");
+        assert!(output.status.success(), "{command:?}");
+        let text = String::from_utf8_lossy(&output.stdout);
+        assert!(text.contains("Usage"), "{command:?}: {text}");
+    }
+}
+
+/// A session driven with raw protocol messages.
+struct RawSession {
+    requests: tokio::sync::mpsc::Sender<proto::ClientMessage>,
+    replies: tonic::Streaming<proto::ServerMessage>,
+}
+
+impl RawSession {
+    async fn open(agent: &Agent) -> RawSession {
+        let path = agent.socket.clone();
+        let channel = tonic::transport::Endpoint::from_static("http://localhost")
+            .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                let path = path.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+                }
+            }))
+            .await
+            .expect("connect");
+        let (requests, outbound) = tokio::sync::mpsc::channel(64);
+        let mut client = proto::dlm_client::DlmClient::new(channel);
+        let mut replies =
+            client.session(tokio_stream::wrappers::ReceiverStream::new(outbound)).await.expect("session").into_inner();
+        let welcome = replies.message().await.expect("welcome").expect("welcome");
+        assert!(matches!(welcome.body, Some(proto::server_message::Body::Welcome(_))));
+        RawSession { requests, replies }
+    }
+
+    async fn rejected(&mut self, body: proto::client_message::Body) -> String {
+        self.requests.send(proto::ClientMessage { body: Some(body) }).await.expect("send");
+        self.next_rejection().await
+    }
+
+    async fn rejected_empty(&mut self) -> String {
+        self.requests.send(proto::ClientMessage { body: None }).await.expect("send");
+        self.next_rejection().await
+    }
+
+    async fn next_rejection(&mut self) -> String {
+        match self.replies.message().await.expect("reply").expect("reply").body {
+            Some(proto::server_message::Body::Rejected(rejected)) => rejected.code,
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn the_systemd_unit_verifies() {
+    let Ok(output) = Command::new("systemd-analyze").arg("--version").output() else {
+        assert!(std::env::var("CI").is_err(), "systemd-analyze is required under CI");
+        eprintln!("skipped: systemd-analyze is not installed");
+        return;
+    };
+    assert!(output.status.success());
+    let unit = include_str!("../systemd/dlm-agent.service").replace("/usr/local/bin/dlm-agent", support::BIN);
+    let dir = std::env::temp_dir().join(format!("dlm-test-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("dlm-agent.service");
+    std::fs::write(&path, unit).expect("write");
+    let verify = Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("run");
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success() && stderr.trim().is_empty(), "{stderr}");
+    let security = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--threshold=30"])
+        .arg(&path)
+        .output()
+        .expect("run");
+    assert!(security.status.success(), "{}", String::from_utf8_lossy(&security.stdout));
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

@@ -1,0 +1,152 @@
+//! Starts the real `dlm-agent` binary for a test: its own socket directory
+//! and HTTP port, killed when the test ends.
+
+#![allow(dead_code, reason = "each test file uses a different part of the harness")]
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use dlm_agent::client::{Client, Target};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_dlm-agent");
+
+pub struct Agent {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub http: String,
+    pub child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("dlm-test-{}-{tag}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+impl Agent {
+    /// Starts an agent with the given extra TOML configuration.
+    pub fn start(tag: &str, config: &str) -> Agent {
+        let dir = temp_dir(tag);
+        let socket = dir.join("dlm.sock");
+        let http = format!("127.0.0.1:{}", free_port());
+        let config_path = dir.join("agent.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let log = std::fs::File::create(dir.join("agent.log")).expect("log file");
+        let child = Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--http", &http, "--node", "test"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start dlm-agent");
+        let agent = Agent { dir, socket, http, child: Some(child) };
+        agent.wait_ready();
+        agent
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if http_get(&self.http, "/readyz").is_some_and(|(status, _)| status == 200) && self.socket.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("agent not ready; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn target(&self) -> Target {
+        Target::Unix(self.socket.clone())
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(&self.target()).await.expect("connect")
+    }
+
+    /// `dlm-agent ARGS…` against this agent.
+    pub fn cli(&self) -> Command {
+        let mut command = Command::new(BIN);
+        command.env("DLM_SOCKET", &self.socket);
+        command
+    }
+
+    pub fn metrics(&self) -> String {
+        let (status, body) = http_get(&self.http, "/metrics").expect("metrics answer");
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        wait_with_timeout(&mut child, Duration::from_secs(10)).expect("agent exits after SIGTERM")
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn wait_with_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// A minimal HTTP/1.0 GET: (status, body). `None` if nothing answers.
+pub fn http_get(address: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((status, body))
+}
+
+/// Waits until `check` holds, polling.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+pub fn path_str(path: &Path) -> &str {
+    path.to_str().expect("utf-8 path")
+}
