@@ -30,6 +30,9 @@ pub struct Config {
     pub limits: Limits,
     /// Lockspaces created at start.
     pub lockspaces: Vec<LockspaceEntry>,
+    /// Create a span per lock request (set when OTLP export is configured,
+    /// from the standard `OTEL_*` variables, not from the file).
+    pub lock_spans: bool,
 }
 
 /// A lockspace the agent creates at start.
@@ -70,6 +73,7 @@ impl Default for Config {
             session_queue_max: 4096,
             limits: Limits::default(),
             lockspaces: vec![LockspaceEntry { name: "default".into(), lvb_len: default_lvb_len() }],
+            lock_spans: false,
         }
     }
 }

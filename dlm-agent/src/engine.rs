@@ -113,6 +113,18 @@ struct HandleState {
     requested_at: Option<Instant>,
     /// When the lock was first granted.
     granted_at: Option<Instant>,
+    /// The lock's span (queued, granted, blocking callbacks, released), when
+    /// spans are exported.
+    span: Option<tracing::Span>,
+}
+
+/// Adds an event to a lock's span, if it has one.
+macro_rules! span_event {
+    ($span:expr, $($event:tt)+) => {
+        if let Some(span) = &$span {
+            tracing::info!(target: crate::telemetry::LOCK_TARGET, parent: span, $($event)+);
+        }
+    };
 }
 
 struct SessionState {
@@ -229,12 +241,14 @@ impl Engine {
     }
 
     fn client(&mut self, session: SessionId, message: proto::ClientMessage) {
-        let Some(state) = self.sessions.get(&session) else { return };
+        if !self.sessions.contains_key(&session) {
+            return;
+        }
         let decoded = match convert::decode(message) {
             Ok(decoded) => decoded,
             Err(rejection) => return self.reject(session, rejection),
         };
-        let Decoded { handle, lockspace, mut request, .. } = decoded;
+        let Decoded { handle, lockspace, mut request, traceparent } = decoded;
         let mut lockspace_name = None;
         if let (Some(name), ClientRequest::Lock(lock)) = (lockspace, &mut request) {
             let Some(id) = self.node.lockspace_id(name.as_bytes()) else {
@@ -244,8 +258,13 @@ impl Engine {
             lock.lockspace = id;
             lockspace_name = self.lockspace_names.get(&id).cloned();
         }
-        let _ = state;
         let now = self.clock.now();
+        let span = match (&request, &lockspace_name) {
+            (ClientRequest::Lock(lock), Some(lockspace)) if self.config.lock_spans => {
+                Some(self.lock_span(session, lockspace, lock, traceparent.as_deref()))
+            }
+            _ => None,
+        };
         let mode = match &request {
             ClientRequest::Lock(lock) => Some(lock.mode),
             ClientRequest::Convert(convert) => Some(convert.mode),
@@ -253,25 +272,68 @@ impl Engine {
         };
         match self.node.handle_client(self.clock.to_engine(now), session, request) {
             Ok(()) => {
+                let queued = mode.is_some()
+                    && self
+                        .node
+                        .lock_info(session, dlm_core::LockHandle(handle))
+                        .is_some_and(|l| l.requested.is_some());
                 let Some(state) = self.sessions.get_mut(&session) else { return };
                 match (lockspace_name, mode) {
                     (Some(lockspace), Some(mode)) => {
                         // A new lock; its completion may already be queued.
-                        state
-                            .handles
-                            .insert(handle, HandleState { lockspace, mode, requested_at: Some(now), granted_at: None });
+                        if queued {
+                            span_event!(span, "queued");
+                        }
+                        let known = HandleState { lockspace, mode, requested_at: Some(now), granted_at: None, span };
+                        state.handles.insert(handle, known);
                     }
                     (None, Some(mode)) => {
                         if let Some(known) = state.handles.get_mut(&handle) {
                             known.mode = mode;
                             known.requested_at = Some(now);
+                            span_event!(known.span, mode = mode.name(), queued, "convert requested");
                         }
                     }
                     _ => {}
                 }
             }
-            Err(error) => self.reject(session, Rejection::from_engine(handle, &error)),
+            Err(error) => {
+                span_event!(span, code = Rejection::from_engine(handle, &error).code, "rejected");
+                self.reject(session, Rejection::from_engine(handle, &error));
+            }
         }
+    }
+
+    /// The span of one lock request, joined to the client's trace when it
+    /// passed a valid `traceparent`.
+    fn lock_span(
+        &self,
+        session: SessionId,
+        lockspace: &str,
+        lock: &dlm_core::LockRequest,
+        traceparent: Option<&str>,
+    ) -> tracing::Span {
+        let pid = self.sessions.get(&session).and_then(|s| s.peer.pid).unwrap_or(0);
+        let span = tracing::info_span!(
+            target: crate::telemetry::LOCK_TARGET,
+            "dlm.lock",
+            otel.name = "dlm lock",
+            otel.kind = "server",
+            dlm.lockspace = lockspace,
+            dlm.resource = %String::from_utf8_lossy(&lock.name),
+            dlm.mode = lock.mode.name(),
+            dlm.flags = %lock.flags,
+            dlm.session = session.0,
+            dlm.handle = lock.handle.0,
+            dlm.pid = pid,
+            dlm.outcome = tracing::field::Empty,
+            dlm.fencing_token = tracing::field::Empty,
+        );
+        if let Some(context) = traceparent.and_then(crate::telemetry::parent_context) {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let _ = span.set_parent(context);
+        }
+        span
     }
 
     fn reject(&mut self, session: SessionId, rejection: Rejection) {
@@ -323,6 +385,27 @@ impl Engine {
                     .requests
                     .with_label_values(&[&lockspace, op, known.mode.name(), completion.status.name()])
                     .inc();
+                if let Some(span) = &known.span {
+                    if completion.op == Op::Lock {
+                        span.record("dlm.outcome", completion.status.name());
+                    }
+                    if let Some(token) = completion.token {
+                        span.record("dlm.fencing_token", token.0);
+                    }
+                }
+                span_event!(
+                    known.span,
+                    op,
+                    status = completion.status.name(),
+                    mode = mode.name(),
+                    fencing_token = completion.token.map_or(0, |t| t.0),
+                    "{}",
+                    match (completion.op, completion.status) {
+                        (Op::Unlock, _) => "released",
+                        (_, Status::Granted) => "granted",
+                        _ => "not granted",
+                    }
+                );
                 match completion.status {
                     Status::Granted => {
                         if let Some(at) = known.requested_at.take() {
@@ -345,14 +428,15 @@ impl Engine {
                     _ => known.requested_at = None,
                 }
             }
-            Effect::Blocking { session, handle, .. } => {
+            Effect::Blocking { session, handle, mode } => {
                 if let Some(known) = self.sessions.get(session).and_then(|s| s.handles.get(&handle.0)) {
                     self.metrics.blocking.with_label_values(&[&known.lockspace]).inc();
+                    span_event!(known.span, mode = mode.name(), "blocking callback sent");
                 }
             }
-            Effect::Revoked { session, handle, .. } => {
-                if let Some(state) = self.sessions.get_mut(session) {
-                    state.handles.remove(&handle.0);
+            Effect::Revoked { session, handle, reason } => {
+                if let Some(known) = self.sessions.get_mut(session).and_then(|s| s.handles.remove(&handle.0)) {
+                    span_event!(known.span, reason = ?reason, "revoked");
                 }
             }
         }

@@ -27,3 +27,4 @@ pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod service;
+pub mod telemetry;

@@ -30,26 +30,25 @@ pub struct RunArgs {
 }
 
 pub async fn run(args: RunArgs) -> ExitCode {
-    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log) {
-        Ok(filter) => filter,
+    let telemetry = match dlm_agent::telemetry::init(&args.log) {
+        Ok(telemetry) => telemetry,
         Err(error) => {
-            eprintln!("dlm-agent: invalid --log {:?}: {error}", args.log);
+            eprintln!("dlm-agent: {error}");
             return ExitCode::from(super::EXIT_USAGE);
         }
     };
-    use std::io::IsTerminal;
-    let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
     let overrides = Overrides { node: args.node, socket: args.socket, tcp: args.tcp, http: args.http };
     let config = match Config::load(args.config.as_deref(), &overrides) {
-        Ok(config) => config,
+        Ok(config) => Config { lock_spans: telemetry.spans_enabled(), ..config },
         Err(error) => {
             eprintln!("dlm-agent: configuration: {error}");
             return ExitCode::from(super::EXIT_CONFIG);
         }
     };
     let socket = config.socket.clone();
-    match dlm_agent::server::serve(config, shutdown_signal()).await {
+    let served = dlm_agent::server::serve(config, shutdown_signal()).await;
+    telemetry.shutdown().await;
+    match served {
         Ok(()) => {
             tracing::info!(socket = %socket.display(), "stopped");
             ExitCode::SUCCESS

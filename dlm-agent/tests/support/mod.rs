@@ -36,6 +36,11 @@ fn temp_dir(tag: &str) -> PathBuf {
 impl Agent {
     /// Starts an agent with the given extra TOML configuration.
     pub fn start(tag: &str, config: &str) -> Agent {
+        Agent::start_with_env(tag, config, &[])
+    }
+
+    /// Starts an agent with extra configuration and environment variables.
+    pub fn start_with_env(tag: &str, config: &str, env: &[(&str, String)]) -> Agent {
         let dir = temp_dir(tag);
         let socket = dir.join("dlm.sock");
         let http = format!("127.0.0.1:{}", free_port());
@@ -48,6 +53,7 @@ impl Agent {
             .arg("--socket")
             .arg(&socket)
             .args(["--http", &http, "--node", "test"])
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
