@@ -406,3 +406,30 @@ fn the_systemd_unit_verifies() {
     assert!(security.status.success(), "{}", String::from_utf8_lossy(&security.stdout));
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_client_that_goes_silent_loses_its_session_after_the_keepalive() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let address = format!("127.0.0.1:{port}");
+    let agent = Agent::start("keepalive", &format!("tcp = \"{address}\"\nkeepalive = \"300ms\"\n"));
+    // A CLI client over TCP takes the lock, then stops answering (SIGSTOP):
+    // its connection stays open but its HTTP/2 pings go unanswered.
+    let mut holder = Command::new(support::BIN)
+        .args(["lock", "--connect", &address, "silent", "--", "sleep", "30"])
+        .spawn()
+        .expect("spawn");
+    wait_for_holder(&agent, "silent");
+    let pid = holder.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
+    let stopped_at = Instant::now();
+    let session = agent.client().await.session().await.expect("session");
+    let options = LockOptions { timeout: Some(Duration::from_secs(10)), ..LockOptions::default() };
+    let granted = session.lock("default", "silent", Mode::Ex, options).await;
+    let waited = stopped_at.elapsed();
+    let _ = Command::new("kill").args(["-CONT", &pid]).status();
+    holder.kill().expect("kill");
+    let _ = holder.wait();
+    assert!(granted.is_ok(), "the silent holder's lock was not released: {:?}", granted.err());
+    assert!(waited < Duration::from_secs(5), "took {waited:?} for a 300ms keepalive");
+    eprintln!("silent TCP holder dropped after {waited:?}");
+}
