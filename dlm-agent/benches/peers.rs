@@ -1,0 +1,546 @@
+//! dlm side by side with Redis and etcd, in one run, on this machine.
+//!
+//! `cargo xtask bench` (or `cargo bench -p dlm-agent --bench peers`) starts a
+//! dlm agent, a Redis server and an etcd server on loopback, then measures
+//! each on the same workloads:
+//! - uncontended lock+unlock pairs/s at concurrency 1, 8, 32, 128 (each
+//!   client its own connection and its own resource);
+//! - latency p50/p99 of a lock+unlock pair at concurrency 1;
+//! - 8 clients on one resource (dlm and etcd queue; Redis clients retry);
+//! - a holder that dies: how long until the waiter has the lock.
+//!
+//! The Redis lock is the usual single-instance one: `SET key token NX PX ttl`
+//! to take it, a compare-and-delete Lua script to release it. The etcd lock is
+//! its own `Lock`/`Unlock` API with a lease per client.
+//!
+//! Without `--bench` (as `cargo test --benches` runs it) every cell is short:
+//! a check that the harness and the peers work, not a measurement.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dlm_agent::client::{Client, LockOptions, Target};
+use dlm_core::Mode;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type Result<T> = std::result::Result<T, BoxError>;
+
+/// How long each cell runs.
+struct Plan {
+    warmup: Duration,
+    measure: Duration,
+    concurrency: Vec<usize>,
+    /// TTL of the Redis key and the etcd lease: how long a dead holder blocks.
+    ttl: Duration,
+}
+
+// ----- the systems -----
+
+/// A lock service as the benchmark drives it.
+trait LockSystem: Send + Sync + 'static {
+    /// One client connection.
+    type Conn: Send + 'static;
+    fn name(&self) -> &'static str;
+    fn connect(&self) -> impl Future<Output = Result<Self::Conn>> + Send;
+    /// Takes the lock on `key`, waiting (or retrying) until it is held.
+    fn lock(&self, conn: &mut Self::Conn, key: &str) -> impl Future<Output = Result<LockHeld>> + Send;
+    fn unlock(&self, conn: &mut Self::Conn, held: LockHeld) -> impl Future<Output = Result<()>> + Send;
+}
+
+enum LockHeld {
+    Dlm(dlm_agent::client::LockGuard),
+    Redis { key: String, token: String },
+    Etcd(Vec<u8>),
+}
+
+struct Dlm {
+    name: &'static str,
+    target: Target,
+}
+
+impl LockSystem for Dlm {
+    type Conn = dlm_agent::client::Session;
+    fn name(&self) -> &'static str {
+        self.name
+    }
+    async fn connect(&self) -> Result<Self::Conn> {
+        Ok(Client::connect(&self.target).await?.session().await?)
+    }
+    async fn lock(&self, conn: &mut Self::Conn, key: &str) -> Result<LockHeld> {
+        Ok(LockHeld::Dlm(conn.lock("default", key, Mode::Ex, LockOptions::default()).await?))
+    }
+    async fn unlock(&self, _: &mut Self::Conn, held: LockHeld) -> Result<()> {
+        let LockHeld::Dlm(guard) = held else { return Err("not a dlm lock".into()) };
+        Ok(guard.unlock().await?)
+    }
+}
+
+/// A minimal RESP client: enough for SET, EVALSHA and SCRIPT LOAD.
+struct Resp {
+    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+    line: String,
+}
+
+impl Resp {
+    async fn connect(address: &str) -> Result<Resp> {
+        let stream = TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        let (read, writer) = stream.into_split();
+        Ok(Resp { reader: BufReader::new(read), writer, line: String::new() })
+    }
+
+    /// Sends one command and returns its reply as text (`+OK`, `:1`, `$-1`, a bulk string's content).
+    async fn call(&mut self, args: &[&str]) -> Result<String> {
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        self.writer.write_all(request.as_bytes()).await?;
+        self.line.clear();
+        self.reader.read_line(&mut self.line).await?;
+        let reply = self.line.trim_end().to_string();
+        if let Some(len) = reply.strip_prefix('$').and_then(|n| n.parse::<i64>().ok())
+            && len >= 0
+        {
+            self.line.clear();
+            self.reader.read_line(&mut self.line).await?;
+            return Ok(self.line.trim_end().to_string());
+        }
+        if reply.starts_with('-') {
+            return Err(format!("redis: {reply}").into());
+        }
+        Ok(reply)
+    }
+}
+
+/// Deletes the key only if it still holds our token.
+const REDIS_UNLOCK_SCRIPT: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+struct Redis {
+    address: String,
+    ttl_ms: String,
+}
+
+struct RedisConn {
+    resp: Resp,
+    script: String,
+    next_token: u64,
+    client: u64,
+}
+
+impl LockSystem for Redis {
+    type Conn = RedisConn;
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+    async fn connect(&self) -> Result<RedisConn> {
+        static CLIENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let mut resp = Resp::connect(&self.address).await?;
+        let script = resp.call(&["SCRIPT", "LOAD", REDIS_UNLOCK_SCRIPT]).await?;
+        Ok(RedisConn { resp, script, next_token: 0, client: CLIENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) })
+    }
+    async fn lock(&self, conn: &mut RedisConn, key: &str) -> Result<LockHeld> {
+        conn.next_token += 1;
+        let token = format!("{}-{}", conn.client, conn.next_token);
+        // Redis cannot queue a waiter: the client retries until SET NX succeeds.
+        loop {
+            if conn.resp.call(&["SET", key, &token, "NX", "PX", &self.ttl_ms]).await? == "+OK" {
+                return Ok(LockHeld::Redis { key: key.to_string(), token });
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+    async fn unlock(&self, conn: &mut RedisConn, held: LockHeld) -> Result<()> {
+        let LockHeld::Redis { key, token } = held else { return Err("not a redis lock".into()) };
+        let script = conn.script.clone();
+        conn.resp.call(&["EVALSHA", &script, "1", &key, &token]).await?;
+        Ok(())
+    }
+}
+
+struct Etcd {
+    endpoint: String,
+    ttl_s: i64,
+}
+
+impl LockSystem for Etcd {
+    type Conn = (etcd_client::Client, i64);
+    fn name(&self) -> &'static str {
+        "etcd"
+    }
+    async fn connect(&self) -> Result<Self::Conn> {
+        let mut client = etcd_client::Client::connect([self.endpoint.as_str()], None).await?;
+        let lease = client.lease_grant(self.ttl_s, None).await?.id();
+        Ok((client, lease))
+    }
+    async fn lock(&self, (client, lease): &mut Self::Conn, key: &str) -> Result<LockHeld> {
+        let options = etcd_client::LockOptions::new().with_lease(*lease);
+        Ok(LockHeld::Etcd(client.lock(key, Some(options)).await?.key().to_vec()))
+    }
+    async fn unlock(&self, (client, _): &mut Self::Conn, held: LockHeld) -> Result<()> {
+        let LockHeld::Etcd(key) = held else { return Err("not an etcd lock".into()) };
+        client.unlock(key).await?;
+        Ok(())
+    }
+}
+
+// ----- the workloads -----
+
+struct Cell {
+    pairs_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// `clients` clients lock and unlock for the plan's time; all on `shared_key`
+/// if given, else each on its own key.
+async fn pairs<S: LockSystem>(system: &Arc<S>, plan: &Plan, clients: usize, shared_key: Option<&str>) -> Result<Cell> {
+    let start = Instant::now() + plan.warmup;
+    let end = start + plan.measure;
+    let mut tasks = tokio::task::JoinSet::new();
+    for client in 0..clients {
+        let system = system.clone();
+        let key = shared_key.map_or_else(|| format!("bench/{}/{client}", system.name()), str::to_string);
+        let mut conn = system.connect().await?;
+        tasks.spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let began = Instant::now();
+                if began >= end {
+                    break;
+                }
+                let held = system.lock(&mut conn, &key).await?;
+                system.unlock(&mut conn, held).await?;
+                if began >= start {
+                    latencies.push(began.elapsed().as_secs_f64() * 1e6);
+                }
+            }
+            Ok::<_, BoxError>(latencies)
+        });
+    }
+    let mut latencies = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        latencies.extend(done??);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let quantile = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    Ok(Cell { pairs_per_s: latencies.len() as f64 / plan.measure.as_secs_f64(), p50_us: quantile(0.5), p99_us: quantile(0.99) })
+}
+
+/// A dlm holder is a real process (`dlm-agent lock … -- sleep`) killed with
+/// SIGKILL; the time is from the kill to the waiter's grant.
+async fn dlm_killed_holder(agent: &DlmAgent) -> Result<Duration> {
+    let mut holder = Command::new(BIN)
+        .args(["lock", "--socket"])
+        .arg(&agent.socket)
+        .args(["killed", "--", "sleep", "60"])
+        .stdout(Stdio::null())
+        .spawn()?;
+    let client = Client::connect(&Target::Unix(agent.socket.clone())).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let dump = client
+            .dump(dlm_agent::proto::DumpRequest { lockspace: "default".into(), name: Some(b"killed".to_vec()), max_resources: 1 })
+            .await?;
+        if dump.resources.first().is_some_and(|r| !r.granted.is_empty()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("the holder never got the lock".into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let session = client.session().await?;
+    let waiter = tokio::spawn(async move {
+        let guard = session.lock("default", "killed", Mode::Ex, LockOptions::default()).await;
+        (guard.is_ok(), Instant::now())
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let killed = Instant::now();
+    holder.kill()?;
+    holder.wait()?;
+    let (granted, at) = waiter.await?;
+    if !granted {
+        return Err("the waiter was not granted".into());
+    }
+    Ok(at.saturating_duration_since(killed))
+}
+
+/// A holder that stops without unlocking (as a dead process would): the
+/// waiter gets the lock when the key's TTL or the lease expires.
+async fn abandoned_holder<S: LockSystem>(system: &Arc<S>) -> Result<Duration> {
+    let mut holder = system.connect().await?;
+    let held = system.lock(&mut holder, "abandoned").await?;
+    let abandoned = Instant::now();
+    std::mem::forget(held);
+    drop(holder);
+    let mut waiter = system.connect().await?;
+    let held = system.lock(&mut waiter, "abandoned").await?;
+    let waited = abandoned.elapsed();
+    system.unlock(&mut waiter, held).await?;
+    Ok(waited)
+}
+
+// ----- the servers -----
+
+const BIN: &str = env!("CARGO_BIN_EXE_dlm-agent");
+
+struct Server {
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn wait_for_port(port: u16, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("{what} did not start").into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+struct DlmAgent {
+    _server: Server,
+    socket: PathBuf,
+    tcp: String,
+}
+
+async fn start_dlm(dir: &Path) -> Result<DlmAgent> {
+    let socket = dir.join("dlm.sock");
+    let port = free_port()?;
+    let tcp = format!("127.0.0.1:{port}");
+    let child = Command::new(BIN)
+        .args(["run", "--http", "off", "--tcp", &tcp, "--log", "warn", "--socket"])
+        .arg(&socket)
+        .stderr(std::fs::File::create(dir.join("dlm.log"))?)
+        .spawn()?;
+    let server = Server { child };
+    wait_for_port(port, "dlm-agent").await?;
+    Ok(DlmAgent { _server: server, socket, tcp })
+}
+
+fn find(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.exists())
+}
+
+async fn start_redis(dir: &Path) -> Result<(Server, String)> {
+    let binary = find("redis-server").ok_or("redis-server is not installed (cargo xtask bench installs it)")?;
+    let port = free_port()?;
+    let child = Command::new(binary)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
+        .arg(dir)
+        .stdout(Stdio::null())
+        .spawn()?;
+    let server = Server { child };
+    wait_for_port(port, "redis-server").await?;
+    Ok((server, format!("127.0.0.1:{port}")))
+}
+
+async fn start_etcd(dir: &Path) -> Result<(Server, String)> {
+    let binary = find("etcd").ok_or("etcd is not installed (cargo xtask bench installs etcd-server)")?;
+    let (client, peer) = (free_port()?, free_port()?);
+    let client_url = format!("http://127.0.0.1:{client}");
+    let peer_url = format!("http://127.0.0.1:{peer}");
+    let child = Command::new(binary)
+        .args(["--name", "bench", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args(["--listen-client-urls", &client_url, "--advertise-client-urls", &client_url])
+        .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+        .args(["--initial-cluster", &format!("bench={peer_url}"), "--log-level", "error"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("etcd.log"))?)
+        .spawn()?;
+    let server = Server { child };
+    wait_for_port(client, "etcd").await?;
+    Ok((server, client_url))
+}
+
+// ----- the report -----
+
+#[derive(Default)]
+struct Row {
+    label: String,
+    unit: &'static str,
+    /// Larger is better (throughput) or smaller is (latency, time to grant).
+    higher_is_better: bool,
+    values: Vec<(String, f64)>,
+}
+
+fn print_table(rows: &[Row], systems: &[&str]) {
+    print!("{:<40}", "workload");
+    for system in systems {
+        print!("{system:>12}");
+    }
+    for peer in &systems[2..] {
+        print!("{:>14}", format!("dlm vs {peer}"));
+    }
+    println!();
+    for row in rows {
+        print!("{:<40}", format!("{} ({})", row.label, row.unit));
+        let value = |name: &str| row.values.iter().find(|(s, _)| s == name).map(|(_, v)| *v);
+        for system in systems {
+            match value(system) {
+                Some(v) if v >= 100.0 => print!("{v:>12.0}"),
+                Some(v) => print!("{v:>12.2}"),
+                None => print!("{:>12}", "-"),
+            }
+        }
+        let dlm = value("dlm-unix");
+        for peer in &systems[2..] {
+            match (dlm, value(peer)) {
+                (Some(dlm), Some(peer)) if dlm > 0.0 && peer > 0.0 => {
+                    let ratio = if row.higher_is_better { dlm / peer } else { peer / dlm };
+                    print!("{:>14}", format!("{ratio:.2}x"));
+                }
+                _ => print!("{:>14}", "-"),
+            }
+        }
+        println!();
+    }
+    println!("(ratios: how many times better dlm over its Unix socket is; above 1 means dlm is ahead)");
+}
+
+fn write_json(rows: &[Row], path: &Path) -> Result<()> {
+    let rows: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|row| {
+            serde_json::json!({
+                "workload": row.label,
+                "unit": row.unit,
+                "higher_is_better": row.higher_is_better,
+                "values": row.values.iter().map(|(s, v)| (s.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+            })
+        })
+        .collect();
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(path, serde_json::to_string_pretty(&serde_json::json!({ "rows": rows }))?)?;
+    Ok(())
+}
+
+// ----- main -----
+
+fn main() {
+    let measuring = std::env::args().any(|a| a == "--bench");
+    let plan = if measuring {
+        Plan {
+            warmup: Duration::from_millis(500),
+            measure: Duration::from_secs(3),
+            concurrency: vec![1, 8, 32, 128],
+            ttl: Duration::from_secs(2),
+        }
+    } else {
+        Plan { warmup: Duration::ZERO, measure: Duration::from_millis(200), concurrency: vec![1, 8], ttl: Duration::from_secs(2) }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    if let Err(error) = runtime.block_on(run(plan, measuring)) {
+        eprintln!("peers benchmark failed: {error}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(plan: Plan, measuring: bool) -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("dlm-bench-peers-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let agent = start_dlm(&dir).await?;
+    let (_redis_server, redis_address) = start_redis(&dir).await?;
+    let (_etcd_server, etcd_endpoint) = start_etcd(&dir).await?;
+
+    let dlm_unix = Arc::new(Dlm { name: "dlm-unix", target: Target::Unix(agent.socket.clone()) });
+    let dlm_tcp = Arc::new(Dlm { name: "dlm-tcp", target: Target::Tcp(agent.tcp.clone()) });
+    let redis = Arc::new(Redis { address: redis_address, ttl_ms: plan.ttl.as_millis().to_string() });
+    // The throughput cells run longer than a short lease: their clients get
+    // a long one; only the dead-holder cell uses the short TTL.
+    let etcd = Arc::new(Etcd { endpoint: etcd_endpoint.clone(), ttl_s: 600 });
+    let etcd_short_lease = Arc::new(Etcd { endpoint: etcd_endpoint, ttl_s: i64::try_from(plan.ttl.as_secs()).unwrap_or(2).max(1) });
+    let systems = ["dlm-unix", "dlm-tcp", "redis", "etcd"];
+
+    let mut rows = Vec::new();
+    let cells = plan.concurrency.len() * systems.len() + systems.len() + 3;
+    let mut done = 0usize;
+    let mut progress = |what: &str| {
+        done += 1;
+        eprintln!("[{done:>2}/{cells}] {what}");
+    };
+
+    let mut latency_p50 = Row { label: "lock+unlock latency p50, 1 client".into(), unit: "µs", ..Row::default() };
+    let mut latency_p99 = Row { label: "lock+unlock latency p99, 1 client".into(), unit: "µs", ..Row::default() };
+    for &clients in &plan.concurrency {
+        let mut row = Row {
+            label: format!("uncontended pairs/s, {clients} clients"),
+            unit: "pairs/s",
+            higher_is_better: true,
+            ..Row::default()
+        };
+        macro_rules! measure {
+            ($system:expr) => {{
+                progress(&format!("{} uncontended, {clients} clients", $system.name()));
+                let cell = pairs(&$system, &plan, clients, None).await?;
+                row.values.push(($system.name().to_string(), cell.pairs_per_s));
+                if clients == 1 {
+                    latency_p50.values.push(($system.name().to_string(), cell.p50_us));
+                    latency_p99.values.push(($system.name().to_string(), cell.p99_us));
+                }
+            }};
+        }
+        measure!(dlm_unix);
+        measure!(dlm_tcp);
+        measure!(redis);
+        measure!(etcd);
+        rows.push(row);
+    }
+    rows.push(latency_p50);
+    rows.push(latency_p99);
+
+    let mut contended = Row { label: "contended pairs/s, 8 clients, 1 resource".into(), unit: "pairs/s", higher_is_better: true, ..Row::default() };
+    macro_rules! contend {
+        ($system:expr) => {{
+            progress(&format!("{} contended, 8 clients on one resource", $system.name()));
+            let cell = pairs(&$system, &plan, 8, Some("hot")).await?;
+            contended.values.push(($system.name().to_string(), cell.pairs_per_s));
+        }};
+    }
+    contend!(dlm_unix);
+    contend!(dlm_tcp);
+    contend!(redis);
+    contend!(etcd);
+    rows.push(contended);
+
+    let mut killed = Row { label: "dead holder -> waiter granted".into(), unit: "ms", ..Row::default() };
+    progress("dlm: holder process killed with SIGKILL");
+    killed.values.push(("dlm-unix".into(), dlm_killed_holder(&agent).await?.as_secs_f64() * 1e3));
+    progress(&format!("redis: holder gone, key TTL {} ms", plan.ttl.as_millis()));
+    killed.values.push(("redis".into(), abandoned_holder(&redis).await?.as_secs_f64() * 1e3));
+    progress(&format!("etcd: holder gone, lease TTL {} s", etcd_short_lease.ttl_s));
+    killed.values.push(("etcd".into(), abandoned_holder(&etcd_short_lease).await?.as_secs_f64() * 1e3));
+    rows.push(killed);
+
+    println!();
+    print_table(&rows, &systems);
+    if measuring {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/peers.json");
+        write_json(&rows, &path)?;
+        println!("written to {}", path.display());
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
