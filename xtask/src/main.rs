@@ -14,9 +14,12 @@ cargo xtask <COMMAND> [ARGS]
 Commands:
   run [ARGS]   set up, build the agent (release) and run it: `dlm-agent run ARGS`
                (no ARGS: single node on the embedded default configuration)
-  setup        install what the build and the tests need (rustup components)
+  setup        install what the build, tests and benchmarks need (rustup components;
+               Debian packages: protobuf-compiler, libprotobuf-dev, redis-server, etcd-server)
   test         set up, then check formatting, run clippy and run every test of the workspace
-  bench [ARGS] set up, then run the criterion and memory benchmarks (ARGS go to `cargo bench`)
+  bench [ARGS] set up, then run every benchmark: the engine's (criterion, memory) and dlm side
+               by side with Redis and etcd (table on stdout, JSON in target/bench/peers.json);
+               ARGS go to `cargo bench`
   help         print this help
 
 Environment:
@@ -72,7 +75,7 @@ fn run_agent(args: &[String]) -> Result<(), String> {
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
-    let mut full = vec!["bench", "--package", "dlm-core", "--locked"];
+    let mut full = vec!["bench", "--package", "dlm-core", "--package", "dlm-agent", "--locked"];
     full.extend(args.iter().map(String::as_str));
     run("cargo", &full)
 }

@@ -1,12 +1,26 @@
-//! Installs what the workspace's build and tests need, idempotently, from
-//! rustup components only (later also Debian packages and crates.io tools).
+//! Installs what the workspace's build, tests and benchmarks need,
+//! idempotently: rustup components of the installed toolchain and Debian
+//! packages. Nothing else is downloaded.
 
 use std::process::Command;
 
 /// Rustup components of the active toolchain that `cargo xtask test` uses.
 const COMPONENTS: &[&str] = &["rustfmt", "clippy"];
 
+/// Debian packages, and why each is needed.
+const PACKAGES: &[(&str, &str)] = &[
+    ("protobuf-compiler", "protoc, for the etcd client the peer benchmark uses"),
+    ("libprotobuf-dev", "protobuf's well-known .proto files, for the same"),
+    ("redis-server", "the peer benchmark's Redis"),
+    ("etcd-server", "the peer benchmark's etcd"),
+];
+
 pub(crate) fn run() -> Result<(), String> {
+    rustup_components()?;
+    debian_packages()
+}
+
+fn rustup_components() -> Result<(), String> {
     let installed = Command::new("rustup")
         .args(["component", "list", "--installed"])
         .output()
@@ -18,4 +32,33 @@ pub(crate) fn run() -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn is_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("install ok installed"))
+}
+
+fn debian_packages() -> Result<(), String> {
+    let missing: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).filter(|p| !is_installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (package, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        eprintln!("xtask: installing {package}: {why}");
+    }
+    let root = Command::new("id").arg("-u").output().is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0");
+    let sudo: &[&str] = if root { &[] } else { &["sudo", "--non-interactive"] };
+    let apt = |args: &[&str]| {
+        let mut full: Vec<&str> = sudo.to_vec();
+        full.extend(["env", "DEBIAN_FRONTEND=noninteractive", "apt-get", "-q", "-y"]);
+        full.extend(args);
+        crate::run(full[0], &full[1..])
+    };
+    apt(&["update"])?;
+    let mut install = vec!["install", "--no-install-recommends"];
+    install.extend(&missing);
+    apt(&install).map_err(|e| format!("{e}\n(the packages {missing:?} are needed; install them as root)"))
 }
