@@ -119,7 +119,8 @@ impl Resp {
 }
 
 /// Deletes the key only if it still holds our token.
-const REDIS_UNLOCK_SCRIPT: &str = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+const REDIS_UNLOCK_SCRIPT: &str =
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
 struct Redis {
     address: String,
@@ -142,7 +143,12 @@ impl LockSystem for Redis {
         static CLIENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let mut resp = Resp::connect(&self.address).await?;
         let script = resp.call(&["SCRIPT", "LOAD", REDIS_UNLOCK_SCRIPT]).await?;
-        Ok(RedisConn { resp, script, next_token: 0, client: CLIENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) })
+        Ok(RedisConn {
+            resp,
+            script,
+            next_token: 0,
+            client: CLIENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        })
     }
     async fn lock(&self, conn: &mut RedisConn, key: &str) -> Result<LockHeld> {
         conn.next_token += 1;
@@ -228,8 +234,13 @@ async fn pairs<S: LockSystem>(system: &Arc<S>, plan: &Plan, clients: usize, shar
         latencies.extend(done??);
     }
     latencies.sort_by(f64::total_cmp);
-    let quantile = |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
-    Ok(Cell { pairs_per_s: latencies.len() as f64 / plan.measure.as_secs_f64(), p50_us: quantile(0.5), p99_us: quantile(0.99) })
+    let quantile =
+        |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    Ok(Cell {
+        pairs_per_s: latencies.len() as f64 / plan.measure.as_secs_f64(),
+        p50_us: quantile(0.5),
+        p99_us: quantile(0.99),
+    })
 }
 
 /// A dlm holder is a real process (`dlm-agent lock … -- sleep`) killed with
@@ -245,7 +256,11 @@ async fn dlm_killed_holder(agent: &DlmAgent) -> Result<Duration> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let dump = client
-            .dump(dlm_agent::proto::DumpRequest { lockspace: "default".into(), name: Some(b"killed".to_vec()), max_resources: 1 })
+            .dump(dlm_agent::proto::DumpRequest {
+                lockspace: "default".into(),
+                name: Some(b"killed".to_vec()),
+                max_resources: 1,
+            })
             .await?;
         if dump.resources.first().is_some_and(|r| !r.granted.is_empty()) {
             break;
@@ -448,7 +463,12 @@ fn main() {
             ttl: Duration::from_secs(2),
         }
     } else {
-        Plan { warmup: Duration::ZERO, measure: Duration::from_millis(200), concurrency: vec![1, 8], ttl: Duration::from_secs(2) }
+        Plan {
+            warmup: Duration::ZERO,
+            measure: Duration::from_millis(200),
+            concurrency: vec![1, 8],
+            ttl: Duration::from_secs(2),
+        }
     };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
     if let Err(error) = runtime.block_on(run(plan, measuring)) {
@@ -471,8 +491,12 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
     // The throughput cells run longer than a short lease: their clients get
     // a long one; only the dead-holder cell uses the short TTL.
     let etcd = Arc::new(Etcd { endpoint: etcd_endpoint.clone(), ttl_s: 600 });
-    let etcd_short_lease = Arc::new(Etcd { endpoint: etcd_endpoint, ttl_s: i64::try_from(plan.ttl.as_secs()).unwrap_or(2).max(1) });
+    let etcd_short_lease =
+        Arc::new(Etcd { endpoint: etcd_endpoint, ttl_s: i64::try_from(plan.ttl.as_secs()).unwrap_or(2).max(1) });
     let systems = ["dlm-unix", "dlm-tcp", "redis", "etcd"];
+    // DLM_BENCH_SYSTEMS=dlm-unix,redis runs only those (for quick comparisons while tuning).
+    let only = std::env::var("DLM_BENCH_SYSTEMS").ok();
+    let wanted = |name: &str| only.as_deref().is_none_or(|list| list.split(',').any(|s| s.trim() == name));
 
     let mut rows = Vec::new();
     let cells = plan.concurrency.len() * systems.len() + systems.len() + 3;
@@ -493,12 +517,14 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
         };
         macro_rules! measure {
             ($system:expr) => {{
-                progress(&format!("{} uncontended, {clients} clients", $system.name()));
-                let cell = pairs(&$system, &plan, clients, None).await?;
-                row.values.push(($system.name().to_string(), cell.pairs_per_s));
-                if clients == 1 {
-                    latency_p50.values.push(($system.name().to_string(), cell.p50_us));
-                    latency_p99.values.push(($system.name().to_string(), cell.p99_us));
+                if wanted($system.name()) {
+                    progress(&format!("{} uncontended, {clients} clients", $system.name()));
+                    let cell = pairs(&$system, &plan, clients, None).await?;
+                    row.values.push(($system.name().to_string(), cell.pairs_per_s));
+                    if clients == 1 {
+                        latency_p50.values.push(($system.name().to_string(), cell.p50_us));
+                        latency_p99.values.push(($system.name().to_string(), cell.p99_us));
+                    }
                 }
             }};
         }
@@ -511,12 +537,19 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
     rows.push(latency_p50);
     rows.push(latency_p99);
 
-    let mut contended = Row { label: "contended pairs/s, 8 clients, 1 resource".into(), unit: "pairs/s", higher_is_better: true, ..Row::default() };
+    let mut contended = Row {
+        label: "contended pairs/s, 8 clients, 1 resource".into(),
+        unit: "pairs/s",
+        higher_is_better: true,
+        ..Row::default()
+    };
     macro_rules! contend {
         ($system:expr) => {{
-            progress(&format!("{} contended, 8 clients on one resource", $system.name()));
-            let cell = pairs(&$system, &plan, 8, Some("hot")).await?;
-            contended.values.push(($system.name().to_string(), cell.pairs_per_s));
+            if wanted($system.name()) {
+                progress(&format!("{} contended, 8 clients on one resource", $system.name()));
+                let cell = pairs(&$system, &plan, 8, Some("hot")).await?;
+                contended.values.push(($system.name().to_string(), cell.pairs_per_s));
+            }
         }};
     }
     contend!(dlm_unix);
@@ -526,12 +559,18 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
     rows.push(contended);
 
     let mut killed = Row { label: "dead holder -> waiter granted".into(), unit: "ms", ..Row::default() };
-    progress("dlm: holder process killed with SIGKILL");
-    killed.values.push(("dlm-unix".into(), dlm_killed_holder(&agent).await?.as_secs_f64() * 1e3));
-    progress(&format!("redis: holder gone, key TTL {} ms", plan.ttl.as_millis()));
-    killed.values.push(("redis".into(), abandoned_holder(&redis).await?.as_secs_f64() * 1e3));
-    progress(&format!("etcd: holder gone, lease TTL {} s", etcd_short_lease.ttl_s));
-    killed.values.push(("etcd".into(), abandoned_holder(&etcd_short_lease).await?.as_secs_f64() * 1e3));
+    if wanted("dlm-unix") {
+        progress("dlm: holder process killed with SIGKILL");
+        killed.values.push(("dlm-unix".into(), dlm_killed_holder(&agent).await?.as_secs_f64() * 1e3));
+    }
+    if wanted("redis") {
+        progress(&format!("redis: holder gone, key TTL {} ms", plan.ttl.as_millis()));
+        killed.values.push(("redis".into(), abandoned_holder(&redis).await?.as_secs_f64() * 1e3));
+    }
+    if wanted("etcd") {
+        progress(&format!("etcd: holder gone, lease TTL {} s", etcd_short_lease.ttl_s));
+        killed.values.push(("etcd".into(), abandoned_holder(&etcd_short_lease).await?.as_secs_f64() * 1e3));
+    }
     rows.push(killed);
 
     println!();

@@ -99,6 +99,8 @@ impl EngineHandle {
 
 /// Engine commands queued at most; senders wait beyond that.
 const COMMAND_QUEUE_MAX: usize = 16_384;
+/// Commands handled in a row before effects are routed.
+const COMMAND_BATCH_MAX: usize = 64;
 /// Resources a dump returns when the request does not say.
 const DUMP_RESOURCES_DEFAULT: usize = 1000;
 /// Resources a dump returns at most.
@@ -187,12 +189,17 @@ impl Engine {
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { break };
-                    if let Command::Shutdown { reply } = command {
-                        self.shutdown();
-                        let _ = reply.send(());
-                        break;
+                    if self.handle_or_stop(command) {
+                        return;
                     }
-                    self.handle(command);
+                    // Under load, take what is already queued before routing
+                    // effects: fewer wake-ups of the session streams.
+                    for _ in 0..COMMAND_BATCH_MAX {
+                        let Ok(command) = commands.try_recv() else { break };
+                        if self.handle_or_stop(command) {
+                            return;
+                        }
+                    }
                 }
                 () = sleep_until(deadline), if deadline.is_some() => {
                     self.node.handle_timeout(self.clock.engine_now());
@@ -200,6 +207,17 @@ impl Engine {
             }
             self.route_effects();
         }
+    }
+
+    /// Handles a command; true when it was the shutdown (already carried out).
+    fn handle_or_stop(&mut self, command: Command) -> bool {
+        if let Command::Shutdown { reply } = command {
+            self.shutdown();
+            let _ = reply.send(());
+            return true;
+        }
+        self.handle(command);
+        false
     }
 
     fn handle(&mut self, command: Command) {

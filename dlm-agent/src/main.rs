@@ -30,7 +30,12 @@ enum Command {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // DLM_WORKER_THREADS sets the runtime's threads (default: one per CPU).
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = std::env::var("DLM_WORKER_THREADS").ok().and_then(|t| t.parse().ok()) {
+        builder.worker_threads(threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("dlm-agent: cannot start the async runtime: {error}");

@@ -4,6 +4,7 @@
 mod support;
 
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dlm_agent::client::{LockError, LockOptions, SessionEvent};
@@ -432,4 +433,43 @@ async fn a_tcp_client_that_goes_silent_loses_its_session_after_the_keepalive() {
     assert!(granted.is_ok(), "the silent holder's lock was not released: {:?}", granted.err());
     assert!(waited < Duration::from_secs(5), "took {waited:?} for a 300ms keepalive");
     eprintln!("silent TCP holder dropped after {waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_clients_all_complete_and_never_overlap() {
+    // More sessions than the engine handles in one batch, hammering a few
+    // resources: every request must complete, and the holders of one resource
+    // must never overlap (checked by fencing-token order and a shared flag).
+    let agent = Agent::start("hammer", "");
+    let client = agent.client().await;
+    let busy: Arc<[std::sync::atomic::AtomicBool; 4]> = Arc::new(Default::default());
+    let mut tasks = tokio::task::JoinSet::new();
+    for worker in 0..96u64 {
+        let session = client.session().await.expect("session");
+        let busy = busy.clone();
+        tasks.spawn(async move {
+            let mut last_token = [0u64; 4];
+            for round in 0..40u64 {
+                let resource = ((worker + round) % 4) as usize;
+                let guard = session
+                    .lock("default", format!("h{resource}"), Mode::Ex, LockOptions::default())
+                    .await
+                    .expect("granted");
+                assert!(!busy[resource].swap(true, std::sync::atomic::Ordering::SeqCst), "two EX holders at once");
+                assert!(guard.fencing_token() > last_token[resource]);
+                last_token[resource] = guard.fencing_token();
+                tokio::task::yield_now().await;
+                busy[resource].store(false, std::sync::atomic::Ordering::SeqCst);
+                guard.unlock().await.expect("unlock");
+            }
+        });
+    }
+    let all = async {
+        while let Some(done) = tasks.join_next().await {
+            done.expect("worker");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), all).await.expect("every request completed");
+    let status = client.status().await.expect("status");
+    assert_eq!((status.locks, status.waiting), (0, 0));
 }

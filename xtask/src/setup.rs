@@ -49,7 +49,8 @@ fn debian_packages() -> Result<(), String> {
     for (package, why) in PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
         eprintln!("xtask: installing {package}: {why}");
     }
-    let root = Command::new("id").arg("-u").output().is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0");
+    let root =
+        Command::new("id").arg("-u").output().is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0");
     let sudo: &[&str] = if root { &[] } else { &["sudo", "--non-interactive"] };
     let apt = |args: &[&str]| {
         let mut full: Vec<&str> = sudo.to_vec();
