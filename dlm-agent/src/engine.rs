@@ -316,8 +316,9 @@ impl Engine {
                 }
             }
             Err(error) => {
-                span_event!(span, code = Rejection::from_engine(handle, &error).code, "rejected");
-                self.reject(session, Rejection::from_engine(handle, &error));
+                let rejection = Rejection::from_engine(handle, &error);
+                span_event!(span, code = rejection.code, "rejected");
+                self.reject(session, rejection);
             }
         }
     }
@@ -443,7 +444,11 @@ impl Engine {
                     _ if completion.mode.is_none() => {
                         state.handles.remove(&handle);
                     }
-                    _ => known.requested_at = None,
+                    // A conversion that failed: the lock keeps the mode it held.
+                    _ => {
+                        known.requested_at = None;
+                        known.mode = mode;
+                    }
                 }
             }
             Effect::Blocking { session, handle, mode } => {

@@ -7,7 +7,7 @@ use std::pin::Pin;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
+use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::Rejection;
@@ -44,17 +44,13 @@ fn rejected(rejection: Rejection) -> Status {
     }
 }
 
-/// The client's credentials, from the Unix socket (SO_PEERCRED).
+/// The client's credentials, from the Unix socket (SO_PEERCRED); TCP
+/// clients have none.
 fn peer_of<T>(request: &Request<T>) -> Peer {
-    if let Some(info) = request.extensions().get::<UdsConnectInfo>()
-        && let Some(credentials) = info.peer_cred
-    {
-        return Peer { pid: credentials.pid(), uid: Some(credentials.uid()) };
+    match request.extensions().get::<UdsConnectInfo>().and_then(|info| info.peer_cred) {
+        Some(credentials) => Peer { pid: credentials.pid(), uid: Some(credentials.uid()) },
+        None => Peer::default(),
     }
-    if request.extensions().get::<TcpConnectInfo>().is_some() {
-        return Peer::default();
-    }
-    Peer::default()
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<proto::ServerMessage, Status>> + Send>>;
