@@ -15,7 +15,8 @@ Commands:
   run [ARGS]   set up, build the agent (release) and run it: `dlm-agent run ARGS`
                (no ARGS: single node on the embedded default configuration)
   setup        install what the build, tests and benchmarks need (rustup components;
-               Debian packages: protobuf-compiler, libprotobuf-dev, redis-server, etcd-server)
+               Debian packages: protobuf-compiler, libprotobuf-dev, redis-server, etcd-server,
+               prometheus)
   test         set up, then check formatting, run clippy and run every test of the workspace
   bench [ARGS] set up, then run every benchmark: the engine's (criterion, memory) and dlm side
                by side with Redis and etcd (table on stdout, JSON in target/bench/peers.json);

@@ -13,6 +13,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("libprotobuf-dev", "protobuf's well-known .proto files, for the same"),
     ("redis-server", "the peer benchmark's Redis"),
     ("etcd-server", "the peer benchmark's etcd"),
+    ("prometheus", "Prometheus and promtool, for the dashboard and alert rule checks"),
 ];
 
 pub(crate) fn run() -> Result<(), String> {
