@@ -274,8 +274,48 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
             }
         }
     }
+    if let Some(out) = std::env::var_os("DLM_DASHBOARD_DATA") {
+        // `cargo xtask dashboards`: keep the workload going a while longer,
+        // then save each panel's series for dashboards/render.py to plot.
+        tokio::time::sleep(Duration::from_secs(40)).await;
+        save_panel_series(&prometheus, Path::new(&out));
+    }
     stop.store(true, Ordering::Relaxed);
     load.await.expect("workload");
     assert!(failures.is_empty(), "{} of {checked} queries returned no data:\n{}", failures.len(), failures.join("\n"));
     eprintln!("{checked} dashboard queries returned data");
+}
+
+/// Writes `<uid>.json` per dashboard: each panel's title, unit, type and
+/// the range results of its queries over the last minute.
+fn save_panel_series(prometheus: &Prometheus, out: &Path) {
+    std::fs::create_dir_all(out).expect("output directory");
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs();
+    for (_, dashboard) in dashboards() {
+        let panels: Vec<Value> = dashboard["panels"]
+            .as_array()
+            .expect("panels")
+            .iter()
+            .map(|panel| {
+                let targets: Vec<Value> = panel["targets"]
+                    .as_array()
+                    .expect("targets")
+                    .iter()
+                    .map(|target| {
+                        let expr = substitute(target["expr"].as_str().expect("expr"));
+                        let path = format!("/api/v1/query_range?query={}&start={}&end={now}&step=1", url_encode(&expr), now - 60);
+                        serde_json::json!({ "legend": target["legendFormat"], "result": api(prometheus, &path)["data"]["result"] })
+                    })
+                    .collect();
+                serde_json::json!({
+                    "title": panel["title"], "type": panel["type"],
+                    "unit": panel["fieldConfig"]["defaults"]["unit"], "targets": targets,
+                })
+            })
+            .collect();
+        let uid = dashboard["uid"].as_str().expect("uid");
+        let data = serde_json::json!({ "uid": uid, "title": dashboard["title"], "panels": panels });
+        std::fs::write(out.join(format!("{uid}.json")), serde_json::to_string_pretty(&data).expect("json"))
+            .expect("write");
+    }
 }

@@ -21,6 +21,9 @@ Commands:
   bench [ARGS] set up, then run every benchmark: the engine's (criterion, memory) and dlm side
                by side with Redis and etcd (table on stdout, JSON in target/bench/peers.json);
                ARGS go to `cargo bench`
+  dashboards   set up, run the dashboard check against a live Prometheus with a longer workload,
+               and plot each dashboard from the real results to dashboards/pictures/<uid>.png
+               (needs matplotlib: installed from PyPI if missing)
   help         print this help
 
 Environment:
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
         "run" => setup::run().and_then(|()| run_agent(&rest)),
         "test" => setup::run().and_then(|()| test()),
         "bench" => setup::run().and_then(|()| bench(&rest)),
+        "dashboards" => setup::run().and_then(|()| dashboards()),
         "help" | "-h" | "--help" => {
             print!("{HELP}");
             Ok(())
@@ -73,6 +77,29 @@ fn run_agent(args: &[String]) -> Result<(), String> {
     let mut full = vec!["run", "--release", "--locked", "--package", "dlm-agent", "--", "run"];
     full.extend(args.iter().map(String::as_str));
     run("cargo", &full)
+}
+
+fn dashboards() -> Result<(), String> {
+    let has_matplotlib = Command::new("python3").args(["-c", "import matplotlib"]).status().is_ok_and(|s| s.success());
+    if !has_matplotlib {
+        run("python3", &["-m", "pip", "install", "--quiet", "matplotlib"])?;
+    }
+    let data = "target/dashboards";
+    let status = Command::new("cargo")
+        .args(["test", "--locked", "--package", "dlm-agent", "--test", "dashboards", "every_panel"])
+        .env(
+            "DLM_DASHBOARD_DATA",
+            std::path::Path::new(data).canonicalize().unwrap_or_else(|_| {
+                let _ = std::fs::create_dir_all(data);
+                std::path::Path::new(data).canonicalize().expect("target/dashboards exists now")
+            }),
+        )
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if !status.success() {
+        return Err("the dashboard check failed".into());
+    }
+    run("python3", &["dashboards/render.py", data, "dashboards/pictures"])
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
