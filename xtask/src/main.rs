@@ -85,15 +85,12 @@ fn dashboards() -> Result<(), String> {
         run("python3", &["-m", "pip", "install", "--quiet", "matplotlib"])?;
     }
     let data = "target/dashboards";
+    std::fs::create_dir_all(data).map_err(|e| format!("cannot create {data}: {e}"))?;
+    // The test runs in its crate's directory: give it an absolute path.
+    let absolute = std::fs::canonicalize(data).map_err(|e| format!("{data}: {e}"))?;
     let status = Command::new("cargo")
         .args(["test", "--locked", "--package", "dlm-agent", "--test", "dashboards", "every_panel"])
-        .env(
-            "DLM_DASHBOARD_DATA",
-            std::path::Path::new(data).canonicalize().unwrap_or_else(|_| {
-                let _ = std::fs::create_dir_all(data);
-                std::path::Path::new(data).canonicalize().expect("target/dashboards exists now")
-            }),
-        )
+        .env("DLM_DASHBOARD_DATA", absolute)
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if !status.success() {
