@@ -290,7 +290,9 @@ impl Engine {
         };
         match self.node.handle_client(self.clock.to_engine(now), session, request) {
             Ok(()) => {
-                let queued = mode.is_some()
+                // Only spans need to know whether the request had to wait.
+                let queued = self.config.lock_spans
+                    && mode.is_some()
                     && self
                         .node
                         .lock_info(session, dlm_core::LockHandle(handle))
