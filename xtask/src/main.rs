@@ -17,7 +17,8 @@ Commands:
   setup        install what the build, tests and benchmarks need (rustup components;
                Debian packages: protobuf-compiler, libprotobuf-dev, redis-server, etcd-server,
                prometheus)
-  test         set up, then check formatting, run clippy and run every test of the workspace
+  test         set up, then check formatting, run clippy, run every test of the workspace
+               and build the docs (warnings are errors)
   bench [ARGS] set up, then run every benchmark: the engine's (criterion, memory) and dlm side
                by side with Redis and etcd (table on stdout, JSON in target/bench/peers.json);
                ARGS go to `cargo bench`
@@ -70,7 +71,15 @@ fn test() -> Result<(), String> {
     // --all-targets also runs the benchmarks once each as tests (the memory
     // benchmark checks its target then); doc tests need their own run.
     run("cargo", &["test", "--workspace", "--all-targets", "--locked", "--profile", "ci-test"])?;
-    run("cargo", &["test", "--workspace", "--doc", "--locked", "--profile", "ci-test"])
+    run("cargo", &["test", "--workspace", "--doc", "--locked", "--profile", "ci-test"])?;
+    // The crate docs must build without broken links.
+    eprintln!("xtask: $ RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps --locked");
+    let status = Command::new("cargo")
+        .args(["doc", "--workspace", "--no-deps", "--locked"])
+        .env("RUSTDOCFLAGS", "-D warnings")
+        .status()
+        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() { Ok(()) } else { Err("cargo doc reported warnings".into()) }
 }
 
 fn run_agent(args: &[String]) -> Result<(), String> {
