@@ -19,6 +19,12 @@
 //!
 //! A session ends when the [`Session`] and every guard from it are dropped
 //! (or the process exits): the agent then releases its locks.
+//!
+//! Cancelling is dropping: a `lock` future dropped before it completes (by
+//! `tokio::time::timeout`, `select!`, or task abort) cancels its request on
+//! the agent; if the grant crossed the cancel, the lock is released at once.
+//! A server-side timeout is [`LockOptions::timeout`]; a try-lock is
+//! `LockFlags::NOQUEUE` in [`LockOptions::flags`].
 
 use std::collections::HashMap;
 use std::path::PathBuf;

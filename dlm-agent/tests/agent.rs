@@ -475,3 +475,26 @@ async fn many_concurrent_clients_all_complete_and_never_overlap() {
     let status = client.status().await.expect("status");
     assert_eq!((status.locks, status.waiting), (0, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_pending_lock_future_cancels_the_request() {
+    let agent = Agent::start("cancel", "");
+    let client = agent.client().await;
+    let holder = client.session().await.expect("session");
+    let held = holder.lock("default", "c", Mode::Ex, LockOptions::default()).await.expect("granted");
+    let waiter = client.session().await.expect("session");
+    // The client gives up on its own (the future is dropped), not by a server timeout.
+    let gave_up =
+        tokio::time::timeout(Duration::from_millis(200), waiter.lock("default", "c", Mode::Ex, LockOptions::default()))
+            .await;
+    assert!(gave_up.is_err(), "the lock cannot be granted while held");
+    let queued = async || {
+        let request = proto::DumpRequest { lockspace: "default".into(), name: Some(b"c".to_vec()), max_resources: 1 };
+        client.dump(request).await.expect("dump").resources.first().map_or(0, |r| r.waiting.len())
+    };
+    support::eventually("the dropped request is cancelled", async || queued().await == 0).await;
+    held.unlock().await.expect("unlock");
+    // Nothing was granted to the waiter behind its back: the resource is free.
+    let status = client.status().await.expect("status");
+    assert_eq!((status.locks, status.waiting), (0, 0));
+}
