@@ -558,15 +558,24 @@ impl Engine {
             n => (n as usize).min(DUMP_RESOURCES_MAX),
         };
         let resources = self.node.dump(id, request.name.as_deref(), max).map_err(|e| Rejection::from_engine(0, &e))?;
-        let lock = |info: &dlm_core::LockInfo| proto::LockInfo {
-            session: info.session.0,
-            handle: info.handle.0,
-            pid: if info.orphan { 0 } else { self.sessions.get(&info.session).and_then(|s| s.peer.pid).unwrap_or(0) },
-            orphan: info.orphan,
-            granted: info.granted.map(convert::mode_to_wire),
-            requested: info.requested.map(convert::mode_to_wire),
-            fencing_token: info.token.map_or(0, |t| t.0),
-            flags: info.flags.bits(),
+        let lock = |info: &dlm_core::LockInfo| {
+            // An orphan's session is gone (its id may even be reused).
+            let peer = if info.orphan {
+                Peer::default()
+            } else {
+                self.sessions.get(&info.session).map(|s| s.peer).unwrap_or_default()
+            };
+            proto::LockInfo {
+                session: info.session.0,
+                handle: info.handle.0,
+                pid: peer.pid.unwrap_or(0),
+                uid: peer.uid,
+                orphan: info.orphan,
+                granted: info.granted.map(convert::mode_to_wire),
+                requested: info.requested.map(convert::mode_to_wire),
+                fencing_token: info.token.map_or(0, |t| t.0),
+                flags: info.flags.bits(),
+            }
         };
         Ok(proto::DumpReply {
             resources: resources

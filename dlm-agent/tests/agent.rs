@@ -87,8 +87,12 @@ async fn a_killed_holders_lock_goes_to_the_waiter() {
     let mut holder = agent.cli().args(["lock", "k", "--", "sleep", "30"]).spawn().expect("spawn");
     wait_for_holder(&agent, "k");
     let request = proto::DumpRequest { lockspace: "default".into(), name: Some(b"k".to_vec()), max_resources: 0 };
-    let holder_pid = agent.client().await.dump(request).await.expect("dump").resources[0].granted[0].pid;
-    assert_eq!(holder_pid, i32::try_from(holder.id()).expect("pid"), "dump shows the holder's pid");
+    let holder_lock = agent.client().await.dump(request).await.expect("dump").resources[0].granted[0];
+    assert_eq!(holder_lock.pid, i32::try_from(holder.id()).expect("pid"), "dump shows the holder's pid");
+    let uid = std::fs::metadata(format!("/proc/{}", holder.id()))
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .expect("uid");
+    assert_eq!(holder_lock.uid, Some(uid), "dump shows the holder's uid");
 
     let client = agent.client().await;
     let session = client.session().await.expect("session");

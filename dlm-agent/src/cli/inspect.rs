@@ -136,7 +136,7 @@ fn hex(bytes: &[u8]) -> String {
 
 fn lock_json(lock: &proto::LockInfo) -> Value {
     json!({
-        "session": lock.session, "handle": lock.handle, "pid": lock.pid, "orphan": lock.orphan,
+        "session": lock.session, "handle": lock.handle, "pid": lock.pid, "uid": lock.uid, "orphan": lock.orphan,
         "granted": lock.granted.map(|m| mode_name(Some(m))), "requested": lock.requested.map(|m| mode_name(Some(m))),
         "fencing_token": lock.fencing_token,
         "flags": LockFlags::from_bits(lock.flags).map(|f| f.to_string()).unwrap_or_default(),
@@ -144,14 +144,18 @@ fn lock_json(lock: &proto::LockInfo) -> Value {
 }
 
 fn lock_line(out: &mut String, lock: &proto::LockInfo) {
-    let owner = if lock.orphan { "orphan".to_string() } else { format!("pid {}", lock.pid) };
+    let owner = match (lock.orphan, lock.uid) {
+        (true, _) => "orphan".to_string(),
+        (false, Some(uid)) => format!("pid {} uid {uid}", lock.pid),
+        (false, None) => format!("pid {}", lock.pid),
+    };
     let modes = match lock.requested {
         Some(requested) => format!("{} -> {}", mode_name(lock.granted), mode_name(Some(requested))),
         None => mode_name(lock.granted).to_string(),
     };
     let _ = writeln!(
         out,
-        "    session {:<6} handle {:<6} {:<12} {:<10} token {}",
+        "    session {:<6} handle {:<6} {:<20} {:<10} token {}",
         lock.session, lock.handle, owner, modes, lock.fencing_token
     );
 }
