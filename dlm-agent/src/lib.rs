@@ -21,6 +21,7 @@ pub mod client;
 pub mod clock;
 pub mod config;
 pub mod convert;
+pub mod ebpf;
 pub mod engine;
 pub mod http;
 pub mod metrics;

@@ -26,6 +26,9 @@ enum Command {
     Ls(cli::inspect::LsArgs),
     /// Show resources with their granted, converting and waiting locks.
     Dump(cli::inspect::DumpArgs),
+    /// Profile kernel contention live with eBPF (needs root or CAP_BPF+CAP_PERFMON)
+    #[command(subcommand)]
+    Trace(cli::trace::TraceCommand),
 }
 
 fn main() -> ExitCode {
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
             Command::Status(args) => cli::inspect::status(args).await,
             Command::Ls(args) => cli::inspect::ls(args).await,
             Command::Dump(args) => cli::inspect::dump(args).await,
+            Command::Trace(command) => cli::trace::run(command).await,
         }
     })
 }

@@ -8,6 +8,8 @@ use dlm_agent::client::{Client, Target};
 pub mod inspect;
 pub mod lock;
 pub mod run;
+pub mod trace;
+pub mod trace_dlm;
 
 /// Exit status: the command line was wrong, or the agent refused the request (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;

@@ -1,0 +1,81 @@
+//! DLM attribution from the agent's side: which processes to account
+//! (`DLM_PIDS`) and what was accounted for them (`DLM_ATTR`).
+//!
+//! The engine tells which client processes hold or wait for a lock; the
+//! programs then add, for those processes only, the time spent on CPU,
+//! runnable, blocked, in reclaim, and waiting for kernel locks and futexes.
+//! The engine snapshots a process's counters when a request starts and when
+//! it is granted, and the difference at the grant (wait) and release (hold)
+//! is that lock's kernel evidence. Counters are per process: a process
+//! holding two locks at once sees the same time on both.
+
+use std::collections::HashMap as StdHashMap;
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, PerCpuHashMap},
+};
+pub use dlm_ebpf_common::Attribution;
+
+/// The two maps, taken out of the loaded object so the engine owns them.
+pub struct AttributionMaps {
+    pids: HashMap<aya::maps::MapData, u32, u32>,
+    attribution: PerCpuHashMap<aya::maps::MapData, u32, Attribution>,
+    /// Locks held or waited for, by process; a process is in `DLM_PIDS`
+    /// while this is non-zero.
+    references: StdHashMap<u32, u32>,
+}
+
+impl AttributionMaps {
+    pub(super) fn take(ebpf: &mut Ebpf) -> Option<AttributionMaps> {
+        let pids: Map = ebpf.take_map("DLM_PIDS")?;
+        let attribution: Map = ebpf.take_map("DLM_ATTR")?;
+        Some(AttributionMaps {
+            pids: HashMap::try_from(pids).ok()?,
+            attribution: PerCpuHashMap::try_from(attribution).ok()?,
+            references: StdHashMap::new(),
+        })
+    }
+
+    /// Starts (or keeps) accounting `tgid`: one more lock held or waited for.
+    pub fn track(&mut self, tgid: u32) {
+        if tgid == 0 {
+            return;
+        }
+        let count = self.references.entry(tgid).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            // A full map only means this process goes unaccounted.
+            let _ = self.pids.insert(tgid, 1, 0);
+        }
+    }
+
+    /// One lock fewer for `tgid`; at zero its accounting stops and its
+    /// counters are dropped.
+    pub fn untrack(&mut self, tgid: u32) {
+        let Some(count) = self.references.get_mut(&tgid) else {
+            return;
+        };
+        *count -= 1;
+        if *count == 0 {
+            self.references.remove(&tgid);
+            let _ = self.pids.remove(&tgid);
+            let _ = self.attribution.remove(&tgid);
+        }
+    }
+
+    /// Processes accounted now.
+    pub fn tracked(&self) -> usize {
+        self.references.len()
+    }
+
+    /// The counters of `tgid` so far (zero when nothing was accounted yet).
+    pub fn read(&self, tgid: u32) -> Attribution {
+        self.attribution.get(&tgid, 0).map_or(Attribution::ZERO, |copies| {
+            copies.iter().fold(Attribution::ZERO, |mut total, copy| {
+                total.merge(copy);
+                total
+            })
+        })
+    }
+}

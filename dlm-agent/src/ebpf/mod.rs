@@ -1,0 +1,425 @@
+//! In-kernel observation: loading and attaching the dlm eBPF programs
+//! (`dlm-ebpf`, embedded in the binary at build time), and reading what they
+//! aggregate.
+//!
+//! [`Probes`] owns the loaded object. The agent attaches every family at
+//! start when it may ([`Probes::load`] fails with
+//! [`ProbeError::NotPermitted`] otherwise, and the agent runs on without);
+//! `dlm-agent trace` attaches one family at a time.
+
+pub mod attribution;
+pub mod decode;
+pub mod programs;
+pub mod report;
+pub mod symbols;
+pub mod tracefs;
+
+use std::{collections::BTreeSet, os::fd::OwnedFd, time::Duration};
+
+use aya::{
+    Ebpf, EbpfLoader, Pod,
+    maps::{MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
+    programs::TracePoint,
+};
+use dlm_ebpf_common::{FutexKey, KernelEvent, LockKey, MemKey, OffcpuStackKey, SchedStat, WaitStat, capacity, drops};
+pub use programs::Family;
+
+pub use self::attribution::AttributionMaps;
+
+/// The compiled programs, built by `build.rs` with aya-build.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/dlm-ebpf"));
+
+/// What the programs measure, fixed at load time.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Only this process (0: all).
+    pub target_tgid: u32,
+    /// Kernel-lock statistics per thread too.
+    pub lock_per_task: bool,
+    /// Keep stacks of sleeping switches out (folded off-CPU stacks).
+    pub offcpu_stacks: bool,
+    /// Minimum block time of a folded off-CPU stack.
+    pub offcpu_min: Duration,
+    /// Memory stalls at least this long are also sent as events.
+    pub long_stall: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            target_tgid: 0,
+            lock_per_task: false,
+            offcpu_stacks: false,
+            offcpu_min: Duration::from_millis(1),
+            long_stall: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Why the programs could not be loaded or attached.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// Not root, and not CAP_BPF + CAP_PERFMON.
+    #[error("not permitted to load eBPF programs ({0}); run as root or grant CAP_BPF and CAP_PERFMON")]
+    NotPermitted(String),
+    /// The kernel refused a program or map.
+    #[error("loading the eBPF programs failed: {0}")]
+    Load(String),
+    /// A tracepoint could not be attached.
+    #[error("attaching {program} to {category}:{tracepoint} failed: {error}")]
+    Attach {
+        /// The program.
+        program: &'static str,
+        /// Tracepoint category.
+        category: &'static str,
+        /// Tracepoint name.
+        tracepoint: &'static str,
+        /// The error.
+        error: String,
+    },
+    /// A map is missing or unreadable.
+    #[error("reading map {0} failed: {1}")]
+    Map(&'static str, String),
+}
+
+/// Whether an error chain says EPERM or EACCES.
+fn is_permission_error(error: &dyn std::error::Error) -> bool {
+    let mut source: Option<&dyn std::error::Error> = Some(error);
+    while let Some(error) = source {
+        let text = error.to_string();
+        if text.contains("Operation not permitted") || text.contains("Permission denied") {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// The cost of one program, from the kernel's BPF statistics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramCost {
+    /// Program name.
+    pub program: String,
+    /// Total run time (0 unless `kernel.bpf_stats_enabled` is on).
+    pub run_time_ns: u64,
+    /// Number of runs (same condition).
+    pub run_count: u64,
+}
+
+/// How full a map is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapFill {
+    /// Map name.
+    pub map: &'static str,
+    /// Entries now.
+    pub entries: u64,
+    /// Capacity.
+    pub capacity: u64,
+}
+
+/// The loaded programs and their maps.
+pub struct Probes {
+    ebpf: Ebpf,
+    attached: BTreeSet<Family>,
+    links: usize,
+    /// Keeps `BPF_ENABLE_STATS` on while held.
+    run_stats: Option<OwnedFd>,
+}
+
+impl Probes {
+    /// Loads the programs (verifying them) without attaching any.
+    ///
+    /// # Errors
+    /// [`ProbeError::NotPermitted`] without the privilege, else
+    /// [`ProbeError::Load`].
+    pub fn load(settings: &Settings) -> Result<Probes, ProbeError> {
+        let target_tgid = settings.target_tgid;
+        let lock_per_task = u32::from(settings.lock_per_task);
+        let offcpu_stacks = u32::from(settings.offcpu_stacks);
+        let offcpu_min = u64::try_from(settings.offcpu_min.as_nanos()).unwrap_or(u64::MAX);
+        let long_stall = u64::try_from(settings.long_stall.as_nanos()).unwrap_or(u64::MAX);
+        let ebpf = EbpfLoader::new()
+            .override_global("TARGET_TGID", &target_tgid, true)
+            .override_global("LOCK_PER_TASK", &lock_per_task, true)
+            .override_global("OFFCPU_STACKS_ON", &offcpu_stacks, true)
+            .override_global("OFFCPU_MIN_NS", &offcpu_min, true)
+            .override_global("LONG_STALL_NS", &long_stall, true)
+            .load(OBJECT)
+            .map_err(|error| {
+                if is_permission_error(&error) {
+                    ProbeError::NotPermitted(error.to_string())
+                } else {
+                    ProbeError::Load(format!("{error:#}"))
+                }
+            })?;
+        Ok(Probes { ebpf, attached: BTreeSet::new(), links: 0, run_stats: None })
+    }
+
+    /// Loads (verifies) and attaches the programs of `families`. Already
+    /// attached families are left as they are.
+    ///
+    /// # Errors
+    /// The first program that fails; those attached before stay attached.
+    pub fn attach(&mut self, families: &[Family]) -> Result<(), ProbeError> {
+        tracefs::ensure_mounted().map_err(|error| ProbeError::Attach {
+            program: "*",
+            category: "*",
+            tracepoint: "*",
+            error,
+        })?;
+        for family in families {
+            if self.attached.contains(family) {
+                continue;
+            }
+            for attachment in programs::ATTACHMENTS.iter().filter(|a| a.family == *family) {
+                let fail = |error: String| ProbeError::Attach {
+                    program: attachment.program,
+                    category: attachment.category,
+                    tracepoint: attachment.tracepoint,
+                    error,
+                };
+                let program = self
+                    .ebpf
+                    .program_mut(attachment.program)
+                    .ok_or_else(|| fail("no such program in the object".into()))?;
+                let program: &mut TracePoint = program.try_into().map_err(|e| fail(format!("{e}")))?;
+                if program.fd().is_err() {
+                    program.load().map_err(|e| {
+                        if is_permission_error(&e) {
+                            ProbeError::NotPermitted(format!("{e:#}"))
+                        } else {
+                            fail(verifier_message(&e))
+                        }
+                    })?;
+                }
+                program.attach(attachment.category, attachment.tracepoint).map_err(|e| fail(format!("{e:#}")))?;
+                self.links += 1;
+            }
+            self.attached.insert(*family);
+        }
+        Ok(())
+    }
+
+    /// The families attached.
+    pub fn attached(&self) -> &BTreeSet<Family> {
+        &self.attached
+    }
+
+    /// Number of tracepoint links attached.
+    pub fn links(&self) -> usize {
+        self.links
+    }
+
+    /// Turns the kernel's per-program run time and count on for as long as
+    /// these probes live (needs CAP_SYS_ADMIN; otherwise the sysctl
+    /// `kernel.bpf_stats_enabled` decides). Returns whether it is on.
+    pub fn enable_run_stats(&mut self) -> bool {
+        if self.run_stats.is_none() {
+            self.run_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
+        }
+        self.run_stats.is_some()
+            || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
+    }
+
+    /// Run time and count of every loaded program.
+    pub fn program_costs(&self) -> Vec<ProgramCost> {
+        self.ebpf
+            .programs()
+            .filter_map(|(name, program)| {
+                let info = program.info().ok()?;
+                Some(ProgramCost {
+                    program: name.to_owned(),
+                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                    run_count: info.run_count(),
+                })
+            })
+            .collect()
+    }
+
+    /// Takes the maps the agent's engine uses for DLM attribution.
+    pub fn take_attribution_maps(&mut self) -> Option<AttributionMaps> {
+        AttributionMaps::take(&mut self.ebpf)
+    }
+
+    fn per_cpu_hash<K: Pod, V: Pod>(
+        &self,
+        name: &'static str,
+        merge: impl Fn(&mut V, &V),
+    ) -> Result<Vec<(K, V)>, ProbeError> {
+        let map = self.ebpf.map(name).ok_or_else(|| ProbeError::Map(name, "not in the object".into()))?;
+        let map: PerCpuHashMap<&MapData, K, V> =
+            PerCpuHashMap::try_from(map).map_err(|e| ProbeError::Map(name, e.to_string()))?;
+        let mut out = Vec::new();
+        // Entries removed while iterating (by the programs or a prune) show
+        // up as errors for that key only: skip them.
+        for (key, values) in map.iter().flatten() {
+            let mut copies = values.iter();
+            if let Some(first) = copies.next() {
+                let mut total = *first;
+                for copy in copies {
+                    merge(&mut total, copy);
+                }
+                out.push((key, total));
+            }
+        }
+        Ok(out)
+    }
+
+    fn clear<K: Pod, V: Pod>(&mut self, name: &'static str) -> Result<(), ProbeError> {
+        let map = self.ebpf.map_mut(name).ok_or_else(|| ProbeError::Map(name, "not in the object".into()))?;
+        let mut map: PerCpuHashMap<&mut MapData, K, V> =
+            PerCpuHashMap::try_from(map).map_err(|e| ProbeError::Map(name, e.to_string()))?;
+        let keys: Vec<K> = map.keys().flatten().collect();
+        for key in keys {
+            let _ = map.remove(&key);
+        }
+        Ok(())
+    }
+
+    /// Kernel lock contention by (task, type, stack).
+    ///
+    /// # Errors
+    /// The map cannot be read.
+    pub fn lock_stats(&self) -> Result<Vec<(LockKey, WaitStat)>, ProbeError> {
+        self.per_cpu_hash("LOCK_STATS", WaitStat::merge)
+    }
+
+    /// Futex waits by (process, op, address).
+    ///
+    /// # Errors
+    /// The map cannot be read.
+    pub fn futex_stats(&self) -> Result<Vec<(FutexKey, WaitStat)>, ProbeError> {
+        self.per_cpu_hash("FUTEX_STATS", WaitStat::merge)
+    }
+
+    /// Off-CPU statistics by process.
+    ///
+    /// # Errors
+    /// The map cannot be read.
+    pub fn sched_stats(&self) -> Result<Vec<(u32, SchedStat)>, ProbeError> {
+        self.per_cpu_hash("SCHED_STATS", |total: &mut SchedStat, copy: &SchedStat| {
+            total.voluntary += copy.voluntary;
+            total.involuntary += copy.involuntary;
+            total.runq.merge(&copy.runq);
+            total.blocked.merge(&copy.blocked);
+        })
+    }
+
+    /// Blocked time by stacks.
+    ///
+    /// # Errors
+    /// The map cannot be read.
+    pub fn offcpu_stacks(&self) -> Result<Vec<(OffcpuStackKey, u64)>, ProbeError> {
+        self.per_cpu_hash("OFFCPU_STACKS", |total: &mut u64, copy: &u64| *total += copy)
+    }
+
+    /// Memory stalls by (process, kind, cgroup).
+    ///
+    /// # Errors
+    /// The map cannot be read.
+    pub fn mem_stats(&self) -> Result<Vec<(MemKey, WaitStat)>, ProbeError> {
+        self.per_cpu_hash("MEM_STATS", WaitStat::merge)
+    }
+
+    /// Empties the statistics maps (for per-interval views).
+    ///
+    /// # Errors
+    /// A map cannot be written.
+    pub fn reset(&mut self) -> Result<(), ProbeError> {
+        self.clear::<LockKey, WaitStat>("LOCK_STATS")?;
+        self.clear::<FutexKey, WaitStat>("FUTEX_STATS")?;
+        self.clear::<u32, SchedStat>("SCHED_STATS")?;
+        self.clear::<OffcpuStackKey, u64>("OFFCPU_STACKS")?;
+        self.clear::<MemKey, WaitStat>("MEM_STATS")
+    }
+
+    fn per_cpu_array_sum(&self, name: &'static str, index: u32) -> u64 {
+        self.ebpf
+            .map(name)
+            .and_then(|map| PerCpuArray::<&MapData, u64>::try_from(map).ok())
+            .and_then(|array| array.get(&index, 0).ok())
+            .map_or(0, |values| values.iter().sum())
+    }
+
+    /// kswapd wake-ups since load.
+    pub fn kswapd_wakes(&self) -> u64 {
+        self.per_cpu_array_sum("KSWAPD_WAKES", 0)
+    }
+
+    /// Updates lost, by [`drops::NAMES`] index.
+    pub fn drops(&self) -> Vec<(&'static str, u64)> {
+        (0..drops::COUNT).map(|index| (drops::NAMES[index as usize], self.per_cpu_array_sum("DROPS", index))).collect()
+    }
+
+    fn count<K: Pod, V: Pod>(&self, name: &'static str) -> u64 {
+        self.ebpf
+            .map(name)
+            .and_then(|map| PerCpuHashMap::<&MapData, K, V>::try_from(map).ok())
+            .map_or(0, |map| map.keys().flatten().count() as u64)
+    }
+
+    /// Entries and capacity of the statistics maps (one syscall per key:
+    /// fine for the few thousand entries they hold, read every few seconds).
+    pub fn map_fill(&self) -> Vec<MapFill> {
+        let stacks = self
+            .ebpf
+            .map("STACKS")
+            .and_then(|map| StackTraceMap::<&MapData>::try_from(map).ok())
+            .map_or(0, |map| map.stack_ids().flatten().count() as u64);
+        let fill = |map, entries, cap: u32| MapFill { map, entries, capacity: u64::from(cap) };
+        vec![
+            fill("LOCK_STATS", self.count::<LockKey, WaitStat>("LOCK_STATS"), capacity::LOCK_STATS),
+            fill("FUTEX_STATS", self.count::<FutexKey, WaitStat>("FUTEX_STATS"), capacity::FUTEX_STATS),
+            fill("SCHED_STATS", self.count::<u32, SchedStat>("SCHED_STATS"), capacity::SCHED_STATS),
+            fill("OFFCPU_STACKS", self.count::<OffcpuStackKey, u64>("OFFCPU_STACKS"), capacity::OFFCPU_STACKS),
+            fill("MEM_STATS", self.count::<MemKey, WaitStat>("MEM_STATS"), capacity::MEM_STATS),
+            fill("STACKS", stacks, capacity::STACKS),
+        ]
+    }
+
+    /// The frames of stack `id`, innermost first.
+    pub fn stack(&self, id: i32) -> Vec<u64> {
+        let Ok(id) = u32::try_from(id) else {
+            return Vec::new();
+        };
+        self.ebpf
+            .map("STACKS")
+            .and_then(|map| StackTraceMap::<&MapData>::try_from(map).ok())
+            .and_then(|stacks| stacks.get(&id, 0).ok())
+            .map(|stack| stack.frames().iter().map(|frame| frame.ip).collect())
+            .unwrap_or_default()
+    }
+
+    /// Takes the ring buffer of rare events (OOM victims, long stalls).
+    pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
+        self.ebpf.take_map("EVENTS").and_then(|map| aya::maps::RingBuf::try_from(map).ok())
+    }
+}
+
+/// The verifier's log is long; its last lines say what went wrong.
+fn verifier_message(error: &aya::programs::ProgramError) -> String {
+    let text = format!("{error:#}");
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(12)..].join("\n")
+}
+
+/// Decodes a ring buffer record.
+pub fn decode_event(bytes: &[u8]) -> Option<KernelEvent> {
+    (bytes.len() >= std::mem::size_of::<KernelEvent>()).then(|| {
+        // Field by field, at the offsets of the repr(C) layout.
+        let u32_at = |at: usize| u32::from_ne_bytes(bytes[at..at + 4].try_into().unwrap_or_default());
+        let u64_at = |at: usize| u64::from_ne_bytes(bytes[at..at + 8].try_into().unwrap_or_default());
+        let mut comm = [0u8; 16];
+        comm.copy_from_slice(&bytes[40..56]);
+        KernelEvent {
+            kind: u32_at(0),
+            pid: u32_at(4),
+            tgid: u32_at(8),
+            detail: u32_at(12),
+            value: u64_at(16),
+            cgroup: u64_at(24),
+            time_ns: u64_at(32),
+            comm,
+        }
+    })
+}

@@ -1,0 +1,90 @@
+//! Which program attaches to which tracepoint, by family.
+
+/// A group of programs attached together.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Family {
+    /// Kernel lock contention (`lock:contention_begin/end`).
+    Locks,
+    /// Futex waits (`syscalls:sys_enter/exit_futex`, `futex_waitv`).
+    Futex,
+    /// Off-CPU time and run-queue delay (`sched:sched_switch/wakeup`).
+    Sched,
+    /// Reclaim, compaction, kswapd and OOM (`vmscan`, `compaction`, `oom`).
+    Memory,
+}
+
+impl Family {
+    /// Every family.
+    pub const ALL: [Family; 4] = [Family::Locks, Family::Futex, Family::Sched, Family::Memory];
+
+    /// The family's name, as used in metric labels and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Locks => "locks",
+            Family::Futex => "futex",
+            Family::Sched => "sched",
+            Family::Memory => "memory",
+        }
+    }
+}
+
+/// One attachment: a program of the object on a tracepoint.
+#[derive(Clone, Copy, Debug)]
+pub struct Attachment {
+    /// The program's name in the object (its function name).
+    pub program: &'static str,
+    /// Tracepoint category (`/sys/kernel/tracing/events/<category>`).
+    pub category: &'static str,
+    /// Tracepoint name.
+    pub tracepoint: &'static str,
+    /// The family it belongs to.
+    pub family: Family,
+}
+
+const fn at(program: &'static str, category: &'static str, tracepoint: &'static str, family: Family) -> Attachment {
+    Attachment { program, category, tracepoint, family }
+}
+
+/// Every attachment. A program may appear more than once (one program serves
+/// both futex exits, and both wake-up tracepoints).
+pub const ATTACHMENTS: &[Attachment] = &[
+    at("dlm_lock_contention_begin", "lock", "contention_begin", Family::Locks),
+    at("dlm_lock_contention_end", "lock", "contention_end", Family::Locks),
+    at("dlm_futex_enter", "syscalls", "sys_enter_futex", Family::Futex),
+    at("dlm_futex_exit", "syscalls", "sys_exit_futex", Family::Futex),
+    at("dlm_futex_waitv_enter", "syscalls", "sys_enter_futex_waitv", Family::Futex),
+    at("dlm_futex_exit", "syscalls", "sys_exit_futex_waitv", Family::Futex),
+    at("dlm_sched_switch", "sched", "sched_switch", Family::Sched),
+    at("dlm_sched_wakeup", "sched", "sched_wakeup", Family::Sched),
+    at("dlm_sched_wakeup", "sched", "sched_wakeup_new", Family::Sched),
+    at("dlm_direct_reclaim_begin", "vmscan", "mm_vmscan_direct_reclaim_begin", Family::Memory),
+    at("dlm_direct_reclaim_end", "vmscan", "mm_vmscan_direct_reclaim_end", Family::Memory),
+    at("dlm_memcg_reclaim_begin", "vmscan", "mm_vmscan_memcg_reclaim_begin", Family::Memory),
+    at("dlm_memcg_reclaim_end", "vmscan", "mm_vmscan_memcg_reclaim_end", Family::Memory),
+    at("dlm_compaction_begin", "compaction", "mm_compaction_begin", Family::Memory),
+    at("dlm_compaction_end", "compaction", "mm_compaction_end", Family::Memory),
+    at("dlm_kswapd_wake", "vmscan", "mm_vmscan_wakeup_kswapd", Family::Memory),
+    at("dlm_oom_mark_victim", "oom", "mark_victim", Family::Memory),
+];
+
+/// The tracepoint fields the programs read by offset, as (category,
+/// tracepoint, field, offset, size). A test compares them with the running
+/// kernel's format files, so a layout change fails loudly instead of
+/// producing garbage.
+pub const FIELD_OFFSETS: &[(&str, &str, &str, usize, usize)] = &[
+    ("lock", "contention_begin", "lock_addr", 8, 8),
+    ("lock", "contention_begin", "flags", 16, 4),
+    ("lock", "contention_end", "lock_addr", 8, 8),
+    ("syscalls", "sys_enter_futex", "uaddr", 16, 8),
+    ("syscalls", "sys_enter_futex", "op", 24, 8),
+    ("syscalls", "sys_enter_futex_waitv", "waiters", 16, 8),
+    ("sched", "sched_switch", "prev_pid", 24, 4),
+    ("sched", "sched_switch", "prev_state", 32, 8),
+    ("sched", "sched_switch", "next_pid", 56, 4),
+    ("sched", "sched_wakeup", "pid", 24, 4),
+    ("sched", "sched_wakeup_new", "pid", 24, 4),
+    ("oom", "mark_victim", "pid", 8, 4),
+    ("oom", "mark_victim", "comm", 12, 4),
+    ("oom", "mark_victim", "anon_rss", 24, 8),
+    ("oom", "mark_victim", "uid", 48, 4),
+];

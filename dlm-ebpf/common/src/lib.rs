@@ -1,0 +1,377 @@
+//! Types shared by the dlm eBPF programs (`dlm-ebpf`) and the agent that loads
+//! them and reads their maps (`dlm-agent`).
+//!
+//! Every type is `#[repr(C)]` with explicit padding, so the layout the
+//! programs write is the layout userspace reads. With the `user` feature the
+//! types implement `aya::Pod`.
+//!
+//! Values are aggregated in-kernel in per-CPU maps: each CPU updates its own
+//! copy without atomics, and userspace sums the copies (and takes the maximum
+//! of `max_ns`).
+#![no_std]
+
+/// Number of log2 buckets in a [`WaitStat`] histogram. Slot `i` counts values
+/// in `[2^i, 2^(i+1))` nanoseconds (slot 0 also counts 0); the last slot also
+/// counts everything larger (about 2.1 s and up).
+pub const HIST_SLOTS: usize = 32;
+
+/// The log2 bucket of a value in nanoseconds, clamped to the last slot.
+///
+/// Written as a binary search rather than `leading_zeros`, which the BPF
+/// backend expands into a long instruction sequence.
+#[inline(always)]
+pub fn log2_slot(mut v: u64) -> usize {
+    let mut slot = 0usize;
+    if v >= 1 << 32 {
+        v >>= 32;
+        slot += 32;
+    }
+    if v >= 1 << 16 {
+        v >>= 16;
+        slot += 16;
+    }
+    if v >= 1 << 8 {
+        v >>= 8;
+        slot += 8;
+    }
+    if v >= 1 << 4 {
+        v >>= 4;
+        slot += 4;
+    }
+    if v >= 1 << 2 {
+        v >>= 2;
+        slot += 2;
+    }
+    if v >= 1 << 1 {
+        slot += 1;
+    }
+    if slot >= HIST_SLOTS { HIST_SLOTS - 1 } else { slot }
+}
+
+/// Count, total, maximum and log2 histogram of waits, in nanoseconds.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WaitStat {
+    /// Number of waits.
+    pub count: u64,
+    /// Sum of the waits.
+    pub total_ns: u64,
+    /// Longest wait.
+    pub max_ns: u64,
+    /// Log2 histogram of the waits (see [`HIST_SLOTS`]).
+    pub hist: [u64; HIST_SLOTS],
+}
+
+impl WaitStat {
+    /// An empty statistic.
+    pub const ZERO: WaitStat = WaitStat { count: 0, total_ns: 0, max_ns: 0, hist: [0; HIST_SLOTS] };
+
+    /// Adds one wait of `ns` nanoseconds.
+    #[inline(always)]
+    pub fn record(&mut self, ns: u64) {
+        self.count += 1;
+        self.total_ns += ns;
+        if ns > self.max_ns {
+            self.max_ns = ns;
+        }
+        let slot = log2_slot(ns);
+        // The explicit bound keeps the verifier sure of the index.
+        if slot < HIST_SLOTS {
+            self.hist[slot] += 1;
+        }
+    }
+
+    /// Folds another CPU's copy into this one.
+    pub fn merge(&mut self, other: &WaitStat) {
+        self.count += other.count;
+        self.total_ns += other.total_ns;
+        self.max_ns = self.max_ns.max(other.max_ns);
+        for (mine, theirs) in self.hist.iter_mut().zip(other.hist.iter()) {
+            *mine += theirs;
+        }
+    }
+}
+
+/// `lock:contention_begin` flags (include/trace/events/lock.h): the kind of
+/// kernel lock a task waits for.
+pub mod lock_flags {
+    /// The waiter spins.
+    pub const SPIN: u32 = 1 << 0;
+    /// Read side of a reader/writer lock.
+    pub const READ: u32 = 1 << 1;
+    /// Write side of a reader/writer lock.
+    pub const WRITE: u32 = 1 << 2;
+    /// An rt-mutex.
+    pub const RT: u32 = 1 << 3;
+    /// A per-CPU rw-semaphore.
+    pub const PERCPU: u32 = 1 << 4;
+    /// A mutex.
+    pub const MUTEX: u32 = 1 << 5;
+}
+
+/// Key of the kernel lock contention map: one entry per (task, lock kind,
+/// caller stack).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LockKey {
+    /// Thread id of the waiter when per-task accounting is on, else 0.
+    pub pid: u32,
+    /// `lock:contention_begin` flags ([`lock_flags`]).
+    pub flags: u32,
+    /// Kernel stack id in the `STACKS` map, or negative when none was taken.
+    pub stack_id: i32,
+    /// Padding (always zero).
+    pub pad: u32,
+}
+
+/// `futex(2)` operations counted as waits (`op & FUTEX_CMD_MASK`).
+pub mod futex_ops {
+    /// FUTEX_WAIT.
+    pub const WAIT: u32 = 0;
+    /// FUTEX_LOCK_PI.
+    pub const LOCK_PI: u32 = 6;
+    /// FUTEX_WAIT_BITSET.
+    pub const WAIT_BITSET: u32 = 9;
+    /// FUTEX_WAIT_REQUEUE_PI.
+    pub const WAIT_REQUEUE_PI: u32 = 11;
+    /// FUTEX_LOCK_PI2.
+    pub const LOCK_PI2: u32 = 13;
+    /// Not a futex(2) op: a `futex_waitv(2)` call, keyed by its waiter array.
+    pub const WAITV: u32 = 100;
+    /// Mask that drops FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME.
+    pub const CMD_MASK: u32 = !(128 | 256);
+
+    /// Whether a futex(2) command blocks the caller.
+    #[inline(always)]
+    pub fn is_wait(cmd: u32) -> bool {
+        matches!(cmd, WAIT | LOCK_PI | WAIT_BITSET | WAIT_REQUEUE_PI | LOCK_PI2)
+    }
+}
+
+/// Key of the futex wait map: one entry per (process, futex word, op).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FutexKey {
+    /// Process (thread group) id of the waiter.
+    pub tgid: u32,
+    /// The futex command ([`futex_ops`]).
+    pub op: u32,
+    /// User address of the futex word (of the waiter array for `futex_waitv`).
+    pub uaddr: u64,
+}
+
+/// Off-CPU statistics of one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SchedStat {
+    /// Switches out in a sleeping state (the task blocked).
+    pub voluntary: u64,
+    /// Switches out while still runnable (preempted).
+    pub involuntary: u64,
+    /// Time runnable but not running: from wake-up or preemption to the next
+    /// switch in.
+    pub runq: WaitStat,
+    /// Time blocked: from a sleeping switch out to the wake-up.
+    pub blocked: WaitStat,
+}
+
+impl SchedStat {
+    /// An empty statistic.
+    pub const ZERO: SchedStat =
+        SchedStat { voluntary: 0, involuntary: 0, runq: WaitStat::ZERO, blocked: WaitStat::ZERO };
+}
+
+/// Key of the folded off-CPU stack map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct OffcpuStackKey {
+    /// Process id.
+    pub tgid: u32,
+    /// Thread id.
+    pub pid: u32,
+    /// Kernel stack id at the switch out (negative: none).
+    pub kernel_stack: i32,
+    /// User stack id at the switch out (negative: none).
+    pub user_stack: i32,
+}
+
+/// Kinds of memory-pressure stall.
+pub mod stall_kinds {
+    /// `vmscan:mm_vmscan_direct_reclaim_begin/end`.
+    pub const DIRECT_RECLAIM: u32 = 0;
+    /// `vmscan:mm_vmscan_memcg_reclaim_begin/end` (a cgroup over its limit).
+    pub const MEMCG_RECLAIM: u32 = 1;
+    /// `compaction:mm_compaction_begin/end`.
+    pub const COMPACTION: u32 = 2;
+    /// Number of kinds.
+    pub const COUNT: usize = 3;
+}
+
+/// Key of the memory-stall map: one entry per (process, cgroup, kind).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MemKey {
+    /// Process id of the stalled task.
+    pub tgid: u32,
+    /// Stall kind ([`stall_kinds`]).
+    pub kind: u32,
+    /// cgroup v2 id of the task (`bpf_get_current_cgroup_id`).
+    pub cgroup: u64,
+}
+
+/// Where the time of a process that holds or waits for a DLM lock went,
+/// accumulated while it is in the `DLM_PIDS` map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Attribution {
+    /// Time on a CPU (summed over its threads; charged at each switch out).
+    pub oncpu_ns: u64,
+    /// Time runnable, waiting for a CPU.
+    pub runq_ns: u64,
+    /// Time blocked (sleeping), including the futex and kernel-lock waits below.
+    pub blocked_ns: u64,
+    /// Time in direct or memcg reclaim and compaction.
+    pub reclaim_ns: u64,
+    /// Time waiting for kernel locks.
+    pub klock_ns: u64,
+    /// Time waiting in futex(2) / futex_waitv(2).
+    pub futex_ns: u64,
+}
+
+impl Attribution {
+    /// Nothing yet.
+    pub const ZERO: Attribution =
+        Attribution { oncpu_ns: 0, runq_ns: 0, blocked_ns: 0, reclaim_ns: 0, klock_ns: 0, futex_ns: 0 };
+
+    /// Folds another CPU's copy into this one.
+    pub fn merge(&mut self, other: &Attribution) {
+        self.oncpu_ns += other.oncpu_ns;
+        self.runq_ns += other.runq_ns;
+        self.blocked_ns += other.blocked_ns;
+        self.reclaim_ns += other.reclaim_ns;
+        self.klock_ns += other.klock_ns;
+        self.futex_ns += other.futex_ns;
+    }
+
+    /// The time accumulated since `earlier` (saturating, so a counter that
+    /// was reset reads as zero rather than wrapping).
+    pub fn since(&self, earlier: &Attribution) -> Attribution {
+        Attribution {
+            oncpu_ns: self.oncpu_ns.saturating_sub(earlier.oncpu_ns),
+            runq_ns: self.runq_ns.saturating_sub(earlier.runq_ns),
+            blocked_ns: self.blocked_ns.saturating_sub(earlier.blocked_ns),
+            reclaim_ns: self.reclaim_ns.saturating_sub(earlier.reclaim_ns),
+            klock_ns: self.klock_ns.saturating_sub(earlier.klock_ns),
+            futex_ns: self.futex_ns.saturating_sub(earlier.futex_ns),
+        }
+    }
+}
+
+/// Kinds of [`KernelEvent`].
+pub mod event_kinds {
+    /// `oom:mark_victim`: the kernel chose a process to kill.
+    pub const OOM_VICTIM: u32 = 1;
+    /// A memory stall longer than the configured threshold.
+    pub const LONG_STALL: u32 = 2;
+}
+
+/// A rare event sent through the `EVENTS` ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KernelEvent {
+    /// [`event_kinds`].
+    pub kind: u32,
+    /// OOM: the victim's pid. Stall: the stalled thread.
+    pub pid: u32,
+    /// Stall: the process. OOM: 0.
+    pub tgid: u32,
+    /// Stall: [`stall_kinds`]. OOM: the victim's uid.
+    pub detail: u32,
+    /// Stall: its length. OOM: the victim's anonymous RSS in pages.
+    pub value: u64,
+    /// cgroup v2 id of the stalled task (0 for OOM).
+    pub cgroup: u64,
+    /// Time of the event (`bpf_ktime_get_ns`, CLOCK_MONOTONIC).
+    pub time_ns: u64,
+    /// Command name (stalls: the current task's).
+    pub comm: [u8; 16],
+}
+
+/// Indexes of the `DROPS` per-CPU counter array: updates lost because a map
+/// was full or a helper failed.
+pub mod drops {
+    /// Kernel lock contention statistics.
+    pub const LOCK_STATS: u32 = 0;
+    /// Stack map (collision or full).
+    pub const STACKS: u32 = 1;
+    /// Futex statistics.
+    pub const FUTEX_STATS: u32 = 2;
+    /// Per-task scheduler state.
+    pub const SCHED_STATE: u32 = 3;
+    /// Off-CPU statistics.
+    pub const SCHED_STATS: u32 = 4;
+    /// Folded off-CPU stacks.
+    pub const OFFCPU_STACKS: u32 = 5;
+    /// Memory-stall statistics.
+    pub const MEM_STATS: u32 = 6;
+    /// DLM attribution.
+    pub const ATTRIBUTION: u32 = 7;
+    /// Ring buffer full.
+    pub const EVENTS: u32 = 8;
+    /// Per-task start times (lock, futex, reclaim).
+    pub const STARTS: u32 = 9;
+    /// Number of counters.
+    pub const COUNT: u32 = 10;
+    /// Names of the counters, by index, as metric label values.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "lock_stats",
+        "stacks",
+        "futex_stats",
+        "sched_state",
+        "sched_stats",
+        "offcpu_stacks",
+        "mem_stats",
+        "attribution",
+        "events",
+        "starts",
+    ];
+}
+
+/// Map capacities, shared so userspace can report how full each map is.
+pub mod capacity {
+    /// Kernel lock contention entries.
+    pub const LOCK_STATS: u32 = 8192;
+    /// Distinct stacks kept.
+    pub const STACKS: u32 = 8192;
+    /// Futex wait entries.
+    pub const FUTEX_STATS: u32 = 8192;
+    /// Threads whose scheduler state is followed (LRU: the oldest are evicted).
+    pub const SCHED_STATE: u32 = 32768;
+    /// Processes with off-CPU statistics.
+    pub const SCHED_STATS: u32 = 4096;
+    /// Folded off-CPU stack entries.
+    pub const OFFCPU_STACKS: u32 = 8192;
+    /// Memory-stall entries.
+    pub const MEM_STATS: u32 = 4096;
+    /// Processes whose time is attributed to DLM locks.
+    pub const DLM_PIDS: u32 = 4096;
+    /// In-flight waits (lock, futex, reclaim) per kind.
+    pub const STARTS: u32 = 16384;
+    /// Ring buffer bytes.
+    pub const EVENTS_BYTES: u32 = 64 * 1024;
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: every type is repr(C), made only of integers and integer
+    // arrays, with explicit padding fields, so any bit pattern is valid.
+    #![allow(unsafe_code)]
+    unsafe impl aya::Pod for super::WaitStat {}
+    unsafe impl aya::Pod for super::LockKey {}
+    unsafe impl aya::Pod for super::FutexKey {}
+    unsafe impl aya::Pod for super::SchedStat {}
+    unsafe impl aya::Pod for super::OffcpuStackKey {}
+    unsafe impl aya::Pod for super::MemKey {}
+    unsafe impl aya::Pod for super::Attribution {}
+    unsafe impl aya::Pod for super::KernelEvent {}
+}

@@ -1,0 +1,172 @@
+//! Maps, load-time settings and helpers shared by the program families.
+//!
+//! Each family lives in its own module and has its own start-time map, so
+//! the agent can attach any subset (`trace locks` attaches only `lock`).
+
+mod futex;
+mod lock;
+mod memory;
+mod sched;
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    macros::map,
+    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+};
+use dlm_ebpf_common::{Attribution, KernelEvent, WaitStat, capacity, drops};
+
+/// Only this process is measured when non-zero (set by the loader). DLM
+/// attribution ignores it: tracked pids are always accounted.
+#[unsafe(no_mangle)]
+static TARGET_TGID: u32 = 0;
+/// Key kernel-lock statistics by thread as well (`trace locks -t`).
+#[unsafe(no_mangle)]
+static LOCK_PER_TASK: u32 = 0;
+/// Take stacks at sleeping switches out for folded off-CPU stacks.
+#[unsafe(no_mangle)]
+static OFFCPU_STACKS_ON: u32 = 0;
+/// Minimum block time, in ns, for a folded off-CPU stack to be recorded.
+#[unsafe(no_mangle)]
+static OFFCPU_MIN_NS: u64 = 1_000_000;
+/// A memory stall at least this long, in ns, is also sent as an event.
+#[unsafe(no_mangle)]
+static LONG_STALL_NS: u64 = 10_000_000;
+
+/// Reads a load-time setting. The volatile read stops the compiler from
+/// folding in the default; the verifier then sees the loader's value.
+macro_rules! setting {
+    ($name:ident) => {
+        unsafe { core::ptr::read_volatile(&$crate::programs::$name) }
+    };
+}
+pub(crate) use setting;
+
+/// Kernel and user stacks, by id.
+#[map]
+static STACKS: StackTrace = StackTrace::with_max_entries(capacity::STACKS, 0);
+
+/// Updates lost to full maps or failed helpers, by [`drops`] index.
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drops::COUNT, 0);
+
+/// Processes (tgid) that hold or wait for a DLM lock, written by the agent.
+#[map]
+static DLM_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(capacity::DLM_PIDS, 0);
+
+/// Where the time of each tracked process went.
+#[map]
+static DLM_ATTR: PerCpuHashMap<u32, Attribution> = PerCpuHashMap::with_max_entries(capacity::DLM_PIDS, 0);
+
+/// OOM kills and long memory stalls.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+/// Zero values to insert from: the BPF stack (512 bytes) is too small to
+/// build large ones in place.
+static ZERO_WAIT: WaitStat = WaitStat::ZERO;
+static ZERO_ATTR: Attribution = Attribution::ZERO;
+
+/// `bpf_get_stackid` flag: the user stack instead of the kernel's.
+const USER_STACK: u64 = 1 << 8;
+
+/// Counts one lost update.
+#[inline(always)]
+fn count_drop(index: u32) {
+    if let Some(counter) = DROPS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU slot; programs do not preempt each other on a CPU.
+        unsafe { *counter += 1 };
+    }
+}
+
+/// The entry for `key`, inserted from `zero` when missing; `None` (and a
+/// drop counted) when the map is full.
+#[inline(always)]
+fn entry<K, V>(map: &PerCpuHashMap<K, V>, key: &K, zero: &V, drop: u32) -> Option<*mut V> {
+    if let Some(value) = map.get_ptr_mut(key) {
+        return Some(value);
+    }
+    // Another CPU may insert the same key first (EEXIST): the lookup after
+    // decides.
+    let _ = map.insert(key, zero, u64::from(BPF_NOEXIST));
+    let value = map.get_ptr_mut(key);
+    if value.is_none() {
+        count_drop(drop);
+    }
+    value
+}
+
+/// Records one wait of `ns` in `map[key]`.
+#[inline(always)]
+fn record_wait<K>(map: &PerCpuHashMap<K, WaitStat>, key: &K, ns: u64, drop: u32) {
+    if let Some(stat) = entry(map, key, &ZERO_WAIT, drop) {
+        // SAFETY: a per-CPU value; see `count_drop`.
+        unsafe { (*stat).record(ns) };
+    }
+}
+
+/// Whether the agent tracks `tgid` as a DLM lock holder or waiter.
+#[inline(always)]
+fn is_tracked(tgid: u32) -> bool {
+    DLM_PIDS.get_ptr(tgid).is_some()
+}
+
+/// Whether statistics are kept for `tgid` under the `TARGET_TGID` filter.
+#[inline(always)]
+fn is_measured(tgid: u32) -> bool {
+    let target = setting!(TARGET_TGID);
+    target == 0 || target == tgid
+}
+
+/// Adds time to a tracked process's attribution; a no-op for others.
+#[inline(always)]
+fn attribute(tgid: u32, add: impl FnOnce(&mut Attribution)) {
+    if !is_tracked(tgid) {
+        return;
+    }
+    if let Some(attribution) = entry(&DLM_ATTR, &tgid, &ZERO_ATTR, drops::ATTRIBUTION) {
+        // SAFETY: a per-CPU value; see `count_drop`.
+        add(unsafe { &mut *attribution });
+    }
+}
+
+/// Sends a rare event, counting a drop when the ring buffer is full.
+#[inline(always)]
+fn send_event(event: &KernelEvent) {
+    if EVENTS.output::<KernelEvent>(event, 0).is_err() {
+        count_drop(drops::EVENTS);
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds.
+#[inline(always)]
+fn now_ns() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+}
+
+/// The current task's cgroup v2 id.
+#[inline(always)]
+fn cgroup_id() -> u64 {
+    // SAFETY: a helper without arguments.
+    unsafe { aya_ebpf::helpers::bpf_get_current_cgroup_id() }
+}
+
+/// Splits `bpf_get_current_pid_tgid` into (thread id, process id).
+#[inline(always)]
+fn current_ids() -> (u32, u32) {
+    let pid_tgid = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    (pid_tgid as u32, (pid_tgid >> 32) as u32)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any path that could reach here; it is never run.
+    loop {}
+}
+
+/// The programs use GPL-only helpers (`bpf_get_stackid` on tracepoints,
+/// `bpf_probe_read_kernel`), so the object declares a GPL-compatible licence.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
