@@ -33,6 +33,12 @@ pub struct Config {
     /// Create a span per lock request (set when OTLP export is configured,
     /// from the standard `OTEL_*` variables, not from the file).
     pub lock_spans: bool,
+    /// Load and attach the eBPF programs at start (when permitted).
+    pub ebpf: bool,
+    /// How often the eBPF maps are read into metrics.
+    pub ebpf_interval: Duration,
+    /// Memory stalls at least this long also become spans.
+    pub ebpf_long_stall: Duration,
 }
 
 /// A lockspace the agent creates at start.
@@ -74,6 +80,9 @@ impl Default for Config {
             limits: Limits::default(),
             lockspaces: vec![LockspaceEntry { name: "default".into(), lvb_len: default_lvb_len() }],
             lock_spans: false,
+            ebpf: true,
+            ebpf_interval: Duration::from_secs(5),
+            ebpf_long_stall: Duration::from_millis(10),
         }
     }
 }
@@ -97,6 +106,15 @@ struct File {
     limits: Option<FileLimits>,
     #[serde(default)]
     lockspace: Vec<LockspaceEntry>,
+    ebpf: Option<FileEbpf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEbpf {
+    enabled: Option<bool>,
+    interval: Option<String>,
+    long_stall: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -186,6 +204,8 @@ pub struct Overrides {
     pub tcp: Option<String>,
     /// `--http` / `DLM_HTTP`.
     pub http: Option<String>,
+    /// `--no-ebpf` / `DLM_NO_EBPF`.
+    pub no_ebpf: bool,
 }
 
 impl Config {
@@ -213,6 +233,9 @@ impl Config {
         }
         if let Some(http) = &overrides.http {
             config.http = parse_addr("http", http)?;
+        }
+        if overrides.no_ebpf {
+            config.ebpf = false;
         }
         config.validate()?;
         Ok(config)
@@ -257,6 +280,20 @@ impl Config {
         }
         if !file.lockspace.is_empty() {
             self.lockspaces = file.lockspace;
+        }
+        if let Some(ebpf) = file.ebpf {
+            if let Some(enabled) = ebpf.enabled {
+                self.ebpf = enabled;
+            }
+            if let Some(interval) = ebpf.interval {
+                self.ebpf_interval = parse_duration(&interval).map_err(|m| invalid("ebpf.interval", m))?;
+                if self.ebpf_interval < Duration::from_millis(100) {
+                    return Err(invalid("ebpf.interval", "must be at least 100ms"));
+                }
+            }
+            if let Some(long_stall) = ebpf.long_stall {
+                self.ebpf_long_stall = parse_duration(&long_stall).map_err(|m| invalid("ebpf.long_stall", m))?;
+            }
         }
         Ok(())
     }

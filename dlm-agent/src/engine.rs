@@ -22,8 +22,10 @@ use tokio::time::Instant;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::convert::{self, Decoded, Rejection};
+use crate::kernel_evidence::{self, KernelEvidence, Phase};
 use crate::metrics::Metrics;
 use crate::proto;
+use dlm_ebpf_common::Attribution;
 
 /// Who is on the other end of a session.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -118,6 +120,9 @@ struct HandleState {
     /// The lock's span (queued, granted, blocking callbacks, released), when
     /// spans are exported.
     span: Option<tracing::Span>,
+    /// The client process's kernel counters at the start of the current
+    /// phase (a queued request, or the first grant), when eBPF is on.
+    mark: Option<Attribution>,
 }
 
 /// Adds an event to a lock's span, if it has one.
@@ -137,6 +142,13 @@ struct SessionState {
     handles: HashMap<u64, HandleState>,
 }
 
+impl SessionState {
+    /// The client's process id, when known (Unix socket clients).
+    fn pid(&self) -> Option<u32> {
+        self.peer.pid.and_then(|pid| u32::try_from(pid).ok())
+    }
+}
+
 struct Engine {
     node: Node,
     clock: Clock,
@@ -148,6 +160,8 @@ struct Engine {
     next_session: u64,
     /// Sessions found not reading during routing, ended after it.
     slow: Vec<SessionId>,
+    /// Kernel attribution of lock phases (a no-op without eBPF).
+    evidence: KernelEvidence,
 }
 
 /// Creates the node and its lockspaces and starts the engine task.
@@ -158,6 +172,7 @@ pub fn start(
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     clock: Clock,
+    evidence: KernelEvidence,
 ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), String> {
     let node_config = NodeConfig { limits: config.limits.clone(), ..NodeConfig::default() };
     let node = Node::new(node_config)?;
@@ -171,6 +186,7 @@ pub fn start(
         lockspace_names: HashMap::new(),
         next_session: 1,
         slow: Vec::new(),
+        evidence,
     };
     for entry in &config.lockspaces {
         engine
@@ -227,6 +243,7 @@ impl Engine {
                 let result = match self.node.open_session(session) {
                     Ok(()) => {
                         self.next_session += 1;
+                        self.evidence.session_opened(peer.pid.and_then(|pid| u32::try_from(pid).ok()));
                         self.sessions
                             .insert(session, SessionState { events, _ended: ended, peer, handles: HashMap::new() });
                         self.metrics.sessions.inc();
@@ -290,8 +307,9 @@ impl Engine {
         };
         match self.node.handle_client(self.clock.to_engine(now), session, request) {
             Ok(()) => {
-                // Only spans need to know whether the request had to wait.
-                let queued = self.config.lock_spans
+                // Only spans and kernel attribution need to know whether the
+                // request had to wait.
+                let queued = (self.config.lock_spans || self.evidence.enabled())
                     && mode.is_some()
                     && self
                         .node
@@ -301,10 +319,14 @@ impl Engine {
                 match (lockspace_name, mode) {
                     (Some(lockspace), Some(mode)) => {
                         // A new lock; its completion may already be queued.
-                        if queued {
+                        let mark = if queued {
                             span_event!(span, "queued");
-                        }
-                        let known = HandleState { lockspace, mode, requested_at: Some(now), granted_at: None, span };
+                            self.evidence.mark(state.pid())
+                        } else {
+                            None
+                        };
+                        let known =
+                            HandleState { lockspace, mode, requested_at: Some(now), granted_at: None, span, mark };
                         state.handles.insert(handle, known);
                     }
                     (None, Some(mode)) => {
@@ -349,6 +371,18 @@ impl Engine {
             dlm.pid = pid,
             dlm.outcome = tracing::field::Empty,
             dlm.fencing_token = tracing::field::Empty,
+            dlm.kernel.wait.oncpu_ns = tracing::field::Empty,
+            dlm.kernel.wait.runqueue_ns = tracing::field::Empty,
+            dlm.kernel.wait.blocked_ns = tracing::field::Empty,
+            dlm.kernel.wait.reclaim_ns = tracing::field::Empty,
+            dlm.kernel.wait.kernel_lock_ns = tracing::field::Empty,
+            dlm.kernel.wait.futex_ns = tracing::field::Empty,
+            dlm.kernel.hold.oncpu_ns = tracing::field::Empty,
+            dlm.kernel.hold.runqueue_ns = tracing::field::Empty,
+            dlm.kernel.hold.blocked_ns = tracing::field::Empty,
+            dlm.kernel.hold.reclaim_ns = tracing::field::Empty,
+            dlm.kernel.hold.kernel_lock_ns = tracing::field::Empty,
+            dlm.kernel.hold.futex_ns = tracing::field::Empty,
         );
         if let Some(context) = traceparent.and_then(crate::telemetry::parent_context) {
             use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -393,6 +427,7 @@ impl Engine {
         match effect {
             Effect::Complete(completion) => {
                 let Some(state) = self.sessions.get_mut(&completion.session) else { return };
+                let pid = state.pid();
                 let handle = completion.handle.0;
                 let Some(known) = state.handles.get_mut(&handle) else { return };
                 let op = match completion.op {
@@ -433,6 +468,12 @@ impl Engine {
                             let wait = now.saturating_duration_since(at).as_secs_f64();
                             self.metrics.grant_wait.with_label_values(&[&lockspace, mode.name()]).observe(wait);
                         }
+                        if known.granted_at.is_none() {
+                            if let Some(mark) = known.mark.take() {
+                                self.evidence.finish(Phase::Wait, pid, &mark, &self.metrics, known.span.as_ref());
+                            }
+                            known.mark = self.evidence.mark(pid);
+                        }
                         known.granted_at.get_or_insert(now);
                         known.mode = mode;
                     }
@@ -440,6 +481,9 @@ impl Engine {
                         if let Some(at) = known.granted_at {
                             let held = now.saturating_duration_since(at).as_secs_f64();
                             self.metrics.hold.with_label_values(&[&lockspace, known.mode.name()]).observe(held);
+                        }
+                        if let Some(mark) = known.mark.take() {
+                            self.evidence.finish(Phase::Hold, pid, &mark, &self.metrics, known.span.as_ref());
                         }
                         state.handles.remove(&handle);
                     }
@@ -468,9 +512,10 @@ impl Engine {
     }
 
     fn end_session(&mut self, session: SessionId, reason: &'static str) {
-        if self.sessions.remove(&session).is_none() {
+        let Some(state) = self.sessions.remove(&session) else {
             return;
-        }
+        };
+        self.evidence.session_ended(state.pid());
         let _ = self.node.end_session(self.clock.engine_now(), session);
         self.metrics.sessions.dec();
         self.metrics.sessions_ended.with_label_values(&[reason]).inc();
@@ -523,7 +568,7 @@ impl Engine {
             lockspaces: u32::try_from(lockspaces.len()).unwrap_or(u32::MAX),
             locks: lockspaces.iter().map(|ls| u64::from(ls.locks)).sum(),
             waiting: lockspaces.iter().map(|ls| u64::from(ls.waiting)).sum(),
-            ebpf: false,
+            ebpf: self.evidence.enabled(),
         }
     }
 
@@ -558,13 +603,16 @@ impl Engine {
             n => (n as usize).min(DUMP_RESOURCES_MAX),
         };
         let resources = self.node.dump(id, request.name.as_deref(), max).map_err(|e| Rejection::from_engine(0, &e))?;
+        let now = self.clock.now();
         let lock = |info: &dlm_core::LockInfo| {
             // An orphan's session is gone (its id may even be reused).
-            let peer = if info.orphan {
-                Peer::default()
-            } else {
-                self.sessions.get(&info.session).map(|s| s.peer).unwrap_or_default()
-            };
+            let state = if info.orphan { None } else { self.sessions.get(&info.session) };
+            let peer = state.map(|s| s.peer).unwrap_or_default();
+            let known = state.and_then(|s| s.handles.get(&info.handle.0));
+            let phase_start = known.and_then(|k| if info.granted.is_some() { k.granted_at } else { k.requested_at });
+            let attribution = known
+                .and_then(|k| k.mark.as_ref())
+                .and_then(|mark| self.evidence.since(state.and_then(SessionState::pid), mark));
             proto::LockInfo {
                 session: info.session.0,
                 handle: info.handle.0,
@@ -575,6 +623,9 @@ impl Engine {
                 requested: info.requested.map(convert::mode_to_wire),
                 fencing_token: info.token.map_or(0, |t| t.0),
                 flags: info.flags.bits(),
+                phase_ms: phase_start
+                    .map_or(0, |at| u64::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(u64::MAX)),
+                attribution: attribution.as_ref().map(kernel_evidence::to_wire),
             }
         };
         Ok(proto::DumpReply {

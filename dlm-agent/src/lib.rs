@@ -24,6 +24,7 @@ pub mod convert;
 pub mod ebpf;
 pub mod engine;
 pub mod http;
+pub mod kernel_evidence;
 pub mod metrics;
 pub mod proto;
 pub mod server;

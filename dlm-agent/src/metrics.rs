@@ -4,7 +4,8 @@
 //! Resource names are never labels: `dlm-agent dump` is for those.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::convert::REJECTION_CODES;
@@ -34,7 +35,14 @@ pub struct Metrics {
     pub sessions_opened: IntCounter,
     /// Sessions ended, by reason.
     pub sessions_ended: IntCounterVec,
+    /// Kernel-measured time of lock holders and waiters, by phase and state.
+    pub attributed: CounterVec,
 }
+
+/// Lock phases whose kernel time is attributed.
+pub const ATTRIBUTION_PHASES: &[&str] = &["wait", "hold"];
+/// Where attributed time went.
+pub const ATTRIBUTION_STATES: &[&str] = &["oncpu", "runqueue", "blocked", "reclaim", "kernel_lock", "futex"];
 
 /// Why a session ended, as a metric label.
 pub const SESSION_END_REASONS: &[&str] = &["closed", "slow_reader", "shutdown"];
@@ -104,6 +112,19 @@ impl Metrics {
                 metric
             },
             sessions_ended: counter("dlm_session_ended_total", "Client sessions ended, by reason.", &["reason"]),
+            attributed: {
+                let metric = CounterVec::new(
+                    Opts::new(
+                        "dlm_lock_kernel_attributed_seconds_total",
+                        "Time of processes holding or waiting for DLM locks, measured in-kernel, by lock phase and \
+                         where it went (blocked includes futex and kernel-lock waits).",
+                    ),
+                    &["phase", "state"],
+                )
+                .expect("valid metric");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
             registry,
         };
         let info =
@@ -122,7 +143,20 @@ impl Metrics {
         for reason in SESSION_END_REASONS {
             metrics.sessions_ended.with_label_values(&[reason]);
         }
+        for phase in ATTRIBUTION_PHASES {
+            for state in ATTRIBUTION_STATES {
+                metrics.attributed.with_label_values(&[phase, state]);
+            }
+        }
         metrics
+    }
+
+    /// Adds a collector (the kernel metrics read from the eBPF maps).
+    ///
+    /// # Panics
+    /// If one of its metric names is already registered (a programming error).
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry.register(collector).expect("unique metric names");
     }
 
     /// Creates a lockspace's series at zero, so dashboards show them before

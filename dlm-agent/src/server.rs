@@ -82,8 +82,13 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         }
         None => None,
     };
+    let probes = crate::ebpf::agent::start(config.ebpf, config.ebpf_interval, config.ebpf_long_stall);
+    metrics.register(Box::new(probes.metrics));
+    // Held until the agent stops: dropping it stops the map reader.
+    let _ebpf_reader = probes.reader;
+    let evidence = crate::kernel_evidence::KernelEvidence::new(probes.attribution);
     let (engine, engine_task) =
-        engine::start(config.clone(), metrics.clone(), Clock::start()).map_err(ServeError::Config)?;
+        engine::start(config.clone(), metrics.clone(), Clock::start(), evidence).map_err(ServeError::Config)?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {

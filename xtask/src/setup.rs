@@ -1,6 +1,6 @@
 //! Installs what the workspace's build, tests and benchmarks need,
-//! idempotently: rustup components of the installed toolchain and Debian
-//! packages. Nothing else is downloaded.
+//! idempotently: rustup components of the installed toolchains, bpf-linker
+//! from crates.io, and Debian packages. Nothing else is downloaded.
 
 use std::process::Command;
 
@@ -14,11 +14,43 @@ const PACKAGES: &[(&str, &str)] = &[
     ("redis-server", "the peer benchmark's Redis"),
     ("etcd-server", "the peer benchmark's etcd"),
     ("prometheus", "Prometheus and promtool, for the dashboard and alert rule checks"),
+    ("bpftrace", "the test that traces the agent's probe points"),
+    ("linux-perf", "perf bench sched pipe, for the eBPF overhead benchmark"),
 ];
+
+/// The bpf-linker that links the eBPF programs with the nightly rustc's own
+/// LLVM (see ../shared/design/TOOLCHAIN.md: 0.10.0 emits BTF the kernel
+/// rejects, 0.11+ wants a system LLVM).
+const BPF_LINKER_VERSION: &str = "0.10.4";
 
 pub(crate) fn run() -> Result<(), String> {
     rustup_components()?;
+    ebpf_toolchain()?;
     debian_packages()
+}
+
+/// What aya-build needs to build the eBPF programs: the nightly toolchain's
+/// `rust-src` (for `-Z build-std=core`) and bpf-linker.
+fn ebpf_toolchain() -> Result<(), String> {
+    let nightly = Command::new("rustup")
+        .args(["component", "list", "--installed", "--toolchain", "nightly"])
+        .output()
+        .map_err(|e| format!("rustup not found ({e})"))?;
+    if !nightly.status.success() {
+        return Err("the eBPF programs build with the nightly toolchain, which is not installed \
+                    (`rustup toolchain install nightly`)"
+            .into());
+    }
+    if !String::from_utf8_lossy(&nightly.stdout).lines().any(|line| line.starts_with("rust-src")) {
+        crate::run("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
+    }
+    let linker = Command::new("bpf-linker").arg("--version").output();
+    let current = linker.as_ref().is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION));
+    if !current {
+        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF programs; about 2 minutes)");
+        crate::run("cargo", &["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked"])?;
+    }
+    Ok(())
 }
 
 fn rustup_components() -> Result<(), String> {

@@ -140,7 +140,31 @@ fn lock_json(lock: &proto::LockInfo) -> Value {
         "granted": lock.granted.map(|m| mode_name(Some(m))), "requested": lock.requested.map(|m| mode_name(Some(m))),
         "fencing_token": lock.fencing_token,
         "flags": LockFlags::from_bits(lock.flags).map(|f| f.to_string()).unwrap_or_default(),
+        "phase_ms": lock.phase_ms,
+        "attribution": lock.attribution.as_ref().map(attribution_json),
     })
+}
+
+/// The kernel attribution of a lock's current phase, as JSON.
+pub fn attribution_json(a: &proto::KernelAttribution) -> Value {
+    json!({
+        "oncpu_ns": a.oncpu_ns, "runqueue_ns": a.runqueue_ns, "blocked_ns": a.blocked_ns,
+        "reclaim_ns": a.reclaim_ns, "kernel_lock_ns": a.kernel_lock_ns, "futex_ns": a.futex_ns,
+    })
+}
+
+/// The kernel attribution in one line of milliseconds.
+pub fn attribution_text(a: &proto::KernelAttribution) -> String {
+    let ms = |ns: u64| ns as f64 / 1e6;
+    format!(
+        "on-cpu {:.1}ms runq {:.1}ms blocked {:.1}ms (futex {:.1}ms, kernel locks {:.1}ms) reclaim {:.1}ms",
+        ms(a.oncpu_ns),
+        ms(a.runqueue_ns),
+        ms(a.blocked_ns),
+        ms(a.futex_ns),
+        ms(a.kernel_lock_ns),
+        ms(a.reclaim_ns)
+    )
 }
 
 fn lock_line(out: &mut String, lock: &proto::LockInfo) {
@@ -155,9 +179,12 @@ fn lock_line(out: &mut String, lock: &proto::LockInfo) {
     };
     let _ = writeln!(
         out,
-        "    session {:<6} handle {:<6} {:<20} {:<10} token {}",
-        lock.session, lock.handle, owner, modes, lock.fencing_token
+        "    session {:<6} handle {:<6} {:<20} {:<10} token {:<6} for {}ms",
+        lock.session, lock.handle, owner, modes, lock.fencing_token, lock.phase_ms
     );
+    if let Some(attribution) = &lock.attribution {
+        let _ = writeln!(out, "        kernel: {}", attribution_text(attribution));
+    }
 }
 
 pub async fn dump(args: DumpArgs) -> ExitCode {

@@ -9,7 +9,7 @@ use dlm_agent::config::{Config, Overrides};
 /// Options of `dlm-agent run`; each also has a `DLM_*` variable.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// A TOML configuration file (keys: node, socket, tcp, http, keepalive, session_queue_max, [limits], [[lockspace]])
+    /// A TOML configuration file (keys: node, socket, tcp, http, keepalive, session_queue_max, [limits], [[lockspace]], [ebpf])
     #[arg(long, short, env = "DLM_CONFIG")]
     config: Option<PathBuf>,
     /// This node's name [default: the host name]
@@ -24,6 +24,9 @@ pub struct RunArgs {
     /// Serve /metrics, /healthz and /readyz on this address (HOST:PORT, or "off") [default: 127.0.0.1:9420]
     #[arg(long, env = "DLM_HTTP")]
     http: Option<String>,
+    /// Do not load the eBPF programs (kernel metrics and attribution off)
+    #[arg(long, env = "DLM_NO_EBPF")]
+    no_ebpf: bool,
     /// Log filter (error, warn, info, debug, trace, or a tracing directive)
     #[arg(long, env = "DLM_LOG", default_value = "info")]
     log: String,
@@ -37,7 +40,8 @@ pub async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(super::EXIT_USAGE);
         }
     };
-    let overrides = Overrides { node: args.node, socket: args.socket, tcp: args.tcp, http: args.http };
+    let overrides =
+        Overrides { node: args.node, socket: args.socket, tcp: args.tcp, http: args.http, no_ebpf: args.no_ebpf };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(config) => Config { lock_spans: telemetry.spans_enabled(), ..config },
         Err(error) => {

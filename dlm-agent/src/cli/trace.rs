@@ -227,14 +227,13 @@ fn render(
             let rows = report::lock_rows(probes, symbols, filter)?;
             let _ = writeln!(
                 text,
-                "{:>10} {:>12} {:>12} {:>12} {:>12}  {}{}",
+                "{:>10} {:>12} {:>12} {:>12} {:>12}  {}caller",
                 "contended",
                 "total wait",
                 "max wait",
                 "avg wait",
                 "type",
                 if *per_task { "pid:comm  " } else { "" },
-                "caller"
             );
             for row in rows.iter().take(options.top) {
                 let task = if *per_task { format!("{}:{}  ", row.pid, row.comm) } else { String::new() };

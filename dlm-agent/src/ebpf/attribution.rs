@@ -46,7 +46,9 @@ impl AttributionMaps {
         *count += 1;
         if *count == 1 {
             // A full map only means this process goes unaccounted.
-            let _ = self.pids.insert(tgid, 1, 0);
+            // Mapped to itself: children the programs see it fork are mapped
+            // to it too, and accounted under it.
+            let _ = self.pids.insert(tgid, tgid, 0);
         }
     }
 

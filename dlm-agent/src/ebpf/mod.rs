@@ -7,7 +7,9 @@
 //! [`ProbeError::NotPermitted`] otherwise, and the agent runs on without);
 //! `dlm-agent trace` attaches one family at a time.
 
+pub mod agent;
 pub mod attribution;
+pub mod collector;
 pub mod decode;
 pub mod programs;
 pub mod report;
@@ -266,10 +268,22 @@ impl Probes {
     }
 
     fn clear<K: Pod, V: Pod>(&mut self, name: &'static str) -> Result<(), ProbeError> {
+        self.remove_where::<K, V>(name, |_| true)
+    }
+
+    /// Removes the entries of per-CPU hash map `name` whose key matches.
+    ///
+    /// # Errors
+    /// The map is missing or of another type.
+    pub fn remove_where<K: Pod, V: Pod>(
+        &mut self,
+        name: &'static str,
+        matches: impl Fn(&K) -> bool,
+    ) -> Result<(), ProbeError> {
         let map = self.ebpf.map_mut(name).ok_or_else(|| ProbeError::Map(name, "not in the object".into()))?;
         let mut map: PerCpuHashMap<&mut MapData, K, V> =
             PerCpuHashMap::try_from(map).map_err(|e| ProbeError::Map(name, e.to_string()))?;
-        let keys: Vec<K> = map.keys().flatten().collect();
+        let keys: Vec<K> = map.keys().flatten().filter(|key| matches(key)).collect();
         for key in keys {
             let _ = map.remove(&key);
         }

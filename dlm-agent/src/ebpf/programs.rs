@@ -7,7 +7,8 @@ pub enum Family {
     Locks,
     /// Futex waits (`syscalls:sys_enter/exit_futex`, `futex_waitv`).
     Futex,
-    /// Off-CPU time and run-queue delay (`sched:sched_switch/wakeup`).
+    /// Off-CPU time and run-queue delay (`sched:sched_switch/wakeup`), and
+    /// the processes tracked clients fork (`sched_process_fork/exit`).
     Sched,
     /// Reclaim, compaction, kswapd and OOM (`vmscan`, `compaction`, `oom`).
     Memory,
@@ -57,6 +58,8 @@ pub const ATTACHMENTS: &[Attachment] = &[
     at("dlm_sched_switch", "sched", "sched_switch", Family::Sched),
     at("dlm_sched_wakeup", "sched", "sched_wakeup", Family::Sched),
     at("dlm_sched_wakeup", "sched", "sched_wakeup_new", Family::Sched),
+    at("dlm_process_fork", "sched", "sched_process_fork", Family::Sched),
+    at("dlm_process_exit", "sched", "sched_process_exit", Family::Sched),
     at("dlm_direct_reclaim_begin", "vmscan", "mm_vmscan_direct_reclaim_begin", Family::Memory),
     at("dlm_direct_reclaim_end", "vmscan", "mm_vmscan_direct_reclaim_end", Family::Memory),
     at("dlm_memcg_reclaim_begin", "vmscan", "mm_vmscan_memcg_reclaim_begin", Family::Memory),
@@ -83,6 +86,8 @@ pub const FIELD_OFFSETS: &[(&str, &str, &str, usize, usize)] = &[
     ("sched", "sched_switch", "next_pid", 56, 4),
     ("sched", "sched_wakeup", "pid", 24, 4),
     ("sched", "sched_wakeup_new", "pid", 24, 4),
+    ("sched", "sched_process_fork", "child_pid", 20, 4),
+    ("sched", "sched_process_exit", "group_dead", 32, 1),
     ("oom", "mark_victim", "pid", 8, 4),
     ("oom", "mark_victim", "comm", 12, 4),
     ("oom", "mark_victim", "anon_rss", 24, 8),

@@ -62,6 +62,12 @@ pub struct WaitStat {
     pub hist: [u64; HIST_SLOTS],
 }
 
+impl Default for WaitStat {
+    fn default() -> Self {
+        WaitStat::ZERO
+    }
+}
+
 impl WaitStat {
     /// An empty statistic.
     pub const ZERO: WaitStat = WaitStat { count: 0, total_ns: 0, max_ns: 0, hist: [0; HIST_SLOTS] };
@@ -173,6 +179,12 @@ pub struct SchedStat {
     pub runq: WaitStat,
     /// Time blocked: from a sleeping switch out to the wake-up.
     pub blocked: WaitStat,
+}
+
+impl Default for SchedStat {
+    fn default() -> Self {
+        SchedStat::ZERO
+    }
 }
 
 impl SchedStat {

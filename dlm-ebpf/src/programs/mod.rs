@@ -4,6 +4,7 @@
 //! the agent can attach any subset (`trace locks` attaches only `lock`).
 
 mod futex;
+mod lineage;
 mod lock;
 mod memory;
 mod sched;
@@ -11,7 +12,7 @@ mod sched;
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     macros::map,
-    maps::{HashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
 use dlm_ebpf_common::{Attribution, KernelEvent, WaitStat, capacity, drops};
 
@@ -49,9 +50,13 @@ static STACKS: StackTrace = StackTrace::with_max_entries(capacity::STACKS, 0);
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drops::COUNT, 0);
 
-/// Processes (tgid) that hold or wait for a DLM lock, written by the agent.
+/// Processes (tgid) whose time is attributed to DLM locks, each mapped to the
+/// process it is accounted under: the agent adds its clients (mapped to
+/// themselves), `lineage` adds the processes they fork (mapped to the
+/// client), so the command `dlm-agent lock -- CMD` runs is accounted too.
+/// LRU, so forgotten children age out.
 #[map]
-static DLM_PIDS: HashMap<u32, u32> = HashMap::with_max_entries(capacity::DLM_PIDS, 0);
+static DLM_PIDS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(capacity::DLM_PIDS, 0);
 
 /// Where the time of each tracked process went.
 #[map]
@@ -117,13 +122,17 @@ fn is_measured(tgid: u32) -> bool {
     target == 0 || target == tgid
 }
 
-/// Adds time to a tracked process's attribution; a no-op for others.
+/// Adds time to a tracked process's attribution (under the client it is
+/// accounted to); a no-op for others.
 #[inline(always)]
 fn attribute(tgid: u32, add: impl FnOnce(&mut Attribution)) {
-    if !is_tracked(tgid) {
+    let Some(group) = DLM_PIDS.get_ptr(tgid) else {
         return;
-    }
-    if let Some(attribution) = entry(&DLM_ATTR, &tgid, &ZERO_ATTR, drops::ATTRIBUTION) {
+    };
+    // SAFETY: a u32 value of a map entry; LRU eviction may reuse the slot,
+    // which at worst accounts one event to another tracked process.
+    let group = unsafe { *group };
+    if let Some(attribution) = entry(&DLM_ATTR, &group, &ZERO_ATTR, drops::ATTRIBUTION) {
         // SAFETY: a per-CPU value; see `count_drop`.
         add(unsafe { &mut *attribution });
     }

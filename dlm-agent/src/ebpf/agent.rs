@@ -1,0 +1,57 @@
+//! What `dlm-agent run` does with eBPF: load and attach every family when
+//! permitted, hand the attribution maps to the engine, and read the rest into
+//! metrics. When not permitted (or turned off), one log line, a metric that
+//! says so, and the agent runs on without.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use super::{
+    AttributionMaps, Family, ProbeError, Probes, Settings,
+    collector::{self, EbpfState, KernelMetrics, Reader, ReaderGuard, Snapshot},
+};
+
+/// The agent's eBPF pieces.
+pub struct AgentProbes {
+    /// For the engine's kernel evidence (`None`: eBPF is off).
+    pub attribution: Option<AttributionMaps>,
+    /// The Prometheus collector (always present: it says whether eBPF is on).
+    pub metrics: KernelMetrics,
+    /// Keeps the map reader running.
+    pub reader: Option<ReaderGuard>,
+}
+
+/// Loads and attaches everything, or explains why not.
+pub fn start(enabled: bool, interval: Duration, long_stall: Duration) -> AgentProbes {
+    let snapshot = Arc::new(Mutex::new(Snapshot::default()));
+    let off = |state: EbpfState| AgentProbes {
+        attribution: None,
+        metrics: KernelMetrics::new(state, snapshot.clone()),
+        reader: None,
+    };
+    if !enabled {
+        tracing::info!("eBPF observation is off (--no-ebpf)");
+        return off(EbpfState::Disabled);
+    }
+    let settings = Settings { long_stall, ..Settings::default() };
+    let mut probes = match Probes::load(&settings).and_then(|mut probes| {
+        probes.attach(&Family::ALL)?;
+        Ok(probes)
+    }) {
+        Ok(probes) => probes,
+        Err(error @ ProbeError::NotPermitted(_)) => {
+            tracing::warn!("eBPF observation is off: {error}");
+            return off(EbpfState::Unavailable(error.to_string()));
+        }
+        Err(error) => {
+            tracing::warn!("eBPF observation is off: {error}");
+            return off(EbpfState::Unavailable(error.to_string()));
+        }
+    };
+    let attribution = probes.take_attribution_maps();
+    tracing::info!(links = probes.links(), "eBPF programs attached");
+    let reader = collector::spawn(Reader::new(probes), interval, snapshot.clone());
+    AgentProbes { attribution, metrics: KernelMetrics::new(EbpfState::On, snapshot), reader: Some(reader) }
+}
