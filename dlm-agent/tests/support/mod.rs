@@ -40,7 +40,13 @@ impl Agent {
     }
 
     /// Starts an agent with extra configuration and environment variables.
+    /// Its eBPF programs stay off unless `env` sets `DLM_NO_EBPF` (tests that
+    /// are not about eBPF do not pay for it, nor see its effects).
     pub fn start_with_env(tag: &str, config: &str, env: &[(&str, String)]) -> Agent {
+        let mut env = env.to_vec();
+        if !env.iter().any(|(key, _)| *key == "DLM_NO_EBPF") {
+            env.push(("DLM_NO_EBPF", "true".into()));
+        }
         let dir = temp_dir(tag);
         let socket = dir.join("dlm.sock");
         let http = format!("127.0.0.1:{}", free_port());
@@ -155,4 +161,19 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 
 pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
+}
+
+/// Whether this test may load eBPF programs. Without root (or CAP_BPF and
+/// CAP_PERFMON) it says why and the test returns early; under CI
+/// (`CI=true`) that is a failure instead, so the check always runs there.
+pub fn ebpf_available(test: &str) -> bool {
+    match dlm_agent::ebpf::Probes::load(&dlm_agent::ebpf::Settings::default()) {
+        Ok(_) => true,
+        Err(error) => {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(!ci, "{test}: eBPF is required under CI=true, but: {error}");
+            eprintln!("skipping {test}: needs root or CAP_BPF+CAP_PERFMON to load eBPF programs ({error})");
+            false
+        }
+    }
 }

@@ -1,0 +1,325 @@
+//! The eBPF programs against workloads each test makes itself: real kernel
+//! programs on real tracepoints. They need root (or CAP_BPF+CAP_PERFMON):
+//! elsewhere they say so and return; under `CI=true` that is a failure.
+
+mod support;
+
+use std::{
+    process::{Command, Stdio},
+    sync::{Arc, Barrier, Mutex},
+    time::{Duration, Instant},
+};
+
+use dlm_agent::ebpf::{
+    Family, Probes, Settings, programs,
+    report::{self, Filter},
+    symbols::KernelSymbols,
+    tracefs,
+};
+use support::{Agent, ebpf_available};
+
+fn probes(settings: Settings, family: Family) -> Probes {
+    let mut probes = Probes::load(&settings).expect("load");
+    probes.attach(&[family]).expect("attach");
+    probes
+}
+
+fn only(pid: u32) -> Filter {
+    Filter { pids: Some([pid].into()), comm: None }
+}
+
+#[test]
+fn tracepoint_field_offsets_match_the_running_kernel() {
+    if !ebpf_available("tracepoint_field_offsets_match_the_running_kernel") {
+        return;
+    }
+    let root = tracefs::ensure_mounted().expect("tracefs");
+    for (category, name, field, offset, size) in programs::FIELD_OFFSETS {
+        let fields = tracefs::read_format(&root, category, name).unwrap_or_else(|e| panic!("{category}/{name}: {e}"));
+        let found = fields
+            .iter()
+            .find(|f| f.name == *field)
+            .unwrap_or_else(|| panic!("{category}/{name} has no field {field}: {fields:?}"));
+        assert_eq!(
+            (found.offset, found.size),
+            (*offset, *size),
+            "{category}/{name}.{field}: the programs read it at offset {offset} size {size}"
+        );
+    }
+    for attachment in programs::ATTACHMENTS {
+        assert!(
+            root.join("events").join(attachment.category).join(attachment.tracepoint).is_dir(),
+            "missing tracepoint {}:{}",
+            attachment.category,
+            attachment.tracepoint
+        );
+    }
+}
+
+#[test]
+fn threads_contending_on_a_mutex_show_futex_waits_for_their_process() {
+    if !ebpf_available("futex") {
+        return;
+    }
+    let me = std::process::id();
+    let probes = probes(Settings { target_tgid: me, ..Settings::default() }, Family::Futex);
+    let lock = Arc::new(Mutex::new(0u64));
+    let start = Arc::new(Barrier::new(4));
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            let (lock, start) = (lock.clone(), start.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                for _ in 0..50 {
+                    let mut guard = lock.lock().expect("lock");
+                    *guard += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("thread");
+    }
+    let rows = report::futex_rows(&probes, &only(me)).expect("read");
+    let waits: u64 = rows.iter().map(|r| r.stat.count).sum();
+    let waited: u64 = rows.iter().map(|r| r.stat.total_ns).sum();
+    assert!(waits >= 20, "expected many futex waits in this process, saw {waits}: {rows:?}");
+    assert!(waited >= 20_000_000, "expected at least 20 ms of futex waits, saw {waited} ns");
+    assert!(rows.iter().all(|r| r.tgid == me), "TARGET_TGID keeps other processes out");
+    assert!(rows.iter().any(|r| r.op == "wait_bitset" || r.op == "wait"), "{rows:?}");
+}
+
+#[test]
+fn a_sleeper_shows_blocked_time_and_busy_processes_on_one_cpu_show_run_queue_delay() {
+    if !ebpf_available("offcpu") {
+        return;
+    }
+    let probes = probes(Settings::default(), Family::Sched);
+    let mut sleeper = Command::new("sleep").arg("0.3").spawn().expect("sleep");
+    // Two busy loops pinned to one CPU: each waits for the other's slices.
+    // (taskset execs python, so the pid we know is the spinner's.)
+    let busy = || {
+        Command::new("taskset")
+            .args(["-c", "0", "python3", "-c", "import time\nt = time.time()\nwhile time.time() - t < 1: pass"])
+            .spawn()
+            .expect("taskset")
+    };
+    let mut spinners = [busy(), busy()];
+    let sleeper_pid = sleeper.id();
+    let spinner_pids: Vec<u32> = spinners.iter().map(|c| c.id()).collect();
+    sleeper.wait().expect("sleeper");
+    for spinner in &mut spinners {
+        spinner.wait().expect("spinner");
+    }
+    let rows = report::offcpu_rows(&probes, &Filter::default()).expect("read");
+    let sleeper_row = rows.iter().find(|r| r.tgid == sleeper_pid).expect("the sleeper is seen");
+    assert!(
+        sleeper_row.stat.blocked.total_ns >= 250_000_000,
+        "sleep 0.3 blocks about 300 ms: {:?}",
+        sleeper_row.stat.blocked
+    );
+    assert!(sleeper_row.stat.voluntary >= 1);
+    let spinners: Vec<_> = rows.iter().filter(|r| spinner_pids.contains(&r.tgid)).collect();
+    let queued: u64 = spinners.iter().map(|r| r.stat.runq.total_ns).sum();
+    let preempted: u64 = spinners.iter().map(|r| r.stat.involuntary).sum();
+    assert!(queued >= 200_000_000, "two spinners on one CPU for 1 s wait ~1 s in total; saw {queued} ns");
+    assert!(preempted >= 2, "the spinners are preempted: {preempted}");
+}
+
+#[test]
+fn concurrent_mmap_and_munmap_show_kernel_lock_contention_with_a_resolvable_stack() {
+    if !ebpf_available("locks") {
+        return;
+    }
+    let me = std::process::id();
+    let probes = probes(Settings { target_tgid: me, ..Settings::default() }, Family::Locks);
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let threads: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                // Large allocations are mmap'd and munmap'd by malloc; touching
+                // them faults under the mmap lock that munmap takes for write.
+                while Instant::now() < deadline {
+                    let mut block = vec![0u8; 4 << 20];
+                    for page in block.iter_mut().step_by(4096) {
+                        *page = 1;
+                    }
+                    std::hint::black_box(&block);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().expect("thread");
+    }
+    let rows = report::lock_rows(&probes, &KernelSymbols::load(), &Filter::default()).expect("read");
+    assert!(!rows.is_empty(), "no kernel lock contention seen");
+    let resolved = rows.iter().find(|row| row.stack.len() >= 2 && !row.stack[0].starts_with("0x"));
+    let resolved = resolved.unwrap_or_else(|| panic!("no row with a symbolized stack: {rows:?}"));
+    assert_ne!(resolved.caller, "[unknown]");
+    assert!(rows.iter().all(|row| row.lock_type != "unknown"), "{rows:?}");
+}
+
+/// A memory cgroup with a low limit, removed when dropped.
+struct LowMemoryCgroup {
+    path: std::path::PathBuf,
+}
+
+impl LowMemoryCgroup {
+    fn create(tag: &str, limit: u64) -> Option<LowMemoryCgroup> {
+        // cgroup v1 memory controller, then v2.
+        for (root, limit_file) in
+            [("/sys/fs/cgroup/memory", "memory.limit_in_bytes"), ("/sys/fs/cgroup/unified", "memory.max")]
+        {
+            let path = std::path::Path::new(root).join(format!("dlm-test-{}-{tag}", std::process::id()));
+            if std::fs::create_dir(&path).is_ok() {
+                if std::fs::write(path.join(limit_file), limit.to_string()).is_ok() {
+                    return Some(LowMemoryCgroup { path });
+                }
+                let _ = std::fs::remove_dir(&path);
+            }
+        }
+        None
+    }
+
+    /// Runs `script` with sh inside the cgroup and waits for it.
+    fn run(&self, script: &str) -> std::process::ExitStatus {
+        let procs = self.path.join("cgroup.procs");
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > {} && {script}", procs.display()))
+            .stderr(Stdio::null())
+            .status()
+            .expect("sh")
+    }
+}
+
+impl Drop for LowMemoryCgroup {
+    fn drop(&mut self) {
+        // Processes must leave first; ours have exited. Retry briefly while
+        // the kernel finishes uncharging.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+#[test]
+fn writing_past_a_low_cgroup_limit_shows_reclaim_stalls_and_an_oom_kill() {
+    if !ebpf_available("reclaim") {
+        return;
+    }
+    let mut probes = probes(Settings { long_stall: Duration::from_micros(1), ..Settings::default() }, Family::Memory);
+    let mut events = probes.take_events().expect("ring buffer");
+    let cgroup = LowMemoryCgroup::create("reclaim", 16 << 20).expect("a memory cgroup (root needed)");
+    // Page cache beyond the limit: reclaimed (not killed) on every charge.
+    // On disk (the target directory), not tmpfs: clean page cache is what
+    // memcg reclaim can take back.
+    let file = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("reclaim-{}.bin", std::process::id()));
+    let status = cgroup.run(&format!("dd if=/dev/zero of={} bs=1M count=96 conv=fsync status=none", file.display()));
+    let _ = std::fs::remove_file(&file);
+    assert!(status.success(), "dd in the cgroup failed");
+    // Anonymous memory beyond the limit, with no swap: the OOM killer.
+    let status = cgroup.run("exec python3 -c 'a = bytearray(256 << 20); a[::4096] = b\"x\" * len(a[::4096])'");
+    assert!(!status.success(), "the allocation past the limit should have been killed");
+    std::thread::sleep(Duration::from_millis(200));
+
+    let rows = report::stall_rows(&probes, &Filter::default()).expect("read");
+    let memcg: Vec<_> = rows.iter().filter(|r| r.kind == "memcg_reclaim").collect();
+    assert!(!memcg.is_empty(), "no memcg reclaim stall seen: {rows:?}");
+    assert!(memcg.iter().map(|r| r.stat.count).sum::<u64>() >= 1);
+    let mut kinds = Vec::new();
+    while let Some(item) = events.next() {
+        if let Some(event) = dlm_agent::ebpf::decode_event(&item) {
+            kinds.push((event.kind, event.pid, String::from_utf8_lossy(&event.comm).trim_end_matches('\0').to_owned()));
+        }
+    }
+    assert!(
+        kinds.iter().any(|(kind, _, comm)| *kind == dlm_ebpf_common::event_kinds::OOM_VICTIM && comm == "python3"),
+        "no OOM victim event for python3: {kinds:?}"
+    );
+    assert!(
+        kinds.iter().any(|(kind, _, _)| *kind == dlm_ebpf_common::event_kinds::LONG_STALL),
+        "no long-stall event with a 1 µs threshold: {kinds:?}"
+    );
+}
+
+#[test]
+fn trace_commands_print_json_views() {
+    if !ebpf_available("trace commands") {
+        return;
+    }
+    for family in ["locks", "futex", "offcpu", "reclaim"] {
+        let output = Command::new(support::BIN)
+            .args(["trace", family, "--duration", "300ms", "--json"])
+            .output()
+            .expect("dlm-agent trace");
+        assert!(output.status.success(), "trace {family}: {}", String::from_utf8_lossy(&output.stderr));
+        let text = String::from_utf8_lossy(&output.stdout);
+        let view: serde_json::Value = serde_json::from_str(text.lines().next().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("trace {family} --json printed {text:?}: {e}"));
+        assert!(view["elapsed_s"].as_f64().is_some_and(|s| s >= 0.3), "{view}");
+    }
+    let output = Command::new(support::BIN)
+        .args(["trace", "offcpu", "--duration", "500ms", "--folded", "--min-block", "10ms"])
+        .output()
+        .expect("dlm-agent trace offcpu --folded");
+    assert!(output.status.success());
+    let text = String::from_utf8_lossy(&output.stdout);
+    let folded: Vec<&str> = text.lines().filter(|line| !line.starts_with("---")).collect();
+    assert!(!folded.is_empty(), "no folded stacks in 500 ms on a live machine");
+    for line in folded {
+        let (stack, value) = line.rsplit_once(' ').expect("stack and value");
+        assert!(value.parse::<u64>().is_ok_and(|us| us > 0), "{line}");
+        assert!(stack.contains(';'), "comm;frames: {line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_holder_that_sleeps_has_its_blocked_time_in_dump_and_metrics() {
+    if !ebpf_available("attribution") {
+        return;
+    }
+    let agent = Agent::start_with_env("attribution", "", &[("DLM_NO_EBPF", "false".into())]);
+    // The CLI holds the lock; the command it runs (a child) does the
+    // sleeping and the spinning, and is accounted to the CLI's lock.
+    let mut holder = agent
+        .cli()
+        .args(["lock", "squeezed", "--", "sh", "-c", "sleep 0.4; timeout 0.3 sh -c 'while :; do :; done'; true"])
+        .spawn()
+        .expect("dlm-agent lock");
+    tokio::time::sleep(Duration::from_millis(550)).await;
+    let output = agent.cli().args(["dump", "--json", "squeezed"]).output().expect("dump");
+    let dump: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    let lock = &dump[0]["granted"][0];
+    let blocked = lock["attribution"]["blocked_ns"].as_u64().expect("attribution in dump");
+    assert!(blocked >= 300_000_000, "the holder's child slept 400 ms: {lock}");
+    assert!(lock["phase_ms"].as_u64().is_some_and(|ms| ms >= 400), "{lock}");
+    assert!(holder.wait().expect("holder").success());
+
+    let metrics = agent.metrics();
+    let value = |state: &str| {
+        let prefix = format!("dlm_lock_kernel_attributed_seconds_total{{phase=\"hold\",state=\"{state}\"}} ");
+        metrics.lines().find_map(|line| line.strip_prefix(&prefix)?.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    assert!(value("blocked") >= 0.3, "hold blocked time: {}", value("blocked"));
+    assert!(value("oncpu") >= 0.1, "the spinning child's CPU time counts for the hold: {}", value("oncpu"));
+    assert!(metrics.contains("dlm_ebpf_enabled 1"), "{metrics}");
+}
+
+#[test]
+fn without_permission_the_agent_runs_on_and_says_so() {
+    // `--no-ebpf` is the same path as a refusal: one log line, the metric at
+    // 0, and locks still work.
+    let agent = Agent::start("no-ebpf", "");
+    let metrics = agent.metrics();
+    assert!(metrics.contains("dlm_ebpf_enabled 0"), "{metrics}");
+    assert!(metrics.contains("dlm_ebpf_programs_attached 0"), "{metrics}");
+    let status = agent.cli().args(["lock", "plain", "--", "true"]).status().expect("lock");
+    assert!(status.success());
+    assert!(agent.log().contains("eBPF observation is off"), "{}", agent.log());
+}
