@@ -13,6 +13,7 @@
 //! ended, so one stuck client cannot grow the agent's memory or stall others.
 
 use std::collections::HashMap;
+use std::ffi::{CStr, CString};
 use std::sync::Arc;
 
 use dlm_core::{ClientRequest, Effect, LockspaceConfig, LockspaceId, Mode, Node, NodeConfig, Op, SessionId, Status};
@@ -24,6 +25,7 @@ use crate::config::Config;
 use crate::convert::{self, Decoded, Rejection};
 use crate::kernel_evidence::{self, KernelEvidence, Phase};
 use crate::metrics::Metrics;
+use crate::probes::{self, ResourceName};
 use crate::proto;
 use dlm_ebpf_common::Attribution;
 
@@ -123,6 +125,17 @@ struct HandleState {
     /// The client process's kernel counters at the start of the current
     /// phase (a queued request, or the first grant), when eBPF is on.
     mark: Option<Attribution>,
+    /// The lockspace and resource names, for the probe points.
+    probe_lockspace: Arc<CStr>,
+    resource: ResourceName,
+    /// The fencing token of the grant.
+    token: u64,
+}
+
+impl HandleState {
+    fn probe_target(&self) -> probes::Target<'_> {
+        probes::Target { lockspace: &self.probe_lockspace, resource: &self.resource }
+    }
 }
 
 /// Adds an event to a lock's span, if it has one.
@@ -157,6 +170,8 @@ struct Engine {
     started: Instant,
     sessions: HashMap<SessionId, SessionState>,
     lockspace_names: HashMap<LockspaceId, Arc<str>>,
+    /// The same names as C strings, for the probe points.
+    lockspace_cnames: HashMap<LockspaceId, Arc<CStr>>,
     next_session: u64,
     /// Sessions found not reading during routing, ended after it.
     slow: Vec<SessionId>,
@@ -184,6 +199,7 @@ pub fn start(
         started: clock.now(),
         sessions: HashMap::new(),
         lockspace_names: HashMap::new(),
+        lockspace_cnames: HashMap::new(),
         next_session: 1,
         slow: Vec::new(),
         evidence,
@@ -285,6 +301,7 @@ impl Engine {
         };
         let Decoded { handle, lockspace, mut request, traceparent } = decoded;
         let mut lockspace_name = None;
+        let mut probe_lockspace = None;
         if let (Some(name), ClientRequest::Lock(lock)) = (lockspace, &mut request) {
             let Some(id) = self.node.lockspace_id(name.as_bytes()) else {
                 let message = format!("no lockspace named {name:?}");
@@ -292,6 +309,7 @@ impl Engine {
             };
             lock.lockspace = id;
             lockspace_name = self.lockspace_names.get(&id).cloned();
+            probe_lockspace = self.lockspace_cnames.get(&id).cloned();
         }
         let now = self.clock.now();
         let span = match (&request, &lockspace_name) {
@@ -299,6 +317,10 @@ impl Engine {
                 Some(self.lock_span(session, lockspace, lock, traceparent.as_deref()))
             }
             _ => None,
+        };
+        let resource = match &request {
+            ClientRequest::Lock(lock) => ResourceName::new(&lock.name),
+            _ => ResourceName::new(b""),
         };
         let mode = match &request {
             ClientRequest::Lock(lock) => Some(lock.mode),
@@ -325,8 +347,19 @@ impl Engine {
                         } else {
                             None
                         };
-                        let known =
-                            HandleState { lockspace, mode, requested_at: Some(now), granted_at: None, span, mark };
+                        let known = HandleState {
+                            lockspace,
+                            mode,
+                            requested_at: Some(now),
+                            granted_at: None,
+                            span,
+                            mark,
+                            probe_lockspace: probe_lockspace.unwrap_or_else(|| Arc::from(c"")),
+                            resource,
+                            token: 0,
+                        };
+                        let pid = state.pid().map_or(0, u64::from);
+                        probes::request(known.probe_target(), mode, session.0, handle, pid);
                         state.handles.insert(handle, known);
                     }
                     (None, Some(mode)) => {
@@ -464,10 +497,17 @@ impl Engine {
                 );
                 match completion.status {
                     Status::Granted => {
+                        let mut wait_ns = 0;
                         if let Some(at) = known.requested_at.take() {
-                            let wait = now.saturating_duration_since(at).as_secs_f64();
-                            self.metrics.grant_wait.with_label_values(&[&lockspace, mode.name()]).observe(wait);
+                            let wait = now.saturating_duration_since(at);
+                            wait_ns = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+                            self.metrics
+                                .grant_wait
+                                .with_label_values(&[&lockspace, mode.name()])
+                                .observe(wait.as_secs_f64());
                         }
+                        known.token = completion.token.map_or(known.token, |t| t.0);
+                        probes::grant(known.probe_target(), mode, wait_ns, known.token, pid.map_or(0, u64::from));
                         if known.granted_at.is_none() {
                             if let Some(mark) = known.mark.take() {
                                 self.evidence.finish(Phase::Wait, pid, &mark, &self.metrics, known.span.as_ref());
@@ -479,8 +519,19 @@ impl Engine {
                     }
                     Status::Unlocked => {
                         if let Some(at) = known.granted_at {
-                            let held = now.saturating_duration_since(at).as_secs_f64();
-                            self.metrics.hold.with_label_values(&[&lockspace, known.mode.name()]).observe(held);
+                            let held = now.saturating_duration_since(at);
+                            self.metrics
+                                .hold
+                                .with_label_values(&[&lockspace, known.mode.name()])
+                                .observe(held.as_secs_f64());
+                            let held_ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
+                            probes::release(
+                                known.probe_target(),
+                                known.mode,
+                                held_ns,
+                                known.token,
+                                pid.map_or(0, u64::from),
+                            );
                         }
                         if let Some(mark) = known.mark.take() {
                             self.evidence.finish(Phase::Hold, pid, &mark, &self.metrics, known.span.as_ref());
@@ -498,7 +549,10 @@ impl Engine {
                 }
             }
             Effect::Blocking { session, handle, mode } => {
-                if let Some(known) = self.sessions.get(session).and_then(|s| s.handles.get(&handle.0)) {
+                let state = self.sessions.get(session);
+                if let Some(known) = state.and_then(|s| s.handles.get(&handle.0)) {
+                    let pid = state.and_then(SessionState::pid).map_or(0, u64::from);
+                    probes::blocking(known.probe_target(), *mode, session.0, handle.0, pid);
                     self.metrics.blocking.with_label_values(&[&known.lockspace]).inc();
                     span_event!(known.span, mode = mode.name(), "blocking callback sent");
                 }
@@ -651,6 +705,9 @@ impl Engine {
             .create_lockspace(name.as_bytes(), LockspaceConfig { lvb_len })
             .map_err(|e| Rejection::from_engine(0, &e))?;
         self.lockspace_names.insert(id, Arc::from(name));
+        // A name with a NUL byte cannot be a C string: the probes show it empty.
+        let cname = CString::new(name).unwrap_or_default();
+        self.lockspace_cnames.insert(id, Arc::from(cname.as_c_str()));
         self.metrics.add_lockspace(name);
         Ok(())
     }
@@ -662,6 +719,7 @@ impl Engine {
             .ok_or_else(|| Rejection::new(0, "unknown_lockspace", format!("no lockspace named {name:?}")))?;
         self.node.release_lockspace(id, force).map_err(|e| Rejection::from_engine(0, &e))?;
         self.lockspace_names.remove(&id);
+        self.lockspace_cnames.remove(&id);
         self.metrics.remove_lockspace(name);
         Ok(())
     }

@@ -26,6 +26,7 @@ pub mod engine;
 pub mod http;
 pub mod kernel_evidence;
 pub mod metrics;
+pub mod probes;
 pub mod proto;
 pub mod server;
 pub mod service;

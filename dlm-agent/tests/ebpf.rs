@@ -323,3 +323,70 @@ fn without_permission_the_agent_runs_on_and_says_so() {
     assert!(status.success());
     assert!(agent.log().contains("eBPF observation is off"), "{}", agent.log());
 }
+
+#[test]
+fn bpftrace_sees_the_agents_probe_points() {
+    if !ebpf_available("bpftrace probes") {
+        return;
+    }
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    if Command::new("bpftrace").arg("--version").output().is_err() {
+        assert!(!ci, "bpftrace is required under CI=true (cargo xtask setup installs it)");
+        eprintln!("skipping bpftrace_sees_the_agents_probe_points: bpftrace is not installed");
+        return;
+    }
+    let agent = Agent::start("probes", "");
+    let binary = std::fs::canonicalize(support::BIN).expect("binary path");
+    let binary = binary.display();
+    let script = format!(
+        r#"usdt:{binary}:dlm:lock__request {{ printf("request %s/%s mode=%d\n", str(arg0), str(arg1), arg2); }}
+usdt:{binary}:dlm:lock__grant {{ printf("grant %s/%s mode=%d wait=%d token=%d pid=%d\n", str(arg0), str(arg1), arg2, arg3, arg4, arg5); }}
+usdt:{binary}:dlm:lock__blocking {{ printf("blocking %s/%s mode=%d\n", str(arg0), str(arg1), arg2); }}
+usdt:{binary}:dlm:lock__release {{ printf("release %s/%s hold=%d token=%d\n", str(arg0), str(arg1), arg3, arg4); }}"#
+    );
+    let out_path = agent.dir.join("bpftrace.out");
+    let mut tracer = Command::new("bpftrace")
+        .args(["-e", &script])
+        .stdout(std::fs::File::create(&out_path).expect("out"))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("bpftrace");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // bpftrace says "Attaching" before the probes are live: lock a warm-up
+    // resource until it sees that.
+    while !std::fs::read_to_string(&out_path).unwrap_or_default().contains("request default/warmup") {
+        assert!(Instant::now() < deadline, "bpftrace did not attach");
+        agent.cli().args(["lock", "warmup", "--", "true"]).status().expect("warm-up lock");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut holder = agent.cli().args(["lock", "probed", "--", "sleep", "0.3"]).spawn().expect("holder");
+    std::thread::sleep(Duration::from_millis(100));
+    let waiter = agent.cli().args(["lock", "probed", "--", "true"]).status().expect("waiter");
+    assert!(waiter.success() && holder.wait().expect("holder").success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let output = loop {
+        let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+        if output.matches("release default/probed").count() >= 2 || Instant::now() > deadline {
+            break output;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let _ = tracer.kill();
+    let _ = tracer.wait();
+    assert_eq!(output.matches("request default/probed mode=5").count(), 2, "{output}");
+    assert!(output.contains("blocking default/probed mode=5"), "{output}");
+    // Fencing tokens come from one counter per lockspace (the warm-up took
+    // some): the two grants are consecutive, and the second waited.
+    let grants: Vec<(u64, u64)> = output
+        .lines()
+        .filter(|line| line.starts_with("grant default/probed"))
+        .filter_map(|line| {
+            let field = |name: &str| line.split(name).nth(1)?.split(' ').next()?.parse::<u64>().ok();
+            Some((field("wait=")?, field("token=")?))
+        })
+        .collect();
+    assert_eq!(grants.len(), 2, "{output}");
+    assert_eq!(grants[1].1, grants[0].1 + 1, "{output}");
+    assert!(grants[1].0 >= 100_000_000, "the waiter waited for the 300 ms holder: {output}");
+    assert_eq!(output.matches("release default/probed").count(), 2, "{output}");
+}
