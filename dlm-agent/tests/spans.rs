@@ -49,11 +49,12 @@ fn events(span: &Span) -> Vec<String> {
     span.events.iter().map(|e| e.name.clone()).filter(|name| name != "kernel attribution").collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn lock_spans_reach_an_otlp_collector_and_join_the_callers_trace() {
+/// Starts a collector; returns the agent environment that exports to it and
+/// the spans it receives.
+async fn collector() -> ([(&'static str, String); 2], mpsc::UnboundedReceiver<Span>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("address");
-    let (spans, mut received) = mpsc::unbounded_channel();
+    let (spans, received) = mpsc::unbounded_channel();
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(Collector { spans }))
@@ -61,6 +62,12 @@ async fn lock_spans_reach_an_otlp_collector_and_join_the_callers_trace() {
     );
     let env =
         [("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{address}")), ("OTEL_BSP_SCHEDULE_DELAY", "50".to_string())];
+    (env, received)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_spans_reach_an_otlp_collector_and_join_the_callers_trace() {
+    let (env, mut received) = collector().await;
     let agent = Agent::start_with_env("spans", "", &env);
     let client = agent.client().await;
 
@@ -106,6 +113,36 @@ async fn lock_spans_reach_an_otlp_collector_and_join_the_callers_trace() {
     assert_eq!(events(first), ["granted", "blocking callback sent", "released"]);
     assert_eq!(events(second), ["queued", "granted", "released"]);
     assert!(second.end_time_unix_nano - second.start_time_unix_nano > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_holders_kernel_attribution_is_on_its_span() {
+    if !support::ebpf_available("attribution on spans") {
+        return;
+    }
+    let (env, mut received) = collector().await;
+    let mut env = env.to_vec();
+    env.push(("DLM_NO_EBPF", "false".into()));
+    let agent = Agent::start_with_env("spans-ebpf", "", &env);
+    let client = agent.client().await;
+    let session = client.session().await.expect("session");
+    // This test process is the client: it holds the lock while it sleeps.
+    let held = session.lock("default", "sleepy", Mode::Ex, LockOptions::default()).await.expect("granted");
+    std::thread::sleep(Duration::from_millis(300));
+    held.unlock().await.expect("unlock");
+    let span = loop {
+        let span = tokio::time::timeout(Duration::from_secs(10), received.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no span; agent log:\n{}", agent.log()))
+            .expect("collector open");
+        if span.name == "dlm lock" {
+            break span;
+        }
+    };
+    let blocked: u64 = attribute(&span, "dlm.kernel.hold.blocked_ns").and_then(|v| v.parse().ok()).unwrap_or(0);
+    assert!(blocked >= 250_000_000, "the holder slept 300 ms holding the lock: blocked {blocked} ns");
+    assert!(attribute(&span, "dlm.kernel.hold.oncpu_ns").is_some());
+    assert!(span.events.iter().any(|e| e.name == "kernel attribution"), "{:?}", events(&span));
 }
 
 fn hex(bytes: &[u8]) -> String {
