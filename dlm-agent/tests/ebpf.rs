@@ -299,6 +299,13 @@ async fn a_lock_holder_that_sleeps_has_its_blocked_time_in_dump_and_metrics() {
     let blocked = lock["attribution"]["blocked_ns"].as_u64().expect("attribution in dump");
     assert!(blocked >= 300_000_000, "the holder's child slept 400 ms: {lock}");
     assert!(lock["phase_ms"].as_u64().is_some_and(|ms| ms >= 400), "{lock}");
+    let output = agent.cli().args(["trace", "dlm", "--json", "--duration", "100ms"]).output().expect("trace dlm");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let view: serde_json::Value = serde_json::from_slice(&output.stdout).expect("trace dlm --json");
+    let traced = &view["locks"][0];
+    assert_eq!(traced["resource"], "squeezed", "{view}");
+    assert_eq!(traced["state"], "holding", "{view}");
+    assert!(traced["attribution"]["blocked_ns"].as_u64().is_some_and(|ns| ns >= 300_000_000), "{view}");
     assert!(holder.wait().expect("holder").success());
 
     let metrics = agent.metrics();

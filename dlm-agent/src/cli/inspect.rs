@@ -118,7 +118,7 @@ pub async fn ls(args: LsArgs) -> ExitCode {
     }
 }
 
-fn mode_name(mode: Option<i32>) -> &'static str {
+pub fn mode_name(mode: Option<i32>) -> &'static str {
     mode.and_then(|m| usize::try_from(m).ok()).and_then(Mode::from_index).map_or("--", Mode::name)
 }
 

@@ -8,7 +8,10 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, macros::tracepoint, programs::TracePointContext};
 
-use super::{DLM_PIDS, current_ids};
+use super::{
+    DLM_PIDS, attribute, current_ids, now_ns,
+    sched::{RUNNING, TASK_SCHED},
+};
 
 const CHILD_PID_OFFSET: usize = 20;
 const GROUP_DEAD_OFFSET: usize = 32;
@@ -36,12 +39,24 @@ pub fn dlm_process_exit(ctx: TracePointContext) -> u32 {
     if group_dead == 0 {
         return 0;
     }
-    let (_, tgid) = current_ids();
+    let (tid, tgid) = current_ids();
     // Only children are removed here; the agent removes its clients.
     if let Some(group) = DLM_PIDS.get_ptr(tgid)
         // SAFETY: see `attribute`.
         && unsafe { *group } != tgid
     {
+        // The last switch out of this thread comes after this tracepoint,
+        // when the entry is gone: charge its time on CPU now.
+        if let Some(task) = TASK_SCHED.get_ptr_mut(tid) {
+            // SAFETY: this thread's own entry, on its own CPU.
+            let task = unsafe { &mut *task };
+            if task.state == RUNNING && task.since_ns != 0 {
+                let now = now_ns();
+                let ran = now.saturating_sub(task.since_ns);
+                attribute(tgid, |a| a.oncpu_ns += ran);
+                task.since_ns = 0;
+            }
+        }
         let _ = DLM_PIDS.remove(tgid);
     }
     0

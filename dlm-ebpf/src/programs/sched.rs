@@ -27,20 +27,20 @@ const WAKEUP_PID_OFFSET: usize = 24;
 /// TASK_REPORT_IDLE). A preempted task reports TASK_REPORT_MAX (0x100) or 0.
 const SLEEPING_STATES: i64 = 0xff;
 
-const RUNNING: u32 = 0;
+pub(super) const RUNNING: u32 = 0;
 const RUNNABLE: u32 = 1;
 const BLOCKED: u32 = 2;
 
 /// What is known of one thread.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct TaskSched {
+pub(super) struct TaskSched {
     /// Process id, learnt when the thread was last switched out (0: unknown).
     tgid: u32,
     /// RUNNING, RUNNABLE or BLOCKED.
-    state: u32,
+    pub(super) state: u32,
     /// When the thread entered `state`.
-    since_ns: u64,
+    pub(super) since_ns: u64,
     /// Stacks at the last sleeping switch out (negative: none).
     kernel_stack: i32,
     user_stack: i32,
@@ -48,7 +48,7 @@ struct TaskSched {
 
 /// Per-thread state, LRU so that exited threads age out.
 #[map]
-static TASK_SCHED: LruHashMap<u32, TaskSched> = LruHashMap::with_max_entries(capacity::SCHED_STATE, 0);
+pub(super) static TASK_SCHED: LruHashMap<u32, TaskSched> = LruHashMap::with_max_entries(capacity::SCHED_STATE, 0);
 
 /// Off-CPU statistics by process.
 #[map]
