@@ -1,11 +1,12 @@
 //! `cargo xtask`: the developer and CI entry points of the dlm workspace.
 //!
 //! Each command first sets up what it needs on a fresh machine (rustup
-//! components today; Debian packages and bpf-linker as the agent and eBPF
-//! crates arrive), then runs. Nothing here is needed to build the crates.
+//! components, the nightly `rust-src` and bpf-linker for the eBPF programs,
+//! Debian packages), then runs.
 
 use std::process::{Command, ExitCode};
 
+mod overhead;
 mod setup;
 
 const HELP: &str = "\
@@ -14,9 +15,10 @@ cargo xtask <COMMAND> [ARGS]
 Commands:
   run [ARGS]   set up, build the agent (release) and run it: `dlm-agent run ARGS`
                (no ARGS: single node on the embedded default configuration)
-  setup        install what the build, tests and benchmarks need (rustup components;
-               Debian packages: protobuf-compiler, libprotobuf-dev, redis-server, etcd-server,
-               prometheus)
+  setup        install what the build, tests and benchmarks need (rustup components: rustfmt,
+               clippy, nightly rust-src; bpf-linker from crates.io; Debian packages:
+               protobuf-compiler, libprotobuf-dev, redis-server, etcd-server, prometheus,
+               bpftrace, linux-perf)
   test         set up, then check formatting, run clippy, run every test of the workspace
                and build the docs (warnings are errors)
   bench [ARGS] set up, then run every benchmark: the engine's (criterion, memory) and dlm side
@@ -25,6 +27,11 @@ Commands:
   dashboards   set up, run the dashboard check against a live Prometheus with a longer workload,
                and plot each dashboard from the real results to dashboards/pictures/<uid>.png
                (needs matplotlib: installed from PyPI if missing)
+  overhead [--rounds N] [--loops N]
+               set up, then measure what the agent's eBPF programs cost: `perf bench sched pipe`
+               pinned to CPU 0, alternately without and with the agent attached (default 5
+               rounds of 200000 loops); prints the slowdown and each program's ns/event (BPF run
+               statistics), JSON in target/bench/ebpf-overhead.json; needs root
   help         print this help
 
 Environment:
@@ -41,6 +48,7 @@ fn main() -> ExitCode {
         "test" => setup::run().and_then(|()| test()),
         "bench" => setup::run().and_then(|()| bench(&rest)),
         "dashboards" => setup::run().and_then(|()| dashboards()),
+        "overhead" => setup::run().and_then(|()| overhead::run(&rest)),
         "help" | "-h" | "--help" => {
             print!("{HELP}");
             Ok(())

@@ -296,7 +296,7 @@ fn render(
             let _ = writeln!(
                 text,
                 "{:>8} {:<16} {:>12} {:>12} {:>12} {:>10} {:>10}",
-                "pid", "comm", "blocked", "run-queue", "runq p99", "voluntary", "involunt."
+                "pid", "comm", "blocked", "run-queue", "runq max", "voluntary", "involunt."
             );
             for row in rows.iter().take(options.top) {
                 let _ = writeln!(
@@ -306,15 +306,16 @@ fn render(
                     row.comm,
                     ms(row.stat.blocked.total_ns),
                     ms(row.stat.runq.total_ns),
-                    ms(dlm_agent::ebpf::decode::quantile_ns(&row.stat.runq, 0.99)),
+                    ms(row.stat.runq.max_ns),
                     row.stat.voluntary,
                     row.stat.involuntary
                 );
             }
             json!({"offcpu": rows.iter().take(options.top).map(|row| json!({
                 "pid": row.tgid, "comm": row.comm, "voluntary": row.stat.voluntary,
-                "involuntary": row.stat.involuntary, "blocked": stat_json(&row.stat.blocked),
-                "runqueue": stat_json(&row.stat.runq),
+                "involuntary": row.stat.involuntary,
+                "blocked_ns": row.stat.blocked.total_ns, "blocked_max_ns": row.stat.blocked.max_ns,
+                "runqueue_ns": row.stat.runq.total_ns, "runqueue_max_ns": row.stat.runq.max_ns,
             })).collect::<Vec<_>>()})
         }
         TraceCommand::Reclaim { options } => {

@@ -13,7 +13,7 @@ use std::collections::HashMap as StdHashMap;
 
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, PerCpuHashMap},
+    maps::{Array, HashMap, Map, PerCpuHashMap},
 };
 pub use dlm_ebpf_common::Attribution;
 
@@ -21,6 +21,8 @@ pub use dlm_ebpf_common::Attribution;
 pub struct AttributionMaps {
     pids: HashMap<aya::maps::MapData, u32, u32>,
     attribution: PerCpuHashMap<aya::maps::MapData, u32, Attribution>,
+    /// How many processes are tracked: zero lets the programs skip lookups.
+    tracked: Array<aya::maps::MapData, u32>,
     /// Locks held or waited for, by process; a process is in `DLM_PIDS`
     /// while this is non-zero.
     references: StdHashMap<u32, u32>,
@@ -30,9 +32,11 @@ impl AttributionMaps {
     pub(super) fn take(ebpf: &mut Ebpf) -> Option<AttributionMaps> {
         let pids: Map = ebpf.take_map("DLM_PIDS")?;
         let attribution: Map = ebpf.take_map("DLM_ATTR")?;
+        let tracked: Map = ebpf.take_map("DLM_TRACKED")?;
         Some(AttributionMaps {
             pids: HashMap::try_from(pids).ok()?,
             attribution: PerCpuHashMap::try_from(attribution).ok()?,
+            tracked: Array::try_from(tracked).ok()?,
             references: StdHashMap::new(),
         })
     }
@@ -49,6 +53,7 @@ impl AttributionMaps {
             // Mapped to itself: children the programs see it fork are mapped
             // to it too, and accounted under it.
             let _ = self.pids.insert(tgid, tgid, 0);
+            self.publish_count();
         }
     }
 
@@ -63,7 +68,13 @@ impl AttributionMaps {
             self.references.remove(&tgid);
             let _ = self.pids.remove(&tgid);
             let _ = self.attribution.remove(&tgid);
+            self.publish_count();
         }
+    }
+
+    fn publish_count(&mut self) {
+        let count = u32::try_from(self.references.len()).unwrap_or(u32::MAX);
+        let _ = self.tracked.set(0, count, 0);
     }
 
     /// Processes accounted now.

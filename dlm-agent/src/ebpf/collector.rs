@@ -95,13 +95,6 @@ fn add_bounded<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u64>, key: K, other
     *map.entry(key).or_insert(0) += value;
 }
 
-fn merge_sched(total: &mut SchedStat, other: &SchedStat) {
-    total.voluntary += other.voluntary;
-    total.involuntary += other.involuntary;
-    total.runq.merge(&other.runq);
-    total.blocked.merge(&other.blocked);
-}
-
 fn alive(tgid: u32) -> bool {
     std::path::Path::new(&format!("/proc/{tgid}")).exists()
 }
@@ -246,16 +239,19 @@ impl Reader {
     fn read_sched(&mut self, snapshot: &mut Snapshot) {
         let Ok(entries) = self.probes.sched_stats() else { return };
         let mut exited = Vec::new();
-        snapshot.sched = self.retired.sched;
+        let (runq, blocked) = self.probes.sched_histograms();
+        snapshot.sched = SchedStat { runq, blocked, ..self.retired.sched };
         snapshot.offcpu_by_comm = self.retired.offcpu_by_comm.clone();
         for (tgid, stat) in entries {
             let name = self.name(tgid);
-            merge_sched(&mut snapshot.sched, &stat);
+            snapshot.sched.voluntary += stat.voluntary;
+            snapshot.sched.involuntary += stat.involuntary;
             let times = snapshot.offcpu_by_comm.entry(name.clone()).or_insert((0, 0));
             times.0 += stat.blocked.total_ns;
             times.1 += stat.runq.total_ns;
             if !alive(tgid) {
-                merge_sched(&mut self.retired.sched, &stat);
+                self.retired.sched.voluntary += stat.voluntary;
+                self.retired.sched.involuntary += stat.involuntary;
                 let key = if self.retired.offcpu_by_comm.len() >= RETIRED_NAMES_MAX
                     && !self.retired.offcpu_by_comm.contains_key(&name)
                 {
@@ -270,7 +266,7 @@ impl Reader {
             }
         }
         if !exited.is_empty() {
-            let _ = self.probes.remove_where::<u32, SchedStat>("SCHED_STATS", |tgid| exited.contains(tgid));
+            self.probes.forget_tasks(&exited);
         }
     }
 

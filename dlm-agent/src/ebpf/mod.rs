@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod attribution;
+pub mod btf;
 pub mod collector;
 pub mod decode;
 pub mod programs;
@@ -20,10 +21,13 @@ use std::{collections::BTreeSet, os::fd::OwnedFd, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
-    programs::TracePoint,
+    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
+    programs::{BtfTracePoint, TracePoint},
 };
-use dlm_ebpf_common::{FutexKey, KernelEvent, LockKey, MemKey, OffcpuStackKey, SchedStat, WaitStat, capacity, drops};
+use dlm_ebpf_common::{
+    FutexKey, KernelEvent, LockKey, MemKey, OffcpuStackKey, SchedStat, TaskSched, WaitStat, capacity, drops,
+    sched_hists,
+};
 pub use programs::Family;
 
 pub use self::attribution::AttributionMaps;
@@ -126,6 +130,8 @@ pub struct Probes {
     links: usize,
     /// Keeps `BPF_ENABLE_STATS` on while held.
     run_stats: Option<OwnedFd>,
+    /// The kernel's BTF, read when the first BTF tracepoint is loaded.
+    btf: Option<aya::Btf>,
 }
 
 impl Probes {
@@ -140,7 +146,12 @@ impl Probes {
         let offcpu_stacks = u32::from(settings.offcpu_stacks);
         let offcpu_min = u64::try_from(settings.offcpu_min.as_nanos()).unwrap_or(u64::MAX);
         let long_stall = u64::try_from(settings.long_stall.as_nanos()).unwrap_or(u64::MAX);
+        let (pid_offset, tgid_offset) =
+            btf::task_pid_offsets().map_err(|e| ProbeError::Load(format!("task_struct offsets: {e}")))?;
+        let (pid_offset, tgid_offset) = (pid_offset as u64, tgid_offset as u64);
         let ebpf = EbpfLoader::new()
+            .override_global("TASK_PID_OFFSET", &pid_offset, true)
+            .override_global("TASK_TGID_OFFSET", &tgid_offset, true)
             .override_global("TARGET_TGID", &target_tgid, true)
             .override_global("LOCK_PER_TASK", &lock_per_task, true)
             .override_global("OFFCPU_STACKS_ON", &offcpu_stacks, true)
@@ -154,7 +165,7 @@ impl Probes {
                     ProbeError::Load(format!("{error:#}"))
                 }
             })?;
-        Ok(Probes { ebpf, attached: BTreeSet::new(), links: 0, run_stats: None })
+        Ok(Probes { ebpf, attached: BTreeSet::new(), links: 0, run_stats: None, btf: None })
     }
 
     /// Loads (verifies) and attaches the programs of `families`. Already
@@ -180,21 +191,29 @@ impl Probes {
                     tracepoint: attachment.tracepoint,
                     error,
                 };
-                let program = self
-                    .ebpf
-                    .program_mut(attachment.program)
-                    .ok_or_else(|| fail("no such program in the object".into()))?;
-                let program: &mut TracePoint = program.try_into().map_err(|e| fail(format!("{e}")))?;
-                if program.fd().is_err() {
-                    program.load().map_err(|e| {
-                        if is_permission_error(&e) {
-                            ProbeError::NotPermitted(format!("{e:#}"))
-                        } else {
-                            fail(verifier_message(&e))
-                        }
-                    })?;
+                if attachment.category == programs::BTF {
+                    if self.btf.is_none() {
+                        self.btf = Some(aya::Btf::from_sys_fs().map_err(|e| fail(format!("kernel BTF: {e}")))?);
+                    }
+                    let btf = self.btf.as_ref().ok_or_else(|| fail("kernel BTF".into()))?;
+                    let program = self
+                        .ebpf
+                        .program_mut(attachment.program)
+                        .ok_or_else(|| fail("no such program in the object".into()))?;
+                    let program: &mut BtfTracePoint = program.try_into().map_err(|e| fail(format!("{e}")))?;
+                    program.load(attachment.tracepoint, btf).map_err(|e| load_failed(&e, &fail))?;
+                    program.attach().map_err(|e| fail(format!("{e:#}")))?;
+                } else {
+                    let program = self
+                        .ebpf
+                        .program_mut(attachment.program)
+                        .ok_or_else(|| fail("no such program in the object".into()))?;
+                    let program: &mut TracePoint = program.try_into().map_err(|e| fail(format!("{e}")))?;
+                    if program.fd().is_err() {
+                        program.load().map_err(|e| load_failed(&e, &fail))?;
+                    }
+                    program.attach(attachment.category, attachment.tracepoint).map_err(|e| fail(format!("{e:#}")))?;
                 }
-                program.attach(attachment.category, attachment.tracepoint).map_err(|e| fail(format!("{e:#}")))?;
                 self.links += 1;
             }
             self.attached.insert(*family);
@@ -306,17 +325,57 @@ impl Probes {
         self.per_cpu_hash("FUTEX_STATS", WaitStat::merge)
     }
 
-    /// Off-CPU statistics by process.
+    /// Off-CPU statistics by process, summed over its threads' entries
+    /// (run-queue and blocked totals and maxima; the histograms are
+    /// system-wide, see [`Probes::sched_histograms`]).
     ///
     /// # Errors
     /// The map cannot be read.
     pub fn sched_stats(&self) -> Result<Vec<(u32, SchedStat)>, ProbeError> {
-        self.per_cpu_hash("SCHED_STATS", |total: &mut SchedStat, copy: &SchedStat| {
-            total.voluntary += copy.voluntary;
-            total.involuntary += copy.involuntary;
-            total.runq.merge(&copy.runq);
-            total.blocked.merge(&copy.blocked);
-        })
+        let name = "TASK_SCHED";
+        let map = self.ebpf.map(name).ok_or_else(|| ProbeError::Map(name, "not in the object".into()))?;
+        let map: HashMap<&MapData, u32, TaskSched> =
+            HashMap::try_from(map).map_err(|e| ProbeError::Map(name, e.to_string()))?;
+        let mut by_process: std::collections::BTreeMap<u32, SchedStat> = std::collections::BTreeMap::new();
+        for (_, task) in map.iter().flatten() {
+            if task.tgid == 0 {
+                continue;
+            }
+            let stat = by_process.entry(task.tgid).or_default();
+            stat.voluntary += task.voluntary;
+            stat.involuntary += task.involuntary;
+            stat.runq.total_ns += task.runq_ns;
+            stat.runq.max_ns = stat.runq.max_ns.max(task.runq_max_ns);
+            stat.blocked.total_ns += task.blocked_ns;
+            stat.blocked.max_ns = stat.blocked.max_ns.max(task.blocked_max_ns);
+        }
+        Ok(by_process.into_iter().collect())
+    }
+
+    /// System-wide (run-queue delay, blocked time) histograms.
+    pub fn sched_histograms(&self) -> (WaitStat, WaitStat) {
+        let read = |index: u32| {
+            self.ebpf
+                .map("SCHED_HIST")
+                .and_then(|map| PerCpuArray::<&MapData, WaitStat>::try_from(map).ok())
+                .and_then(|array| array.get(&index, 0).ok())
+                .map_or(WaitStat::ZERO, |copies| decode::sum_wait(copies.iter().copied()))
+        };
+        (read(sched_hists::RUNQ), read(sched_hists::BLOCKED))
+    }
+
+    /// Forgets the scheduler state of threads of the processes `exited`.
+    pub fn forget_tasks(&mut self, exited: &[u32]) {
+        self.forget_tasks_where(|task| exited.contains(&task.tgid));
+    }
+
+    fn forget_tasks_where(&mut self, matches: impl Fn(&TaskSched) -> bool) {
+        let Some(map) = self.ebpf.map_mut("TASK_SCHED") else { return };
+        let Ok(mut map) = HashMap::<&mut MapData, u32, TaskSched>::try_from(map) else { return };
+        let threads: Vec<u32> = map.iter().flatten().filter(|(_, task)| matches(task)).map(|(pid, _)| pid).collect();
+        for pid in threads {
+            let _ = map.remove(&pid);
+        }
     }
 
     /// Blocked time by stacks.
@@ -342,7 +401,17 @@ impl Probes {
     pub fn reset(&mut self) -> Result<(), ProbeError> {
         self.clear::<LockKey, WaitStat>("LOCK_STATS")?;
         self.clear::<FutexKey, WaitStat>("FUTEX_STATS")?;
-        self.clear::<u32, SchedStat>("SCHED_STATS")?;
+        self.forget_tasks_where(|_| true);
+        if let Some(map) = self.ebpf.map_mut("SCHED_HIST")
+            && let Ok(mut array) = PerCpuArray::<&mut MapData, WaitStat>::try_from(map)
+        {
+            let cpus = aya::util::nr_cpus().unwrap_or(1);
+            for index in [sched_hists::RUNQ, sched_hists::BLOCKED] {
+                if let Ok(zeros) = aya::maps::PerCpuValues::try_from(vec![WaitStat::ZERO; cpus]) {
+                    let _ = array.set(index, zeros, 0);
+                }
+            }
+        }
         self.clear::<OffcpuStackKey, u64>("OFFCPU_STACKS")?;
         self.clear::<MemKey, WaitStat>("MEM_STATS")
     }
@@ -365,6 +434,13 @@ impl Probes {
         (0..drops::COUNT).map(|index| (drops::NAMES[index as usize], self.per_cpu_array_sum("DROPS", index))).collect()
     }
 
+    fn count_plain<K: Pod, V: Pod>(&self, name: &'static str) -> u64 {
+        self.ebpf
+            .map(name)
+            .and_then(|map| HashMap::<&MapData, K, V>::try_from(map).ok())
+            .map_or(0, |map| map.keys().flatten().count() as u64)
+    }
+
     fn count<K: Pod, V: Pod>(&self, name: &'static str) -> u64 {
         self.ebpf
             .map(name)
@@ -384,7 +460,7 @@ impl Probes {
         vec![
             fill("LOCK_STATS", self.count::<LockKey, WaitStat>("LOCK_STATS"), capacity::LOCK_STATS),
             fill("FUTEX_STATS", self.count::<FutexKey, WaitStat>("FUTEX_STATS"), capacity::FUTEX_STATS),
-            fill("SCHED_STATS", self.count::<u32, SchedStat>("SCHED_STATS"), capacity::SCHED_STATS),
+            fill("TASK_SCHED", self.count_plain::<u32, TaskSched>("TASK_SCHED"), capacity::SCHED_STATE),
             fill("OFFCPU_STACKS", self.count::<OffcpuStackKey, u64>("OFFCPU_STACKS"), capacity::OFFCPU_STACKS),
             fill("MEM_STATS", self.count::<MemKey, WaitStat>("MEM_STATS"), capacity::MEM_STATS),
             fill("STACKS", stacks, capacity::STACKS),
@@ -407,6 +483,15 @@ impl Probes {
     /// Takes the ring buffer of rare events (OOM victims, long stalls).
     pub fn take_events(&mut self) -> Option<aya::maps::RingBuf<MapData>> {
         self.ebpf.take_map("EVENTS").and_then(|map| aya::maps::RingBuf::try_from(map).ok())
+    }
+}
+
+/// A program the kernel refused: for lack of privilege, or by the verifier.
+fn load_failed(error: &aya::programs::ProgramError, fail: &dyn Fn(String) -> ProbeError) -> ProbeError {
+    if is_permission_error(error) {
+        ProbeError::NotPermitted(format!("{error:#}"))
+    } else {
+        fail(verifier_message(error))
     }
 }
 

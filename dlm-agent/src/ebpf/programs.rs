@@ -34,7 +34,8 @@ impl Family {
 pub struct Attachment {
     /// The program's name in the object (its function name).
     pub program: &'static str,
-    /// Tracepoint category (`/sys/kernel/tracing/events/<category>`).
+    /// Tracepoint category (`/sys/kernel/tracing/events/<category>`), or
+    /// [`BTF`] for a BTF tracepoint (attached by name, no tracefs).
     pub category: &'static str,
     /// Tracepoint name.
     pub tracepoint: &'static str,
@@ -42,12 +43,16 @@ pub struct Attachment {
     pub family: Family,
 }
 
+/// The category of BTF tracepoints.
+pub const BTF: &str = "btf";
+
 const fn at(program: &'static str, category: &'static str, tracepoint: &'static str, family: Family) -> Attachment {
     Attachment { program, category, tracepoint, family }
 }
 
-/// Every attachment. A program may appear more than once (one program serves
-/// both futex exits, and both wake-up tracepoints).
+/// Every attachment. A program may appear more than once on classic
+/// tracepoints (one program serves both futex exits); a BTF tracepoint
+/// program is bound to its tracepoint when loaded.
 pub const ATTACHMENTS: &[Attachment] = &[
     at("dlm_lock_contention_begin", "lock", "contention_begin", Family::Locks),
     at("dlm_lock_contention_end", "lock", "contention_end", Family::Locks),
@@ -55,9 +60,9 @@ pub const ATTACHMENTS: &[Attachment] = &[
     at("dlm_futex_exit", "syscalls", "sys_exit_futex", Family::Futex),
     at("dlm_futex_waitv_enter", "syscalls", "sys_enter_futex_waitv", Family::Futex),
     at("dlm_futex_exit", "syscalls", "sys_exit_futex_waitv", Family::Futex),
-    at("dlm_sched_switch", "sched", "sched_switch", Family::Sched),
-    at("dlm_sched_wakeup", "sched", "sched_wakeup", Family::Sched),
-    at("dlm_sched_wakeup", "sched", "sched_wakeup_new", Family::Sched),
+    at("dlm_sched_switch", BTF, "sched_switch", Family::Sched),
+    at("dlm_sched_wakeup", BTF, "sched_wakeup", Family::Sched),
+    at("dlm_sched_wakeup_new", BTF, "sched_wakeup_new", Family::Sched),
     at("dlm_process_fork", "sched", "sched_process_fork", Family::Sched),
     at("dlm_process_exit", "sched", "sched_process_exit", Family::Sched),
     at("dlm_direct_reclaim_begin", "vmscan", "mm_vmscan_direct_reclaim_begin", Family::Memory),
@@ -81,11 +86,6 @@ pub const FIELD_OFFSETS: &[(&str, &str, &str, usize, usize)] = &[
     ("syscalls", "sys_enter_futex", "uaddr", 16, 8),
     ("syscalls", "sys_enter_futex", "op", 24, 8),
     ("syscalls", "sys_enter_futex_waitv", "waiters", 16, 8),
-    ("sched", "sched_switch", "prev_pid", 24, 4),
-    ("sched", "sched_switch", "prev_state", 32, 8),
-    ("sched", "sched_switch", "next_pid", 56, 4),
-    ("sched", "sched_wakeup", "pid", 24, 4),
-    ("sched", "sched_wakeup_new", "pid", 24, 4),
     ("sched", "sched_process_fork", "child_pid", 20, 4),
     ("sched", "sched_process_exit", "group_dead", 32, 1),
     ("oom", "mark_victim", "pid", 8, 4),

@@ -193,6 +193,55 @@ impl SchedStat {
         SchedStat { voluntary: 0, involuntary: 0, runq: WaitStat::ZERO, blocked: WaitStat::ZERO };
 }
 
+/// What the scheduler programs know of one thread (the `TASK_SCHED` map,
+/// LRU so exited threads age out). The counters live here rather than in a
+/// per-process map so a context switch costs two lookups, not four; userspace
+/// sums threads into processes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskSched {
+    /// Process id (0 until known).
+    pub tgid: u32,
+    /// [`task_states`].
+    pub state: u32,
+    /// When the thread entered `state`.
+    pub since_ns: u64,
+    /// Kernel stack at the last sleeping switch out (negative: none).
+    pub kernel_stack: i32,
+    /// User stack at the last sleeping switch out (negative: none).
+    pub user_stack: i32,
+    /// Switches out in a sleeping state.
+    pub voluntary: u64,
+    /// Switches out while runnable (preempted).
+    pub involuntary: u64,
+    /// Time runnable, waiting for a CPU.
+    pub runq_ns: u64,
+    /// Longest such wait.
+    pub runq_max_ns: u64,
+    /// Time blocked.
+    pub blocked_ns: u64,
+    /// Longest block.
+    pub blocked_max_ns: u64,
+}
+
+/// [`TaskSched::state`] values.
+pub mod task_states {
+    /// On a CPU.
+    pub const RUNNING: u32 = 0;
+    /// Runnable, waiting for a CPU.
+    pub const RUNNABLE: u32 = 1;
+    /// Sleeping.
+    pub const BLOCKED: u32 = 2;
+}
+
+/// Indexes of the system-wide scheduler histograms (`SCHED_HIST`).
+pub mod sched_hists {
+    /// Run-queue delay.
+    pub const RUNQ: u32 = 0;
+    /// Blocked time.
+    pub const BLOCKED: u32 = 1;
+}
+
 /// Key of the folded off-CPU stack map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -382,6 +431,7 @@ mod pod {
     unsafe impl aya::Pod for super::LockKey {}
     unsafe impl aya::Pod for super::FutexKey {}
     unsafe impl aya::Pod for super::SchedStat {}
+    unsafe impl aya::Pod for super::TaskSched {}
     unsafe impl aya::Pod for super::OffcpuStackKey {}
     unsafe impl aya::Pod for super::MemKey {}
     unsafe impl aya::Pod for super::Attribution {}

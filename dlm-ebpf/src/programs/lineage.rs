@@ -7,11 +7,9 @@
 //! `bool group_dead` at 32.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, macros::tracepoint, programs::TracePointContext};
+use dlm_ebpf_common::task_states::RUNNING;
 
-use super::{
-    DLM_PIDS, attribute, current_ids, now_ns,
-    sched::{RUNNING, TASK_SCHED},
-};
+use super::{DLM_PIDS, attribute, current_ids, now_ns, sched::TASK_SCHED};
 
 const CHILD_PID_OFFSET: usize = 20;
 const GROUP_DEAD_OFFSET: usize = 32;

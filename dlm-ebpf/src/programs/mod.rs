@@ -12,7 +12,7 @@ mod sched;
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
     macros::map,
-    maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
+    maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
 use dlm_ebpf_common::{Attribution, KernelEvent, WaitStat, capacity, drops};
 
@@ -29,6 +29,12 @@ static OFFCPU_STACKS_ON: u32 = 0;
 /// Minimum block time, in ns, for a folded off-CPU stack to be recorded.
 #[unsafe(no_mangle)]
 static OFFCPU_MIN_NS: u64 = 1_000_000;
+/// Offset of `pid` in `struct task_struct` (from the kernel's BTF).
+#[unsafe(no_mangle)]
+static TASK_PID_OFFSET: u64 = 0;
+/// Offset of `tgid` in `struct task_struct`.
+#[unsafe(no_mangle)]
+static TASK_TGID_OFFSET: u64 = 0;
 /// A memory stall at least this long, in ns, is also sent as an event.
 #[unsafe(no_mangle)]
 static LONG_STALL_NS: u64 = 10_000_000;
@@ -57,6 +63,11 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(drops::COUNT, 0);
 /// LRU, so forgotten children age out.
 #[map]
 static DLM_PIDS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(capacity::DLM_PIDS, 0);
+
+/// How many clients the agent tracks (index 0): while zero, the programs
+/// skip the `DLM_PIDS` lookups (an array lookup is a plain load).
+#[map]
+static DLM_TRACKED: Array<u32> = Array::with_max_entries(1, 0);
 
 /// Where the time of each tracked process went.
 #[map]
@@ -109,10 +120,17 @@ fn record_wait<K>(map: &PerCpuHashMap<K, WaitStat>, key: &K, ns: u64, drop: u32)
     }
 }
 
+/// Whether any process is tracked.
+#[inline(always)]
+fn any_tracked() -> bool {
+    // SAFETY: an array slot (always present); a torn read is impossible for u32.
+    DLM_TRACKED.get_ptr(0).is_some_and(|count| unsafe { *count } != 0)
+}
+
 /// Whether the agent tracks `tgid` as a DLM lock holder or waiter.
 #[inline(always)]
 fn is_tracked(tgid: u32) -> bool {
-    DLM_PIDS.get_ptr(tgid).is_some()
+    any_tracked() && DLM_PIDS.get_ptr(tgid).is_some()
 }
 
 /// Whether statistics are kept for `tgid` under the `TARGET_TGID` filter.
@@ -126,6 +144,9 @@ fn is_measured(tgid: u32) -> bool {
 /// accounted to); a no-op for others.
 #[inline(always)]
 fn attribute(tgid: u32, add: impl FnOnce(&mut Attribution)) {
+    if !any_tracked() {
+        return;
+    }
     let Some(group) = DLM_PIDS.get_ptr(tgid) else {
         return;
     };
