@@ -3,8 +3,8 @@
 //! The dlm node service and its command line. One agent runs per node; the
 //! applications on the node take locks through it over gRPC (a Unix socket
 //! by default, TCP when configured). The lock semantics are `dlm-core`'s;
-//! this crate owns the sockets, the sessions' lifetimes, the clock, metrics
-//! and the CLI.
+//! this crate owns the sockets, the sessions' lifetimes, the clock, metrics,
+//! the eBPF loader and the CLI.
 //!
 //! ```text
 //!  app ─┐  gRPC Session stream        ┌──────────── dlm-agent ─────────────┐
@@ -13,6 +13,12 @@
 //!                                     │ axum: /metrics /healthz /readyz      │
 //!                                     └──────────────────────────────────────┘
 //! ```
+//!
+//! With root or CAP_BPF+CAP_PERFMON it also loads the eBPF programs of
+//! `dlm-ebpf` ([`ebpf`]): kernel lock, futex, scheduler and memory-pressure
+//! statistics as metrics, and, for each lock, where its client's time went
+//! while it waited and held ([`kernel_evidence`]). [`probes`] are USDT probe
+//! points for bpftrace.
 //!
 //! It is not (yet) a cluster member: every lockspace is local to the node.
 //! The Rust client library is [`client`].

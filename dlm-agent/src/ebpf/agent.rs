@@ -9,7 +9,7 @@ use std::{
 };
 
 use super::{
-    AttributionMaps, Family, ProbeError, Probes, Settings,
+    AttributionMaps, Family, Probes, Settings,
     collector::{self, EbpfState, KernelMetrics, Reader, ReaderGuard, Snapshot},
 };
 
@@ -36,20 +36,24 @@ pub fn start(enabled: bool, interval: Duration, long_stall: Duration) -> AgentPr
         return off(EbpfState::Disabled);
     }
     let settings = Settings { long_stall, ..Settings::default() };
-    let mut probes = match Probes::load(&settings).and_then(|mut probes| {
-        probes.attach(&Family::ALL)?;
-        Ok(probes)
-    }) {
+    let mut probes = match Probes::load(&settings) {
         Ok(probes) => probes,
-        Err(error @ ProbeError::NotPermitted(_)) => {
-            tracing::warn!("eBPF observation is off: {error}");
-            return off(EbpfState::Unavailable(error.to_string()));
-        }
         Err(error) => {
             tracing::warn!("eBPF observation is off: {error}");
             return off(EbpfState::Unavailable(error.to_string()));
         }
     };
+    // Each family on its own: one that cannot attach (a tracepoint missing
+    // from this kernel, tracefs not readable) leaves the others working.
+    for family in Family::ALL {
+        if let Err(error) = probes.attach(&[family]) {
+            tracing::warn!(family = family.name(), "eBPF family not attached: {error}");
+        }
+    }
+    if probes.attached().is_empty() {
+        tracing::warn!("eBPF observation is off: no program family could be attached");
+        return off(EbpfState::Unavailable("no family attached".into()));
+    }
     let attribution = probes.take_attribution_maps();
     tracing::info!(links = probes.links(), "eBPF programs attached");
     let reader = collector::spawn(Reader::new(probes), interval, snapshot.clone());
