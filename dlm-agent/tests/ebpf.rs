@@ -16,7 +16,7 @@ use dlm_agent::ebpf::{
     symbols::KernelSymbols,
     tracefs,
 };
-use support::{Agent, ebpf_available};
+use support::{Agent, LowMemoryCgroup, ebpf_available};
 
 fn probes(settings: Settings, family: Family) -> Probes {
     let mut probes = Probes::load(&settings).expect("load");
@@ -162,53 +162,6 @@ fn concurrent_mmap_and_munmap_show_kernel_lock_contention_with_a_resolvable_stac
     let resolved = resolved.unwrap_or_else(|| panic!("no row with a symbolized stack: {rows:?}"));
     assert_ne!(resolved.caller, "[unknown]");
     assert!(rows.iter().all(|row| row.lock_type != "unknown"), "{rows:?}");
-}
-
-/// A memory cgroup with a low limit, removed when dropped.
-struct LowMemoryCgroup {
-    path: std::path::PathBuf,
-}
-
-impl LowMemoryCgroup {
-    fn create(tag: &str, limit: u64) -> Option<LowMemoryCgroup> {
-        // cgroup v1 memory controller, then v2.
-        for (root, limit_file) in
-            [("/sys/fs/cgroup/memory", "memory.limit_in_bytes"), ("/sys/fs/cgroup/unified", "memory.max")]
-        {
-            let path = std::path::Path::new(root).join(format!("dlm-test-{}-{tag}", std::process::id()));
-            if std::fs::create_dir(&path).is_ok() {
-                if std::fs::write(path.join(limit_file), limit.to_string()).is_ok() {
-                    return Some(LowMemoryCgroup { path });
-                }
-                let _ = std::fs::remove_dir(&path);
-            }
-        }
-        None
-    }
-
-    /// Runs `script` with sh inside the cgroup and waits for it.
-    fn run(&self, script: &str) -> std::process::ExitStatus {
-        let procs = self.path.join("cgroup.procs");
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("echo $$ > {} && {script}", procs.display()))
-            .stderr(Stdio::null())
-            .status()
-            .expect("sh")
-    }
-}
-
-impl Drop for LowMemoryCgroup {
-    fn drop(&mut self) {
-        // Processes must leave first; ours have exited. Retry briefly while
-        // the kernel finishes uncharging.
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.path).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
 }
 
 #[test]

@@ -177,3 +177,50 @@ pub fn ebpf_available(test: &str) -> bool {
         }
     }
 }
+
+/// A memory cgroup with a low limit, removed when dropped.
+pub struct LowMemoryCgroup {
+    path: std::path::PathBuf,
+}
+
+impl LowMemoryCgroup {
+    pub fn create(tag: &str, limit: u64) -> Option<LowMemoryCgroup> {
+        // cgroup v1 memory controller, then v2.
+        for (root, limit_file) in
+            [("/sys/fs/cgroup/memory", "memory.limit_in_bytes"), ("/sys/fs/cgroup/unified", "memory.max")]
+        {
+            let path = std::path::Path::new(root).join(format!("dlm-test-{}-{tag}", std::process::id()));
+            if std::fs::create_dir(&path).is_ok() {
+                if std::fs::write(path.join(limit_file), limit.to_string()).is_ok() {
+                    return Some(LowMemoryCgroup { path });
+                }
+                let _ = std::fs::remove_dir(&path);
+            }
+        }
+        None
+    }
+
+    /// Runs `script` with sh inside the cgroup and waits for it.
+    pub fn run(&self, script: &str) -> std::process::ExitStatus {
+        let procs = self.path.join("cgroup.procs");
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > {} && {script}", procs.display()))
+            .stderr(Stdio::null())
+            .status()
+            .expect("sh")
+    }
+}
+
+impl Drop for LowMemoryCgroup {
+    fn drop(&mut self) {
+        // Processes must leave first; ours have exited. Retry briefly while
+        // the kernel finishes uncharging.
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
