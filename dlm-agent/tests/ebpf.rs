@@ -188,6 +188,7 @@ fn writing_past_a_low_cgroup_limit_shows_reclaim_stalls_and_an_oom_kill() {
     let memcg: Vec<_> = rows.iter().filter(|r| r.kind == "memcg_reclaim").collect();
     assert!(!memcg.is_empty(), "no memcg reclaim stall seen: {rows:?}");
     assert!(memcg.iter().map(|r| r.stat.count).sum::<u64>() >= 1);
+    assert!(memcg.iter().any(|r| r.comm == "dd"), "dd has exited; its recorded name stays: {memcg:?}");
     let mut kinds = Vec::new();
     while let Some(item) = events.next() {
         if let Some(event) = dlm_agent::ebpf::decode_event(&item) {

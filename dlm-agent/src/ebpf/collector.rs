@@ -280,7 +280,10 @@ impl Reader {
             if kind >= stall_kinds::COUNT {
                 continue;
             }
-            let name = self.name(key.tgid);
+            let name = match self.name(key.tgid) {
+                name if name == "[exited]" => report::comm_or(key.tgid, &key.comm),
+                name => name,
+            };
             let kind_name = decode::stall_kind(key.kind);
             snapshot.stalls[kind].merge(&stat);
             *snapshot.stalls_by_comm.entry((name.clone(), kind_name)).or_insert(0) += stat.total_ns;

@@ -17,6 +17,17 @@ pub fn comm(tgid: u32) -> String {
         .unwrap_or_else(|_| "[exited]".to_owned())
 }
 
+/// The command name of a process, or the one a program recorded (NUL-padded)
+/// when the process is gone.
+pub fn comm_or(tgid: u32, recorded: &[u8; 16]) -> String {
+    let name = comm(tgid);
+    if name != "[exited]" || recorded[0] == 0 {
+        return name;
+    }
+    let end = recorded.iter().position(|b| *b == 0).unwrap_or(recorded.len());
+    String::from_utf8_lossy(&recorded[..end]).into_owned()
+}
+
 /// Which processes to show.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
@@ -220,7 +231,7 @@ pub struct StallRow {
 pub fn stall_rows(probes: &Probes, filter: &Filter) -> Result<Vec<StallRow>, ProbeError> {
     let mut rows = Vec::new();
     for (key, stat) in probes.mem_stats()? {
-        let comm = comm(key.tgid);
+        let comm = comm_or(key.tgid, &key.comm);
         if filter.accepts(key.tgid, &comm) {
             rows.push(StallRow { tgid: key.tgid, comm, kind: decode::stall_kind(key.kind), cgroup: key.cgroup, stat });
         }
@@ -271,6 +282,16 @@ mod tests {
         let all_lock: Vec<String> = vec!["mutex_lock".into()];
         assert_eq!(caller(&all_lock), "mutex_lock");
         assert_eq!(caller(&[]), "[unknown]");
+    }
+
+    #[test]
+    fn exited_processes_keep_their_recorded_name() {
+        let mut recorded = [0u8; 16];
+        recorded[..2].copy_from_slice(b"dd");
+        // No process has pid u32::MAX.
+        assert_eq!(comm_or(u32::MAX, &recorded), "dd");
+        assert_eq!(comm_or(u32::MAX, &[0; 16]), "[exited]");
+        assert_eq!(comm_or(std::process::id(), &recorded), comm(std::process::id()));
     }
 
     #[test]

@@ -278,6 +278,9 @@ pub struct MemKey {
     pub kind: u32,
     /// cgroup v2 id of the task (`bpf_get_current_cgroup_id`).
     pub cgroup: u64,
+    /// The task's command name when it stalled: short-lived processes are
+    /// gone from `/proc` by the time the map is read.
+    pub comm: [u8; 16],
 }
 
 /// Where the time of a process that holds or waits for a DLM lock went,

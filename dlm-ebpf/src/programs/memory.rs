@@ -56,8 +56,10 @@ fn end(kind: u32) {
     let stalled = now.saturating_sub(unsafe { *start });
     let _ = STALL_START.remove(key);
     let cgroup = cgroup_id();
+    // Stalls are rare: the name costs little here and saves it for exited processes.
+    let comm = bpf_get_current_comm().unwrap_or([0; 16]);
     if is_measured(tgid) {
-        record_wait(&MEM_STATS, &MemKey { tgid, kind, cgroup }, stalled, drops::MEM_STATS);
+        record_wait(&MEM_STATS, &MemKey { tgid, kind, cgroup, comm }, stalled, drops::MEM_STATS);
     }
     attribute(tgid, |a| a.reclaim_ns += stalled);
     if stalled >= setting!(LONG_STALL_NS) {
@@ -69,7 +71,7 @@ fn end(kind: u32) {
             value: stalled,
             cgroup,
             time_ns: now,
-            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+            comm,
         });
     }
 }
