@@ -39,6 +39,10 @@ pub struct Config {
     pub ebpf_interval: Duration,
     /// Memory stalls at least this long also become spans.
     pub ebpf_long_stall: Duration,
+    /// The program families to attach (all by default): leaving one out
+    /// saves its cost (the futex family's syscall tracepoints slow every
+    /// system call on the node).
+    pub ebpf_families: Vec<crate::ebpf::Family>,
 }
 
 /// A lockspace the agent creates at start.
@@ -83,6 +87,7 @@ impl Default for Config {
             ebpf: true,
             ebpf_interval: Duration::from_secs(5),
             ebpf_long_stall: Duration::from_millis(10),
+            ebpf_families: crate::ebpf::Family::ALL.to_vec(),
         }
     }
 }
@@ -115,6 +120,7 @@ struct FileEbpf {
     enabled: Option<bool>,
     interval: Option<String>,
     long_stall: Option<String>,
+    families: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -291,6 +297,16 @@ impl Config {
                     return Err(invalid("ebpf.interval", "must be at least 100ms"));
                 }
             }
+            if let Some(families) = ebpf.families {
+                self.ebpf_families = families
+                    .iter()
+                    .map(|name| {
+                        crate::ebpf::Family::ALL.into_iter().find(|f| f.name() == name).ok_or_else(|| {
+                            invalid("ebpf.families", format!("unknown family {name:?} (locks, futex, sched, memory)"))
+                        })
+                    })
+                    .collect::<Result<_, _>>()?;
+            }
             if let Some(long_stall) = ebpf.long_stall {
                 self.ebpf_long_stall = parse_duration(&long_stall).map_err(|m| invalid("ebpf.long_stall", m))?;
             }
@@ -355,6 +371,12 @@ mod tests {
         std::fs::write(&path, "keepalive = \"soon\"\n").expect("write");
         let error = Config::load(Some(&path), &Overrides::default()).expect_err("invalid").to_string();
         assert!(error.contains("keepalive"), "{error}");
+        std::fs::write(&path, "[ebpf]\nfamilies = [\"sched\", \"memory\"]\n").expect("write");
+        let config = Config::load(Some(&path), &Overrides::default()).expect("valid");
+        assert_eq!(config.ebpf_families, vec![crate::ebpf::Family::Sched, crate::ebpf::Family::Memory]);
+        std::fs::write(&path, "[ebpf]\nfamilies = [\"disk\"]\n").expect("write");
+        let error = Config::load(Some(&path), &Overrides::default()).expect_err("bad family").to_string();
+        assert!(error.contains("ebpf.families") && error.contains("disk"), "{error}");
         std::fs::write(&path, "colour = \"blue\"\n").expect("write");
         let error = Config::load(Some(&path), &Overrides::default()).expect_err("unknown key").to_string();
         assert!(error.contains("colour"), "{error}");

@@ -82,7 +82,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         }
         None => None,
     };
-    let probes = crate::ebpf::agent::start(config.ebpf, config.ebpf_interval, config.ebpf_long_stall);
+    let probes = crate::ebpf::agent::start(&config);
     metrics.register(Box::new(probes.metrics));
     // Held until the agent stops: dropping it stops the map reader.
     let _ebpf_reader = probes.reader;

@@ -1,15 +1,12 @@
-//! What `dlm-agent run` does with eBPF: load and attach every family when
-//! permitted, hand the attribution maps to the engine, and read the rest into
+//! What `dlm-agent run` does with eBPF: load and attach the configured
+//! families (`[ebpf] families`, all by default) when permitted, hand the attribution maps to the engine, and read the rest into
 //! metrics. When not permitted (or turned off), one log line, a metric that
 //! says so, and the agent runs on without.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::sync::{Arc, Mutex};
 
 use super::{
-    AttributionMaps, Family, Probes, Settings,
+    AttributionMaps, Probes, Settings,
     collector::{self, EbpfState, KernelMetrics, Reader, ReaderGuard, Snapshot},
 };
 
@@ -23,8 +20,9 @@ pub struct AgentProbes {
     pub reader: Option<ReaderGuard>,
 }
 
-/// Loads and attaches everything, or explains why not.
-pub fn start(enabled: bool, interval: Duration, long_stall: Duration) -> AgentProbes {
+/// Loads and attaches the configured families, or explains why not.
+pub fn start(config: &crate::config::Config) -> AgentProbes {
+    let (enabled, interval, long_stall) = (config.ebpf, config.ebpf_interval, config.ebpf_long_stall);
     let snapshot = Arc::new(Mutex::new(Snapshot::default()));
     let off = |state: EbpfState| AgentProbes {
         attribution: None,
@@ -45,7 +43,7 @@ pub fn start(enabled: bool, interval: Duration, long_stall: Duration) -> AgentPr
     };
     // Each family on its own: one that cannot attach (a tracepoint missing
     // from this kernel, tracefs not readable) leaves the others working.
-    for family in Family::ALL {
+    for &family in &config.ebpf_families {
         if let Err(error) = probes.attach(&[family]) {
             tracing::warn!(family = family.name(), "eBPF family not attached: {error}");
         }
