@@ -17,7 +17,7 @@ pub mod report;
 pub mod symbols;
 pub mod tracefs;
 
-use std::{collections::BTreeSet, os::fd::OwnedFd, time::Duration};
+use std::{collections::BTreeSet, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
@@ -128,8 +128,6 @@ pub struct Probes {
     ebpf: Ebpf,
     attached: BTreeSet<Family>,
     links: usize,
-    /// Keeps `BPF_ENABLE_STATS` on while held.
-    run_stats: Option<OwnedFd>,
     /// The kernel's BTF, read when the first BTF tracepoint is loaded.
     btf: Option<aya::Btf>,
 }
@@ -165,7 +163,7 @@ impl Probes {
                     ProbeError::Load(format!("{error:#}"))
                 }
             })?;
-        Ok(Probes { ebpf, attached: BTreeSet::new(), links: 0, run_stats: None, btf: None })
+        Ok(Probes { ebpf, attached: BTreeSet::new(), links: 0, btf: None })
     }
 
     /// Loads (verifies) and attaches the programs of `families`. Already
@@ -229,17 +227,6 @@ impl Probes {
     /// Number of tracepoint links attached.
     pub fn links(&self) -> usize {
         self.links
-    }
-
-    /// Turns the kernel's per-program run time and count on for as long as
-    /// these probes live (needs CAP_SYS_ADMIN; otherwise the sysctl
-    /// `kernel.bpf_stats_enabled` decides). Returns whether it is on.
-    pub fn enable_run_stats(&mut self) -> bool {
-        if self.run_stats.is_none() {
-            self.run_stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).ok();
-        }
-        self.run_stats.is_some()
-            || std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1")
     }
 
     /// Run time and count of every loaded program.

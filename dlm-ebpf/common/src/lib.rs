@@ -372,27 +372,24 @@ pub mod drops {
     pub const FUTEX_STATS: u32 = 2;
     /// Per-task scheduler state.
     pub const SCHED_STATE: u32 = 3;
-    /// Off-CPU statistics.
-    pub const SCHED_STATS: u32 = 4;
     /// Folded off-CPU stacks.
-    pub const OFFCPU_STACKS: u32 = 5;
+    pub const OFFCPU_STACKS: u32 = 4;
     /// Memory-stall statistics.
-    pub const MEM_STATS: u32 = 6;
+    pub const MEM_STATS: u32 = 5;
     /// DLM attribution.
-    pub const ATTRIBUTION: u32 = 7;
+    pub const ATTRIBUTION: u32 = 6;
     /// Ring buffer full.
-    pub const EVENTS: u32 = 8;
+    pub const EVENTS: u32 = 7;
     /// Per-task start times (lock, futex, reclaim).
-    pub const STARTS: u32 = 9;
+    pub const STARTS: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 9;
     /// Names of the counters, by index, as metric label values.
     pub const NAMES: [&str; COUNT as usize] = [
         "lock_stats",
         "stacks",
         "futex_stats",
         "sched_state",
-        "sched_stats",
         "offcpu_stacks",
         "mem_stats",
         "attribution",
@@ -411,8 +408,6 @@ pub mod capacity {
     pub const FUTEX_STATS: u32 = 8192;
     /// Threads whose scheduler state is followed (LRU: the oldest are evicted).
     pub const SCHED_STATE: u32 = 32768;
-    /// Processes with off-CPU statistics.
-    pub const SCHED_STATS: u32 = 4096;
     /// Folded off-CPU stack entries.
     pub const OFFCPU_STACKS: u32 = 8192;
     /// Memory-stall entries.
