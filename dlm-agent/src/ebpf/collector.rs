@@ -9,7 +9,7 @@
 //! and their time kept here, so every counter only grows.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -91,8 +91,13 @@ struct Retired {
 
 /// Adds `value` under `key`, or under `other` once `map` has `max` keys.
 fn add_bounded<K: std::hash::Hash + Eq>(map: &mut HashMap<K, u64>, key: K, other: K, value: u64, max: usize) {
+    *bounded_entry(map, key, other, max) += value;
+}
+
+/// The entry for `key`, or for `other` once `map` has `max` keys.
+fn bounded_entry<K: std::hash::Hash + Eq, V: Default>(map: &mut HashMap<K, V>, key: K, other: K, max: usize) -> &mut V {
     let key = if map.len() >= max && !map.contains_key(&key) { other } else { key };
-    *map.entry(key).or_insert(0) += value;
+    map.entry(key).or_default()
 }
 
 fn alive(tgid: u32) -> bool {
@@ -252,14 +257,8 @@ impl Reader {
             if !alive(tgid) {
                 self.retired.sched.voluntary += stat.voluntary;
                 self.retired.sched.involuntary += stat.involuntary;
-                let key = if self.retired.offcpu_by_comm.len() >= RETIRED_NAMES_MAX
-                    && !self.retired.offcpu_by_comm.contains_key(&name)
-                {
-                    "other".to_owned()
-                } else {
-                    name
-                };
-                let times = self.retired.offcpu_by_comm.entry(key).or_insert((0, 0));
+                let times =
+                    bounded_entry(&mut self.retired.offcpu_by_comm, name, "other".to_owned(), RETIRED_NAMES_MAX);
                 times.0 += stat.blocked.total_ns;
                 times.1 += stat.runq.total_ns;
                 exited.push(tgid);
@@ -566,21 +565,20 @@ impl Collector for KernelMetrics {
         ));
         let offcpu_total: HashMap<String, u64> =
             snapshot.offcpu_by_comm.iter().map(|(comm, (blocked, runq))| (comm.clone(), blocked + runq)).collect();
+        // The top processes by blocked + run-queue time keep their names;
+        // the rest is summed under `other`, both states alike.
+        let top: Vec<String> = top_k(&offcpu_total, TOP_K, "other".to_owned()).into_iter().map(|(n, _)| n).collect();
+        let mut grouped: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for (comm, (blocked, runq)) in &snapshot.offcpu_by_comm {
+            let name = if top.contains(comm) { comm.as_str() } else { "other" };
+            let times = grouped.entry(name).or_default();
+            times.0 += blocked;
+            times.1 += runq;
+        }
         let mut offcpu = Vec::new();
-        for (comm, _) in top_k(&offcpu_total, TOP_K, "other".to_owned()) {
-            let (blocked, runq) = if comm == "other" {
-                let top: Vec<String> =
-                    top_k(&offcpu_total, TOP_K, String::new()).into_iter().map(|(name, _)| name).collect();
-                snapshot
-                    .offcpu_by_comm
-                    .iter()
-                    .filter(|(name, _)| *name == "other" || !top.contains(name))
-                    .fold((0, 0), |acc, (_, (b, r))| (acc.0 + b, acc.1 + r))
-            } else {
-                snapshot.offcpu_by_comm.get(&comm).copied().unwrap_or_default()
-            };
-            offcpu.push(counter(seconds(blocked), &[("comm", &comm), ("state", "blocked")]));
-            offcpu.push(counter(seconds(runq), &[("comm", &comm), ("state", "runqueue")]));
+        for (comm, (blocked, runq)) in grouped {
+            offcpu.push(counter(seconds(blocked), &[("comm", comm), ("state", "blocked")]));
+            offcpu.push(counter(seconds(runq), &[("comm", comm), ("state", "runqueue")]));
         }
         out.push(family("dlm_sched_offcpu_by_process_seconds_total", MetricType::COUNTER, offcpu));
         let kinds = [stall_kinds::DIRECT_RECLAIM, stall_kinds::MEMCG_RECLAIM, stall_kinds::COMPACTION];
