@@ -34,6 +34,12 @@ pub enum Status {
     TimedOut,
     /// `ADOPT` found no orphan of that resource in that mode (`ENOENT`).
     NotFound,
+    /// The request needs a cluster node that cannot be reached (its
+    /// resource's directory or master); nothing was granted.
+    Unavailable,
+    /// The resource's master (another node) refused the request; nothing
+    /// changed there.
+    Rejected,
 }
 
 impl Status {
@@ -48,6 +54,8 @@ impl Status {
             Status::Deadlock => "deadlock",
             Status::TimedOut => "timed_out",
             Status::NotFound => "not_found",
+            Status::Unavailable => "unavailable",
+            Status::Rejected => "rejected",
         }
     }
 }

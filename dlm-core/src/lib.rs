@@ -45,6 +45,7 @@
 //! assert!(done.token.is_some());
 //! ```
 
+pub mod cluster;
 mod deadlock;
 mod dump;
 mod effect;

@@ -107,7 +107,7 @@ impl Lockspace {
     }
 
     /// Frees the resource if no lock is left on it (its value block goes with it).
-    fn free_if_unused(&mut self, r: u32) {
+    fn free_if_unused(&mut self, out: &mut Outbox, r: u32) {
         if !self.resources[r].is_unused() {
             return;
         }
@@ -115,7 +115,67 @@ impl Lockspace {
         if let Ok(entry) = self.index.find_entry(hash, |&i| i == r) {
             entry.remove();
         }
-        self.resources.remove(r);
+        let resource = self.resources.remove(r);
+        if out.track_released {
+            out.released.push((self.id, resource.name));
+        }
+    }
+
+    /// The last fencing token handed out in this lockspace.
+    pub(crate) fn last_token(&self) -> u64 {
+        self.last_token
+    }
+
+    /// Makes the next fencing token larger than `floor` (a resource mastered
+    /// elsewhere before handed out tokens up to it).
+    pub(crate) fn raise_token_floor(&mut self, floor: u64) {
+        self.last_token = self.last_token.max(floor);
+    }
+
+    /// Every wait-for edge of this lockspace, with the session it leaves.
+    pub(crate) fn all_wait_edges(&self, edges: &mut Vec<(SessionId, Edge)>) {
+        let mut scratch = Vec::new();
+        let mut sessions: Vec<SessionId> = self.waiting_by_session.iter().map(|&(s, _)| s).collect();
+        sessions.dedup();
+        for session in sessions {
+            self.wait_edges(session, &mut scratch);
+            edges.extend(scratch.drain(..).map(|edge| (session, edge)));
+        }
+    }
+
+    /// Whether `wait` still names a pending request that started waiting at `wait.seq`.
+    pub(crate) fn is_waiting(&self, wait: WaitRef) -> bool {
+        self.locks.get(wait.lock).is_some_and(|lock| lock.is_pending() && lock.wait_seq == wait.seq)
+    }
+
+    pub(crate) fn validate_lock(&self, limits: &Limits, req: &LockRequest) -> Result<(), RequestError> {
+        validate_name(&req.name)?;
+        validate_lock_flags(req.mode, req.flags)?;
+        check_timeout(limits, req.timeout)
+    }
+
+    pub(crate) fn validate_convert(
+        &self,
+        limits: &Limits,
+        from: Mode,
+        req: &ConvertRequest,
+    ) -> Result<(), RequestError> {
+        validate_convert_flags(from, req.mode, req.flags)?;
+        check_timeout(limits, req.timeout)?;
+        self.validate_lvb(req.lvb.as_deref(), req.flags.contains(LockFlags::VALBLK))?;
+        let writes = Mode::lvb_action(Some(from), req.mode) == LvbAction::Write;
+        if req.flags.contains(LockFlags::VALBLK)
+            && writes
+            && req.lvb.is_none()
+            && !req.flags.contains(LockFlags::IVVALBLK)
+        {
+            return Err(RequestError::InvalidFlags("VALBLK converting down from PW/EX needs the value block to write"));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn validate_unlock(&self, req: &UnlockRequest) -> Result<(), RequestError> {
+        self.validate_lvb(req.lvb.as_deref(), req.flags.contains(UnlockFlags::VALBLK))
     }
 
     // ----- requests -----
@@ -131,9 +191,7 @@ impl Lockspace {
         session: SessionId,
         req: LockRequest,
     ) -> Result<Option<u32>, RequestError> {
-        validate_name(&req.name)?;
-        validate_lock_flags(req.mode, req.flags)?;
-        check_timeout(limits, req.timeout)?;
+        self.validate_lock(limits, &req)?;
         if req.flags.contains(LockFlags::ADOPT) {
             return Ok(self.adopt(out, session, req));
         }
@@ -170,7 +228,7 @@ impl Lockspace {
                 lvb: None,
                 flags: StatusFlags::EMPTY,
             }));
-            self.free_if_unused(r);
+            self.free_if_unused(out, r);
             return Ok(None);
         }
         if self.resources[r].queued >= limits.waiters_per_resource_max {
@@ -236,18 +294,8 @@ impl Lockspace {
             return Err(RequestError::Pending);
         }
         let from = lock.granted.expect("a lock not pending is granted");
-        validate_convert_flags(from, req.mode, req.flags)?;
-        check_timeout(limits, req.timeout)?;
-        let writes = Mode::lvb_action(Some(from), req.mode) == LvbAction::Write;
-        self.validate_lvb(req.lvb.as_deref(), req.flags.contains(LockFlags::VALBLK))?;
-        if req.flags.contains(LockFlags::VALBLK)
-            && writes
-            && req.lvb.is_none()
-            && !req.flags.contains(LockFlags::IVVALBLK)
-        {
-            return Err(RequestError::InvalidFlags("VALBLK converting down from PW/EX needs the value block to write"));
-        }
-        let r = lock.resource;
+        self.validate_convert(limits, from, &req)?;
+        let r = self.locks[l].resource;
         let lock = &mut self.locks[l];
         let previous_flags = lock.flags;
         lock.requested = req.mode;
@@ -301,7 +349,7 @@ impl Lockspace {
         if self.locks[l].is_pending() && !force {
             return Err(RequestError::Pending);
         }
-        self.validate_lvb(req.lvb.as_deref(), req.flags.contains(UnlockFlags::VALBLK))?;
+        self.validate_unlock(req)?;
         let lock = &self.locks[l];
         let (r, session, handle) = (lock.resource, lock.session, lock.handle);
         out.touched.push((self.id, r));
@@ -584,7 +632,7 @@ impl Lockspace {
         if self.resources[r].queued > 0 && (changed_holders_or_queue || out.grants != grants_before) {
             self.notify_blocking_holders(out, r);
         }
-        self.free_if_unused(r);
+        self.free_if_unused(out, r);
     }
 
     fn grant(&mut self, out: &mut Outbox, l: u32, grant: Grant, lvb_in: Option<&[u8]>) {

@@ -20,4 +20,9 @@ pub(crate) struct Outbox {
     pub(crate) wait_seq: u64,
     /// Grants made so far, to tell whether an operation granted anything.
     pub(crate) grants: u64,
+    /// Record the names of resources freed (a cluster node releases its
+    /// mastership of them after a delay).
+    pub(crate) track_released: bool,
+    /// Resources freed since the driver last drained them (when tracked).
+    pub(crate) released: Vec<(LockspaceId, Box<[u8]>)>,
 }

@@ -1,0 +1,197 @@
+//! The messages cluster nodes exchange, as values. Their encoding on the wire
+//! is in [`crate::cluster::wire`].
+//!
+//! They follow the Linux DLM's in spirit: a node asks a resource's
+//! *directory* node who masters it (`Lookup`), sends its clients' requests
+//! to the *master* (`Request`, `Convert`, `Unlock`, `Cancel`), and hears back
+//! with completions and blocking callbacks. A master that stops using a
+//! resource tells the directory (`Remove`).
+
+use std::time::Duration;
+
+use crate::deadlock::WaitRef;
+use crate::effect::Completion;
+use crate::flags::{LockFlags, UnlockFlags};
+use crate::ids::{LockHandle, SessionId};
+use crate::mode::Mode;
+
+/// A cluster member's id (0 to 65 535). A session id carries its node's id
+/// in its top 16 bits, so every node can tell whose a session is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub u16);
+
+/// Where a session id keeps its node's id.
+pub const SESSION_NODE_SHIFT: u32 = 48;
+
+impl NodeId {
+    /// The node a session belongs to.
+    #[must_use]
+    pub const fn of_session(session: SessionId) -> NodeId {
+        NodeId((session.0 >> SESSION_NODE_SHIFT) as u16)
+    }
+
+    /// The `serial`-th session id of this node (`serial` below 2^48).
+    #[must_use]
+    pub const fn session(self, serial: u64) -> SessionId {
+        SessionId(((self.0 as u64) << SESSION_NODE_SHIFT) | (serial & ((1 << SESSION_NODE_SHIFT) - 1)))
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node {}", self.0)
+    }
+}
+
+/// A wait-for edge as a master reports it: `from` waits, through `wait`
+/// (a pending request on the reporting node), for `to`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RemoteEdge {
+    /// The waiting session.
+    pub from: SessionId,
+    /// The session waited for.
+    pub to: SessionId,
+    /// The waiting request, as the reporting master knows it.
+    pub wait: WaitRef,
+}
+
+/// One message between nodes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerMessage {
+    /// To a directory node: who masters this resource? `stale` names a node
+    /// that answered "not master" although the directory named it: the
+    /// directory then waits for that node's `Remove` before it answers.
+    Lookup {
+        /// Lockspace name.
+        lockspace: Vec<u8>,
+        /// Resource name.
+        name: Vec<u8>,
+        /// A master found stale.
+        stale: Option<NodeId>,
+    },
+    /// The directory's answer. `master` is the asking node itself when the
+    /// resource had no master (the first locker masters it); `None` when
+    /// the directory does not know the lockspace.
+    LookupReply {
+        /// Lockspace name.
+        lockspace: Vec<u8>,
+        /// Resource name.
+        name: Vec<u8>,
+        /// The master.
+        master: Option<NodeId>,
+        /// Fencing tokens handed out for this lockspace so far, as far as the
+        /// directory knows: a new master starts above it.
+        token_floor: u64,
+    },
+    /// To the directory: the sender no longer masters this resource.
+    Remove {
+        /// Lockspace name.
+        lockspace: Vec<u8>,
+        /// Resource name.
+        name: Vec<u8>,
+        /// The sender's last fencing token in the lockspace.
+        token_floor: u64,
+    },
+    /// To a master: a new lock for a client of the sender.
+    Request {
+        /// Lockspace name.
+        lockspace: Vec<u8>,
+        /// The client's session (of the sending node).
+        session: SessionId,
+        /// The client's handle.
+        handle: LockHandle,
+        /// Resource name.
+        name: Vec<u8>,
+        /// Mode asked for.
+        mode: Mode,
+        /// Request flags.
+        flags: LockFlags,
+        /// Timeout of the request, counted at the master.
+        timeout: Option<Duration>,
+    },
+    /// To a master: convert a lock.
+    Convert {
+        /// The client's session.
+        session: SessionId,
+        /// The client's handle.
+        handle: LockHandle,
+        /// Mode asked for.
+        mode: Mode,
+        /// Request flags.
+        flags: LockFlags,
+        /// Value block to write.
+        lvb: Option<Vec<u8>>,
+        /// Timeout of the conversion.
+        timeout: Option<Duration>,
+    },
+    /// To a master: release a lock.
+    Unlock {
+        /// The client's session.
+        session: SessionId,
+        /// The client's handle.
+        handle: LockHandle,
+        /// Unlock flags.
+        flags: UnlockFlags,
+        /// Value block to write.
+        lvb: Option<Vec<u8>>,
+    },
+    /// To a master: cancel a lock's pending request.
+    Cancel {
+        /// The client's session.
+        session: SessionId,
+        /// The client's handle.
+        handle: LockHandle,
+    },
+    /// From a node that was sent a `Request` but does not master the resource.
+    NotMaster {
+        /// The client's session.
+        session: SessionId,
+        /// The client's handle.
+        handle: LockHandle,
+    },
+    /// From a master: a request of a client of the receiver ended.
+    Complete(Completion),
+    /// From a master: a client of the receiver blocks a request for `mode`.
+    Blocking {
+        /// The holder's session.
+        session: SessionId,
+        /// The holder's handle.
+        handle: LockHandle,
+        /// The blocked mode.
+        mode: Mode,
+    },
+    /// A client session of the sender ended: drop its locks (orphan the persistent ones).
+    EndSession {
+        /// The session.
+        session: SessionId,
+    },
+    /// To the deadlock coordinator: every wait-for edge on the sender now.
+    WaitEdges {
+        /// The edges (at most [`WAIT_EDGES_MAX`]).
+        edges: Vec<RemoteEdge>,
+    },
+    /// From the deadlock coordinator: fail this wait (of the receiver) as a deadlock victim.
+    AbortWait {
+        /// The wait, as the receiver reported it.
+        wait: WaitRef,
+    },
+}
+
+/// Wait-for edges one report carries at most.
+pub const WAIT_EDGES_MAX: usize = 16_384;
+
+/// A message with its place in the sender's stream to the receiver: the
+/// link layer numbers messages per peer so that a receiver drops duplicates,
+/// puts reordered ones back in order, and a sender can resend what was not
+/// acknowledged after a reconnection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// The membership epoch the sender is in.
+    pub epoch: u64,
+    /// The message's number on this link (from 1); 0 for a bare acknowledgement.
+    pub seq: u64,
+    /// Every message of the receiver's stream up to this number has arrived.
+    pub ack: u64,
+    /// The message (none in a bare acknowledgement).
+    pub message: Option<PeerMessage>,
+}
