@@ -1,8 +1,8 @@
 //! Deadlock detection over a wait-for graph between sessions.
 //!
-//! A session waits for another when one of its pending requests is behind a
-//! lock of the other that is incompatible with it (see
-//! `Lockspace::wait_edges`). A cycle means none of its sessions can proceed
+//! A session waits for another when one of its pending requests cannot be
+//! granted before a lock of the other changes: one granted in an incompatible
+//! mode, or a request ahead of it in queue order (see `Lockspace::wait_edges`). A cycle means none of its sessions can proceed
 //! unless one gives up, so one request on the cycle is failed with
 //! [`crate::Status::Deadlock`].
 //!

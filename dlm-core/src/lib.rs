@@ -61,6 +61,7 @@ mod outbox;
 mod queue;
 mod request;
 mod resource;
+pub mod sim;
 mod slab;
 mod time;
 

@@ -905,9 +905,9 @@ impl Lockspace {
     // ----- wait-for graph -----
 
     /// The wait-for edges out of `session` in this lockspace: for each of its
-    /// pending requests, the other sessions owning a lock that is ahead of it
-    /// and incompatible with it: granted in a conflicting mode, or queued
-    /// earlier for a conflicting mode. Orphans are never waited *for* in a
+    /// pending requests, the other sessions owning a lock it cannot pass:
+    /// granted in a conflicting mode, or ahead of it in queue order (which
+    /// binds compatible requests too, as `grantable` does). Orphans are never waited *for* in a
     /// cycle: nobody can release them but an administrator.
     pub(crate) fn wait_edges(&self, session: SessionId, edges: &mut Vec<Edge>) {
         for &(_, w) in self.waiting_by_session.range((session, 0)..=(session, u32::MAX)) {
@@ -926,26 +926,28 @@ impl Lockspace {
                     push(g);
                 }
             }
+            // Queue order binds too (see `grantable`): a conversion waits for
+            // the conversions ahead of it, a new request for every conversion
+            // and the new requests ahead of it, compatible or not, unless
+            // NOORDER lets it pass them.
+            let ordered = !waiter.flags.contains(LockFlags::NOORDER);
             let mut ahead = true;
             for c in resource.converting.iter(&self.locks) {
                 if c == w {
                     ahead = false;
                     continue;
                 }
-                let other = &self.locks[c];
-                let held_conflicts = other.granted.is_some_and(|held| !held.compatible(wants));
-                if held_conflicts || (ahead && !other.requested.compatible(wants)) {
+                let held_conflicts = self.locks[c].granted.is_some_and(|held| !held.compatible(wants));
+                if held_conflicts || (ordered && ahead) {
                     push(c);
                 }
             }
-            if waiter.state == LockState::Waiting {
+            if waiter.state == LockState::Waiting && ordered {
                 for q in resource.waiting.iter(&self.locks) {
                     if q == w {
                         break;
                     }
-                    if !self.locks[q].requested.compatible(wants) {
-                        push(q);
-                    }
+                    push(q);
                 }
             }
         }

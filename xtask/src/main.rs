@@ -32,6 +32,9 @@ Commands:
                pinned to CPU 0, alternately without and with the agent attached (default 5
                rounds of 200000 loops); prints the slowdown and each program's ns/event (BPF run
                statistics), JSON in target/bench/ebpf-overhead.json; needs root
+  sim [--seeds N] [--start S] | --seed S
+               run the deterministic cluster simulation over many seeds (default 10000 from 0;
+               the test command runs 1000); a failure prints the seed, `--seed S` replays it
   help         print this help
 
 Environment:
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         "bench" => setup::run().and_then(|()| bench(&rest)),
         "dashboards" => setup::run().and_then(|()| dashboards()),
         "overhead" => setup::run().and_then(|()| overhead::run(&rest)),
+        "sim" => sim(&rest),
         "help" | "-h" | "--help" => {
             print!("{HELP}");
             Ok(())
@@ -69,6 +73,14 @@ pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), String> {
     eprintln!("xtask: $ {program} {}", args.join(" "));
     let status = Command::new(program).args(args).status().map_err(|e| format!("cannot run {program}: {e}"))?;
     if status.success() { Ok(()) } else { Err(format!("`{program} {}` failed ({status})", args.join(" "))) }
+}
+
+/// The simulation runs with the test profile: optimised, with the engine's
+/// full invariant checks (debug assertions) after every event.
+fn sim(args: &[String]) -> Result<(), String> {
+    let mut full = vec!["run", "--locked", "--profile", "ci-test", "--package", "dlm-core", "--example", "sim", "--"];
+    full.extend(args.iter().map(String::as_str));
+    run("cargo", &full)
 }
 
 fn test() -> Result<(), String> {

@@ -28,14 +28,7 @@ pub(crate) struct Link {
 
 impl Link {
     pub(crate) fn new() -> Link {
-        Link {
-            up: true,
-            next_seq: 1,
-            unacked: VecDeque::new(),
-            recv_next: 1,
-            early: BTreeMap::new(),
-            ack_due: None,
-        }
+        Link { up: true, next_seq: 1, unacked: VecDeque::new(), recv_next: 1, early: BTreeMap::new(), ack_due: None }
     }
 
     /// The highest sequence number received in order.
@@ -74,7 +67,12 @@ impl Link {
     }
 
     /// Takes in an envelope; returns the messages now deliverable, in order.
-    pub(crate) fn receive(&mut self, now: Instant, ack_delay: std::time::Duration, envelope: Envelope) -> Vec<PeerMessage> {
+    pub(crate) fn receive(
+        &mut self,
+        now: Instant,
+        ack_delay: std::time::Duration,
+        envelope: Envelope,
+    ) -> Vec<PeerMessage> {
         while self.unacked.front().is_some_and(|&(seq, _)| seq <= envelope.ack) {
             self.unacked.pop_front();
         }

@@ -58,16 +58,17 @@ pub struct RemoteEdge {
 /// One message between nodes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerMessage {
-    /// To a directory node: who masters this resource? `stale` names a node
-    /// that answered "not master" although the directory named it: the
-    /// directory then waits for that node's `Remove` before it answers.
+    /// To a directory node: who masters this resource? `stale` names a
+    /// mastership (node and generation) whose node answered "not master":
+    /// if the directory still records exactly that one, the node's `Remove`
+    /// is on its way, and the directory holds the question until it arrives.
     Lookup {
         /// Lockspace name.
         lockspace: Vec<u8>,
         /// Resource name.
         name: Vec<u8>,
-        /// A master found stale.
-        stale: Option<NodeId>,
+        /// A mastership found stale.
+        stale: Option<(NodeId, u64)>,
     },
     /// The directory's answer. `master` is the asking node itself when the
     /// resource had no master (the first locker masters it); `None` when
@@ -79,6 +80,9 @@ pub enum PeerMessage {
         name: Vec<u8>,
         /// The master.
         master: Option<NodeId>,
+        /// The directory's number for this mastership (a new one each time
+        /// it records a master), so that a stale one is told from a new one.
+        generation: u64,
         /// Fencing tokens handed out for this lockspace so far, as far as the
         /// directory knows: a new master starts above it.
         token_floor: u64,
@@ -89,6 +93,8 @@ pub enum PeerMessage {
         lockspace: Vec<u8>,
         /// Resource name.
         name: Vec<u8>,
+        /// The mastership's generation.
+        generation: u64,
         /// The sender's last fencing token in the lockspace.
         token_floor: u64,
     },

@@ -133,6 +133,8 @@ struct RemoteLock {
     name: Box<[u8]>,
     /// `None` while the master is being looked up.
     master: Option<NodeId>,
+    /// The directory's generation of that mastership.
+    master_generation: u64,
     granted: Option<Mode>,
     /// The mode of the request in flight.
     requested: Mode,
@@ -151,6 +153,7 @@ struct RemoteLock {
 #[derive(Default)]
 struct DirEntry {
     master: Option<NodeId>,
+    generation: u64,
     /// Lookups held until the stale master's `Remove` arrives.
     held: Vec<NodeId>,
 }
@@ -160,6 +163,8 @@ struct Mastered {
     idle_since: Option<Instant>,
     /// Whether it has an entry in the idle queue.
     queued: bool,
+    /// The directory's generation of this mastership.
+    generation: u64,
 }
 
 /// Counts of what the cluster layer did, for metrics.
@@ -207,7 +212,7 @@ pub struct ClusterNode {
     early_requests: HashMap<Key, Vec<(NodeId, PeerMessage)>>,
     mastered: HashMap<Key, Mastered>,
     idle: VecDeque<(Instant, Key)>,
-    cache: HashMap<Key, NodeId>,
+    cache: HashMap<Key, (NodeId, u64)>,
     directory: HashMap<Key, DirEntry>,
     /// The largest fencing token the directory has heard of, per lockspace.
     token_clock: HashMap<LockspaceId, u64>,
@@ -219,6 +224,8 @@ pub struct ClusterNode {
     /// The coordinator's latest report from each node.
     edge_reports: BTreeMap<NodeId, Vec<RemoteEdge>>,
     stats: ClusterStats,
+    /// The directory's last mastership generation.
+    last_generation: u64,
     /// The latest `now` seen, for work done outside an event with a time
     /// of its own (answering lookups held for a stale master).
     last_now: Instant,
@@ -234,13 +241,8 @@ impl ClusterNode {
             return Err(format!("{} is not among the members", config.node));
         }
         let mut engine = Node::new(config.engine.clone())?;
-        let links: BTreeMap<NodeId, Link> = config
-            .membership
-            .members()
-            .iter()
-            .filter(|m| m.id != config.node)
-            .map(|m| (m.id, Link::new()))
-            .collect();
+        let links: BTreeMap<NodeId, Link> =
+            config.membership.members().iter().filter(|m| m.id != config.node).map(|m| (m.id, Link::new())).collect();
         engine.track_released(!links.is_empty());
         Ok(ClusterNode {
             engine,
@@ -263,6 +265,7 @@ impl ClusterNode {
             edge_reports: BTreeMap::new(),
             stats: ClusterStats::default(),
             last_now: Instant::ZERO,
+            last_generation: 0,
         })
     }
 
@@ -371,8 +374,7 @@ impl ClusterNode {
     pub fn end_session(&mut self, now: Instant, session: SessionId) -> Result<(), RequestError> {
         self.engine.end_session(now, session)?;
         if self.remote_per_session.remove(&session).is_some() {
-            let handles: Vec<LockHandle> =
-                self.remote.keys().filter(|(s, _)| *s == session).map(|&(_, h)| h).collect();
+            let handles: Vec<LockHandle> = self.remote.keys().filter(|(s, _)| *s == session).map(|&(_, h)| h).collect();
             let mut masters: Vec<NodeId> = Vec::new();
             for handle in handles {
                 if let Some(lock) = self.remote.remove(&(session, handle))
@@ -452,25 +454,30 @@ impl ClusterNode {
         let key: Key = (req.lockspace, req.name.clone().into_boxed_slice());
         if let Some(mastered) = self.mastered.get_mut(&key) {
             mastered.idle_since = None;
-            return self.engine.handle_client(now, session, ClientRequest::Lock(req));
+            return self.lock_here(now, session, req);
         }
         let directory = self.directory_of(&key);
         if directory == self.config.node {
             let entry = self.directory.entry(key.clone()).or_default();
             match entry.master {
                 None => {
+                    self.last_generation += 1;
+                    let generation = self.last_generation;
                     entry.master = Some(self.config.node);
-                    self.mastered.insert(key, Mastered { idle_since: None, queued: false });
-                    return self.engine.handle_client(now, session, ClientRequest::Lock(req));
+                    entry.generation = generation;
+                    self.become_master(key, generation);
+                    return self.lock_here(now, session, req);
                 }
                 Some(master) if master == self.config.node => {
                     // Not reached: an entry naming this node goes with a
                     // mastered resource. Serve it rather than trust that.
-                    self.mastered.insert(key, Mastered { idle_since: None, queued: false });
-                    return self.engine.handle_client(now, session, ClientRequest::Lock(req));
+                    let generation = entry.generation;
+                    self.become_master(key, generation);
+                    return self.lock_here(now, session, req);
                 }
                 Some(master) => {
-                    self.cache_master(key.clone(), master);
+                    let generation = entry.generation;
+                    self.cache_master(key.clone(), (master, generation));
                 }
             }
         }
@@ -479,6 +486,7 @@ impl ClusterNode {
             lockspace: req.lockspace,
             name: key.1.clone(),
             master: None,
+            master_generation: 0,
             granted: None,
             requested: req.mode,
             token: None,
@@ -487,7 +495,7 @@ impl ClusterNode {
             abandoned: false,
         };
         match self.cache.get(&key).copied() {
-            Some(master) if self.is_up(master) => {
+            Some(master) if self.is_up(master.0) => {
                 self.insert_remote(session, handle, copy);
                 self.send_request(session, handle, master);
             }
@@ -499,6 +507,16 @@ impl ClusterNode {
             }
         }
         Ok(())
+    }
+
+    /// Runs a lock request on the engine, for a resource mastered here.
+    fn lock_here(&mut self, now: Instant, session: SessionId, req: LockRequest) -> Result<(), RequestError> {
+        let key: Key = (req.lockspace, req.name.clone().into_boxed_slice());
+        let result = self.engine.handle_client(now, session, ClientRequest::Lock(req));
+        if result.is_err() && !self.engine.resource_exists(key.0, &key.1) {
+            self.mark_idle(now, key);
+        }
+        result
     }
 
     fn insert_remote(&mut self, session: SessionId, handle: LockHandle, copy: RemoteLock) {
@@ -530,21 +548,22 @@ impl ClusterNode {
         }));
     }
 
-    fn start_lookup(&mut self, key: Key, session: SessionId, handle: LockHandle, stale: Option<NodeId>) {
-        let waiting = self.lookups.entry(key.clone()).or_default();
-        waiting.push((session, handle));
-        if waiting.len() > 1 {
+    fn start_lookup(&mut self, key: Key, session: SessionId, handle: LockHandle, stale: Option<(NodeId, u64)>) {
+        if let Some(waiting) = self.lookups.get_mut(&key) {
+            waiting.push((session, handle));
             return;
         }
+        self.lookups.insert(key.clone(), vec![(session, handle)]);
         let directory = self.directory_of(&key);
         let lockspace = self.lockspace_name(key.0);
         self.stats.lookups += 1;
         self.send(directory, PeerMessage::Lookup { lockspace, name: key.1.to_vec(), stale });
     }
 
-    fn send_request(&mut self, session: SessionId, handle: LockHandle, master: NodeId) {
+    fn send_request(&mut self, session: SessionId, handle: LockHandle, (master, generation): (NodeId, u64)) {
         let Some(lock) = self.remote.get_mut(&(session, handle)) else { return };
         lock.master = Some(master);
+        lock.master_generation = generation;
         let req = lock.request.clone().expect("a pending new lock keeps its request");
         let lockspace = self.lockspace_name(req.lockspace);
         self.stats.remote_requests += 1;
@@ -562,7 +581,12 @@ impl ClusterNode {
         );
     }
 
-    fn remote_convert(&mut self, session: SessionId, lock: RemoteLock, req: ConvertRequest) -> Result<(), RequestError> {
+    fn remote_convert(
+        &mut self,
+        session: SessionId,
+        lock: RemoteLock,
+        req: ConvertRequest,
+    ) -> Result<(), RequestError> {
         if lock.pending.is_some() {
             return Err(RequestError::Pending);
         }
@@ -720,10 +744,13 @@ impl ClusterNode {
             .filter(|(_, l)| l.pending == Some(Op::Lock) && !l.abandoned && l.master == Some(peer))
             .map(|(&k, _)| k)
             .collect();
-        // Lookups waiting on the peer as directory.
+        // Requests waiting for a lookup from the peer as directory fail; the
+        // lookup itself stays outstanding (its answer, when the peer is
+        // back, may make this node master, which it must then take).
         let lookups: Vec<Key> = self.lookups.keys().filter(|k| self.directory_of(k) == peer).cloned().collect();
         for key in lookups {
-            for waiting in self.lookups.remove(&key).unwrap_or_default() {
+            let waiters = self.lookups.get_mut(&key).map(std::mem::take).unwrap_or_default();
+            for waiting in waiters {
                 if self.remote.get(&waiting).is_some_and(|l| l.master.is_none()) {
                     self.remove_remote(waiting.0, waiting.1);
                     self.fail_unavailable(waiting.0, waiting.1);
@@ -745,7 +772,7 @@ impl ClusterNode {
                 flags: StatusFlags::EMPTY,
             }));
         }
-        self.cache.retain(|_, master| *master != peer);
+        self.cache.retain(|_, master| master.0 != peer);
         self.pump(now);
     }
 
@@ -779,10 +806,12 @@ impl ClusterNode {
     fn on_message(&mut self, now: Instant, from: NodeId, message: PeerMessage) {
         match message {
             PeerMessage::Lookup { lockspace, name, stale } => self.on_lookup(from, lockspace, name, stale),
-            PeerMessage::LookupReply { lockspace, name, master, token_floor } => {
-                self.on_lookup_reply(now, lockspace, name, master, token_floor);
+            PeerMessage::LookupReply { lockspace, name, master, generation, token_floor } => {
+                self.on_lookup_reply(now, lockspace, name, master.map(|m| (m, generation)), token_floor);
             }
-            PeerMessage::Remove { lockspace, name, token_floor } => self.on_remove(from, &lockspace, name, token_floor),
+            PeerMessage::Remove { lockspace, name, generation, token_floor } => {
+                self.on_remove(from, &lockspace, name, generation, token_floor);
+            }
             request @ PeerMessage::Request { .. } => self.on_request(now, from, request),
             PeerMessage::Convert { session, handle, mode, flags, lvb, timeout } => {
                 self.stats.served_requests += 1;
@@ -831,42 +860,43 @@ impl ClusterNode {
         }
     }
 
-    fn on_lookup(&mut self, from: NodeId, lockspace: Vec<u8>, name: Vec<u8>, stale: Option<NodeId>) {
+    fn on_lookup(&mut self, from: NodeId, lockspace: Vec<u8>, name: Vec<u8>, stale: Option<(NodeId, u64)>) {
         let Some(id) = self.engine.lockspace_id(&lockspace) else {
-            self.send(from, PeerMessage::LookupReply { lockspace, name, master: None, token_floor: 0 });
+            self.send(from, PeerMessage::LookupReply { lockspace, name, master: None, generation: 0, token_floor: 0 });
             return;
         };
         let key: Key = (id, name.into_boxed_slice());
         let floor = self.token_floor(id);
+        let next_generation = self.last_generation + 1;
         let entry = self.directory.entry(key.clone()).or_default();
-        match entry.master {
-            Some(master) if stale == Some(master) && master != self.config.node => {
+        let (master, generation) = match entry.master {
+            Some(master) if stale == Some((master, entry.generation)) && master != self.config.node => {
                 // The named master released it; its Remove is on the way.
                 entry.held.push(from);
+                return;
             }
-            Some(master) => {
-                self.send(
-                    from,
-                    PeerMessage::LookupReply { lockspace, name: key.1.to_vec(), master: Some(master), token_floor: floor },
-                );
-            }
+            Some(master) => (master, entry.generation),
             None => {
+                self.last_generation = next_generation;
                 entry.master = Some(from);
-                self.send(
-                    from,
-                    PeerMessage::LookupReply { lockspace, name: key.1.to_vec(), master: Some(from), token_floor: floor },
-                );
+                entry.generation = next_generation;
+                (from, next_generation)
             }
-        }
+        };
+        let name = key.1.to_vec();
+        self.send(
+            from,
+            PeerMessage::LookupReply { lockspace, name, master: Some(master), generation, token_floor: floor },
+        );
     }
 
-    fn on_remove(&mut self, from: NodeId, lockspace: &[u8], name: Vec<u8>, token_floor: u64) {
+    fn on_remove(&mut self, from: NodeId, lockspace: &[u8], name: Vec<u8>, generation: u64, token_floor: u64) {
         let Some(id) = self.engine.lockspace_id(lockspace) else { return };
         let clock = self.token_clock.entry(id).or_default();
         *clock = (*clock).max(token_floor);
         let key: Key = (id, name.into_boxed_slice());
         let Some(entry) = self.directory.get_mut(&key) else { return };
-        if entry.master != Some(from) {
+        if entry.master != Some(from) || entry.generation != generation {
             return;
         }
         let held = std::mem::take(&mut entry.held);
@@ -880,34 +910,47 @@ impl ClusterNode {
         let Some(&first) = held.first() else { return };
         let lockspace = self.lockspace_name(key.0);
         let floor = self.token_floor(key.0);
-        self.directory.insert(key.clone(), DirEntry { master: Some(first), held: Vec::new() });
+        self.last_generation += 1;
+        let generation = self.last_generation;
+        self.directory.insert(key.clone(), DirEntry { master: Some(first), generation, held: Vec::new() });
         for asker in held {
             if asker == self.config.node {
-                self.on_lookup_reply(self.last_now, lockspace.clone(), key.1.to_vec(), Some(first), floor);
+                self.on_lookup_reply(
+                    self.last_now,
+                    lockspace.clone(),
+                    key.1.to_vec(),
+                    Some((first, generation)),
+                    floor,
+                );
                 continue;
             }
+            let (lockspace, name) = (lockspace.clone(), key.1.to_vec());
             self.send(
                 asker,
-                PeerMessage::LookupReply {
-                    lockspace: lockspace.clone(),
-                    name: key.1.to_vec(),
-                    master: Some(first),
-                    token_floor: floor,
-                },
+                PeerMessage::LookupReply { lockspace, name, master: Some(first), generation, token_floor: floor },
             );
         }
     }
 
-    fn on_lookup_reply(&mut self, now: Instant, lockspace: Vec<u8>, name: Vec<u8>, master: Option<NodeId>, floor: u64) {
+    fn on_lookup_reply(
+        &mut self,
+        now: Instant,
+        lockspace: Vec<u8>,
+        name: Vec<u8>,
+        master: Option<(NodeId, u64)>,
+        floor: u64,
+    ) {
         let Some(id) = self.engine.lockspace_id(&lockspace) else { return };
         let key: Key = (id, name.into_boxed_slice());
-        let waiting = self.lookups.remove(&key).unwrap_or_default();
+        // Each lookup has one answer, in order: an answer with no lookup
+        // outstanding is not ours to act on.
+        let Some(waiting) = self.lookups.remove(&key) else { return };
         match master {
-            Some(master) if master == self.config.node => {
+            Some((master, generation)) if master == self.config.node => {
                 // The directory recorded this node as master: take it even
                 // if nobody waits any more (it is released when idle).
                 self.engine.raise_token_floor(id, floor);
-                self.mastered.insert(key.clone(), Mastered { idle_since: None, queued: false });
+                self.become_master(key.clone(), generation);
                 for (session, handle) in waiting {
                     let Some(lock) = self.remove_remote(session, handle) else { continue };
                     let request = lock.request.expect("a lock waiting for a lookup keeps its request");
@@ -956,7 +999,8 @@ impl ClusterNode {
         };
         let key: Key = (id, name.into_boxed_slice());
         if self.lookups.contains_key(&key) && !self.mastered.contains_key(&key) {
-            let request = PeerMessage::Request { lockspace, session, handle, name: key.1.to_vec(), mode, flags, timeout };
+            let request =
+                PeerMessage::Request { lockspace, session, handle, name: key.1.to_vec(), mode, flags, timeout };
             self.early_requests.entry(key).or_default().push((from, request));
             return;
         }
@@ -985,39 +1029,63 @@ impl ClusterNode {
             return;
         }
         self.stats.stale_masters += 1;
+        let stale = (from, lock.master_generation);
         lock.master = None;
         let key: Key = (lock.lockspace, lock.name.clone());
         if lock.abandoned {
             self.remove_remote(session, handle);
             return;
         }
-        if self.cache.get(&key) == Some(&from) {
+        if self.cache.get(&key) == Some(&stale) {
             self.cache.remove(&key);
         }
-        if self.directory_of(&key) == self.config.node {
-            // This node is the directory: its entry for `from` is stale only
-            // until `from`'s Remove arrives, which re-runs held lookups.
-            let entry = self.directory.entry(key.clone()).or_default();
-            if entry.master == Some(from) {
-                entry.held.push(self.config.node);
-                self.lookups.entry(key).or_default().push((session, handle));
-                return;
-            }
-            let master = *entry.master.get_or_insert(self.config.node);
-            if master == self.config.node {
-                let Some(lock) = self.remove_remote(session, handle) else { return };
-                self.mastered.entry(key).or_insert(Mastered { idle_since: None, queued: false });
-                let request = lock.request.expect("kept until granted");
-                if let Err(error) = self.engine.handle_client(self.last_now, session, ClientRequest::Lock(request)) {
-                    self.complete_rejected(session, handle, &error);
-                }
-            } else {
-                self.cache_master(key, master);
-                self.send_request(session, handle, master);
-            }
+        if self.mastered.contains_key(&key) {
+            // This node took mastership meanwhile.
+            self.run_here(session, handle);
             return;
         }
-        self.start_lookup(key, session, handle, Some(from));
+        if let Some(waiting) = self.lookups.get_mut(&key) {
+            // A lookup is out already: its answer serves this request too.
+            waiting.push((session, handle));
+            return;
+        }
+        if self.directory_of(&key) != self.config.node {
+            self.start_lookup(key, session, handle, Some(stale));
+            return;
+        }
+        // This node is the directory. An entry still naming the stale
+        // mastership goes when its node's Remove arrives, which answers the
+        // lookups held meanwhile.
+        let next_generation = self.last_generation + 1;
+        let entry = self.directory.entry(key.clone()).or_default();
+        if entry.master.is_some_and(|m| (m, entry.generation) == stale) {
+            entry.held.push(self.config.node);
+            self.lookups.entry(key).or_default().push((session, handle));
+            return;
+        }
+        if entry.master.is_none() {
+            self.last_generation = next_generation;
+            entry.master = Some(self.config.node);
+            entry.generation = next_generation;
+        }
+        let master = (entry.master.expect("set above"), entry.generation);
+        if master.0 == self.config.node {
+            self.become_master(key, master.1);
+            self.run_here(session, handle);
+        } else {
+            self.cache_master(key, master);
+            self.send_request(session, handle, master);
+        }
+    }
+
+    /// Runs a local client's new lock, so far meant for a remote master, on
+    /// the engine (this node masters its resource now).
+    fn run_here(&mut self, session: SessionId, handle: LockHandle) {
+        let Some(lock) = self.remove_remote(session, handle) else { return };
+        let request = lock.request.expect("a pending new lock keeps its request");
+        if let Err(error) = self.lock_here(self.last_now, session, request) {
+            self.complete_rejected(session, handle, &error);
+        }
     }
 
     fn on_complete(&mut self, from: NodeId, completion: Completion) {
@@ -1124,7 +1192,7 @@ impl ClusterNode {
         node == self.config.node || self.links.get(&node).is_some_and(|l| l.up)
     }
 
-    fn cache_master(&mut self, key: Key, master: NodeId) {
+    fn cache_master(&mut self, key: Key, master: (NodeId, u64)) {
         if self.cache.len() >= self.config.master_cache_max && !self.cache.contains_key(&key) {
             // The cache is advisory (a request to a stale master is
             // redirected): forgetting everything is always safe.
@@ -1179,6 +1247,14 @@ impl ClusterNode {
         }
     }
 
+    /// Takes mastership of a resource (the directory recorded this node),
+    /// with fencing tokens above any handed out for it before.
+    fn become_master(&mut self, key: Key, generation: u64) {
+        let floor = self.token_floor(key.0);
+        self.engine.raise_token_floor(key.0, floor);
+        self.mastered.entry(key).or_insert(Mastered { idle_since: None, queued: false, generation });
+    }
+
     fn mark_idle(&mut self, now: Instant, key: Key) {
         let Some(mastered) = self.mastered.get_mut(&key) else { return };
         mastered.idle_since = Some(now);
@@ -1197,11 +1273,18 @@ impl ClusterNode {
             }
             let (_, key) = self.idle.pop_front().expect("front exists");
             let Some(mastered) = self.mastered.get_mut(&key) else { continue };
+            if self.engine.resource_exists(key.0, &key.1) {
+                // In use again (and freed later, if ever, with a new entry).
+                mastered.idle_since = None;
+                mastered.queued = false;
+                continue;
+            }
             match mastered.idle_since {
-                Some(since) if since.saturating_add(delay) <= now && !self.engine.resource_exists(key.0, &key.1) => {
+                Some(since) if since.saturating_add(delay) <= now => {
+                    let generation = mastered.generation;
                     self.mastered.remove(&key);
                     self.stats.released += 1;
-                    self.remove_from_directory(key);
+                    self.remove_from_directory(key, generation);
                 }
                 Some(since) => self.idle.push_back((since, key)),
                 None => mastered.queued = false,
@@ -1209,17 +1292,20 @@ impl ClusterNode {
         }
     }
 
-    fn remove_from_directory(&mut self, key: Key) {
+    fn remove_from_directory(&mut self, key: Key, generation: u64) {
         let directory = self.directory_of(&key);
         let floor = self.token_floor(key.0);
         if directory == self.config.node {
-            if let Some(entry) = self.directory.remove(&key) {
+            if self.directory.get(&key).is_some_and(|e| e.generation == generation)
+                && let Some(entry) = self.directory.remove(&key)
+            {
                 self.answer_held(key, entry.held);
             }
             return;
         }
         let lockspace = self.lockspace_name(key.0);
-        self.send(directory, PeerMessage::Remove { lockspace, name: key.1.into_vec(), token_floor: floor });
+        let name = key.1.into_vec();
+        self.send(directory, PeerMessage::Remove { lockspace, name, generation, token_floor: floor });
     }
 
     // ----- deadlocks across nodes -----
@@ -1261,7 +1347,8 @@ impl ClusterNode {
         let graph = ReportedGraph::new(&self.edge_reports);
         let mut roots: Vec<SessionId> = graph.edges.keys().copied().collect();
         roots.sort_unstable();
-        let Search::Cycle(cycle) = deadlock::find_cycle(&graph, &roots, u32::MAX) else { return };
+        let found = deadlock::find_cycle(&graph, &roots, u32::MAX);
+        let Search::Cycle(cycle) = found else { return };
         let masters: HashSet<NodeId> = cycle.iter().map(|w| graph.waits[w.lock as usize].0).collect();
         if masters.len() < 2 {
             // A cycle within one master is that master's to find; this one is stale.

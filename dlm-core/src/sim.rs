@@ -1,0 +1,552 @@
+//! A deterministic simulation of a cluster: several [`ClusterNode`]s over a
+//! simulated network that delays, reorders and duplicates messages, with
+//! clients making random requests, all driven from one seed. A failure
+//! names its seed, so it replays exactly (`cargo xtask sim --seed N`).
+//!
+//! What is checked, after every step:
+//! - no resource is mastered by two nodes at once, and each master's queues
+//!   hold only compatible granted modes (the engine's own invariant checks);
+//! - fencing tokens of one resource only grow, across masters;
+//! - a client is never told of a grant, blocking callback or completion for
+//!   a lock it does not have, nor two completions for one request.
+//!
+//! At the end, clients stop asking and release what they hold: every request
+//! must then complete (granted, refused, timed out, cancelled or chosen as a
+//! deadlock victim) within a bounded simulated time, and every node must
+//! have no lock left.
+
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::time::Duration;
+
+use crate::cluster::{ClusterConfig, ClusterNode, Envelope, Member, Membership, NodeId, PeerMessage};
+use crate::effect::{Completion, Effect, Op, Status};
+use crate::flags::{LockFlags, UnlockFlags};
+use crate::ids::{LockHandle, SessionId};
+use crate::lockspace::LockspaceConfig;
+use crate::mode::{ALL_MODES, Mode};
+use crate::request::{ClientRequest, ConvertRequest, LockRequest, UnlockRequest};
+use crate::time::Instant;
+
+/// A small, fast, seedable generator (SplitMix64): the simulation must not
+/// depend on anything but its seed.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator from a seed.
+    #[must_use]
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (`n > 0`).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// True with probability `percent` / 100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// The shape of one simulated run.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// Cluster members.
+    pub nodes: u16,
+    /// Client sessions per node.
+    pub clients_per_node: u32,
+    /// Distinct resource names.
+    pub resources: u32,
+    /// Requests the clients make in all, before the drain.
+    pub requests: u32,
+    /// Largest one-way network delay.
+    pub max_delay: Duration,
+    /// Percentage of messages delivered twice.
+    pub duplicate_percent: u64,
+    /// How long the drain may take before a request counts as hung.
+    pub drain_limit: Duration,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        SimConfig {
+            nodes: 3,
+            clients_per_node: 3,
+            resources: 6,
+            requests: 300,
+            max_delay: Duration::from_micros(800),
+            duplicate_percent: 5,
+            drain_limit: Duration::from_secs(120),
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SimReport {
+    /// Requests made.
+    pub requests: u32,
+    /// Grants seen by clients.
+    pub grants: u32,
+    /// Requests that ended as deadlock victims.
+    pub deadlocks: u32,
+    /// Messages delivered (duplicates included).
+    pub messages: u64,
+    /// Simulated time at the end.
+    pub elapsed: Duration,
+}
+
+const LOCKSPACE: &[u8] = b"sim";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slot {
+    Empty,
+    /// A new lock's request is out.
+    Requested,
+    Granted(Mode),
+    /// A conversion (or, with `unlocking`, an unlock) is out.
+    Busy {
+        held: Mode,
+        unlocking: bool,
+    },
+}
+
+struct Client {
+    node: usize,
+    session: SessionId,
+    slots: Vec<(Slot, u32)>,
+    next_handle: u64,
+    /// Handle → slot index.
+    handles: HashMap<u64, usize>,
+    next_action: Instant,
+}
+
+#[derive(PartialEq, Eq)]
+struct InFlight {
+    at: Instant,
+    order: u64,
+    from: NodeId,
+    to: NodeId,
+    envelope: Envelope,
+}
+
+impl Ord for InFlight {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // BinaryHeap is a max-heap: earliest first.
+        (other.at, other.order).cmp(&(self.at, self.order))
+    }
+}
+
+impl PartialOrd for InFlight {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+/// One simulation.
+pub struct Sim {
+    config: SimConfig,
+    rng: Rng,
+    now: Instant,
+    nodes: Vec<ClusterNode>,
+    clients: Vec<Client>,
+    network: BinaryHeap<InFlight>,
+    order: u64,
+    last_token: HashMap<u32, u64>,
+    seen_grants: std::collections::HashSet<(u32, u64)>,
+    /// (session, handle) → client and resource.
+    owners: HashMap<(SessionId, LockHandle), (usize, u32)>,
+    report: SimReport,
+    draining: bool,
+}
+
+impl Sim {
+    /// A simulation from a seed.
+    ///
+    /// # Panics
+    /// The configuration cannot make a cluster (no node).
+    #[must_use]
+    pub fn new(seed: u64, config: SimConfig) -> Sim {
+        let mut rng = Rng::new(seed);
+        let members: Vec<Member> =
+            (1..=config.nodes).map(|id| Member { id: NodeId(id), weight: 1 + rng.below(2) as u8 }).collect();
+        let membership = Membership::new(members, 1).expect("valid members");
+        let mut nodes = Vec::new();
+        let mut clients = Vec::new();
+        for n in 0..config.nodes {
+            let mut cluster = ClusterConfig::new(NodeId(n + 1), membership.clone());
+            cluster.release_delay = Duration::from_micros(200 + rng.below(3000));
+            cluster.deadlock_interval = Duration::from_millis(5);
+            cluster.ack_delay = Duration::from_micros(300);
+            cluster.master_cache_max = 4;
+            let mut node = ClusterNode::new(cluster).expect("valid cluster");
+            node.create_lockspace(LOCKSPACE, LockspaceConfig { lvb_len: 8 }).expect("lockspace");
+            for c in 0..config.clients_per_node {
+                let session = NodeId(n + 1).session(u64::from(c) + 1);
+                node.open_session(session).expect("session");
+                clients.push(Client {
+                    node: usize::from(n),
+                    session,
+                    slots: vec![(Slot::Empty, 0); 2],
+                    next_handle: 1,
+                    handles: HashMap::new(),
+                    next_action: Instant::from_nanos(rng.below(1_000_000)),
+                });
+            }
+            nodes.push(node);
+        }
+        Sim {
+            config,
+            rng,
+            now: Instant::ZERO,
+            nodes,
+            clients,
+            network: BinaryHeap::new(),
+            order: 0,
+            last_token: HashMap::new(),
+            seen_grants: std::collections::HashSet::new(),
+            owners: HashMap::new(),
+            report: SimReport::default(),
+            draining: false,
+        }
+    }
+
+    /// Runs to the end.
+    ///
+    /// # Errors
+    /// The first violation found, with the simulated time.
+    pub fn run(mut self) -> Result<SimReport, String> {
+        let mut stalled = 0u32;
+        loop {
+            if !self.draining && self.report.requests >= self.config.requests {
+                self.draining = true;
+            }
+            if self.draining && self.quiescent() {
+                break;
+            }
+            let next_net = self.network.peek().map(|m| m.at);
+            let next_client = self.clients.iter().map(|c| c.next_action).min();
+            let next_timer = self.nodes.iter().filter_map(ClusterNode::poll_timeout).min();
+            let Some(at) = [next_net, next_client, next_timer].into_iter().flatten().min() else { break };
+            if at <= self.now {
+                stalled += 1;
+                if stalled > 1_000_000 {
+                    return Err(format!("at {:?}: no progress (a timer that never clears?)", self.elapsed()));
+                }
+            } else {
+                stalled = 0;
+            }
+            self.now = self.now.max(at);
+            if self.now.as_nanos() > self.config.drain_limit.as_nanos() as u64 {
+                if std::env::var_os("DLM_SIM_TRACE").is_some() {
+                    for (n, node) in self.nodes.iter().enumerate() {
+                        let ls = node.lockspace_id(LOCKSPACE).expect("lockspace");
+                        eprintln!("node {} dump: {:#?}", n + 1, node.dump(ls, None, 100));
+                        eprintln!("node {} edges: {:?}", n + 1, node.engine().wait_edges());
+                    }
+                }
+                return Err(format!("requests still pending at {:?}: {}", self.elapsed(), self.pending_summary()));
+            }
+            if next_net == Some(at) {
+                let m = self.network.pop().expect("peeked");
+                self.report.messages += 1;
+                let to = usize::from(m.to.0 - 1);
+                self.nodes[to]
+                    .handle_peer(self.now, m.from, m.envelope)
+                    .map_err(|e| format!("at {:?}: peer error {e}", self.elapsed()))?;
+                self.after(to)?;
+            } else if next_client == Some(at) {
+                let c = self.clients.iter().position(|c| c.next_action == at).expect("found above");
+                self.client_step(c)?;
+            } else {
+                for n in 0..self.nodes.len() {
+                    if self.nodes[n].poll_timeout().is_some_and(|t| t <= self.now) {
+                        self.nodes[n].handle_timeout(self.now);
+                        self.after(n)?;
+                    }
+                }
+            }
+            self.check_masters()?;
+        }
+        for (n, node) in self.nodes.iter().enumerate() {
+            node.check_invariants().map_err(|e| format!("node {}: {e}", n + 1))?;
+            let locks: u32 = node.lockspaces().iter().map(|ls| ls.locks).sum();
+            if locks != 0 || node.remote_lock_count() != 0 {
+                return Err(format!(
+                    "node {} still has {locks} locks and {} remote copies",
+                    n + 1,
+                    node.remote_lock_count()
+                ));
+            }
+        }
+        self.report.elapsed = self.elapsed();
+        Ok(self.report)
+    }
+
+    fn elapsed(&self) -> Duration {
+        Duration::from_nanos(self.now.as_nanos())
+    }
+
+    fn quiescent(&self) -> bool {
+        self.clients.iter().all(|c| c.slots.iter().all(|(s, _)| *s == Slot::Empty)) && self.network.is_empty()
+    }
+
+    fn pending_summary(&self) -> String {
+        let mut out = Vec::new();
+        for c in &self.clients {
+            for (slot, resource) in &c.slots {
+                if *slot != Slot::Empty {
+                    out.push(format!("{} r{resource} {slot:?}", c.session.0 >> 48));
+                }
+            }
+        }
+        out.join(", ")
+    }
+
+    fn client_step(&mut self, c: usize) -> Result<(), String> {
+        let delay = 20_000 + self.rng.below(400_000);
+        self.clients[c].next_action = if self.draining && self.clients[c].slots.iter().all(|(s, _)| *s == Slot::Empty) {
+            Instant::from_nanos(u64::MAX)
+        } else {
+            self.now.saturating_add(Duration::from_nanos(delay))
+        };
+        let s = self.rng.below(self.clients[c].slots.len() as u64) as usize;
+        let (slot, _) = self.clients[c].slots[s];
+        let session = self.clients[c].session;
+        let node = self.clients[c].node;
+        let request = match slot {
+            Slot::Empty if !self.draining => {
+                let resource = self.rng.below(u64::from(self.config.resources)) as u32;
+                // A session waiting for its own lock is no deadlock (it can
+                // release it), but this client would not: one lock per resource.
+                if self.clients[c].slots.iter().any(|&(slot, r)| slot != Slot::Empty && r == resource) {
+                    return Ok(());
+                }
+                let handle = self.clients[c].next_handle;
+                self.clients[c].next_handle += 1;
+                let mode = ALL_MODES[self.rng.below(6) as usize];
+                let mut flags = LockFlags::EMPTY;
+                if self.rng.chance(15) {
+                    flags.insert(LockFlags::NOQUEUE);
+                }
+                if self.rng.chance(30) {
+                    flags.insert(LockFlags::VALBLK);
+                }
+                let timeout = self.rng.chance(20).then(|| Duration::from_micros(100 + self.rng.below(5000)));
+                self.clients[c].slots[s] = (Slot::Requested, resource);
+                self.clients[c].handles.insert(handle, s);
+                self.owners.insert((session, LockHandle(handle)), (c, resource));
+                self.report.requests += 1;
+                ClientRequest::Lock(LockRequest {
+                    handle: LockHandle(handle),
+                    lockspace: self.nodes[node].lockspace_id(LOCKSPACE).expect("lockspace"),
+                    name: format!("r{resource}").into_bytes(),
+                    mode,
+                    flags,
+                    timeout,
+                })
+            }
+            // Like most applications, a client waiting for one lock does
+            // not let go of the others: only deadlock detection (or a
+            // timeout) gets it out of a cycle.
+            Slot::Granted(_) if self.clients[c].slots.iter().any(|(s, _)| is_waiting(*s)) => return Ok(()),
+            Slot::Granted(held) => {
+                let handle = self.handle_of(c, s);
+                if self.draining || self.rng.chance(60) {
+                    self.clients[c].slots[s].0 = Slot::Busy { held, unlocking: true };
+                    let writes = matches!(held, Mode::Pw | Mode::Ex);
+                    let (flags, lvb) = if writes && self.rng.chance(50) {
+                        (UnlockFlags::VALBLK, Some(self.rng.next_u64().to_le_bytes().to_vec()))
+                    } else {
+                        (UnlockFlags::EMPTY, None)
+                    };
+                    ClientRequest::Unlock(UnlockRequest { handle, flags, lvb })
+                } else {
+                    let mode = ALL_MODES[self.rng.below(6) as usize];
+                    let mut flags = LockFlags::EMPTY;
+                    if self.rng.chance(20) {
+                        flags.insert(LockFlags::NOQUEUE);
+                    } else if self.rng.chance(30) {
+                        flags.insert(LockFlags::CONVDEADLK);
+                    }
+                    let timeout = self.rng.chance(20).then(|| Duration::from_micros(100 + self.rng.below(5000)));
+                    self.clients[c].slots[s].0 = Slot::Busy { held, unlocking: false };
+                    ClientRequest::Convert(ConvertRequest { handle, mode, flags, lvb: None, timeout })
+                }
+            }
+            Slot::Requested | Slot::Busy { unlocking: false, .. } if !self.draining && self.rng.chance(5) => {
+                ClientRequest::Cancel { handle: self.handle_of(c, s) }
+            }
+            _ => return Ok(()),
+        };
+        let result = self.nodes[node].handle_client(self.now, session, request.clone());
+        if let Err(error) = result {
+            // A convert the engine refuses (flags that make no sense for
+            // this conversion) changes nothing; anything else is a bug here.
+            match request {
+                ClientRequest::Convert(_) => self.clients[c].slots[s].0 = slot,
+                ClientRequest::Cancel { .. } if error == crate::RequestError::NotPending => {}
+                other => return Err(format!("at {:?}: {other:?} refused: {error}", self.elapsed())),
+            }
+        }
+        self.after(node)
+    }
+
+    fn handle_of(&self, c: usize, s: usize) -> LockHandle {
+        let handle = self.clients[c].handles.iter().find(|&(_, &slot)| slot == s).map(|(&h, _)| h);
+        LockHandle(handle.expect("a busy slot has a handle"))
+    }
+
+    /// Carries out what node `n` produced: effects to its clients, envelopes to the network.
+    fn after(&mut self, n: usize) -> Result<(), String> {
+        let mut grants: Vec<(u32, u64)> = Vec::new();
+        while let Some(effect) = self.nodes[n].poll_effect() {
+            if let Effect::Complete(c) = &effect
+                && let (Some(token), Some(&(_, resource))) = (c.token, self.owners.get(&(c.session, c.handle)))
+            {
+                grants.push((resource, token.0));
+                if std::env::var_os("DLM_SIM_TRACE").is_some() {
+                    eprintln!("{:?} node {} local grant r{resource} {c:?}", self.elapsed(), n + 1);
+                }
+            }
+            self.deliver(n, effect)?;
+        }
+        while let Some((to, envelope)) = self.nodes[n].poll_transmit() {
+            if let Some(PeerMessage::Complete(c)) = &envelope.message
+                && let (Some(token), Some(&(_, resource))) = (c.token, self.owners.get(&(c.session, c.handle)))
+                && envelope.seq != 0
+            {
+                grants.push((resource, token.0));
+            }
+            if std::env::var_os("DLM_SIM_TRACE").is_some() {
+                eprintln!("{:?} node {} -> {to}: {envelope:?}", self.elapsed(), n + 1);
+            }
+            self.send(NodeId(n as u16 + 1), to, envelope);
+        }
+        let mut by_resource: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        // A remote grant is seen when its master sends it and again when
+        // the client's node delivers it: count it once.
+        grants.retain(|&grant| self.seen_grants.insert(grant));
+        for (resource, token) in grants {
+            by_resource.entry(resource).or_default().push(token);
+        }
+        for (resource, tokens) in by_resource {
+            let last = self.last_token.get(&resource).copied().unwrap_or(0);
+            let min = tokens.iter().copied().min().expect("non-empty");
+            if min <= last {
+                return Err(format!("at {:?}: r{resource} granted token {min} after token {last}", self.elapsed()));
+            }
+            self.last_token.insert(resource, tokens.into_iter().max().expect("non-empty"));
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, from: NodeId, to: NodeId, envelope: Envelope) {
+        let copies = if self.rng.chance(self.config.duplicate_percent) { 2 } else { 1 };
+        for _ in 0..copies {
+            let delay = self.rng.below(self.config.max_delay.as_nanos() as u64 + 1);
+            self.order += 1;
+            self.network.push(InFlight {
+                at: self.now.saturating_add(Duration::from_nanos(delay)),
+                order: self.order,
+                from,
+                to,
+                envelope: envelope.clone(),
+            });
+        }
+    }
+
+    fn deliver(&mut self, n: usize, effect: Effect) -> Result<(), String> {
+        let at = self.elapsed();
+        match effect {
+            Effect::Complete(completion) => self.complete(n, completion),
+            Effect::Blocking { session, handle, .. } => {
+                let known = self.owners.get(&(session, handle)).map(|&(c, _)| c);
+                match known {
+                    Some(c) if self.clients[c].node == n => {
+                        // A blocked-on holder lets go soon.
+                        self.clients[c].next_action = self.clients[c].next_action.min(self.now);
+                        Ok(())
+                    }
+                    _ => Err(format!("at {at:?}: blocking callback for unknown lock {session} {handle}")),
+                }
+            }
+            Effect::Revoked { session, handle, .. } => {
+                Err(format!("at {at:?}: unexpected revocation {session} {handle}"))
+            }
+        }
+    }
+
+    fn complete(&mut self, n: usize, done: Completion) -> Result<(), String> {
+        let at = self.elapsed();
+        let Some(&(c, _)) = self.owners.get(&(done.session, done.handle)) else {
+            return Err(format!("at {at:?}: completion for unknown lock: {done:?}"));
+        };
+        if self.clients[c].node != n {
+            return Err(format!("at {at:?}: completion delivered on the wrong node: {done:?}"));
+        }
+        let s = *self.clients[c].handles.get(&done.handle.0).expect("owned handles are mapped");
+        let (slot, resource) = self.clients[c].slots[s];
+        if done.status == Status::Granted {
+            self.report.grants += 1;
+        }
+        if done.status == Status::Deadlock {
+            self.report.deadlocks += 1;
+        }
+        let next = match (slot, done.op, done.mode) {
+            (Slot::Requested, Op::Lock, Some(mode)) if done.status == Status::Granted => Slot::Granted(mode),
+            (Slot::Requested, Op::Lock, None) => Slot::Empty,
+            (Slot::Busy { unlocking: false, .. }, Op::Convert, Some(mode)) => Slot::Granted(mode),
+            (Slot::Busy { unlocking: true, .. }, Op::Unlock, None) => Slot::Empty,
+            _ => return Err(format!("at {at:?}: completion {done:?} for a lock in state {slot:?}")),
+        };
+        self.clients[c].slots[s] = (next, resource);
+        if next == Slot::Empty {
+            self.clients[c].handles.remove(&done.handle.0);
+            self.owners.remove(&(done.session, done.handle));
+        }
+        let soon = self.now.saturating_add(Duration::from_micros(self.rng.below(200)));
+        self.clients[c].next_action = self.clients[c].next_action.min(soon);
+        Ok(())
+    }
+
+    /// No resource may have locks on two nodes' engines at once.
+    fn check_masters(&self) -> Result<(), String> {
+        for r in 0..self.config.resources {
+            let name = format!("r{r}");
+            let masters: Vec<usize> = (0..self.nodes.len())
+                .filter(|&n| {
+                    let node = &self.nodes[n];
+                    node.lockspace_id(LOCKSPACE).is_some_and(|ls| node.engine().resource_exists(ls, name.as_bytes()))
+                })
+                .collect();
+            if masters.len() > 1 {
+                return Err(format!("at {:?}: r{r} has locks on nodes {masters:?}", self.elapsed()));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_waiting(slot: Slot) -> bool {
+    matches!(slot, Slot::Requested | Slot::Busy { unlocking: false, .. })
+}
+
+/// Runs one seed with the default shape.
+///
+/// # Errors
+/// The violation found, naming the seed.
+pub fn run_seed(seed: u64) -> Result<SimReport, String> {
+    Sim::new(seed, SimConfig::default()).run().map_err(|e| format!("seed {seed}: {e}"))
+}
