@@ -43,6 +43,55 @@ pub struct Config {
     /// saves its cost (the futex family's syscall tracepoints slow every
     /// system call on the node).
     pub ebpf_families: Vec<crate::ebpf::Family>,
+    /// The cluster this agent is a member of; `None` for a single node.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// The `[cluster]` section: static membership (changes come with the
+/// membership issue), the peer listener, and timings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// The cluster's name: peers with another name are refused.
+    pub name: String,
+    /// This node's id among the members.
+    pub node_id: u16,
+    /// Where this node accepts peer connections.
+    pub listen: SocketAddr,
+    /// Every member, this node included.
+    pub members: Vec<MemberEntry>,
+    /// How long a resource nobody locks stays mastered here.
+    pub release_delay: Duration,
+    /// How often waiting nodes report wait-for edges to the deadlock coordinator.
+    pub deadlock_interval: Duration,
+}
+
+/// A `[[cluster.member]]`.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberEntry {
+    /// Its node id (0 to 65535).
+    pub id: u16,
+    /// Its peer address.
+    pub address: SocketAddr,
+    /// Its share of directory entries (1 to 64).
+    #[serde(default = "default_weight")]
+    pub weight: u8,
+}
+
+fn default_weight() -> u8 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    name: String,
+    node_id: u16,
+    listen: Option<String>,
+    #[serde(default)]
+    member: Vec<MemberEntry>,
+    release_delay: Option<String>,
+    deadlock_interval: Option<String>,
 }
 
 /// A lockspace the agent creates at start.
@@ -88,6 +137,7 @@ impl Default for Config {
             ebpf_interval: Duration::from_secs(5),
             ebpf_long_stall: Duration::from_millis(10),
             ebpf_families: crate::ebpf::Family::ALL.to_vec(),
+            cluster: None,
         }
     }
 }
@@ -112,6 +162,7 @@ struct File {
     #[serde(default)]
     lockspace: Vec<LockspaceEntry>,
     ebpf: Option<FileEbpf>,
+    cluster: Option<FileCluster>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -287,6 +338,9 @@ impl Config {
         if !file.lockspace.is_empty() {
             self.lockspaces = file.lockspace;
         }
+        if let Some(cluster) = file.cluster {
+            self.cluster = Some(cluster_settings(cluster)?);
+        }
         if let Some(ebpf) = file.ebpf {
             if let Some(enabled) = ebpf.enabled {
                 self.ebpf = enabled;
@@ -328,6 +382,9 @@ impl Config {
             return Err(invalid("session_queue_max", "must be from 16 to 1048576"));
         }
         self.limits.validate().map_err(|m| invalid("limits", m))?;
+        if let Some(cluster) = &self.cluster {
+            cluster.membership().map_err(|m| invalid("cluster.member", m))?;
+        }
         let mut names = std::collections::BTreeSet::new();
         for entry in &self.lockspaces {
             if !names.insert(&entry.name) {
@@ -335,6 +392,58 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, ConfigError> {
+    if file.name.is_empty() || file.name.len() > dlm_core::cluster::wire::CLUSTER_NAME_LEN_MAX {
+        return Err(invalid("cluster.name", "must be 1 to 64 bytes"));
+    }
+    let me = file
+        .member
+        .iter()
+        .find(|m| m.id == file.node_id)
+        .ok_or_else(|| invalid("cluster.node_id", format!("{} is not among the [[cluster.member]] entries", file.node_id)))?;
+    let listen = match file.listen {
+        Some(text) => parse_addr("cluster.listen", &text)?.ok_or_else(|| invalid("cluster.listen", "must be an address"))?,
+        None => me.address,
+    };
+    let duration = |key: &'static str, text: Option<String>, default: Duration| match text {
+        Some(text) => parse_duration(&text).map_err(|m| invalid(key, m)),
+        None => Ok(default),
+    };
+    let settings = ClusterSettings {
+        name: file.name,
+        node_id: file.node_id,
+        listen,
+        release_delay: duration("cluster.release_delay", file.release_delay, Duration::from_secs(5))?,
+        deadlock_interval: duration("cluster.deadlock_interval", file.deadlock_interval, Duration::from_secs(1))?,
+        members: file.member,
+    };
+    if settings.deadlock_interval < Duration::from_millis(10) {
+        return Err(invalid("cluster.deadlock_interval", "must be at least 10ms"));
+    }
+    Ok(settings)
+}
+
+impl ClusterSettings {
+    /// The members as the engine takes them.
+    ///
+    /// # Errors
+    /// Duplicate ids or addresses, weights out of range.
+    pub fn membership(&self) -> Result<dlm_core::cluster::Membership, String> {
+        let mut addresses = std::collections::BTreeSet::new();
+        for member in &self.members {
+            if !addresses.insert(member.address) {
+                return Err(format!("address {} is listed twice", member.address));
+            }
+        }
+        let members = self
+            .members
+            .iter()
+            .map(|m| dlm_core::cluster::Member { id: dlm_core::cluster::NodeId(m.id), weight: m.weight })
+            .collect();
+        dlm_core::cluster::Membership::new(members, 1)
     }
 }
 

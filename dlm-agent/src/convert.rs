@@ -200,6 +200,8 @@ pub fn status_to_wire(status: Status) -> proto::Status {
         Status::Deadlock => proto::Status::Deadlock,
         Status::TimedOut => proto::Status::TimedOut,
         Status::NotFound => proto::Status::NotFound,
+        Status::Unavailable => proto::Status::Unavailable,
+        Status::Rejected => proto::Status::Rejected,
     }
 }
 

@@ -16,11 +16,14 @@ use std::collections::HashMap;
 use std::ffi::{CStr, CString};
 use std::sync::Arc;
 
-use dlm_core::{ClientRequest, Effect, LockspaceConfig, LockspaceId, Mode, Node, NodeConfig, Op, SessionId, Status};
-use tokio::sync::{mpsc, oneshot};
+use dlm_core::cluster::{ClusterConfig, ClusterNode, Envelope, Member, Membership, NodeId};
+use dlm_core::{ClientRequest, Effect, LockspaceConfig, LockspaceId, Mode, NodeConfig, Op, SessionId, Status};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::clock::Clock;
+use crate::cluster_metrics::ClusterMetrics;
+use crate::peer::PeerSender;
 use crate::config::Config;
 use crate::convert::{self, Decoded, Rejection};
 use crate::kernel_evidence::{self, KernelEvidence, Phase};
@@ -68,6 +71,11 @@ pub enum Command {
     ReleaseLockspace { name: String, force: bool, reply: oneshot::Sender<Result<(), Rejection>> },
     /// Cancel pending requests, revoke locks, end every session, stop.
     Shutdown { reply: oneshot::Sender<()> },
+    /// Envelopes from a peer; `refused` is notified if the peer broke the
+    /// protocol (its connection is then dropped).
+    Peer { from: NodeId, envelopes: Vec<Envelope>, refused: Arc<Notify> },
+    /// The link to a peer went down or came up.
+    Link { peer: NodeId, up: bool },
 }
 
 /// A cheap, cloneable way to reach the engine task.
@@ -163,7 +171,12 @@ impl SessionState {
 }
 
 struct Engine {
-    node: Node,
+    node: ClusterNode,
+    /// This node's id (0 for a single node).
+    node_id: NodeId,
+    /// The queues to the peers' dialers.
+    peers: HashMap<NodeId, PeerSender>,
+    cluster_metrics: Option<ClusterMetrics>,
     clock: Clock,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
@@ -188,11 +201,34 @@ pub fn start(
     metrics: Arc<Metrics>,
     clock: Clock,
     evidence: KernelEvidence,
+    peers: HashMap<NodeId, PeerSender>,
 ) -> Result<(EngineHandle, tokio::task::JoinHandle<()>), String> {
     let node_config = NodeConfig { limits: config.limits.clone(), ..NodeConfig::default() };
-    let node = Node::new(node_config)?;
+    let (node_id, cluster_config) = match &config.cluster {
+        Some(cluster) => {
+            let node_id = NodeId(cluster.node_id);
+            let mut settings = ClusterConfig::new(node_id, cluster.membership()?);
+            settings.release_delay = cluster.release_delay;
+            settings.deadlock_interval = cluster.deadlock_interval;
+            (node_id, settings)
+        }
+        None => {
+            let single = Membership::new(vec![Member { id: NodeId(0), weight: 1 }], 1)?;
+            (NodeId(0), ClusterConfig::new(NodeId(0), single))
+        }
+    };
+    let mut node = ClusterNode::new(ClusterConfig { engine: node_config, ..cluster_config })?;
+    // Links are down until each peer's dialer has connected.
+    let peer_ids: Vec<NodeId> = node.peers().collect();
+    for peer in &peer_ids {
+        node.handle_link(dlm_core::Instant::ZERO, *peer, false);
+    }
+    let cluster_metrics = config.cluster.as_ref().map(|c| ClusterMetrics::new(&metrics, c.members.len()));
     let mut engine = Engine {
         node,
+        node_id,
+        peers,
+        cluster_metrics,
         clock,
         config: config.clone(),
         metrics,
@@ -255,7 +291,11 @@ impl Engine {
     fn handle(&mut self, command: Command) {
         match command {
             Command::Open { peer, events, ended, reply } => {
-                let session = SessionId(self.next_session);
+                let session = if self.peers.is_empty() {
+                    SessionId(self.next_session)
+                } else {
+                    self.node_id.session(self.next_session)
+                };
                 let result = match self.node.open_session(session) {
                     Ok(()) => {
                         self.next_session += 1;
@@ -287,6 +327,17 @@ impl Engine {
             Command::ReleaseLockspace { name, force, reply } => {
                 let _ = reply.send(self.release_lockspace(&name, force));
             }
+            Command::Peer { from, envelopes, refused } => {
+                let now = self.clock.engine_now();
+                for envelope in envelopes {
+                    if let Err(error) = self.node.handle_peer(now, from, envelope) {
+                        tracing::warn!(peer = from.0, %error, "peer broke the protocol; dropping its connection");
+                        refused.notify_one();
+                        break;
+                    }
+                }
+            }
+            Command::Link { peer, up } => self.node.handle_link(self.clock.engine_now(), peer, up),
             Command::Shutdown { .. } => unreachable!("handled by run"),
         }
     }
@@ -437,7 +488,29 @@ impl Engine {
         }
     }
 
+    /// Hands the engine's envelopes to the peers' dialers. A full queue
+    /// means the peer does not keep up: its link counts as down (requests
+    /// that need it fail rather than pile up) and its connection is re-made.
+    fn transmit(&mut self) {
+        let mut stalled = Vec::new();
+        while let Some((peer, envelope)) = self.node.poll_transmit() {
+            let Some(sender) = self.peers.get(&peer) else { continue };
+            if sender.queue.try_send(envelope).is_err() && !stalled.contains(&peer) {
+                stalled.push(peer);
+            }
+        }
+        for peer in stalled {
+            tracing::warn!(peer = peer.0, "queue to peer full; resetting its link");
+            self.node.handle_link(self.clock.engine_now(), peer, false);
+            if let Some(sender) = self.peers.get(&peer) {
+                sender.reset.notify_one();
+            }
+            while self.node.poll_transmit().is_some() {}
+        }
+    }
+
     fn route_effects(&mut self) {
+        self.transmit();
         while let Some(effect) = self.node.poll_effect() {
             self.account(&effect);
             let session = match &effect {
@@ -452,6 +525,7 @@ impl Engine {
                 self.end_session(session, "slow_reader");
             }
         }
+        self.transmit();
     }
 
     /// Updates metrics and the per-handle bookkeeping for one effect.
@@ -505,6 +579,14 @@ impl Engine {
                                 .grant_wait
                                 .with_label_values(&[&lockspace, mode.name()])
                                 .observe(wait.as_secs_f64());
+                            if let Some(cluster) = &self.cluster_metrics
+                                && self.node.remote_master(completion.session, completion.handle).is_some()
+                            {
+                                cluster
+                                    .remote_grant_wait
+                                    .with_label_values(&[&lockspace, mode.name()])
+                                    .observe(wait.as_secs_f64());
+                            }
                         }
                         known.token = completion.token.map_or(known.token, |t| t.0);
                         probes::grant(known.probe_target(), mode, wait_ns, known.token, pid.map_or(0, u64::from));
@@ -609,6 +691,8 @@ impl Engine {
         }
         // Ending sessions grants nothing to anyone left: there is no one left.
         while self.node.poll_effect().is_some() {}
+        // Other nodes' masters hear that these sessions ended.
+        self.transmit();
     }
 
     fn status(&self) -> proto::StatusReply {
@@ -623,10 +707,39 @@ impl Engine {
             locks: lockspaces.iter().map(|ls| u64::from(ls.locks)).sum(),
             waiting: lockspaces.iter().map(|ls| u64::from(ls.waiting)).sum(),
             ebpf: self.evidence.enabled(),
+            cluster: self.config.cluster.as_ref().map(|c| c.name.clone()).unwrap_or_default(),
+            node_id: u32::from(self.node_id.0),
+            peers: self
+                .config
+                .cluster
+                .iter()
+                .flat_map(|c| &c.members)
+                .filter(|m| m.id != self.node_id.0)
+                .map(|m| {
+                    let (up, unacked) = self.node.link_state(NodeId(m.id)).unwrap_or((false, 0));
+                    proto::PeerStatus {
+                        node_id: u32::from(m.id),
+                        address: m.address.to_string(),
+                        up,
+                        unacked: unacked as u64,
+                    }
+                })
+                .collect(),
+            mastered: self.node.mastered_count() as u64,
+            directory_entries: self.node.directory_count() as u64,
+            remote_locks: self.node.remote_lock_count() as u64,
         }
     }
 
-    fn lockspaces(&self) -> proto::LockspacesReply {
+    fn lockspaces(&mut self) -> proto::LockspacesReply {
+        if let Some(cluster) = &mut self.cluster_metrics {
+            cluster.update(
+                self.node.stats(),
+                self.node.mastered_count(),
+                self.node.directory_count(),
+                self.node.remote_lock_count(),
+            );
+        }
         let lockspaces = self
             .node
             .lockspaces()

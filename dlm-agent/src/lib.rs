@@ -25,6 +25,7 @@
 
 pub mod client;
 pub mod clock;
+pub mod cluster_metrics;
 pub mod config;
 pub mod convert;
 pub mod ebpf;
@@ -32,6 +33,7 @@ pub mod engine;
 pub mod http;
 pub mod kernel_evidence;
 pub mod metrics;
+pub mod peer;
 pub mod probes;
 pub mod proto;
 pub mod server;

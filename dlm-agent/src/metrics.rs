@@ -47,7 +47,17 @@ pub const ATTRIBUTION_STATES: &[&str] = &["oncpu", "runqueue", "blocked", "recla
 /// Why a session ended, as a metric label.
 pub const SESSION_END_REASONS: &[&str] = &["closed", "slow_reader", "shutdown"];
 const OPS: &[&str] = &["lock", "convert", "unlock"];
-const OUTCOMES: &[&str] = &["granted", "unlocked", "cancelled", "would_block", "deadlock", "timed_out", "not_found"];
+const OUTCOMES: &[&str] = &[
+    "granted",
+    "unlocked",
+    "cancelled",
+    "would_block",
+    "deadlock",
+    "timed_out",
+    "not_found",
+    "unavailable",
+    "rejected",
+];
 
 /// Bucket bounds of the time histograms: 10 µs to about 42 s, ×4 apart.
 fn time_buckets() -> Vec<f64> {

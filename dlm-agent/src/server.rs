@@ -87,8 +87,30 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     // Held until the agent stops: dropping it stops the map reader.
     let _ebpf_reader = probes.reader;
     let evidence = crate::kernel_evidence::KernelEvidence::new(probes.attribution);
+    let (peers, dialers) = match &config.cluster {
+        Some(cluster) => crate::peer::channels(cluster),
+        None => (std::collections::HashMap::new(), Vec::new()),
+    };
+    let peer_listener = match &config.cluster {
+        Some(cluster) => Some(
+            TcpListener::bind(cluster.listen)
+                .await
+                .map_err(|source| ServeError::Bind { what: format!("peer listener {}", cluster.listen), source })?,
+        ),
+        None => None,
+    };
     let (engine, engine_task) =
-        engine::start(config.clone(), metrics.clone(), Clock::start(), evidence).map_err(ServeError::Config)?;
+        engine::start(config.clone(), metrics.clone(), Clock::start(), evidence, peers).map_err(ServeError::Config)?;
+    if let (Some(cluster), Some(listener)) = (&config.cluster, peer_listener) {
+        let ids: Vec<dlm_core::cluster::NodeId> = cluster
+            .members
+            .iter()
+            .filter(|m| m.id != cluster.node_id)
+            .map(|m| dlm_core::cluster::NodeId(m.id))
+            .collect();
+        let peer_metrics = crate::peer::PeerMetrics::new(&metrics, &ids);
+        crate::peer::spawn(Arc::new(cluster.clone()), listener, dialers, engine.clone(), peer_metrics);
+    }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = move || {

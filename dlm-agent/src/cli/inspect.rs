@@ -63,12 +63,19 @@ pub async fn status(args: StatusArgs) -> ExitCode {
     };
     match client.status().await {
         Ok(s) => {
+            let peers: Vec<_> = s
+                .peers
+                .iter()
+                .map(|p| json!({"node_id": p.node_id, "address": p.address, "up": p.up, "unacked": p.unacked}))
+                .collect();
             let value = json!({
                 "node": s.node, "version": s.version, "uptime_ms": s.uptime_ms, "sessions": s.sessions,
                 "lockspaces": s.lockspaces, "locks": s.locks, "waiting": s.waiting, "ebpf": s.ebpf,
+                "cluster": s.cluster, "node_id": s.node_id, "peers": peers, "mastered": s.mastered,
+                "directory_entries": s.directory_entries, "remote_locks": s.remote_locks,
             });
             print(args.json, &value, || {
-                format!(
+                let mut text = format!(
                     "node {}\nversion {}\nuptime {:.1}s\nsessions {}\nlockspaces {}\nlocks {} ({} waiting)\nebpf {}\n",
                     s.node,
                     s.version,
@@ -78,7 +85,18 @@ pub async fn status(args: StatusArgs) -> ExitCode {
                     s.locks,
                     s.waiting,
                     if s.ebpf { "on" } else { "off" }
-                )
+                );
+                if !s.cluster.is_empty() {
+                    text += &format!(
+                        "cluster {} (node id {})\nmastered here {}, directory entries {}, locks mastered elsewhere {}\n",
+                        s.cluster, s.node_id, s.mastered, s.directory_entries, s.remote_locks
+                    );
+                    for p in &s.peers {
+                        let state = if p.up { "up" } else { "down" };
+                        text += &format!("peer {} {} {state} ({} unacknowledged)\n", p.node_id, p.address, p.unacked);
+                    }
+                }
+                text
             });
             ExitCode::SUCCESS
         }

@@ -311,6 +311,17 @@ impl ClusterNode {
         self.remote.len()
     }
 
+    /// The node mastering a local client's lock, when it is another node.
+    #[must_use]
+    pub fn remote_master(&self, session: SessionId, handle: LockHandle) -> Option<NodeId> {
+        self.remote.get(&(session, handle)).and_then(|l| l.master)
+    }
+
+    /// The other members, by id.
+    pub fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.links.keys().copied()
+    }
+
     /// Whether the link to a peer is up, and how many messages to it await acknowledgement.
     #[must_use]
     pub fn link_state(&self, peer: NodeId) -> Option<(bool, usize)> {

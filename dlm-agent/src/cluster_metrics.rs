@@ -1,0 +1,109 @@
+//! Metrics of the cluster layer: membership, mastering, directory, peer
+//! traffic, remote request latency. Registered only when the agent is a
+//! member of a cluster.
+
+use dlm_core::cluster::ClusterStats;
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts};
+
+use crate::metrics::Metrics;
+
+/// Counters and gauges fed from the engine's [`ClusterStats`].
+pub struct ClusterMetrics {
+    members: IntGauge,
+    mastered: IntGauge,
+    directory: IntGauge,
+    remote_locks: IntGauge,
+    messages: IntCounterVec,
+    lookups: IntCounter,
+    remote_requests: IntCounter,
+    served_requests: IntCounter,
+    stale_masters: IntCounter,
+    released: IntCounter,
+    deadlock_victims: IntCounter,
+    /// Time from a lock or convert request to its grant, for locks mastered on another node.
+    pub remote_grant_wait: HistogramVec,
+    last: ClusterStats,
+}
+
+impl ClusterMetrics {
+    /// Creates and registers the metrics.
+    ///
+    /// # Panics
+    /// A name registered twice (a bug).
+    #[must_use]
+    pub fn new(metrics: &Metrics, members: usize) -> ClusterMetrics {
+        let gauge = |name: &str, help: &str| {
+            let metric = IntGauge::new(name, help).expect("valid metric");
+            metrics.register(Box::new(metric.clone()));
+            metric
+        };
+        let counter = |name: &str, help: &str| {
+            let metric = IntCounter::new(name, help).expect("valid metric");
+            metrics.register(Box::new(metric.clone()));
+            metric
+        };
+        let messages = IntCounterVec::new(
+            Opts::new("dlm_cluster_messages_total", "Peer messages sent and received (acknowledgements excluded)."),
+            &["direction"],
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(messages.clone()));
+        let remote_grant_wait = HistogramVec::new(
+            HistogramOpts::new(
+                "dlm_cluster_remote_grant_wait_seconds",
+                "Time from a lock or convert request to its grant, for resources mastered on another node.",
+            )
+            .buckets(prometheus::exponential_buckets(0.000_01, 4.0, 12).expect("valid buckets")),
+            &["lockspace", "mode"],
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(remote_grant_wait.clone()));
+        let m = ClusterMetrics {
+            members: gauge("dlm_cluster_members", "Members of the cluster, this node included."),
+            mastered: gauge("dlm_cluster_mastered_resources", "Resources mastered on this node (in use or idle)."),
+            directory: gauge("dlm_cluster_directory_entries", "Directory entries kept on this node."),
+            remote_locks: gauge("dlm_cluster_remote_locks", "Locks of this node's clients mastered on other nodes."),
+            messages,
+            lookups: counter("dlm_cluster_lookups_total", "Directory lookups sent to other nodes."),
+            remote_requests: counter(
+                "dlm_cluster_remote_requests_total",
+                "Requests of this node's clients sent to masters on other nodes.",
+            ),
+            served_requests: counter(
+                "dlm_cluster_served_requests_total",
+                "Requests of other nodes' clients served here as master.",
+            ),
+            stale_masters: counter("dlm_cluster_stale_masters_total", "Requests sent to a node that no longer masters the resource."),
+            released: counter("dlm_cluster_masters_released_total", "Resources released by this node after being idle."),
+            deadlock_victims: counter(
+                "dlm_cluster_deadlock_victims_total",
+                "Deadlocks across nodes broken by this node as coordinator.",
+            ),
+            remote_grant_wait,
+            last: ClusterStats::default(),
+        };
+        m.members.set(i64::try_from(members).unwrap_or(i64::MAX));
+        m.messages.with_label_values(&["sent"]);
+        m.messages.with_label_values(&["received"]);
+        m
+    }
+
+    /// Brings the metrics up to date with the engine's counts.
+    pub fn update(&mut self, stats: ClusterStats, mastered: usize, directory: usize, remote_locks: usize) {
+        let delta = |now: u64, before: u64| now.saturating_sub(before);
+        let last = self.last;
+        self.messages.with_label_values(&["sent"]).inc_by(delta(stats.messages_sent, last.messages_sent));
+        self.messages.with_label_values(&["received"]).inc_by(delta(stats.messages_received, last.messages_received));
+        self.lookups.inc_by(delta(stats.lookups, last.lookups));
+        self.remote_requests.inc_by(delta(stats.remote_requests, last.remote_requests));
+        self.served_requests.inc_by(delta(stats.served_requests, last.served_requests));
+        self.stale_masters.inc_by(delta(stats.stale_masters, last.stale_masters));
+        self.released.inc_by(delta(stats.released, last.released));
+        self.deadlock_victims.inc_by(delta(stats.deadlock_victims, last.deadlock_victims));
+        self.last = stats;
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.mastered.set(gauge(mastered));
+        self.directory.set(gauge(directory));
+        self.remote_locks.set(gauge(remote_locks));
+    }
+}

@@ -1,0 +1,300 @@
+//! The peer transport: TCP between the agents of a cluster, carrying the
+//! engine's envelopes in the wire format of `dlm_core::cluster::wire`.
+//!
+//! Each agent dials every other member and sends on that connection only;
+//! it receives on the connections the others dial to it. So one direction of
+//! a pair is one connection, with one writer and one reader:
+//!
+//! ```text
+//!  engine ──Envelope──▶ dialer task (per peer) ──TCP──▶ peer's acceptor ──Command::Peer──▶ peer's engine
+//! ```
+//!
+//! - **Handshake**: the dialer sends a hello (magic, protocol version,
+//!   cluster name, node id, epoch); the acceptor checks every field against
+//!   its own configuration and answers with its hello, or closes. Only then
+//!   does the dialer tell its engine that the link is up.
+//! - **Frames** are length-prefixed batches of envelopes, bounded by
+//!   `FRAME_LEN_MAX`; anything malformed, and any envelope the engine
+//!   refuses, drops the connection. The node goes on serving its clients.
+//! - **Back pressure**: the engine's queue to each dialer is bounded; when it
+//!   is full the link counts as down (requests that need the peer fail with
+//!   "unavailable") and the connection is re-made.
+//! - **Reconnection**: a dialer retries with a growing delay (up to 1 s);
+//!   when the link is up again the engine resends everything the peer has
+//!   not acknowledged (the link layer drops what it already had).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlm_core::cluster::wire::{self, Hello};
+use dlm_core::cluster::{Envelope, NodeId};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, mpsc};
+
+use crate::config::ClusterSettings;
+use crate::engine::{Command, EngineHandle};
+
+/// Envelopes queued to one peer's dialer at most.
+pub const PEER_QUEUE_MAX: usize = 65_536;
+/// Envelopes written in one frame batch at most.
+const BATCH_MAX: usize = 1024;
+/// How long a connection may take to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a dial may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// The longest pause between two dials.
+const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// The engine's end of one peer's dialer.
+pub struct PeerSender {
+    /// Envelopes to send.
+    pub queue: mpsc::Sender<Envelope>,
+    /// Tells the dialer to drop its connection and dial again.
+    pub reset: Arc<Notify>,
+}
+
+/// The dialer's end, until it is spawned.
+pub struct Dialer {
+    peer: NodeId,
+    address: SocketAddr,
+    queue: mpsc::Receiver<Envelope>,
+    reset: Arc<Notify>,
+}
+
+/// The peer transport's metrics.
+#[derive(Clone)]
+pub struct PeerMetrics {
+    /// 1 while the link to a peer is up.
+    pub up: IntGaugeVec,
+    /// Bytes written to each peer.
+    pub bytes_sent: IntCounterVec,
+    /// Bytes read from each peer.
+    pub bytes_received: IntCounterVec,
+    /// Connections refused or dropped, by reason.
+    pub rejected: IntCounterVec,
+}
+
+/// Why a peer connection was refused or dropped, as a metric label.
+pub const REJECT_REASONS: &[&str] = &["bad_hello", "wrong_cluster", "wrong_version", "unknown_node", "wrong_epoch", "bad_frame", "protocol"];
+
+impl PeerMetrics {
+    /// Creates the metrics and registers them.
+    ///
+    /// # Panics
+    /// A metric name is registered twice (a bug).
+    #[must_use]
+    pub fn new(metrics: &crate::metrics::Metrics, peers: &[NodeId]) -> PeerMetrics {
+        let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["peer"]).expect("valid metric");
+        let counter =
+            |name: &str, help: &str, label: &str| IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        let m = PeerMetrics {
+            up: gauge("dlm_cluster_peer_up", "1 while the link to the peer is up (connected and handshaken)"),
+            bytes_sent: counter("dlm_cluster_peer_sent_bytes_total", "Bytes written to the peer", "peer"),
+            bytes_received: counter("dlm_cluster_peer_received_bytes_total", "Bytes read from the peer", "peer"),
+            rejected: counter(
+                "dlm_cluster_peer_rejected_total",
+                "Peer connections refused or dropped for breaking the protocol, by reason",
+                "reason",
+            ),
+        };
+        for peer in peers {
+            let label = peer.0.to_string();
+            m.up.with_label_values(&[&label]).set(0);
+            m.bytes_sent.with_label_values(&[&label]);
+            m.bytes_received.with_label_values(&[&label]);
+        }
+        for reason in REJECT_REASONS {
+            m.rejected.with_label_values(&[reason]);
+        }
+        metrics.register(Box::new(m.up.clone()));
+        metrics.register(Box::new(m.bytes_sent.clone()));
+        metrics.register(Box::new(m.bytes_received.clone()));
+        metrics.register(Box::new(m.rejected.clone()));
+        m
+    }
+}
+
+/// The queues between the engine and one dialer per peer.
+#[must_use]
+pub fn channels(settings: &ClusterSettings) -> (HashMap<NodeId, PeerSender>, Vec<Dialer>) {
+    let mut senders = HashMap::new();
+    let mut dialers = Vec::new();
+    for member in settings.members.iter().filter(|m| m.id != settings.node_id) {
+        let (queue, receiver) = mpsc::channel(PEER_QUEUE_MAX);
+        let reset = Arc::new(Notify::new());
+        let peer = NodeId(member.id);
+        senders.insert(peer, PeerSender { queue, reset: reset.clone() });
+        dialers.push(Dialer { peer, address: member.address, queue: receiver, reset });
+    }
+    (senders, dialers)
+}
+
+fn hello(settings: &ClusterSettings) -> Hello {
+    Hello { version: wire::VERSION, cluster: settings.name.clone().into_bytes(), node: NodeId(settings.node_id), epoch: 1 }
+}
+
+/// Starts the dialers and the acceptor; they stop with the runtime.
+pub fn spawn(
+    settings: Arc<ClusterSettings>,
+    listener: TcpListener,
+    dialers: Vec<Dialer>,
+    engine: EngineHandle,
+    metrics: PeerMetrics,
+) {
+    for dialer in dialers {
+        tokio::spawn(dial(settings.clone(), dialer, engine.clone(), metrics.clone()));
+    }
+    tokio::spawn(accept(settings, listener, engine, metrics));
+}
+
+async fn dial(settings: Arc<ClusterSettings>, mut dialer: Dialer, engine: EngineHandle, metrics: PeerMetrics) {
+    let label = dialer.peer.0.to_string();
+    let mut pause = Duration::from_millis(20);
+    loop {
+        // Whatever was queued while down is resent by the engine when the
+        // link comes up: drop it here rather than send it twice.
+        while dialer.queue.try_recv().is_ok() {}
+        let stream = match connect(&settings, &dialer).await {
+            Ok(stream) => stream,
+            Err(error) => {
+                tracing::debug!(peer = dialer.peer.0, address = %dialer.address, %error, "peer not reachable");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(RETRY_MAX);
+                continue;
+            }
+        };
+        pause = Duration::from_millis(20);
+        tracing::info!(peer = dialer.peer.0, address = %dialer.address, "peer link up");
+        metrics.up.with_label_values(&[&label]).set(1);
+        if engine.send(Command::Link { peer: dialer.peer, up: true }).await.is_err() {
+            return;
+        }
+        let error = write_frames(stream, &mut dialer, &metrics.bytes_sent.with_label_values(&[&label])).await;
+        tracing::warn!(peer = dialer.peer.0, %error, "peer link down");
+        metrics.up.with_label_values(&[&label]).set(0);
+        if engine.send(Command::Link { peer: dialer.peer, up: false }).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn connect(settings: &ClusterSettings, dialer: &Dialer) -> Result<TcpStream, String> {
+    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dialer.address))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    stream.write_all(&wire::encode_hello(&hello(settings))).await.map_err(|e| e.to_string())?;
+    let answer = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
+        .await
+        .map_err(|_| "no hello in time".to_string())??;
+    if answer.node != dialer.peer || answer.cluster != settings.name.as_bytes() || answer.version != wire::VERSION {
+        return Err(format!("unexpected hello from {}: {answer:?}", dialer.address));
+    }
+    Ok(stream)
+}
+
+async fn write_frames(mut stream: TcpStream, dialer: &mut Dialer, sent: &prometheus::IntCounter) -> String {
+    let mut batch = Vec::with_capacity(BATCH_MAX);
+    let mut bytes = Vec::new();
+    loop {
+        tokio::select! {
+            count = dialer.queue.recv_many(&mut batch, BATCH_MAX) => {
+                if count == 0 {
+                    return "the engine stopped".into();
+                }
+            }
+            () = dialer.reset.notified() => return "reset: the queue to the peer was full".into(),
+        }
+        bytes.clear();
+        wire::encode_frames(&batch, &mut bytes);
+        batch.clear();
+        if let Err(error) = stream.write_all(&bytes).await {
+            return error.to_string();
+        }
+        sent.inc_by(bytes.len() as u64);
+    }
+}
+
+async fn read_hello(stream: &mut TcpStream) -> Result<Hello, String> {
+    let mut prefix = [0u8; 7];
+    stream.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
+    let len = wire::hello_len(&prefix).map_err(|e| e.to_string())?;
+    let mut bytes = vec![0u8; len];
+    bytes[..7].copy_from_slice(&prefix);
+    stream.read_exact(&mut bytes[7..]).await.map_err(|e| e.to_string())?;
+    wire::decode_hello(&bytes).map_err(|e| e.to_string())
+}
+
+async fn accept(settings: Arc<ClusterSettings>, listener: TcpListener, engine: EngineHandle, metrics: PeerMetrics) {
+    // Every member may have a connection and one being re-made; more than
+    // that is someone else's doing.
+    let slots = Arc::new(Semaphore::new(settings.members.len() * 2 + 2));
+    loop {
+        let Ok((stream, address)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%address, "too many peer connections; refusing one");
+            continue;
+        };
+        let (settings, engine, metrics) = (settings.clone(), engine.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(reason) = serve_peer(&settings, stream, &engine, &metrics).await {
+                tracing::warn!(%address, reason, "peer connection dropped");
+                metrics.rejected.with_label_values(&[reason]).inc();
+            }
+        });
+    }
+}
+
+/// Serves one incoming connection until it closes; the reason it was dropped, if dropped.
+async fn serve_peer(
+    settings: &ClusterSettings,
+    mut stream: TcpStream,
+    engine: &EngineHandle,
+    metrics: &PeerMetrics,
+) -> Result<(), &'static str> {
+    let _ = stream.set_nodelay(true);
+    let hello_in = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
+        .await
+        .map_err(|_| "bad_hello")?
+        .map_err(|_| "bad_hello")?;
+    if hello_in.version != wire::VERSION {
+        return Err("wrong_version");
+    }
+    if hello_in.cluster != settings.name.as_bytes() {
+        return Err("wrong_cluster");
+    }
+    if hello_in.node.0 == settings.node_id || !settings.members.iter().any(|m| m.id == hello_in.node.0) {
+        return Err("unknown_node");
+    }
+    if hello_in.epoch != 1 {
+        return Err("wrong_epoch");
+    }
+    let from = hello_in.node;
+    stream.write_all(&wire::encode_hello(&hello(settings))).await.map_err(|_| "bad_hello")?;
+    let received = metrics.bytes_received.with_label_values(&[&from.0.to_string()]);
+    let refused = Arc::new(Notify::new());
+    loop {
+        let mut prefix = [0u8; 4];
+        tokio::select! {
+            read = stream.read_exact(&mut prefix) => if read.is_err() { return Ok(()) },
+            () = refused.notified() => return Err("protocol"),
+        }
+        let len = wire::frame_len(prefix).map_err(|_| "bad_frame")?;
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body).await.map_err(|_| "bad_frame")?;
+        received.inc_by(4 + len as u64);
+        let envelopes = wire::decode_frame(&body).map_err(|_| "bad_frame")?;
+        if engine.send(Command::Peer { from, envelopes, refused: refused.clone() }).await.is_err() {
+            return Ok(());
+        }
+    }
+}
