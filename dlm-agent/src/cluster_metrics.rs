@@ -73,8 +73,14 @@ impl ClusterMetrics {
                 "dlm_cluster_served_requests_total",
                 "Requests of other nodes' clients served here as master.",
             ),
-            stale_masters: counter("dlm_cluster_stale_masters_total", "Requests sent to a node that no longer masters the resource."),
-            released: counter("dlm_cluster_masters_released_total", "Resources released by this node after being idle."),
+            stale_masters: counter(
+                "dlm_cluster_stale_masters_total",
+                "Requests sent to a node that no longer masters the resource.",
+            ),
+            released: counter(
+                "dlm_cluster_masters_released_total",
+                "Resources released by this node after being idle.",
+            ),
             deadlock_victims: counter(
                 "dlm_cluster_deadlock_victims_total",
                 "Deadlocks across nodes broken by this node as coordinator.",

@@ -399,13 +399,13 @@ fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, ConfigError> {
     if file.name.is_empty() || file.name.len() > dlm_core::cluster::wire::CLUSTER_NAME_LEN_MAX {
         return Err(invalid("cluster.name", "must be 1 to 64 bytes"));
     }
-    let me = file
-        .member
-        .iter()
-        .find(|m| m.id == file.node_id)
-        .ok_or_else(|| invalid("cluster.node_id", format!("{} is not among the [[cluster.member]] entries", file.node_id)))?;
+    let me = file.member.iter().find(|m| m.id == file.node_id).ok_or_else(|| {
+        invalid("cluster.node_id", format!("{} is not among the [[cluster.member]] entries", file.node_id))
+    })?;
     let listen = match file.listen {
-        Some(text) => parse_addr("cluster.listen", &text)?.ok_or_else(|| invalid("cluster.listen", "must be an address"))?,
+        Some(text) => {
+            parse_addr("cluster.listen", &text)?.ok_or_else(|| invalid("cluster.listen", "must be an address"))?
+        }
         None => me.address,
     };
     let duration = |key: &'static str, text: Option<String>, default: Duration| match text {

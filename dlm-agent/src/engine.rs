@@ -23,11 +23,11 @@ use tokio::time::Instant;
 
 use crate::clock::Clock;
 use crate::cluster_metrics::ClusterMetrics;
-use crate::peer::PeerSender;
 use crate::config::Config;
 use crate::convert::{self, Decoded, Rejection};
 use crate::kernel_evidence::{self, KernelEvidence, Phase};
 use crate::metrics::Metrics;
+use crate::peer::PeerSender;
 use crate::probes::{self, ResourceName};
 use crate::proto;
 use dlm_ebpf_common::Attribution;

@@ -79,7 +79,8 @@ pub struct PeerMetrics {
 }
 
 /// Why a peer connection was refused or dropped, as a metric label.
-pub const REJECT_REASONS: &[&str] = &["bad_hello", "wrong_cluster", "wrong_version", "unknown_node", "wrong_epoch", "bad_frame", "protocol"];
+pub const REJECT_REASONS: &[&str] =
+    &["bad_hello", "wrong_cluster", "wrong_version", "unknown_node", "wrong_epoch", "bad_frame", "protocol"];
 
 impl PeerMetrics {
     /// Creates the metrics and registers them.
@@ -89,8 +90,9 @@ impl PeerMetrics {
     #[must_use]
     pub fn new(metrics: &crate::metrics::Metrics, peers: &[NodeId]) -> PeerMetrics {
         let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["peer"]).expect("valid metric");
-        let counter =
-            |name: &str, help: &str, label: &str| IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+        let counter = |name: &str, help: &str, label: &str| {
+            IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric")
+        };
         let m = PeerMetrics {
             up: gauge("dlm_cluster_peer_up", "1 while the link to the peer is up (connected and handshaken)"),
             bytes_sent: counter("dlm_cluster_peer_sent_bytes_total", "Bytes written to the peer", "peer"),
@@ -134,7 +136,12 @@ pub fn channels(settings: &ClusterSettings) -> (HashMap<NodeId, PeerSender>, Vec
 }
 
 fn hello(settings: &ClusterSettings) -> Hello {
-    Hello { version: wire::VERSION, cluster: settings.name.clone().into_bytes(), node: NodeId(settings.node_id), epoch: 1 }
+    Hello {
+        version: wire::VERSION,
+        cluster: settings.name.clone().into_bytes(),
+        node: NodeId(settings.node_id),
+        epoch: 1,
+    }
 }
 
 /// Starts the dialers and the acceptor; they stop with the runtime.
@@ -198,9 +205,14 @@ async fn connect(settings: &ClusterSettings, dialer: &Dialer) -> Result<TcpStrea
     Ok(stream)
 }
 
-async fn write_frames(mut stream: TcpStream, dialer: &mut Dialer, sent: &prometheus::IntCounter) -> String {
+async fn write_frames(stream: TcpStream, dialer: &mut Dialer, sent: &prometheus::IntCounter) -> String {
+    // The acceptor never writes after its hello: a read that returns means
+    // the peer closed the connection (or went away), which a write alone
+    // would only notice after losing what it wrote.
+    let (mut reader, mut writer) = stream.into_split();
     let mut batch = Vec::with_capacity(BATCH_MAX);
     let mut bytes = Vec::new();
+    let mut probe = [0u8; 64];
     loop {
         tokio::select! {
             count = dialer.queue.recv_many(&mut batch, BATCH_MAX) => {
@@ -209,11 +221,18 @@ async fn write_frames(mut stream: TcpStream, dialer: &mut Dialer, sent: &prometh
                 }
             }
             () = dialer.reset.notified() => return "reset: the queue to the peer was full".into(),
+            read = reader.read(&mut probe) => {
+                return match read {
+                    Ok(0) => "the peer closed the connection".into(),
+                    Ok(_) => "the peer wrote after its hello".into(),
+                    Err(error) => error.to_string(),
+                };
+            }
         }
         bytes.clear();
         wire::encode_frames(&batch, &mut bytes);
         batch.clear();
-        if let Err(error) = stream.write_all(&bytes).await {
+        if let Err(error) = writer.write_all(&bytes).await {
             return error.to_string();
         }
         sent.inc_by(bytes.len() as u64);

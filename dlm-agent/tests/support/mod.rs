@@ -224,3 +224,63 @@ impl Drop for LowMemoryCgroup {
         }
     }
 }
+
+/// Agents forming one cluster on loopback.
+pub struct Cluster {
+    pub agents: Vec<Agent>,
+    pub peer_addresses: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts `n` agents (node ids 1..=n) with `extra` added to each
+    /// `[cluster]` section, and waits until every link is up.
+    pub fn start(tag: &str, n: usize, extra: &str) -> Cluster {
+        let peer_addresses: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let members: String = peer_addresses
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("[[cluster.member]]\nid = {}\naddress = \"{a}\"\n", i + 1))
+            .collect();
+        let agents: Vec<Agent> = (0..n)
+            .map(|i| {
+                let config = format!(
+                    "[[lockspace]]\nname = \"default\"\n[[lockspace]]\nname = \"other\"\n\
+                     [cluster]\nname = \"{tag}\"\nnode_id = {}\n{extra}\n{members}",
+                    i + 1
+                );
+                Agent::start(&format!("{tag}-n{}", i + 1), &config)
+            })
+            .collect();
+        let cluster = Cluster { agents, peer_addresses };
+        cluster.wait_links_up();
+        cluster
+    }
+
+    pub fn wait_links_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for agent in &self.agents {
+            loop {
+                let metrics = agent.metrics();
+                let down = metrics.lines().any(|l| l.starts_with("dlm_cluster_peer_up{") && l.ends_with(" 0"));
+                if !down {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "links not up; log:\n{}", agent.log());
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// The sum of a metric (all its series) over every agent.
+    pub fn metric_sum(&self, name: &str) -> f64 {
+        self.agents.iter().map(|a| metric_value(&a.metrics(), name)).sum()
+    }
+}
+
+/// The sum of every series of a metric in a Prometheus text exposition.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -1,0 +1,270 @@
+//! Three real agent processes on loopback forming one cluster: locks taken
+//! through different nodes coordinate through each resource's master.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dlm_agent::client::{LockError, LockOptions, SessionEvent};
+use dlm_agent::proto;
+use dlm_core::cluster::wire::{self, Hello};
+use dlm_core::cluster::{Member, Membership, NodeId};
+use dlm_core::{LockFlags, Mode};
+use support::{Cluster, metric_value};
+
+const TIMINGS: &str = "deadlock_interval = \"50ms\"\nrelease_delay = \"300ms\"";
+
+fn opts(flags: LockFlags) -> LockOptions {
+    LockOptions { flags, ..LockOptions::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicting_locks_from_two_nodes_wait_and_the_holder_gets_a_blocking_callback() {
+    let cluster = Cluster::start("conflict", 3, TIMINGS);
+    let holder = cluster.agents[0].client().await.session().await.expect("session");
+    let waiter = cluster.agents[1].client().await.session().await.expect("session");
+    let mut events = holder.events();
+    let held = holder.lock("default", "shared", Mode::Ex, LockOptions::default()).await.expect("granted");
+    let first_token = held.fencing_token();
+    let waiting = tokio::spawn(async move {
+        let guard = waiter.lock("default", "shared", Mode::Pr, LockOptions::default()).await;
+        (waiter, guard)
+    });
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.expect("a callback").expect("event");
+    assert_eq!(event, SessionEvent::Blocking { handle: held.handle(), mode: Mode::Pr });
+    assert!(!waiting.is_finished(), "the waiter was granted while an EX lock was held on another node");
+    held.unlock().await.expect("unlock");
+    let (_waiter, granted) =
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("granted in time").expect("task");
+    let granted = granted.expect("granted after the holder let go");
+    assert!(granted.fencing_token() > first_token, "fencing tokens must grow across nodes");
+    assert!(cluster.metric_sum("dlm_cluster_remote_requests_total") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_block_written_on_node_1_is_read_on_node_3() {
+    let cluster = Cluster::start("lvb", 3, TIMINGS);
+    let writer = cluster.agents[0].client().await.session().await.expect("session");
+    let reader = cluster.agents[2].client().await.session().await.expect("session");
+    // A reader on node 3 keeps the resource (and its value block) alive.
+    let keeper = reader.lock("default", "config", Mode::Nl, opts(LockFlags::VALBLK)).await.expect("nl");
+    let guard = writer.lock("default", "config", Mode::Ex, opts(LockFlags::VALBLK)).await.expect("ex");
+    let value = b"written-on-node-1-".to_vec();
+    guard.unlock_with_lvb(value.clone()).await.expect("unlock with value block");
+    let read = reader.lock("default", "config", Mode::Pr, opts(LockFlags::VALBLK)).await.expect("pr");
+    assert_eq!(&read.lvb().expect("a value block")[..value.len()], &value[..]);
+    drop(keeper);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversion_waits_for_a_holder_on_another_node() {
+    let cluster = Cluster::start("convert", 3, TIMINGS);
+    let a = cluster.agents[1].client().await.session().await.expect("session");
+    let b = cluster.agents[2].client().await.session().await.expect("session");
+    let mut b_events = b.events();
+    let mut upgrading = a.lock("default", "doc", Mode::Pr, LockOptions::default()).await.expect("pr on node 2");
+    let reader = b.lock("default", "doc", Mode::Pr, LockOptions::default()).await.expect("pr on node 3");
+    let convert = tokio::spawn(async move {
+        let result = upgrading.convert(Mode::Ex, LockOptions::default(), None).await;
+        (upgrading, result)
+    });
+    let event = tokio::time::timeout(Duration::from_secs(5), b_events.recv()).await.expect("callback").expect("event");
+    assert_eq!(event, SessionEvent::Blocking { handle: reader.handle(), mode: Mode::Ex });
+    assert!(!convert.is_finished());
+    reader.unlock().await.expect("unlock");
+    let (upgraded, result) =
+        tokio::time::timeout(Duration::from_secs(5), convert).await.expect("in time").expect("task");
+    result.expect("converted");
+    assert_eq!(upgraded.mode(), Mode::Ex);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadlock_across_two_nodes_fails_one_victim() {
+    let cluster = Cluster::start("deadlock", 3, TIMINGS);
+    let a = cluster.agents[0].client().await.session().await.expect("session");
+    let b = cluster.agents[1].client().await.session().await.expect("session");
+    // First lockers master: r1 on node 1, r2 on node 2.
+    let a1 = a.lock("default", "r1", Mode::Ex, LockOptions::default()).await.expect("r1");
+    let b2 = b.lock("default", "r2", Mode::Ex, LockOptions::default()).await.expect("r2");
+    let started = Instant::now();
+    // Each side waits for the other's lock; the victim gives up its own, as
+    // an application would, so the other then gets through.
+    let side = |session: &dlm_agent::client::Session, held: dlm_agent::client::LockGuard, want: &'static str| {
+        let session = session.clone();
+        async move {
+            let result = session.lock("default", want, Mode::Ex, LockOptions::default()).await;
+            drop(held);
+            result.map(|guard| guard.fencing_token())
+        }
+    };
+    let (ra, rb) =
+        tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(side(&a, a1, "r2"), side(&b, b2, "r1")) })
+            .await
+            .expect("the deadlock is broken within 10 s");
+    let victims =
+        [&ra, &rb].iter().filter(|r| matches!(r, Err(LockError::NotGranted(proto::Status::Deadlock)))).count();
+    assert_eq!(victims, 1, "{ra:?} {rb:?}");
+    assert!(ra.is_ok() || rb.is_ok(), "the survivor is granted: {ra:?} {rb:?}");
+    eprintln!("deadlock across nodes broken in {:?}", started.elapsed());
+    assert!(cluster.metric_sum("dlm_cluster_deadlock_victims_total") >= 1.0);
+}
+
+/// One grant as a client saw it: when it had the lock, in which mode.
+#[derive(Clone, Debug)]
+struct Held {
+    resource: usize,
+    mode: Mode,
+    token: u64,
+    from: Instant,
+    until: Instant,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_clients_on_three_nodes_never_overlap_and_all_complete() {
+    // A short release delay makes masters come and go during the run: new
+    // lookups race each other and removals cross new requests.
+    let cluster = Cluster::start("hammer", 3, "deadlock_interval = \"50ms\"\nrelease_delay = \"20ms\"");
+    const CLIENTS_PER_NODE: usize = 6;
+    const ROUNDS: usize = 40;
+    const RESOURCES: usize = 3;
+    let journal: Arc<Mutex<Vec<Held>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for (n, agent) in cluster.agents.iter().enumerate() {
+        for c in 0..CLIENTS_PER_NODE {
+            let session = agent.client().await.session().await.expect("session");
+            let journal = journal.clone();
+            tasks.push(tokio::spawn(async move {
+                for round in 0..ROUNDS {
+                    let pick = n * 31 + c * 7 + round * 13;
+                    let resource = pick % RESOURCES;
+                    let mode = if pick % 3 == 0 { Mode::Pr } else { Mode::Ex };
+                    let guard = session
+                        .lock("default", format!("hot{resource}"), mode, LockOptions::default())
+                        .await
+                        .unwrap_or_else(|e| panic!("node {} client {c} round {round}: {e}", n + 1));
+                    let from = Instant::now();
+                    tokio::time::sleep(Duration::from_micros(200 + (pick % 5) as u64 * 100)).await;
+                    let until = Instant::now();
+                    let token = guard.fencing_token();
+                    guard.unlock().await.expect("unlock");
+                    journal.lock().expect("journal").push(Held { resource, mode, token, from, until });
+                    if round % 10 == 9 {
+                        // Let the resources go idle now and then, so that
+                        // their masters release them.
+                        tokio::time::sleep(Duration::from_millis(30)).await;
+                    }
+                }
+            }));
+        }
+    }
+    let all = async {
+        for task in tasks {
+            task.await.expect("client task");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), all).await.expect("every request completed");
+    let mut journal = journal.lock().expect("journal").clone();
+    assert_eq!(journal.len(), 3 * CLIENTS_PER_NODE * ROUNDS);
+    journal.sort_by_key(|h| (h.resource, h.token));
+    for pair in journal.windows(2) {
+        if pair[0].resource == pair[1].resource {
+            assert!(pair[0].token < pair[1].token, "a fencing token was handed out twice: {pair:?}");
+        }
+    }
+    for (i, a) in journal.iter().enumerate() {
+        for b in &journal[i + 1..] {
+            if a.resource != b.resource || a.mode.compatible(b.mode) {
+                continue;
+            }
+            let overlap = a.from < b.until && b.from < a.until;
+            assert!(!overlap, "incompatible grants overlapped: {a:?} {b:?}");
+        }
+    }
+    assert!(cluster.metric_sum("dlm_cluster_masters_released_total") >= 1.0, "no master was ever released");
+    assert!(cluster.metric_sum("dlm_cluster_served_requests_total") >= 1.0);
+}
+
+fn hello(cluster: &str, node: u16, version: u16) -> Vec<u8> {
+    wire::encode_hello(&Hello { version, cluster: cluster.as_bytes().to_vec(), node: NodeId(node), epoch: 1 })
+}
+
+/// Sends `bytes` to a peer port; true if the agent then closed the connection.
+fn dropped_after(address: &str, bytes: &[u8]) -> bool {
+    let mut stream = TcpStream::connect(address).expect("connect to the peer port");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let _ = stream.write_all(bytes);
+    let mut buffer = [0u8; 256];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return true,
+            // The agent's own hello, when ours was acceptable.
+            Ok(_) => continue,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peer_input_is_refused_and_the_node_keeps_serving() {
+    let cluster = Cluster::start("badpeer", 3, TIMINGS);
+    let port = &cluster.peer_addresses[0];
+    assert!(dropped_after(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), "garbage");
+    assert!(dropped_after(port, &hello("another-cluster", 2, wire::VERSION)), "wrong cluster name");
+    assert!(dropped_after(port, &hello("badpeer", 2, wire::VERSION + 1)), "wrong version");
+    assert!(dropped_after(port, &hello("badpeer", 9, wire::VERSION)), "not a member");
+    let mut oversized = hello("badpeer", 2, wire::VERSION);
+    oversized.extend_from_slice(&(wire::FRAME_LEN_MAX as u32 + 1).to_be_bytes());
+    assert!(dropped_after(port, &oversized), "oversized frame");
+    let mut garbage_frame = hello("badpeer", 3, wire::VERSION);
+    garbage_frame.extend_from_slice(&[0, 0, 0, 5, 0, 1, 0xde, 0xad, 0xbe]);
+    assert!(dropped_after(port, &garbage_frame), "garbage frame");
+    let metrics = cluster.agents[0].metrics();
+    for reason in ["bad_hello", "wrong_cluster", "wrong_version", "unknown_node", "bad_frame"] {
+        let series = format!("dlm_cluster_peer_rejected_total{{reason=\"{reason}\"}}");
+        assert!(metric_value(&metrics, &series) >= 1.0, "{reason} not counted:\n{metrics}");
+    }
+    // Still serving, its own clients and the other nodes'.
+    let local = cluster.agents[0].client().await.session().await.expect("session");
+    let _held = local.lock("default", "after-bad-input", Mode::Ex, LockOptions::default()).await.expect("local lock");
+    let remote = cluster.agents[1].client().await.session().await.expect("session");
+    let try_lock = remote.lock("default", "after-bad-input", Mode::Ex, opts(LockFlags::NOQUEUE)).await;
+    let outcome = try_lock.map(|g| g.fencing_token());
+    assert!(matches!(outcome, Err(LockError::NotGranted(proto::Status::WouldBlock))), "{outcome:?}");
+    cluster.wait_links_up();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_needs_an_unreachable_node_fails_instead_of_hanging() {
+    let mut cluster = Cluster::start("unreachable", 3, TIMINGS);
+    let members: Vec<Member> = (1..=3).map(|id| Member { id: NodeId(id), weight: 1 }).collect();
+    let membership = Membership::new(members, 1).expect("members");
+    let name = (0..)
+        .map(|i| format!("needs-node-3-{i}"))
+        .find(|name| membership.directory(b"default", name.as_bytes()) == NodeId(3))
+        .expect("some name hashes to node 3");
+    let mut node3 = cluster.agents.remove(2);
+    node3.terminate();
+    let session = cluster.agents[0].client().await.session().await.expect("session");
+    let started = Instant::now();
+    let result = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            // Until node 1 notices that node 3 is gone, the request may still
+            // go out; it then fails when the link drops.
+            match session.lock("default", name.as_str(), Mode::Ex, LockOptions::default()).await {
+                Err(LockError::NotGranted(proto::Status::Unavailable)) => return,
+                other => panic!("expected unavailable, got {:?}", other.map(|g| g.fencing_token())),
+            }
+        }
+    })
+    .await;
+    assert!(result.is_ok(), "the request hung");
+    eprintln!("failed as unavailable after {:?}", started.elapsed());
+    // A resource whose directory and master are reachable still works.
+    let reachable = (0..)
+        .map(|i| format!("reachable-{i}"))
+        .find(|name| membership.directory(b"default", name.as_bytes()) != NodeId(3))
+        .expect("some name hashes elsewhere");
+    session.lock("default", reachable.as_str(), Mode::Ex, LockOptions::default()).await.expect("granted");
+}
