@@ -63,6 +63,9 @@ pub struct ClusterSettings {
     pub release_delay: Duration,
     /// How often waiting nodes report wait-for edges to the deadlock coordinator.
     pub deadlock_interval: Duration,
+    /// A peer that leaves a message unacknowledged this long counts as
+    /// unreachable until its connection is made again.
+    pub peer_timeout: Duration,
 }
 
 /// A `[[cluster.member]]`.
@@ -92,6 +95,7 @@ struct FileCluster {
     member: Vec<MemberEntry>,
     release_delay: Option<String>,
     deadlock_interval: Option<String>,
+    peer_timeout: Option<String>,
 }
 
 /// A lockspace the agent creates at start.
@@ -418,8 +422,12 @@ fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, ConfigError> {
         listen,
         release_delay: duration("cluster.release_delay", file.release_delay, Duration::from_secs(5))?,
         deadlock_interval: duration("cluster.deadlock_interval", file.deadlock_interval, Duration::from_secs(1))?,
+        peer_timeout: duration("cluster.peer_timeout", file.peer_timeout, Duration::from_secs(3))?,
         members: file.member,
     };
+    if settings.peer_timeout < Duration::from_millis(100) {
+        return Err(invalid("cluster.peer_timeout", "must be at least 100ms"));
+    }
     if settings.deadlock_interval < Duration::from_millis(10) {
         return Err(invalid("cluster.deadlock_interval", "must be at least 10ms"));
     }

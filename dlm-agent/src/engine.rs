@@ -210,6 +210,7 @@ pub fn start(
             let mut settings = ClusterConfig::new(node_id, cluster.membership()?);
             settings.release_delay = cluster.release_delay;
             settings.deadlock_interval = cluster.deadlock_interval;
+            settings.ack_timeout = cluster.peer_timeout;
             (node_id, settings)
         }
         None => {
@@ -497,6 +498,12 @@ impl Engine {
             let Some(sender) = self.peers.get(&peer) else { continue };
             if sender.queue.try_send(envelope).is_err() && !stalled.contains(&peer) {
                 stalled.push(peer);
+            }
+        }
+        while let Some(peer) = self.node.poll_reset() {
+            tracing::warn!(peer = peer.0, "peer left messages unacknowledged; re-making its connection");
+            if let Some(sender) = self.peers.get(&peer) {
+                sender.reset.notify_one();
             }
         }
         for peer in stalled {

@@ -6,6 +6,7 @@
 
 use std::process::{Command, ExitCode};
 
+mod cluster;
 mod overhead;
 mod setup;
 
@@ -35,6 +36,11 @@ Commands:
   sim [--seeds N] [--start S] | --seed S
                run the deterministic cluster simulation over many seeds (default 10000 from 0;
                the test command runs 1000); a failure prints the seed, `--seed S` replays it
+  cluster up [--nodes N] [--netns] [--ebpf] [--base-port P] | down | status
+               start N agents (default 3) forming a cluster on loopback (ports P+i for peers,
+               P+100+i for HTTP; default P 17400), or with --netns each in its own network
+               namespace (10.77.0.i) on a bridge so links can be cut; prints how to reach each
+               node; `down` stops them and removes the namespaces (eBPF off unless --ebpf)
   help         print this help
 
 Environment:
@@ -53,6 +59,7 @@ fn main() -> ExitCode {
         "dashboards" => setup::run().and_then(|()| dashboards()),
         "overhead" => setup::run().and_then(|()| overhead::run(&rest)),
         "sim" => sim(&rest),
+        "cluster" => cluster::run(&rest),
         "help" | "-h" | "--help" => {
             print!("{HELP}");
             Ok(())

@@ -43,17 +43,36 @@ impl Agent {
     /// Its eBPF programs stay off unless `env` sets `DLM_NO_EBPF` (tests that
     /// are not about eBPF do not pay for it, nor see its effects).
     pub fn start_with_env(tag: &str, config: &str, env: &[(&str, String)]) -> Agent {
+        let http = format!("127.0.0.1:{}", free_port());
+        Agent::start_full(tag, config, env, &http, &[])
+    }
+
+    /// Starts an agent inside a network namespace (`ip netns exec NS`),
+    /// serving HTTP on `http` (an address reachable from the test).
+    pub fn start_in_netns(tag: &str, config: &str, netns: &str, http: &str) -> Agent {
+        Agent::start_full(tag, config, &[], http, &["ip", "netns", "exec", netns])
+    }
+
+    fn start_full(tag: &str, config: &str, env: &[(&str, String)], http: &str, wrapper: &[&str]) -> Agent {
         let mut env = env.to_vec();
         if !env.iter().any(|(key, _)| *key == "DLM_NO_EBPF") {
             env.push(("DLM_NO_EBPF", "true".into()));
         }
         let dir = temp_dir(tag);
         let socket = dir.join("dlm.sock");
-        let http = format!("127.0.0.1:{}", free_port());
+        let http = http.to_string();
         let config_path = dir.join("agent.toml");
         std::fs::write(&config_path, config).expect("write config");
         let log = std::fs::File::create(dir.join("agent.log")).expect("log file");
-        let child = Command::new(BIN)
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(BIN);
+                command
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .args(["run", "--config"])
             .arg(&config_path)
             .arg("--socket")

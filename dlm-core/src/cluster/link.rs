@@ -24,11 +24,22 @@ pub(crate) struct Link {
     /// When a bare acknowledgement is due (something arrived and nothing
     /// went back since).
     pub(crate) ack_due: Option<Instant>,
+    /// Since when the oldest unacknowledged message has waited for its
+    /// acknowledgement (reset whenever acknowledgements make progress).
+    pub(crate) unacked_since: Option<Instant>,
 }
 
 impl Link {
     pub(crate) fn new() -> Link {
-        Link { up: true, next_seq: 1, unacked: VecDeque::new(), recv_next: 1, early: BTreeMap::new(), ack_due: None }
+        Link {
+            up: true,
+            next_seq: 1,
+            unacked: VecDeque::new(),
+            recv_next: 1,
+            early: BTreeMap::new(),
+            ack_due: None,
+            unacked_since: None,
+        }
     }
 
     /// The highest sequence number received in order.
@@ -39,7 +50,8 @@ impl Link {
     /// Numbers a message and keeps it until acknowledged. Returns the
     /// envelope to transmit now (none while the peer is down: it goes out on
     /// reconnection).
-    pub(crate) fn send(&mut self, epoch: u64, message: PeerMessage) -> Option<Envelope> {
+    pub(crate) fn send(&mut self, now: Instant, epoch: u64, message: PeerMessage) -> Option<Envelope> {
+        self.unacked_since.get_or_insert(now);
         let seq = self.next_seq;
         self.next_seq += 1;
         self.unacked.push_back((seq, message.clone()));
@@ -57,8 +69,9 @@ impl Link {
     }
 
     /// Everything not acknowledged, to transmit again after a reconnection.
-    pub(crate) fn resend(&mut self, epoch: u64) -> Vec<Envelope> {
+    pub(crate) fn resend(&mut self, now: Instant, epoch: u64) -> Vec<Envelope> {
         self.ack_due = None;
+        self.unacked_since = (!self.unacked.is_empty()).then_some(now);
         let ack = self.acked();
         self.unacked
             .iter()
@@ -73,8 +86,14 @@ impl Link {
         ack_delay: std::time::Duration,
         envelope: Envelope,
     ) -> Vec<PeerMessage> {
+        let before = self.unacked.len();
         while self.unacked.front().is_some_and(|&(seq, _)| seq <= envelope.ack) {
             self.unacked.pop_front();
+        }
+        if self.unacked.is_empty() {
+            self.unacked_since = None;
+        } else if self.unacked.len() < before {
+            self.unacked_since = Some(now);
         }
         let Some(message) = envelope.message else { return Vec::new() };
         if envelope.seq == 0 {
@@ -120,9 +139,9 @@ mod tests {
     fn delivers_in_order_once_and_resends_what_was_not_acknowledged() {
         let (mut a, mut b) = (Link::new(), Link::new());
         let delay = std::time::Duration::from_millis(1);
-        let e1 = a.send(1, msg(1)).unwrap();
-        let e2 = a.send(1, msg(2)).unwrap();
-        let e3 = a.send(1, msg(3)).unwrap();
+        let e1 = a.send(Instant::ZERO, 1, msg(1)).unwrap();
+        let e2 = a.send(Instant::ZERO, 1, msg(2)).unwrap();
+        let e3 = a.send(Instant::ZERO, 1, msg(3)).unwrap();
         assert!(b.receive(Instant::ZERO, delay, e2.clone()).is_empty());
         assert_eq!(b.receive(Instant::ZERO, delay, e1.clone()), vec![msg(1), msg(2)]);
         assert!(b.receive(Instant::ZERO, delay, e1).is_empty(), "a duplicate is dropped");
@@ -131,7 +150,7 @@ mod tests {
         assert_eq!(ack.ack, 2);
         assert!(a.receive(Instant::ZERO, delay, ack).is_empty());
         assert_eq!(a.unacked(), 1);
-        let resent = a.resend(1);
+        let resent = a.resend(Instant::ZERO, 1);
         assert_eq!(resent.len(), 1);
         assert_eq!(resent[0].seq, e3.seq);
         assert_eq!(b.receive(Instant::ZERO, delay, resent[0].clone()), vec![msg(3)]);

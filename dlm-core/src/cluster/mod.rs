@@ -81,6 +81,10 @@ pub struct ClusterConfig {
     pub ack_delay: Duration,
     /// Masters of other nodes remembered at most (a forgotten one costs a lookup).
     pub master_cache_max: usize,
+    /// A peer that leaves a message unacknowledged this long counts as
+    /// unreachable: its link goes down (and the driver is asked to re-make
+    /// the connection), so requests that need it fail instead of hanging.
+    pub ack_timeout: Duration,
 }
 
 impl ClusterConfig {
@@ -95,6 +99,7 @@ impl ClusterConfig {
             deadlock_interval: Duration::from_secs(1),
             ack_delay: Duration::from_millis(5),
             master_cache_max: 65_536,
+            ack_timeout: Duration::from_secs(3),
         }
     }
 }
@@ -204,6 +209,8 @@ pub struct ClusterNode {
     links: BTreeMap<NodeId, Link>,
     effects: VecDeque<Effect>,
     transmit: VecDeque<(NodeId, Envelope)>,
+    /// Peers whose connection the driver should drop and make again.
+    resets: Vec<NodeId>,
     remote: HashMap<(SessionId, LockHandle), RemoteLock>,
     remote_per_session: HashMap<SessionId, u32>,
     /// Outstanding lookups, with the local requests waiting for them.
@@ -250,6 +257,7 @@ impl ClusterNode {
             links,
             effects: VecDeque::new(),
             transmit: VecDeque::new(),
+            resets: Vec::new(),
             remote: HashMap::new(),
             remote_per_session: HashMap::new(),
             lookups: HashMap::new(),
@@ -383,6 +391,7 @@ impl ClusterNode {
     /// # Errors
     /// Unknown session.
     pub fn end_session(&mut self, now: Instant, session: SessionId) -> Result<(), RequestError> {
+        self.last_now = self.last_now.max(now);
         self.engine.end_session(now, session)?;
         if self.remote_per_session.remove(&session).is_some() {
             let handles: Vec<LockHandle> = self.remote.keys().filter(|(s, _)| *s == session).map(|&(_, h)| h).collect();
@@ -425,6 +434,7 @@ impl ClusterNode {
         session: SessionId,
         request: ClientRequest,
     ) -> Result<(), RequestError> {
+        self.last_now = self.last_now.max(now);
         if self.single() {
             let result = self.engine.handle_client(now, session, request);
             self.pump(now);
@@ -690,6 +700,7 @@ impl ClusterNode {
     /// Time has passed: request timeouts, idle masterships, acknowledgements,
     /// deadlock reports.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.last_now = self.last_now.max(now);
         self.engine.handle_timeout(now);
         self.pump(now);
         if self.single() {
@@ -697,10 +708,19 @@ impl ClusterNode {
         }
         self.release_idle(now);
         let epoch = self.config.membership.epoch;
+        let ack_timeout = self.config.ack_timeout;
+        let mut silent = Vec::new();
         for (&peer, link) in &mut self.links {
             if link.up && link.ack_due.is_some_and(|at| at <= now) {
                 self.transmit.push_back((peer, link.ack(epoch)));
             }
+            if link.up && link.unacked_since.is_some_and(|since| since.saturating_add(ack_timeout) <= now) {
+                silent.push(peer);
+            }
+        }
+        for peer in silent {
+            self.handle_link(now, peer, false);
+            self.resets.push(peer);
         }
         if self.deadlock_due.is_some_and(|at| at <= now) {
             self.deadlock_due = None;
@@ -716,13 +736,28 @@ impl ClusterNode {
         let engine = self.engine.poll_timeout();
         let idle = self.idle.front().map(|(at, _)| at.saturating_add(self.config.release_delay));
         let acks = self.links.values().filter(|l| l.up).filter_map(|l| l.ack_due).min();
-        [engine, idle, acks, self.deadlock_due].into_iter().flatten().min()
+        let silence = self
+            .links
+            .values()
+            .filter(|l| l.up)
+            .filter_map(|l| l.unacked_since)
+            .min()
+            .map(|since| since.saturating_add(self.config.ack_timeout));
+        [engine, idle, acks, silence, self.deadlock_due].into_iter().flatten().min()
     }
 
     /// The next effect for a local client, oldest first.
     #[must_use]
     pub fn poll_effect(&mut self) -> Option<Effect> {
         self.effects.pop_front()
+    }
+
+    /// A peer whose connection should be dropped and made again (it left
+    /// messages unacknowledged past [`ClusterConfig::ack_timeout`]; its link
+    /// is down until [`ClusterNode::handle_link`] says it is up again).
+    #[must_use]
+    pub fn poll_reset(&mut self) -> Option<NodeId> {
+        self.resets.pop()
     }
 
     /// The next envelope to send, and to which peer.
@@ -736,6 +771,7 @@ impl ClusterNode {
     /// those already sent to it fail the same way, and what the peer makes of
     /// them later is undone. Back up, everything it has not acknowledged is sent again.
     pub fn handle_link(&mut self, now: Instant, peer: NodeId, up: bool) {
+        self.last_now = self.last_now.max(now);
         let epoch = self.config.membership.epoch;
         let Some(link) = self.links.get_mut(&peer) else { return };
         if link.up == up {
@@ -743,7 +779,7 @@ impl ClusterNode {
         }
         link.up = up;
         if up {
-            for envelope in link.resend(epoch) {
+            for envelope in link.resend(now, epoch) {
                 self.transmit.push_back((peer, envelope));
             }
             return;
@@ -795,6 +831,7 @@ impl ClusterNode {
     /// The peer broke the protocol; drop its connection. Nothing was changed
     /// by the offending message.
     pub fn handle_peer(&mut self, now: Instant, from: NodeId, envelope: Envelope) -> Result<(), PeerError> {
+        self.last_now = self.last_now.max(now);
         let expected = self.config.membership.epoch;
         if envelope.epoch != expected {
             return Err(PeerError::WrongEpoch { got: envelope.epoch, expected });
@@ -1216,7 +1253,7 @@ impl ClusterNode {
         let epoch = self.config.membership.epoch;
         let Some(link) = self.links.get_mut(&to) else { return };
         self.stats.messages_sent += 1;
-        if let Some(envelope) = link.send(epoch, message) {
+        if let Some(envelope) = link.send(self.last_now, epoch, message) {
             self.transmit.push_back((to, envelope));
         }
     }

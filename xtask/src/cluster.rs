@@ -1,0 +1,226 @@
+//! `cargo xtask cluster up|down|status`: a local cluster of agents in one
+//! command, on loopback or (with `--netns`) each in its own network
+//! namespace joined by a bridge, so links can be cut with `ip link`.
+//!
+//! State lives in `target/cluster/`: one directory per node with its
+//! configuration, socket, log and pid, and `netns` when namespaces were made.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DIR: &str = "target/cluster";
+const BRIDGE: &str = "dlmbr0";
+const SUBNET: &str = "10.77.0";
+const NODES_MAX: usize = 16;
+
+struct Options {
+    nodes: usize,
+    netns: bool,
+    ebpf: bool,
+    base_port: u16,
+}
+
+fn parse(args: &[String]) -> Result<Options, String> {
+    let mut options = Options { nodes: 3, netns: false, ebpf: false, base_port: 17400 };
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--nodes" => {
+                options.nodes = value("--nodes")?.parse().map_err(|_| "--nodes takes a number".to_string())?;
+            }
+            "--base-port" => {
+                options.base_port =
+                    value("--base-port")?.parse().map_err(|_| "--base-port takes a port".to_string())?;
+            }
+            "--netns" => options.netns = true,
+            "--ebpf" => options.ebpf = true,
+            other => return Err(format!("unknown option {other:?}")),
+        }
+    }
+    if !(1..=NODES_MAX).contains(&options.nodes) {
+        return Err(format!("--nodes must be 1 to {NODES_MAX}"));
+    }
+    Ok(options)
+}
+
+/// Runs `cluster up|down|status`.
+pub fn run(args: &[String]) -> Result<(), String> {
+    match args.first().map(String::as_str) {
+        Some("up") => up(&parse(&args[1..])?),
+        Some("down") => down(),
+        Some("status") => status(),
+        _ => Err("usage: cargo xtask cluster up [--nodes N] [--netns] [--ebpf] [--base-port P] | down | status".into()),
+    }
+}
+
+fn node_dir(i: usize) -> PathBuf {
+    Path::new(DIR).join(format!("node{i}"))
+}
+
+/// Where node `i` listens for peers and serves HTTP.
+fn addresses(options: &Options, i: usize) -> (String, String) {
+    let offset = u16::try_from(i).unwrap_or(0);
+    if options.netns {
+        (format!("{SUBNET}.{i}:7400"), format!("{SUBNET}.{i}:9420"))
+    } else {
+        (format!("127.0.0.1:{}", options.base_port + offset), format!("127.0.0.1:{}", options.base_port + 100 + offset))
+    }
+}
+
+fn up(options: &Options) -> Result<(), String> {
+    if Path::new(DIR).join("node1/pid").exists() {
+        return Err(format!("a cluster is already up (state in {DIR}); `cargo xtask cluster down` first"));
+    }
+    crate::run("cargo", &["build", "--release", "--locked", "--package", "dlm-agent"])?;
+    let binary = std::fs::canonicalize("target/release/dlm-agent").map_err(|e| format!("agent binary: {e}"))?;
+    std::fs::create_dir_all(DIR).map_err(|e| format!("{DIR}: {e}"))?;
+    if options.netns {
+        make_namespaces(options.nodes)?;
+    }
+    let members: String = (1..=options.nodes)
+        .map(|i| format!("[[cluster.member]]\nid = {i}\naddress = \"{}\"\n", addresses(options, i).0))
+        .collect();
+    for i in 1..=options.nodes {
+        let dir = node_dir(i);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let dir = std::fs::canonicalize(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let (_, http) = addresses(options, i);
+        let config = format!(
+            "node = \"node{i}\"\nsocket = \"{}\"\nhttp = \"{http}\"\n\n[ebpf]\nenabled = {}\n\n\
+             [cluster]\nname = \"local\"\nnode_id = {i}\n\n{members}",
+            dir.join("dlm.sock").display(),
+            options.ebpf,
+        );
+        std::fs::write(dir.join("agent.toml"), config).map_err(|e| format!("config: {e}"))?;
+        let log = std::fs::File::create(dir.join("agent.log")).map_err(|e| format!("log: {e}"))?;
+        let mut command = if options.netns {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &format!("dlm-n{i}")]).arg(&binary);
+            c
+        } else {
+            Command::new(&binary)
+        };
+        command.args(["run", "--config"]).arg(dir.join("agent.toml"));
+        // Its own process group: it outlives this command and ^C here.
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start node {i}: {e}"))?;
+        std::fs::write(dir.join("pid"), child.id().to_string()).map_err(|e| format!("pid file: {e}"))?;
+        eprintln!("xtask: node {i} started (pid {})", child.id());
+    }
+    eprintln!("xtask: waiting for every node to be ready and every peer link up…");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 1..=options.nodes {
+        let (_, http) = addresses(options, i);
+        loop {
+            let metrics = http_get(&http, "/metrics").unwrap_or_default();
+            let ready = metrics.contains("dlm_cluster_members")
+                && !metrics.lines().any(|l| l.starts_with("dlm_cluster_peer_up{") && l.ends_with(" 0"));
+            if ready {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("node {i} not ready after 30 s; see {}", node_dir(i).join("agent.log").display()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    println!("cluster \"local\" is up with {} nodes:", options.nodes);
+    for i in 1..=options.nodes {
+        let (peer, http) = addresses(options, i);
+        let socket = std::fs::canonicalize(node_dir(i)).map(|d| d.join("dlm.sock")).unwrap_or_default();
+        println!("  node {i}: DLM_SOCKET={} target/release/dlm-agent status", socket.display());
+        println!(
+            "          metrics http://{http}/metrics, peers at {peer}, log {}",
+            node_dir(i).join("agent.log").display()
+        );
+    }
+    if options.netns {
+        println!("cut node i off: sudo ip link set dlm-v<i> down (and up again)");
+    }
+    println!("stop: cargo xtask cluster down");
+    Ok(())
+}
+
+fn make_namespaces(nodes: usize) -> Result<(), String> {
+    let ip = |args: &[&str]| crate::run("ip", args);
+    // Leftovers of an earlier run that was not taken down are removed first.
+    let _ = Command::new("ip").args(["link", "del", BRIDGE]).stderr(Stdio::null()).status();
+    ip(&["link", "add", BRIDGE, "type", "bridge"])?;
+    ip(&["addr", "add", &format!("{SUBNET}.254/24"), "dev", BRIDGE])?;
+    ip(&["link", "set", BRIDGE, "up"])?;
+    for i in 1..=nodes {
+        let ns = format!("dlm-n{i}");
+        let veth = format!("dlm-v{i}");
+        let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
+        ip(&["netns", "add", &ns])?;
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip(&["link", "set", &veth, "master", BRIDGE, "up"])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{SUBNET}.{i}/24"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+    }
+    std::fs::write(Path::new(DIR).join("netns"), nodes.to_string()).map_err(|e| format!("netns state: {e}"))
+}
+
+fn down() -> Result<(), String> {
+    let mut stopped = 0;
+    for i in 1..=NODES_MAX {
+        let pid_file = node_dir(i).join("pid");
+        let Ok(pid) = std::fs::read_to_string(&pid_file) else { continue };
+        let pid = pid.trim().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).stderr(Stdio::null()).status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        }
+        let _ = std::fs::remove_file(&pid_file);
+        stopped += 1;
+    }
+    let netns = Path::new(DIR).join("netns");
+    if let Ok(count) = std::fs::read_to_string(&netns) {
+        for i in 1..=count.trim().parse::<usize>().unwrap_or(0) {
+            let _ = Command::new("ip").args(["netns", "del", &format!("dlm-n{i}")]).status();
+        }
+        let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
+        let _ = std::fs::remove_file(netns);
+    }
+    println!("stopped {stopped} nodes");
+    Ok(())
+}
+
+fn status() -> Result<(), String> {
+    let mut any = false;
+    for i in 1..=NODES_MAX {
+        let socket = node_dir(i).join("dlm.sock");
+        if !node_dir(i).join("pid").exists() {
+            continue;
+        }
+        any = true;
+        println!("--- node {i}");
+        let _ = Command::new("target/release/dlm-agent").args(["status", "--socket"]).arg(&socket).status();
+    }
+    if !any {
+        println!("no cluster is up");
+    }
+    Ok(())
+}
+
+fn http_get(address: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect_timeout(&address.parse().ok()?, Duration::from_secs(1)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {address}\r\n\r\n").ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    Some(text)
+}
