@@ -23,7 +23,8 @@ Commands:
   test         set up, then check formatting, run clippy, run every test of the workspace
                and build the docs (warnings are errors)
   bench [ARGS] set up, then run every benchmark: the engine's (criterion, memory) and dlm side
-               by side with Redis and etcd (table on stdout, JSON in target/bench/peers.json);
+               by side with Redis and etcd (table on stdout, JSON in target/bench/peers.json), and
+               a 3-node cluster against a single node (target/bench/cluster.json);
                ARGS go to `cargo bench`
   dashboards   set up, run the dashboard check against a live Prometheus with a longer workload,
                and plot each dashboard from the real results to dashboards/pictures/<uid>.png
