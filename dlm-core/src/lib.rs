@@ -21,9 +21,10 @@
 //!   Node::poll_timeout() ──▶ when to call handle_timeout next
 //! ```
 //!
-//! It is not a service and not a cluster protocol (yet): the agent owns
-//! sockets and sessions' lifetimes; distribution of resources over nodes
-//! comes with the cluster work.
+//! It is not a service: the agent owns sockets and sessions' lifetimes.
+//! Distribution of resources over nodes is [`cluster::ClusterNode`], the same
+//! engine behind a directory, mastering and a peer protocol, still sans-IO;
+//! [`sim`] drives several of them over a simulated network from one seed.
 //!
 //! ```
 //! use dlm_core::*;
