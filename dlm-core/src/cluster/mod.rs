@@ -34,7 +34,7 @@
 //! still the one reported. Cycles within one master are found at once by its
 //! engine.
 //!
-//! Messages go through a [`link`] layer per peer that numbers them, so that
+//! Messages go through a link layer per peer that numbers them, so that
 //! the network may delay, reorder and duplicate them, and a broken
 //! connection loses nothing once it is back. Every message carries the
 //! membership epoch.

@@ -17,15 +17,15 @@
 //!
 //! | tag | message | fields |
 //! |---|---|---|
-//! | 1 | Lookup | lockspace:name8, name:name8, stale:opt<node:u16, generation:u64> |
-//! | 2 | LookupReply | lockspace:name8, name:name8, master:opt<u16>, generation:u64, token_floor:u64 |
+//! | 1 | Lookup | `lockspace:name8, name:name8, stale:opt<node:u16, generation:u64>` |
+//! | 2 | LookupReply | `lockspace:name8, name:name8, master:opt<u16>, generation:u64, token_floor:u64` |
 //! | 3 | Remove | lockspace:name8, name:name8, generation:u64, token_floor:u64 |
-//! | 4 | Request | lockspace:name8, session:u64, handle:u64, name:name8, mode:u8, flags:u32, timeout_ns:opt<u64> |
-//! | 5 | Convert | session:u64, handle:u64, mode:u8, flags:u32, lvb:opt<name16>, timeout_ns:opt<u64> |
-//! | 6 | Unlock | session:u64, handle:u64, flags:u32, lvb:opt<name16> |
+//! | 4 | Request | `lockspace:name8, session:u64, handle:u64, name:name8, mode:u8, flags:u32, timeout_ns:opt<u64>` |
+//! | 5 | Convert | `session:u64, handle:u64, mode:u8, flags:u32, lvb:opt<name16>, timeout_ns:opt<u64>` |
+//! | 6 | Unlock | `session:u64, handle:u64, flags:u32, lvb:opt<name16>` |
 //! | 7 | Cancel | session:u64, handle:u64 |
 //! | 8 | NotMaster | session:u64, handle:u64 |
-//! | 9 | Complete | session:u64, handle:u64, op:u8, status:u8, mode:opt<u8>, token:opt<u64>, lvb:opt<name16>, status_flags:u32 |
+//! | 9 | Complete | `session:u64, handle:u64, op:u8, status:u8, mode:opt<u8>, token:opt<u64>, lvb:opt<name16>, status_flags:u32` |
 //! | 10 | Blocking | session:u64, handle:u64, mode:u8 |
 //! | 11 | EndSession | session:u64 |
 //! | 12 | WaitEdges | count:u32, (from:u64, to:u64, lockspace:u32, lock:u32, seq:u64){count} |
