@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use dlm_core::cluster::{ClusterConfig, ClusterNode, Envelope, Member, Membership, NodeId, PeerMessage};
 use dlm_core::{
-    ClientRequest, Effect, Instant, LockFlags, LockHandle, LockRequest, LockspaceConfig, Mode, SessionId, Status,
-    UnlockFlags, UnlockRequest,
+    ClientRequest, Effect, Instant, LockFlags, LockHandle, LockRequest, LockspaceConfig, Mode, Status, UnlockFlags,
+    UnlockRequest,
 };
 
 const RELEASE: Duration = Duration::from_millis(10);
