@@ -22,6 +22,12 @@
 //! - **Reconnection**: a dialer retries with a growing delay (up to 1 s);
 //!   when the link is up again the engine resends everything the peer has
 //!   not acknowledged (the link layer drops what it already had).
+//! - **Restarted peers**: each hello carries the sender's incarnation, drawn
+//!   when its process started. A peer that comes back with another one has
+//!   lost its state (its masters' queues, its directory entries, its link
+//!   numbering); until recovery exists (the membership issue) it is refused
+//!   in both directions, so requests that need it fail as unavailable
+//!   instead of being lost. Restart the whole cluster to take it back.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -57,6 +63,29 @@ pub struct PeerSender {
     pub reset: Arc<Notify>,
 }
 
+/// The incarnation of each peer, as first seen, and this process's own.
+pub struct Incarnations {
+    own: u64,
+    seen: std::sync::Mutex<HashMap<NodeId, u64>>,
+}
+
+impl Incarnations {
+    fn new() -> Incarnations {
+        // Time and pid: distinct across restarts of one node, which is all
+        // that is asked of it.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        Incarnations { own: nanos ^ (u64::from(std::process::id()) << 32), seen: std::sync::Mutex::default() }
+    }
+
+    /// Whether `incarnation` is the one first seen from `peer` (recording it if first).
+    fn accept(&self, peer: NodeId, incarnation: u64) -> bool {
+        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        *seen.entry(peer).or_insert(incarnation) == incarnation
+    }
+}
+
 /// The dialer's end, until it is spawned.
 pub struct Dialer {
     peer: NodeId,
@@ -79,8 +108,16 @@ pub struct PeerMetrics {
 }
 
 /// Why a peer connection was refused or dropped, as a metric label.
-pub const REJECT_REASONS: &[&str] =
-    &["bad_hello", "wrong_cluster", "wrong_version", "unknown_node", "wrong_epoch", "bad_frame", "protocol"];
+pub const REJECT_REASONS: &[&str] = &[
+    "bad_hello",
+    "wrong_cluster",
+    "wrong_version",
+    "unknown_node",
+    "wrong_epoch",
+    "restarted_peer",
+    "bad_frame",
+    "protocol",
+];
 
 impl PeerMetrics {
     /// Creates the metrics and registers them.
@@ -135,12 +172,13 @@ pub fn channels(settings: &ClusterSettings) -> (HashMap<NodeId, PeerSender>, Vec
     (senders, dialers)
 }
 
-fn hello(settings: &ClusterSettings) -> Hello {
+fn hello(settings: &ClusterSettings, incarnations: &Incarnations) -> Hello {
     Hello {
         version: wire::VERSION,
         cluster: settings.name.clone().into_bytes(),
         node: NodeId(settings.node_id),
         epoch: 1,
+        incarnation: incarnations.own,
     }
 }
 
@@ -152,20 +190,27 @@ pub fn spawn(
     engine: EngineHandle,
     metrics: PeerMetrics,
 ) {
+    let incarnations = Arc::new(Incarnations::new());
     for dialer in dialers {
-        tokio::spawn(dial(settings.clone(), dialer, engine.clone(), metrics.clone()));
+        tokio::spawn(dial(settings.clone(), dialer, engine.clone(), metrics.clone(), incarnations.clone()));
     }
-    tokio::spawn(accept(settings, listener, engine, metrics));
+    tokio::spawn(accept(settings, listener, engine, metrics, incarnations));
 }
 
-async fn dial(settings: Arc<ClusterSettings>, mut dialer: Dialer, engine: EngineHandle, metrics: PeerMetrics) {
+async fn dial(
+    settings: Arc<ClusterSettings>,
+    mut dialer: Dialer,
+    engine: EngineHandle,
+    metrics: PeerMetrics,
+    incarnations: Arc<Incarnations>,
+) {
     let label = dialer.peer.0.to_string();
     let mut pause = Duration::from_millis(20);
     loop {
         // Whatever was queued while down is resent by the engine when the
         // link comes up: drop it here rather than send it twice.
         while dialer.queue.try_recv().is_ok() {}
-        let stream = match connect(&settings, &dialer).await {
+        let stream = match connect(&settings, &dialer, &incarnations).await {
             Ok(stream) => stream,
             Err(error) => {
                 tracing::debug!(peer = dialer.peer.0, address = %dialer.address, %error, "peer not reachable");
@@ -189,18 +234,29 @@ async fn dial(settings: Arc<ClusterSettings>, mut dialer: Dialer, engine: Engine
     }
 }
 
-async fn connect(settings: &ClusterSettings, dialer: &Dialer) -> Result<TcpStream, String> {
+async fn connect(
+    settings: &ClusterSettings,
+    dialer: &Dialer,
+    incarnations: &Incarnations,
+) -> Result<TcpStream, String> {
     let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dialer.address))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    stream.write_all(&wire::encode_hello(&hello(settings))).await.map_err(|e| e.to_string())?;
+    stream.write_all(&wire::encode_hello(&hello(settings, incarnations))).await.map_err(|e| e.to_string())?;
     let answer = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
         .map_err(|_| "no hello in time".to_string())??;
     if answer.node != dialer.peer || answer.cluster != settings.name.as_bytes() || answer.version != wire::VERSION {
         return Err(format!("unexpected hello from {}: {answer:?}", dialer.address));
+    }
+    if !incarnations.accept(dialer.peer, answer.incarnation) {
+        tracing::error!(
+            peer = dialer.peer.0,
+            "peer restarted and lost its state; refusing it until the cluster is restarted"
+        );
+        return Err("the peer restarted (recovery of a restarted node is not implemented)".into());
     }
     Ok(stream)
 }
@@ -249,7 +305,13 @@ async fn read_hello(stream: &mut TcpStream) -> Result<Hello, String> {
     wire::decode_hello(&bytes).map_err(|e| e.to_string())
 }
 
-async fn accept(settings: Arc<ClusterSettings>, listener: TcpListener, engine: EngineHandle, metrics: PeerMetrics) {
+async fn accept(
+    settings: Arc<ClusterSettings>,
+    listener: TcpListener,
+    engine: EngineHandle,
+    metrics: PeerMetrics,
+    incarnations: Arc<Incarnations>,
+) {
     // Every member may have a connection and one being re-made; more than
     // that is someone else's doing.
     let slots = Arc::new(Semaphore::new(settings.members.len() * 2 + 2));
@@ -262,10 +324,11 @@ async fn accept(settings: Arc<ClusterSettings>, listener: TcpListener, engine: E
             tracing::warn!(%address, "too many peer connections; refusing one");
             continue;
         };
-        let (settings, engine, metrics) = (settings.clone(), engine.clone(), metrics.clone());
+        let (settings, engine, metrics, incarnations) =
+            (settings.clone(), engine.clone(), metrics.clone(), incarnations.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(reason) = serve_peer(&settings, stream, &engine, &metrics).await {
+            if let Err(reason) = serve_peer(&settings, stream, &engine, &metrics, &incarnations).await {
                 tracing::warn!(%address, reason, "peer connection dropped");
                 metrics.rejected.with_label_values(&[reason]).inc();
             }
@@ -279,6 +342,7 @@ async fn serve_peer(
     mut stream: TcpStream,
     engine: &EngineHandle,
     metrics: &PeerMetrics,
+    incarnations: &Incarnations,
 ) -> Result<(), &'static str> {
     let _ = stream.set_nodelay(true);
     let hello_in = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
@@ -298,7 +362,10 @@ async fn serve_peer(
         return Err("wrong_epoch");
     }
     let from = hello_in.node;
-    stream.write_all(&wire::encode_hello(&hello(settings))).await.map_err(|_| "bad_hello")?;
+    if !incarnations.accept(from, hello_in.incarnation) {
+        return Err("restarted_peer");
+    }
+    stream.write_all(&wire::encode_hello(&hello(settings, incarnations))).await.map_err(|_| "bad_hello")?;
     let received = metrics.bytes_received.with_label_values(&[&from.0.to_string()]);
     let refused = Arc::new(Notify::new());
     loop {

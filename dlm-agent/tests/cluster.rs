@@ -187,8 +187,9 @@ async fn many_clients_on_three_nodes_never_overlap_and_all_complete() {
     assert!(cluster.metric_sum("dlm_cluster_served_requests_total") >= 1.0);
 }
 
-fn hello(cluster: &str, node: u16, version: u16) -> Vec<u8> {
-    wire::encode_hello(&Hello { version, cluster: cluster.as_bytes().to_vec(), node: NodeId(node), epoch: 1 })
+fn hello(cluster: &str, node: u16, version: u16, incarnation: u64) -> Vec<u8> {
+    let cluster = cluster.as_bytes().to_vec();
+    wire::encode_hello(&Hello { version, cluster, node: NodeId(node), epoch: 1, incarnation })
 }
 
 /// Sends `bytes` to a peer port; true if the agent then closed the connection.
@@ -208,31 +209,50 @@ fn dropped_after(address: &str, bytes: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_peer_input_is_refused_and_the_node_keeps_serving() {
-    let cluster = Cluster::start("badpeer", 3, TIMINGS);
-    let port = &cluster.peer_addresses[0];
+    // Node 1 of three, alone: the test plays the other two, badly.
+    let peers: Vec<String> = (0..3)
+        .map(|_| {
+            format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
+        })
+        .collect();
+    let members: String = peers
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("[[cluster.member]]\nid = {}\naddress = \"{a}\"\n", i + 1))
+        .collect();
+    let agent = support::Agent::start("badpeer", &format!("[cluster]\nname = \"badpeer\"\nnode_id = 1\n{members}"));
+    let port = &peers[0];
     assert!(dropped_after(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), "garbage");
-    assert!(dropped_after(port, &hello("another-cluster", 2, wire::VERSION)), "wrong cluster name");
-    assert!(dropped_after(port, &hello("badpeer", 2, wire::VERSION + 1)), "wrong version");
-    assert!(dropped_after(port, &hello("badpeer", 9, wire::VERSION)), "not a member");
-    let mut oversized = hello("badpeer", 2, wire::VERSION);
+    assert!(dropped_after(port, &hello("another-cluster", 2, wire::VERSION, 1)), "wrong cluster name");
+    assert!(dropped_after(port, &hello("badpeer", 2, wire::VERSION + 1, 1)), "wrong version");
+    assert!(dropped_after(port, &hello("badpeer", 9, wire::VERSION, 1)), "not a member");
+    let mut oversized = hello("badpeer", 2, wire::VERSION, 1);
     oversized.extend_from_slice(&(wire::FRAME_LEN_MAX as u32 + 1).to_be_bytes());
     assert!(dropped_after(port, &oversized), "oversized frame");
-    let mut garbage_frame = hello("badpeer", 3, wire::VERSION);
+    let mut garbage_frame = hello("badpeer", 3, wire::VERSION, 1);
     garbage_frame.extend_from_slice(&[0, 0, 0, 5, 0, 1, 0xde, 0xad, 0xbe]);
     assert!(dropped_after(port, &garbage_frame), "garbage frame");
-    let metrics = cluster.agents[0].metrics();
-    for reason in ["bad_hello", "wrong_cluster", "wrong_version", "unknown_node", "bad_frame"] {
+    // Node 2 "again", with another incarnation: a restarted node, refused.
+    assert!(dropped_after(port, &hello("badpeer", 2, wire::VERSION, 2)), "restarted peer");
+    let metrics = agent.metrics();
+    for reason in ["bad_hello", "wrong_cluster", "wrong_version", "unknown_node", "bad_frame", "restarted_peer"] {
         let series = format!("dlm_cluster_peer_rejected_total{{reason=\"{reason}\"}}");
         assert!(metric_value(&metrics, &series) >= 1.0, "{reason} not counted:\n{metrics}");
     }
-    // Still serving, its own clients and the other nodes'.
-    let local = cluster.agents[0].client().await.session().await.expect("session");
-    let _held = local.lock("default", "after-bad-input", Mode::Ex, LockOptions::default()).await.expect("local lock");
-    let remote = cluster.agents[1].client().await.session().await.expect("session");
-    let try_lock = remote.lock("default", "after-bad-input", Mode::Ex, opts(LockFlags::NOQUEUE)).await;
-    let outcome = try_lock.map(|g| g.fencing_token());
-    assert!(matches!(outcome, Err(LockError::NotGranted(proto::Status::WouldBlock))), "{outcome:?}");
-    cluster.wait_links_up();
+    // Still serving its clients: a resource whose directory is node 1 needs no one else.
+    let membership =
+        Membership::new((1..=3).map(|id| Member { id: NodeId(id), weight: 1 }).collect(), 1).expect("members");
+    let name = (0..)
+        .map(|i| format!("local-{i}"))
+        .find(|n| membership.directory(b"default", n.as_bytes()) == NodeId(1))
+        .expect("a name");
+    let session = agent.client().await.session().await.expect("session");
+    let held = session.lock("default", name.as_str(), Mode::Ex, LockOptions::default()).await.expect("local lock");
+    let other = agent.client().await.session().await.expect("session");
+    let try_lock =
+        other.lock("default", name.as_str(), Mode::Ex, opts(LockFlags::NOQUEUE)).await.map(|g| g.fencing_token());
+    assert!(matches!(try_lock, Err(LockError::NotGranted(proto::Status::WouldBlock))), "{try_lock:?}");
+    held.unlock().await.expect("unlock");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,4 +285,36 @@ async fn a_request_that_needs_an_unreachable_node_fails_instead_of_hanging() {
         .find(|name| membership.directory(b"default", name.as_bytes()) != NodeId(3))
         .expect("some name hashes elsewhere");
     session.lock("default", reachable.as_str(), Mode::Ex, LockOptions::default()).await.expect("granted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_is_refused_rather_than_trusted_with_lost_state() {
+    // Until recovery exists, a node that restarts has lost its queues and
+    // directory entries: the others must not go on as if it had not.
+    let mut cluster = Cluster::start("restart", 3, TIMINGS);
+    let membership =
+        Membership::new((1..=3).map(|id| Member { id: NodeId(id), weight: 1 }).collect(), 1).expect("members");
+    let name = (0..)
+        .map(|i| format!("on-node-3-{i}"))
+        .find(|n| membership.directory(b"default", n.as_bytes()) == NodeId(3))
+        .expect("a name");
+    cluster.restart(2);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Node 3 dials nodes 1 and 2 again; they refuse its new incarnation.
+    let refused = |agent: &support::Agent| {
+        metric_value(&agent.metrics(), "dlm_cluster_peer_rejected_total{reason=\"restarted_peer\"}")
+    };
+    while refused(&cluster.agents[0]) < 1.0 || refused(&cluster.agents[1]) < 1.0 {
+        assert!(Instant::now() < deadline, "node 3 was not refused:\n{}", cluster.agents[0].log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let session = cluster.agents[0].client().await.session().await.expect("session");
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(10),
+        session.lock("default", name.as_str(), Mode::Ex, LockOptions::default()),
+    )
+    .await
+    .expect("ends instead of hanging")
+    .map(|g| g.fencing_token());
+    assert!(matches!(outcome, Err(LockError::NotGranted(proto::Status::Unavailable))), "{outcome:?}");
 }

@@ -248,6 +248,9 @@ impl Drop for LowMemoryCgroup {
 pub struct Cluster {
     pub agents: Vec<Agent>,
     pub peer_addresses: Vec<String>,
+    /// Each node's configuration, to start it again.
+    pub configs: Vec<String>,
+    pub tag: String,
 }
 
 impl Cluster {
@@ -260,19 +263,26 @@ impl Cluster {
             .enumerate()
             .map(|(i, a)| format!("[[cluster.member]]\nid = {}\naddress = \"{a}\"\n", i + 1))
             .collect();
-        let agents: Vec<Agent> = (0..n)
+        let configs: Vec<String> = (0..n)
             .map(|i| {
-                let config = format!(
+                format!(
                     "[[lockspace]]\nname = \"default\"\n[[lockspace]]\nname = \"other\"\n\
                      [cluster]\nname = \"{tag}\"\nnode_id = {}\n{extra}\n{members}",
                     i + 1
-                );
-                Agent::start(&format!("{tag}-n{}", i + 1), &config)
+                )
             })
             .collect();
-        let cluster = Cluster { agents, peer_addresses };
+        let agents: Vec<Agent> =
+            configs.iter().enumerate().map(|(i, config)| Agent::start(&format!("{tag}-n{}", i + 1), config)).collect();
+        let cluster = Cluster { agents, peer_addresses, configs, tag: tag.to_string() };
         cluster.wait_links_up();
         cluster
+    }
+
+    /// Starts node `i` (0-based) again with its configuration, as a new process.
+    pub fn restart(&mut self, i: usize) {
+        self.agents[i].terminate();
+        self.agents[i] = Agent::start(&format!("{}-n{}-again", self.tag, i + 1), &self.configs[i]);
     }
 
     pub fn wait_links_up(&self) {

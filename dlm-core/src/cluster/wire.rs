@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! connection = hello (each side, once) , frame*
-//! hello      = "DLMP" , version:u16 , cluster:name8 , node:u16 , epoch:u64
+//! hello      = "DLMP" , version:u16 , cluster:name8 , node:u16 , epoch:u64 , incarnation:u64
 //! frame      = length:u32 , count:u16 , envelope{count}        (length counts what follows it,
 //!                                                                at most FRAME_LEN_MAX)
 //! envelope   = epoch:u64 , seq:u64 , ack:u64 , 0:u8 | 1:u8 message
@@ -57,7 +57,7 @@ pub const FRAME_ENVELOPES_MAX: usize = 4096;
 /// The longest cluster name.
 pub const CLUSTER_NAME_LEN_MAX: usize = 64;
 /// The length of a hello with the longest cluster name.
-pub const HELLO_LEN_MAX: usize = 4 + 2 + 1 + CLUSTER_NAME_LEN_MAX + 2 + 8;
+pub const HELLO_LEN_MAX: usize = 4 + 2 + 1 + CLUSTER_NAME_LEN_MAX + 2 + 8 + 8;
 
 /// What a peer says about itself when it connects.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -70,6 +70,9 @@ pub struct Hello {
     pub node: NodeId,
     /// The sender's membership epoch.
     pub epoch: u64,
+    /// Chosen at random when the sender's process started: a peer that
+    /// comes back with another one has restarted and lost its state.
+    pub incarnation: u64,
 }
 
 /// Bytes that are not a valid hello or frame.
@@ -110,6 +113,7 @@ pub fn encode_hello(hello: &Hello) -> Vec<u8> {
     put_name8(&mut out, &hello.cluster);
     out.extend_from_slice(&hello.node.0.to_be_bytes());
     out.extend_from_slice(&hello.epoch.to_be_bytes());
+    out.extend_from_slice(&hello.incarnation.to_be_bytes());
     out
 }
 
@@ -125,7 +129,7 @@ pub fn hello_len(prefix: &[u8; 7]) -> Result<usize, WireError> {
     if name > CLUSTER_NAME_LEN_MAX {
         return Err(WireError::TooLong { what: "cluster name", len: name, max: CLUSTER_NAME_LEN_MAX });
     }
-    Ok(7 + name + 2 + 8)
+    Ok(7 + name + 2 + 8 + 8)
 }
 
 /// Decodes a hello.
@@ -141,8 +145,9 @@ pub fn decode_hello(bytes: &[u8]) -> Result<Hello, WireError> {
     let cluster = r.name8("cluster name", CLUSTER_NAME_LEN_MAX)?;
     let node = NodeId(r.u16()?);
     let epoch = r.u64()?;
+    let incarnation = r.u64()?;
     r.end()?;
-    Ok(Hello { version, cluster, node, epoch })
+    Ok(Hello { version, cluster, node, epoch, incarnation })
 }
 
 // ----- frames -----
@@ -693,7 +698,7 @@ mod tests {
 
     #[test]
     fn hello_round_trips_and_bad_ones_are_refused() {
-        let hello = Hello { version: VERSION, cluster: b"prod".to_vec(), node: NodeId(4), epoch: 2 };
+        let hello = Hello { version: VERSION, cluster: b"prod".to_vec(), node: NodeId(4), epoch: 2, incarnation: 99 };
         let bytes = encode_hello(&hello);
         assert_eq!(hello_len(bytes[..7].try_into().unwrap()), Ok(bytes.len()));
         assert_eq!(decode_hello(&bytes), Ok(hello));
