@@ -96,8 +96,8 @@ async fn session(agent: &Agent) -> Result<Session> {
     Ok(Client::connect(&Target::Unix(agent.socket.clone())).await?.session().await?)
 }
 
-/// Lock+unlock pairs by one client on `name` for the plan's time; latencies in µs, sorted.
-async fn latencies(session: &Session, name: &str, plan: &Plan) -> Result<Vec<f64>> {
+/// Runs `op` over and over for the plan's time; its latencies in µs, sorted.
+async fn timed(plan: &Plan, mut op: impl AsyncFnMut() -> Result<()>) -> Result<Vec<f64>> {
     let start = Instant::now() + plan.warmup;
     let end = start + plan.measure;
     let mut out = Vec::new();
@@ -106,13 +106,19 @@ async fn latencies(session: &Session, name: &str, plan: &Plan) -> Result<Vec<f64
         if began >= end {
             break;
         }
-        session.lock("default", name, Mode::Ex, LockOptions::default()).await?.unlock().await?;
+        op().await?;
         if began >= start {
             out.push(began.elapsed().as_secs_f64() * 1e6);
         }
     }
     out.sort_by(f64::total_cmp);
     Ok(out)
+}
+
+/// Lock+unlock pairs by one client on `name` for the plan's time; latencies in µs, sorted.
+async fn latencies(session: &Session, name: &str, plan: &Plan) -> Result<Vec<f64>> {
+    timed(plan, async || Ok(session.lock("default", name, Mode::Ex, LockOptions::default()).await?.unlock().await?))
+        .await
 }
 
 fn quantile(sorted: &[f64], q: f64) -> f64 {
@@ -137,35 +143,24 @@ async fn loopback_round_trips(plan: &Plan) -> Result<Vec<f64>> {
     let mut stream = tokio::net::TcpStream::connect(address).await?;
     stream.set_nodelay(true)?;
     let mut buffer = [7u8; 64];
-    let start = Instant::now() + plan.warmup;
-    let end = start + plan.measure;
-    let mut out = Vec::new();
-    loop {
-        let began = Instant::now();
-        if began >= end {
-            break;
-        }
+    timed(plan, async || {
         stream.write_all(&buffer).await?;
         stream.read_exact(&mut buffer).await?;
-        if began >= start {
-            out.push(began.elapsed().as_secs_f64() * 1e6);
-        }
-    }
-    out.sort_by(f64::total_cmp);
-    Ok(out)
+        Ok(())
+    })
+    .await
 }
 
-/// `clients` clients, spread over `agents`, each on its own resource.
-async fn spread_pairs(agents: &[Agent], clients: usize, plan: &Plan) -> Result<f64> {
+/// Lock+unlock pairs per second made by the given clients, each looping on
+/// its own resource name (names may repeat: those clients take turns).
+async fn pairs_per_second(clients: Vec<(Session, String)>, plan: &Plan) -> Result<f64> {
     let counted = Arc::new(AtomicU64::new(0));
     let start = Instant::now() + plan.warmup;
     let end = start + plan.measure;
     let mut tasks = tokio::task::JoinSet::new();
-    for client in 0..clients {
-        let session = session(&agents[client % agents.len()]).await?;
+    for (session, name) in clients {
         let counted = counted.clone();
         tasks.spawn(async move {
-            let name = format!("spread/{client}");
             loop {
                 let began = Instant::now();
                 if began >= end {
@@ -185,33 +180,19 @@ async fn spread_pairs(agents: &[Agent], clients: usize, plan: &Plan) -> Result<f
     Ok(counted.load(Ordering::Relaxed) as f64 / plan.measure.as_secs_f64())
 }
 
+/// `clients` clients, spread over `agents`, each on its own resource.
+async fn spread_pairs(agents: &[Agent], clients: usize, plan: &Plan) -> Result<f64> {
+    let mut sessions = Vec::new();
+    for client in 0..clients {
+        sessions.push((session(&agents[client % agents.len()]).await?, format!("spread/{client}")));
+    }
+    pairs_per_second(sessions, plan).await
+}
+
 /// Two clients on two nodes take turns holding EX on one resource.
 async fn ping_pong(a: &Agent, b: &Agent, plan: &Plan) -> Result<f64> {
-    let counted = Arc::new(AtomicU64::new(0));
-    let start = Instant::now() + plan.warmup;
-    let end = start + plan.measure;
-    let mut tasks = tokio::task::JoinSet::new();
-    for agent in [a, b] {
-        let session = session(agent).await?;
-        let counted = counted.clone();
-        tasks.spawn(async move {
-            loop {
-                let began = Instant::now();
-                if began >= end {
-                    break;
-                }
-                session.lock("default", "ping-pong", Mode::Ex, LockOptions::default()).await?.unlock().await?;
-                if began >= start {
-                    counted.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Ok::<_, BoxError>(())
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
-    Ok(counted.load(Ordering::Relaxed) as f64 / plan.measure.as_secs_f64())
+    let sessions = vec![(session(a).await?, "ping-pong".to_string()), (session(b).await?, "ping-pong".to_string())];
+    pairs_per_second(sessions, plan).await
 }
 
 fn main() {

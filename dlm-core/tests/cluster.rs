@@ -130,6 +130,21 @@ impl Net {
     }
 }
 
+/// Node 2 masters `name` (it locked it first); node 3 locks it through node
+/// 2 and remembers node 2 as its master; then nobody holds it.
+fn mastered_by_2_and_remembered_by_3(net: &mut Net, name: &[u8]) {
+    net.lock(2, 1, name, Mode::Ex);
+    net.deliver_all();
+    net.lock(3, 1, name, Mode::Pr);
+    net.deliver_all();
+    net.unlock(2, 1);
+    net.deliver_all();
+    assert_eq!(net.completion(3, 1).status, Status::Granted);
+    net.unlock(3, 1);
+    net.deliver_all();
+    assert_eq!(net.masters(name), Vec::<usize>::new());
+}
+
 fn is_lookup(m: &PeerMessage) -> bool {
     matches!(m, PeerMessage::Lookup { .. })
 }
@@ -162,15 +177,7 @@ fn two_nodes_looking_up_a_new_resource_at_once_get_one_master() {
 fn a_stale_remembered_master_sends_the_request_back_to_the_directory() {
     let mut net = Net::new();
     let name = net.name_with_directory(1);
-    net.lock(2, 1, &name, Mode::Ex);
-    net.deliver_all();
-    net.lock(3, 1, &name, Mode::Pr);
-    net.deliver_all();
-    net.unlock(2, 1);
-    net.deliver_all();
-    assert_eq!(net.completion(3, 1).status, Status::Granted);
-    net.unlock(3, 1);
-    net.deliver_all();
+    mastered_by_2_and_remembered_by_3(&mut net, &name);
     // Node 2 releases the idle resource and the directory forgets it; node 3
     // still remembers node 2 as its master.
     net.advance(RELEASE * 2);
@@ -187,15 +194,7 @@ fn a_stale_remembered_master_sends_the_request_back_to_the_directory() {
 fn a_removal_crossing_a_new_request_is_waited_for_by_the_directory() {
     let mut net = Net::new();
     let name = net.name_with_directory(1);
-    net.lock(2, 1, &name, Mode::Ex);
-    net.deliver_all();
-    net.lock(3, 1, &name, Mode::Pr);
-    net.deliver_all();
-    net.unlock(2, 1);
-    net.deliver_all();
-    net.completion(3, 1);
-    net.unlock(3, 1);
-    net.deliver_all();
+    mastered_by_2_and_remembered_by_3(&mut net, &name);
     // Node 2 lets the resource go: its Remove to the directory is in flight…
     net.advance(RELEASE * 2);
     assert!(net.wire.iter().any(|(_, _, e)| matches!(e.message, Some(PeerMessage::Remove { .. }))));

@@ -557,16 +557,7 @@ impl ClusterNode {
     }
 
     fn fail_unavailable(&mut self, session: SessionId, handle: LockHandle) {
-        self.effects.push_back(Effect::Complete(Completion {
-            session,
-            handle,
-            op: Op::Lock,
-            status: Status::Unavailable,
-            mode: None,
-            token: None,
-            lvb: None,
-            flags: StatusFlags::EMPTY,
-        }));
+        self.effects.push_back(Effect::Complete(ended(session, handle, Op::Lock, Status::Unavailable, None)));
     }
 
     fn start_lookup(&mut self, key: Key, session: SessionId, handle: LockHandle, stale: Option<(NodeId, u64)>) {
@@ -615,16 +606,13 @@ impl ClusterNode {
         self.engine.validate_convert(lock.lockspace, from, &req)?;
         let master = lock.master.expect("a granted remote lock has a master");
         if !self.is_up(master) {
-            self.effects.push_back(Effect::Complete(Completion {
+            self.effects.push_back(Effect::Complete(ended(
                 session,
-                handle: req.handle,
-                op: Op::Convert,
-                status: Status::Unavailable,
-                mode: Some(from),
-                token: None,
-                lvb: None,
-                flags: StatusFlags::EMPTY,
-            }));
+                req.handle,
+                Op::Convert,
+                Status::Unavailable,
+                Some(from),
+            )));
             return Ok(());
         }
         if let Some(copy) = self.remote.get_mut(&(session, req.handle)) {
@@ -647,16 +635,7 @@ impl ClusterNode {
             // A new lock still looking for its master: nothing exists remotely.
             self.remove_remote(session, req.handle);
             for (op, status) in [(Op::Lock, Status::Cancelled), (Op::Unlock, Status::Unlocked)] {
-                self.effects.push_back(Effect::Complete(Completion {
-                    session,
-                    handle: req.handle,
-                    op,
-                    status,
-                    mode: None,
-                    token: None,
-                    lvb: None,
-                    flags: StatusFlags::EMPTY,
-                }));
+                self.effects.push_back(Effect::Complete(ended(session, req.handle, op, status, None)));
             }
             return Ok(());
         };
@@ -676,16 +655,7 @@ impl ClusterNode {
         match lock.master {
             None => {
                 self.remove_remote(session, handle);
-                self.effects.push_back(Effect::Complete(Completion {
-                    session,
-                    handle,
-                    op: Op::Lock,
-                    status: Status::Cancelled,
-                    mode: None,
-                    token: None,
-                    lvb: None,
-                    flags: StatusFlags::EMPTY,
-                }));
+                self.effects.push_back(Effect::Complete(ended(session, handle, Op::Lock, Status::Cancelled, None)));
             }
             Some(master) => {
                 self.stats.remote_requests += 1;
@@ -808,16 +778,7 @@ impl ClusterNode {
         for (session, handle) in stranded {
             let Some(lock) = self.remote.get_mut(&(session, handle)) else { continue };
             lock.abandoned = true;
-            self.effects.push_back(Effect::Complete(Completion {
-                session,
-                handle,
-                op: Op::Lock,
-                status: Status::Unavailable,
-                mode: None,
-                token: None,
-                lvb: None,
-                flags: StatusFlags::EMPTY,
-            }));
+            self.fail_unavailable(session, handle);
         }
         self.cache.retain(|_, master| master.0 != peer);
         self.pump(now);
@@ -1184,34 +1145,14 @@ impl ClusterNode {
     // ----- helpers -----
 
     fn complete_rejected(&mut self, session: SessionId, handle: LockHandle, _error: &RequestError) {
-        self.effects.push_back(Effect::Complete(Completion {
-            session,
-            handle,
-            op: Op::Lock,
-            status: Status::Rejected,
-            mode: None,
-            token: None,
-            lvb: None,
-            flags: StatusFlags::EMPTY,
-        }));
+        self.effects.push_back(Effect::Complete(ended(session, handle, Op::Lock, Status::Rejected, None)));
     }
 
     /// Tells a remote client's node that its request was refused here.
     fn reject_remote(&mut self, to: NodeId, session: SessionId, handle: LockHandle, op: Op, _error: &RequestError) {
         let mode = self.engine.lock_info(session, handle).and_then(|info| info.granted);
-        self.send(
-            to,
-            PeerMessage::Complete(Completion {
-                session,
-                handle,
-                op,
-                status: Status::Rejected,
-                mode: if op == Op::Lock { None } else { mode },
-                token: None,
-                lvb: None,
-                flags: StatusFlags::EMPTY,
-            }),
-        );
+        let mode = if op == Op::Lock { None } else { mode };
+        self.send(to, PeerMessage::Complete(ended(session, handle, op, Status::Rejected, mode)));
         self.close_if_empty(session);
     }
 
@@ -1416,6 +1357,11 @@ impl ClusterNode {
             self.send(master, PeerMessage::AbortWait { wait });
         }
     }
+}
+
+/// The completion of a request that ended without a grant.
+fn ended(session: SessionId, handle: LockHandle, op: Op, status: Status, mode: Option<Mode>) -> Completion {
+    Completion { session, handle, op, status, mode, token: None, lvb: None, flags: StatusFlags::EMPTY }
 }
 
 /// Checks that a message about a client session comes from that session's node.
