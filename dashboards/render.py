@@ -87,7 +87,7 @@ def main():
             plot_panel(ax, panel)
         for ax in list(axes.flat)[len(panels):]:
             ax.axis("off")
-        fig.suptitle(f"{dashboard['title']} (real data: one agent, one minute of test workload)", fontsize=11)
+        fig.suptitle(f"{dashboard['title']} (real data: a 2-node test cluster, one minute of test workload)", fontsize=11)
         fig.tight_layout()
         out = pictures_dir / f"{dashboard['uid']}.png"
         fig.savefig(out, dpi=80)
