@@ -14,6 +14,9 @@
 //! to take it, a compare-and-delete Lua script to release it. The etcd lock is
 //! its own `Lock`/`Unlock` API with a lease per client.
 //!
+//! The agent runs without its eBPF programs (they would slow every process on
+//! the machine, the peers' too); `DLM_BENCH_EBPF=1` measures with them.
+//!
 //! Without `--bench` (as `cargo test --benches` runs it) every cell is short:
 //! a check that the harness and the peers work, not a measurement.
 
@@ -348,9 +351,14 @@ async fn start_dlm(dir: &Path) -> Result<DlmAgent> {
     let socket = dir.join("dlm.sock");
     let port = free_port()?;
     let tcp = format!("127.0.0.1:{port}");
+    // The agent's eBPF programs trace every context switch on the machine,
+    // Redis's and etcd's too: they are off unless DLM_BENCH_EBPF=1 asks to
+    // measure everything under them.
+    let ebpf = std::env::var("DLM_BENCH_EBPF").is_ok_and(|v| v == "1");
     let child = Command::new(BIN)
         .args(["run", "--http", "off", "--tcp", &tcp, "--log", "warn", "--socket"])
         .arg(&socket)
+        .env("DLM_NO_EBPF", if ebpf { "false" } else { "true" })
         .stderr(std::fs::File::create(dir.join("dlm.log"))?)
         .spawn()?;
     let server = Server { child };
