@@ -121,6 +121,25 @@ async fn latencies(session: &Session, name: &str, plan: &Plan) -> Result<Vec<f64
         .await
 }
 
+/// The lock alone (request to grant) by one client on `name`, unlocking
+/// after each; latencies in µs, sorted.
+async fn lock_latencies(session: &Session, name: &str, plan: &Plan) -> Result<Vec<f64>> {
+    let start = Instant::now() + plan.warmup;
+    let end = start + plan.measure;
+    let mut out = Vec::new();
+    while Instant::now() < end {
+        let began = Instant::now();
+        let guard = session.lock("default", name, Mode::Ex, LockOptions::default()).await?;
+        let took = began.elapsed();
+        guard.unlock().await?;
+        if began >= start {
+            out.push(took.as_secs_f64() * 1e6);
+        }
+    }
+    out.sort_by(f64::total_cmp);
+    Ok(out)
+}
+
 fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN)
 }
@@ -223,7 +242,9 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
     progress("single node: lock+unlock latency, 1 client");
     let single = start(&dir, "single", "")?;
     ready(&single).await?;
-    let single_latency = latencies(&session(&single).await?, "bench", plan).await?;
+    let single_session = session(&single).await?;
+    let single_latency = latencies(&single_session, "bench", plan).await?;
+    let single_lock = lock_latencies(&single_session, "bench", plan).await?;
     drop(single);
 
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
@@ -258,6 +279,7 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
     let node2 = session(&agents[1]).await?;
     let _keeper = node2.lock("default", "remote", Mode::Nl, LockOptions::default()).await?;
     let remote_latency = latencies(&node1, "remote", plan).await?;
+    let remote_lock = lock_latencies(&node1, "remote", plan).await?;
 
     progress("loopback TCP round trip");
     let rtt = loopback_round_trips(plan).await?;
@@ -277,6 +299,9 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
         ("lock+unlock p99, cluster, mastered locally", quantile(&local_latency, 0.99), "µs"),
         ("lock+unlock p50, cluster, mastered remotely", quantile(&remote_latency, 0.5), "µs"),
         ("lock+unlock p99, cluster, mastered remotely", quantile(&remote_latency, 0.99), "µs"),
+        ("lock alone p50, single node", quantile(&single_lock, 0.5), "µs"),
+        ("lock alone p50, cluster, mastered remotely", quantile(&remote_lock, 0.5), "µs"),
+        ("lock alone p99, cluster, mastered remotely", quantile(&remote_lock, 0.99), "µs"),
         ("loopback TCP round trip p50", rtt50, "µs"),
         ("remote target: 2 round trips + 50 µs", remote_target, "µs"),
         ("pairs/s, 32 clients over 3 nodes", spread, "pairs/s"),
@@ -293,6 +318,11 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
     let remote_extra = (quantile(&remote_latency, 0.5) - quantile(&local_latency, 0.5)) / 2.0;
     println!("locally mastered / single node at p50: {local_ratio:.2}x (target: about 1)");
     println!(
+        "remote lock alone, client to grant, p50 {:.1} µs: {:.2}x of 2 round trips + 50 µs",
+        quantile(&remote_lock, 0.5),
+        quantile(&remote_lock, 0.5) / remote_target
+    );
+    println!(
         "remote master adds {remote_extra:.1} µs per request at p50; target at most {remote_target:.1} µs \
          (2 round trips + 50 µs): {:.2}x of it",
         remote_extra / remote_target
@@ -308,6 +338,7 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
             "local_over_single_p50": local_ratio,
             "remote_extra_per_request_us": remote_extra,
             "remote_extra_over_target": remote_extra / remote_target,
+            "remote_lock_p50_over_target": quantile(&remote_lock, 0.5) / remote_target,
         });
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;

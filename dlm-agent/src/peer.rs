@@ -368,6 +368,8 @@ async fn serve_peer(
     stream.write_all(&wire::encode_hello(&hello(settings, incarnations))).await.map_err(|_| "bad_hello")?;
     let received = metrics.bytes_received.with_label_values(&[&from.0.to_string()]);
     let refused = Arc::new(Notify::new());
+    // Buffered: a frame's length and body usually come in one read.
+    let mut stream = tokio::io::BufReader::with_capacity(64 * 1024, stream);
     loop {
         let mut prefix = [0u8; 4];
         tokio::select! {
