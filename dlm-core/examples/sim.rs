@@ -20,13 +20,15 @@ fn main() {
         }
     }
     let began = Instant::now();
-    let (mut grants, mut deadlocks, mut messages) = (0u64, 0u64, 0u64);
+    let (mut grants, mut deadlocks, mut messages, mut unavailable, mut lost) = (0u64, 0u64, 0u64, 0u64, 0u64);
     for (i, seed) in (start..start.saturating_add(seeds)).enumerate() {
         match dlm_core::sim::run_seed(seed) {
             Ok(report) => {
                 grants += u64::from(report.grants);
                 deadlocks += u64::from(report.deadlocks);
                 messages += report.messages;
+                unavailable += u64::from(report.unavailable);
+                lost += report.lost;
             }
             Err(error) => {
                 eprintln!("FAILED {error}\nreplay: cargo xtask sim --seed {seed}");
@@ -38,7 +40,8 @@ fn main() {
         }
     }
     println!(
-        "{seeds} seeds from {start} passed in {:.1}s: {grants} grants, {deadlocks} deadlock victims, {messages} messages",
+        "{seeds} seeds from {start} passed in {:.1}s: {grants} grants, {deadlocks} deadlock victims, \
+         {unavailable} unavailable (link faults on odd seeds, {lost} messages lost), {messages} messages",
         began.elapsed().as_secs_f64()
     );
 }
