@@ -64,7 +64,8 @@ pub struct ClusterSettings {
     /// How often waiting nodes report wait-for edges to the deadlock coordinator.
     pub deadlock_interval: Duration,
     /// A peer that leaves a message unacknowledged this long counts as
-    /// unreachable until its connection is made again.
+    /// unreachable until its connection is made again; a quiet link carries
+    /// a heartbeat every third of it, so this holds on idle links too.
     pub peer_timeout: Duration,
 }
 

@@ -211,6 +211,9 @@ pub fn start(
             settings.release_delay = cluster.release_delay;
             settings.deadlock_interval = cluster.deadlock_interval;
             settings.ack_timeout = cluster.peer_timeout;
+            // Three heartbeats per timeout: a quiet link to a peer that went
+            // away is found within about a timeout and a third.
+            settings.heartbeat_interval = cluster.peer_timeout / 3;
             (node_id, settings)
         }
         None => {

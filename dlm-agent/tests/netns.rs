@@ -124,6 +124,14 @@ async fn a_cut_link_fails_requests_that_need_the_node_and_healing_it_restores_th
         .expect("unlock");
 
     ip(&["link", "set", &hosts.veths[2], "down"]);
+    // Nothing is asked of node 3: its heartbeats going unanswered is what
+    // tells node 1 that it is gone.
+    let cut = Instant::now();
+    while peer_up(&agents[0], 3) {
+        assert!(cut.elapsed() < Duration::from_secs(10), "node 1 never noticed the cut:\n{}", agents[0].log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("an idle link cut was noticed after {:?}", cut.elapsed());
     let during = on_node_3("during");
     let started = Instant::now();
     let outcome = tokio::time::timeout(
@@ -134,6 +142,7 @@ async fn a_cut_link_fails_requests_that_need_the_node_and_healing_it_restores_th
     .expect("the request ends instead of hanging")
     .map(|g| g.fencing_token());
     assert!(matches!(outcome, Err(LockError::NotGranted(proto::Status::Unavailable))), "{outcome:?}");
+    assert!(started.elapsed() < Duration::from_secs(1), "known unreachable: it fails at once");
     eprintln!("a request needing the cut-off node failed after {:?}", started.elapsed());
 
     ip(&["link", "set", &hosts.veths[2], "up"]);

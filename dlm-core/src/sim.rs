@@ -213,6 +213,7 @@ impl Sim {
             cluster.deadlock_interval = Duration::from_millis(5);
             cluster.ack_delay = Duration::from_micros(300);
             cluster.ack_timeout = Duration::from_millis(5);
+            cluster.heartbeat_interval = Duration::from_millis(2);
             cluster.master_cache_max = 4;
             let mut node = ClusterNode::new(cluster).expect("valid cluster");
             node.create_lockspace(LOCKSPACE, LockspaceConfig { lvb_len: 8 }).expect("lockspace");

@@ -27,6 +27,8 @@ pub(crate) struct Link {
     /// Since when the oldest unacknowledged message has waited for its
     /// acknowledgement (reset whenever acknowledgements make progress).
     pub(crate) unacked_since: Option<Instant>,
+    /// When a numbered message last went out (heartbeats fill the silence).
+    pub(crate) last_sent: Instant,
 }
 
 impl Link {
@@ -39,6 +41,7 @@ impl Link {
             early: BTreeMap::new(),
             ack_due: None,
             unacked_since: None,
+            last_sent: Instant::ZERO,
         }
     }
 
@@ -52,6 +55,7 @@ impl Link {
     /// reconnection).
     pub(crate) fn send(&mut self, now: Instant, epoch: u64, message: PeerMessage) -> Option<Envelope> {
         self.unacked_since.get_or_insert(now);
+        self.last_sent = now;
         let seq = self.next_seq;
         self.next_seq += 1;
         self.unacked.push_back((seq, message.clone()));

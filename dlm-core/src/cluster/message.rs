@@ -181,6 +181,9 @@ pub enum PeerMessage {
         /// The wait, as the receiver reported it.
         wait: WaitRef,
     },
+    /// Nothing to say: sent on a quiet link so that its acknowledgement
+    /// shows the peer is still there.
+    Heartbeat,
 }
 
 /// Wait-for edges one report carries at most.

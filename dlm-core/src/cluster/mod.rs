@@ -85,6 +85,10 @@ pub struct ClusterConfig {
     /// unreachable: its link goes down (and the driver is asked to re-make
     /// the connection), so requests that need it fail instead of hanging.
     pub ack_timeout: Duration,
+    /// A link with nothing sent for this long carries a heartbeat, so that a
+    /// peer that went away is noticed (by the acknowledgement timeout) even
+    /// when no request needs it.
+    pub heartbeat_interval: Duration,
 }
 
 impl ClusterConfig {
@@ -100,6 +104,7 @@ impl ClusterConfig {
             ack_delay: Duration::from_millis(5),
             master_cache_max: 65_536,
             ack_timeout: Duration::from_secs(3),
+            heartbeat_interval: Duration::from_secs(1),
         }
     }
 }
@@ -692,6 +697,16 @@ impl ClusterNode {
             self.handle_link(now, peer, false);
             self.resets.push(peer);
         }
+        let heartbeat = self.config.heartbeat_interval;
+        let quiet: Vec<NodeId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.up && l.unacked_since.is_none() && l.last_sent.saturating_add(heartbeat) <= now)
+            .map(|(&peer, _)| peer)
+            .collect();
+        for peer in quiet {
+            self.send(peer, PeerMessage::Heartbeat);
+        }
         if self.deadlock_due.is_some_and(|at| at <= now) {
             self.deadlock_due = None;
             self.report_wait_edges(now);
@@ -713,7 +728,13 @@ impl ClusterNode {
             .filter_map(|l| l.unacked_since)
             .min()
             .map(|since| since.saturating_add(self.config.ack_timeout));
-        [engine, idle, acks, silence, self.deadlock_due].into_iter().flatten().min()
+        let heartbeat = self
+            .links
+            .values()
+            .filter(|l| l.up && l.unacked_since.is_none())
+            .map(|l| l.last_sent.saturating_add(self.config.heartbeat_interval))
+            .min();
+        [engine, idle, acks, silence, heartbeat, self.deadlock_due].into_iter().flatten().min()
     }
 
     /// The next effect for a local client, oldest first.
@@ -866,6 +887,8 @@ impl ClusterNode {
             PeerMessage::AbortWait { wait } => {
                 self.engine.abort_wait(now, wait);
             }
+            // Its acknowledgement is the point.
+            PeerMessage::Heartbeat => {}
         }
     }
 

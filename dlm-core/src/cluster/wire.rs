@@ -30,6 +30,7 @@
 //! | 11 | EndSession | session:u64 |
 //! | 12 | WaitEdges | count:u32, (from:u64, to:u64, lockspace:u32, lock:u32, seq:u64){count} |
 //! | 13 | AbortWait | lockspace:u32, lock:u32, seq:u64 |
+//! | 14 | Heartbeat | (none) |
 //!
 //! Modes are 0 (NL) to 5 (EX); ops 0 lock, 1 convert, 2 unlock; statuses in
 //! the order of [`Status`]. A peer that sends anything else (an unknown tag,
@@ -388,6 +389,7 @@ fn put_message(out: &mut Vec<u8>, message: &PeerMessage) {
             out.push(13);
             put_wait(out, wait);
         }
+        PeerMessage::Heartbeat => out.push(14),
     }
 }
 
@@ -599,6 +601,7 @@ impl<'a> Reader<'a> {
                 PeerMessage::WaitEdges { edges }
             }
             13 => PeerMessage::AbortWait { wait: self.wait()? },
+            14 => PeerMessage::Heartbeat,
             _ => return Err(WireError::Invalid("message tag")),
         };
         Ok(message)
@@ -661,6 +664,7 @@ mod tests {
                 }],
             },
             PeerMessage::AbortWait { wait: WaitRef { lockspace: LockspaceId(1), lock: 2, seq: 3 } },
+            PeerMessage::Heartbeat,
         ]
     }
 
