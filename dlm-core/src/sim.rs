@@ -416,8 +416,16 @@ impl Sim {
                 if self.clients[c].slots.iter().any(|&(slot, r)| slot != Slot::Empty && r == resource) {
                     return Ok(());
                 }
-                let handle = self.clients[c].next_handle;
-                self.clients[c].next_handle += 1;
+                // Clients reuse handles as soon as their lock is gone, half
+                // the time: answers about the old lock must not land on the new one.
+                let reuse = (1..=4).find(|h| !self.clients[c].handles.contains_key(h));
+                let handle = match reuse {
+                    Some(h) if self.rng.chance(50) => h,
+                    _ => {
+                        self.clients[c].next_handle += 1;
+                        self.clients[c].next_handle + 4
+                    }
+                };
                 let mode = ALL_MODES[self.rng.below(6) as usize];
                 let mut flags = LockFlags::EMPTY;
                 if self.rng.chance(15) {
@@ -480,6 +488,15 @@ impl Sim {
             match request {
                 ClientRequest::Convert(_) => self.clients[c].slots[s].0 = slot,
                 ClientRequest::Cancel { .. } if error == crate::RequestError::NotPending => {}
+                // A lock the client was told had failed (unavailable) keeps
+                // its handle until its master's answer is undone: reusing
+                // the handle meanwhile is refused, and changes nothing.
+                ClientRequest::Lock(lock) if error == crate::RequestError::HandleInUse && self.config.link_faults => {
+                    self.clients[c].slots[s] = (Slot::Empty, 0);
+                    self.clients[c].handles.remove(&lock.handle.0);
+                    self.owners.remove(&(session, lock.handle));
+                    self.report.requests -= 1;
+                }
                 other => return Err(format!("at {:?}: {other:?} refused: {error}", self.elapsed())),
             }
         }

@@ -213,3 +213,32 @@ fn a_removal_crossing_a_new_request_is_waited_for_by_the_directory() {
     // Tokens went on growing across the three masterships.
     assert!(net.nodes[2].engine().last_token(net.nodes[2].lockspace_id(b"ls").unwrap()).unwrap() >= 3);
 }
+
+#[test]
+fn a_lookup_answer_is_not_taken_by_a_reused_handle() {
+    let mut net = Net::new();
+    let a = net.name_with_directory(1);
+    let b = net.name_with_directory(2);
+    // Node 2 masters b and keeps it.
+    net.lock(2, 1, &b, Mode::Ex);
+    net.deliver_all();
+    net.completion(2, 1);
+    // Node 3 asks for a; before the directory answers, the client cancels
+    // and reuses the handle for b (mastered on node 2).
+    net.lock(3, 1, &a, Mode::Ex);
+    let n3 = &mut net.nodes[2];
+    n3.handle_client(net.now, NodeId(3).session(1), ClientRequest::Cancel { handle: LockHandle(1) }).expect("cancel");
+    net.collect();
+    assert_eq!(net.completion(3, 1).status, Status::Cancelled);
+    net.lock(3, 1, &b, Mode::Pr);
+    // The answer for a (node 3 is its master now) must not run b's request here.
+    net.deliver_first(|_, to, m| to == NodeId(1) && is_lookup(m));
+    net.deliver_first(|from, to, m| {
+        from == NodeId(1) && to == NodeId(3) && matches!(m, PeerMessage::LookupReply { .. })
+    });
+    assert_eq!(net.masters(&b), vec![2], "b must stay mastered on node 2 only");
+    net.unlock(2, 1);
+    net.deliver_all();
+    assert_eq!(net.completion(3, 1).status, Status::Granted);
+    assert_eq!(net.masters(&b), vec![2]);
+}

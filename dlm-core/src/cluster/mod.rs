@@ -577,11 +577,25 @@ impl ClusterNode {
         self.send(directory, PeerMessage::Lookup { lockspace, name: key.1.to_vec(), stale });
     }
 
+    /// Whether the local lock `(session, handle)` is a new lock of `key`
+    /// waiting for its master to be looked up. The handle may have been
+    /// reused for another lock since the lookup went out (the first one
+    /// cancelled meanwhile): the answer is then not for it.
+    fn awaits_lookup(&self, session: SessionId, handle: LockHandle, key: &Key) -> bool {
+        self.remote.get(&(session, handle)).is_some_and(|l| {
+            l.master.is_none()
+                && l.pending == Some(Op::Lock)
+                && l.request.is_some()
+                && l.lockspace == key.0
+                && l.name == key.1
+        })
+    }
+
     fn send_request(&mut self, session: SessionId, handle: LockHandle, (master, generation): (NodeId, u64)) {
         let Some(lock) = self.remote.get_mut(&(session, handle)) else { return };
+        let Some(req) = lock.request.clone() else { return };
         lock.master = Some(master);
         lock.master_generation = generation;
-        let req = lock.request.clone().expect("a pending new lock keeps its request");
         let lockspace = self.lockspace_name(req.lockspace);
         self.stats.remote_requests += 1;
         self.send(
@@ -604,12 +618,12 @@ impl ClusterNode {
         lock: RemoteLock,
         req: ConvertRequest,
     ) -> Result<(), RequestError> {
-        if lock.pending.is_some() {
+        // A copy with nothing pending is granted and has a master; a copy
+        // that is not (which would be a bug) is treated as busy, not trusted.
+        let (None, Some(from), Some(master)) = (lock.pending, lock.granted, lock.master) else {
             return Err(RequestError::Pending);
-        }
-        let from = lock.granted.expect("a remote lock with nothing pending is granted");
+        };
         self.engine.validate_convert(lock.lockspace, from, &req)?;
-        let master = lock.master.expect("a granted remote lock has a master");
         if !self.is_up(master) {
             self.effects.push_back(Effect::Complete(ended(
                 session,
@@ -837,7 +851,10 @@ impl ClusterNode {
         match message {
             PeerMessage::Lookup { lockspace, name, stale } => self.on_lookup(from, lockspace, name, stale),
             PeerMessage::LookupReply { lockspace, name, master, generation, token_floor } => {
-                self.on_lookup_reply(now, lockspace, name, master.map(|m| (m, generation)), token_floor);
+                // Only the directory of a resource answers for it.
+                if self.config.membership.directory(&lockspace, &name) == from {
+                    self.on_lookup_reply(now, lockspace, name, master.map(|m| (m, generation)), token_floor);
+                }
             }
             PeerMessage::Remove { lockspace, name, generation, token_floor } => {
                 self.on_remove(from, &lockspace, name, generation, token_floor);
@@ -984,9 +1001,13 @@ impl ClusterNode {
                 self.engine.raise_token_floor(id, floor);
                 self.become_master(key.clone(), generation);
                 for (session, handle) in waiting {
-                    let Some(lock) = self.remove_remote(session, handle) else { continue };
-                    let request = lock.request.expect("a lock waiting for a lookup keeps its request");
-                    if let Err(error) = self.engine.handle_client(now, session, ClientRequest::Lock(request)) {
+                    if !self.awaits_lookup(session, handle, &key) {
+                        continue;
+                    }
+                    let Some(RemoteLock { request: Some(request), .. }) = self.remove_remote(session, handle) else {
+                        continue;
+                    };
+                    if let Err(error) = self.lock_here(now, session, request) {
                         self.complete_rejected(session, handle, &error);
                     }
                 }
@@ -1000,7 +1021,7 @@ impl ClusterNode {
             Some(master) => {
                 self.cache_master(key.clone(), master);
                 for (session, handle) in waiting {
-                    if self.remote.get(&(session, handle)).is_some_and(|l| l.master.is_none()) {
+                    if self.awaits_lookup(session, handle, &key) {
                         self.send_request(session, handle, master);
                     }
                 }
@@ -1012,7 +1033,7 @@ impl ClusterNode {
             }
             None => {
                 for (session, handle) in waiting {
-                    if self.remote.get(&(session, handle)).is_some_and(|l| l.master.is_none()) {
+                    if self.awaits_lookup(session, handle, &key) {
                         self.remove_remote(session, handle);
                         self.complete_rejected(session, handle, &RequestError::UnknownLockspace);
                     }
@@ -1113,8 +1134,7 @@ impl ClusterNode {
     /// Runs a local client's new lock, so far meant for a remote master, on
     /// the engine (this node masters its resource now).
     fn run_here(&mut self, session: SessionId, handle: LockHandle) {
-        let Some(lock) = self.remove_remote(session, handle) else { return };
-        let request = lock.request.expect("a pending new lock keeps its request");
+        let Some(RemoteLock { request: Some(request), .. }) = self.remove_remote(session, handle) else { return };
         if let Err(error) = self.lock_here(self.last_now, session, request) {
             self.complete_rejected(session, handle, &error);
         }
