@@ -10,6 +10,10 @@
 //! flight between them are lost; links come back after the cut and resend.
 //! Requests that needed a cut-off node may then end as `Unavailable`.
 //!
+//! Clients also go away now and then (their session ends with whatever it
+//! held or asked for) and come back with a new session, and they reuse lock
+//! handles as soon as a lock is gone.
+//!
 //! What is checked, after every step:
 //! - no resource is mastered by two nodes at once, and each master's queues
 //!   hold only compatible granted modes (the engine's own invariant checks);
@@ -185,6 +189,8 @@ pub struct Sim {
     owners: HashMap<(SessionId, LockHandle), (usize, u32)>,
     report: SimReport,
     draining: bool,
+    /// The last session serial handed out (sessions restart now and then).
+    next_session: u64,
     /// Node pairs (0-based, smaller first) cut off until the given time.
     cuts: Vec<(usize, usize, Instant)>,
     /// When the network is next looked at for faults to start or end.
@@ -246,6 +252,7 @@ impl Sim {
             draining: false,
             cuts: Vec::new(),
             next_fault_tick: Instant::ZERO,
+            next_session: 1000,
         }
     }
 
@@ -404,6 +411,9 @@ impl Sim {
         } else {
             self.now.saturating_add(Duration::from_nanos(delay))
         };
+        if !self.draining && self.rng.chance(2) {
+            return self.restart_session(c);
+        }
         let s = self.rng.below(self.clients[c].slots.len() as u64) as usize;
         let (slot, _) = self.clients[c].slots[s];
         let session = self.clients[c].session;
@@ -500,6 +510,23 @@ impl Sim {
                 other => return Err(format!("at {:?}: {other:?} refused: {error}", self.elapsed())),
             }
         }
+        self.after(node)
+    }
+
+    /// The client goes away (its session ends, with whatever it held or
+    /// asked for) and comes back with a new session.
+    fn restart_session(&mut self, c: usize) -> Result<(), String> {
+        let node = self.clients[c].node;
+        let old = self.clients[c].session;
+        self.nodes[node].end_session(self.now, old).map_err(|e| format!("ending {old}: {e}"))?;
+        self.owners.retain(|&(session, _), _| session != old);
+        self.next_session += 1;
+        let session = NodeId(node as u16 + 1).session(self.next_session);
+        self.nodes[node].open_session(session).map_err(|e| format!("opening {session}: {e}"))?;
+        let client = &mut self.clients[c];
+        client.session = session;
+        client.slots.iter_mut().for_each(|slot| *slot = (Slot::Empty, 0));
+        client.handles.clear();
         self.after(node)
     }
 

@@ -891,6 +891,13 @@ impl ClusterNode {
                 if self.remote_sessions.remove(&session) {
                     let _ = self.engine.end_session(now, session);
                 }
+                // Its requests held until this node hears it masters their
+                // resource die with it, or they would be granted to no one.
+                for held in self.early_requests.values_mut() {
+                    held.retain(
+                        |(_, request)| !matches!(request, PeerMessage::Request { session: s, .. } if *s == session),
+                    );
+                }
             }
             PeerMessage::WaitEdges { mut edges } => {
                 edges.truncate(WAIT_EDGES_MAX);
