@@ -496,10 +496,16 @@ impl Engine {
     /// means the peer does not keep up: its link counts as down (requests
     /// that need it fail rather than pile up) and its connection is re-made.
     fn transmit(&mut self) {
-        let mut stalled = Vec::new();
+        let mut stalled: Vec<NodeId> = Vec::new();
         while let Some((peer, envelope)) = self.node.poll_transmit() {
+            // After one envelope did not fit, the rest for that peer are
+            // dropped too: the link goes down below, and everything the peer
+            // has not acknowledged is resent when it is back.
+            if stalled.contains(&peer) {
+                continue;
+            }
             let Some(sender) = self.peers.get(&peer) else { continue };
-            if sender.queue.try_send(envelope).is_err() && !stalled.contains(&peer) {
+            if sender.queue.try_send(envelope).is_err() {
                 stalled.push(peer);
             }
         }
@@ -515,7 +521,6 @@ impl Engine {
             if let Some(sender) = self.peers.get(&peer) {
                 sender.reset.notify_one();
             }
-            while self.node.poll_transmit().is_some() {}
         }
     }
 
