@@ -20,6 +20,8 @@ pub struct ClusterMetrics {
     stale_masters: IntCounter,
     released: IntCounter,
     deadlock_victims: IntCounter,
+    /// Peer links reset by this node, by reason (`queue_full`, `unacknowledged`).
+    pub link_resets: IntCounterVec,
     /// Time from a lock or convert request to its grant, for locks mastered on another node.
     pub remote_grant_wait: HistogramVec,
     last: ClusterStats,
@@ -48,6 +50,18 @@ impl ClusterMetrics {
         )
         .expect("valid metric");
         metrics.register(Box::new(messages.clone()));
+        let link_resets = IntCounterVec::new(
+            Opts::new(
+                "dlm_cluster_link_resets_total",
+                "Peer links this node reset: its queue to the peer was full, or the peer left messages unacknowledged.",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(link_resets.clone()));
+        for reason in ["queue_full", "unacknowledged"] {
+            link_resets.with_label_values(&[reason]);
+        }
         let remote_grant_wait = HistogramVec::new(
             HistogramOpts::new(
                 "dlm_cluster_remote_grant_wait_seconds",
@@ -86,6 +100,7 @@ impl ClusterMetrics {
                 "Deadlocks across nodes broken by this node as coordinator.",
             ),
             remote_grant_wait,
+            link_resets,
             last: ClusterStats::default(),
         };
         m.members.set(i64::try_from(members).unwrap_or(i64::MAX));

@@ -67,6 +67,10 @@ pub struct ClusterSettings {
     /// unreachable until its connection is made again; a quiet link carries
     /// a heartbeat every third of it, so this holds on idle links too.
     pub peer_timeout: Duration,
+    /// Batches of messages queued to one peer at most (a batch is what one
+    /// pass of the engine has for it); a peer that lets its queue fill has
+    /// its link reset (and what it has not acknowledged resent).
+    pub peer_queue_max: usize,
 }
 
 /// A `[[cluster.member]]`.
@@ -97,6 +101,7 @@ struct FileCluster {
     release_delay: Option<String>,
     deadlock_interval: Option<String>,
     peer_timeout: Option<String>,
+    peer_queue_max: Option<usize>,
 }
 
 /// A lockspace the agent creates at start.
@@ -424,8 +429,12 @@ fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, ConfigError> {
         release_delay: duration("cluster.release_delay", file.release_delay, Duration::from_secs(5))?,
         deadlock_interval: duration("cluster.deadlock_interval", file.deadlock_interval, Duration::from_secs(1))?,
         peer_timeout: duration("cluster.peer_timeout", file.peer_timeout, Duration::from_secs(3))?,
+        peer_queue_max: file.peer_queue_max.unwrap_or(crate::peer::PEER_QUEUE_MAX),
         members: file.member,
     };
+    if !(1..=1 << 20).contains(&settings.peer_queue_max) {
+        return Err(invalid("cluster.peer_queue_max", "must be from 1 to 1048576"));
+    }
     if settings.peer_timeout < Duration::from_millis(100) {
         return Err(invalid("cluster.peer_timeout", "must be at least 100ms"));
     }

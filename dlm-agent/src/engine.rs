@@ -496,27 +496,38 @@ impl Engine {
     /// means the peer does not keep up: its link counts as down (requests
     /// that need it fail rather than pile up) and its connection is re-made.
     fn transmit(&mut self) {
-        let mut stalled: Vec<NodeId> = Vec::new();
+        // One batch per peer per pass: a resend after a reconnection, however
+        // long, is one queue entry, so it cannot overflow the queue by itself.
+        let mut batches: Vec<(NodeId, Vec<Envelope>)> = Vec::new();
         while let Some((peer, envelope)) = self.node.poll_transmit() {
-            // After one envelope did not fit, the rest for that peer are
-            // dropped too: the link goes down below, and everything the peer
-            // has not acknowledged is resent when it is back.
-            if stalled.contains(&peer) {
-                continue;
+            match batches.iter_mut().find(|(p, _)| *p == peer) {
+                Some((_, batch)) => batch.push(envelope),
+                None => batches.push((peer, vec![envelope])),
             }
+        }
+        let mut stalled: Vec<NodeId> = Vec::new();
+        for (peer, batch) in batches {
             let Some(sender) = self.peers.get(&peer) else { continue };
-            if sender.queue.try_send(envelope).is_err() {
+            if sender.queue.try_send(batch).is_err() {
+                // The link goes down below; everything the peer has not
+                // acknowledged is resent when it is back.
                 stalled.push(peer);
             }
         }
         while let Some(peer) = self.node.poll_reset() {
             tracing::warn!(peer = peer.0, "peer left messages unacknowledged; re-making its connection");
+            if let Some(cluster) = &self.cluster_metrics {
+                cluster.link_resets.with_label_values(&["unacknowledged"]).inc();
+            }
             if let Some(sender) = self.peers.get(&peer) {
                 sender.reset.notify_one();
             }
         }
         for peer in stalled {
             tracing::warn!(peer = peer.0, "queue to peer full; resetting its link");
+            if let Some(cluster) = &self.cluster_metrics {
+                cluster.link_resets.with_label_values(&["queue_full"]).inc();
+            }
             self.node.handle_link(self.clock.engine_now(), peer, false);
             if let Some(sender) = self.peers.get(&peer) {
                 sender.reset.notify_one();

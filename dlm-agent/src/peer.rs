@@ -6,7 +6,7 @@
 //! a pair is one connection, with one writer and one reader:
 //!
 //! ```text
-//!  engine ──Envelope──▶ dialer task (per peer) ──TCP──▶ peer's acceptor ──Command::Peer──▶ peer's engine
+//!  engine ──Vec<Envelope>──▶ dialer task (per peer) ──TCP──▶ peer's acceptor ──Command::Peer──▶ peer's engine
 //! ```
 //!
 //! - **Handshake**: the dialer sends a hello (magic, protocol version,
@@ -16,7 +16,8 @@
 //! - **Frames** are length-prefixed batches of envelopes, bounded by
 //!   `FRAME_LEN_MAX`; anything malformed, and any envelope the engine
 //!   refuses, drops the connection. The node goes on serving its clients.
-//! - **Back pressure**: the engine's queue to each dialer is bounded; when it
+//! - **Back pressure**: the engine's queue to each dialer is bounded (in
+//!   batches: what one engine pass has for the peer, or one resend); when it
 //!   is full the link counts as down (requests that need the peer fail with
 //!   "unavailable") and the connection is re-made.
 //! - **Reconnection**: a dialer retries with a growing delay (up to 1 s);
@@ -44,10 +45,10 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 use crate::config::ClusterSettings;
 use crate::engine::{Command, EngineHandle};
 
-/// Envelopes queued to one peer's dialer at most.
+/// Batches of envelopes queued to one peer's dialer at most, by default (`[cluster] peer_queue_max`).
 pub const PEER_QUEUE_MAX: usize = 65_536;
-/// Envelopes written in one frame batch at most.
-const BATCH_MAX: usize = 1024;
+/// Queued batches written in one go at most.
+const BATCH_MAX: usize = 64;
 /// How long a connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a dial may take.
@@ -57,8 +58,8 @@ const RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// The engine's end of one peer's dialer.
 pub struct PeerSender {
-    /// Envelopes to send.
-    pub queue: mpsc::Sender<Envelope>,
+    /// Envelopes to send, a batch per engine pass.
+    pub queue: mpsc::Sender<Vec<Envelope>>,
     /// Tells the dialer to drop its connection and dial again.
     pub reset: Arc<Notify>,
 }
@@ -90,7 +91,7 @@ impl Incarnations {
 pub struct Dialer {
     peer: NodeId,
     address: SocketAddr,
-    queue: mpsc::Receiver<Envelope>,
+    queue: mpsc::Receiver<Vec<Envelope>>,
     reset: Arc<Notify>,
 }
 
@@ -163,7 +164,7 @@ pub fn channels(settings: &ClusterSettings) -> (HashMap<NodeId, PeerSender>, Vec
     let mut senders = HashMap::new();
     let mut dialers = Vec::new();
     for member in settings.members.iter().filter(|m| m.id != settings.node_id) {
-        let (queue, receiver) = mpsc::channel(PEER_QUEUE_MAX);
+        let (queue, receiver) = mpsc::channel(settings.peer_queue_max);
         let reset = Arc::new(Notify::new());
         let peer = NodeId(member.id);
         senders.insert(peer, PeerSender { queue, reset: reset.clone() });
@@ -276,7 +277,7 @@ async fn write_frames(stream: TcpStream, dialer: &mut Dialer, sent: &prometheus:
                     return "the engine stopped".into();
                 }
             }
-            () = dialer.reset.notified() => return "reset: the queue to the peer was full".into(),
+            () = dialer.reset.notified() => return "reset by the engine (queue full, or messages unacknowledged)".into(),
             read = reader.read(&mut probe) => {
                 return match read {
                     Ok(0) => "the peer closed the connection".into(),
@@ -286,8 +287,9 @@ async fn write_frames(stream: TcpStream, dialer: &mut Dialer, sent: &prometheus:
             }
         }
         bytes.clear();
-        wire::encode_frames(&batch, &mut bytes);
-        batch.clear();
+        for envelopes in batch.drain(..) {
+            wire::encode_frames(&envelopes, &mut bytes);
+        }
         if let Err(error) = writer.write_all(&bytes).await {
             return error.to_string();
         }

@@ -318,3 +318,77 @@ async fn a_restarted_node_is_refused_rather_than_trusted_with_lost_state() {
     .map(|g| g.fencing_token());
     assert!(matches!(outcome, Err(LockError::NotGranted(proto::Status::Unavailable))), "{outcome:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_peer_queue_resets_the_link_and_every_request_still_ends() {
+    // One batch queued per peer at most: bursts of requests fill it, the
+    // link is reset, and the requests end one way or another.
+    let cluster = Cluster::start("backpressure", 3, "deadlock_interval = \"50ms\"\npeer_queue_max = 1");
+    const NAMES: usize = 300;
+    let keeper = cluster.agents[1].client().await.session().await.expect("session");
+    let mut kept = Vec::new();
+    for i in 0..NAMES {
+        // Even these may meet a reset link (node 2's queues are as small): try again.
+        let guard = loop {
+            match keeper.lock("default", format!("bp-{i}"), Mode::Nl, LockOptions::default()).await {
+                Ok(guard) => break guard,
+                Err(LockError::NotGranted(proto::Status::Unavailable)) => cluster.wait_links_up(),
+                Err(other) => panic!("keeper {i}: {other}"),
+            }
+        };
+        kept.push(guard);
+    }
+    cluster.wait_links_up();
+    let burst = cluster.agents[0].client().await.session().await.expect("session");
+    let resets = || metric_value(&cluster.agents[0].metrics(), "dlm_cluster_link_resets_total{reason=\"queue_full\"}");
+    for round in 0..10 {
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..NAMES {
+            let burst = burst.clone();
+            tasks.spawn(async move {
+                match burst.lock("default", format!("bp-{i}"), Mode::Pr, LockOptions::default()).await {
+                    Ok(guard) => {
+                        guard.unlock().await.expect("unlock");
+                        true
+                    }
+                    Err(LockError::NotGranted(proto::Status::Unavailable)) => false,
+                    Err(other) => panic!("request {i}: {other}"),
+                }
+            });
+        }
+        let (mut granted, mut unavailable) = (0, 0);
+        let all = async {
+            while let Some(done) = tasks.join_next().await {
+                if done.expect("task") { granted += 1 } else { unavailable += 1 }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), all).await.expect("every request ended");
+        eprintln!("burst {round}: {granted} granted, {unavailable} unavailable");
+        cluster.wait_links_up();
+        if resets() >= 1.0 {
+            break;
+        }
+    }
+    assert!(resets() >= 1.0, "no burst ever filled a queue");
+    // The links come back, and nothing was left behind on the master.
+    for guard in kept {
+        guard.unlock().await.expect("unlock");
+    }
+    let client = cluster.agents[1].client().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let locks = client.status().await.expect("status").locks;
+        if locks == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{locks} locks left on node 2:\n{}", cluster.agents[1].log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    burst
+        .lock("default", "bp-0", Mode::Ex, LockOptions::default())
+        .await
+        .expect("works again")
+        .unlock()
+        .await
+        .expect("unlock");
+}
