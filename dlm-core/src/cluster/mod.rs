@@ -863,15 +863,15 @@ impl ClusterNode {
             PeerMessage::Convert { session, handle, mode, flags, lvb, timeout } => {
                 self.stats.served_requests += 1;
                 let request = ClientRequest::Convert(ConvertRequest { handle, mode, flags, lvb, timeout });
-                if let Err(error) = self.engine.handle_client(now, session, request) {
-                    self.reject_remote(from, session, handle, Op::Convert, &error);
+                if self.engine.handle_client(now, session, request).is_err() {
+                    self.reject_remote(from, session, handle, Op::Convert);
                 }
             }
             PeerMessage::Unlock { session, handle, flags, lvb } => {
                 self.stats.served_requests += 1;
                 let request = ClientRequest::Unlock(UnlockRequest { handle, flags, lvb });
-                if let Err(error) = self.engine.handle_client(now, session, request) {
-                    self.reject_remote(from, session, handle, Op::Unlock, &error);
+                if self.engine.handle_client(now, session, request).is_err() {
+                    self.reject_remote(from, session, handle, Op::Unlock);
                 }
             }
             PeerMessage::Cancel { session, handle } => {
@@ -1014,8 +1014,8 @@ impl ClusterNode {
                     let Some(RemoteLock { request: Some(request), .. }) = self.remove_remote(session, handle) else {
                         continue;
                     };
-                    if let Err(error) = self.lock_here(now, session, request) {
-                        self.complete_rejected(session, handle, &error);
+                    if self.lock_here(now, session, request).is_err() {
+                        self.complete_rejected(session, handle);
                     }
                 }
                 for (from, request) in self.early_requests.remove(&key).unwrap_or_default() {
@@ -1042,7 +1042,7 @@ impl ClusterNode {
                 for (session, handle) in waiting {
                     if self.awaits_lookup(session, handle, &key) {
                         self.remove_remote(session, handle);
-                        self.complete_rejected(session, handle, &RequestError::UnknownLockspace);
+                        self.complete_rejected(session, handle);
                     }
                 }
             }
@@ -1054,7 +1054,7 @@ impl ClusterNode {
             return;
         };
         let Some(id) = self.engine.lockspace_id(&lockspace) else {
-            self.reject_remote(from, session, handle, Op::Lock, &RequestError::UnknownLockspace);
+            self.reject_remote(from, session, handle, Op::Lock);
             return;
         };
         let key: Key = (id, name.into_boxed_slice());
@@ -1071,15 +1071,15 @@ impl ClusterNode {
         mastered.idle_since = None;
         self.stats.served_requests += 1;
         if !self.remote_sessions.contains(&session) {
-            if let Err(error) = self.engine.open_session(session) {
-                self.reject_remote(from, session, handle, Op::Lock, &error);
+            if self.engine.open_session(session).is_err() {
+                self.reject_remote(from, session, handle, Op::Lock);
                 return;
             }
             self.remote_sessions.insert(session);
         }
         let request = LockRequest { handle, lockspace: id, name: key.1.into_vec(), mode, flags, timeout };
-        if let Err(error) = self.engine.handle_client(now, session, ClientRequest::Lock(request)) {
-            self.reject_remote(from, session, handle, Op::Lock, &error);
+        if self.engine.handle_client(now, session, ClientRequest::Lock(request)).is_err() {
+            self.reject_remote(from, session, handle, Op::Lock);
         }
     }
 
@@ -1142,8 +1142,8 @@ impl ClusterNode {
     /// the engine (this node masters its resource now).
     fn run_here(&mut self, session: SessionId, handle: LockHandle) {
         let Some(RemoteLock { request: Some(request), .. }) = self.remove_remote(session, handle) else { return };
-        if let Err(error) = self.lock_here(self.last_now, session, request) {
-            self.complete_rejected(session, handle, &error);
+        if self.lock_here(self.last_now, session, request).is_err() {
+            self.complete_rejected(session, handle);
         }
     }
 
@@ -1194,12 +1194,14 @@ impl ClusterNode {
 
     // ----- helpers -----
 
-    fn complete_rejected(&mut self, session: SessionId, handle: LockHandle, _error: &RequestError) {
+    /// A local client's request refused (by a master, or for want of the
+    /// lockspace there). The reason does not travel: the status says refused.
+    fn complete_rejected(&mut self, session: SessionId, handle: LockHandle) {
         self.effects.push_back(Effect::Complete(ended(session, handle, Op::Lock, Status::Rejected, None)));
     }
 
     /// Tells a remote client's node that its request was refused here.
-    fn reject_remote(&mut self, to: NodeId, session: SessionId, handle: LockHandle, op: Op, _error: &RequestError) {
+    fn reject_remote(&mut self, to: NodeId, session: SessionId, handle: LockHandle, op: Op) {
         let mode = self.engine.lock_info(session, handle).and_then(|info| info.granted);
         let mode = if op == Op::Lock { None } else { mode };
         self.send(to, PeerMessage::Complete(ended(session, handle, op, Status::Rejected, mode)));
