@@ -138,6 +138,9 @@ enum Slot {
         held: Mode,
         unlocking: bool,
     },
+    /// A new lock's request is out and the client force-unlocked it: the
+    /// request ends (however) and then the unlock.
+    ForceUnlocking,
 }
 
 struct Client {
@@ -189,6 +192,8 @@ pub struct Sim {
     owners: HashMap<(SessionId, LockHandle), (usize, u32)>,
     report: SimReport,
     draining: bool,
+    /// Numbered messages already sent once: (node, peer, sequence number).
+    transmitted: std::collections::HashSet<(usize, u16, u64)>,
     /// The last session serial handed out (sessions restart now and then).
     next_session: u64,
     /// Node pairs (0-based, smaller first) cut off until the given time.
@@ -253,6 +258,7 @@ impl Sim {
             cuts: Vec::new(),
             next_fault_tick: Instant::ZERO,
             next_session: 1000,
+            transmitted: std::collections::HashSet::new(),
         }
     }
 
@@ -486,6 +492,11 @@ impl Sim {
                     ClientRequest::Convert(ConvertRequest { handle, mode, flags, lvb: None, timeout })
                 }
             }
+            Slot::Requested if !self.draining && self.rng.chance(3) => {
+                self.clients[c].slots[s].0 = Slot::ForceUnlocking;
+                let handle = self.handle_of(c, s);
+                ClientRequest::Unlock(UnlockRequest { handle, flags: UnlockFlags::FORCE, lvb: None })
+            }
             Slot::Requested | Slot::Busy { unlocking: false, .. } if !self.draining && self.rng.chance(5) => {
                 ClientRequest::Cancel { handle: self.handle_of(c, s) }
             }
@@ -553,9 +564,12 @@ impl Sim {
             self.deliver(n, effect)?;
         }
         while let Some((to, envelope)) = self.nodes[n].poll_transmit() {
+            // A message resent after a reconnection was seen the first time
+            // (when its lock's handle could not have been reused yet).
+            let first_time = envelope.seq != 0 && self.transmitted.insert((n, to.0, envelope.seq));
             if let Some(PeerMessage::Complete(c)) = &envelope.message
                 && let (Some(token), Some(&(_, resource))) = (c.token, self.owners.get(&(c.session, c.handle)))
-                && envelope.seq != 0
+                && first_time
             {
                 grants.push((resource, token.0, c.session, c.handle));
             }
@@ -669,7 +683,8 @@ impl Sim {
             (Slot::Requested, Op::Lock, Some(mode)) if done.status == Status::Granted => Slot::Granted(mode),
             (Slot::Requested, Op::Lock, None) => Slot::Empty,
             (Slot::Busy { unlocking: false, .. }, Op::Convert, Some(mode)) => Slot::Granted(mode),
-            (Slot::Busy { unlocking: true, .. }, Op::Unlock, None) => Slot::Empty,
+            (Slot::Busy { unlocking: true, .. } | Slot::ForceUnlocking, Op::Unlock, None) => Slot::Empty,
+            (Slot::ForceUnlocking, Op::Lock, _) => Slot::ForceUnlocking,
             _ => return Err(format!("at {at:?}: completion {done:?} for a lock in state {slot:?}")),
         };
         self.clients[c].slots[s] = (next, resource);

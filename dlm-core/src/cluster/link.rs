@@ -9,7 +9,7 @@ use crate::time::Instant;
 
 /// Messages received ahead of a gap that are kept for in-order delivery;
 /// beyond that they are dropped and the sender resends them.
-const EARLY_MAX: usize = 4096;
+const EARLY_MAX: usize = 1024;
 
 pub(crate) struct Link {
     /// Whether the driver says the peer is reachable.

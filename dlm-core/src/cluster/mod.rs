@@ -367,7 +367,12 @@ impl ClusterNode {
     /// # Errors
     /// As [`Node::release_lockspace`]; `LockspaceBusy` while local clients hold remote locks in it.
     pub fn release_lockspace(&mut self, id: LockspaceId, force: bool) -> Result<(), RequestError> {
-        let remote = self.remote.values().filter(|l| l.lockspace == id).count();
+        // Its remote locks, the resources it masters (even idle) and its
+        // directory entries are the cluster's: until recovery can move them,
+        // a lockspace that has any is not released here.
+        let remote = self.remote.values().filter(|l| l.lockspace == id).count()
+            + self.mastered.keys().filter(|k| k.0 == id).count()
+            + self.directory.keys().filter(|k| k.0 == id).count();
         if remote > 0 {
             return Err(RequestError::LockspaceBusy { locks: u32::try_from(remote).unwrap_or(u32::MAX) });
         }
@@ -645,6 +650,10 @@ impl ClusterNode {
     }
 
     fn remote_unlock(&mut self, session: SessionId, lock: RemoteLock, req: UnlockRequest) -> Result<(), RequestError> {
+        if lock.abandoned {
+            // The client was told this lock failed; it is being undone.
+            return Err(RequestError::UnknownHandle);
+        }
         let force = req.flags.contains(UnlockFlags::FORCE);
         if lock.pending.is_some() && !force {
             return Err(RequestError::Pending);
@@ -668,6 +677,9 @@ impl ClusterNode {
     }
 
     fn remote_cancel(&mut self, session: SessionId, handle: LockHandle, lock: RemoteLock) -> Result<(), RequestError> {
+        if lock.abandoned {
+            return Err(RequestError::UnknownHandle);
+        }
         if lock.pending.is_none() {
             return Err(RequestError::NotPending);
         }
@@ -869,6 +881,9 @@ impl ClusterNode {
             }
             PeerMessage::Unlock { session, handle, flags, lvb } => {
                 self.stats.served_requests += 1;
+                if self.drop_held_request(from, session, handle, true) {
+                    return;
+                }
                 let request = ClientRequest::Unlock(UnlockRequest { handle, flags, lvb });
                 if self.engine.handle_client(now, session, request).is_err() {
                     self.reject_remote(from, session, handle, Op::Unlock);
@@ -876,6 +891,9 @@ impl ClusterNode {
             }
             PeerMessage::Cancel { session, handle } => {
                 self.stats.served_requests += 1;
+                if self.drop_held_request(from, session, handle, false) {
+                    return;
+                }
                 // Too late to cancel (already granted or ended) is no error:
                 // the completion is on its way.
                 let _ = self.engine.handle_client(now, session, ClientRequest::Cancel { handle });
@@ -1045,6 +1063,13 @@ impl ClusterNode {
                         self.complete_rejected(session, handle);
                     }
                 }
+                // Requests held for it go back to their nodes, which ask
+                // the directory themselves.
+                for (from, request) in self.early_requests.remove(&key).unwrap_or_default() {
+                    if let PeerMessage::Request { session, handle, .. } = request {
+                        self.send(from, PeerMessage::NotMaster { session, handle });
+                    }
+                }
             }
         }
     }
@@ -1081,6 +1106,27 @@ impl ClusterNode {
         if self.engine.handle_client(now, session, ClientRequest::Lock(request)).is_err() {
             self.reject_remote(from, session, handle, Op::Lock);
         }
+    }
+
+    /// A request this node holds (it is about to learn that it masters the
+    /// resource) that its client cancels or force-unlocks: it ends here, as
+    /// the engine would end a pending new lock, and is never granted.
+    fn drop_held_request(&mut self, from: NodeId, session: SessionId, handle: LockHandle, unlock: bool) -> bool {
+        let mut found = false;
+        for held in self.early_requests.values_mut() {
+            held.retain(|(_, request)| {
+                let this = matches!(request, PeerMessage::Request { session: s, handle: h, .. } if *s == session && *h == handle);
+                found |= this;
+                !this
+            });
+        }
+        if found {
+            self.send(from, PeerMessage::Complete(ended(session, handle, Op::Lock, Status::Cancelled, None)));
+            if unlock {
+                self.send(from, PeerMessage::Complete(ended(session, handle, Op::Unlock, Status::Unlocked, None)));
+            }
+        }
+        found
     }
 
     fn on_not_master(&mut self, from: NodeId, session: SessionId, handle: LockHandle) {
@@ -1151,6 +1197,24 @@ impl ClusterNode {
         let key = (completion.session, completion.handle);
         let Some(lock) = self.remote.get_mut(&key) else { return };
         if lock.master != Some(from) {
+            return;
+        }
+        if completion.op == Op::Unlock
+            && completion.status == Status::Rejected
+            && lock.granted.is_none()
+            && lock.pending == Some(Op::Unlock)
+        {
+            // A forced unlock of a new lock reached a node that never had
+            // it (a stale master: its "not master" came first and was left
+            // for this). The request exists nowhere: both end here.
+            let abandoned = lock.abandoned;
+            self.remove_remote(completion.session, completion.handle);
+            if !abandoned {
+                for (op, status) in [(Op::Lock, Status::Cancelled), (Op::Unlock, Status::Unlocked)] {
+                    let done = ended(completion.session, completion.handle, op, status, None);
+                    self.effects.push_back(Effect::Complete(done));
+                }
+            }
             return;
         }
         // A forced unlock of a pending request ends that request first,
