@@ -290,13 +290,6 @@ impl Sim {
             }
             self.now = self.now.max(at);
             if self.now.as_nanos() > self.config.drain_limit.as_nanos() as u64 {
-                if std::env::var_os("DLM_SIM_TRACE").is_some() {
-                    for (n, node) in self.nodes.iter().enumerate() {
-                        let ls = node.lockspace_id(LOCKSPACE).expect("lockspace");
-                        eprintln!("node {} dump: {:#?}", n + 1, node.dump(ls, None, 100));
-                        eprintln!("node {} edges: {:?}", n + 1, node.engine().wait_edges());
-                    }
-                }
                 return Err(format!("requests still pending at {:?}: {}", self.elapsed(), self.pending_summary()));
             }
             if next_fault == Some(at) {
@@ -557,9 +550,6 @@ impl Sim {
                 && let (Some(token), Some(&(_, resource))) = (c.token, self.owners.get(&(c.session, c.handle)))
             {
                 grants.push((resource, token.0, c.session, c.handle));
-                if std::env::var_os("DLM_SIM_TRACE").is_some() {
-                    eprintln!("{:?} node {} local grant r{resource} {c:?}", self.elapsed(), n + 1);
-                }
             }
             self.deliver(n, effect)?;
         }
@@ -572,9 +562,6 @@ impl Sim {
                 && first_time
             {
                 grants.push((resource, token.0, c.session, c.handle));
-            }
-            if std::env::var_os("DLM_SIM_TRACE").is_some() {
-                eprintln!("{:?} node {} -> {to}: {envelope:?}", self.elapsed(), n + 1);
             }
             self.send(NodeId(n as u16 + 1), to, envelope);
         }
