@@ -39,9 +39,9 @@ pub struct Config {
     pub ebpf_interval: Duration,
     /// Memory stalls at least this long also become spans.
     pub ebpf_long_stall: Duration,
-    /// The program families to attach (all by default): leaving one out
-    /// saves its cost (the futex family's syscall tracepoints slow every
-    /// system call on the node).
+    /// The program families to attach ([`crate::ebpf::Family::AGENT_DEFAULT`]
+    /// unless configured): `futex` and `sched` cost every system call or
+    /// context switch of the node and are opt-in.
     pub ebpf_families: Vec<crate::ebpf::Family>,
     /// The cluster this agent is a member of; `None` for a single node.
     pub cluster: Option<ClusterSettings>,
@@ -146,7 +146,7 @@ impl Default for Config {
             ebpf: true,
             ebpf_interval: Duration::from_secs(5),
             ebpf_long_stall: Duration::from_millis(10),
-            ebpf_families: crate::ebpf::Family::ALL.to_vec(),
+            ebpf_families: crate::ebpf::Family::AGENT_DEFAULT.to_vec(),
             cluster: None,
         }
     }
@@ -366,7 +366,10 @@ impl Config {
                     .iter()
                     .map(|name| {
                         crate::ebpf::Family::ALL.into_iter().find(|f| f.name() == name).ok_or_else(|| {
-                            invalid("ebpf.families", format!("unknown family {name:?} (locks, futex, sched, memory)"))
+                            invalid(
+                                "ebpf.families",
+                                format!("unknown family {name:?} (locks, futex, sched, holders, memory)"),
+                            )
                         })
                     })
                     .collect::<Result<_, _>>()?;

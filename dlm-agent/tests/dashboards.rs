@@ -295,10 +295,12 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
     // Maps read every second, so the first stalls show up within the scrapes.
     // The agent is node 1 of a 2-node cluster, for the Cluster dashboard: a
     // second agent (without eBPF) masters a resource node 1's clients use.
+    // Every eBPF family is on: the Contention dashboard's futex and off-CPU
+    // panels need the opt-in `futex` and `sched` families.
     let peers = [free_port(), free_port()];
     let cluster = |id: u16| {
         format!(
-            "[ebpf]\ninterval = \"1s\"\n[cluster]\nname = \"dashboards\"\nnode_id = {id}\nrelease_delay = \"1s\"\n\
+            "[ebpf]\ninterval = \"1s\"\nfamilies = [\"locks\", \"futex\", \"sched\", \"holders\", \"memory\"]\n[cluster]\nname = \"dashboards\"\nnode_id = {id}\nrelease_delay = \"1s\"\n\
              [[cluster.member]]\nid = 1\naddress = \"127.0.0.1:{}\"\n[[cluster.member]]\nid = 2\naddress = \"127.0.0.1:{}\"\n",
             peers[0], peers[1]
         )

@@ -47,8 +47,10 @@ fn tracepoint_field_offsets_match_the_running_kernel() {
         );
     }
     // BTF tracepoints read task_struct fields at offsets from the kernel's BTF.
-    let (pid, tgid) = dlm_agent::ebpf::btf::task_pid_offsets().expect("task_struct offsets from BTF");
+    let offsets = dlm_agent::ebpf::btf::task_offsets().expect("task_struct offsets from BTF");
+    let (pid, tgid, run_delay) = (offsets.pid, offsets.tgid, offsets.run_delay);
     assert!(pid > 0 && tgid > 0 && pid != tgid, "pid at {pid}, tgid at {tgid}");
+    assert!(run_delay > 0 && run_delay % 8 == 0 && run_delay != pid && run_delay != tgid, "run_delay at {run_delay}");
     for attachment in programs::ATTACHMENTS.iter().filter(|a| a.category != programs::BTF) {
         assert!(
             root.join("events").join(attachment.category).join(attachment.tracepoint).is_dir(),
@@ -246,7 +248,16 @@ async fn a_lock_holder_that_sleeps_has_its_blocked_time_in_dump_and_metrics() {
     // sleeping and the spinning, and is accounted to the CLI's lock.
     let mut holder = agent
         .cli()
-        .args(["lock", "squeezed", "--", "sh", "-c", "sleep 0.4; timeout 0.3 sh -c 'while :; do :; done'; true"])
+        .args([
+            "lock",
+            "squeezed",
+            "--",
+            "sh",
+            "-c",
+            // Sleeps, then two spinners share one CPU: each waits on the run
+            // queue about half the time.
+            "sleep 0.4; spin() { taskset -c 0 timeout 0.3 sh -c 'while :; do :; done'; }; spin & spin; wait; true",
+        ])
         .spawn()
         .expect("dlm-agent lock");
     tokio::time::sleep(Duration::from_millis(550)).await;
@@ -271,7 +282,8 @@ async fn a_lock_holder_that_sleeps_has_its_blocked_time_in_dump_and_metrics() {
         metrics.lines().find_map(|line| line.strip_prefix(&prefix)?.parse::<f64>().ok()).unwrap_or(0.0)
     };
     assert!(value("blocked") >= 0.3, "hold blocked time: {}", value("blocked"));
-    assert!(value("oncpu") >= 0.1, "the spinning child's CPU time counts for the hold: {}", value("oncpu"));
+    assert!(value("oncpu") >= 0.1, "the spinning children's CPU time counts for the hold: {}", value("oncpu"));
+    assert!(value("runqueue") >= 0.1, "the spinners waited for the CPU they share: {}", value("runqueue"));
     assert!(metrics.contains("dlm_ebpf_enabled 1"), "{metrics}");
 }
 

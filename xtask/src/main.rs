@@ -29,11 +29,12 @@ Commands:
   dashboards   set up, run the dashboard check against a live Prometheus with a longer workload,
                and plot each dashboard from the real results to dashboards/pictures/<uid>.png
                (needs matplotlib: installed from PyPI if missing)
-  overhead [--rounds N] [--loops N]
+  overhead [--rounds N] [--loops N] [--families LIST]
                set up, then measure what the agent's eBPF programs cost: `perf bench sched pipe`
-               pinned to CPU 0, alternately without and with the agent attached (default 5
-               rounds of 200000 loops); prints the slowdown and each program's ns/event (BPF run
-               statistics), JSON in target/bench/ebpf-overhead.json; needs root
+               pinned to CPU 0, in turn without the agent, with it idle, and with it while a
+               client holds a lock (default 5 rounds of 200000 loops; --families locks,sched,...
+               overrides the agent's default set); prints the slowdowns and each program's
+               ns/event (BPF run statistics), JSON in target/bench/ebpf-overhead.json; needs root
   sim [--seeds N] [--start S] | --seed S
                run the deterministic cluster simulation over many seeds (default 10000 from 0;
                the test command runs 1000); a failure prints the seed, `--seed S` replays it

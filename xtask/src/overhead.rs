@@ -2,14 +2,16 @@
 //! with `perf bench sched pipe` pinned to one CPU (nothing but context
 //! switches and wake-ups: the worst case for the scheduler programs),
 //! alternately without and with a running agent whose programs are
-//! attached, in one run. Reports the median slowdown and each program's
-//! median ns per event from the kernel's BPF statistics
-//! (`kernel.bpf_stats_enabled`, switched on for the run and restored).
+//! attached (idle, then with a client holding a lock, so that its process is
+//! tracked), in one run. Reports the median slowdowns, timed with the BPF
+//! statistics off, and each program's median ns per event from a second run
+//! with them on (`kernel.bpf_stats_enabled`, restored at the end).
 
 use std::{
     collections::BTreeMap,
     io::{Read, Write},
     net::TcpStream,
+    os::unix::process::CommandExt as _,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -19,10 +21,13 @@ const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 struct Options {
     rounds: usize,
     loops: u64,
+    /// `[ebpf] families` for the agent (a comma-separated list); `None`
+    /// keeps its default.
+    families: Option<String>,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
-    let mut options = Options { rounds: 5, loops: 200_000 };
+    let mut options = Options { rounds: 5, loops: 200_000, families: None };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -31,7 +36,18 @@ fn parse(args: &[String]) -> Result<Options, String> {
         match arg.as_str() {
             "--rounds" => options.rounds = value("--rounds")?.max(1) as usize,
             "--loops" => options.loops = value("--loops")?.max(1000),
-            other => return Err(format!("overhead: unknown option {other:?} (--rounds N, --loops N)")),
+            "--families" => {
+                let list = args.next().ok_or("--families needs a list, such as locks,holders,memory")?;
+                if list.is_empty()
+                    || !list.split(',').all(|f| !f.is_empty() && f.bytes().all(|b| b.is_ascii_lowercase()))
+                {
+                    return Err(format!("--families: {list:?} is not a comma-separated list of family names"));
+                }
+                options.families = Some(list.clone());
+            }
+            other => {
+                return Err(format!("overhead: unknown option {other:?} (--rounds N, --loops N, --families LIST)"));
+            }
         }
     }
     Ok(options)
@@ -89,7 +105,7 @@ struct AgentProcess {
 }
 
 impl AgentProcess {
-    fn start(binary: &str, round: usize) -> Result<AgentProcess, String> {
+    fn start(binary: &str, round: usize, options: &Options) -> Result<AgentProcess, String> {
         let dir = std::env::temp_dir().join(format!("dlm-overhead-{}-{round}", std::process::id()));
         std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
         let port =
@@ -98,7 +114,12 @@ impl AgentProcess {
         // The program statistics in /metrics are refreshed with the maps:
         // every second here (5 s by default).
         let config = dir.join("agent.toml");
-        std::fs::write(&config, "[ebpf]\ninterval = \"1s\"\n").map_err(|e| e.to_string())?;
+        let mut text = String::from("[ebpf]\ninterval = \"1s\"\n");
+        if let Some(families) = &options.families {
+            let quoted: Vec<String> = families.split(',').map(|f| format!("{f:?}")).collect();
+            text.push_str(&format!("families = [{}]\n", quoted.join(", ")));
+        }
+        std::fs::write(&config, text).map_err(|e| e.to_string())?;
         let child = Command::new(binary)
             .args(["run", "--node", "overhead", "--http", &http, "--config"])
             .arg(&config)
@@ -126,6 +147,44 @@ impl AgentProcess {
     }
 }
 
+impl AgentProcess {
+    /// Starts a client that takes a lock and holds it until dropped.
+    fn hold_lock(&self, binary: &str) -> Result<ChildGuard, String> {
+        let child = Command::new(binary)
+            .arg("lock")
+            .arg("--socket")
+            .arg(self.dir.join("dlm.sock"))
+            .args(["overhead-holder", "--", "sleep", "3600"])
+            // Its own process group, so the `sleep` goes with it.
+            .process_group(0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start {binary} lock: {e}"))?;
+        let holder = ChildGuard(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !http_get(&self.http, "/metrics").unwrap_or_default().lines().any(|line| {
+            line.starts_with("dlm_lock_granted{") && line.rsplit(' ').next().is_some_and(|v| v.trim() != "0")
+        }) {
+            if Instant::now() > deadline {
+                return Err("the holder's lock was not granted".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(holder)
+    }
+}
+
+/// A process killed with its process group when dropped.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-KILL", "--", &format!("-{}", self.0.id())]).status();
+        let _ = self.0.wait();
+    }
+}
+
 impl Drop for AgentProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -148,89 +207,163 @@ pub(crate) fn run(args: &[String]) -> Result<(), String> {
     crate::run("cargo", &["build", "--release", "--locked", "--package", "dlm-agent"])?;
     let binary = "target/release/dlm-agent";
     let previous = std::fs::read_to_string(BPF_STATS).map_err(|e| format!("{BPF_STATS}: {e}"))?;
-    std::fs::write(BPF_STATS, "1").map_err(|e| format!("turning on {BPF_STATS} needs root: {e}"))?;
+    set_bpf_stats("0")?;
     let result = measure(binary, &options);
     let _ = std::fs::write(BPF_STATS, previous.trim());
     result
 }
 
+fn set_bpf_stats(value: &str) -> Result<(), String> {
+    std::fs::write(BPF_STATS, value).map_err(|e| format!("writing {BPF_STATS} needs root: {e}"))
+}
+
+/// What runs beside the benchmark in one sample.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Mode {
+    /// No agent: the baseline.
+    Without,
+    /// The agent with its programs attached and no client.
+    Idle,
+    /// The same with one client holding a lock (so its process is tracked
+    /// and the programs look at every switch): the usual state of a node.
+    Holding,
+}
+
+impl Mode {
+    const ALL: [Mode; 3] = [Mode::Without, Mode::Idle, Mode::Holding];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Without => "without dlm programs",
+            Mode::Idle => "with, agent idle",
+            Mode::Holding => "with, a lock held",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Mode::Without => "without",
+            Mode::Idle => "idle",
+            Mode::Holding => "holding",
+        }
+    }
+}
+
+/// Per-program samples of one mode: ns per event and events per operation.
+#[derive(Default)]
+struct ProgramSamples {
+    ns_per_event: BTreeMap<String, Vec<f64>>,
+    events_per_op: BTreeMap<String, Vec<f64>>,
+}
+
+fn sample(
+    binary: &str,
+    mode: Mode,
+    round: usize,
+    options: &Options,
+    programs: &mut ProgramSamples,
+) -> Result<f64, String> {
+    if mode == Mode::Without {
+        return pipe_bench(options.loops);
+    }
+    let agent = AgentProcess::start(binary, round, options)?;
+    let _holder = if mode == Mode::Holding { Some(agent.hold_lock(binary)?) } else { None };
+    // The slowdown is timed with the BPF statistics off: when on, the
+    // kernel reads the clock twice around every program run, which costs
+    // more than the programs here.
+    let us = pipe_bench(options.loops)?;
+    // Then a second run with them on, for each program's run time; wait
+    // for a refresh of the agent's statistics on each side.
+    set_bpf_stats("1")?;
+    std::thread::sleep(Duration::from_millis(1300));
+    let before = program_stats(&agent.http);
+    pipe_bench(options.loops)?;
+    std::thread::sleep(Duration::from_millis(1300));
+    let after = program_stats(&agent.http);
+    set_bpf_stats("0")?;
+    for (program, (ns, runs)) in &after {
+        let (ns0, runs0) = before.get(program).copied().unwrap_or_default();
+        let runs = runs - runs0;
+        if runs > 0.0 {
+            programs.ns_per_event.entry(program.clone()).or_default().push((ns - ns0) / runs);
+            programs.events_per_op.entry(program.clone()).or_default().push(runs / options.loops as f64);
+        }
+    }
+    Ok(us)
+}
+
 fn measure(binary: &str, options: &Options) -> Result<(), String> {
-    let mut without = Vec::new();
-    let mut with = Vec::new();
-    let mut per_program: BTreeMap<String, Vec<f64>> = BTreeMap::new();
-    let mut events_per_op: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut samples: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
+    let mut programs: BTreeMap<Mode, ProgramSamples> = BTreeMap::new();
     // Warm up the caches and the CPU frequency before the first sample.
     pipe_bench(options.loops / 4)?;
     for round in 0..options.rounds {
-        // Alternate which goes first, so drift in the machine's load
-        // affects both sides alike.
-        for attached in if round % 2 == 0 { [false, true] } else { [true, false] } {
-            if attached {
-                let agent = AgentProcess::start(binary, round)?;
-                // Wait for a refresh of the statistics on each side.
-                std::thread::sleep(Duration::from_millis(1300));
-                let before = program_stats(&agent.http);
-                let us = pipe_bench(options.loops)?;
-                std::thread::sleep(Duration::from_millis(1300));
-                let after = program_stats(&agent.http);
-                with.push(us);
-                for (program, (ns, runs)) in &after {
-                    let (ns0, runs0) = before.get(program).copied().unwrap_or_default();
-                    let runs = runs - runs0;
-                    if runs > 0.0 {
-                        per_program.entry(program.clone()).or_default().push((ns - ns0) / runs);
-                        events_per_op.entry(program.clone()).or_default().push(runs / options.loops as f64);
-                    }
-                }
-            } else {
-                without.push(pipe_bench(options.loops)?);
-            }
+        // Rotate which goes first, so drift in the machine's load affects
+        // every mode alike.
+        let mut order = Mode::ALL;
+        order.rotate_left(round % Mode::ALL.len());
+        for mode in order {
+            let us = sample(binary, mode, round, options, programs.entry(mode).or_default())?;
+            samples.entry(mode).or_default().push(us);
         }
+        let last = |mode| samples.get(&mode).and_then(|v| v.last()).copied().unwrap_or(f64::NAN);
         eprintln!(
-            "round {}/{}: without {:.3} µs/op, with {:.3} µs/op",
+            "round {}/{}: without {:.3}, idle {:.3}, holding {:.3} µs/op",
             round + 1,
             options.rounds,
-            without.last().copied().unwrap_or(f64::NAN),
-            with.last().copied().unwrap_or(f64::NAN)
+            last(Mode::Without),
+            last(Mode::Idle),
+            last(Mode::Holding)
         );
     }
-    let base = median(&mut without);
-    let attached = median(&mut with);
-    let slowdown = attached / base - 1.0;
-    println!("perf bench sched pipe -l {} on CPU 0, {} rounds, medians", options.loops, options.rounds);
-    println!("  without dlm programs   {base:8.3} µs/op");
-    println!("  with dlm programs      {attached:8.3} µs/op   ({:+.1}%)", slowdown * 100.0);
-    println!("{:<28} {:>12} {:>14}", "program", "ns/event", "events/op");
-    let mut medians = Vec::new();
-    let mut json_programs = Vec::new();
-    for (program, samples) in &mut per_program {
-        let ns = median(samples);
-        let per_op = median(events_per_op.get_mut(program).map_or(&mut [][..], |v| &mut v[..]));
-        medians.push(ns);
-        println!("{program:<28} {ns:>12.1} {per_op:>14.2}");
-        json_programs
-            .push(format!("{{\"program\":\"{program}\",\"ns_per_event\":{ns:.1},\"events_per_op\":{per_op:.3}}}"));
-    }
-    let median_ns = median(&mut medians);
-    // Weighted by how often each program runs per benchmark operation: what
-    // one operation pays in program time.
-    let mut per_op_ns = 0.0;
-    let mut per_op_events = 0.0;
-    for (program, samples) in &mut per_program {
-        let events = median(events_per_op.get_mut(program).map_or(&mut [][..], |v| &mut v[..]));
-        per_op_ns += median(samples) * events;
-        per_op_events += events;
-    }
-    let weighted = per_op_ns / per_op_events;
-    println!("median over programs that ran: {median_ns:.1} ns/event (rare programs ran cold, a few times)");
+    let families = options.families.as_deref().unwrap_or("the agent's default");
     println!(
-        "weighted by events per operation: {weighted:.1} ns/event, {per_op_ns:.0} ns of program time per operation"
+        "perf bench sched pipe -l {} on CPU 0, {} rounds, medians; families: {families}",
+        options.loops, options.rounds
     );
+    let base = median(samples.entry(Mode::Without).or_default());
+    let mut json_modes = Vec::new();
+    for mode in Mode::ALL {
+        let us = median(samples.entry(mode).or_default());
+        let slowdown = us / base - 1.0;
+        if mode == Mode::Without {
+            println!("  {:<24} {us:8.3} µs/op", mode.name());
+        } else {
+            println!("  {:<24} {us:8.3} µs/op   ({:+.1}%)", mode.name(), slowdown * 100.0);
+        }
+        json_modes.push(format!("\"{}\":{{\"us_per_op\":{us:.4},\"slowdown\":{slowdown:.4}}}", mode.key()));
+    }
+    let mut json_programs = Vec::new();
+    for mode in [Mode::Idle, Mode::Holding] {
+        let Some(samples) = programs.get_mut(&mode) else { continue };
+        println!("{}: {:<26} {:>12} {:>14}", mode.key(), "program", "ns/event", "events/op");
+        let mut per_op_ns = 0.0;
+        let mut per_op_events = 0.0;
+        for (program, values) in &mut samples.ns_per_event {
+            let ns = median(values);
+            let per_op = median(samples.events_per_op.get_mut(program).map_or(&mut [][..], |v| &mut v[..]));
+            println!("{:<9}{program:<26} {ns:>12.1} {per_op:>14.2}", "");
+            json_programs.push(format!(
+                "{{\"mode\":\"{}\",\"program\":\"{program}\",\"ns_per_event\":{ns:.1},\"events_per_op\":{per_op:.3}}}",
+                mode.key()
+            ));
+            per_op_ns += ns * per_op;
+            per_op_events += per_op;
+        }
+        // Weighted by how often each program runs per operation: programs
+        // that ran a few times, cold, in the gaps do not skew it.
+        let weighted = per_op_ns / per_op_events;
+        println!(
+            "{:<9}weighted by events per operation: {weighted:.1} ns/event, {per_op_ns:.0} ns of program time per operation",
+            ""
+        );
+        json_modes.push(format!("\"{}_weighted_ns_per_event\":{weighted:.1}", mode.key()));
+    }
     let json = format!(
-        "{{\"loops\":{},\"rounds\":{},\"without_us_per_op\":{base:.4},\"with_us_per_op\":{attached:.4},\
-         \"slowdown\":{slowdown:.4},\"median_ns_per_event\":{median_ns:.1},\"weighted_ns_per_event\":{weighted:.1},\"programs\":[{}]}}\n",
+        "{{\"loops\":{},\"rounds\":{},\"families\":\"{families}\",{},\"programs\":[{}]}}\n",
         options.loops,
         options.rounds,
+        json_modes.join(","),
         json_programs.join(",")
     );
     std::fs::create_dir_all("target/bench").map_err(|e| e.to_string())?;

@@ -1,5 +1,5 @@
 //! What `dlm-agent run` does with eBPF: load and attach the configured
-//! families (`[ebpf] families`, all by default) when permitted, hand the attribution maps to the engine, and read the rest into
+//! families (`[ebpf] families`, `Family::AGENT_DEFAULT` unless configured) when permitted, hand the attribution maps to the engine, and read the rest into
 //! metrics. When not permitted (or turned off), one log line, a metric that
 //! says so, and the agent runs on without.
 

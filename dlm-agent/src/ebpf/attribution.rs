@@ -16,6 +16,7 @@ use aya::{
     maps::{Array, HashMap, Map, PerCpuHashMap},
 };
 pub use dlm_ebpf_common::Attribution;
+use dlm_ebpf_common::tracked_slots;
 
 /// The two maps, taken out of the loaded object so the engine owns them.
 pub struct AttributionMaps {
@@ -23,6 +24,8 @@ pub struct AttributionMaps {
     attribution: PerCpuHashMap<aya::maps::MapData, u32, Attribution>,
     /// How many processes are tracked: zero lets the programs skip lookups.
     tracked: Array<aya::maps::MapData, u32>,
+    /// The filter in front of `pids` ([`tracked_slots`]).
+    slots: Array<aya::maps::MapData, u32>,
     /// Locks held or waited for, by process; a process is in `DLM_PIDS`
     /// while this is non-zero.
     references: StdHashMap<u32, u32>,
@@ -33,10 +36,12 @@ impl AttributionMaps {
         let pids: Map = ebpf.take_map("DLM_PIDS")?;
         let attribution: Map = ebpf.take_map("DLM_ATTR")?;
         let tracked: Map = ebpf.take_map("DLM_TRACKED")?;
+        let slots: Map = ebpf.take_map("TRACKED_SLOTS")?;
         Some(AttributionMaps {
             pids: HashMap::try_from(pids).ok()?,
             attribution: PerCpuHashMap::try_from(attribution).ok()?,
             tracked: Array::try_from(tracked).ok()?,
+            slots: Array::try_from(slots).ok()?,
             references: StdHashMap::new(),
         })
     }
@@ -53,6 +58,7 @@ impl AttributionMaps {
             // Mapped to itself: children the programs see it fork are mapped
             // to it too, and accounted under it.
             let _ = self.pids.insert(tgid, tgid, 0);
+            self.update_slot(tgid, tracked_slots::claimed);
             self.publish_count();
         }
     }
@@ -68,7 +74,18 @@ impl AttributionMaps {
             self.references.remove(&tgid);
             let _ = self.pids.remove(&tgid);
             let _ = self.attribution.remove(&tgid);
+            self.update_slot(tgid, tracked_slots::released);
             self.publish_count();
+        }
+    }
+
+    /// Adds `tgid` to or removes it from the programs' filter. A program
+    /// adding a child to the same slot at the same moment may lose its
+    /// update: that child then goes unaccounted, nothing worse.
+    fn update_slot(&mut self, tgid: u32, update: fn(u32, u32) -> u32) {
+        let slot = tracked_slots::slot(tgid);
+        if let Ok(current) = self.slots.get(&slot, 0) {
+            let _ = self.slots.set(slot, update(current, tgid), 0);
         }
     }
 

@@ -84,13 +84,35 @@ pub fn member_offset(data: &[u8], name: &str, member: &str) -> Result<usize, Btf
     Err(BtfError::NotFound { name: name.to_owned(), member: member.to_owned() })
 }
 
-/// `task_struct.pid` and `.tgid` in the running kernel.
+/// The `task_struct` fields the programs read, by byte offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskOffsets {
+    /// `pid` (the thread id).
+    pub pid: usize,
+    /// `tgid` (the process id).
+    pub tgid: usize,
+    /// `sched_info.run_delay`: the kernel's total of the task's run-queue waits.
+    pub run_delay: usize,
+}
+
+/// The [`TaskOffsets`] in BTF `data`.
 ///
 /// # Errors
-/// `/sys/kernel/btf/vmlinux` is missing or unreadable.
-pub fn task_pid_offsets() -> Result<(usize, usize), BtfError> {
-    let data = std::fs::read("/sys/kernel/btf/vmlinux")?;
-    Ok((member_offset(&data, "task_struct", "pid")?, member_offset(&data, "task_struct", "tgid")?))
+/// See [`member_offset`].
+pub fn task_offsets_in(data: &[u8]) -> Result<TaskOffsets, BtfError> {
+    Ok(TaskOffsets {
+        pid: member_offset(data, "task_struct", "pid")?,
+        tgid: member_offset(data, "task_struct", "tgid")?,
+        run_delay: member_offset(data, "task_struct", "sched_info")? + member_offset(data, "sched_info", "run_delay")?,
+    })
+}
+
+/// The [`TaskOffsets`] of the running kernel.
+///
+/// # Errors
+/// `/sys/kernel/btf/vmlinux` is missing or unreadable, or lacks a field.
+pub fn task_offsets() -> Result<TaskOffsets, BtfError> {
+    task_offsets_in(&std::fs::read("/sys/kernel/btf/vmlinux")?)
 }
 
 #[cfg(test)]

@@ -25,8 +25,8 @@ use aya::{
     programs::{BtfTracePoint, TracePoint},
 };
 use dlm_ebpf_common::{
-    FutexKey, KernelEvent, LockKey, MemKey, OffcpuStackKey, SchedStat, TaskSched, WaitStat, capacity, drops,
-    sched_hists,
+    FutexKey, HolderThread, KernelEvent, LockKey, MemKey, OffcpuStackKey, SchedStat, TaskSched, WaitStat, capacity,
+    drops, sched_hists,
 };
 pub use programs::Family;
 
@@ -144,12 +144,13 @@ impl Probes {
         let offcpu_stacks = u32::from(settings.offcpu_stacks);
         let offcpu_min = u64::try_from(settings.offcpu_min.as_nanos()).unwrap_or(u64::MAX);
         let long_stall = u64::try_from(settings.long_stall.as_nanos()).unwrap_or(u64::MAX);
-        let (pid_offset, tgid_offset) =
-            btf::task_pid_offsets().map_err(|e| ProbeError::Load(format!("task_struct offsets: {e}")))?;
-        let (pid_offset, tgid_offset) = (pid_offset as u64, tgid_offset as u64);
+        let offsets = btf::task_offsets().map_err(|e| ProbeError::Load(format!("task_struct offsets: {e}")))?;
+        let (pid_offset, tgid_offset, run_delay_offset) =
+            (offsets.pid as u64, offsets.tgid as u64, offsets.run_delay as u64);
         let ebpf = EbpfLoader::new()
             .override_global("TASK_PID_OFFSET", &pid_offset, true)
             .override_global("TASK_TGID_OFFSET", &tgid_offset, true)
+            .override_global("TASK_RUN_DELAY_OFFSET", &run_delay_offset, true)
             .override_global("TARGET_TGID", &target_tgid, true)
             .override_global("LOCK_PER_TASK", &lock_per_task, true)
             .override_global("OFFCPU_STACKS_ON", &offcpu_stacks, true)
@@ -448,6 +449,7 @@ impl Probes {
             fill("LOCK_STATS", self.count::<LockKey, WaitStat>("LOCK_STATS"), capacity::LOCK_STATS),
             fill("FUTEX_STATS", self.count::<FutexKey, WaitStat>("FUTEX_STATS"), capacity::FUTEX_STATS),
             fill("TASK_SCHED", self.count_plain::<u32, TaskSched>("TASK_SCHED"), capacity::SCHED_STATE),
+            fill("HOLDER_THREADS", self.count_plain::<u32, HolderThread>("HOLDER_THREADS"), capacity::HOLDER_THREADS),
             fill("OFFCPU_STACKS", self.count::<OffcpuStackKey, u64>("OFFCPU_STACKS"), capacity::OFFCPU_STACKS),
             fill("MEM_STATS", self.count::<MemKey, WaitStat>("MEM_STATS"), capacity::MEM_STATS),
             fill("STACKS", stacks, capacity::STACKS),

@@ -7,16 +7,28 @@ pub enum Family {
     Locks,
     /// Futex waits (`syscalls:sys_enter/exit_futex`, `futex_waitv`).
     Futex,
-    /// Off-CPU time and run-queue delay (`sched:sched_switch/wakeup`), and
-    /// the processes tracked clients fork (`sched_process_fork/exit`).
+    /// Off-CPU time and run-queue delay of every task on the node
+    /// (`sched:sched_switch/wakeup`): what `trace offcpu` shows. It costs
+    /// every context switch on the node (+20 % on `perf bench sched pipe`),
+    /// so the agent leaves it out unless configured.
     Sched,
+    /// Where the time of DLM lock holders and waiters goes (on CPU, run
+    /// queue, blocked), and the processes they fork: `sched_switch` and
+    /// `sched_process_fork/exit`, doing nothing for other tasks.
+    Holders,
     /// Reclaim, compaction, kswapd and OOM (`vmscan`, `compaction`, `oom`).
     Memory,
 }
 
 impl Family {
     /// Every family.
-    pub const ALL: [Family; 4] = [Family::Locks, Family::Futex, Family::Sched, Family::Memory];
+    pub const ALL: [Family; 5] = [Family::Locks, Family::Futex, Family::Sched, Family::Holders, Family::Memory];
+
+    /// What the agent attaches unless configured otherwise: the families
+    /// whose cost on a busy node is small. `futex` (its syscall tracepoints
+    /// slow every system call of the node) and `sched` (work on every
+    /// context switch) are for `trace` or an explicit `[ebpf] families`.
+    pub const AGENT_DEFAULT: [Family; 3] = [Family::Locks, Family::Holders, Family::Memory];
 
     /// The family's name, as used in metric labels and messages.
     pub fn name(self) -> &'static str {
@@ -24,6 +36,7 @@ impl Family {
             Family::Locks => "locks",
             Family::Futex => "futex",
             Family::Sched => "sched",
+            Family::Holders => "holders",
             Family::Memory => "memory",
         }
     }
@@ -63,8 +76,9 @@ pub const ATTACHMENTS: &[Attachment] = &[
     at("dlm_sched_switch", BTF, "sched_switch", Family::Sched),
     at("dlm_sched_wakeup", BTF, "sched_wakeup", Family::Sched),
     at("dlm_sched_wakeup_new", BTF, "sched_wakeup_new", Family::Sched),
-    at("dlm_process_fork", "sched", "sched_process_fork", Family::Sched),
-    at("dlm_process_exit", "sched", "sched_process_exit", Family::Sched),
+    at("dlm_holders_switch", BTF, "sched_switch", Family::Holders),
+    at("dlm_process_fork", BTF, "sched_process_fork", Family::Holders),
+    at("dlm_process_exit", BTF, "sched_process_exit", Family::Holders),
     at("dlm_direct_reclaim_begin", "vmscan", "mm_vmscan_direct_reclaim_begin", Family::Memory),
     at("dlm_direct_reclaim_end", "vmscan", "mm_vmscan_direct_reclaim_end", Family::Memory),
     at("dlm_memcg_reclaim_begin", "vmscan", "mm_vmscan_memcg_reclaim_begin", Family::Memory),
@@ -86,8 +100,6 @@ pub const FIELD_OFFSETS: &[(&str, &str, &str, usize, usize)] = &[
     ("syscalls", "sys_enter_futex", "uaddr", 16, 8),
     ("syscalls", "sys_enter_futex", "op", 24, 8),
     ("syscalls", "sys_enter_futex_waitv", "waiters", 16, 8),
-    ("sched", "sched_process_fork", "child_pid", 20, 4),
-    ("sched", "sched_process_exit", "group_dead", 32, 1),
     ("oom", "mark_victim", "pid", 8, 4),
     ("oom", "mark_victim", "comm", 12, 4),
     ("oom", "mark_victim", "anon_rss", 24, 8),

@@ -242,6 +242,65 @@ pub mod sched_hists {
     pub const BLOCKED: u32 = 1;
 }
 
+/// What the `holders` program knows of one thread of a tracked (DLM)
+/// process (the `HOLDER_THREADS` map). Only such threads have an entry, so
+/// the map stays small; a dead thread's entry is removed at its last switch.
+///
+/// Off-CPU time is charged when the thread comes back on a CPU: as run-queue
+/// delay after a preemption, as blocked time after a sleep. The kernel's own
+/// `sched_info.run_delay` then tells, at the next switch out, how much of
+/// that sleep was in fact spent runnable after the wake-up, and that much
+/// moves from blocked to run queue. So no wake-up program is needed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HolderThread {
+    /// The tracked client process its time is attributed to.
+    pub group: u32,
+    /// [`task_states`].
+    pub state: u32,
+    /// When the thread entered `state`.
+    pub since_ns: u64,
+    /// The kernel's `sched_info.run_delay` at the last switch out (0: not
+    /// seen switching out yet).
+    pub run_delay_ns: u64,
+    /// Run-queue time charged since the last switch out.
+    pub runq_charged_ns: u64,
+    /// Blocked time charged since the last switch out.
+    pub blocked_charged_ns: u64,
+}
+
+/// The direct-mapped filter in front of `DLM_PIDS` (`TRACKED_SLOTS`): slot
+/// `tgid % SLOTS` holds a tracked tgid, [`tracked_slots::SHARED`] when two
+/// tracked processes fell on it, or 0. An array slot is a plain load, where a
+/// hash lookup is a helper call: the scheduler program asks on every switch.
+pub mod tracked_slots {
+    /// Number of slots (a power of two).
+    pub const SLOTS: u32 = 16384;
+    /// A slot more than one tracked process maps to: ask `DLM_PIDS`.
+    pub const SHARED: u32 = u32::MAX;
+
+    /// The slot of `tgid`.
+    pub const fn slot(tgid: u32) -> u32 {
+        tgid & (SLOTS - 1)
+    }
+
+    /// The value a slot holding `current` takes when `tgid` is added.
+    pub const fn claimed(current: u32, tgid: u32) -> u32 {
+        if current == 0 || current == tgid { tgid } else { SHARED }
+    }
+
+    /// The value a slot holding `current` takes when `tgid` is removed (a
+    /// shared slot stays shared: it only costs a hash lookup).
+    pub const fn released(current: u32, tgid: u32) -> u32 {
+        if current == tgid { 0 } else { current }
+    }
+
+    /// Whether a slot holding `current` may hold `tgid`.
+    pub const fn may_hold(current: u32, tgid: u32) -> bool {
+        current == tgid || current == SHARED
+    }
+}
+
 /// Key of the folded off-CPU stack map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -307,14 +366,17 @@ impl Attribution {
     pub const ZERO: Attribution =
         Attribution { oncpu_ns: 0, runq_ns: 0, blocked_ns: 0, reclaim_ns: 0, klock_ns: 0, futex_ns: 0 };
 
-    /// Folds another CPU's copy into this one.
+    /// Folds another CPU's copy into this one. Wrapping: time moved from
+    /// blocked to run queue is taken off on the CPU where the move is seen,
+    /// which may be another than the one it was added on, so one CPU's copy
+    /// can be "negative" while the sum is right.
     pub fn merge(&mut self, other: &Attribution) {
-        self.oncpu_ns += other.oncpu_ns;
-        self.runq_ns += other.runq_ns;
-        self.blocked_ns += other.blocked_ns;
-        self.reclaim_ns += other.reclaim_ns;
-        self.klock_ns += other.klock_ns;
-        self.futex_ns += other.futex_ns;
+        self.oncpu_ns = self.oncpu_ns.wrapping_add(other.oncpu_ns);
+        self.runq_ns = self.runq_ns.wrapping_add(other.runq_ns);
+        self.blocked_ns = self.blocked_ns.wrapping_add(other.blocked_ns);
+        self.reclaim_ns = self.reclaim_ns.wrapping_add(other.reclaim_ns);
+        self.klock_ns = self.klock_ns.wrapping_add(other.klock_ns);
+        self.futex_ns = self.futex_ns.wrapping_add(other.futex_ns);
     }
 
     /// The time accumulated since `earlier` (saturating, so a counter that
@@ -382,8 +444,10 @@ pub mod drops {
     pub const EVENTS: u32 = 7;
     /// Per-task start times (lock, futex, reclaim).
     pub const STARTS: u32 = 8;
+    /// Threads of tracked processes (`HOLDER_THREADS`).
+    pub const HOLDER_THREADS: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
     /// Names of the counters, by index, as metric label values.
     pub const NAMES: [&str; COUNT as usize] = [
         "lock_stats",
@@ -395,6 +459,7 @@ pub mod drops {
         "attribution",
         "events",
         "starts",
+        "holder_threads",
     ];
 }
 
@@ -414,6 +479,8 @@ pub mod capacity {
     pub const MEM_STATS: u32 = 4096;
     /// Processes whose time is attributed to DLM locks.
     pub const DLM_PIDS: u32 = 4096;
+    /// Threads of tracked processes followed by the `holders` program.
+    pub const HOLDER_THREADS: u32 = 16384;
     /// In-flight waits (lock, futex, reclaim) per kind.
     pub const STARTS: u32 = 16384;
     /// Ring buffer bytes.
@@ -430,8 +497,45 @@ mod pod {
     unsafe impl aya::Pod for super::FutexKey {}
     unsafe impl aya::Pod for super::SchedStat {}
     unsafe impl aya::Pod for super::TaskSched {}
+    unsafe impl aya::Pod for super::HolderThread {}
     unsafe impl aya::Pod for super::OffcpuStackKey {}
     unsafe impl aya::Pod for super::MemKey {}
     unsafe impl aya::Pod for super::Attribution {}
     unsafe impl aya::Pod for super::KernelEvent {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Attribution, tracked_slots::*};
+
+    #[test]
+    fn tracked_slots_claim_share_and_release() {
+        let (a, b) = (7, 7 + SLOTS);
+        assert_eq!(slot(a), slot(b), "two tgids on one slot");
+        // Empty, then claimed by `a`: only `a` may be there.
+        let held = claimed(0, a);
+        assert!(may_hold(held, a) && !may_hold(held, b) && !may_hold(0, a));
+        assert_eq!(claimed(held, a), held, "claiming twice changes nothing");
+        // `b` on the same slot makes it shared: both are asked of DLM_PIDS.
+        let shared = claimed(held, b);
+        assert_eq!(shared, SHARED);
+        assert!(may_hold(shared, a) && may_hold(shared, b) && may_hold(shared, 99));
+        // Releasing: only the owner empties its slot; shared stays shared.
+        assert_eq!(released(held, a), 0);
+        assert_eq!(released(held, b), held);
+        assert_eq!(released(shared, a), SHARED);
+    }
+
+    #[test]
+    fn attribution_copies_sum_with_wrapping() {
+        // Time moved from blocked to run queue on another CPU than the one
+        // it was added on: that copy is "negative", the sum is right.
+        let added = Attribution { blocked_ns: 100, ..Attribution::ZERO };
+        let moved = Attribution { blocked_ns: 0u64.wrapping_sub(30), runq_ns: 30, ..Attribution::ZERO };
+        let mut total = Attribution::ZERO;
+        total.merge(&added);
+        total.merge(&moved);
+        assert_eq!((total.blocked_ns, total.runq_ns), (70, 30));
+        assert_eq!(total.since(&added).blocked_ns, 0, "a phase never reads negative");
+    }
 }

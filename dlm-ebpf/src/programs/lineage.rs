@@ -2,60 +2,64 @@
 //! the client's locks (`dlm-agent lock NAME -- CMD` holds the lock in the
 //! CLI process while CMD does the work).
 //!
-//! Tracepoint layout (`/sys/kernel/tracing/events/sched/*/format`):
-//! `sched_process_fork`: `pid_t child_pid` at 20; `sched_process_exit`:
-//! `bool group_dead` at 32.
+//! BTF tracepoints: `sched_process_fork(task_struct *parent, task_struct
+//! *child)` and `sched_process_exit(task_struct *p, bool group_dead)`.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, macros::tracepoint, programs::TracePointContext};
-use dlm_ebpf_common::task_states::RUNNING;
+use aya_ebpf::{bindings::BPF_NOEXIST, macros::btf_tracepoint, programs::BtfTracePointContext};
+use dlm_ebpf_common::{task_states::RUNNING, tracked_slots};
 
-use super::{DLM_PIDS, attribute, current_ids, now_ns, sched::TASK_SCHED};
+use super::{DLM_PIDS, attribute_to, holders::HOLDER_THREADS, now_ns, setting, task_field, tracked_group, update_slot};
 
-const CHILD_PID_OFFSET: usize = 20;
-const GROUP_DEAD_OFFSET: usize = 32;
-
-#[tracepoint]
-pub fn dlm_process_fork(ctx: TracePointContext) -> u32 {
-    let (_, parent) = current_ids();
-    let Some(group) = DLM_PIDS.get_ptr(parent) else {
+#[btf_tracepoint(function = "sched_process_fork")]
+pub fn dlm_process_fork(ctx: BtfTracePointContext) -> u32 {
+    let parent: *const u8 = ctx.arg(0);
+    let child: *const u8 = ctx.arg(1);
+    let (pid_at, tgid_at) = (setting!(TASK_PID_OFFSET), setting!(TASK_TGID_OFFSET));
+    // SAFETY: BTF tracepoint arguments, offsets from the kernel's BTF.
+    let (parent_tgid, child_pid, child_tgid): (u32, u32, u32) =
+        unsafe { (task_field(parent, tgid_at), task_field(child, pid_at), task_field(child, tgid_at)) };
+    // A new thread belongs to a process already followed (or not).
+    if child_pid != child_tgid {
+        return 0;
+    }
+    let Some(group) = tracked_group(parent_tgid) else {
         return 0;
     };
-    // SAFETY: see `attribute`.
-    let group = unsafe { *group };
-    // SAFETY: offset from the tracepoint's format; the agent's tests check it.
-    if let Ok(child) = unsafe { ctx.read_at::<u32>(CHILD_PID_OFFSET) } {
-        // For a new thread `child` is a thread id, never looked up: harmless.
-        let _ = DLM_PIDS.insert(child, group, u64::from(BPF_NOEXIST));
+    if DLM_PIDS.insert(child_tgid, group, u64::from(BPF_NOEXIST)).is_ok() {
+        update_slot(child_tgid, tracked_slots::claimed);
     }
     0
 }
 
-#[tracepoint]
-pub fn dlm_process_exit(ctx: TracePointContext) -> u32 {
-    // SAFETY: see `dlm_process_fork`.
-    let group_dead = unsafe { ctx.read_at::<u8>(GROUP_DEAD_OFFSET) }.unwrap_or(0);
-    if group_dead == 0 {
+#[btf_tracepoint(function = "sched_process_exit")]
+pub fn dlm_process_exit(ctx: BtfTracePointContext) -> u32 {
+    let task: *const u8 = ctx.arg(0);
+    let group_dead: u64 = ctx.arg(1);
+    if group_dead & 0xff == 0 {
         return 0;
     }
-    let (tid, tgid) = current_ids();
+    let (pid_at, tgid_at) = (setting!(TASK_PID_OFFSET), setting!(TASK_TGID_OFFSET));
+    // SAFETY: see `dlm_process_fork`.
+    let (pid, tgid): (u32, u32) = unsafe { (task_field(task, pid_at), task_field(task, tgid_at)) };
     // Only children are removed here; the agent removes its clients.
-    if let Some(group) = DLM_PIDS.get_ptr(tgid)
-        // SAFETY: see `attribute`.
-        && unsafe { *group } != tgid
-    {
-        // The last switch out of this thread comes after this tracepoint,
-        // when the entry is gone: charge its time on CPU now.
-        if let Some(task) = TASK_SCHED.get_ptr_mut(tid) {
-            // SAFETY: this thread's own entry, on its own CPU.
-            let task = unsafe { &mut *task };
-            if task.state == RUNNING && task.since_ns != 0 {
-                let now = now_ns();
-                let ran = now.saturating_sub(task.since_ns);
-                attribute(tgid, |a| a.oncpu_ns += ran);
-                task.since_ns = 0;
-            }
-        }
-        let _ = DLM_PIDS.remove(tgid);
+    let Some(group) = tracked_group(tgid) else {
+        return 0;
+    };
+    if group == tgid {
+        return 0;
     }
+    // The last switch out of this thread comes after this tracepoint, when
+    // the process is no longer tracked: charge its time on CPU now.
+    if let Some(thread) = HOLDER_THREADS.get_ptr(pid) {
+        // SAFETY: this thread's own entry, on its own CPU.
+        let thread = unsafe { *thread };
+        if thread.state == RUNNING && thread.since_ns != 0 {
+            let ran = now_ns().saturating_sub(thread.since_ns);
+            attribute_to(group, |a| a.oncpu_ns = a.oncpu_ns.wrapping_add(ran));
+        }
+    }
+    let _ = HOLDER_THREADS.remove(pid);
+    let _ = DLM_PIDS.remove(tgid);
+    update_slot(tgid, tracked_slots::released);
     0
 }

@@ -4,6 +4,7 @@
 //! the agent can attach any subset (`trace locks` attaches only `lock`).
 
 mod futex;
+mod holders;
 mod lineage;
 mod lock;
 mod memory;
@@ -14,7 +15,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf, StackTrace},
 };
-use dlm_ebpf_common::{Attribution, KernelEvent, WaitStat, capacity, drops};
+use dlm_ebpf_common::{Attribution, KernelEvent, WaitStat, capacity, drops, tracked_slots};
 
 /// Only this process is measured when non-zero (set by the loader). DLM
 /// attribution ignores it: tracked pids are always accounted.
@@ -35,6 +36,10 @@ static TASK_PID_OFFSET: u64 = 0;
 /// Offset of `tgid` in `struct task_struct`.
 #[unsafe(no_mangle)]
 static TASK_TGID_OFFSET: u64 = 0;
+/// Offset of `sched_info.run_delay` in `struct task_struct`: the kernel's
+/// own total of the time the task waited on a run queue.
+#[unsafe(no_mangle)]
+static TASK_RUN_DELAY_OFFSET: u64 = 0;
 /// A memory stall at least this long, in ns, is also sent as an event.
 #[unsafe(no_mangle)]
 static LONG_STALL_NS: u64 = 10_000_000;
@@ -68,6 +73,11 @@ static DLM_PIDS: LruHashMap<u32, u32> = LruHashMap::with_max_entries(capacity::D
 /// skip the `DLM_PIDS` lookups (an array lookup is a plain load).
 #[map]
 static DLM_TRACKED: Array<u32> = Array::with_max_entries(1, 0);
+
+/// The filter in front of `DLM_PIDS` ([`tracked_slots`]): written by the
+/// agent for its clients and by `lineage` for their children.
+#[map]
+static TRACKED_SLOTS: Array<u32> = Array::with_max_entries(tracked_slots::SLOTS, 0);
 
 /// Where the time of each tracked process went.
 #[map]
@@ -127,10 +137,51 @@ fn any_tracked() -> bool {
     DLM_TRACKED.get_ptr(0).is_some_and(|count| unsafe { *count } != 0)
 }
 
+/// Whether `tgid` may be tracked: its filter slot names it (or is shared).
+/// A plain array load; `DLM_PIDS` has the last word.
+#[inline(always)]
+fn may_be_tracked(tgid: u32) -> bool {
+    // SAFETY: an array slot (always present); a u32 read cannot tear.
+    TRACKED_SLOTS
+        .get_ptr(tracked_slots::slot(tgid))
+        .is_some_and(|current| tracked_slots::may_hold(unsafe { *current }, tgid))
+}
+
+/// Adds `tgid` to or removes it from the filter ([`tracked_slots`]).
+#[inline(always)]
+fn update_slot(tgid: u32, update: fn(u32, u32) -> u32) {
+    if let Some(current) = TRACKED_SLOTS.get_ptr_mut(tracked_slots::slot(tgid)) {
+        // SAFETY: an array slot. A race with the agent or another CPU may
+        // lose an update, which at worst leaves a process unaccounted.
+        unsafe { *current = update(*current, tgid) };
+    }
+}
+
+/// The client process `tgid`'s time is accounted under, if it is tracked
+/// as (or forked by) a DLM lock holder or waiter.
+#[inline(always)]
+fn tracked_group(tgid: u32) -> Option<u32> {
+    if !any_tracked() {
+        return None;
+    }
+    group_of(tgid)
+}
+
+/// [`tracked_group`] for a caller that has seen [`any_tracked`] already.
+#[inline(always)]
+fn group_of(tgid: u32) -> Option<u32> {
+    if !may_be_tracked(tgid) {
+        return None;
+    }
+    // SAFETY: a u32 value of a map entry; LRU eviction may reuse the slot,
+    // which at worst accounts one event to another tracked process.
+    DLM_PIDS.get_ptr(tgid).map(|group| unsafe { *group })
+}
+
 /// Whether the agent tracks `tgid` as a DLM lock holder or waiter.
 #[inline(always)]
 fn is_tracked(tgid: u32) -> bool {
-    any_tracked() && DLM_PIDS.get_ptr(tgid).is_some()
+    tracked_group(tgid).is_some()
 }
 
 /// Whether statistics are kept for `tgid` under the `TARGET_TGID` filter.
@@ -144,19 +195,33 @@ fn is_measured(tgid: u32) -> bool {
 /// accounted to); a no-op for others.
 #[inline(always)]
 fn attribute(tgid: u32, add: impl FnOnce(&mut Attribution)) {
-    if !any_tracked() {
-        return;
+    if let Some(group) = tracked_group(tgid) {
+        attribute_to(group, add);
     }
-    let Some(group) = DLM_PIDS.get_ptr(tgid) else {
-        return;
-    };
-    // SAFETY: a u32 value of a map entry; LRU eviction may reuse the slot,
-    // which at worst accounts one event to another tracked process.
-    let group = unsafe { *group };
+}
+
+/// Adds time to the attribution of the client process `group`.
+#[inline(always)]
+fn attribute_to(group: u32, add: impl FnOnce(&mut Attribution)) {
     if let Some(attribution) = entry(&DLM_ATTR, &group, &ZERO_ATTR, drops::ATTRIBUTION) {
         // SAFETY: a per-CPU value; see `count_drop`.
         add(unsafe { &mut *attribution });
     }
+}
+
+/// Reads a field of a task at a load-time offset with a plain load. The
+/// arguments of BTF tracepoints are typed kernel pointers that the verifier
+/// lets a program read directly (checked against the BTF layout), and an
+/// offset from read-only data is a known constant to it. A helper call
+/// (`bpf_probe_read_kernel`) costs several times more on every switch.
+///
+/// # Safety
+/// `task` must be a `task_struct` argument of a BTF tracepoint and
+/// `offset` the offset of a `T` field in it.
+#[inline(always)]
+unsafe fn task_field<T: Copy>(task: *const u8, offset: u64) -> T {
+    // SAFETY: the caller's contract; the verifier checks the access.
+    unsafe { core::ptr::read(task.wrapping_add(offset as usize) as *const T) }
 }
 
 /// Sends a rare event, counting a drop when the ring buffer is full.

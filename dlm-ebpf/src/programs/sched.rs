@@ -5,6 +5,10 @@
 //! Optionally (`OFFCPU_STACKS_ON`) the stacks at a sleeping switch out are
 //! kept and the blocked time charged to them, for folded stacks.
 //!
+//! This family is system-wide (`trace offcpu`, or the agent when configured
+//! so); the time of DLM lock holders is the `holders` family's job, at a
+//! fraction of the cost.
+//!
 //! Cost is what matters here: these run on every context switch. They are
 //! BTF tracepoints (no classic tracepoint record is built), the per-thread
 //! counters live in the one per-thread entry (no per-process map lookup),
@@ -23,11 +27,11 @@ use aya_ebpf::{
 };
 use dlm_ebpf_common::{OffcpuStackKey, TaskSched, WaitStat, capacity, drops, sched_hists, task_states::*};
 
-use super::{STACKS, USER_STACK, attribute, count_drop, current_ids, entry, is_measured, now_ns, setting};
+use super::{STACKS, USER_STACK, count_drop, current_ids, entry, is_measured, now_ns, setting};
 
 /// Per-thread state and counters, LRU so that exited threads age out.
 #[map]
-pub(super) static TASK_SCHED: LruHashMap<u32, TaskSched> = LruHashMap::with_max_entries(capacity::SCHED_STATE, 0);
+static TASK_SCHED: LruHashMap<u32, TaskSched> = LruHashMap::with_max_entries(capacity::SCHED_STATE, 0);
 
 /// System-wide run-queue delay and blocked-time histograms ([`sched_hists`]).
 #[map]
@@ -112,10 +116,6 @@ fn switch_out(ctx: &BtfTracePointContext, now: u64, pid: u32, tgid: u32, sleepin
     // swaps an element: several lookups' worth). Only the CPU running or
     // switching this thread touches it; a wake-up changes only BLOCKED ones.
     let task = unsafe { &mut *task };
-    if task.state == RUNNING && task.since_ns != 0 {
-        let ran = now.saturating_sub(task.since_ns);
-        attribute(tgid, |a| a.oncpu_ns += ran);
-    }
     task.tgid = tgid;
     task.since_ns = now;
     task.kernel_stack = kernel_stack;
@@ -148,7 +148,6 @@ fn switch_in(now: u64, pid: u32, tgid: u32) {
             task.runq_max_ns = delay;
         }
         record(sched_hists::RUNQ, tgid, delay);
-        attribute(tgid, |a| a.runq_ns += delay);
     }
     task.tgid = tgid;
     task.state = RUNNING;
@@ -177,7 +176,6 @@ fn wakeup(ctx: &BtfTracePointContext) {
         task.blocked_max_ns = blocked;
     }
     record(sched_hists::BLOCKED, tgid, blocked);
-    attribute(tgid, |a| a.blocked_ns += blocked);
     if task.kernel_stack >= 0 || task.user_stack >= 0 {
         if blocked >= setting!(OFFCPU_MIN_NS) {
             let key = OffcpuStackKey { tgid, pid, kernel_stack: task.kernel_stack, user_stack: task.user_stack };
