@@ -258,10 +258,14 @@ pub struct HolderThread {
     pub group: u32,
     /// [`task_states`].
     pub state: u32,
+    /// Whether `run_delay_ns` was read at a switch out (an entry made at a
+    /// switch in has none to compare with yet).
+    pub run_delay_known: u32,
+    /// Padding.
+    pub pad: u32,
     /// When the thread entered `state`.
     pub since_ns: u64,
-    /// The kernel's `sched_info.run_delay` at the last switch out (0: not
-    /// seen switching out yet).
+    /// The kernel's `sched_info.run_delay` at the last switch out.
     pub run_delay_ns: u64,
     /// Run-queue time charged since the last switch out.
     pub runq_charged_ns: u64,

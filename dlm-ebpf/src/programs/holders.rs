@@ -82,7 +82,14 @@ fn switch_out(now: u64, pid: u32, group: u32, run_delay: u64, sleeping: bool, de
     }
     let state = if sleeping { BLOCKED } else { RUNNABLE };
     let Some(thread) = HOLDER_THREADS.get_ptr_mut(pid) else {
-        let thread = HolderThread { group, state, since_ns: now, run_delay_ns: run_delay, ..HolderThread::default() };
+        let thread = HolderThread {
+            group,
+            state,
+            run_delay_known: 1,
+            since_ns: now,
+            run_delay_ns: run_delay,
+            ..HolderThread::default()
+        };
         if HOLDER_THREADS.insert(pid, thread, 0).is_err() {
             count_drop(drops::HOLDER_THREADS);
         }
@@ -95,7 +102,7 @@ fn switch_out(now: u64, pid: u32, group: u32, run_delay: u64, sleeping: bool, de
     // The run-queue time since the last switch out, by the kernel's count,
     // beyond what was charged as such: it was charged as blocked (the
     // runnable wait after a wake-up), so it moves.
-    let moved = if thread.run_delay_ns != 0 {
+    let moved = if thread.run_delay_known != 0 {
         run_delay
             .saturating_sub(thread.run_delay_ns)
             .saturating_sub(thread.runq_charged_ns)
@@ -112,6 +119,7 @@ fn switch_out(now: u64, pid: u32, group: u32, run_delay: u64, sleeping: bool, de
     thread.state = state;
     thread.since_ns = now;
     thread.run_delay_ns = run_delay;
+    thread.run_delay_known = 1;
     thread.runq_charged_ns = 0;
     thread.blocked_charged_ns = 0;
 }
