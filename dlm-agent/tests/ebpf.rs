@@ -47,7 +47,10 @@ fn tracepoint_field_offsets_match_the_running_kernel() {
         );
     }
     // BTF tracepoints read task_struct fields at offsets from the kernel's BTF.
-    let offsets = dlm_agent::ebpf::btf::task_offsets().expect("task_struct offsets from BTF");
+    let (offsets, futex) = dlm_agent::ebpf::btf::task_offsets().expect("task_struct offsets from BTF");
+    if cfg!(target_arch = "x86_64") {
+        assert!(futex.is_some_and(|f| f.offset > 0), "pt_regs.orig_ax from BTF: {futex:?}");
+    }
     let (pid, tgid, run_delay) = (offsets.pid, offsets.tgid, offsets.run_delay);
     assert!(pid > 0 && tgid > 0 && pid != tgid, "pid at {pid}, tgid at {tgid}");
     assert!(run_delay > 0 && run_delay % 8 == 0 && run_delay != pid && run_delay != tgid, "run_delay at {run_delay}");
@@ -254,9 +257,12 @@ async fn a_lock_holder_that_sleeps_has_its_blocked_time_in_dump_and_metrics() {
             "--",
             "sh",
             "-c",
-            // Sleeps, then two spinners share one CPU: each waits on the run
-            // queue about half the time.
-            "sleep 0.4; spin() { taskset -c 0 timeout 0.3 sh -c 'while :; do :; done'; }; spin & spin; wait; true",
+            // Sleeps, then two spinners share one CPU (each waits on the run
+            // queue about half the time), then a thread waits 300 ms for a
+            // lock another holds (a futex wait).
+            "sleep 0.4; spin() { taskset -c 0 timeout 0.3 sh -c 'while :; do :; done'; }; spin & spin; wait; \
+             python3 -c 'import threading, time; held = threading.Lock(); held.acquire(); \
+             waiter = threading.Thread(target=held.acquire); waiter.start(); time.sleep(0.3); held.release(); waiter.join()'; true",
         ])
         .spawn()
         .expect("dlm-agent lock");
@@ -284,6 +290,8 @@ async fn a_lock_holder_that_sleeps_has_its_blocked_time_in_dump_and_metrics() {
     assert!(value("blocked") >= 0.3, "hold blocked time: {}", value("blocked"));
     assert!(value("oncpu") >= 0.1, "the spinning children's CPU time counts for the hold: {}", value("oncpu"));
     assert!(value("runqueue") >= 0.1, "the spinners waited for the CPU they share: {}", value("runqueue"));
+    assert!(value("futex") >= 0.2, "a thread waited 300 ms for a lock: {}", value("futex"));
+    assert!(value("futex") <= value("blocked"), "futex waits are part of the blocked time");
     assert!(metrics.contains("dlm_ebpf_enabled 1"), "{metrics}");
 }
 

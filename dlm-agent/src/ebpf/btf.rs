@@ -107,12 +107,39 @@ pub fn task_offsets_in(data: &[u8]) -> Result<TaskOffsets, BtfError> {
     })
 }
 
-/// The [`TaskOffsets`] of the running kernel.
+/// Where the saved system call number is in `struct pt_regs`, with this
+/// architecture's `futex(2)` and `futex_waitv(2)` numbers: what tells a
+/// futex wait from another sleep. `None` where not known (only x86-64 is).
+///
+/// # Errors
+/// See [`member_offset`].
+pub fn futex_syscall_in(data: &[u8]) -> Result<Option<FutexSyscall>, BtfError> {
+    if cfg!(target_arch = "x86_64") {
+        let offset = member_offset(data, "pt_regs", "orig_ax")?;
+        return Ok(Some(FutexSyscall { offset, futex: 202, futex_waitv: 449 }));
+    }
+    Ok(None)
+}
+
+/// See [`futex_syscall_in`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FutexSyscall {
+    /// Offset of the saved system call number in `struct pt_regs`.
+    pub offset: usize,
+    /// `__NR_futex`.
+    pub futex: u64,
+    /// `__NR_futex_waitv`.
+    pub futex_waitv: u64,
+}
+
+/// The [`TaskOffsets`] of the running kernel, and where its futex system
+/// calls can be recognised.
 ///
 /// # Errors
 /// `/sys/kernel/btf/vmlinux` is missing or unreadable, or lacks a field.
-pub fn task_offsets() -> Result<TaskOffsets, BtfError> {
-    task_offsets_in(&std::fs::read("/sys/kernel/btf/vmlinux")?)
+pub fn task_offsets() -> Result<(TaskOffsets, Option<FutexSyscall>), BtfError> {
+    let data = std::fs::read("/sys/kernel/btf/vmlinux")?;
+    Ok((task_offsets_in(&data)?, futex_syscall_in(&data)?))
 }
 
 #[cfg(test)]

@@ -144,13 +144,19 @@ impl Probes {
         let offcpu_stacks = u32::from(settings.offcpu_stacks);
         let offcpu_min = u64::try_from(settings.offcpu_min.as_nanos()).unwrap_or(u64::MAX);
         let long_stall = u64::try_from(settings.long_stall.as_nanos()).unwrap_or(u64::MAX);
-        let offsets = btf::task_offsets().map_err(|e| ProbeError::Load(format!("task_struct offsets: {e}")))?;
+        let (offsets, futex) =
+            btf::task_offsets().map_err(|e| ProbeError::Load(format!("task_struct offsets: {e}")))?;
         let (pid_offset, tgid_offset, run_delay_offset) =
             (offsets.pid as u64, offsets.tgid as u64, offsets.run_delay as u64);
+        let (futex_nr, futex_waitv_nr, syscall_offset) =
+            futex.map_or((u64::MAX, u64::MAX, 0), |f| (f.futex, f.futex_waitv, f.offset as u64));
         let ebpf = EbpfLoader::new()
             .override_global("TASK_PID_OFFSET", &pid_offset, true)
             .override_global("TASK_TGID_OFFSET", &tgid_offset, true)
             .override_global("TASK_RUN_DELAY_OFFSET", &run_delay_offset, true)
+            .override_global("FUTEX_SYSCALL_NR", &futex_nr, true)
+            .override_global("FUTEX_WAITV_SYSCALL_NR", &futex_waitv_nr, true)
+            .override_global("PT_REGS_SYSCALL_OFFSET", &syscall_offset, true)
             .override_global("TARGET_TGID", &target_tgid, true)
             .override_global("LOCK_PER_TASK", &lock_per_task, true)
             .override_global("OFFCPU_STACKS_ON", &offcpu_stacks, true)

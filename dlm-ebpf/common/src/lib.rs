@@ -261,8 +261,9 @@ pub struct HolderThread {
     /// Whether `run_delay_ns` was read at a switch out (an entry made at a
     /// switch in has none to compare with yet).
     pub run_delay_known: u32,
-    /// Padding.
-    pub pad: u32,
+    /// Whether the thread went to sleep inside `futex(2)`/`futex_waitv(2)`:
+    /// its blocked time then counts as a futex wait too.
+    pub in_futex: u32,
     /// When the thread entered `state`.
     pub since_ns: u64,
     /// The kernel's `sched_info.run_delay` at the last switch out.
@@ -361,7 +362,9 @@ pub struct Attribution {
     pub reclaim_ns: u64,
     /// Time waiting for kernel locks.
     pub klock_ns: u64,
-    /// Time waiting in futex(2) / futex_waitv(2).
+    /// Time waiting in futex(2) / futex_waitv(2): from the `futex` family's
+    /// syscall tracepoints when attached, else (the default) the `holders`
+    /// program's sleeps inside those calls, off the CPU until back on it.
     pub futex_ns: u64,
 }
 

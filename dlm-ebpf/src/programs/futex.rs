@@ -13,7 +13,7 @@ use aya_ebpf::{
 };
 use dlm_ebpf_common::{FutexKey, WaitStat, capacity, drops, futex_ops};
 
-use super::{attribute, count_drop, current_ids, is_measured, is_tracked, now_ns, record_wait};
+use super::{count_drop, current_ids, is_measured, now_ns, record_wait};
 
 const UADDR_OFFSET: usize = 16;
 const OP_OFFSET: usize = 24;
@@ -39,7 +39,7 @@ static FUTEX_START: HashMap<u32, FutexStart> = HashMap::with_max_entries(capacit
 #[inline(always)]
 fn start_wait(uaddr: u64, op: u32) {
     let (tid, tgid) = current_ids();
-    if !is_measured(tgid) && !is_tracked(tgid) {
+    if !is_measured(tgid) {
         return;
     }
     let start = FutexStart { start_ns: now_ns(), uaddr, op, pad: 0 };
@@ -87,6 +87,7 @@ pub fn dlm_futex_exit(_ctx: TracePointContext) -> u32 {
         let key = FutexKey { tgid, op: start.op, uaddr: start.uaddr };
         record_wait(&FUTEX_STATS, &key, waited, drops::FUTEX_STATS);
     }
-    attribute(tgid, |a| a.futex_ns += waited);
+    // DLM attribution of futex waits is the `holders` program's (one
+    // source, so attaching this family does not count them twice).
     0
 }

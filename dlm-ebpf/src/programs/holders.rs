@@ -1,5 +1,11 @@
 //! Where the threads of DLM lock holders and waiters spend their time (on a
-//! CPU, runnable, blocked), from `sched_switch` alone.
+//! CPU, runnable, blocked, and of that blocked time, in futex waits), from
+//! `sched_switch` alone.
+//!
+//! A futex wait is a sleep that starts inside `futex(2)`/`futex_waitv(2)`:
+//! the system call number saved in the sleeping thread's registers says so
+//! (`bpf_task_pt_regs`), read only for tracked threads. The `futex`
+//! family's syscall tracepoints would tax every system call of the node.
 //!
 //! This runs on every context switch of the node, so an untracked switch
 //! must cost next to nothing: with no tracked process it is one array load;
@@ -14,6 +20,7 @@
 //! *next, unsigned int prev_state)`.
 
 use aya_ebpf::{
+    helpers::bpf_task_pt_regs,
     macros::{btf_tracepoint, map},
     maps::LruHashMap,
     programs::BtfTracePointContext,
@@ -54,7 +61,8 @@ pub fn dlm_holders_switch(ctx: BtfTracePointContext) -> u32 {
         // SAFETY: as above.
         let (pid, run_delay): (u32, u64) = unsafe { (task_field(prev, pid_at), task_field(prev, run_delay_at)) };
         let sleeping = preempt & 0xff == 0 && prev_state as u32 != 0;
-        switch_out(now, pid, group, run_delay, sleeping, prev_state & TASK_DEAD != 0);
+        let in_futex = sleeping && sleeps_in_futex(prev);
+        switch_out(now, pid, group, run_delay, sleeping, in_futex, prev_state & TASK_DEAD != 0);
     }
     if let Some(group) = next_group {
         // SAFETY: as above.
@@ -64,8 +72,32 @@ pub fn dlm_holders_switch(ctx: BtfTracePointContext) -> u32 {
     0
 }
 
+/// Whether `task`, going to sleep, is inside `futex(2)` or `futex_waitv(2)`:
+/// the system call number its entry saved in its registers says so. Only
+/// tracked threads get here, so the helper call costs no one else.
 #[inline(always)]
-fn switch_out(now: u64, pid: u32, group: u32, run_delay: u64, sleeping: bool, dead: bool) {
+fn sleeps_in_futex(task: *const u8) -> bool {
+    let (futex, waitv) = (setting!(FUTEX_SYSCALL_NR), setting!(FUTEX_WAITV_SYSCALL_NR));
+    if futex == u64::MAX {
+        return false;
+    }
+    let offset = setting!(PT_REGS_SYSCALL_OFFSET);
+    // SAFETY: the helper takes the task pointer of a BTF tracepoint and
+    // returns its saved user registers (a BTF pointer the verifier checks
+    // the read against).
+    let nr: u64 = unsafe {
+        let regs = bpf_task_pt_regs(task as *mut _) as *const u8;
+        if regs.is_null() {
+            return false;
+        }
+        task_field(regs, offset)
+    };
+    nr == futex || nr == waitv
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn switch_out(now: u64, pid: u32, group: u32, run_delay: u64, sleeping: bool, in_futex: bool, dead: bool) {
     if dead {
         // Its time on the CPU until now still counts.
         if let Some(thread) = HOLDER_THREADS.get_ptr(pid) {
@@ -86,6 +118,7 @@ fn switch_out(now: u64, pid: u32, group: u32, run_delay: u64, sleeping: bool, de
             group,
             state,
             run_delay_known: 1,
+            in_futex: u32::from(in_futex),
             since_ns: now,
             run_delay_ns: run_delay,
             ..HolderThread::default()
@@ -120,6 +153,7 @@ fn switch_out(now: u64, pid: u32, group: u32, run_delay: u64, sleeping: bool, de
     thread.since_ns = now;
     thread.run_delay_ns = run_delay;
     thread.run_delay_known = 1;
+    thread.in_futex = u32::from(in_futex);
     thread.runq_charged_ns = 0;
     thread.blocked_charged_ns = 0;
 }
@@ -142,7 +176,11 @@ fn switch_in(now: u64, pid: u32, group: u32) {
         attribute_to(thread.group, |a| a.runq_ns = a.runq_ns.wrapping_add(away));
     } else if thread.state == BLOCKED {
         thread.blocked_charged_ns += away;
-        attribute_to(thread.group, |a| a.blocked_ns = a.blocked_ns.wrapping_add(away));
+        let futex = if thread.in_futex != 0 { away } else { 0 };
+        attribute_to(thread.group, |a| {
+            a.blocked_ns = a.blocked_ns.wrapping_add(away);
+            a.futex_ns = a.futex_ns.wrapping_add(futex);
+        });
     }
     thread.group = group;
     thread.state = RUNNING;

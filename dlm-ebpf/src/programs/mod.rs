@@ -40,6 +40,16 @@ static TASK_TGID_OFFSET: u64 = 0;
 /// own total of the time the task waited on a run queue.
 #[unsafe(no_mangle)]
 static TASK_RUN_DELAY_OFFSET: u64 = 0;
+/// The `futex(2)` and `futex_waitv(2)` system call numbers of this
+/// architecture, and the offset of the system call number in `struct
+/// pt_regs` (`orig_ax` on x86-64). `u64::MAX`: unknown here, so futex
+/// waits of DLM clients are not told apart from other sleeps.
+#[unsafe(no_mangle)]
+static FUTEX_SYSCALL_NR: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static FUTEX_WAITV_SYSCALL_NR: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static PT_REGS_SYSCALL_OFFSET: u64 = 0;
 /// A memory stall at least this long, in ns, is also sent as an event.
 #[unsafe(no_mangle)]
 static LONG_STALL_NS: u64 = 10_000_000;
