@@ -10,6 +10,11 @@
 //!   once, and again with a 1 ms pause between attempts);
 //! - a holder that dies: how long until the waiter has the lock.
 //!
+//! dlm is measured three ways: `dlm-unix` (the client library's default on
+//! the Unix socket, framed sessions), `dlm-unix-grpc` (gRPC session streams
+//! on the same socket, as a client in another language would use it) and
+//! `dlm-tcp` (gRPC over TCP).
+//!
 //! The Redis lock is the usual single-instance one: `SET key token NX PX ttl`
 //! to take it, a compare-and-delete Lua script to release it. The etcd lock is
 //! its own `Lock`/`Unlock` API with a lease per client.
@@ -64,6 +69,9 @@ enum LockHeld {
 struct Dlm {
     name: &'static str,
     target: Target,
+    /// Sessions as gRPC streams even on the Unix socket (as other
+    /// languages' clients open them), instead of framed sessions.
+    grpc_sessions: bool,
 }
 
 impl LockSystem for Dlm {
@@ -72,7 +80,9 @@ impl LockSystem for Dlm {
         self.name
     }
     async fn connect(&self) -> Result<Self::Conn> {
-        Ok(Client::connect(&self.target).await?.session().await?)
+        let client = Client::connect(&self.target).await?;
+        let client = if self.grpc_sessions { client.with_grpc_sessions() } else { client };
+        Ok(client.session().await?)
     }
     async fn lock(&self, conn: &mut Self::Conn, key: &str) -> Result<LockHeld> {
         Ok(LockHeld::Dlm(conn.lock("default", key, Mode::Ex, LockOptions::default()).await?))
@@ -500,8 +510,10 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
     let (_redis_server, redis_address) = start_redis(&dir).await?;
     let (_etcd_server, etcd_endpoint) = start_etcd(&dir).await?;
 
-    let dlm_unix = Arc::new(Dlm { name: "dlm-unix", target: Target::Unix(agent.socket.clone()) });
-    let dlm_tcp = Arc::new(Dlm { name: "dlm-tcp", target: Target::Tcp(agent.tcp.clone()) });
+    let unix = Target::Unix(agent.socket.clone());
+    let dlm_unix = Arc::new(Dlm { name: "dlm-unix", target: unix.clone(), grpc_sessions: false });
+    let dlm_unix_grpc = Arc::new(Dlm { name: "dlm-unix-grpc", target: unix, grpc_sessions: true });
+    let dlm_tcp = Arc::new(Dlm { name: "dlm-tcp", target: Target::Tcp(agent.tcp.clone()), grpc_sessions: false });
     let ttl_ms = plan.ttl.as_millis().to_string();
     let redis = Arc::new(Redis { address: redis_address.clone(), ttl_ms: ttl_ms.clone(), retry_delay: None });
     let redis_polite = Arc::new(Redis { address: redis_address, ttl_ms, retry_delay: Some(Duration::from_millis(1)) });
@@ -510,7 +522,7 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
     let etcd = Arc::new(Etcd { endpoint: etcd_endpoint.clone(), ttl_s: 600 });
     let etcd_short_lease =
         Arc::new(Etcd { endpoint: etcd_endpoint, ttl_s: i64::try_from(plan.ttl.as_secs()).unwrap_or(2).max(1) });
-    let systems = ["dlm-unix", "dlm-tcp", "redis", "etcd"];
+    let systems = ["dlm-unix", "dlm-unix-grpc", "dlm-tcp", "redis", "etcd"];
     // DLM_BENCH_SYSTEMS=dlm-unix,redis runs only those (for quick comparisons while tuning).
     let only = std::env::var("DLM_BENCH_SYSTEMS").ok();
     let wanted = |name: &str| only.as_deref().is_none_or(|list| list.split(',').any(|s| s.trim() == name));
@@ -546,6 +558,7 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
             }};
         }
         measure!(dlm_unix);
+        measure!(dlm_unix_grpc);
         measure!(dlm_tcp);
         measure!(redis);
         measure!(etcd);
@@ -570,6 +583,7 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
         }};
     }
     contend!(dlm_unix);
+    contend!(dlm_unix_grpc);
     contend!(dlm_tcp);
     contend!(redis);
     contend!(etcd);

@@ -23,6 +23,20 @@ pub struct Rejection {
     pub message: String,
 }
 
+/// The gRPC status a refusal of a whole call (not of one request) takes.
+#[must_use]
+pub fn rejection_status(code: &str, message: &str) -> tonic::Status {
+    let message = format!("{code}: {message}");
+    match code {
+        "unknown_lockspace" => tonic::Status::not_found(message),
+        "limit_exceeded" => tonic::Status::resource_exhausted(message),
+        "lockspace_busy" => tonic::Status::failed_precondition(message),
+        "lockspace_exists" => tonic::Status::already_exists(message),
+        "shutting_down" => tonic::Status::unavailable(message),
+        _ => tonic::Status::invalid_argument(message),
+    }
+}
+
 impl Rejection {
     pub(crate) fn new(handle: u64, code: &'static str, message: impl Into<String>) -> Rejection {
         Rejection { handle, code, message: message.into() }

@@ -107,6 +107,50 @@ impl EngineHandle {
         self.send(command(reply)).await?;
         answer.await.map_err(|_| EngineStopped)
     }
+
+    /// Opens a session for a client stream (gRPC or framed): its messages
+    /// are queued, at most `queue_max`, starting with the `Welcome` naming
+    /// the session and `node`.
+    ///
+    /// # Errors
+    /// The engine refused the session (too many) or has stopped.
+    pub async fn open_session(&self, peer: Peer, node: &str, queue_max: usize) -> Result<OpenSession, OpenError> {
+        let (events, outbound) = mpsc::channel(queue_max);
+        let welcome_events = events.clone();
+        let (ended, session_ended) = oneshot::channel();
+        let session = self
+            .ask(|reply| Command::Open { peer, events, ended, reply })
+            .await
+            .map_err(|EngineStopped| OpenError::Stopped)?
+            .map_err(OpenError::Refused)?;
+        let welcome = proto::ServerMessage {
+            body: Some(proto::server_message::Body::Welcome(proto::Welcome { session: session.0, node: node.into() })),
+        };
+        // The queue is empty: the welcome always fits.
+        let _ = welcome_events.try_send(Ok(welcome));
+        Ok(OpenSession { session, outbound, ended: session_ended })
+    }
+}
+
+/// A session just opened, for the task that serves its stream.
+pub struct OpenSession {
+    /// Its id.
+    pub session: SessionId,
+    /// What the engine sends it, the `Welcome` first; closed when it ends.
+    pub outbound: mpsc::Receiver<Result<proto::ServerMessage, tonic::Status>>,
+    /// Completes when the engine ends the session (slow reader, shutdown).
+    pub ended: oneshot::Receiver<()>,
+}
+
+/// Why a session could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The agent is stopping.
+    #[error("the agent is shutting down")]
+    Stopped,
+    /// The engine refused it.
+    #[error("{}: {}", .0.code, .0.message)]
+    Refused(Rejection),
 }
 
 /// Engine commands queued at most; senders wait beyond that.

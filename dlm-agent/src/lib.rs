@@ -30,6 +30,8 @@ pub mod config;
 pub mod convert;
 pub mod ebpf;
 pub mod engine;
+pub mod framed;
+pub mod framing;
 pub mod http;
 pub mod kernel_evidence;
 pub mod metrics;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::clock::Clock;
 use crate::config::Config;
@@ -131,7 +131,18 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
             .max_concurrent_streams(Some(1024))
     };
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(server().add_service(service()).serve_with_incoming_shutdown(UnixListenerStream::new(unix), stopped()));
+    // One socket, two protocols: gRPC and framed sessions (`framing`).
+    let framed_settings = crate::framed::FramedSettings {
+        node: config.node.clone(),
+        session_queue_max: config.session_queue_max,
+        keepalive: config.keepalive,
+    };
+    let (grpc_incoming, framed_task) = crate::framed::spawn(unix, engine.clone(), framed_settings, stopped());
+    tasks.spawn(async move {
+        let _ = framed_task.await;
+        Ok(())
+    });
+    tasks.spawn(server().add_service(service()).serve_with_incoming_shutdown(grpc_incoming, stopped()));
     if let Some(tcp) = tcp {
         tasks.spawn(
             server().add_service(service()).serve_with_incoming_shutdown(TcpListenerStream::new(tcp), stopped()),

@@ -4,14 +4,13 @@
 
 use std::pin::Pin;
 
-use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::Rejection;
-use crate::engine::{Command, EngineHandle, Peer};
+use crate::engine::{Command, EngineHandle, EngineStopped, OpenError, OpenSession, Peer};
 use crate::proto;
 
 /// The `dlm.v1.Dlm` service.
@@ -29,19 +28,12 @@ impl DlmService {
     }
 }
 
-fn unavailable(_: crate::engine::EngineStopped) -> Status {
+fn unavailable(_: EngineStopped) -> Status {
     Status::unavailable("the agent is shutting down")
 }
 
 fn rejected(rejection: Rejection) -> Status {
-    let message = format!("{}: {}", rejection.code, rejection.message);
-    match rejection.code {
-        "unknown_lockspace" => Status::not_found(message),
-        "limit_exceeded" => Status::resource_exhausted(message),
-        "lockspace_busy" => Status::failed_precondition(message),
-        "lockspace_exists" => Status::already_exists(message),
-        _ => Status::invalid_argument(message),
-    }
+    crate::convert::rejection_status(rejection.code, &rejection.message)
 }
 
 /// The client's credentials, from the Unix socket (SO_PEERCRED); TCP
@@ -65,24 +57,11 @@ impl proto::dlm_server::Dlm for DlmService {
     ) -> Result<Response<SessionStream>, Status> {
         let peer = peer_of(&request);
         let mut inbound = request.into_inner();
-        let (events, outbound) = mpsc::channel(self.session_queue_max);
-        let welcome_events = events.clone();
-        let (ended, mut session_ended) = tokio::sync::oneshot::channel();
-        let session = self
-            .engine
-            .ask(|reply| Command::Open { peer, events, ended, reply })
-            .await
-            .map_err(unavailable)?
-            .map_err(rejected)?;
-        let welcome = proto::ServerMessage {
-            body: Some(proto::server_message::Body::Welcome(proto::Welcome {
-                session: session.0,
-                node: self.node.clone(),
-            })),
-        };
-        // The queue is empty: the welcome always fits.
-        let _ = welcome_events.try_send(Ok(welcome));
-        drop(welcome_events);
+        let OpenSession { session, outbound, ended: mut session_ended } =
+            self.engine.open_session(peer, &self.node, self.session_queue_max).await.map_err(|error| match error {
+                OpenError::Stopped => unavailable(EngineStopped),
+                OpenError::Refused(rejection) => rejected(rejection),
+            })?;
         let engine = self.engine.clone();
         tokio::spawn(async move {
             // Ends on a clean close, a broken connection (the client died, a

@@ -1,0 +1,301 @@
+//! The agent's Unix socket: tells gRPC connections from framed sessions
+//! ([`crate::framing`]) by their first byte, hands the first to tonic and
+//! serves the second here.
+//!
+//! ```text
+//!  accept ──first byte──▶ 'P' ──▶ tonic (gRPC: sessions and admin calls)
+//!                    └──▶ else ─▶ preface ─▶ reader (this task) ──Command::Client──▶ engine
+//!                                            writer task ◀── session queue ◀─────────┘
+//! ```
+//!
+//! A framed session is one connection. Its reader hands messages to the
+//! engine and answers pings; its writer drains the session's queue,
+//! coalescing what is queued into one write. When the client goes away
+//! (the socket closes, a frame breaks the format, or it stays silent past
+//! two keepalives) the session is closed; when the engine ends it (slow
+//! reader, shutdown) the writer still sends what was queued, for at most
+//! [`DRAIN_TIMEOUT`].
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::net::unix::OwnedReadHalf;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{Connected, UdsConnectInfo};
+
+use crate::engine::{Command, EngineHandle, OpenError, OpenSession, Peer};
+use crate::framing::{self, Frame, FrameKind};
+use crate::proto;
+
+/// How long a new connection may take to send its first byte and preface.
+const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections that have not yet said which protocol they speak, at most;
+/// more are closed at once.
+const UNCLASSIFIED_MAX: usize = 1024;
+/// How long an ended session's writer may take to send what was queued.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the agent waits at shutdown for framed connections to drain.
+const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a framed session needs to know of the agent.
+#[derive(Clone, Debug)]
+pub struct FramedSettings {
+    /// The node name, for the `Welcome`.
+    pub node: String,
+    /// Messages queued to a session at most (`session_queue_max`).
+    pub session_queue_max: usize,
+    /// A silent client is pinged after this long, and dropped after twice it.
+    pub keepalive: Duration,
+}
+
+/// A gRPC connection, with the byte read to tell its protocol put back.
+pub struct Replayed {
+    first: Option<u8>,
+    stream: UnixStream,
+}
+
+impl Connected for Replayed {
+    type ConnectInfo = UdsConnectInfo;
+
+    fn connect_info(&self) -> UdsConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+impl AsyncRead for Replayed {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if buf.remaining() > 0
+            && let Some(first) = self.first.take()
+        {
+            buf.put_slice(&[first]);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Replayed {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, data)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Gives tonic its connections.
+pub type GrpcIncoming = ReceiverStream<io::Result<Replayed>>;
+
+/// Accepts on `listener` until `stop` completes, serving framed sessions
+/// itself; returns the gRPC connections for tonic, and the task, which ends
+/// once the framed connections have drained (or after a bound).
+pub fn spawn(
+    listener: UnixListener,
+    engine: EngineHandle,
+    settings: FramedSettings,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> (GrpcIncoming, tokio::task::JoinHandle<()>) {
+    let (grpc, incoming) = mpsc::channel(64);
+    let settings = Arc::new(settings);
+    let task = tokio::spawn(async move {
+        let unclassified = Arc::new(Semaphore::new(UNCLASSIFIED_MAX));
+        let mut connections = JoinSet::new();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                () = &mut stop => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+                accepted = listener.accept() => {
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(error) => {
+                            // Out of descriptors, mostly: wait rather than spin.
+                            tracing::warn!(%error, "accepting on the unix socket failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let Ok(permit) = unclassified.clone().try_acquire_owned() else {
+                        tracing::debug!("too many connections that have not spoken yet; closing one");
+                        continue;
+                    };
+                    let (grpc, engine, settings) = (grpc.clone(), engine.clone(), settings.clone());
+                    connections.spawn(async move {
+                        let classified = classify(stream).await;
+                        drop(permit);
+                        match classified {
+                            Some(Protocol::Grpc(stream)) => {
+                                let _ = grpc.send(Ok(stream)).await;
+                            }
+                            Some(Protocol::Framed(stream)) => serve(stream, &engine, &settings).await,
+                            None => {}
+                        }
+                    });
+                }
+            }
+        }
+        drop(grpc);
+        let drain = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_DRAIN_TIMEOUT, drain).await.is_err() {
+            tracing::warn!("framed sessions still open at shutdown; closing them");
+        }
+    });
+    (ReceiverStream::new(incoming), task)
+}
+
+enum Protocol {
+    Grpc(Replayed),
+    Framed(UnixStream),
+}
+
+/// Reads the first byte, and for a framed session the rest of its preface.
+async fn classify(mut stream: UnixStream) -> Option<Protocol> {
+    let read = async {
+        let first = stream.read_u8().await?;
+        if first == framing::HTTP2_FIRST_BYTE {
+            return Ok::<_, io::Error>(Some(first));
+        }
+        let mut preface = [first; framing::PREFACE.len()];
+        stream.read_exact(&mut preface[1..]).await?;
+        Ok((preface == framing::PREFACE).then_some(first))
+    };
+    match tokio::time::timeout(PREFACE_TIMEOUT, read).await {
+        Ok(Ok(Some(first))) if first == framing::HTTP2_FIRST_BYTE => {
+            Some(Protocol::Grpc(Replayed { first: Some(first), stream }))
+        }
+        Ok(Ok(Some(_))) => Some(Protocol::Framed(stream)),
+        Ok(Ok(None)) => {
+            tracing::debug!("connection with an unknown preface closed");
+            None
+        }
+        Ok(Err(error)) => {
+            tracing::debug!(%error, "connection closed before its preface");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("connection silent past the preface timeout closed");
+            None
+        }
+    }
+}
+
+/// Serves one framed session until it ends.
+async fn serve(stream: UnixStream, engine: &EngineHandle, settings: &FramedSettings) {
+    let peer = match stream.peer_cred() {
+        Ok(credentials) => Peer { pid: credentials.pid(), uid: Some(credentials.uid()) },
+        Err(_) => Peer::default(),
+    };
+    let (read_half, mut write_half) = stream.into_split();
+    let OpenSession { session, outbound, ended } =
+        match engine.open_session(peer, &settings.node, settings.session_queue_max).await {
+            Ok(open) => open,
+            Err(error) => {
+                let (code, message) = match error {
+                    OpenError::Stopped => ("shutting_down", error.to_string()),
+                    OpenError::Refused(rejection) => (rejection.code, rejection.message),
+                };
+                let refusal = proto::ServerMessage {
+                    body: Some(proto::server_message::Body::Rejected(proto::Rejected {
+                        handle: 0,
+                        code: code.into(),
+                        message,
+                    })),
+                };
+                let mut out = Vec::new();
+                framing::encode_message(&refusal, &mut out);
+                let _ = tokio::time::timeout(DRAIN_TIMEOUT, write_half.write_all(&out)).await;
+                return;
+            }
+        };
+    let (control, control_queue) = mpsc::channel(4);
+    let mut writer = tokio::spawn(framing::write_frames(write_half, outbound, control_queue, Result::ok));
+    let ended_by_engine = read_frames(read_half, session, engine, &control, settings.keepalive, ended).await;
+    if !ended_by_engine {
+        let _ = engine.send(Command::Close { session }).await;
+    }
+    drop(control);
+    // The engine drops the session's queue when the session ends, which
+    // ends the writer once it has sent what was queued.
+    if tokio::time::timeout(DRAIN_TIMEOUT, &mut writer).await.is_err() {
+        writer.abort();
+    }
+}
+
+/// Reads the client's frames until it goes away (false) or the engine ends
+/// the session (true).
+async fn read_frames(
+    read_half: OwnedReadHalf,
+    session: dlm_core::SessionId,
+    engine: &EngineHandle,
+    control: &mpsc::Sender<FrameKind>,
+    keepalive: Duration,
+    mut ended: oneshot::Receiver<()>,
+) -> bool {
+    let mut reader = BufReader::with_capacity(framing::READ_BUFFER_LEN, read_half);
+    let mut body = Vec::new();
+    let mut deadline = Instant::now() + keepalive;
+    let mut pinged = false;
+    loop {
+        // The read is not cancel-safe (a frame half read would be lost), so
+        // the keepalive timer runs beside it instead of cancelling it.
+        let read = framing::read_frame::<proto::ClientMessage>(&mut reader, &mut body);
+        tokio::pin!(read);
+        let frame = loop {
+            tokio::select! {
+                frame = &mut read => break frame,
+                _ = &mut ended => return true,
+                () = tokio::time::sleep_until(deadline) => {
+                    if pinged {
+                        tracing::debug!(session = session.0, "framed session silent past its keepalive");
+                        return false;
+                    }
+                    pinged = true;
+                    let _ = control.try_send(FrameKind::Ping);
+                    deadline = Instant::now() + keepalive;
+                }
+            }
+        };
+        deadline = Instant::now() + keepalive;
+        pinged = false;
+        match frame {
+            Ok(Frame::Message(message)) => {
+                if engine.send(Command::Client { session, message }).await.is_err() {
+                    return false;
+                }
+            }
+            Ok(Frame::Ping) => {
+                let _ = control.try_send(FrameKind::Pong);
+            }
+            Ok(Frame::Pong) => {}
+            Err(error) => {
+                tracing::debug!(session = session.0, %error, "framed session ended");
+                return false;
+            }
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! Framed sessions (`dlm_agent::framing`) against the real agent: they share
+//! the Unix socket with gRPC, keep their sessions alive with pings, and
+//! bad input closes only the connection that sent it.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use dlm_agent::client::{ClientError, LockOptions, SessionEvent};
+use dlm_agent::framing::{self, Frame, FrameKind};
+use dlm_agent::proto;
+use dlm_core::Mode;
+use support::Agent;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// A framed connection driven byte by byte.
+async fn raw_framed(agent: &Agent) -> (UnixStream, u64) {
+    let mut stream = UnixStream::connect(&agent.socket).await.expect("connect");
+    stream.write_all(&framing::PREFACE).await.expect("preface");
+    match read_message(&mut stream).await.body {
+        Some(proto::server_message::Body::Welcome(welcome)) => (stream, welcome.session),
+        other => panic!("expected a welcome, got {other:?}"),
+    }
+}
+
+async fn read_frame(stream: &mut UnixStream) -> Frame<proto::ServerMessage> {
+    let mut body = Vec::new();
+    let read = framing::read_frame(stream, &mut body);
+    tokio::time::timeout(Duration::from_secs(10), read).await.expect("a frame in time").expect("a frame")
+}
+
+async fn read_message(stream: &mut UnixStream) -> proto::ServerMessage {
+    match read_frame(stream).await {
+        Frame::Message(message) => message,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+async fn send(stream: &mut UnixStream, body: proto::client_message::Body) {
+    let mut out = Vec::new();
+    framing::encode_message(&proto::ClientMessage { body: Some(body) }, &mut out);
+    stream.write_all(&out).await.expect("send");
+}
+
+fn lock(handle: u64, name: &str) -> proto::client_message::Body {
+    proto::client_message::Body::Lock(proto::Lock {
+        handle,
+        lockspace: "default".into(),
+        name: name.as_bytes().to_vec(),
+        mode: 5,
+        ..Default::default()
+    })
+}
+
+/// Waits until the agent closes `stream` (without this side closing first).
+async fn closed_by_agent(stream: &mut UnixStream, within: Duration) -> bool {
+    let mut sink = Vec::new();
+    tokio::time::timeout(within, stream.read_to_end(&mut sink)).await.is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn framed_and_grpc_sessions_share_the_socket_and_its_locks() {
+    let agent = Agent::start("framed-mixed", "");
+    let framed = agent.client().await.session().await.expect("framed session");
+    let grpc = agent.client().await.with_grpc_sessions().session().await.expect("grpc session");
+    let mut blocking = framed.events();
+    let held = framed.lock("default", "shared", Mode::Ex, LockOptions::default()).await.expect("granted");
+    let waiter = tokio::spawn(async move {
+        let guard = grpc.lock("default", "shared", Mode::Pr, LockOptions::default()).await.expect("granted");
+        (guard.fencing_token(), guard)
+    });
+    // The gRPC waiter's request reaches the framed holder as a blocking callback.
+    let event = tokio::time::timeout(Duration::from_secs(5), blocking.recv()).await.expect("in time").expect("event");
+    assert_eq!(event, SessionEvent::Blocking { handle: held.handle(), mode: Mode::Pr });
+    let token = held.fencing_token();
+    held.unlock().await.expect("unlock");
+    let (next, guard) = tokio::time::timeout(Duration::from_secs(5), waiter).await.expect("in time").expect("task");
+    assert!(next > token, "fencing tokens grow across the two protocols");
+    guard.unlock().await.expect("unlock");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_framed_input_closes_only_that_connection() {
+    let agent = Agent::start("framed-bad", "");
+    let session = agent.client().await.session().await.expect("session");
+    let held = session.lock("default", "kept", Mode::Ex, LockOptions::default()).await.expect("granted");
+
+    // A preface of another version: closed before any session exists.
+    let mut stream = UnixStream::connect(&agent.socket).await.expect("connect");
+    stream.write_all(b"DLMS\x02\x00\x00\x00").await.expect("write");
+    assert!(closed_by_agent(&mut stream, Duration::from_secs(10)).await, "a wrong version was kept open");
+
+    let too_long = u32::try_from(framing::FRAME_BODY_LEN_MAX + 1).expect("fits").to_le_bytes();
+    let bad_frames: [&[u8]; 4] = [
+        &[too_long[0], too_long[1], too_long[2], too_long[3], 0],
+        &[0, 0, 0, 0, 7],
+        &[1, 0, 0, 0, FrameKind::Ping as u8, 0],
+        &[2, 0, 0, 0, 0, 0xff, 0xff],
+    ];
+    for bad in bad_frames {
+        let (mut stream, _) = raw_framed(&agent).await;
+        // A lock taken first must be released with the connection.
+        send(&mut stream, lock(1, "dropped")).await;
+        assert!(matches!(read_message(&mut stream).await.body, Some(proto::server_message::Body::Completion(_))));
+        stream.write_all(bad).await.expect("write");
+        assert!(closed_by_agent(&mut stream, Duration::from_secs(10)).await, "kept open after {bad:?}");
+    }
+    // A session that is opened and dropped mid-frame ends too.
+    let (mut stream, _) = raw_framed(&agent).await;
+    stream.write_all(&[40, 0, 0, 0, 0, 1, 2]).await.expect("write");
+    drop(stream);
+
+    // Everyone else is served, and the dropped connections' locks are gone.
+    let other = agent.client().await.session().await.expect("session");
+    let options = LockOptions { timeout: Some(Duration::from_secs(5)), ..LockOptions::default() };
+    let guard = other.lock("default", "dropped", Mode::Ex, options).await.expect("released with its connection");
+    guard.unlock().await.expect("unlock");
+    held.unlock().await.expect("the first session is still served");
+    support::eventually("only the first two sessions remain", async || {
+        agent.client().await.status().await.expect("status").sessions == 2
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_framed_client_is_pinged_then_dropped_and_a_live_one_is_kept() {
+    let agent = Agent::start("framed-keepalive", "keepalive = \"300ms\"\n");
+    // The library answers pings: its session outlives many keepalives.
+    let live = agent.client().await.session().await.expect("session");
+    let kept = live.lock("default", "kept", Mode::Ex, LockOptions::default()).await.expect("granted");
+
+    let (mut silent, _) = raw_framed(&agent).await;
+    send(&mut silent, lock(1, "silent")).await;
+    assert!(matches!(read_message(&mut silent).await.body, Some(proto::server_message::Body::Completion(_))));
+    let since = Instant::now();
+    assert_eq!(read_frame(&mut silent).await, Frame::Ping, "a quiet client is pinged");
+    // Not answering: the agent drops it after another keepalive.
+    assert!(closed_by_agent(&mut silent, Duration::from_secs(10)).await, "the silent client was kept");
+    let dropped_after = since.elapsed();
+    assert!(dropped_after < Duration::from_secs(5), "took {dropped_after:?} for a 300 ms keepalive");
+
+    let options = LockOptions { timeout: Some(Duration::from_secs(5)), ..LockOptions::default() };
+    let other = agent.client().await.session().await.expect("session");
+    let guard = other.lock("default", "silent", Mode::Ex, options).await.expect("the silent client's lock is released");
+    guard.unlock().await.expect("unlock");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    kept.unlock().await.expect("the live session survived five keepalives");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_framed_session_over_the_limit_is_refused_with_a_reason() {
+    let agent = Agent::start("framed-limit", "[limits]\nsessions_max = 1\n");
+    let client = agent.client().await;
+    let _first = client.session().await.expect("the first session");
+    match client.session().await {
+        Err(ClientError::Call(status)) => {
+            assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+        }
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("a second session opened past sessions_max = 1"),
+    }
+}
