@@ -1,15 +1,16 @@
 //! # dlm-agent
 //!
 //! The dlm node service and its command line. One agent runs per node; the
-//! applications on the node take locks through it over gRPC (a Unix socket
-//! by default, TCP when configured). The lock semantics are `dlm-core`'s;
-//! this crate owns the sockets, the sessions' lifetimes, the clock, metrics,
-//! the eBPF loader and the CLI.
+//! applications on the node take locks through it on a Unix socket (framed
+//! sessions, [`framing`], or gRPC) or over TCP (gRPC) when configured. The
+//! lock semantics are `dlm-core`'s; this crate owns the sockets, the
+//! sessions' lifetimes, the clock, the peer transport, metrics, the eBPF
+//! loader and the CLI.
 //!
 //! ```text
-//!  app ─┐  gRPC Session stream        ┌──────────── dlm-agent ─────────────┐
-//!  app ─┼──(Unix socket / TCP)──────▶ │ service ──▶ engine task (Node) ──┐ │
-//!  CLI ─┘  ◀── completions, BASTs ─── │    ◀───── bounded session queues ─┘ │
+//!  app ─┐  framed / gRPC sessions     ┌──────────── dlm-agent ──────────────┐
+//!  app ─┼──(Unix socket / TCP)──────▶ │ framed, service ──▶ engine task ──┐ │ ◀──▶ peers
+//!  CLI ─┘  ◀── completions, BASTs ─── │    ◀───── bounded session queues ─┘ │     (peer)
 //!                                     │ axum: /metrics /healthz /readyz      │
 //!                                     └──────────────────────────────────────┘
 //! ```
@@ -20,8 +21,9 @@
 //! while it waited and held ([`kernel_evidence`]). [`probes`] are USDT probe
 //! points for bpftrace.
 //!
-//! It is not (yet) a cluster member: every lockspace is local to the node.
-//! The Rust client library is [`client`].
+//! With a `[cluster]` section it is a member of a static cluster: the engine
+//! task drives a `dlm_core::cluster::ClusterNode`, and [`peer`] carries its
+//! messages to the other agents. The Rust client library is [`client`].
 
 pub mod client;
 pub mod clock;
