@@ -43,7 +43,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::convert::{mode_from_wire, mode_to_wire, status_flags};
-use crate::framing::{self, Frame, FrameKind};
+use crate::framing::{self, Frame, FrameKind, FrameSink};
 use crate::proto::{self, client_message, dlm_client::DlmClient, server_message};
 
 /// Where the agent listens.
@@ -193,7 +193,7 @@ impl Client {
             Some(proto::ServerMessage { body: Some(server_message::Body::Welcome(welcome)) }) => welcome.session,
             _ => return Err(ClientError::SessionClosed),
         };
-        let inner = Arc::new(SessionInner::new(id, requests));
+        let inner = Arc::new(SessionInner::new(id, Requests::Stream(requests)));
         let reader = Arc::downgrade(&inner);
         tokio::spawn(async move {
             while let Ok(Some(message)) = inbound.message().await {
@@ -241,7 +241,7 @@ impl Client {
     }
 }
 
-/// Requests a session queues before `lock` and friends wait for room.
+/// Requests a session queues unsent before `lock` and friends wait for room.
 const SESSION_REQUESTS_MAX: usize = 256;
 
 /// Opens a framed session on the Unix socket at `path`.
@@ -264,30 +264,40 @@ async fn framed_session(path: &Path) -> Result<Session, ClientError> {
         }
         _ => return Err(ClientError::SessionClosed),
     };
-    let (requests, outbound) = mpsc::channel(SESSION_REQUESTS_MAX);
-    let (control, control_queue) = mpsc::channel(4);
-    tokio::spawn(framing::write_frames(write_half, outbound, control_queue, Some));
-    let inner = Arc::new(SessionInner::new(id, requests));
+    // The session holds the only handle: when it is dropped the write side
+    // shuts down, and the agent ends the session.
+    let inner = Arc::new(SessionInner::new(id, Requests::Framed(FrameSink::new(write_half))));
     let dispatcher = Arc::downgrade(&inner);
     tokio::spawn(async move {
         loop {
-            match framing::read_frame::<proto::ServerMessage>(&mut reader, &mut body).await {
-                Ok(Frame::Message(message)) => {
-                    let Some(inner) = dispatcher.upgrade() else { break };
-                    inner.dispatch(message);
-                }
+            let frame = framing::read_frame::<proto::ServerMessage>(&mut reader, &mut body).await;
+            let Some(inner) = dispatcher.upgrade() else { break };
+            match frame {
+                Ok(Frame::Message(message)) => inner.dispatch(message),
                 Ok(Frame::Ping) => {
-                    let _ = control.try_send(FrameKind::Pong);
+                    if let Requests::Framed(sink) = &inner.requests
+                        && sink.push_control(FrameKind::Pong).is_ok()
+                    {
+                        sink.flush();
+                    }
                 }
                 Ok(Frame::Pong) => {}
-                Err(_) => break,
+                Err(_) => {
+                    inner.close_waiters();
+                    break;
+                }
             }
-        }
-        if let Some(inner) = dispatcher.upgrade() {
-            inner.close_waiters();
         }
     });
     Ok(Session { inner })
+}
+
+/// Where a session's requests go.
+enum Requests {
+    /// The gRPC stream's queue.
+    Stream(mpsc::Sender<proto::ClientMessage>),
+    /// The framed connection, written from the requesting task itself.
+    Framed(FrameSink),
 }
 
 enum Reply {
@@ -297,14 +307,14 @@ enum Reply {
 
 struct SessionInner {
     id: u64,
-    requests: mpsc::Sender<proto::ClientMessage>,
+    requests: Requests,
     waiters: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
     events: broadcast::Sender<SessionEvent>,
     next_handle: AtomicU64,
 }
 
 impl SessionInner {
-    fn new(id: u64, requests: mpsc::Sender<proto::ClientMessage>) -> SessionInner {
+    fn new(id: u64, requests: Requests) -> SessionInner {
         SessionInner {
             id,
             requests,
@@ -355,19 +365,37 @@ impl SessionInner {
         }
     }
 
+    /// Sends a request, waiting while too many are queued.
+    async fn submit(&self, message: proto::ClientMessage) -> Result<(), ()> {
+        match &self.requests {
+            Requests::Stream(queue) => queue.send(message).await.map_err(drop),
+            Requests::Framed(sink) => {
+                sink.room(SESSION_REQUESTS_MAX).await;
+                sink.send_message(&message).map_err(drop)
+            }
+        }
+    }
+
     fn close_waiters(&self) {
         self.waiters().clear();
     }
 
     /// Sends without waiting; used from `Drop`, where nothing can be awaited.
     fn send(&self, message: proto::ClientMessage) {
-        let _ = self.requests.try_send(message);
+        match &self.requests {
+            Requests::Stream(queue) => {
+                let _ = queue.try_send(message);
+            }
+            Requests::Framed(sink) => {
+                let _ = sink.send_message(&message);
+            }
+        }
     }
 
     async fn request(&self, handle: u64, body: client_message::Body) -> Result<proto::Completion, LockError> {
         let (reply, answer) = oneshot::channel();
         self.waiters().insert(handle, reply);
-        if self.requests.send(proto::ClientMessage { body: Some(body) }).await.is_err() {
+        if self.submit(proto::ClientMessage { body: Some(body) }).await.is_err() {
             self.waiters().remove(&handle);
             return Err(LockError::SessionClosed);
         }

@@ -25,6 +25,7 @@ use crate::clock::Clock;
 use crate::cluster_metrics::ClusterMetrics;
 use crate::config::Config;
 use crate::convert::{self, Decoded, Rejection};
+use crate::framing::FrameSink;
 use crate::kernel_evidence::{self, KernelEvidence, Phase};
 use crate::metrics::Metrics;
 use crate::peer::PeerSender;
@@ -44,6 +45,16 @@ pub struct Peer {
 /// Messages to a session's stream.
 pub type SessionSender = mpsc::Sender<Result<proto::ServerMessage, tonic::Status>>;
 
+/// Where a session's messages go.
+#[derive(Clone)]
+pub enum SessionOutput {
+    /// A gRPC stream's bounded queue (`session_queue_max` messages).
+    Stream(SessionSender),
+    /// A framed connection, written by the engine itself; more than
+    /// `session_queue_max` frames unwritten make the session slow.
+    Framed(FrameSink),
+}
+
 /// What the engine task is asked to do.
 #[expect(missing_docs, reason = "each variant's doc says what its fields are for; `reply` carries the answer")]
 pub enum Command {
@@ -51,7 +62,7 @@ pub enum Command {
     /// `ended` is dropped when the session ends, which stops its reader.
     Open {
         peer: Peer,
-        events: SessionSender,
+        events: SessionOutput,
         ended: oneshot::Sender<()>,
         reply: oneshot::Sender<Result<SessionId, Rejection>>,
     },
@@ -108,27 +119,33 @@ impl EngineHandle {
         answer.await.map_err(|_| EngineStopped)
     }
 
-    /// Opens a session for a client stream (gRPC or framed): its messages
-    /// are queued, at most `queue_max`, starting with the `Welcome` naming
-    /// the session and `node`.
+    /// Opens a session for a client stream (gRPC or framed) whose messages
+    /// go to `output`, the `Welcome` naming the session and `node` first.
     ///
     /// # Errors
     /// The engine refused the session (too many) or has stopped.
-    pub async fn open_session(&self, peer: Peer, node: &str, queue_max: usize) -> Result<OpenSession, OpenError> {
-        let (events, outbound) = mpsc::channel(queue_max);
-        let welcome_events = events.clone();
+    pub async fn open_session(&self, peer: Peer, node: &str, output: SessionOutput) -> Result<OpenSession, OpenError> {
+        let welcome_output = output.clone();
         let (ended, session_ended) = oneshot::channel();
         let session = self
-            .ask(|reply| Command::Open { peer, events, ended, reply })
+            .ask(|reply| Command::Open { peer, events: output, ended, reply })
             .await
             .map_err(|EngineStopped| OpenError::Stopped)?
             .map_err(OpenError::Refused)?;
         let welcome = proto::ServerMessage {
             body: Some(proto::server_message::Body::Welcome(proto::Welcome { session: session.0, node: node.into() })),
         };
-        // The queue is empty: the welcome always fits.
-        let _ = welcome_events.try_send(Ok(welcome));
-        Ok(OpenSession { session, outbound, ended: session_ended })
+        // Nothing was sent to the session yet: the welcome goes first, and
+        // fits in an empty queue.
+        match welcome_output {
+            SessionOutput::Stream(queue) => {
+                let _ = queue.try_send(Ok(welcome));
+            }
+            SessionOutput::Framed(sink) => {
+                let _ = sink.send_message(&welcome);
+            }
+        }
+        Ok(OpenSession { session, ended: session_ended })
     }
 }
 
@@ -136,8 +153,6 @@ impl EngineHandle {
 pub struct OpenSession {
     /// Its id.
     pub session: SessionId,
-    /// What the engine sends it, the `Welcome` first; closed when it ends.
-    pub outbound: mpsc::Receiver<Result<proto::ServerMessage, tonic::Status>>,
     /// Completes when the engine ends the session (slow reader, shutdown).
     pub ended: oneshot::Receiver<()>,
 }
@@ -200,7 +215,7 @@ macro_rules! span_event {
 }
 
 struct SessionState {
-    events: SessionSender,
+    events: SessionOutput,
     /// Dropped with the state: tells the session's reader task to stop.
     _ended: oneshot::Sender<()>,
     peer: Peer,
@@ -232,6 +247,8 @@ struct Engine {
     next_session: u64,
     /// Sessions found not reading during routing, ended after it.
     slow: Vec<SessionId>,
+    /// Framed sessions with frames appended in this pass, flushed after it.
+    unflushed: Vec<FrameSink>,
     /// Kernel attribution of lock phases (a no-op without eBPF).
     evidence: KernelEvidence,
 }
@@ -286,6 +303,7 @@ pub fn start(
         lockspace_cnames: HashMap::new(),
         next_session: 1,
         slow: Vec::new(),
+        unflushed: Vec::new(),
         evidence,
     };
     for entry in &config.lockspaces {
@@ -525,14 +543,36 @@ impl Engine {
 
     fn reject(&mut self, session: SessionId, rejection: Rejection) {
         self.metrics.rejected.with_label_values(&[rejection.code]).inc();
-        self.deliver(session, Ok(rejection.into_message()));
+        self.deliver(session, rejection.into_message());
     }
 
     /// Queues a message for a session; a full queue marks the session slow.
-    fn deliver(&mut self, session: SessionId, message: Result<proto::ServerMessage, tonic::Status>) {
+    fn deliver(&mut self, session: SessionId, message: proto::ServerMessage) {
         let Some(state) = self.sessions.get(&session) else { return };
-        if let Err(mpsc::error::TrySendError::Full(_)) = state.events.try_send(message) {
-            self.slow.push(session);
+        match &state.events {
+            SessionOutput::Stream(queue) => {
+                if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(Ok(message)) {
+                    self.slow.push(session);
+                }
+            }
+            SessionOutput::Framed(sink) => {
+                // A broken connection is its reader's to notice.
+                let Ok(pushed) = sink.push_message(&message) else { return };
+                if pushed.needs_flush {
+                    self.unflushed.push(sink.clone());
+                }
+                if pushed.frames > self.config.session_queue_max {
+                    self.slow.push(session);
+                }
+            }
+        }
+    }
+
+    /// Writes what this pass appended to framed sessions: one write per
+    /// session however many messages it got.
+    fn flush_sessions(&mut self) {
+        for sink in self.unflushed.drain(..) {
+            sink.flush();
         }
     }
 
@@ -587,7 +627,7 @@ impl Engine {
                 Effect::Complete(completion) => completion.session,
                 Effect::Blocking { session, .. } | Effect::Revoked { session, .. } => *session,
             };
-            self.deliver(session, Ok(convert::effect_to_wire(effect)));
+            self.deliver(session, convert::effect_to_wire(effect));
         }
         for session in std::mem::take(&mut self.slow) {
             if self.sessions.contains_key(&session) {
@@ -595,6 +635,7 @@ impl Engine {
                 self.end_session(session, "slow_reader");
             }
         }
+        self.flush_sessions();
         self.transmit();
     }
 
@@ -746,19 +787,21 @@ impl Engine {
         self.route_effects();
         for session in sessions {
             let Some(state) = self.sessions.get(&session) else { continue };
-            for (&handle, known) in &state.handles {
-                if known.granted_at.is_some() {
-                    let revoked = proto::ServerMessage {
-                        body: Some(proto::server_message::Body::Revoked(proto::Revoked {
-                            handle,
-                            reason: "agent shutting down".into(),
-                        })),
-                    };
-                    let _ = state.events.try_send(Ok(revoked));
-                }
+            let mut granted: Vec<u64> =
+                state.handles.iter().filter(|(_, known)| known.granted_at.is_some()).map(|(&h, _)| h).collect();
+            granted.sort_unstable();
+            for handle in granted {
+                let revoked = proto::ServerMessage {
+                    body: Some(proto::server_message::Body::Revoked(proto::Revoked {
+                        handle,
+                        reason: "agent shutting down".into(),
+                    })),
+                };
+                self.deliver(session, revoked);
             }
             self.end_session(session, "shutdown");
         }
+        self.flush_sessions();
         // Ending sessions grants nothing to anyone left: there is no one left.
         while self.node.poll_effect().is_some() {}
         // Other nodes' masters hear that these sessions ended.

@@ -5,16 +5,17 @@
 //! ```text
 //!  accept ──first byte──▶ 'P' ──▶ tonic (gRPC: sessions and admin calls)
 //!                    └──▶ else ─▶ preface ─▶ reader (this task) ──Command::Client──▶ engine
-//!                                            writer task ◀── session queue ◀─────────┘
+//!                                  socket ◀── FrameSink (written by the engine) ◀────┘
 //! ```
 //!
-//! A framed session is one connection. Its reader hands messages to the
-//! engine and answers pings; its writer drains the session's queue,
-//! coalescing what is queued into one write. When the client goes away
-//! (the socket closes, a frame breaks the format, or it stays silent past
-//! two keepalives) the session is closed; when the engine ends it (slow
-//! reader, shutdown) the writer still sends what was queued, for at most
-//! [`DRAIN_TIMEOUT`].
+//! A framed session is one connection. Its reader (this task) hands
+//! messages to the engine and answers pings; the engine writes the
+//! session's messages itself through a [`FrameSink`], all that one pass has
+//! for the session in one write. When the client goes away (the socket
+//! closes, a frame breaks the format, or it stays silent past two
+//! keepalives) the session is closed; when the engine ends it (slow reader,
+//! shutdown) what was queued is still sent, for at most
+//! [`framing::DRAIN_TIMEOUT`] without progress.
 
 use std::io;
 use std::pin::Pin;
@@ -22,7 +23,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader, ReadBuf};
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -31,8 +32,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
-use crate::engine::{Command, EngineHandle, OpenError, OpenSession, Peer};
-use crate::framing::{self, Frame, FrameKind};
+use crate::engine::{Command, EngineHandle, OpenError, OpenSession, Peer, SessionOutput};
+use crate::framing::{self, Frame, FrameKind, FrameSink};
 use crate::proto;
 
 /// How long a new connection may take to send its first byte and preface.
@@ -40,8 +41,6 @@ const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections that have not yet said which protocol they speak, at most;
 /// more are closed at once.
 const UNCLASSIFIED_MAX: usize = 1024;
-/// How long an ended session's writer may take to send what was queued.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the agent waits at shutdown for framed connections to drain.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -210,39 +209,31 @@ async fn serve(stream: UnixStream, engine: &EngineHandle, settings: &FramedSetti
         Ok(credentials) => Peer { pid: credentials.pid(), uid: Some(credentials.uid()) },
         Err(_) => Peer::default(),
     };
-    let (read_half, mut write_half) = stream.into_split();
-    let OpenSession { session, outbound, ended } =
-        match engine.open_session(peer, &settings.node, settings.session_queue_max).await {
-            Ok(open) => open,
-            Err(error) => {
-                let (code, message) = match error {
-                    OpenError::Stopped => ("shutting_down", error.to_string()),
-                    OpenError::Refused(rejection) => (rejection.code, rejection.message),
-                };
-                let refusal = proto::ServerMessage {
-                    body: Some(proto::server_message::Body::Rejected(proto::Rejected {
-                        handle: 0,
-                        code: code.into(),
-                        message,
-                    })),
-                };
-                let mut out = Vec::new();
-                framing::encode_message(&refusal, &mut out);
-                let _ = tokio::time::timeout(DRAIN_TIMEOUT, write_half.write_all(&out)).await;
-                return;
-            }
-        };
-    let (control, control_queue) = mpsc::channel(4);
-    let mut writer = tokio::spawn(framing::write_frames(write_half, outbound, control_queue, Result::ok));
-    let ended_by_engine = read_frames(read_half, session, engine, &control, settings.keepalive, ended).await;
-    if !ended_by_engine {
+    let (read_half, write_half) = stream.into_split();
+    // Dropped with the last handle (the engine's, this task's): the write
+    // side then shuts down, once what was queued is written.
+    let sink = FrameSink::new(write_half);
+    let output = SessionOutput::Framed(sink.clone());
+    let OpenSession { session, ended } = match engine.open_session(peer, &settings.node, output).await {
+        Ok(open) => open,
+        Err(error) => {
+            let (code, message) = match error {
+                OpenError::Stopped => ("shutting_down", error.to_string()),
+                OpenError::Refused(rejection) => (rejection.code, rejection.message),
+            };
+            let refusal = proto::ServerMessage {
+                body: Some(proto::server_message::Body::Rejected(proto::Rejected {
+                    handle: 0,
+                    code: code.into(),
+                    message,
+                })),
+            };
+            let _ = sink.send_message(&refusal);
+            return;
+        }
+    };
+    if !read_frames(read_half, session, engine, &sink, settings.keepalive, ended).await {
         let _ = engine.send(Command::Close { session }).await;
-    }
-    drop(control);
-    // The engine drops the session's queue when the session ends, which
-    // ends the writer once it has sent what was queued.
-    if tokio::time::timeout(DRAIN_TIMEOUT, &mut writer).await.is_err() {
-        writer.abort();
     }
 }
 
@@ -252,7 +243,7 @@ async fn read_frames(
     read_half: OwnedReadHalf,
     session: dlm_core::SessionId,
     engine: &EngineHandle,
-    control: &mpsc::Sender<FrameKind>,
+    sink: &FrameSink,
     keepalive: Duration,
     mut ended: oneshot::Receiver<()>,
 ) -> bool {
@@ -260,6 +251,11 @@ async fn read_frames(
     let mut body = Vec::new();
     let mut deadline = Instant::now() + keepalive;
     let mut pinged = false;
+    let control = |kind| {
+        if sink.push_control(kind).is_ok() {
+            sink.flush();
+        }
+    };
     loop {
         // The read is not cancel-safe (a frame half read would be lost), so
         // the keepalive timer runs beside it instead of cancelling it.
@@ -275,7 +271,7 @@ async fn read_frames(
                         return false;
                     }
                     pinged = true;
-                    let _ = control.try_send(FrameKind::Ping);
+                    control(FrameKind::Ping);
                     deadline = Instant::now() + keepalive;
                 }
             }
@@ -288,9 +284,7 @@ async fn read_frames(
                     return false;
                 }
             }
-            Ok(Frame::Ping) => {
-                let _ = control.try_send(FrameKind::Pong);
-            }
+            Ok(Frame::Ping) => control(FrameKind::Pong),
             Ok(Frame::Pong) => {}
             Err(error) => {
                 tracing::debug!(session = session.0, %error, "framed session ended");

@@ -26,9 +26,13 @@
 //! socket closes). A bad preface, an oversized or unknown frame, or a body
 //! that does not decode closes the connection, and with it the session.
 
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
 use prost::Message;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::net::unix::OwnedWriteHalf;
+use tokio::sync::Notify;
 
 /// Opens a framed session: `DLMS` and the protocol version (1, little-endian).
 pub const PREFACE: [u8; 8] = *b"DLMS\x01\x00\x00\x00";
@@ -44,9 +48,6 @@ pub const FRAME_BODY_LEN_MAX: usize = crate::server::CLIENT_MESSAGE_LEN_MAX;
 
 /// Bytes before a frame's body.
 pub const FRAME_HEADER_LEN: usize = 5;
-
-/// Bytes coalesced into one write at most (then written, then more).
-const WRITE_COALESCE_MAX: usize = 64 * 1024;
 
 /// A reader's buffer: many small frames per read system call under load.
 pub const READ_BUFFER_LEN: usize = 16 * 1024;
@@ -150,48 +151,199 @@ pub async fn read_frame<M: Message + Default>(
     })
 }
 
-/// Writes the messages queued in `outbound` (and the pings and pongs queued
-/// in `control`) as frames until `outbound` closes or `message_of` turns an
-/// item into `None`, then shuts the write side down. What is queued when a
-/// write starts goes out in that one write.
-pub async fn write_frames<T, M: Message>(
-    mut writer: impl AsyncWrite + Unpin,
-    mut outbound: mpsc::Receiver<T>,
-    control: mpsc::Receiver<FrameKind>,
-    message_of: impl Fn(T) -> Option<M>,
-) {
-    let mut control = Some(control);
-    let mut out = Vec::with_capacity(4096);
-    let mut closing = false;
-    while !closing {
-        tokio::select! {
-            biased;
-            item = outbound.recv() => match item.and_then(&message_of) {
-                Some(message) => encode_message(&message, &mut out),
-                None => closing = true,
-            },
-            kind = async { control.as_mut()?.recv().await }, if control.is_some() => match kind {
-                Some(kind) => encode_control(kind, &mut out),
-                None => control = None,
-            },
+/// The write side of a framed connection, shared by whoever sends on it
+/// (clones share it).
+///
+/// Senders append frames ([`FrameSink::push_message`]) and then
+/// [`FrameSink::flush`]: when no earlier bytes are still waiting, the flush
+/// writes at once, from the sender's own task, without blocking. That saves
+/// the hand-off to a writer task, which on a small machine is a good part
+/// of a lock request's latency. What the socket does not take at once is
+/// written by a task spawned for it, which ends when the bytes are out (or,
+/// once every other handle is gone, after [`DRAIN_TIMEOUT`] without room).
+/// When the last handle and that task are gone, the write side is shut
+/// down, which the other end reads as the end of the session.
+#[derive(Clone)]
+pub struct FrameSink {
+    inner: Arc<SinkInner>,
+}
+
+struct SinkInner {
+    stream: OwnedWriteHalf,
+    state: Mutex<SinkState>,
+    /// Wakes senders waiting for the pending frames to go out.
+    room: Notify,
+}
+
+#[derive(Default)]
+struct SinkState {
+    /// Bytes not yet written.
+    pending: Vec<u8>,
+    /// Frames appended since `pending` was last empty: at least the frames
+    /// not yet (wholly) written.
+    frames: usize,
+    /// A flush task owns the writing until `pending` is empty.
+    flushing: bool,
+    /// The connection failed: nothing more is written.
+    broken: bool,
+}
+
+/// The connection failed; the frame was not sent.
+#[derive(Debug, thiserror::Error)]
+#[error("the connection is closed")]
+pub struct SinkClosed;
+
+/// How a push left the sink.
+#[derive(Clone, Copy, Debug)]
+pub struct Pushed {
+    /// Frames waiting to be written, this one included.
+    pub frames: usize,
+    /// The sink needs a [`FrameSink::flush`] for this frame to go out (no
+    /// earlier frame is waiting for one, and no flush task is running).
+    pub needs_flush: bool,
+}
+
+/// How long a flush task waits for room once no one else holds the sink
+/// (the session is over): then the client is not reading, and its bytes go.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl FrameSink {
+    /// A sink writing to `stream`.
+    #[must_use]
+    pub fn new(stream: OwnedWriteHalf) -> FrameSink {
+        FrameSink { inner: Arc::new(SinkInner { stream, state: Mutex::default(), room: Notify::new() }) }
+    }
+
+    fn state(&self) -> MutexGuard<'_, SinkState> {
+        // Every update leaves the state consistent; a panic elsewhere while
+        // it was held does not make it unusable.
+        self.inner.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Appends a frame holding `message`; it goes out at the next flush.
+    ///
+    /// # Errors
+    /// The connection failed earlier.
+    pub fn push_message(&self, message: &impl Message) -> Result<Pushed, SinkClosed> {
+        self.push(|out| encode_message(message, out))
+    }
+
+    /// Appends a ping or pong frame.
+    ///
+    /// # Errors
+    /// The connection failed earlier.
+    pub fn push_control(&self, kind: FrameKind) -> Result<Pushed, SinkClosed> {
+        self.push(|out| encode_control(kind, out))
+    }
+
+    fn push(&self, encode: impl FnOnce(&mut Vec<u8>)) -> Result<Pushed, SinkClosed> {
+        let mut state = self.state();
+        if state.broken {
+            return Err(SinkClosed);
         }
-        while !closing && out.len() < WRITE_COALESCE_MAX {
-            match outbound.try_recv() {
-                Ok(item) => match message_of(item) {
-                    Some(message) => encode_message(&message, &mut out),
-                    None => closing = true,
-                },
-                Err(_) => break,
-            }
+        let needs_flush = state.pending.is_empty() && !state.flushing;
+        encode(&mut state.pending);
+        state.frames += 1;
+        Ok(Pushed { frames: state.frames, needs_flush })
+    }
+
+    /// Appends a frame and flushes.
+    ///
+    /// # Errors
+    /// The connection failed earlier.
+    pub fn send_message(&self, message: &impl Message) -> Result<(), SinkClosed> {
+        self.push_message(message)?;
+        self.flush();
+        Ok(())
+    }
+
+    /// Writes what is pending, at once as far as the socket takes it; the
+    /// rest goes to a flush task. Must run inside the tokio runtime.
+    pub fn flush(&self) {
+        let mut state = self.state();
+        if state.flushing || state.broken || state.pending.is_empty() {
+            return;
         }
-        if !out.is_empty() {
-            if writer.write_all(&out).await.is_err() {
-                return;
+        if write_some(&self.inner, &mut state) {
+            return;
+        }
+        state.flushing = true;
+        drop(state);
+        tokio::spawn(flush_task(self.inner.clone()));
+    }
+
+    /// Waits until at most `frames_max` frames are waiting (or the
+    /// connection failed): a sender's back-pressure.
+    pub async fn room(&self, frames_max: usize) {
+        loop {
+            let notified = self.inner.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let state = self.state();
+                if state.frames <= frames_max || state.broken {
+                    return;
+                }
             }
-            out.clear();
+            notified.await;
         }
     }
-    let _ = writer.shutdown().await;
+}
+
+/// One non-blocking write of `state.pending`; true when nothing is left.
+fn write_some(inner: &SinkInner, state: &mut SinkState) -> bool {
+    loop {
+        match inner.stream.try_write(&state.pending) {
+            Ok(written) if written == state.pending.len() => {
+                state.pending.clear();
+                state.frames = 0;
+                inner.room.notify_waiters();
+                return true;
+            }
+            Ok(0) => {
+                fail(inner, state);
+                return true;
+            }
+            Ok(written) => {
+                state.pending.drain(..written);
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                fail(inner, state);
+                return true;
+            }
+        }
+    }
+}
+
+fn fail(inner: &SinkInner, state: &mut SinkState) {
+    state.broken = true;
+    state.pending = Vec::new();
+    state.frames = 0;
+    inner.room.notify_waiters();
+}
+
+/// Writes what a flush left, as the socket makes room.
+async fn flush_task(inner: Arc<SinkInner>) {
+    loop {
+        match tokio::time::timeout(DRAIN_TIMEOUT, inner.stream.writable()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                fail(&inner, &mut inner.state.lock().unwrap_or_else(PoisonError::into_inner));
+                return;
+            }
+            // No room for a while: go on waiting while someone else holds
+            // the sink (the session is alive); give up once no one does.
+            Err(_) if Arc::strong_count(&inner) > 1 => continue,
+            Err(_) => return,
+        }
+        let mut state = inner.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if write_some(&inner, &mut state) {
+            state.flushing = false;
+            return;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -4,13 +4,15 @@
 
 use std::pin::Pin;
 
+use tokio::sync::mpsc;
+
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::convert::Rejection;
-use crate::engine::{Command, EngineHandle, EngineStopped, OpenError, OpenSession, Peer};
+use crate::engine::{Command, EngineHandle, EngineStopped, OpenError, OpenSession, Peer, SessionOutput};
 use crate::proto;
 
 /// The `dlm.v1.Dlm` service.
@@ -57,8 +59,10 @@ impl proto::dlm_server::Dlm for DlmService {
     ) -> Result<Response<SessionStream>, Status> {
         let peer = peer_of(&request);
         let mut inbound = request.into_inner();
-        let OpenSession { session, outbound, ended: mut session_ended } =
-            self.engine.open_session(peer, &self.node, self.session_queue_max).await.map_err(|error| match error {
+        let (events, outbound) = mpsc::channel(self.session_queue_max);
+        let output = SessionOutput::Stream(events);
+        let OpenSession { session, ended: mut session_ended } =
+            self.engine.open_session(peer, &self.node, output).await.map_err(|error| match error {
                 OpenError::Stopped => unavailable(EngineStopped),
                 OpenError::Refused(rejection) => rejected(rejection),
             })?;

@@ -161,3 +161,40 @@ async fn a_framed_session_over_the_limit_is_refused_with_a_reason() {
         Ok(_) => panic!("a second session opened past sessions_max = 1"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_framed_client_that_never_reads_loses_its_session() {
+    let agent = Agent::start("framed-slow", "session_queue_max = 16\n");
+    let (mut stream, _) = raw_framed(&agent).await;
+    // Lock and unlock without reading a reply: the socket's buffer fills,
+    // then the frames the agent holds for it, until it gives up.
+    let mut ended = false;
+    for round in 0..200_000u64 {
+        let handle = round % 2;
+        let body = if round % 4 < 2 {
+            lock(handle, if handle == 0 { "a" } else { "b" })
+        } else {
+            proto::client_message::Body::Unlock(proto::Unlock { handle, flags: 0, lvb: None })
+        };
+        let mut out = Vec::new();
+        framing::encode_message(&proto::ClientMessage { body: Some(body) }, &mut out);
+        let write = tokio::time::timeout(Duration::from_secs(2), stream.write_all(&out)).await;
+        if !matches!(write, Ok(Ok(()))) {
+            break;
+        }
+        if round % 1024 == 0 && agent.metrics().contains("dlm_session_ended_total{reason=\"slow_reader\"} 1") {
+            ended = true;
+            break;
+        }
+    }
+    if !ended {
+        support::eventually("the slow session is ended", async || {
+            agent.metrics().contains("dlm_session_ended_total{reason=\"slow_reader\"} 1")
+        })
+        .await;
+    }
+    let session = agent.client().await.session().await.expect("session");
+    let options = LockOptions { timeout: Some(Duration::from_secs(5)), ..LockOptions::default() };
+    let guard = session.lock("default", "a", Mode::Ex, options).await.expect("its locks were released");
+    guard.unlock().await.expect("unlock");
+}
