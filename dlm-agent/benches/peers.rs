@@ -424,37 +424,40 @@ struct Row {
 }
 
 fn print_table(rows: &[Row], systems: &[&str]) {
-    print!("{:<40}", "workload");
+    print!("{:<52}", "workload");
     for system in systems {
-        print!("{system:>12}");
+        print!("{system:>15}");
     }
-    for peer in &systems[2..] {
-        print!("{:>14}", format!("dlm vs {peer}"));
+    // Every other system against dlm's default (framed sessions, Unix socket).
+    for peer in &systems[1..] {
+        print!("{:>22}", format!("dlm vs {peer}"));
     }
     println!();
     for row in rows {
-        print!("{:<40}", format!("{} ({})", row.label, row.unit));
+        print!("{:<52}", format!("{} ({})", row.label, row.unit));
         let value = |name: &str| row.values.iter().find(|(s, _)| s == name).map(|(_, v)| *v);
         for system in systems {
             match value(system) {
-                Some(v) if v >= 100.0 => print!("{v:>12.0}"),
-                Some(v) => print!("{v:>12.2}"),
-                None => print!("{:>12}", "-"),
+                Some(v) if v >= 100.0 => print!("{v:>15.0}"),
+                Some(v) => print!("{v:>15.2}"),
+                None => print!("{:>15}", "-"),
             }
         }
         let dlm = value("dlm-unix");
-        for peer in &systems[2..] {
+        for peer in &systems[1..] {
             match (dlm, value(peer)) {
                 (Some(dlm), Some(peer)) if dlm > 0.0 && peer > 0.0 => {
                     let ratio = if row.higher_is_better { dlm / peer } else { peer / dlm };
-                    print!("{:>14}", format!("{ratio:.2}x"));
+                    print!("{:>22}", format!("{ratio:.2}x"));
                 }
-                _ => print!("{:>14}", "-"),
+                _ => print!("{:>22}", "-"),
             }
         }
         println!();
     }
-    println!("(ratios: how many times better dlm over its Unix socket is; above 1 means dlm is ahead)");
+    println!(
+        "(ratios: how many times better dlm-unix (framed sessions on the Unix socket) is; above 1 means it is ahead)"
+    );
 }
 
 fn write_json(rows: &[Row], path: &Path) -> Result<()> {
