@@ -34,7 +34,8 @@ Commands:
                pinned to CPU 0, in turn without the agent, with it idle, and with it while a
                client holds a lock (default 5 rounds of 200000 loops; --families locks,sched,...
                overrides the agent's default set); prints the slowdowns and each program's
-               ns/event (BPF run statistics), JSON in target/bench/ebpf-overhead.json; needs root
+               ns/event (BPF run statistics) beside what an empty program reads there (bpftrace),
+               JSON in target/bench/ebpf-overhead.json; needs root
   sim [--seeds N] [--start S] | --seed S
                run the deterministic cluster simulation over many seeds (default 10000 from 0;
                the test command runs 1000); a failure prints the seed, `--seed S` replays it

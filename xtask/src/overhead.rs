@@ -5,7 +5,9 @@
 //! attached (idle, then with a client holding a lock, so that its process is
 //! tracked), in one run. Reports the median slowdowns, timed with the BPF
 //! statistics off, and each program's median ns per event from a second run
-//! with them on (`kernel.bpf_stats_enabled`, restored at the end).
+//! with them on (`kernel.bpf_stats_enabled`, restored at the end), beside
+//! the floor of those statistics: what an empty program on the same event
+//! reads (bpftrace), measured each round.
 
 use std::{
     collections::BTreeMap,
@@ -96,6 +98,56 @@ fn program_stats(address: &str) -> BTreeMap<String, (f64, f64)> {
         }
     }
     stats
+}
+
+/// The program-statistics reading of an empty program on the same event:
+/// a bpftrace `tracepoint:sched:sched_switch {}`, measured as the agent's
+/// are (run time over runs across one benchmark run). The kernel times each
+/// run with a clock read, so even a program that does nothing shows a cost
+/// here; what a program shows above this floor is its own work.
+fn empty_program_floor(loops: u64) -> Result<f64, String> {
+    let child = Command::new("bpftrace")
+        .args(["-e", "tracepoint:sched:sched_switch { }"])
+        .process_group(0)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot run bpftrace (Debian package bpftrace): {e}"))?;
+    let bpftrace = ChildGuard(child);
+    let pid = bpftrace.0.id();
+    // (run ns, runs) summed over the programs bpftrace has loaded.
+    let stats = || -> Option<(f64, f64)> {
+        let mut found = None;
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()?.flatten() {
+            let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+            if !text.contains("prog_type:") {
+                continue;
+            }
+            let field = |name: &str| {
+                text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+            };
+            let (ns, runs) = found.unwrap_or((0.0, 0.0));
+            found = Some((ns + field("run_time_ns:"), runs + field("run_cnt:")));
+        }
+        found
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let before = loop {
+        if let Some(before) = stats() {
+            break before;
+        }
+        if Instant::now() > deadline {
+            return Err("bpftrace did not load its program".into());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    pipe_bench(loops)?;
+    let after = stats().ok_or("bpftrace went away")?;
+    let runs = after.1 - before.1;
+    if runs <= 0.0 {
+        return Err("bpftrace's program did not run".into());
+    }
+    Ok((after.0 - before.0) / runs)
 }
 
 struct AgentProcess {
@@ -295,6 +347,7 @@ fn sample(
 fn measure(binary: &str, options: &Options) -> Result<(), String> {
     let mut samples: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
     let mut programs: BTreeMap<Mode, ProgramSamples> = BTreeMap::new();
+    let mut floors: Vec<f64> = Vec::new();
     // Warm up the caches and the CPU frequency before the first sample.
     pipe_bench(options.loops / 4)?;
     for round in 0..options.rounds {
@@ -306,6 +359,10 @@ fn measure(binary: &str, options: &Options) -> Result<(), String> {
             let us = sample(binary, mode, round, options, programs.entry(mode).or_default())?;
             samples.entry(mode).or_default().push(us);
         }
+        set_bpf_stats("1")?;
+        let floor = empty_program_floor(options.loops);
+        set_bpf_stats("0")?;
+        floors.push(floor?);
         let last = |mode| samples.get(&mode).and_then(|v| v.last()).copied().unwrap_or(f64::NAN);
         eprintln!(
             "round {}/{}: without {:.3}, idle {:.3}, holding {:.3} µs/op",
@@ -353,16 +410,19 @@ fn measure(binary: &str, options: &Options) -> Result<(), String> {
             ));
         }
     }
+    let floor = median(&mut floors);
+    println!("floor: an empty program on sched_switch (bpftrace) reads {floor:.1} ns/event in the same statistics");
+    json_modes.push(format!("\"empty_program_ns_per_event\":{floor:.1}"));
     let mut json_programs = Vec::new();
     for mode in [Mode::Idle, Mode::Holding] {
         let Some(samples) = programs.get_mut(&mode) else { continue };
-        println!("{}: {:<26} {:>12} {:>14}", mode.key(), "program", "ns/event", "events/op");
+        println!("{}: {:<26} {:>12} {:>14} {:>14}", mode.key(), "program", "ns/event", "above floor", "events/op");
         let mut per_op_ns = 0.0;
         let mut per_op_events = 0.0;
         for (program, values) in &mut samples.ns_per_event {
             let ns = median(values);
             let per_op = median(samples.events_per_op.get_mut(program).map_or(&mut [][..], |v| &mut v[..]));
-            println!("{:<9}{program:<26} {ns:>12.1} {per_op:>14.2}", "");
+            println!("{:<9}{program:<26} {ns:>12.1} {:>14.1} {per_op:>14.2}", "", ns - floor);
             json_programs.push(format!(
                 "{{\"mode\":\"{}\",\"program\":\"{program}\",\"ns_per_event\":{ns:.1},\"events_per_op\":{per_op:.3}}}",
                 mode.key()
