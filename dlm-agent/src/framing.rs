@@ -170,6 +170,9 @@ pub struct FrameSink {
 
 struct SinkInner {
     stream: OwnedWriteHalf,
+    /// Where flush tasks run: a flush may come from outside the runtime
+    /// (a lock guard dropped on another thread).
+    runtime: tokio::runtime::Handle,
     state: Mutex<SinkState>,
     /// Wakes senders waiting for the pending frames to go out.
     room: Notify,
@@ -209,9 +212,13 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl FrameSink {
     /// A sink writing to `stream`.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime (as the stream itself would).
     #[must_use]
     pub fn new(stream: OwnedWriteHalf) -> FrameSink {
-        FrameSink { inner: Arc::new(SinkInner { stream, state: Mutex::default(), room: Notify::new() }) }
+        let runtime = tokio::runtime::Handle::current();
+        FrameSink { inner: Arc::new(SinkInner { stream, runtime, state: Mutex::default(), room: Notify::new() }) }
     }
 
     fn state(&self) -> MutexGuard<'_, SinkState> {
@@ -258,7 +265,7 @@ impl FrameSink {
     }
 
     /// Writes what is pending, at once as far as the socket takes it; the
-    /// rest goes to a flush task. Must run inside the tokio runtime.
+    /// rest goes to a flush task.
     pub fn flush(&self) {
         let mut state = self.state();
         if state.flushing || state.broken || state.pending.is_empty() {
@@ -269,7 +276,7 @@ impl FrameSink {
         }
         state.flushing = true;
         drop(state);
-        tokio::spawn(flush_task(self.inner.clone()));
+        self.inner.runtime.spawn(flush_task(self.inner.clone()));
     }
 
     /// Waits until at most `frames_max` frames are waiting (or the
@@ -382,5 +389,40 @@ mod tests {
         assert!(matches!(read(&[3, 0]).await, Err(FrameError::Io(_))));
         assert!(matches!(read(&[3, 0, 0, 0, 0, 8]).await, Err(FrameError::Io(_))));
         assert!(matches!(read(&[2, 0, 0, 0, 0, 0xff, 0xff]).await, Err(FrameError::Decode(_))));
+    }
+
+    #[tokio::test]
+    async fn a_sink_keeps_order_when_the_socket_is_full_and_shuts_down_when_dropped() {
+        let (ours, theirs) = tokio::net::UnixStream::pair().expect("pair");
+        let (_read_half, write_half) = ours.into_split();
+        let sink = FrameSink::new(write_half);
+        // Far more than a socket buffer holds, written without a reader:
+        // the rest goes to a flush task, in order.
+        let count = 20_000u64;
+        for handle in 0..count {
+            let message =
+                proto::ClientMessage { body: Some(proto::client_message::Body::Cancel(proto::Cancel { handle })) };
+            sink.send_message(&message).expect("sent");
+        }
+        assert!(sink.state().frames > 0, "the socket took everything: the test proves nothing");
+        let waiting = {
+            let sink = sink.clone();
+            tokio::spawn(async move { sink.room(0).await })
+        };
+        drop(sink);
+        let mut reader = tokio::io::BufReader::new(theirs);
+        let mut body = Vec::new();
+        for handle in 0..count {
+            let frame = read_frame::<proto::ClientMessage>(&mut reader, &mut body).await.expect("a frame");
+            let expected =
+                proto::ClientMessage { body: Some(proto::client_message::Body::Cancel(proto::Cancel { handle })) };
+            assert_eq!(frame, Frame::Message(expected));
+        }
+        waiting.await.expect("room once everything is written");
+        // Every handle gone and everything written: the write side is shut.
+        assert!(matches!(
+            read_frame::<proto::ClientMessage>(&mut reader, &mut body).await,
+            Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof
+        ));
     }
 }

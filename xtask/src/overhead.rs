@@ -123,9 +123,8 @@ fn empty_program_floor(loops: u64) -> Result<f64, String> {
             if !text.contains("prog_type:") {
                 continue;
             }
-            let field = |name: &str| {
-                text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
-            };
+            let field =
+                |name: &str| text.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok()).unwrap_or(0.0);
             let (ns, runs) = found.unwrap_or((0.0, 0.0));
             found = Some((ns + field("run_time_ns:"), runs + field("run_cnt:")));
         }
