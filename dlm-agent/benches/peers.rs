@@ -8,7 +8,8 @@
 //! - latency p50/p99 of a lock+unlock pair at concurrency 1;
 //! - 8 clients on one resource (dlm and etcd queue; Redis clients retry, at
 //!   once, and again with a 1 ms pause between attempts);
-//! - a holder that dies: how long until the waiter has the lock.
+//! - a holder that dies: how long until the waiter has the lock;
+//! - for scale, the floor: a Unix-socket round trip between two processes.
 //!
 //! dlm is measured three ways: `dlm-unix` (the client library's default on
 //! the Unix socket, framed sessions), `dlm-unix-grpc` (gRPC session streams
@@ -460,7 +461,7 @@ fn print_table(rows: &[Row], systems: &[&str]) {
     );
 }
 
-fn write_json(rows: &[Row], path: &Path) -> Result<()> {
+fn write_json(rows: &[Row], floor_us: f64, path: &Path) -> Result<()> {
     let rows: Vec<serde_json::Value> = rows
         .iter()
         .map(|row| {
@@ -475,13 +476,69 @@ fn write_json(rows: &[Row], path: &Path) -> Result<()> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    std::fs::write(path, serde_json::to_string_pretty(&serde_json::json!({ "rows": rows }))?)?;
+    let json = serde_json::json!({ "rows": rows, "unix_round_trip_p50_us": floor_us });
+    std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+    Ok(())
+}
+
+// ----- the floor -----
+
+/// A Unix-socket ping-pong of 16 bytes between this process and a child
+/// (this binary again, as an echo server): round trips in µs, sorted. No
+/// lock service can answer faster than this on the machine; a queued
+/// hand-off costs at least one (grant to the waiter, its unlock back).
+async fn unix_round_trips(dir: &Path, count: usize) -> Result<Vec<f64>> {
+    let path = dir.join("echo.sock");
+    let mut child = Command::new(std::env::current_exe()?).arg(ECHO_SERVER).arg(&path).spawn()?;
+    let result = tokio::task::spawn_blocking(move || -> Result<Vec<f64>> {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut stream = loop {
+            match std::os::unix::net::UnixStream::connect(&path) {
+                Ok(stream) => break stream,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+                Err(error) => return Err(error.into()),
+            }
+        };
+        let mut buffer = [7u8; 16];
+        let mut trips = Vec::with_capacity(count);
+        for _ in 0..count {
+            let start = Instant::now();
+            stream.write_all(&buffer)?;
+            stream.read_exact(&mut buffer)?;
+            trips.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+        trips.sort_by(f64::total_cmp);
+        Ok(trips)
+    })
+    .await?;
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+/// The argument that makes this binary the echo server of [`unix_round_trips`].
+const ECHO_SERVER: &str = "--echo-server";
+
+fn echo_server(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    let (mut stream, _) = listener.accept()?;
+    let mut buffer = [0u8; 16];
+    while stream.read_exact(&mut buffer).is_ok() {
+        stream.write_all(&buffer)?;
+    }
     Ok(())
 }
 
 // ----- main -----
 
 fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some(ECHO_SERVER) {
+        let path = PathBuf::from(args.get(2).cloned().unwrap_or_default());
+        std::process::exit(i32::from(echo_server(&path).is_err()));
+    }
     let measuring = std::env::args().any(|a| a == "--bench");
     let plan = if measuring {
         Plan {
@@ -531,7 +588,7 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
     let wanted = |name: &str| only.as_deref().is_none_or(|list| list.split(',').any(|s| s.trim() == name));
 
     let mut rows = Vec::new();
-    let cells = plan.concurrency.len() * systems.len() + systems.len() + 4;
+    let cells = plan.concurrency.len() * systems.len() + systems.len() + 5;
     let mut done = 0usize;
     let mut progress = |what: &str| {
         done += 1;
@@ -623,11 +680,19 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
     }
     rows.push(killed);
 
+    progress("floor: Unix socket round trip between two processes");
+    let trips = unix_round_trips(&dir, if measuring { 20_000 } else { 1_000 }).await?;
+    let floor_us = trips[trips.len() / 2];
+
     println!();
     print_table(&rows, &systems);
+    println!(
+        "floor: a Unix socket round trip between two processes, p50 {floor_us:.1} µs \
+         (a lock+unlock pair needs two, a queued hand-off one)"
+    );
     if measuring {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/peers.json");
-        write_json(&rows, &path)?;
+        write_json(&rows, floor_us, &path)?;
         println!("written to {}", path.display());
     }
     let _ = std::fs::remove_dir_all(&dir);
