@@ -292,6 +292,14 @@ async fn framed_session(path: &Path) -> Result<Session, ClientError> {
     Ok(Session { inner })
 }
 
+/// The requests of a session waiting for their completion.
+#[derive(Default)]
+struct Waiters {
+    pending: HashMap<u64, oneshot::Sender<Reply>>,
+    /// The session's stream has ended: no answer will come.
+    closed: bool,
+}
+
 /// Where a session's requests go.
 enum Requests {
     /// The gRPC stream's queue.
@@ -308,7 +316,7 @@ enum Reply {
 struct SessionInner {
     id: u64,
     requests: Requests,
-    waiters: Mutex<HashMap<u64, oneshot::Sender<Reply>>>,
+    waiters: Mutex<Waiters>,
     events: broadcast::Sender<SessionEvent>,
     next_handle: AtomicU64,
 }
@@ -318,13 +326,13 @@ impl SessionInner {
         SessionInner {
             id,
             requests,
-            waiters: Mutex::new(HashMap::new()),
+            waiters: Mutex::new(Waiters::default()),
             events: broadcast::channel(1024).0,
             next_handle: AtomicU64::new(1),
         }
     }
 
-    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<u64, oneshot::Sender<Reply>>> {
+    fn waiters(&self) -> std::sync::MutexGuard<'_, Waiters> {
         // A panic while the map is held cannot leave it inconsistent (single
         // inserts and removes), so a poisoned lock is still usable.
         self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -333,7 +341,7 @@ impl SessionInner {
     fn dispatch(&self, message: proto::ServerMessage) {
         match message.body {
             Some(server_message::Body::Completion(completion)) => {
-                let waiter = self.waiters().remove(&completion.handle);
+                let waiter = self.waiters().pending.remove(&completion.handle);
                 match waiter {
                     Some(waiter) => {
                         let _ = waiter.send(Reply::Completion(completion));
@@ -349,7 +357,7 @@ impl SessionInner {
                 }
             }
             Some(server_message::Body::Rejected(rejected)) => {
-                if let Some(waiter) = self.waiters().remove(&rejected.handle) {
+                if let Some(waiter) = self.waiters().pending.remove(&rejected.handle) {
                     let _ = waiter.send(Reply::Rejected(rejected));
                 }
             }
@@ -376,8 +384,12 @@ impl SessionInner {
         }
     }
 
+    /// The session's stream ended: every waiting request, and every later
+    /// one, fails with `SessionClosed`.
     fn close_waiters(&self) {
-        self.waiters().clear();
+        let mut waiters = self.waiters();
+        waiters.closed = true;
+        waiters.pending.clear();
     }
 
     /// Sends without waiting; used from `Drop`, where nothing can be awaited.
@@ -394,9 +406,15 @@ impl SessionInner {
 
     async fn request(&self, handle: u64, body: client_message::Body) -> Result<proto::Completion, LockError> {
         let (reply, answer) = oneshot::channel();
-        self.waiters().insert(handle, reply);
+        {
+            let mut waiters = self.waiters();
+            if waiters.closed {
+                return Err(LockError::SessionClosed);
+            }
+            waiters.pending.insert(handle, reply);
+        }
         if self.submit(proto::ClientMessage { body: Some(body) }).await.is_err() {
-            self.waiters().remove(&handle);
+            self.waiters().pending.remove(&handle);
             return Err(LockError::SessionClosed);
         }
         // If this future is dropped while waiting, cancel the request.
@@ -422,7 +440,7 @@ struct CancelOnDrop<'a> {
 impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.inner.waiters().remove(&self.handle);
+            self.inner.waiters().pending.remove(&self.handle);
             self.inner.send(proto::ClientMessage {
                 body: Some(client_message::Body::Cancel(proto::Cancel { handle: self.handle })),
             });

@@ -247,8 +247,11 @@ struct Engine {
     next_session: u64,
     /// Sessions found not reading during routing, ended after it.
     slow: Vec<SessionId>,
-    /// Framed sessions with frames appended in this pass, flushed after it.
-    unflushed: Vec<FrameSink>,
+    /// Framed sessions to flush after this pass (frames appended to a clean
+    /// sink), or to check for slowness after the flush (over the limit).
+    unflushed: Vec<(SessionId, FrameSink)>,
+    /// Shutting down: sessions are ended in order, none as slow.
+    stopping: bool,
     /// Kernel attribution of lock phases (a no-op without eBPF).
     evidence: KernelEvidence,
 }
@@ -304,6 +307,7 @@ pub fn start(
         next_session: 1,
         slow: Vec::new(),
         unflushed: Vec::new(),
+        stopping: false,
         evidence,
     };
     for entry in &config.lockspaces {
@@ -558,21 +562,22 @@ impl Engine {
             SessionOutput::Framed(sink) => {
                 // A broken connection is its reader's to notice.
                 let Ok(pushed) = sink.push_message(&message) else { return };
-                if pushed.needs_flush {
-                    self.unflushed.push(sink.clone());
-                }
-                if pushed.frames > self.config.session_queue_max {
-                    self.slow.push(session);
+                if pushed.needs_flush || pushed.frames > self.config.session_queue_max {
+                    self.unflushed.push((session, sink.clone()));
                 }
             }
         }
     }
 
-    /// Writes what this pass appended to framed sessions: one write per
-    /// session however many messages it got.
+    /// Writes what this pass appended to framed sessions, one write per
+    /// session however many messages it got; a session whose client leaves
+    /// more than `session_queue_max` frames unread after that is slow.
     fn flush_sessions(&mut self) {
-        for sink in self.unflushed.drain(..) {
+        for (session, sink) in std::mem::take(&mut self.unflushed) {
             sink.flush();
+            if sink.frames_waiting() > self.config.session_queue_max {
+                self.slow.push(session);
+            }
         }
     }
 
@@ -629,13 +634,17 @@ impl Engine {
             };
             self.deliver(session, convert::effect_to_wire(effect));
         }
+        self.flush_sessions();
+        if self.stopping {
+            // Every session ends next, after hearing why; none as slow.
+            self.slow.clear();
+        }
         for session in std::mem::take(&mut self.slow) {
             if self.sessions.contains_key(&session) {
                 tracing::warn!(session = session.0, "client does not read its stream; ending its session");
                 self.end_session(session, "slow_reader");
             }
         }
-        self.flush_sessions();
         self.transmit();
     }
 
@@ -773,6 +782,7 @@ impl Engine {
     /// Pending requests are cancelled first, across all sessions, so that no
     /// lock released by an ending session is granted to a waiter meanwhile.
     fn shutdown(&mut self) {
+        self.stopping = true;
         let mut sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
         sessions.sort_unstable();
         for &session in &sessions {

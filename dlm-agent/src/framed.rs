@@ -232,7 +232,11 @@ async fn serve(stream: UnixStream, engine: &EngineHandle, settings: &FramedSetti
             return;
         }
     };
-    if !read_frames(read_half, session, engine, &sink, settings.keepalive, ended).await {
+    if read_frames(read_half, session, engine, &sink, settings, ended).await {
+        // Ended by the engine (shutdown, slow reader): what it queued goes
+        // out before this connection counts as drained, within a bound.
+        let _ = tokio::time::timeout(framing::DRAIN_TIMEOUT, sink.room(0)).await;
+    } else {
         let _ = engine.send(Command::Close { session }).await;
     }
 }
@@ -244,17 +248,22 @@ async fn read_frames(
     session: dlm_core::SessionId,
     engine: &EngineHandle,
     sink: &FrameSink,
-    keepalive: Duration,
+    settings: &FramedSettings,
     mut ended: oneshot::Receiver<()>,
 ) -> bool {
+    let keepalive = settings.keepalive;
     let mut reader = BufReader::with_capacity(framing::READ_BUFFER_LEN, read_half);
     let mut body = Vec::new();
     let mut deadline = Instant::now() + keepalive;
     let mut pinged = false;
-    let control = |kind| {
-        if sink.push_control(kind).is_ok() {
+    // Pings and pongs count against the frames a client may leave unread,
+    // so a client that pings without reading cannot grow the agent's memory.
+    let control = |kind| match sink.push_control(kind) {
+        Ok(_) => {
             sink.flush();
+            sink.frames_waiting() <= settings.session_queue_max
         }
+        Err(_) => false,
     };
     loop {
         // The read is not cancel-safe (a frame half read would be lost), so
@@ -271,7 +280,9 @@ async fn read_frames(
                         return false;
                     }
                     pinged = true;
-                    control(FrameKind::Ping);
+                    if !control(FrameKind::Ping) {
+                        return false;
+                    }
                     deadline = Instant::now() + keepalive;
                 }
             }
@@ -284,7 +295,12 @@ async fn read_frames(
                     return false;
                 }
             }
-            Ok(Frame::Ping) => control(FrameKind::Pong),
+            Ok(Frame::Ping) => {
+                if !control(FrameKind::Pong) {
+                    tracing::debug!(session = session.0, "framed client pings without reading; ending its session");
+                    return false;
+                }
+            }
             Ok(Frame::Pong) => {}
             Err(error) => {
                 tracing::debug!(session = session.0, %error, "framed session ended");

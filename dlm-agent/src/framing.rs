@@ -20,12 +20,18 @@
 //! | 1 | kind: 0 message, 1 ping, 2 pong |
 //! | length | body: a protobuf `ClientMessage` (client to agent) or `ServerMessage` (agent to client); empty for ping and pong |
 //!
-//! The agent's first frame is the `Welcome`. It answers a ping with a pong,
+//! The agent's first frame is the `Welcome`, or a `Rejected` with handle 0
+//! when it refuses the session (then it closes). A client may send requests
+//! right after the preface; they are read once the session is open. The
+//! agent answers a ping with a pong,
 //! and pings a client silent for its keepalive; a client that then stays
 //! silent for another keepalive loses its session (so does one whose
 //! socket closes). A bad preface, an oversized or unknown frame, or a body
-//! that does not decode closes the connection, and with it the session.
+//! that does not decode closes the connection, and with it the session; so
+//! does leaving more than `session_queue_max` of the agent's frames unread
+//! (pongs included).
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -160,7 +166,7 @@ pub async fn read_frame<M: Message + Default>(
 /// the hand-off to a writer task, which on a small machine is a good part
 /// of a lock request's latency. What the socket does not take at once is
 /// written by a task spawned for it, which ends when the bytes are out (or,
-/// once every other handle is gone, after [`DRAIN_TIMEOUT`] without room).
+/// once every other handle is gone, after at most [`DRAIN_TIMEOUT`]).
 /// When the last handle and that task are gone, the write side is shut
 /// down, which the other end reads as the end of the session.
 #[derive(Clone)]
@@ -182,9 +188,13 @@ struct SinkInner {
 struct SinkState {
     /// Bytes not yet written.
     pending: Vec<u8>,
-    /// Frames appended since `pending` was last empty: at least the frames
-    /// not yet (wholly) written.
-    frames: usize,
+    /// Where each frame not yet wholly written ends, counted in bytes
+    /// appended since the sink was made: their number is the frames waiting.
+    frame_ends: VecDeque<u64>,
+    /// Bytes appended since the sink was made.
+    appended: u64,
+    /// Bytes written since the sink was made.
+    written: u64,
     /// A flush task owns the writing until `pending` is empty.
     flushing: bool,
     /// The connection failed: nothing more is written.
@@ -206,8 +216,9 @@ pub struct Pushed {
     pub needs_flush: bool,
 }
 
-/// How long a flush task waits for room once no one else holds the sink
-/// (the session is over): then the client is not reading, and its bytes go.
+/// How long a flush task goes on once no one else holds the sink (the
+/// session is over): a client that has not read its last messages by then
+/// loses them, and its connection.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl FrameSink {
@@ -249,19 +260,28 @@ impl FrameSink {
             return Err(SinkClosed);
         }
         let needs_flush = state.pending.is_empty() && !state.flushing;
+        let before = state.pending.len();
         encode(&mut state.pending);
-        state.frames += 1;
-        Ok(Pushed { frames: state.frames, needs_flush })
+        state.appended += (state.pending.len() - before) as u64;
+        let end = state.appended;
+        state.frame_ends.push_back(end);
+        Ok(Pushed { frames: state.frame_ends.len(), needs_flush })
+    }
+
+    /// Frames appended and not yet wholly written.
+    #[must_use]
+    pub fn frames_waiting(&self) -> usize {
+        self.state().frame_ends.len()
     }
 
     /// Appends a frame and flushes.
     ///
     /// # Errors
-    /// The connection failed earlier.
+    /// The connection failed, earlier or on this write.
     pub fn send_message(&self, message: &impl Message) -> Result<(), SinkClosed> {
         self.push_message(message)?;
         self.flush();
-        Ok(())
+        if self.state().broken { Err(SinkClosed) } else { Ok(()) }
     }
 
     /// Writes what is pending, at once as far as the socket takes it; the
@@ -288,7 +308,7 @@ impl FrameSink {
             notified.as_mut().enable();
             {
                 let state = self.state();
-                if state.frames <= frames_max || state.broken {
+                if state.frame_ends.len() <= frames_max || state.broken {
                     return;
                 }
             }
@@ -301,18 +321,21 @@ impl FrameSink {
 fn write_some(inner: &SinkInner, state: &mut SinkState) -> bool {
     loop {
         match inner.stream.try_write(&state.pending) {
-            Ok(written) if written == state.pending.len() => {
-                state.pending.clear();
-                state.frames = 0;
-                inner.room.notify_waiters();
-                return true;
-            }
             Ok(0) => {
                 fail(inner, state);
                 return true;
             }
             Ok(written) => {
                 state.pending.drain(..written);
+                state.written += written as u64;
+                let done = state.written;
+                while state.frame_ends.front().is_some_and(|&end| end <= done) {
+                    state.frame_ends.pop_front();
+                }
+                inner.room.notify_waiters();
+                if state.pending.is_empty() {
+                    return true;
+                }
             }
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => return false,
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
@@ -327,23 +350,29 @@ fn write_some(inner: &SinkInner, state: &mut SinkState) -> bool {
 fn fail(inner: &SinkInner, state: &mut SinkState) {
     state.broken = true;
     state.pending = Vec::new();
-    state.frames = 0;
+    state.frame_ends.clear();
     inner.room.notify_waiters();
 }
 
 /// Writes what a flush left, as the socket makes room.
 async fn flush_task(inner: Arc<SinkInner>) {
+    // Set once this task holds the last handle: the session is over.
+    let mut alone_since: Option<tokio::time::Instant> = None;
     loop {
-        match tokio::time::timeout(DRAIN_TIMEOUT, inner.stream.writable()).await {
+        if Arc::strong_count(&inner) == 1 {
+            let since = *alone_since.get_or_insert_with(tokio::time::Instant::now);
+            if since.elapsed() >= DRAIN_TIMEOUT {
+                return;
+            }
+        }
+        // Waits are bounded so that the session's end is noticed.
+        match tokio::time::timeout(DRAIN_TIMEOUT / 4, inner.stream.writable()).await {
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
                 fail(&inner, &mut inner.state.lock().unwrap_or_else(PoisonError::into_inner));
                 return;
             }
-            // No room for a while: go on waiting while someone else holds
-            // the sink (the session is alive); give up once no one does.
-            Err(_) if Arc::strong_count(&inner) > 1 => continue,
-            Err(_) => return,
+            Err(_) => continue,
         }
         let mut state = inner.state.lock().unwrap_or_else(PoisonError::into_inner);
         if write_some(&inner, &mut state) {
@@ -404,7 +433,7 @@ mod tests {
                 proto::ClientMessage { body: Some(proto::client_message::Body::Cancel(proto::Cancel { handle })) };
             sink.send_message(&message).expect("sent");
         }
-        assert!(sink.state().frames > 0, "the socket took everything: the test proves nothing");
+        assert!(sink.frames_waiting() > 0, "the socket took everything: the test proves nothing");
         let waiting = {
             let sink = sink.clone();
             tokio::spawn(async move { sink.room(0).await })

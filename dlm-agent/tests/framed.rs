@@ -198,3 +198,54 @@ async fn a_framed_client_that_never_reads_loses_its_session() {
     let guard = session.lock("default", "a", Mode::Ex, options).await.expect("its locks were released");
     guard.unlock().await.expect("unlock");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_pings_without_reading_loses_its_session() {
+    let agent = Agent::start("framed-pings", "session_queue_max = 16\n");
+    let (mut stream, _) = raw_framed(&agent).await;
+    let mut pings = Vec::new();
+    for _ in 0..1024 {
+        framing::encode_control(FrameKind::Ping, &mut pings);
+    }
+    // Pongs pile up unread until the agent gives up on the connection.
+    let flood = async {
+        for _ in 0..1024 {
+            if stream.write_all(&pings).await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), flood).await;
+    assert!(closed_by_agent(&mut stream, Duration::from_secs(10)).await, "a ping flood was served for ever");
+    support::eventually("the flooding session is gone", async || {
+        agent.client().await.status().await.expect("status").sessions == 0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_fail_rather_than_hang_once_the_agent_is_gone() {
+    let mut agent = Agent::start("framed-gone", "");
+    let session = agent.client().await.session().await.expect("session");
+    let waiting = {
+        let session = session.clone();
+        let holder = session.lock("default", "w", Mode::Ex, LockOptions::default()).await.expect("granted");
+        tokio::spawn(async move {
+            let result = session.lock("default", "w", Mode::Ex, LockOptions::default()).await.map(|_| ());
+            drop(holder);
+            result
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut child = agent.child.take().expect("running");
+    child.kill().expect("kill");
+    let _ = child.wait();
+    // The pending request, and every later one, ends.
+    let pending = tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("in time").expect("task");
+    assert!(pending.is_err(), "granted by a dead agent");
+    let later =
+        tokio::time::timeout(Duration::from_secs(5), session.lock("default", "x", Mode::Ex, LockOptions::default()))
+            .await
+            .expect("a request after the agent died must not hang");
+    assert!(later.is_err());
+}
