@@ -275,10 +275,8 @@ async fn framed_session(path: &Path) -> Result<Session, ClientError> {
             match frame {
                 Ok(Frame::Message(message)) => inner.dispatch(message),
                 Ok(Frame::Ping) => {
-                    if let Requests::Framed(sink) = &inner.requests
-                        && sink.push_control(FrameKind::Pong).is_ok()
-                    {
-                        sink.flush();
+                    if let Requests::Framed(sink) = &inner.requests {
+                        let _ = sink.send_control(FrameKind::Pong);
                     }
                 }
                 Ok(Frame::Pong) => {}

@@ -258,13 +258,7 @@ async fn read_frames(
     let mut pinged = false;
     // Pings and pongs count against the frames a client may leave unread,
     // so a client that pings without reading cannot grow the agent's memory.
-    let control = |kind| match sink.push_control(kind) {
-        Ok(_) => {
-            sink.flush();
-            sink.frames_waiting() <= settings.session_queue_max
-        }
-        Err(_) => false,
-    };
+    let control = |kind| sink.send_control(kind).is_ok() && sink.frames_waiting() <= settings.session_queue_max;
     loop {
         // The read is not cancel-safe (a frame half read would be lost), so
         // the keepalive timer runs beside it instead of cancelling it.

@@ -284,6 +284,16 @@ impl FrameSink {
         if self.state().broken { Err(SinkClosed) } else { Ok(()) }
     }
 
+    /// Appends a ping or pong frame and flushes.
+    ///
+    /// # Errors
+    /// The connection failed, earlier or on this write.
+    pub fn send_control(&self, kind: FrameKind) -> Result<(), SinkClosed> {
+        self.push_control(kind)?;
+        self.flush();
+        if self.state().broken { Err(SinkClosed) } else { Ok(()) }
+    }
+
     /// Writes what is pending, at once as far as the socket takes it; the
     /// rest goes to a flush task.
     pub fn flush(&self) {
