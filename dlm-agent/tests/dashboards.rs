@@ -249,10 +249,6 @@ async fn remote_workload(client: Client, stop: Arc<AtomicBool>) {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 /// `kernel.bpf_stats_enabled` on for the test, restored when dropped.
 struct BpfStats(String);
 
@@ -297,7 +293,7 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
     // second agent (without eBPF) masters a resource node 1's clients use.
     // Every eBPF family is on: the Contention dashboard's futex and off-CPU
     // panels need the opt-in `futex` and `sched` families.
-    let peers = [free_port(), free_port()];
+    let peers = support::free_ports(2);
     let cluster = |id: u16| {
         format!(
             "[ebpf]\ninterval = \"1s\"\nfamilies = [\"locks\", \"futex\", \"sched\", \"holders\", \"memory\"]\n[cluster]\nname = \"dashboards\"\nnode_id = {id}\nrelease_delay = \"1s\"\n\

@@ -20,8 +20,15 @@ pub struct Agent {
     pub child: Option<Child>,
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+pub fn free_port() -> u16 {
+    free_ports(1)[0]
+}
+
+/// `n` distinct free ports: each listener is held until all are bound, so
+/// the kernel cannot hand the same port out twice within one call.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
+    listeners.iter().map(|l| l.local_addr().expect("addr").port()).collect()
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
@@ -257,7 +264,7 @@ impl Cluster {
     /// Starts `n` agents (node ids 1..=n) with `extra` added to each
     /// `[cluster]` section, and waits until every link is up.
     pub fn start(tag: &str, n: usize, extra: &str) -> Cluster {
-        let peer_addresses: Vec<String> = (0..n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let peer_addresses: Vec<String> = free_ports(n).into_iter().map(|port| format!("127.0.0.1:{port}")).collect();
         let members: String = peer_addresses
             .iter()
             .enumerate()
