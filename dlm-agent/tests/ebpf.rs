@@ -127,11 +127,13 @@ fn a_sleeper_shows_blocked_time_and_busy_processes_on_one_cpu_show_run_queue_del
         "sleep 0.3 blocks about 300 ms: {:?}",
         sleeper_row.stat.blocked
     );
+    assert!(sleeper_row.stat.blocked.total_ns < 1_000_000_000, "nor much more: {:?}", sleeper_row.stat.blocked);
     assert!(sleeper_row.stat.voluntary >= 1);
     let spinners: Vec<_> = rows.iter().filter(|r| spinner_pids.contains(&r.tgid)).collect();
     let queued: u64 = spinners.iter().map(|r| r.stat.runq.total_ns).sum();
     let preempted: u64 = spinners.iter().map(|r| r.stat.involuntary).sum();
     assert!(queued >= 200_000_000, "two spinners on one CPU for 1 s wait ~1 s in total; saw {queued} ns");
+    assert!(queued <= 2_500_000_000, "not more than they lived: {queued} ns");
     assert!(preempted >= 2, "the spinners are preempted: {preempted}");
 }
 

@@ -32,7 +32,7 @@ Commands:
   overhead [--rounds N] [--loops N] [--families LIST]
                set up, then measure what the agent's eBPF programs cost: `perf bench sched pipe`
                pinned to CPU 0, in turn without the agent, with it idle, and with it while a
-               client holds a lock (default 5 rounds of 200000 loops; --families locks,sched,...
+               client holds a lock (default 9 rounds of 200000 loops; --families locks,sched,...
                overrides the agent's default set); prints the slowdowns and each program's
                ns/event (BPF run statistics) beside what an empty program reads there (bpftrace),
                JSON in target/bench/ebpf-overhead.json; needs root

@@ -29,7 +29,7 @@ struct Options {
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
-    let mut options = Options { rounds: 5, loops: 200_000, families: None };
+    let mut options = Options { rounds: 9, loops: 200_000, families: None };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let mut value = |name: &str| {
@@ -388,12 +388,15 @@ fn measure(binary: &str, options: &Options) -> Result<(), String> {
         }
     }
     let base = median(samples.entry(Mode::Without).or_default());
+    // The noise the slowdowns sit in: how far the baseline itself moved.
+    let without = samples.get(&Mode::Without).map_or(&[][..], Vec::as_slice);
+    let (low, high) = without.iter().fold((f64::INFINITY, 0.0_f64), |(l, h), &v| (l.min(v), h.max(v)));
     let mut json_modes = Vec::new();
     for mode in Mode::ALL {
         let us = median(samples.entry(mode).or_default());
         let slowdown = us / base - 1.0;
         if mode == Mode::Without {
-            println!("  {:<24} {us:8.3} µs/op", mode.name());
+            println!("  {:<24} {us:8.3} µs/op   (its rounds: {low:.3} to {high:.3})", mode.name());
             json_modes.push(format!("\"{}\":{{\"us_per_op\":{us:.4}}}", mode.key()));
         } else {
             let per_round = median(paired.entry(mode).or_default());
@@ -432,11 +435,18 @@ fn measure(binary: &str, options: &Options) -> Result<(), String> {
         // Weighted by how often each program runs per operation: programs
         // that ran a few times, cold, in the gaps do not skew it.
         let weighted = per_op_ns / per_op_events;
+        // The programs' own run time as a share of an operation without
+        // them: the direct cost, free of the noise between separate runs
+        // (cache and other indirect effects come on top).
+        let share = per_op_ns / (base * 1000.0);
         println!(
-            "{:<9}weighted by events per operation: {weighted:.1} ns/event, {per_op_ns:.0} ns of program time per operation",
-            ""
+            "{:<9}weighted by events per operation: {weighted:.1} ns/event; {per_op_ns:.0} ns of program time per \
+             operation, {:.1}% of one without",
+            "",
+            share * 100.0
         );
         json_modes.push(format!("\"{}_weighted_ns_per_event\":{weighted:.1}", mode.key()));
+        json_modes.push(format!("\"{}_program_share\":{share:.4}", mode.key()));
     }
     let json = format!(
         "{{\"loops\":{},\"rounds\":{},\"families\":\"{families}\",{},\"programs\":[{}]}}\n",

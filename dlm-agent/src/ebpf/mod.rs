@@ -21,12 +21,12 @@ use std::{collections::BTreeSet, time::Duration};
 
 use aya::{
     Ebpf, EbpfLoader, Pod,
-    maps::{HashMap, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
+    maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, StackTraceMap},
     programs::{BtfTracePoint, TracePoint},
 };
 use dlm_ebpf_common::{
     FutexKey, HolderThread, KernelEvent, LockKey, MemKey, OffcpuStackKey, SchedStat, TaskSched, WaitStat, capacity,
-    drops, sched_hists,
+    drops, sched_hists, sched_slots,
 };
 pub use programs::Family;
 
@@ -101,6 +101,11 @@ fn is_permission_error(error: &dyn std::error::Error) -> bool {
     false
 }
 
+/// `kernel.pid_max`, or the kernel's default when unreadable.
+fn pid_max() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/pid_max").ok().and_then(|text| text.trim().parse().ok()).unwrap_or(32_768)
+}
+
 /// The cost of one program, from the kernel's BPF statistics.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgramCost {
@@ -150,7 +155,11 @@ impl Probes {
             (offsets.pid as u64, offsets.tgid as u64, offsets.run_delay as u64);
         let (futex_nr, futex_waitv_nr, syscall_offset) =
             futex.map_or((u64::MAX, u64::MAX, 0), |f| (f.futex, f.futex_waitv, f.offset as u64));
+        let task_slots = sched_slots::for_pid_max(pid_max());
+        let task_slot_mask = task_slots - 1;
         let ebpf = EbpfLoader::new()
+            .map_max_entries("TASK_SCHED", task_slots)
+            .override_global("TASK_SLOT_MASK", &task_slot_mask, true)
             .override_global("TASK_PID_OFFSET", &pid_offset, true)
             .override_global("TASK_TGID_OFFSET", &tgid_offset, true)
             .override_global("TASK_RUN_DELAY_OFFSET", &run_delay_offset, true)
@@ -319,22 +328,16 @@ impl Probes {
         self.per_cpu_hash("FUTEX_STATS", WaitStat::merge)
     }
 
-    /// Off-CPU statistics by process, summed over its threads' entries
+    /// Off-CPU statistics by process, summed over its threads' slots
     /// (run-queue and blocked totals and maxima; the histograms are
-    /// system-wide, see [`Probes::sched_histograms`]).
+    /// system-wide, see [`Probes::sched_histograms`]). A thread's last time
+    /// away is counted at its next switch out ([`TaskSched`]).
     ///
     /// # Errors
     /// The map cannot be read.
     pub fn sched_stats(&self) -> Result<Vec<(u32, SchedStat)>, ProbeError> {
-        let name = "TASK_SCHED";
-        let map = self.ebpf.map(name).ok_or_else(|| ProbeError::Map(name, "not in the object".into()))?;
-        let map: HashMap<&MapData, u32, TaskSched> =
-            HashMap::try_from(map).map_err(|e| ProbeError::Map(name, e.to_string()))?;
         let mut by_process: std::collections::BTreeMap<u32, SchedStat> = std::collections::BTreeMap::new();
-        for (_, task) in map.iter().flatten() {
-            if task.tgid == 0 {
-                continue;
-            }
+        for (_, task) in self.task_slots()? {
             let stat = by_process.entry(task.tgid).or_default();
             stat.voluntary += task.voluntary;
             stat.involuntary += task.involuntary;
@@ -344,6 +347,27 @@ impl Probes {
             stat.blocked.max_ns = stat.blocked.max_ns.max(task.blocked_max_ns);
         }
         Ok(by_process.into_iter().collect())
+    }
+
+    /// The occupied `TASK_SCHED` slots, by index: one lookup per slot, a few
+    /// tens of milliseconds for the 32,768 slots of a default `pid_max`, so
+    /// none while `sched` is not attached (the slots are all empty then).
+    fn task_slots(&self) -> Result<Vec<(u32, TaskSched)>, ProbeError> {
+        if !self.attached.contains(&Family::Sched) {
+            return Ok(Vec::new());
+        }
+        let name = "TASK_SCHED";
+        let map = self.ebpf.map(name).ok_or_else(|| ProbeError::Map(name, "not in the object".into()))?;
+        let array: Array<&MapData, TaskSched> =
+            Array::try_from(map).map_err(|e| ProbeError::Map(name, e.to_string()))?;
+        let mut occupied = Vec::new();
+        for index in 0..array.len() {
+            let task = array.get(&index, 0).map_err(|e| ProbeError::Map(name, e.to_string()))?;
+            if task.pid != 0 && task.tgid != 0 {
+                occupied.push((index, task));
+            }
+        }
+        Ok(occupied)
     }
 
     /// System-wide (run-queue delay, blocked time) histograms.
@@ -363,12 +387,14 @@ impl Probes {
         self.forget_tasks_where(|task| exited.contains(&task.tgid));
     }
 
+    /// Empties the slots of the threads `matches` picks. A thread that
+    /// switches meanwhile may lose that switch's update, as with any reset.
     fn forget_tasks_where(&mut self, matches: impl Fn(&TaskSched) -> bool) {
+        let Ok(slots) = self.task_slots() else { return };
         let Some(map) = self.ebpf.map_mut("TASK_SCHED") else { return };
-        let Ok(mut map) = HashMap::<&mut MapData, u32, TaskSched>::try_from(map) else { return };
-        let threads: Vec<u32> = map.iter().flatten().filter(|(_, task)| matches(task)).map(|(pid, _)| pid).collect();
-        for pid in threads {
-            let _ = map.remove(&pid);
+        let Ok(mut array) = Array::<&mut MapData, TaskSched>::try_from(map) else { return };
+        for (index, _) in slots.iter().filter(|(_, task)| matches(task)) {
+            let _ = array.set(*index, TaskSched::default(), 0);
         }
     }
 
@@ -428,6 +454,17 @@ impl Probes {
         (0..drops::COUNT).map(|index| (drops::NAMES[index as usize], self.per_cpu_array_sum("DROPS", index))).collect()
     }
 
+    fn occupied_task_slots(&self) -> u64 {
+        self.task_slots().map_or(0, |slots| slots.len() as u64)
+    }
+
+    fn task_slot_count(&self) -> u32 {
+        self.ebpf
+            .map("TASK_SCHED")
+            .and_then(|map| Array::<&MapData, TaskSched>::try_from(map).ok())
+            .map_or(0, |array| array.len())
+    }
+
     fn count_plain<K: Pod, V: Pod>(&self, name: &'static str) -> u64 {
         self.ebpf
             .map(name)
@@ -454,7 +491,7 @@ impl Probes {
         vec![
             fill("LOCK_STATS", self.count::<LockKey, WaitStat>("LOCK_STATS"), capacity::LOCK_STATS),
             fill("FUTEX_STATS", self.count::<FutexKey, WaitStat>("FUTEX_STATS"), capacity::FUTEX_STATS),
-            fill("TASK_SCHED", self.count_plain::<u32, TaskSched>("TASK_SCHED"), capacity::SCHED_STATE),
+            fill("TASK_SCHED", self.occupied_task_slots(), self.task_slot_count()),
             fill("HOLDER_THREADS", self.count_plain::<u32, HolderThread>("HOLDER_THREADS"), capacity::HOLDER_THREADS),
             fill("OFFCPU_STACKS", self.count::<OffcpuStackKey, u64>("OFFCPU_STACKS"), capacity::OFFCPU_STACKS),
             fill("MEM_STATS", self.count::<MemKey, WaitStat>("MEM_STATS"), capacity::MEM_STATS),

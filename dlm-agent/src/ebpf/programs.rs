@@ -8,9 +8,9 @@ pub enum Family {
     /// Futex waits (`syscalls:sys_enter/exit_futex`, `futex_waitv`).
     Futex,
     /// Off-CPU time and run-queue delay of every task on the node
-    /// (`sched:sched_switch/wakeup`): what `trace offcpu` shows. It costs
-    /// every context switch on the node (+20 % on `perf bench sched pipe`),
-    /// so the agent leaves it out unless configured.
+    /// (`sched:sched_switch`): what `trace offcpu` shows. It does a little
+    /// work on every context switch of the node, so the agent leaves it out
+    /// unless configured.
     Sched,
     /// Where the time of DLM lock holders and waiters goes (on CPU, run
     /// queue, blocked), and the processes they fork: `sched_switch` and
@@ -74,8 +74,6 @@ pub const ATTACHMENTS: &[Attachment] = &[
     at("dlm_futex_waitv_enter", "syscalls", "sys_enter_futex_waitv", Family::Futex),
     at("dlm_futex_exit", "syscalls", "sys_exit_futex_waitv", Family::Futex),
     at("dlm_sched_switch", BTF, "sched_switch", Family::Sched),
-    at("dlm_sched_wakeup", BTF, "sched_wakeup", Family::Sched),
-    at("dlm_sched_wakeup_new", BTF, "sched_wakeup_new", Family::Sched),
     at("dlm_holders_switch", BTF, "sched_switch", Family::Holders),
     at("dlm_process_fork", BTF, "sched_process_fork", Family::Holders),
     at("dlm_process_exit", BTF, "sched_process_exit", Family::Holders),

@@ -193,19 +193,37 @@ impl SchedStat {
         SchedStat { voluntary: 0, involuntary: 0, runq: WaitStat::ZERO, blocked: WaitStat::ZERO };
 }
 
-/// What the scheduler programs know of one thread (the `TASK_SCHED` map,
-/// LRU so exited threads age out). The counters live here rather than in a
-/// per-process map so a context switch costs two lookups, not four; userspace
-/// sums threads into processes.
+/// What the `sched` program knows of one thread: a slot of the `TASK_SCHED`
+/// array, indexed by thread id ([`sched_slots`]). An array slot is a plain
+/// load where a hash lookup is a helper call, and this runs on every
+/// context switch of the node. The counters live here rather than in a
+/// per-process map; userspace sums threads into processes.
+///
+/// Off-CPU time is settled one switch late: when the thread comes back on
+/// a CPU its time away is kept in `away_ns`, and at its next switch out
+/// (its last one included) the kernel's `sched_info.run_delay` says how
+/// much of it was spent runnable, waiting for a CPU; the rest was blocked.
+/// So no wake-up program is needed, which alone costs more than this one.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TaskSched {
-    /// Process id (0 until known).
+    /// Thread id owning the slot (0: empty). A thread whose id maps to a
+    /// slot another thread holds takes it over (counted as a drop).
+    pub pid: u32,
+    /// Process id.
     pub tgid: u32,
     /// [`task_states`].
     pub state: u32,
+    /// Whether the time in `away_ns` began with a sleep (1) or a
+    /// preemption (0).
+    pub away_blocked: u32,
     /// When the thread entered `state`.
     pub since_ns: u64,
+    /// The kernel's `sched_info.run_delay` of the thread at its last
+    /// switch out.
+    pub run_delay_ns: u64,
+    /// Its last time off a CPU, not yet split (0: none).
+    pub away_ns: u64,
     /// Kernel stack at the last sleeping switch out (negative: none).
     pub kernel_stack: i32,
     /// User stack at the last sleeping switch out (negative: none).
@@ -224,6 +242,23 @@ pub struct TaskSched {
     pub blocked_max_ns: u64,
 }
 
+/// How the `TASK_SCHED` array is sized: one slot per possible thread id
+/// when `kernel.pid_max` allows, so that no two live threads share one.
+pub mod sched_slots {
+    /// Fewest slots.
+    pub const MIN: u32 = 1024;
+    /// Most slots (about 13 MiB); above this thread ids can collide.
+    pub const MAX: u32 = 131_072;
+
+    /// Slots for a kernel whose `pid_max` is `pid_max`: the next power of
+    /// two, within [`MIN`, `MAX`], so the program indexes with a mask.
+    pub const fn for_pid_max(pid_max: u32) -> u32 {
+        let wanted = if pid_max > MAX { MAX } else { pid_max };
+        let slots = wanted.next_power_of_two();
+        if slots < MIN { MIN } else { slots }
+    }
+}
+
 /// [`TaskSched::state`] values.
 pub mod task_states {
     /// On a CPU.
@@ -232,6 +267,8 @@ pub mod task_states {
     pub const RUNNABLE: u32 = 1;
     /// Sleeping.
     pub const BLOCKED: u32 = 2;
+    /// Gone: its last switch out was seen (`TaskSched` slots only).
+    pub const EXITED: u32 = 3;
 }
 
 /// Indexes of the system-wide scheduler histograms (`SCHED_HIST`).
@@ -439,7 +476,8 @@ pub mod drops {
     pub const STACKS: u32 = 1;
     /// Futex statistics.
     pub const FUTEX_STATS: u32 = 2;
-    /// Per-task scheduler state.
+    /// Scheduler slots taken over from another live thread (thread ids
+    /// beyond the slots, when `pid_max` is above [`super::sched_slots::MAX`]).
     pub const SCHED_STATE: u32 = 3;
     /// Folded off-CPU stacks.
     pub const OFFCPU_STACKS: u32 = 4;
@@ -478,8 +516,6 @@ pub mod capacity {
     pub const STACKS: u32 = 8192;
     /// Futex wait entries.
     pub const FUTEX_STATS: u32 = 8192;
-    /// Threads whose scheduler state is followed (LRU: the oldest are evicted).
-    pub const SCHED_STATE: u32 = 32768;
     /// Folded off-CPU stack entries.
     pub const OFFCPU_STACKS: u32 = 8192;
     /// Memory-stall entries.
@@ -513,7 +549,22 @@ mod pod {
 
 #[cfg(test)]
 mod tests {
-    use super::{Attribution, tracked_slots::*};
+    use super::{Attribution, sched_slots, tracked_slots::*};
+
+    #[test]
+    fn scheduler_slots_cover_pid_max_within_bounds() {
+        for (pid_max, slots) in [
+            (0, 1024),
+            (300, 1024),
+            (32_768, 32_768),
+            (32_769, 65_536),
+            (99_999, 131_072),
+            (131_072, 131_072),
+            (4_194_304, 131_072),
+        ] {
+            assert_eq!(sched_slots::for_pid_max(pid_max), slots, "pid_max {pid_max}");
+        }
+    }
 
     #[test]
     fn tracked_slots_claim_share_and_release() {

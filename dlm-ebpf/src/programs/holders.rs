@@ -27,10 +27,7 @@ use aya_ebpf::{
 };
 use dlm_ebpf_common::{HolderThread, capacity, drops, task_states::*};
 
-use super::{any_tracked, attribute_to, count_drop, group_of, now_ns, setting, task_field};
-
-/// `TASK_DEAD` in `task_struct.__state`: the thread's last switch.
-const TASK_DEAD: u64 = 0x80;
+use super::{TASK_DEAD, any_tracked, attribute_to, count_drop, group_of, now_ns, setting, task_field};
 
 /// Threads of tracked processes (LRU as a backstop: entries are removed at
 /// a thread's last switch).

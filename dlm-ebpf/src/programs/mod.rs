@@ -50,9 +50,16 @@ static FUTEX_SYSCALL_NR: u64 = u64::MAX;
 static FUTEX_WAITV_SYSCALL_NR: u64 = u64::MAX;
 #[unsafe(no_mangle)]
 static PT_REGS_SYSCALL_OFFSET: u64 = 0;
+/// `TASK_SCHED` slots minus one (a power of two minus one, set by the
+/// loader from `kernel.pid_max`): a thread's slot is its id masked by it.
+#[unsafe(no_mangle)]
+static TASK_SLOT_MASK: u32 = dlm_ebpf_common::sched_slots::MIN - 1;
 /// A memory stall at least this long, in ns, is also sent as an event.
 #[unsafe(no_mangle)]
 static LONG_STALL_NS: u64 = 10_000_000;
+
+/// `TASK_DEAD` in `task_struct.__state`: the thread's last switch.
+const TASK_DEAD: u64 = 0x80;
 
 /// Reads a load-time setting. The volatile read stops the compiler from
 /// folding in the default; the verifier then sees the loader's value.
@@ -271,7 +278,7 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 }
 
 /// The programs use GPL-only helpers (`bpf_get_stackid` on tracepoints,
-/// `bpf_probe_read_kernel`), so the object declares a GPL-compatible licence.
+/// `bpf_probe_read_kernel_buf`), so the object declares a GPL-compatible licence.
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
