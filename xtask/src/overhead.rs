@@ -3,11 +3,12 @@
 //! switches and wake-ups: the worst case for the scheduler programs),
 //! alternately without and with a running agent whose programs are
 //! attached (idle, then with a client holding a lock, so that its process is
-//! tracked), in one run. Reports the median slowdowns, timed with the BPF
-//! statistics off, and each program's median ns per event from a second run
-//! with them on (`kernel.bpf_stats_enabled`, restored at the end), beside
-//! the floor of those statistics: what an empty program on the same event
-//! reads (bpftrace), measured each round.
+//! tracked), and with an empty bpftrace program on the same event instead
+//! (what attaching anything there costs), in one run. Reports the median
+//! slowdowns, timed with the BPF statistics off, and each program's median
+//! ns per event from a second run with them on (`kernel.bpf_stats_enabled`,
+//! restored at the end), beside the floor of those statistics: what the
+//! empty program reads there.
 
 use std::{
     collections::BTreeMap,
@@ -100,12 +101,14 @@ fn program_stats(address: &str) -> BTreeMap<String, (f64, f64)> {
     stats
 }
 
-/// The program-statistics reading of an empty program on the same event:
-/// a bpftrace `tracepoint:sched:sched_switch {}`, measured as the agent's
-/// are (run time over runs across one benchmark run). The kernel times each
-/// run with a clock read, so even a program that does nothing shows a cost
-/// here; what a program shows above this floor is its own work.
-fn empty_program_floor(loops: u64) -> Result<f64, String> {
+/// An empty program on the same event, a bpftrace
+/// `tracepoint:sched:sched_switch {}`: the benchmark timed with it attached
+/// (what attaching anything there costs), then its program-statistics
+/// reading, measured as the agent's are (run time over runs across one
+/// benchmark run), pushed to `floors`. The kernel times each run with a
+/// clock read, so even a program that does nothing shows a cost there; what
+/// a program shows above this floor is its own work.
+fn empty_program(loops: u64, floors: &mut Vec<f64>) -> Result<f64, String> {
     let child = Command::new("bpftrace")
         .args(["-e", "tracepoint:sched:sched_switch { }"])
         .process_group(0)
@@ -131,22 +134,28 @@ fn empty_program_floor(loops: u64) -> Result<f64, String> {
         found
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    let before = loop {
-        if let Some(before) = stats() {
-            break before;
+    loop {
+        if stats().is_some() {
+            break;
         }
         if Instant::now() > deadline {
             return Err("bpftrace did not load its program".into());
         }
         std::thread::sleep(Duration::from_millis(100));
-    };
+    }
+    let us = pipe_bench(loops)?;
+    set_bpf_stats("1")?;
+    let before = stats().ok_or("bpftrace went away")?;
     pipe_bench(loops)?;
-    let after = stats().ok_or("bpftrace went away")?;
+    let after = stats().ok_or("bpftrace went away");
+    set_bpf_stats("0")?;
+    let after = after?;
     let runs = after.1 - before.1;
     if runs <= 0.0 {
         return Err("bpftrace's program did not run".into());
     }
-    Ok((after.0 - before.0) / runs)
+    floors.push((after.0 - before.0) / runs);
+    Ok(us)
 }
 
 struct AgentProcess {
@@ -273,6 +282,9 @@ fn set_bpf_stats(value: &str) -> Result<(), String> {
 enum Mode {
     /// No agent: the baseline.
     Without,
+    /// No agent, an empty bpftrace program on `sched_switch`: what
+    /// attaching anything there costs.
+    EmptyProgram,
     /// The agent with its programs attached and no client.
     Idle,
     /// The same with one client holding a lock (so its process is tracked
@@ -281,11 +293,12 @@ enum Mode {
 }
 
 impl Mode {
-    const ALL: [Mode; 3] = [Mode::Without, Mode::Idle, Mode::Holding];
+    const ALL: [Mode; 4] = [Mode::Without, Mode::EmptyProgram, Mode::Idle, Mode::Holding];
 
     fn name(self) -> &'static str {
         match self {
             Mode::Without => "without dlm programs",
+            Mode::EmptyProgram => "an empty program only",
             Mode::Idle => "with, agent idle",
             Mode::Holding => "with, a lock held",
         }
@@ -294,6 +307,7 @@ impl Mode {
     fn key(self) -> &'static str {
         match self {
             Mode::Without => "without",
+            Mode::EmptyProgram => "empty_program",
             Mode::Idle => "idle",
             Mode::Holding => "holding",
         }
@@ -313,9 +327,12 @@ fn sample(
     round: usize,
     options: &Options,
     programs: &mut ProgramSamples,
+    floors: &mut Vec<f64>,
 ) -> Result<f64, String> {
-    if mode == Mode::Without {
-        return pipe_bench(options.loops);
+    match mode {
+        Mode::Without => return pipe_bench(options.loops),
+        Mode::EmptyProgram => return empty_program(options.loops, floors),
+        Mode::Idle | Mode::Holding => {}
     }
     let agent = AgentProcess::start(binary, round, options)?;
     let _holder = if mode == Mode::Holding { Some(agent.hold_lock(binary)?) } else { None };
@@ -355,19 +372,16 @@ fn measure(binary: &str, options: &Options) -> Result<(), String> {
         let mut order = Mode::ALL;
         order.rotate_left(round % Mode::ALL.len());
         for mode in order {
-            let us = sample(binary, mode, round, options, programs.entry(mode).or_default())?;
+            let us = sample(binary, mode, round, options, programs.entry(mode).or_default(), &mut floors)?;
             samples.entry(mode).or_default().push(us);
         }
-        set_bpf_stats("1")?;
-        let floor = empty_program_floor(options.loops);
-        set_bpf_stats("0")?;
-        floors.push(floor?);
         let last = |mode| samples.get(&mode).and_then(|v| v.last()).copied().unwrap_or(f64::NAN);
         eprintln!(
-            "round {}/{}: without {:.3}, idle {:.3}, holding {:.3} µs/op",
+            "round {}/{}: without {:.3}, empty program {:.3}, idle {:.3}, holding {:.3} µs/op",
             round + 1,
             options.rounds,
             last(Mode::Without),
+            last(Mode::EmptyProgram),
             last(Mode::Idle),
             last(Mode::Holding)
         );
@@ -382,7 +396,7 @@ fn measure(binary: &str, options: &Options) -> Result<(), String> {
     // between rounds, and pairing cancels what the two share.
     let mut paired: BTreeMap<Mode, Vec<f64>> = BTreeMap::new();
     if let Some(without) = samples.get(&Mode::Without) {
-        for mode in [Mode::Idle, Mode::Holding] {
+        for mode in [Mode::EmptyProgram, Mode::Idle, Mode::Holding] {
             let with = samples.get(&mode).map_or(&[][..], Vec::as_slice);
             paired.insert(mode, with.iter().zip(without).map(|(w, b)| w / b - 1.0).collect());
         }
