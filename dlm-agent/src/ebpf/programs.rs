@@ -67,8 +67,8 @@ const fn at(program: &'static str, category: &'static str, tracepoint: &'static 
 /// tracepoints (one program serves both futex exits); a BTF tracepoint
 /// program is bound to its tracepoint when loaded.
 pub const ATTACHMENTS: &[Attachment] = &[
-    at("dlm_lock_contention_begin", "lock", "contention_begin", Family::Locks),
-    at("dlm_lock_contention_end", "lock", "contention_end", Family::Locks),
+    at("dlm_lock_contention_begin", BTF, "contention_begin", Family::Locks),
+    at("dlm_lock_contention_end", BTF, "contention_end", Family::Locks),
     at("dlm_futex_enter", "syscalls", "sys_enter_futex", Family::Futex),
     at("dlm_futex_exit", "syscalls", "sys_exit_futex", Family::Futex),
     at("dlm_futex_waitv_enter", "syscalls", "sys_enter_futex_waitv", Family::Futex),
@@ -77,13 +77,13 @@ pub const ATTACHMENTS: &[Attachment] = &[
     at("dlm_holders_switch", BTF, "sched_switch", Family::Holders),
     at("dlm_process_fork", BTF, "sched_process_fork", Family::Holders),
     at("dlm_process_exit", BTF, "sched_process_exit", Family::Holders),
-    at("dlm_direct_reclaim_begin", "vmscan", "mm_vmscan_direct_reclaim_begin", Family::Memory),
-    at("dlm_direct_reclaim_end", "vmscan", "mm_vmscan_direct_reclaim_end", Family::Memory),
-    at("dlm_memcg_reclaim_begin", "vmscan", "mm_vmscan_memcg_reclaim_begin", Family::Memory),
-    at("dlm_memcg_reclaim_end", "vmscan", "mm_vmscan_memcg_reclaim_end", Family::Memory),
-    at("dlm_compaction_begin", "compaction", "mm_compaction_begin", Family::Memory),
-    at("dlm_compaction_end", "compaction", "mm_compaction_end", Family::Memory),
-    at("dlm_kswapd_wake", "vmscan", "mm_vmscan_wakeup_kswapd", Family::Memory),
+    at("dlm_direct_reclaim_begin", BTF, "mm_vmscan_direct_reclaim_begin", Family::Memory),
+    at("dlm_direct_reclaim_end", BTF, "mm_vmscan_direct_reclaim_end", Family::Memory),
+    at("dlm_memcg_reclaim_begin", BTF, "mm_vmscan_memcg_reclaim_begin", Family::Memory),
+    at("dlm_memcg_reclaim_end", BTF, "mm_vmscan_memcg_reclaim_end", Family::Memory),
+    at("dlm_compaction_begin", BTF, "mm_compaction_begin", Family::Memory),
+    at("dlm_compaction_end", BTF, "mm_compaction_end", Family::Memory),
+    at("dlm_kswapd_wake", BTF, "mm_vmscan_wakeup_kswapd", Family::Memory),
     at("dlm_oom_mark_victim", "oom", "mark_victim", Family::Memory),
 ];
 
@@ -92,9 +92,6 @@ pub const ATTACHMENTS: &[Attachment] = &[
 /// kernel's format files, so a layout change fails loudly instead of
 /// producing garbage.
 pub const FIELD_OFFSETS: &[(&str, &str, &str, usize, usize)] = &[
-    ("lock", "contention_begin", "lock_addr", 8, 8),
-    ("lock", "contention_begin", "flags", 16, 4),
-    ("lock", "contention_end", "lock_addr", 8, 8),
     ("syscalls", "sys_enter_futex", "uaddr", 16, 8),
     ("syscalls", "sys_enter_futex", "op", 24, 8),
     ("syscalls", "sys_enter_futex_waitv", "waiters", 16, 8),

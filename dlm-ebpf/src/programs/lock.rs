@@ -2,22 +2,21 @@
 //! contention` does it. A spinning waiter cannot sleep or migrate, so its
 //! start time is kept per CPU; a sleeping waiter's is kept per task.
 //!
-//! Tracepoint layout (`/sys/kernel/tracing/events/lock/*/format`):
-//! `contention_begin`: `void *lock_addr` at 8, `unsigned int flags` at 16;
-//! `contention_end`: `void *lock_addr` at 8, `int ret` at 16.
+//! BTF tracepoints, so no trace record is built per event and detaching
+//! does not wait for the tracing subsystem's grace period (a classic
+//! tracepoint's perf event does, one after another, under a global mutex).
+//! Arguments: `contention_begin(void *lock, unsigned int flags)`,
+//! `contention_end(void *lock, int ret)`.
 
 use aya_ebpf::{
     bindings::BPF_NOEXIST,
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map},
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
-    programs::{TracePointContext, tracing::StackIdContext as _},
+    programs::{BtfTracePointContext, tracing::StackIdContext as _},
 };
 use dlm_ebpf_common::{LockKey, WaitStat, capacity, drops, lock_flags};
 
 use super::{STACKS, attribute, count_drop, current_ids, is_measured, is_tracked, now_ns, record_wait, setting};
-
-const LOCK_ADDR_OFFSET: usize = 8;
-const FLAGS_OFFSET: usize = 16;
 
 /// When and where a waiter started waiting.
 #[repr(C)]
@@ -41,18 +40,15 @@ static LOCK_TASK_START: HashMap<u32, LockStart> = HashMap::with_max_entries(capa
 #[map]
 static LOCK_CPU_START: PerCpuArray<LockStart> = PerCpuArray::with_max_entries(1, 0);
 
-#[tracepoint]
-pub fn dlm_lock_contention_begin(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "contention_begin")]
+pub fn dlm_lock_contention_begin(ctx: BtfTracePointContext) -> u32 {
     let (tid, tgid) = current_ids();
     if !is_measured(tgid) && !is_tracked(tgid) {
         return 0;
     }
-    // SAFETY: offsets from the tracepoint's format; the agent's tests check them.
-    let (Ok(lock_addr), Ok(flags)) =
-        (unsafe { ctx.read_at::<u64>(LOCK_ADDR_OFFSET) }, unsafe { ctx.read_at::<u32>(FLAGS_OFFSET) })
-    else {
-        return 0;
-    };
+    let lock_addr: u64 = ctx.arg(0);
+    let flags: u64 = ctx.arg(1);
+    let flags = flags as u32;
     let stack_id = match ctx.get_stackid(&STACKS, 0) {
         Ok(id) => id as i32,
         Err(_) => {
@@ -81,14 +77,11 @@ pub fn dlm_lock_contention_begin(ctx: TracePointContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn dlm_lock_contention_end(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "contention_end")]
+pub fn dlm_lock_contention_end(ctx: BtfTracePointContext) -> u32 {
     let now = now_ns();
     let (tid, tgid) = current_ids();
-    // SAFETY: see `dlm_lock_contention_begin`.
-    let Ok(lock_addr) = (unsafe { ctx.read_at::<u64>(LOCK_ADDR_OFFSET) }) else {
-        return 0;
-    };
+    let lock_addr: u64 = ctx.arg(0);
     let start = if let Some(start) = LOCK_TASK_START.get_ptr(tid) {
         // SAFETY: the entry is this thread's own; only it removes it.
         let start = unsafe { *start };

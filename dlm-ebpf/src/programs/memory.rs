@@ -2,17 +2,20 @@
 //! timed per thread from begin to end and kept by (process, cgroup, kind);
 //! kswapd wake-ups counted; OOM victims and long stalls sent as events.
 //!
-//! Tracepoint layout (`/sys/kernel/tracing/events/{vmscan,oom}/*/format`):
-//! the reclaim and compaction begin/end fields are not needed (only the
-//! time and the current task); `oom:mark_victim`: `int pid` at 8,
+//! The reclaim, compaction and kswapd programs are BTF tracepoints (no trace
+//! record is built, and they detach without a grace period each) and need
+//! none of their arguments: only the time and the current task.
+//! `oom:mark_victim` is rare and wants the record's RSS figures, so it stays
+//! a classic tracepoint. Its layout
+//! (`/sys/kernel/tracing/events/oom/mark_victim/format`): `int pid` at 8,
 //! `__data_loc char[] comm` at 12, `anon_rss` at 24, `uid_t uid` at 48.
 
 use aya_ebpf::{
     EbpfContext as _,
     helpers::{bpf_get_current_comm, bpf_probe_read_kernel_buf},
-    macros::{map, tracepoint},
+    macros::{btf_tracepoint, map, tracepoint},
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
-    programs::TracePointContext,
+    programs::{BtfTracePointContext, TracePointContext},
 };
 use dlm_ebpf_common::{KernelEvent, MemKey, WaitStat, capacity, drops, event_kinds, stall_kinds};
 
@@ -76,44 +79,44 @@ fn end(kind: u32) {
     }
 }
 
-#[tracepoint]
-pub fn dlm_direct_reclaim_begin(_ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "mm_vmscan_direct_reclaim_begin")]
+pub fn dlm_direct_reclaim_begin(_ctx: BtfTracePointContext) -> u32 {
     begin(stall_kinds::DIRECT_RECLAIM);
     0
 }
 
-#[tracepoint]
-pub fn dlm_direct_reclaim_end(_ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "mm_vmscan_direct_reclaim_end")]
+pub fn dlm_direct_reclaim_end(_ctx: BtfTracePointContext) -> u32 {
     end(stall_kinds::DIRECT_RECLAIM);
     0
 }
 
-#[tracepoint]
-pub fn dlm_memcg_reclaim_begin(_ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "mm_vmscan_memcg_reclaim_begin")]
+pub fn dlm_memcg_reclaim_begin(_ctx: BtfTracePointContext) -> u32 {
     begin(stall_kinds::MEMCG_RECLAIM);
     0
 }
 
-#[tracepoint]
-pub fn dlm_memcg_reclaim_end(_ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "mm_vmscan_memcg_reclaim_end")]
+pub fn dlm_memcg_reclaim_end(_ctx: BtfTracePointContext) -> u32 {
     end(stall_kinds::MEMCG_RECLAIM);
     0
 }
 
-#[tracepoint]
-pub fn dlm_compaction_begin(_ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "mm_compaction_begin")]
+pub fn dlm_compaction_begin(_ctx: BtfTracePointContext) -> u32 {
     begin(stall_kinds::COMPACTION);
     0
 }
 
-#[tracepoint]
-pub fn dlm_compaction_end(_ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "mm_compaction_end")]
+pub fn dlm_compaction_end(_ctx: BtfTracePointContext) -> u32 {
     end(stall_kinds::COMPACTION);
     0
 }
 
-#[tracepoint]
-pub fn dlm_kswapd_wake(_ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "mm_vmscan_wakeup_kswapd")]
+pub fn dlm_kswapd_wake(_ctx: BtfTracePointContext) -> u32 {
     if let Some(count) = KSWAPD_WAKES.get_ptr_mut(0) {
         // SAFETY: per-CPU slot.
         unsafe { *count += 1 };
