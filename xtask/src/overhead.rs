@@ -298,7 +298,7 @@ impl Mode {
     fn name(self) -> &'static str {
         match self {
             Mode::Without => "without dlm programs",
-            Mode::EmptyProgram => "an empty program only",
+            Mode::EmptyProgram => "an empty bpftrace program",
             Mode::Idle => "with, agent idle",
             Mode::Holding => "with, a lock held",
         }
@@ -410,7 +410,7 @@ fn measure(binary: &str, options: &Options) -> Result<(), String> {
         let us = median(samples.entry(mode).or_default());
         let slowdown = us / base - 1.0;
         if mode == Mode::Without {
-            println!("  {:<24} {us:8.3} µs/op   (its rounds: {low:.3} to {high:.3})", mode.name());
+            println!("  {:<26} {us:8.3} µs/op   (its rounds: {low:.3} to {high:.3})", mode.name());
             json_modes.push(format!("\"{}\":{{\"us_per_op\":{us:.4}}}", mode.key()));
         } else {
             let per_round = median(paired.entry(mode).or_default());
@@ -419,7 +419,7 @@ fn measure(binary: &str, options: &Options) -> Result<(), String> {
             let fastest = samples.get(&mode).map_or(f64::NAN, |v| v.iter().copied().fold(f64::INFINITY, f64::min));
             let fastest_slowdown = fastest / low - 1.0;
             println!(
-                "  {:<24} {us:8.3} µs/op   ({:+.1}%; median of each round's own: {:+.1}%; fastest rounds: {:+.1}%)",
+                "  {:<26} {us:8.3} µs/op   ({:+.1}%; median of each round's own: {:+.1}%; fastest rounds: {:+.1}%)",
                 mode.name(),
                 slowdown * 100.0,
                 per_round * 100.0,
@@ -433,7 +433,10 @@ fn measure(binary: &str, options: &Options) -> Result<(), String> {
         }
     }
     let floor = median(&mut floors);
-    println!("floor: an empty program on sched_switch (bpftrace) reads {floor:.1} ns/event in the same statistics");
+    println!(
+        "floor: an empty program on sched_switch (bpftrace, a classic tracepoint) reads {floor:.1} ns/event in the \
+         same statistics"
+    );
     json_modes.push(format!("\"empty_program_ns_per_event\":{floor:.1}"));
     let mut json_programs = Vec::new();
     for mode in [Mode::Idle, Mode::Holding] {
