@@ -138,6 +138,21 @@ fn a_sleeper_shows_blocked_time_and_busy_processes_on_one_cpu_show_run_queue_del
 }
 
 #[test]
+fn probes_loaded_without_sched_slots_refuse_the_sched_family_and_attach_the_rest() {
+    if !ebpf_available("load settings") {
+        return;
+    }
+    let mut probes = Probes::load(&Settings { sched: false, ..Settings::default() }).expect("load");
+    let error = probes.attach(&[Family::Sched]).expect_err("no per-thread slots");
+    assert!(error.to_string().contains("per-thread slots"), "{error}");
+    probes.attach(&[Family::Holders]).expect("holders attach");
+    assert!(!probes.attached().contains(&Family::Sched));
+    let fill = probes.map_fill();
+    let task_sched = fill.iter().find(|f| f.map == "TASK_SCHED").expect("TASK_SCHED in the fill report");
+    assert_eq!(task_sched.capacity, 1024, "left at its minimum");
+}
+
+#[test]
 fn concurrent_mmap_and_munmap_show_kernel_lock_contention_with_a_resolvable_stack() {
     if !ebpf_available("locks") {
         return;

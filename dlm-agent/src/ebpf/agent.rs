@@ -33,7 +33,10 @@ pub fn start(config: &crate::config::Config) -> AgentProbes {
         tracing::info!("eBPF observation is off (--no-ebpf)");
         return off(EbpfState::Disabled);
     }
-    let settings = Settings { long_stall, ..Settings::default() };
+    // The per-thread array of `sched` is sized for every thread id only
+    // when that family is configured: megabytes of kernel memory otherwise.
+    let sched = config.ebpf_families.contains(&super::Family::Sched);
+    let settings = Settings { long_stall, sched, ..Settings::default() };
     let mut probes = match Probes::load(&settings) {
         Ok(probes) => probes,
         Err(error) => {

@@ -48,6 +48,11 @@ pub struct Settings {
     pub offcpu_min: Duration,
     /// Memory stalls at least this long are also sent as events.
     pub long_stall: Duration,
+    /// The `sched` family may be attached: its per-thread array gets a slot
+    /// for every thread id (up to 12 MiB of kernel memory, see
+    /// [`sched_slots`]). Off, the array is left at its minimum and `sched`
+    /// cannot be attached.
+    pub sched: bool,
 }
 
 impl Default for Settings {
@@ -58,6 +63,7 @@ impl Default for Settings {
             offcpu_stacks: false,
             offcpu_min: Duration::from_millis(1),
             long_stall: Duration::from_millis(10),
+            sched: true,
         }
     }
 }
@@ -135,6 +141,8 @@ pub struct Probes {
     links: usize,
     /// The kernel's BTF, read when the first BTF tracepoint is loaded.
     btf: Option<aya::Btf>,
+    /// Loaded with room for `sched` ([`Settings::sched`]).
+    sched: bool,
 }
 
 impl Probes {
@@ -155,7 +163,7 @@ impl Probes {
             (offsets.pid as u64, offsets.tgid as u64, offsets.run_delay as u64);
         let (futex_nr, futex_waitv_nr, syscall_offset) =
             futex.map_or((u64::MAX, u64::MAX, 0), |f| (f.futex, f.futex_waitv, f.offset as u64));
-        let task_slots = sched_slots::for_pid_max(pid_max());
+        let task_slots = if settings.sched { sched_slots::for_pid_max(pid_max()) } else { sched_slots::MIN };
         let task_slot_mask = task_slots - 1;
         let ebpf = EbpfLoader::new()
             .map_max_entries("TASK_SCHED", task_slots)
@@ -179,7 +187,7 @@ impl Probes {
                     ProbeError::Load(format!("{error:#}"))
                 }
             })?;
-        Ok(Probes { ebpf, attached: BTreeSet::new(), links: 0, btf: None })
+        Ok(Probes { ebpf, attached: BTreeSet::new(), links: 0, btf: None, sched: settings.sched })
     }
 
     /// Loads (verifies) and attaches the programs of `families`. Already
@@ -197,6 +205,14 @@ impl Probes {
         for family in families {
             if self.attached.contains(family) {
                 continue;
+            }
+            if *family == Family::Sched && !self.sched {
+                return Err(ProbeError::Attach {
+                    program: "dlm_sched_switch",
+                    category: programs::BTF,
+                    tracepoint: "sched_switch",
+                    error: "loaded without per-thread slots (Settings::sched is off)".into(),
+                });
             }
             for attachment in programs::ATTACHMENTS.iter().filter(|a| a.family == *family) {
                 let fail = |error: String| ProbeError::Attach {
