@@ -313,6 +313,39 @@ async fn a_lock_holder_that_sleeps_has_its_blocked_time_in_dump_and_metrics() {
 }
 
 #[test]
+fn as_another_user_with_only_cap_bpf_and_cap_perfmon_the_agent_attaches_its_btf_programs() {
+    if !ebpf_available("capabilities") {
+        return;
+    }
+    // Switching to another user takes root.
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|status| status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
+    if !root {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!ci, "capabilities: this test needs root under CI=true");
+        eprintln!("skipping capabilities: needs root to run the agent as another user");
+        return;
+    }
+    let caps = "-all,+bpf,+perfmon";
+    let (inheritable, ambient, bounding) =
+        (format!("--inh-caps={caps}"), format!("--ambient-caps={caps}"), format!("--bounding-set={caps}"));
+    let wrapper = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", &inheritable, &ambient, &bounding];
+    let agent = Agent::start_wrapped("caps", "", &[("DLM_NO_EBPF", "false".into())], &wrapper);
+    let metrics = agent.metrics();
+    assert!(metrics.contains("dlm_ebpf_enabled 1"), "log:\n{}", agent.log());
+    // Every BTF tracepoint of the default families: they need no tracefs,
+    // which this user cannot read (a classic tracepoint may be missing).
+    let btf = programs::ATTACHMENTS
+        .iter()
+        .filter(|a| a.category == programs::BTF && Family::AGENT_DEFAULT.contains(&a.family))
+        .count();
+    let links = support::metric_value(&metrics, "dlm_ebpf_programs_attached");
+    assert!(links >= btf as f64, "{links} links, {btf} BTF tracepoints; log:\n{}", agent.log());
+    let status = agent.cli().args(["lock", "caps", "--", "true"]).status().expect("dlm-agent lock");
+    assert!(status.success(), "a lock works; log:\n{}", agent.log());
+}
+
+#[test]
 fn without_permission_the_agent_runs_on_and_says_so() {
     // `--no-ebpf` is the same path as a refusal: one log line, the metric at
     // 0, and locks still work.

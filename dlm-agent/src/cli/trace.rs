@@ -112,12 +112,18 @@ pub async fn run(command: TraceCommand) -> ExitCode {
         }
     };
     if let Err(error) = probes.attach(&[family]) {
-        eprintln!("dlm-agent trace: {error}");
-        return ExitCode::from(if matches!(error, dlm_agent::ebpf::ProbeError::NotPermitted(_)) {
-            EXIT_NO_PERMISSION
+        // Some of the family's programs may be attached: trace with those,
+        // saying what is missing.
+        if probes.attached().contains(&family) {
+            eprintln!("dlm-agent trace: attached in part: {error}");
         } else {
-            EXIT_SOFTWARE
-        });
+            eprintln!("dlm-agent trace: {error}");
+            return ExitCode::from(if matches!(error, dlm_agent::ebpf::ProbeError::NotPermitted(_)) {
+                EXIT_NO_PERMISSION
+            } else {
+                EXIT_SOFTWARE
+            });
+        }
     }
     let mut events = probes.take_events();
     let symbols = KernelSymbols::load();

@@ -48,7 +48,11 @@ pub fn start(config: &crate::config::Config) -> AgentProbes {
     // from this kernel, tracefs not readable) leaves the others working.
     for &family in &config.ebpf_families {
         if let Err(error) = probes.attach(&[family]) {
-            tracing::warn!(family = family.name(), "eBPF family not attached: {error}");
+            if probes.attached().contains(&family) {
+                tracing::warn!(family = family.name(), "eBPF family attached in part: {error}");
+            } else {
+                tracing::warn!(family = family.name(), "eBPF family not attached: {error}");
+            }
         }
     }
     if probes.attached().is_empty() {

@@ -191,62 +191,75 @@ impl Probes {
     }
 
     /// Loads (verifies) and attaches the programs of `families`. Already
-    /// attached families are left as they are.
+    /// attached families are left as they are. Every program is tried: a
+    /// family with some of its programs attached counts as attached (a
+    /// classic tracepoint needs a readable tracefs, which CAP_BPF and
+    /// CAP_PERFMON alone do not give; the BTF tracepoints need neither).
     ///
     /// # Errors
-    /// The first program that fails; those attached before stay attached.
+    /// The first program that failed; the others are attached.
     pub fn attach(&mut self, families: &[Family]) -> Result<(), ProbeError> {
-        tracefs::ensure_mounted().map_err(|error| ProbeError::Attach {
-            program: "*",
-            category: "*",
-            tracepoint: "*",
-            error,
-        })?;
+        let mut first_error = None;
         for family in families {
             if self.attached.contains(family) {
                 continue;
             }
             if *family == Family::Sched && !self.sched {
-                return Err(ProbeError::Attach {
+                first_error.get_or_insert(ProbeError::Attach {
                     program: "dlm_sched_switch",
                     category: programs::BTF,
                     tracepoint: "sched_switch",
                     error: "loaded without per-thread slots (Settings::sched is off)".into(),
                 });
+                continue;
             }
+            let links_before = self.links;
             for attachment in programs::ATTACHMENTS.iter().filter(|a| a.family == *family) {
-                let fail = |error: String| ProbeError::Attach {
-                    program: attachment.program,
-                    category: attachment.category,
-                    tracepoint: attachment.tracepoint,
-                    error,
-                };
-                if attachment.category == programs::BTF {
-                    if self.btf.is_none() {
-                        self.btf = Some(aya::Btf::from_sys_fs().map_err(|e| fail(format!("kernel BTF: {e}")))?);
+                match self.attach_one(attachment) {
+                    Ok(()) => self.links += 1,
+                    Err(error) => {
+                        first_error.get_or_insert(error);
                     }
-                    let btf = self.btf.as_ref().ok_or_else(|| fail("kernel BTF".into()))?;
-                    let program = self
-                        .ebpf
-                        .program_mut(attachment.program)
-                        .ok_or_else(|| fail("no such program in the object".into()))?;
-                    let program: &mut BtfTracePoint = program.try_into().map_err(|e| fail(format!("{e}")))?;
-                    program.load(attachment.tracepoint, btf).map_err(|e| load_failed(&e, &fail))?;
-                    program.attach().map_err(|e| fail(format!("{e:#}")))?;
-                } else {
-                    let program = self
-                        .ebpf
-                        .program_mut(attachment.program)
-                        .ok_or_else(|| fail("no such program in the object".into()))?;
-                    let program: &mut TracePoint = program.try_into().map_err(|e| fail(format!("{e}")))?;
-                    if program.fd().is_err() {
-                        program.load().map_err(|e| load_failed(&e, &fail))?;
-                    }
-                    program.attach(attachment.category, attachment.tracepoint).map_err(|e| fail(format!("{e:#}")))?;
                 }
-                self.links += 1;
             }
-            self.attached.insert(*family);
+            if self.links > links_before {
+                self.attached.insert(*family);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn attach_one(&mut self, attachment: &programs::Attachment) -> Result<(), ProbeError> {
+        let fail = |error: String| ProbeError::Attach {
+            program: attachment.program,
+            category: attachment.category,
+            tracepoint: attachment.tracepoint,
+            error,
+        };
+        if attachment.category == programs::BTF {
+            if self.btf.is_none() {
+                self.btf = Some(aya::Btf::from_sys_fs().map_err(|e| fail(format!("kernel BTF: {e}")))?);
+            }
+            let btf = self.btf.as_ref().ok_or_else(|| fail("kernel BTF".into()))?;
+            let program = self
+                .ebpf
+                .program_mut(attachment.program)
+                .ok_or_else(|| fail("no such program in the object".into()))?;
+            let program: &mut BtfTracePoint = program.try_into().map_err(|e| fail(format!("{e}")))?;
+            program.load(attachment.tracepoint, btf).map_err(|e| load_failed(&e, &fail))?;
+            program.attach().map_err(|e| fail(format!("{e:#}")))?;
+        } else {
+            // Classic tracepoints are found through tracefs.
+            tracefs::ensure_mounted().map_err(&fail)?;
+            let program = self
+                .ebpf
+                .program_mut(attachment.program)
+                .ok_or_else(|| fail("no such program in the object".into()))?;
+            let program: &mut TracePoint = program.try_into().map_err(|e| fail(format!("{e}")))?;
+            if program.fd().is_err() {
+                program.load().map_err(|e| load_failed(&e, &fail))?;
+            }
+            program.attach(attachment.category, attachment.tracepoint).map_err(|e| fail(format!("{e:#}")))?;
         }
         Ok(())
     }

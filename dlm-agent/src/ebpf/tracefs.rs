@@ -17,6 +17,15 @@ pub fn ensure_mounted() -> Result<PathBuf, String> {
     if let Some(path) = find() {
         return Ok(path);
     }
+    // Mounted but closed to this user (the usual 0700 root directory, for
+    // an agent that has only CAP_BPF and CAP_PERFMON): say so, not "missing".
+    for path in MOUNT_POINTS {
+        if let Err(error) = std::fs::read_dir(path)
+            && error.kind() == std::io::ErrorKind::PermissionDenied
+        {
+            return Err(format!("tracefs at {path} is not readable by this user ({error})"));
+        }
+    }
     let status = std::process::Command::new("mount")
         .args(["-t", "tracefs", "nodev", MOUNT_POINTS[0]])
         .stderr(std::process::Stdio::null())

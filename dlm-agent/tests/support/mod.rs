@@ -60,12 +60,24 @@ impl Agent {
         Agent::start_full(tag, config, &[], http, &["ip", "netns", "exec", netns])
     }
 
+    /// Starts an agent through `wrapper` (a command that execs the rest),
+    /// such as `setpriv` to run it as another user with fewer privileges.
+    pub fn start_wrapped(tag: &str, config: &str, env: &[(&str, String)], wrapper: &[&str]) -> Agent {
+        let http = format!("127.0.0.1:{}", free_port());
+        Agent::start_full(tag, config, env, &http, wrapper)
+    }
+
     fn start_full(tag: &str, config: &str, env: &[(&str, String)], http: &str, wrapper: &[&str]) -> Agent {
         let mut env = env.to_vec();
         if !env.iter().any(|(key, _)| *key == "DLM_NO_EBPF") {
             env.push(("DLM_NO_EBPF", "true".into()));
         }
         let dir = temp_dir(tag);
+        if !wrapper.is_empty() {
+            // A wrapped agent may run as another user: it makes its socket here.
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod temp dir");
+        }
         let socket = dir.join("dlm.sock");
         let http = http.to_string();
         let config_path = dir.join("agent.toml");
