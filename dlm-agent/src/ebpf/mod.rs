@@ -161,6 +161,8 @@ impl Probes {
             btf::task_offsets().map_err(|e| ProbeError::Load(format!("task_struct offsets: {e}")))?;
         let (pid_offset, tgid_offset, run_delay_offset) =
             (offsets.pid as u64, offsets.tgid as u64, offsets.run_delay as u64);
+        let (comm_offset, mm_offset, anon_pages_offset) =
+            offsets.oom.map_or((u64::MAX, u64::MAX, u64::MAX), |o| (o.comm as u64, o.mm as u64, o.anon_pages as u64));
         let (futex_nr, futex_waitv_nr, syscall_offset) =
             futex.map_or((u64::MAX, u64::MAX, 0), |f| (f.futex, f.futex_waitv, f.offset as u64));
         let task_slots = if settings.sched { sched_slots::for_pid_max(pid_max()) } else { sched_slots::MIN };
@@ -171,6 +173,9 @@ impl Probes {
             .override_global("TASK_PID_OFFSET", &pid_offset, true)
             .override_global("TASK_TGID_OFFSET", &tgid_offset, true)
             .override_global("TASK_RUN_DELAY_OFFSET", &run_delay_offset, true)
+            .override_global("TASK_COMM_OFFSET", &comm_offset, true)
+            .override_global("TASK_MM_OFFSET", &mm_offset, true)
+            .override_global("MM_ANON_PAGES_OFFSET", &anon_pages_offset, true)
             .override_global("FUTEX_SYSCALL_NR", &futex_nr, true)
             .override_global("FUTEX_WAITV_SYSCALL_NR", &futex_waitv_nr, true)
             .override_global("PT_REGS_SYSCALL_OFFSET", &syscall_offset, true)

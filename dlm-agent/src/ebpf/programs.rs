@@ -84,7 +84,7 @@ pub const ATTACHMENTS: &[Attachment] = &[
     at("dlm_compaction_begin", BTF, "mm_compaction_begin", Family::Memory),
     at("dlm_compaction_end", BTF, "mm_compaction_end", Family::Memory),
     at("dlm_kswapd_wake", BTF, "mm_vmscan_wakeup_kswapd", Family::Memory),
-    at("dlm_oom_mark_victim", "oom", "mark_victim", Family::Memory),
+    at("dlm_oom_mark_victim", BTF, "mark_victim", Family::Memory),
 ];
 
 /// The tracepoint fields the programs read by offset, as (category,
@@ -95,8 +95,4 @@ pub const FIELD_OFFSETS: &[(&str, &str, &str, usize, usize)] = &[
     ("syscalls", "sys_enter_futex", "uaddr", 16, 8),
     ("syscalls", "sys_enter_futex", "op", 24, 8),
     ("syscalls", "sys_enter_futex_waitv", "waiters", 16, 8),
-    ("oom", "mark_victim", "pid", 8, 4),
-    ("oom", "mark_victim", "comm", 12, 4),
-    ("oom", "mark_victim", "anon_rss", 24, 8),
-    ("oom", "mark_victim", "uid", 48, 4),
 ];

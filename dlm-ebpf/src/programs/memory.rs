@@ -2,29 +2,24 @@
 //! timed per thread from begin to end and kept by (process, cgroup, kind);
 //! kswapd wake-ups counted; OOM victims and long stalls sent as events.
 //!
-//! The reclaim, compaction and kswapd programs are BTF tracepoints (no trace
-//! record is built, and they detach without a grace period each) and need
-//! none of their arguments: only the time and the current task.
-//! `oom:mark_victim` is rare and wants the record's RSS figures, so it stays
-//! a classic tracepoint. Its layout
-//! (`/sys/kernel/tracing/events/oom/mark_victim/format`): `int pid` at 8,
-//! `__data_loc char[] comm` at 12, `anon_rss` at 24, `uid_t uid` at 48.
+//! All are BTF tracepoints: no trace record is built, they detach without a
+//! grace period each, and they need no tracefs (closed to an agent with only
+//! CAP_BPF and CAP_PERFMON). The reclaim, compaction and kswapd programs need
+//! none of their arguments, only the time and the current task; the OOM
+//! victim's fields are read from its `task_struct` at offsets from the
+//! kernel's BTF.
 
 use aya_ebpf::{
-    EbpfContext as _,
-    helpers::{bpf_get_current_comm, bpf_probe_read_kernel_buf},
-    macros::{btf_tracepoint, map, tracepoint},
+    helpers::{bpf_get_current_comm, bpf_probe_read_kernel, bpf_probe_read_kernel_buf},
+    macros::{btf_tracepoint, map},
     maps::{HashMap, PerCpuArray, PerCpuHashMap},
-    programs::{BtfTracePointContext, TracePointContext},
+    programs::BtfTracePointContext,
 };
 use dlm_ebpf_common::{KernelEvent, MemKey, WaitStat, capacity, drops, event_kinds, stall_kinds};
 
-use super::{attribute, cgroup_id, count_drop, current_ids, is_measured, now_ns, record_wait, send_event, setting};
-
-const OOM_PID_OFFSET: usize = 8;
-const OOM_COMM_LOC_OFFSET: usize = 12;
-const OOM_ANON_RSS_OFFSET: usize = 24;
-const OOM_UID_OFFSET: usize = 48;
+use super::{
+    attribute, cgroup_id, count_drop, current_ids, is_measured, now_ns, record_wait, send_event, setting, task_field,
+};
 
 /// Memory stalls by (process, cgroup, kind).
 #[map]
@@ -124,31 +119,41 @@ pub fn dlm_kswapd_wake(_ctx: BtfTracePointContext) -> u32 {
     0
 }
 
-#[tracepoint]
-pub fn dlm_oom_mark_victim(ctx: TracePointContext) -> u32 {
-    // SAFETY: offsets from the tracepoint's format; the agent's tests check them.
-    let (pid, comm_loc, anon_rss, uid) = unsafe {
-        (
-            ctx.read_at::<i32>(OOM_PID_OFFSET).unwrap_or(0),
-            ctx.read_at::<u32>(OOM_COMM_LOC_OFFSET).unwrap_or(0),
-            ctx.read_at::<u64>(OOM_ANON_RSS_OFFSET).unwrap_or(0),
-            ctx.read_at::<u32>(OOM_UID_OFFSET).unwrap_or(0),
-        )
-    };
+/// `mark_victim(struct task_struct *task, uid_t uid)`: the task the OOM
+/// killer chose, with its name and anonymous memory (pages).
+#[btf_tracepoint(function = "mark_victim")]
+pub fn dlm_oom_mark_victim(ctx: BtfTracePointContext) -> u32 {
+    let task: *const u8 = ctx.arg(0);
+    let uid: u64 = ctx.arg(1);
+    let pid_at = setting!(TASK_PID_OFFSET);
+    // SAFETY: a BTF tracepoint argument, the offset from the kernel's BTF.
+    let pid: u32 = unsafe { task_field(task, pid_at) };
     let mut comm = [0u8; 16];
-    // A __data_loc field holds the string's offset in the record (low 16
-    // bits) and its length (high 16 bits).
-    let offset = (comm_loc & 0xffff) as usize;
-    if offset != 0 && offset < 4096 {
-        // SAFETY: reads within the tracepoint record; the helper checks.
-        let _ = unsafe { bpf_probe_read_kernel_buf((ctx.as_ptr() as *const u8).add(offset), &mut comm) };
+    let (comm_at, mm_at, anon_at) =
+        (setting!(TASK_COMM_OFFSET), setting!(TASK_MM_OFFSET), setting!(MM_ANON_PAGES_OFFSET));
+    let mut anon_pages = 0i64;
+    // A rare event: the checked helper reads are worth their cost, and need
+    // no type knowledge from the verifier.
+    if comm_at != u64::MAX {
+        // SAFETY: the helper checks the address.
+        let _ = unsafe { bpf_probe_read_kernel_buf(task.wrapping_add(comm_at as usize), &mut comm) };
+    }
+    if mm_at != u64::MAX && anon_at != u64::MAX {
+        // SAFETY: as above; a task without memory has a null `mm`.
+        unsafe {
+            if let Ok(mm) = bpf_probe_read_kernel(task.wrapping_add(mm_at as usize) as *const u64)
+                && mm != 0
+            {
+                anon_pages = bpf_probe_read_kernel((mm as usize + anon_at as usize) as *const i64).unwrap_or(0);
+            }
+        }
     }
     send_event(&KernelEvent {
         kind: event_kinds::OOM_VICTIM,
-        pid: pid as u32,
+        pid,
         tgid: 0,
-        detail: uid,
-        value: anon_rss,
+        detail: uid as u32,
+        value: anon_pages.max(0) as u64,
         cgroup: 0,
         time_ns: now_ns(),
         comm,

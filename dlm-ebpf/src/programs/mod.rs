@@ -50,6 +50,14 @@ static FUTEX_SYSCALL_NR: u64 = u64::MAX;
 static FUTEX_WAITV_SYSCALL_NR: u64 = u64::MAX;
 #[unsafe(no_mangle)]
 static PT_REGS_SYSCALL_OFFSET: u64 = 0;
+/// Offsets of `task_struct.comm` and `.mm`, and of the anonymous-page count
+/// in `struct mm_struct` (`u64::MAX`: unknown, the OOM event then says 0).
+#[unsafe(no_mangle)]
+static TASK_COMM_OFFSET: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static TASK_MM_OFFSET: u64 = u64::MAX;
+#[unsafe(no_mangle)]
+static MM_ANON_PAGES_OFFSET: u64 = u64::MAX;
 /// `TASK_SCHED` slots minus one (a power of two minus one, set by the
 /// loader from `kernel.pid_max`): a thread's slot is its id masked by it.
 #[unsafe(no_mangle)]
