@@ -341,7 +341,13 @@ fn as_another_user_with_only_cap_bpf_and_cap_perfmon_the_agent_attaches_all_its_
     // Every program of the default families is a BTF tracepoint: they need
     // no tracefs, which this user cannot read.
     let default_links = programs::ATTACHMENTS.iter().filter(|a| Family::AGENT_DEFAULT.contains(&a.family)).count();
-    let links = support::metric_value(&metrics, "dlm_ebpf_programs_attached");
+    // The gauge comes with the collector's first reading of the maps.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut links = support::metric_value(&metrics, "dlm_ebpf_programs_attached");
+    while links == 0.0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        links = support::metric_value(&agent.metrics(), "dlm_ebpf_programs_attached");
+    }
     assert_eq!(links, default_links as f64, "log:\n{}", agent.log());
     assert!(!agent.log().contains("not attached") && !agent.log().contains("in part"), "{}", agent.log());
     let status = agent.cli().args(["lock", "caps", "--", "true"]).status().expect("dlm-agent lock");
