@@ -326,8 +326,7 @@ fn as_another_user_with_only_cap_bpf_and_cap_perfmon_the_agent_attaches_all_its_
     let root = std::fs::read_to_string("/proc/self/status")
         .is_ok_and(|status| status.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
     if !root {
-        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-        assert!(!ci, "capabilities: this test needs root under CI=true");
+        assert!(!support::under_ci(), "capabilities: this test needs root under CI=true");
         eprintln!("skipping capabilities: needs root to run the agent as another user");
         return;
     }
@@ -372,9 +371,8 @@ fn bpftrace_sees_the_agents_probe_points() {
     if !ebpf_available("bpftrace probes") {
         return;
     }
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
     if Command::new("bpftrace").arg("--version").output().is_err() {
-        assert!(!ci, "bpftrace is required under CI=true (cargo xtask setup installs it)");
+        assert!(!support::under_ci(), "bpftrace is required under CI=true (cargo xtask setup installs it)");
         eprintln!("skipping bpftrace_sees_the_agents_probe_points: bpftrace is not installed");
         return;
     }

@@ -253,6 +253,11 @@ impl Drop for AgentProcess {
     }
 }
 
+/// The smallest sample (infinity for none).
+fn fastest(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     match values.len() {
@@ -404,7 +409,7 @@ fn measure(binary: &str, options: &Options) -> Result<(), String> {
     let base = median(samples.entry(Mode::Without).or_default());
     // The noise the slowdowns sit in: how far the baseline itself moved.
     let without = samples.get(&Mode::Without).map_or(&[][..], Vec::as_slice);
-    let (low, high) = without.iter().fold((f64::INFINITY, 0.0_f64), |(l, h), &v| (l.min(v), h.max(v)));
+    let (low, high) = (fastest(without), without.iter().copied().fold(0.0_f64, f64::max));
     let mut json_modes = Vec::new();
     for mode in Mode::ALL {
         let us = median(samples.entry(mode).or_default());
@@ -416,8 +421,7 @@ fn measure(binary: &str, options: &Options) -> Result<(), String> {
             let per_round = median(paired.entry(mode).or_default());
             // Noise here only ever adds time (the machine's other load), so
             // the fastest rounds are the other estimate worth having.
-            let fastest = samples.get(&mode).map_or(f64::NAN, |v| v.iter().copied().fold(f64::INFINITY, f64::min));
-            let fastest_slowdown = fastest / low - 1.0;
+            let fastest_slowdown = samples.get(&mode).map_or(f64::NAN, |v| fastest(v)) / low - 1.0;
             println!(
                 "  {:<26} {us:8.3} µs/op   ({:+.1}%; median of each round's own: {:+.1}%; fastest rounds: {:+.1}%)",
                 mode.name(),

@@ -90,6 +90,21 @@ impl<'a> Types<'a> {
         Ok(((info >> 24) & 0x1f, (info & 0xffff) as usize, info >> 31 == 1, name, u32_at(self.types, at + 8)?))
     }
 
+    /// [`member_offset`] on parsed types.
+    fn member(&self, name: &str, member: &str) -> Result<usize, BtfError> {
+        let not_found = || BtfError::NotFound { name: name.to_owned(), member: member.to_owned() };
+        let id = self.find_struct(name).ok_or_else(not_found)?;
+        self.member_offset(id, member, 0)?.ok_or_else(not_found)
+    }
+
+    /// [`struct_size`] on parsed types.
+    fn size(&self, name: &str) -> Result<usize, BtfError> {
+        let id = self
+            .find_struct(name)
+            .ok_or_else(|| BtfError::NotFound { name: name.to_owned(), member: String::new() })?;
+        Ok(self.header(id)?.4 as usize)
+    }
+
     /// The struct called `name`: its type id.
     fn find_struct(&self, name: &str) -> Option<u32> {
         (1..self.offsets.len() as u32).find(|&id| {
@@ -146,31 +161,12 @@ pub fn member_offset(data: &[u8], name: &str, member: &str) -> Result<usize, Btf
     Types::parse(data)?.member(name, member)
 }
 
-impl Types<'_> {
-    /// [`member_offset`] on parsed types.
-    fn member(&self, name: &str, member: &str) -> Result<usize, BtfError> {
-        let not_found = || BtfError::NotFound { name: name.to_owned(), member: member.to_owned() };
-        let id = self.find_struct(name).ok_or_else(not_found)?;
-        self.member_offset(id, member, 0)?.ok_or_else(not_found)
-    }
-}
-
 /// The size in bytes of struct `name`.
 ///
 /// # Errors
 /// Malformed data, or no such struct.
 pub fn struct_size(data: &[u8], name: &str) -> Result<usize, BtfError> {
     Types::parse(data)?.size(name)
-}
-
-impl Types<'_> {
-    /// [`struct_size`] on parsed types.
-    fn size(&self, name: &str) -> Result<usize, BtfError> {
-        let id = self
-            .find_struct(name)
-            .ok_or_else(|| BtfError::NotFound { name: name.to_owned(), member: String::new() })?;
-        Ok(self.header(id)?.4 as usize)
-    }
 }
 
 /// The `task_struct` fields the programs read, by byte offset.
@@ -268,8 +264,8 @@ mod tests {
     use super::*;
 
     /// A BTF blob with one INT, struct `s { int a; int b; }`, and struct
-    /// `o { int x; struct { int a; int b; } ; }` whose inner struct is
-    /// anonymous and reached through a typedef-free `const`.
+    /// `o { int x; const struct { int a; int b; }; }` whose inner struct is
+    /// anonymous and reached through a `const` qualifier.
     fn blob() -> Vec<u8> {
         let strings = b"\0int\0s\0a\0b\0o\0x\0".to_vec();
         let mut types = Vec::new();

@@ -201,6 +201,11 @@ pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
+/// Whether this runs under CI (`CI=true`), where a skip is a failure.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
 /// Whether this test may load eBPF programs. Without root (or CAP_BPF and
 /// CAP_PERFMON) it says why and the test returns early; under CI
 /// (`CI=true`) that is a failure instead, so the check always runs there.
@@ -208,8 +213,7 @@ pub fn ebpf_available(test: &str) -> bool {
     match dlm_agent::ebpf::Probes::load(&dlm_agent::ebpf::Settings::default()) {
         Ok(_) => true,
         Err(error) => {
-            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
-            assert!(!ci, "{test}: eBPF is required under CI=true, but: {error}");
+            assert!(!under_ci(), "{test}: eBPF is required under CI=true, but: {error}");
             eprintln!("skipping {test}: needs root or CAP_BPF+CAP_PERFMON to load eBPF programs ({error})");
             false
         }
