@@ -27,6 +27,7 @@
 //! have no lock left.
 
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::cluster::{ClusterConfig, ClusterNode, Envelope, Member, Membership, NodeId, PeerMessage};
@@ -123,6 +124,41 @@ pub struct SimReport {
     pub messages: u64,
     /// Simulated time at the end.
     pub elapsed: Duration,
+    /// A digest of everything the nodes produced, in order: every effect
+    /// for a client and every envelope for the network. Two runs of one
+    /// seed with the same digest behaved the same, step for step.
+    pub trace: u64,
+}
+
+impl std::fmt::Display for SimReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let SimReport { requests, grants, deadlocks, unavailable, lost, messages, elapsed, trace } = self;
+        write!(
+            f,
+            "requests {requests} grants {grants} deadlocks {deadlocks} unavailable {unavailable} lost {lost} \
+             messages {messages} elapsed_ns {} trace {trace:016x}",
+            elapsed.as_nanos()
+        )
+    }
+}
+
+/// FNV-1a over text: a digest that depends on nothing but the bytes fed to
+/// it (not on a process's random hasher keys, nor on the Rust release).
+struct Digest(u64);
+
+impl Digest {
+    fn new() -> Digest {
+        Digest(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl std::fmt::Write for Digest {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        for byte in text.bytes() {
+            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        Ok(())
+    }
 }
 
 const LOCKSPACE: &[u8] = b"sim";
@@ -200,6 +236,8 @@ pub struct Sim {
     cuts: Vec<(usize, usize, Instant)>,
     /// When the network is next looked at for faults to start or end.
     next_fault_tick: Instant,
+    /// What the nodes produced so far (see [`SimReport::trace`]).
+    trace: Digest,
 }
 
 /// How often the network is looked at for faults to start or heal.
@@ -259,6 +297,7 @@ impl Sim {
             next_fault_tick: Instant::ZERO,
             next_session: 1000,
             transmitted: std::collections::HashSet::new(),
+            trace: Digest::new(),
         }
     }
 
@@ -331,6 +370,7 @@ impl Sim {
             }
         }
         self.report.elapsed = self.elapsed();
+        self.report.trace = self.trace.0;
         Ok(self.report)
     }
 
@@ -546,6 +586,7 @@ impl Sim {
         while self.nodes[n].poll_reset().is_some() {}
         let mut grants: Vec<(u32, u64, SessionId, LockHandle)> = Vec::new();
         while let Some(effect) = self.nodes[n].poll_effect() {
+            let _ = write!(self.trace, "{} {n} {effect:?};", self.now.as_nanos());
             if let Effect::Complete(c) = &effect
                 && let (Some(token), Some(&(_, resource))) = (c.token, self.owners.get(&(c.session, c.handle)))
             {
@@ -554,6 +595,7 @@ impl Sim {
             self.deliver(n, effect)?;
         }
         while let Some((to, envelope)) = self.nodes[n].poll_transmit() {
+            let _ = write!(self.trace, "{} {n}>{to} {envelope:?};", self.now.as_nanos());
             // A message resent after a reconnection was seen the first time
             // (when its lock's handle could not have been reused yet).
             let first_time = envelope.seq != 0 && self.transmitted.insert((n, to.0, envelope.seq));

@@ -811,7 +811,10 @@ impl ClusterNode {
         // Requests waiting for a lookup from the peer as directory fail; the
         // lookup itself stays outstanding (its answer, when the peer is
         // back, may make this node master, which it must then take).
-        let lookups: Vec<Key> = self.lookups.keys().filter(|k| self.directory_of(k) == peer).cloned().collect();
+        let mut lookups: Vec<Key> = self.lookups.keys().filter(|k| self.directory_of(k) == peer).cloned().collect();
+        // In key order: the failures reach the clients in an order that does
+        // not depend on the hash map's (randomly seeded) layout.
+        lookups.sort_unstable();
         for key in lookups {
             let waiters = self.lookups.get_mut(&key).map(std::mem::take).unwrap_or_default();
             for waiting in waiters {
