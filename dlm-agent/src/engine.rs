@@ -953,7 +953,7 @@ impl Engine {
             .node
             .lockspace_id(name.as_bytes())
             .ok_or_else(|| Rejection::new(0, "unknown_lockspace", format!("no lockspace named {name:?}")))?;
-        self.node.release_lockspace(id, force).map_err(|e| Rejection::from_engine(0, &e))?;
+        self.node.release_lockspace(self.clock.engine_now(), id, force).map_err(|e| Rejection::from_engine(0, &e))?;
         self.lockspace_names.remove(&id);
         self.lockspace_cnames.remove(&id);
         self.metrics.remove_lockspace(name);
