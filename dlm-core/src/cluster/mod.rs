@@ -83,33 +83,9 @@ use directory::Directory;
 use links::Links;
 use master::Masters;
 pub use members::{MEMBERS_MAX, Member, Membership, WEIGHT_MAX};
-pub use message::{Envelope, NodeId, PeerMessage, RemoteEdge, SESSION_NODE_SHIFT, WAIT_EDGES_MAX};
+pub use message::{Envelope, NodeId, PeerError, PeerMessage, RemoteEdge, SESSION_NODE_SHIFT, WAIT_EDGES_MAX};
 use requester::Requester;
 pub use timer::{Timer, TimerTable};
-
-/// Peer input that breaks the protocol: the driver drops the connection.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-pub enum PeerError {
-    /// The sender is not a member (or is this node).
-    #[error("{0} is not a peer of this node")]
-    NotAPeer(NodeId),
-    /// The sender is in another membership epoch.
-    #[error("epoch {got}, this node is in epoch {expected}")]
-    WrongEpoch {
-        /// The sender's.
-        got: u64,
-        /// Ours.
-        expected: u64,
-    },
-    /// A message about a session of a node other than its sender.
-    #[error("{from} spoke for a session of {owner}")]
-    ForeignSession {
-        /// The sender.
-        from: NodeId,
-        /// The session's node.
-        owner: NodeId,
-    },
-}
 
 /// A resource: its lockspace and name.
 type Key = (LockspaceId, Box<[u8]>);
@@ -468,7 +444,7 @@ impl ClusterNode {
             return Err(PeerError::WrongEpoch { got: envelope.epoch, expected });
         }
         if let Some(message) = &envelope.message {
-            check_sessions(from, message)?;
+            message::check_sessions(from, message)?;
         }
         let delivered = self.links.receive(now, self.config.ack_delay, from, envelope)?;
         for message in delivered {
@@ -536,20 +512,6 @@ impl ClusterNode {
 /// The completion of a request that ended without a grant.
 fn ended(session: SessionId, handle: LockHandle, op: Op, status: Status, mode: Option<Mode>) -> Completion {
     Completion { session, handle, op, status, mode, token: None, lvb: None, flags: StatusFlags::EMPTY }
-}
-
-/// Checks that a message about a client session comes from that session's node.
-fn check_sessions(from: NodeId, message: &PeerMessage) -> Result<(), PeerError> {
-    let session = match message {
-        PeerMessage::Request { session, .. }
-        | PeerMessage::Convert { session, .. }
-        | PeerMessage::Unlock { session, .. }
-        | PeerMessage::Cancel { session, .. }
-        | PeerMessage::EndSession { session } => *session,
-        _ => return Ok(()),
-    };
-    let owner = NodeId::of_session(session);
-    if owner == from { Ok(()) } else { Err(PeerError::ForeignSession { from, owner }) }
 }
 
 // ----- read-only views, as Node's -----
