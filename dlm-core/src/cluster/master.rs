@@ -313,3 +313,110 @@ impl ClusterNode {
         self.send(now, directory, PeerMessage::Remove { lockspace, name, generation, token_floor: floor });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::testing::{Harness, LOCKSPACE, RELEASE_DELAY, granted};
+    use crate::flags::LockFlags;
+    use crate::mode::Mode;
+
+    fn request(session: SessionId, handle: u64, name: &[u8], mode: Mode) -> PeerMessage {
+        PeerMessage::Request {
+            lockspace: LOCKSPACE.to_vec(),
+            session,
+            handle: LockHandle(handle),
+            name: name.to_vec(),
+            mode,
+            flags: LockFlags::EMPTY,
+            timeout: None,
+        }
+    }
+
+    fn reply(name: &[u8], master: u16, generation: u64, token_floor: u64) -> PeerMessage {
+        PeerMessage::LookupReply {
+            lockspace: LOCKSPACE.to_vec(),
+            name: name.to_vec(),
+            master: Some(NodeId(master)),
+            generation,
+            token_floor,
+        }
+    }
+
+    #[test]
+    fn another_nodes_request_is_served_here_and_its_grant_sent_back_when_due() {
+        let mut h = Harness::new(1);
+        // Node 1 is the directory: its first local lock makes it master at once.
+        let name = h.name_with_directory(1);
+        let local = h.session(1);
+        h.lock(1, 1, &name, Mode::Pr);
+        assert_eq!(h.effects(), vec![Effect::Complete(granted(local, 1, Op::Lock, Mode::Pr, 1))]);
+        assert_eq!(h.sent(), vec![]);
+        let remote = NodeId(2).session(1);
+        h.deliver(2, request(remote, 1, &name, Mode::Pr));
+        assert_eq!(h.sent(), vec![(NodeId(2), PeerMessage::Complete(granted(remote, 1, Op::Lock, Mode::Pr, 2)))]);
+        h.deliver(2, request(remote, 2, &name, Mode::Ex));
+        assert_eq!(
+            h.sent(),
+            vec![(NodeId(2), PeerMessage::Blocking { session: remote, handle: LockHandle(1), mode: Mode::Ex })]
+        );
+        assert_eq!(h.effects(), vec![Effect::Blocking { session: local, handle: LockHandle(1), mode: Mode::Ex }]);
+        assert_eq!(h.node.stats().served_requests, 2);
+    }
+
+    #[test]
+    fn requests_that_come_before_the_directorys_answer_are_held_and_served_once_it_names_this_node() {
+        let mut h = Harness::new(1);
+        let name = h.name_with_directory(2);
+        let local = h.session(1);
+        h.lock(1, 1, &name, Mode::Pr);
+        h.sent();
+        let remote = NodeId(3).session(1);
+        h.deliver(3, request(remote, 1, &name, Mode::Pr));
+        assert_eq!(h.sent(), vec![], "held: this node may be about to master it");
+        h.deliver(2, reply(&name, 1, 4, 10));
+        // Tokens start above the directory's floor.
+        assert_eq!(h.effects(), vec![Effect::Complete(granted(local, 1, Op::Lock, Mode::Pr, 11))]);
+        assert_eq!(h.sent(), vec![(NodeId(3), PeerMessage::Complete(granted(remote, 1, Op::Lock, Mode::Pr, 12)))]);
+    }
+
+    #[test]
+    fn requests_held_for_a_resource_mastered_elsewhere_go_back_to_their_nodes() {
+        let mut h = Harness::new(1);
+        let name = h.name_with_directory(2);
+        let local = h.session(1);
+        h.lock(1, 1, &name, Mode::Pr);
+        h.sent();
+        let remote = NodeId(3).session(1);
+        h.deliver(3, request(remote, 1, &name, Mode::Pr));
+        h.deliver(2, reply(&name, 3, 4, 0));
+        assert_eq!(
+            h.sent(),
+            vec![
+                (NodeId(3), request(local, 1, &name, Mode::Pr)),
+                (NodeId(3), PeerMessage::NotMaster { session: remote, handle: LockHandle(1) }),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_idle_mastership_is_released_to_the_directory_with_its_last_token() {
+        let mut h = Harness::new(1);
+        let name = h.name_with_directory(2);
+        h.lock(1, 1, &name, Mode::Ex);
+        h.deliver(2, reply(&name, 1, 4, 10));
+        h.unlock(1, 1);
+        h.sent();
+        h.effects();
+        assert_eq!(h.node.mastered_count(), 1);
+        let idle_at = h.now;
+        h.advance_to(idle_at.saturating_add(RELEASE_DELAY - std::time::Duration::from_nanos(1)));
+        assert_eq!(h.sent(), vec![]);
+        h.advance_to(idle_at.saturating_add(RELEASE_DELAY));
+        let remove =
+            PeerMessage::Remove { lockspace: LOCKSPACE.to_vec(), name: name.clone(), generation: 4, token_floor: 11 };
+        assert_eq!(h.sent(), vec![(NodeId(2), remove)]);
+        assert_eq!(h.node.mastered_count(), 0);
+        assert_eq!(h.node.stats().released, 1);
+    }
+}

@@ -62,6 +62,8 @@ mod master;
 mod members;
 mod message;
 mod requester;
+#[cfg(test)]
+mod testing;
 mod timer;
 pub mod wire;
 
