@@ -9,6 +9,9 @@ use crate::node::NodeConfig;
 /// Settings of a cluster node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterConfig {
+    /// The cluster's name: peers that say another one are refused
+    /// (at most [`crate::cluster::wire::CLUSTER_NAME_LEN_MAX`] bytes).
+    pub name: Vec<u8>,
     /// This node's id; must be a member.
     pub node: NodeId,
     /// The members and the epoch.
@@ -58,6 +61,7 @@ impl ClusterConfig {
     #[must_use]
     pub fn new(node: NodeId, membership: Membership) -> ClusterConfig {
         ClusterConfig {
+            name: Vec::new(),
             node,
             membership,
             engine: NodeConfig::default(),

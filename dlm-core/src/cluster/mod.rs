@@ -41,6 +41,8 @@
 //! | `coordinator` | deadlock search across masters |
 //! | `links` (and `link`, one peer's) | numbering, acknowledgements, resending, heartbeats, silent peers |
 //! | `timer` | the closed set of timers and their table; [`ClusterNode::poll_timeout`] is its minimum |
+//! | `sessions` | this node's clients' sessions: their ids, their end, the node's shutdown |
+//! | `handshake` | the hello a node sends and the hellos it accepts |
 //! | `config` | settings and the protocol's timing defaults |
 //! | `members`, `message`, [`wire`] | membership and directory hashing, the messages, their encoding |
 //!
@@ -56,12 +58,14 @@
 mod config;
 mod coordinator;
 mod directory;
+mod handshake;
 mod link;
 mod links;
 mod master;
 mod members;
 mod message;
 mod requester;
+mod sessions;
 #[cfg(test)]
 mod testing;
 mod timer;
@@ -82,6 +86,7 @@ use crate::time::Instant;
 pub use config::ClusterConfig;
 use coordinator::Coordinator;
 use directory::Directory;
+pub use handshake::HelloRefusal;
 use links::Links;
 use master::Masters;
 pub use members::{MEMBERS_MAX, Member, Membership, WEIGHT_MAX};
@@ -138,6 +143,19 @@ pub struct ClusterNode {
     masters: Masters,
     coordinator: Coordinator,
     stats: ClusterStats,
+    /// The serial of the next session [`ClusterNode::open_next_session`] opens.
+    next_session: u64,
+}
+
+/// What became of an accepted request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A lock or conversion that waits for its grant: queued behind locks in
+    /// its way here, or sent to its resource's master on another node.
+    Queued,
+    /// Anything else: answered among the effects already, or an unlock or
+    /// cancel on its way.
+    NotQueued,
 }
 
 impl ClusterNode {
@@ -162,6 +180,7 @@ impl ClusterNode {
             masters: Masters::default(),
             coordinator: Coordinator::default(),
             stats: ClusterStats::default(),
+            next_session: 1,
         })
     }
 
@@ -265,37 +284,6 @@ impl ClusterNode {
         Ok(())
     }
 
-    /// Opens a session of a local client. Its id must carry this node's id
-    /// ([`NodeId::session`]) when the cluster has other members.
-    ///
-    /// # Errors
-    /// As [`Node::open_session`]; `InvalidFlags` for a session id of another node.
-    pub fn open_session(&mut self, session: SessionId) -> Result<(), RequestError> {
-        if !self.single() && NodeId::of_session(session) != self.config.node {
-            return Err(RequestError::InvalidFlags("a session id must carry this node's id"));
-        }
-        self.engine.open_session(session)
-    }
-
-    /// Ends a local client's session, here and on every master holding its locks.
-    ///
-    /// # Errors
-    /// Unknown session.
-    pub fn end_session(&mut self, now: Instant, session: SessionId) -> Result<(), RequestError> {
-        self.engine.end_session(now, session)?;
-        for master in self.requester.end_session(session) {
-            self.send(now, master, PeerMessage::EndSession { session });
-        }
-        self.pump(now);
-        Ok(())
-    }
-
-    /// How many sessions are open (local clients' and other nodes' with locks here).
-    #[must_use]
-    pub fn session_count(&self) -> usize {
-        self.engine.session_count()
-    }
-
     // ----- client requests -----
 
     /// A request from a local client. Accepted requests end in exactly one
@@ -310,32 +298,40 @@ impl ClusterNode {
         now: Instant,
         session: SessionId,
         request: ClientRequest,
-    ) -> Result<(), RequestError> {
-        if self.single() {
-            let result = self.engine.handle_client(now, session, request);
-            self.pump(now);
-            return result;
-        }
-        if !self.engine.has_session(session) || self.masters.is_remote_session(session) {
+    ) -> Result<Outcome, RequestError> {
+        let asks_grant = match &request {
+            ClientRequest::Lock(req) => Some(req.handle),
+            ClientRequest::Convert(req) => Some(req.handle),
+            ClientRequest::Unlock(_) | ClientRequest::Cancel { .. } => None,
+        };
+        let result = if self.single() {
+            self.engine.handle_client(now, session, request)
+        } else if !self.engine.has_session(session) || self.masters.is_remote_session(session) {
             return Err(RequestError::UnknownSession);
-        }
-        let result = match request {
-            ClientRequest::Lock(req) => self.client_lock(now, session, req),
-            ClientRequest::Convert(req) => match self.requester.get(session, req.handle) {
-                Some(lock) => self.remote_convert(now, session, lock.clone(), req),
-                None => self.engine.handle_client(now, session, ClientRequest::Convert(req)),
-            },
-            ClientRequest::Unlock(req) => match self.requester.get(session, req.handle) {
-                Some(lock) => self.remote_unlock(now, session, lock.clone(), req),
-                None => self.engine.handle_client(now, session, ClientRequest::Unlock(req)),
-            },
-            ClientRequest::Cancel { handle } => match self.requester.get(session, handle) {
-                Some(lock) => self.remote_cancel(now, session, handle, lock.clone()),
-                None => self.engine.handle_client(now, session, ClientRequest::Cancel { handle }),
-            },
+        } else {
+            match request {
+                ClientRequest::Lock(req) => self.client_lock(now, session, req),
+                ClientRequest::Convert(req) => match self.requester.get(session, req.handle) {
+                    Some(lock) => self.remote_convert(now, session, lock.clone(), req),
+                    None => self.engine.handle_client(now, session, ClientRequest::Convert(req)),
+                },
+                ClientRequest::Unlock(req) => match self.requester.get(session, req.handle) {
+                    Some(lock) => self.remote_unlock(now, session, lock.clone(), req),
+                    None => self.engine.handle_client(now, session, ClientRequest::Unlock(req)),
+                },
+                ClientRequest::Cancel { handle } => match self.requester.get(session, handle) {
+                    Some(lock) => self.remote_cancel(now, session, handle, lock.clone()),
+                    None => self.engine.handle_client(now, session, ClientRequest::Cancel { handle }),
+                },
+            }
         };
         self.pump(now);
-        result
+        result?;
+        // Waiting shows as a requested mode on the lock once the event is over
+        // (a grant, a refusal or a failure has cleared it already).
+        let waits =
+            asks_grant.is_some_and(|handle| self.lock_info(session, handle).is_some_and(|l| l.requested.is_some()));
+        Ok(if waits { Outcome::Queued } else { Outcome::NotQueued })
     }
 
     // ----- time -----

@@ -71,6 +71,13 @@ impl Requester {
         self.per_session.get(&session).copied().unwrap_or(0)
     }
 
+    /// A session's remote locks, by handle.
+    pub(super) fn handles_of(&self, session: SessionId) -> Vec<LockHandle> {
+        let mut handles: Vec<LockHandle> = self.locks.keys().filter(|(s, _)| *s == session).map(|&(_, h)| h).collect();
+        handles.sort_unstable();
+        handles
+    }
+
     /// Remote locks in a lockspace.
     pub(super) fn count_in(&self, id: LockspaceId) -> usize {
         self.locks.values().filter(|l| l.lockspace == id).count()

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::cluster::{ClusterConfig, ClusterNode, Envelope, Member, Membership, NodeId, PeerMessage};
+use crate::cluster::{ClusterConfig, ClusterNode, Envelope, Member, Membership, NodeId, Outcome, PeerMessage};
 use crate::effect::{Completion, Effect, Op, Status};
 use crate::flags::{LockFlags, StatusFlags, UnlockFlags};
 use crate::ids::{FencingToken, LockHandle, LockspaceId, SessionId};
@@ -54,17 +54,17 @@ impl Harness {
     }
 
     /// A new lock of one of this node's clients.
-    pub(super) fn lock(&mut self, serial: u64, handle: u64, name: &[u8], mode: Mode) {
+    pub(super) fn lock(&mut self, serial: u64, handle: u64, name: &[u8], mode: Mode) -> Outcome {
         let request = self.request(handle, name, mode);
         let session = self.session(serial);
-        self.node.handle_client(self.now, session, ClientRequest::Lock(request)).expect("accepted");
+        self.node.handle_client(self.now, session, ClientRequest::Lock(request)).expect("accepted")
     }
 
     /// A client's unlock.
     pub(super) fn unlock(&mut self, serial: u64, handle: u64) {
         let request = UnlockRequest { handle: LockHandle(handle), flags: UnlockFlags::EMPTY, lvb: None };
         let session = self.session(serial);
-        self.node.handle_client(self.now, session, ClientRequest::Unlock(request)).expect("accepted");
+        let _ = self.node.handle_client(self.now, session, ClientRequest::Unlock(request)).expect("accepted");
     }
 
     /// A lock request as a client (of any node) would make it.
