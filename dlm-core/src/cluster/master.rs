@@ -317,30 +317,21 @@ impl ClusterNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::testing::{Harness, LOCKSPACE, RELEASE_DELAY, granted};
-    use crate::flags::LockFlags;
+    use crate::cluster::testing::{Harness, LOCKSPACE, RELEASE_DELAY, granted, lookup_reply, request_message};
     use crate::mode::Mode;
 
-    fn request(session: SessionId, handle: u64, name: &[u8], mode: Mode) -> PeerMessage {
-        PeerMessage::Request {
-            lockspace: LOCKSPACE.to_vec(),
-            session,
-            handle: LockHandle(handle),
-            name: name.to_vec(),
-            mode,
-            flags: LockFlags::EMPTY,
-            timeout: None,
-        }
-    }
-
-    fn reply(name: &[u8], master: u16, generation: u64, token_floor: u64) -> PeerMessage {
-        PeerMessage::LookupReply {
-            lockspace: LOCKSPACE.to_vec(),
-            name: name.to_vec(),
-            master: Some(NodeId(master)),
-            generation,
-            token_floor,
-        }
+    /// Node 1 looks up a resource of directory 2 for a local PR lock, and
+    /// node 3's request for it comes first: it is held.
+    fn request_held_for_a_lookup() -> (Harness, Vec<u8>, SessionId, SessionId) {
+        let mut h = Harness::new(1);
+        let name = h.name_with_directory(2);
+        let local = h.session(1);
+        h.lock(1, 1, &name, Mode::Pr);
+        h.sent();
+        let remote = NodeId(3).session(1);
+        h.deliver(3, request_message(remote, 1, &name, Mode::Pr));
+        assert_eq!(h.sent(), vec![], "held: this node may be about to master it");
+        (h, name, local, remote)
     }
 
     #[test]
@@ -353,9 +344,9 @@ mod tests {
         assert_eq!(h.effects(), vec![Effect::Complete(granted(local, 1, Op::Lock, Mode::Pr, 1))]);
         assert_eq!(h.sent(), vec![]);
         let remote = NodeId(2).session(1);
-        h.deliver(2, request(remote, 1, &name, Mode::Pr));
+        h.deliver(2, request_message(remote, 1, &name, Mode::Pr));
         assert_eq!(h.sent(), vec![(NodeId(2), PeerMessage::Complete(granted(remote, 1, Op::Lock, Mode::Pr, 2)))]);
-        h.deliver(2, request(remote, 2, &name, Mode::Ex));
+        h.deliver(2, request_message(remote, 2, &name, Mode::Ex));
         assert_eq!(
             h.sent(),
             vec![(NodeId(2), PeerMessage::Blocking { session: remote, handle: LockHandle(1), mode: Mode::Ex })]
@@ -366,15 +357,8 @@ mod tests {
 
     #[test]
     fn requests_that_come_before_the_directorys_answer_are_held_and_served_once_it_names_this_node() {
-        let mut h = Harness::new(1);
-        let name = h.name_with_directory(2);
-        let local = h.session(1);
-        h.lock(1, 1, &name, Mode::Pr);
-        h.sent();
-        let remote = NodeId(3).session(1);
-        h.deliver(3, request(remote, 1, &name, Mode::Pr));
-        assert_eq!(h.sent(), vec![], "held: this node may be about to master it");
-        h.deliver(2, reply(&name, 1, 4, 10));
+        let (mut h, name, local, remote) = request_held_for_a_lookup();
+        h.deliver(2, lookup_reply(&name, 1, 4, 10));
         // Tokens start above the directory's floor.
         assert_eq!(h.effects(), vec![Effect::Complete(granted(local, 1, Op::Lock, Mode::Pr, 11))]);
         assert_eq!(h.sent(), vec![(NodeId(3), PeerMessage::Complete(granted(remote, 1, Op::Lock, Mode::Pr, 12)))]);
@@ -382,18 +366,12 @@ mod tests {
 
     #[test]
     fn requests_held_for_a_resource_mastered_elsewhere_go_back_to_their_nodes() {
-        let mut h = Harness::new(1);
-        let name = h.name_with_directory(2);
-        let local = h.session(1);
-        h.lock(1, 1, &name, Mode::Pr);
-        h.sent();
-        let remote = NodeId(3).session(1);
-        h.deliver(3, request(remote, 1, &name, Mode::Pr));
-        h.deliver(2, reply(&name, 3, 4, 0));
+        let (mut h, name, local, remote) = request_held_for_a_lookup();
+        h.deliver(2, lookup_reply(&name, 3, 4, 0));
         assert_eq!(
             h.sent(),
             vec![
-                (NodeId(3), request(local, 1, &name, Mode::Pr)),
+                (NodeId(3), request_message(local, 1, &name, Mode::Pr)),
                 (NodeId(3), PeerMessage::NotMaster { session: remote, handle: LockHandle(1) }),
             ]
         );
@@ -404,7 +382,7 @@ mod tests {
         let mut h = Harness::new(1);
         let name = h.name_with_directory(2);
         h.lock(1, 1, &name, Mode::Ex);
-        h.deliver(2, reply(&name, 1, 4, 10));
+        h.deliver(2, lookup_reply(&name, 1, 4, 10));
         h.unlock(1, 1);
         h.sent();
         h.effects();

@@ -574,30 +574,7 @@ impl ClusterNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::testing::{Harness, LOCKSPACE, ended, granted};
-    use crate::flags::LockFlags;
-
-    fn request(session: SessionId, handle: u64, name: &[u8], mode: Mode) -> PeerMessage {
-        PeerMessage::Request {
-            lockspace: LOCKSPACE.to_vec(),
-            session,
-            handle: LockHandle(handle),
-            name: name.to_vec(),
-            mode,
-            flags: LockFlags::EMPTY,
-            timeout: None,
-        }
-    }
-
-    fn reply(name: &[u8], master: u16, generation: u64) -> PeerMessage {
-        PeerMessage::LookupReply {
-            lockspace: LOCKSPACE.to_vec(),
-            name: name.to_vec(),
-            master: Some(NodeId(master)),
-            generation,
-            token_floor: 0,
-        }
-    }
+    use crate::cluster::testing::{Harness, LOCKSPACE, ended, granted, lookup_reply, request_message};
 
     /// Node 1 with two locks on a resource whose directory is node 2 and
     /// whose master node 2 says is node 3 (generation 7).
@@ -607,7 +584,7 @@ mod tests {
         h.lock(1, 1, &name, Mode::Ex);
         h.lock(2, 1, &name, Mode::Pr);
         h.sent();
-        h.deliver(2, reply(&name, 3, 7));
+        h.deliver(2, lookup_reply(&name, 3, 7, 0));
         (h, name)
     }
 
@@ -630,11 +607,14 @@ mod tests {
         let (s1, s2) = (h.session(1), h.session(2));
         assert_eq!(
             h.sent(),
-            vec![(NodeId(3), request(s1, 1, &name, Mode::Ex)), (NodeId(3), request(s2, 1, &name, Mode::Pr))]
+            vec![
+                (NodeId(3), request_message(s1, 1, &name, Mode::Ex)),
+                (NodeId(3), request_message(s2, 1, &name, Mode::Pr))
+            ]
         );
         assert_eq!(h.node.remote_master(s1, LockHandle(1)), Some(NodeId(3)));
         h.lock(1, 2, &name, Mode::Nl);
-        assert_eq!(h.sent(), vec![(NodeId(3), request(s1, 2, &name, Mode::Nl))], "no second lookup");
+        assert_eq!(h.sent(), vec![(NodeId(3), request_message(s1, 2, &name, Mode::Nl))], "no second lookup");
         // The master's grant reaches the client as it is.
         let grant = granted(s1, 1, Op::Lock, Mode::Ex, 5);
         h.deliver(3, PeerMessage::Complete(grant.clone()));
@@ -669,7 +649,10 @@ mod tests {
         h.node.handle_link(h.now, NodeId(3), true);
         assert_eq!(
             h.sent(),
-            vec![(NodeId(3), request(s1, 1, &name, Mode::Ex)), (NodeId(3), request(s2, 1, &name, Mode::Pr))]
+            vec![
+                (NodeId(3), request_message(s1, 1, &name, Mode::Ex)),
+                (NodeId(3), request_message(s2, 1, &name, Mode::Pr))
+            ]
         );
         h.deliver(3, PeerMessage::Complete(granted(s1, 1, Op::Lock, Mode::Ex, 5)));
         assert_eq!(h.effects(), vec![], "the client was told the request failed");

@@ -124,3 +124,27 @@ pub(super) fn granted(session: SessionId, handle: u64, op: Op, mode: Mode, token
 pub(super) fn ended(session: SessionId, handle: u64, op: Op, status: Status) -> Completion {
     crate::cluster::ended(session, LockHandle(handle), op, status, None)
 }
+
+/// A peer's request for a new lock, as it travels.
+pub(super) fn request_message(session: SessionId, handle: u64, name: &[u8], mode: Mode) -> PeerMessage {
+    PeerMessage::Request {
+        lockspace: LOCKSPACE.to_vec(),
+        session,
+        handle: LockHandle(handle),
+        name: name.to_vec(),
+        mode,
+        flags: LockFlags::EMPTY,
+        timeout: None,
+    }
+}
+
+/// The directory's answer naming a master.
+pub(super) fn lookup_reply(name: &[u8], master: u16, generation: u64, token_floor: u64) -> PeerMessage {
+    PeerMessage::LookupReply {
+        lockspace: LOCKSPACE.to_vec(),
+        name: name.to_vec(),
+        master: Some(NodeId(master)),
+        generation,
+        token_floor,
+    }
+}
