@@ -220,14 +220,18 @@ impl Family {
 mod tests {
     use super::*;
 
+    /// Every label of a code, in `ALL`'s order.
+    fn labels<T: Copy>(all: &[T], as_str: fn(T) -> &'static str) -> Vec<&'static str> {
+        all.iter().map(|code| as_str(*code)).collect()
+    }
+
     /// The labels as dashboards, alerts and clients know them: a change
     /// here is a breaking change, not a refactoring.
     #[test]
     fn labels_are_the_published_ones() {
-        let labels = |all: &[&'static str]| all.to_vec();
         assert_eq!(
-            RejectCode::ALL.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
-            labels(&[
+            labels(RejectCode::ALL, RejectCode::as_str),
+            [
                 "unknown_session",
                 "session_exists",
                 "unknown_lockspace",
@@ -247,19 +251,13 @@ mod tests {
                 "invalid_mode",
                 "empty_message",
                 "shutting_down",
-            ])
+            ]
         );
+        assert_eq!(labels(SessionEnd::ALL, SessionEnd::as_str), ["closed", "slow_reader", "shutdown"]);
+        assert_eq!(labels(LinkReset::ALL, LinkReset::as_str), ["queue_full", "unacknowledged"]);
         assert_eq!(
-            SessionEnd::ALL.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
-            labels(&["closed", "slow_reader", "shutdown"])
-        );
-        assert_eq!(
-            LinkReset::ALL.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
-            labels(&["queue_full", "unacknowledged"])
-        );
-        assert_eq!(
-            PeerReject::ALL.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
-            labels(&[
+            labels(PeerReject::ALL, PeerReject::as_str),
+            [
                 "bad_hello",
                 "wrong_cluster",
                 "wrong_version",
@@ -268,13 +266,10 @@ mod tests {
                 "restarted_peer",
                 "bad_frame",
                 "protocol",
-            ])
+            ]
         );
-        assert_eq!(LockPhase::ALL.iter().map(|c| c.as_str()).collect::<Vec<_>>(), labels(&["wait", "hold"]));
-        assert_eq!(
-            Family::ALL.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
-            labels(&["locks", "futex", "sched", "holders", "memory"])
-        );
+        assert_eq!(labels(LockPhase::ALL, LockPhase::as_str), ["wait", "hold"]);
+        assert_eq!(labels(Family::ALL, Family::as_str), ["locks", "futex", "sched", "holders", "memory"]);
     }
 
     #[test]

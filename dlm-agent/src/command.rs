@@ -177,7 +177,7 @@ pub enum OpenError {
     /// The agent is stopping.
     #[error("the agent is shutting down")]
     Stopped,
-    /// The engine refused it.
+    /// The lock engine refused it.
     #[error("{}: {}", .0.code, .0.message)]
     Refused(Rejection),
 }

@@ -72,7 +72,7 @@ pub struct ClusterSettings {
     /// a heartbeat every third of it, so this holds on idle links too.
     pub peer_timeout: Duration,
     /// Batches of messages queued to one peer at most (a batch is what one
-    /// pass of the engine has for it); a peer that lets its queue fill has
+    /// pass of the driver has for it); a peer that lets its queue fill has
     /// its link reset (and what it has not acknowledged resent).
     pub peer_queue_max: usize,
 }
@@ -457,7 +457,7 @@ fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, ConfigError> {
 }
 
 impl ClusterSettings {
-    /// The members as the engine takes them.
+    /// The members as the lock engine takes them.
     ///
     /// # Errors
     /// Duplicate ids or addresses, weights out of range.

@@ -174,7 +174,7 @@ impl Driver {
             .node
             .create_lockspace(name.as_bytes(), LockspaceConfig { lvb_len })
             .map_err(|e| Rejection::from_engine(0, &e))?;
-        // A name with a NUL byte cannot be a C string: the probes show it empty.
+        // A name with a NUL byte cannot be a C string: the USDT probe points show it empty.
         let c_string = CString::new(name).unwrap_or_default();
         self.lockspace_names
             .insert(id, LockspaceName { text: Arc::from(name), c_string: Arc::from(c_string.as_c_str()) });

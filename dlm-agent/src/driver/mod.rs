@@ -19,7 +19,7 @@
 //! | `requests.rs` | a client's request: decoded, resolved, handed to the node, or rejected |
 //! | `output.rs` | session output: effects routed to sessions, writes batched per pass, slow readers ended |
 //! | `peers.rs` | peer batching: the node's envelopes to the peers' dialers, stalled links reset |
-//! | `observe/` | observation: metrics, lock spans, USDT probes, kernel evidence |
+//! | `observe/` | observation: metrics, lock spans, USDT probe points, kernel evidence |
 //! | `admin.rs` | status, lockspaces, dump, lockspace creation and release, shutdown |
 //!
 //! Each session's outgoing queue is bounded (`session_queue_max`); a client
@@ -70,7 +70,7 @@ impl SessionState {
     }
 }
 
-/// A lockspace's name, as text for labels and as a C string for the probes.
+/// A lockspace's name, as text for labels and as a C string for the USDT probe points.
 #[derive(Clone)]
 struct LockspaceName {
     text: Arc<str>,
@@ -96,7 +96,7 @@ struct Driver {
     unflushed: Vec<(SessionId, FrameSink)>,
     /// Shutting down: sessions are ended in order, none as slow.
     stopping: bool,
-    /// Metrics, spans, probes and kernel evidence (`observe/`).
+    /// Metrics, spans, USDT probe points and kernel evidence (`observe/`).
     observer: Observer,
 }
 

@@ -37,7 +37,7 @@ macro_rules! span_event {
 }
 
 /// What the agent remembers about one of a session's locks, for metrics,
-/// spans, probes, kernel evidence and dumps.
+/// spans, USDT probe points, kernel evidence and dumps.
 pub(super) struct LockRecord {
     lockspace: LockspaceName,
     /// The mode of the pending request, or of the grant.
@@ -52,7 +52,7 @@ pub(super) struct LockRecord {
     /// The client process's kernel counters at the start of the current
     /// phase (a queued request, or the first grant), when eBPF is on.
     pub(super) mark: Option<Attribution>,
-    /// The resource name, for the probe points.
+    /// The resource name, for the USDT probe points.
     resource: ResourceName,
     /// The fencing token of the grant.
     token: u64,
@@ -77,7 +77,7 @@ impl LockRecord {
         span_event!(self.span, mode = mode.name(), queued, "convert requested");
     }
 
-    fn probe_target(&self) -> usdt::Target<'_> {
+    fn usdt_target(&self) -> usdt::Target<'_> {
         usdt::Target { lockspace: &self.lockspace.c_string, resource: &self.resource }
     }
 }
@@ -150,7 +150,7 @@ impl Observer {
             span_event!(record.span, "queued");
             record.mark = self.evidence.mark(pid);
         }
-        usdt::request(record.probe_target(), record.mode, session.0, handle, pid.map_or(0, u64::from));
+        usdt::request(record.usdt_target(), record.mode, session.0, handle, pid.map_or(0, u64::from));
     }
 
     /// The span of one lock request, joined to the client's trace when it
@@ -263,7 +263,7 @@ impl Observer {
                             }
                         }
                         known.token = completion.token.map_or(known.token, |t| t.0);
-                        usdt::grant(known.probe_target(), mode, wait_ns, known.token, pid.map_or(0, u64::from));
+                        usdt::grant(known.usdt_target(), mode, wait_ns, known.token, pid.map_or(0, u64::from));
                         if known.granted_at.is_none() {
                             if let Some(mark) = known.mark.take() {
                                 self.evidence.finish(LockPhase::Wait, pid, &mark, &self.metrics, known.span.as_ref());
@@ -282,7 +282,7 @@ impl Observer {
                                 .observe(held.as_secs_f64());
                             let held_ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
                             usdt::release(
-                                known.probe_target(),
+                                known.usdt_target(),
                                 known.mode,
                                 held_ns,
                                 known.token,
@@ -308,7 +308,7 @@ impl Observer {
                 let state = sessions.get(session);
                 if let Some(known) = state.and_then(|s| s.locks.get(&handle.0)) {
                     let pid = state.and_then(SessionState::pid).map_or(0, u64::from);
-                    usdt::blocking(known.probe_target(), *mode, session.0, handle.0, pid);
+                    usdt::blocking(known.usdt_target(), *mode, session.0, handle.0, pid);
                     self.metrics.blocking.with_label_values(&[&known.lockspace.text]).inc();
                     span_event!(known.span, mode = mode.name(), "blocking callback sent");
                 }
