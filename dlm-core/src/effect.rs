@@ -87,6 +87,8 @@ pub struct Completion {
 pub enum RevokeReason {
     /// The lockspace was released with `force`.
     LockspaceReleased,
+    /// The node is shutting down ([`crate::cluster::ClusterNode::shutdown`]).
+    Shutdown,
 }
 
 /// An effect for the driver to carry out, in the order polled.

@@ -24,7 +24,8 @@
 //! It is not a service: the agent owns sockets and sessions' lifetimes.
 //! Distribution of resources over nodes is [`cluster::ClusterNode`], the same
 //! engine behind a directory, mastering and a peer protocol, still sans-IO;
-//! [`sim`] drives several of them over a simulated network from one seed.
+//! the `sim` module (behind the `sim` feature, for tests and `cargo xtask
+//! sim`) drives several of them over a simulated network from one seed.
 //!
 //! ```
 //! use dlm_core::*;
@@ -62,6 +63,7 @@ mod outbox;
 mod queue;
 mod request;
 mod resource;
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 mod slab;
 mod time;

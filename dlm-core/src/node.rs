@@ -460,6 +460,23 @@ impl Node {
         self.lockspaces.values().any(|ls| !ls.waiting_by_session.is_empty())
     }
 
+    /// The open sessions, by id.
+    #[must_use]
+    pub fn session_ids(&self) -> Vec<SessionId> {
+        let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// A session's locks here, by handle.
+    #[must_use]
+    pub fn session_handles(&self, session: SessionId) -> Vec<LockHandle> {
+        let mut handles: Vec<LockHandle> =
+            self.sessions.get(&session).map(|s| s.locks.keys().copied().collect()).unwrap_or_default();
+        handles.sort_unstable();
+        handles
+    }
+
     /// Whether a session is open.
     #[must_use]
     pub fn has_session(&self, session: SessionId) -> bool {

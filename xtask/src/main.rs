@@ -36,9 +36,11 @@ Commands:
                overrides the agent's default set); prints the slowdowns and each program's
                ns/event (BPF run statistics) beside what an empty program reads there (bpftrace),
                JSON in target/bench/ebpf-overhead.json; needs root
-  sim [--seeds N] [--start S] | --seed S
+  sim [--seeds N] [--start S] [--record FILE] | --seed S
                run the deterministic cluster simulation over many seeds (default 10000 from 0;
-               the test command runs 1000); a failure prints the seed, `--seed S` replays it
+               the test command runs 1000); a failure prints the seed, `--seed S` replays it;
+               --record writes each seed's report (counts and a digest of every effect and
+               message), the form of dlm-core/testdata/sim-reports.txt
   cluster up [--nodes N] [--netns] [--ebpf] [--base-port P] | down | status
                start N agents (default 3) forming a cluster on loopback (ports P+i for peers,
                P+100+i for HTTP; default P 17400), or with --netns each in its own network
@@ -88,7 +90,19 @@ pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), String> {
 /// The simulation runs with the test profile: optimised, with the engine's
 /// full invariant checks (debug assertions) after every event.
 fn sim(args: &[String]) -> Result<(), String> {
-    let mut full = vec!["run", "--locked", "--profile", "ci-test", "--package", "dlm-core", "--example", "sim", "--"];
+    let mut full = vec![
+        "run",
+        "--locked",
+        "--profile",
+        "ci-test",
+        "--package",
+        "dlm-core",
+        "--features",
+        "sim",
+        "--example",
+        "sim",
+        "--",
+    ];
     full.extend(args.iter().map(String::as_str));
     run("cargo", &full)
 }

@@ -184,7 +184,7 @@ impl Driver {
 
     pub(super) fn release_lockspace(&mut self, name: &str, force: bool) -> Result<(), Rejection> {
         let id = self.node.lockspace_id(name.as_bytes()).ok_or_else(|| unknown_lockspace(0, name))?;
-        self.node.release_lockspace(id, force).map_err(|e| Rejection::from_engine(0, &e))?;
+        self.node.release_lockspace(self.clock.engine_now(), id, force).map_err(|e| Rejection::from_engine(0, &e))?;
         self.lockspace_names.remove(&id);
         self.observer.metrics.remove_lockspace(name);
         Ok(())

@@ -45,7 +45,7 @@ impl Driver {
             _ => None,
         };
         match self.node.handle_client(self.clock.to_engine(now), session, request) {
-            Ok(()) => {
+            Ok(_) => {
                 // Only spans and kernel attribution need to know whether the
                 // request had to wait.
                 let queued = self.observer.wants_queued()

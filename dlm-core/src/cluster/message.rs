@@ -204,3 +204,41 @@ pub struct Envelope {
     /// The message (none in a bare acknowledgement).
     pub message: Option<PeerMessage>,
 }
+
+/// Peer input that breaks the protocol: the driver drops the connection.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PeerError {
+    /// The sender is not a member (or is this node).
+    #[error("{0} is not a peer of this node")]
+    NotAPeer(NodeId),
+    /// The sender is in another membership epoch.
+    #[error("epoch {got}, this node is in epoch {expected}")]
+    WrongEpoch {
+        /// The sender's.
+        got: u64,
+        /// Ours.
+        expected: u64,
+    },
+    /// A message about a session of a node other than its sender.
+    #[error("{from} spoke for a session of {owner}")]
+    ForeignSession {
+        /// The sender.
+        from: NodeId,
+        /// The session's node.
+        owner: NodeId,
+    },
+}
+
+/// Checks that a message about a client session comes from that session's node.
+pub(super) fn check_sessions(from: NodeId, message: &PeerMessage) -> Result<(), PeerError> {
+    let session = match message {
+        PeerMessage::Request { session, .. }
+        | PeerMessage::Convert { session, .. }
+        | PeerMessage::Unlock { session, .. }
+        | PeerMessage::Cancel { session, .. }
+        | PeerMessage::EndSession { session } => *session,
+        _ => return Ok(()),
+    };
+    let owner = NodeId::of_session(session);
+    if owner == from { Ok(()) } else { Err(PeerError::ForeignSession { from, owner }) }
+}

@@ -1,0 +1,110 @@
+//! What a node says about itself when a peer connection opens, and which
+//! peers' hellos it accepts: the same version and cluster, a member other
+//! than itself (the one dialled, when this side dialled), in the same
+//! membership epoch.
+//!
+//! Telling a restarted peer from the one first seen (its incarnation) is
+//! left to the driver until recovery can take a restarted node back.
+
+use crate::cluster::ClusterNode;
+use crate::cluster::message::NodeId;
+use crate::cluster::wire::{self, Hello};
+
+/// Why a peer's hello is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum HelloRefusal {
+    /// It speaks another protocol version.
+    #[error("wrong_version")]
+    WrongVersion,
+    /// It belongs to another cluster.
+    #[error("wrong_cluster")]
+    WrongCluster,
+    /// It is no member, or this node, or not the member dialled.
+    #[error("unknown_node")]
+    UnknownNode,
+    /// It is in another membership epoch.
+    #[error("wrong_epoch")]
+    WrongEpoch,
+}
+
+impl HelloRefusal {
+    /// Every refusal.
+    pub const ALL: [HelloRefusal; 4] =
+        [HelloRefusal::WrongVersion, HelloRefusal::WrongCluster, HelloRefusal::UnknownNode, HelloRefusal::WrongEpoch];
+
+    /// Its label (in metrics and logs).
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            HelloRefusal::WrongVersion => "wrong_version",
+            HelloRefusal::WrongCluster => "wrong_cluster",
+            HelloRefusal::UnknownNode => "unknown_node",
+            HelloRefusal::WrongEpoch => "wrong_epoch",
+        }
+    }
+}
+
+impl ClusterNode {
+    /// This node's hello, with the incarnation of the process that drives it.
+    #[must_use]
+    pub fn hello(&self, incarnation: u64) -> Hello {
+        Hello {
+            version: wire::VERSION,
+            cluster: self.config.name.clone(),
+            node: self.config.node,
+            epoch: self.config.membership.epoch,
+            incarnation,
+        }
+    }
+
+    /// Checks a peer's hello; `dialled` is the member this node connected
+    /// to (`None` for a connection it accepted). Returns the peer's id.
+    ///
+    /// # Errors
+    /// The first reason to refuse it, in the order of [`HelloRefusal::ALL`].
+    pub fn check_hello(&self, hello: &Hello, dialled: Option<NodeId>) -> Result<NodeId, HelloRefusal> {
+        if hello.version != wire::VERSION {
+            return Err(HelloRefusal::WrongVersion);
+        }
+        if hello.cluster != self.config.name {
+            return Err(HelloRefusal::WrongCluster);
+        }
+        let peer = hello.node;
+        if peer == self.config.node || !self.config.membership.contains(peer) || dialled.is_some_and(|d| d != peer) {
+            return Err(HelloRefusal::UnknownNode);
+        }
+        if hello.epoch != self.config.membership.epoch {
+            return Err(HelloRefusal::WrongEpoch);
+        }
+        Ok(peer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::testing::Harness;
+
+    #[test]
+    fn a_members_hello_is_accepted_and_every_mismatch_refused_by_name() {
+        let mut h = Harness::new(1);
+        h.node.config.name = b"c1".to_vec();
+        let good = Hello { node: NodeId(2), ..h.node.hello(77) };
+        assert_eq!(good.cluster, b"c1");
+        assert_eq!(h.node.check_hello(&good, None), Ok(NodeId(2)));
+        assert_eq!(h.node.check_hello(&good, Some(NodeId(2))), Ok(NodeId(2)));
+        let cases = [
+            (Hello { version: wire::VERSION + 1, ..good.clone() }, None, HelloRefusal::WrongVersion),
+            (Hello { cluster: b"c2".to_vec(), ..good.clone() }, None, HelloRefusal::WrongCluster),
+            (Hello { node: NodeId(1), ..good.clone() }, None, HelloRefusal::UnknownNode),
+            (Hello { node: NodeId(9), ..good.clone() }, None, HelloRefusal::UnknownNode),
+            (good.clone(), Some(NodeId(3)), HelloRefusal::UnknownNode),
+            (Hello { epoch: 2, ..good.clone() }, None, HelloRefusal::WrongEpoch),
+        ];
+        for (hello, dialled, refusal) in cases {
+            assert_eq!(h.node.check_hello(&hello, dialled), Err(refusal), "{hello:?}");
+        }
+        let labels: Vec<&str> = HelloRefusal::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels, ["wrong_version", "wrong_cluster", "unknown_node", "wrong_epoch"]);
+    }
+}

@@ -1,0 +1,157 @@
+use std::time::Duration;
+
+use super::*;
+use crate::cluster::message::{Envelope, NodeId, PeerMessage, RemoteEdge};
+use crate::deadlock::WaitRef;
+use crate::effect::{Completion, Op, Status};
+use crate::flags::{LockFlags, StatusFlags, UnlockFlags};
+use crate::ids::{FencingToken, LockHandle, LockspaceId, SessionId};
+use crate::mode::Mode;
+
+fn samples() -> Vec<PeerMessage> {
+    let (session, handle) = (NodeId(2).session(7), LockHandle(9));
+    vec![
+        PeerMessage::Lookup { lockspace: b"ls".to_vec(), name: b"r".to_vec(), stale: Some((NodeId(3), 4)) },
+        PeerMessage::LookupReply {
+            lockspace: b"ls".to_vec(),
+            name: vec![0, 255],
+            master: Some(NodeId(1)),
+            generation: 5,
+            token_floor: 99,
+        },
+        PeerMessage::Remove { lockspace: b"ls".to_vec(), name: b"r".to_vec(), generation: 5, token_floor: 7 },
+        PeerMessage::Request {
+            lockspace: b"ls".to_vec(),
+            session,
+            handle,
+            name: b"r".to_vec(),
+            mode: Mode::Ex,
+            flags: LockFlags::NOQUEUE | LockFlags::VALBLK,
+            timeout: Some(Duration::from_millis(3)),
+        },
+        PeerMessage::Convert {
+            session,
+            handle,
+            mode: Mode::Pr,
+            flags: LockFlags::VALBLK,
+            lvb: Some(vec![1; 32]),
+            timeout: None,
+        },
+        PeerMessage::Unlock { session, handle, flags: UnlockFlags::FORCE, lvb: None },
+        PeerMessage::Cancel { session, handle },
+        PeerMessage::NotMaster { session, handle },
+        PeerMessage::Complete(Completion {
+            session,
+            handle,
+            op: Op::Convert,
+            status: Status::Rejected,
+            mode: Some(Mode::Cw),
+            token: Some(FencingToken(12)),
+            lvb: Some(vec![7; 8]),
+            flags: StatusFlags::VALNOTVALID,
+        }),
+        PeerMessage::Blocking { session, handle, mode: Mode::Pw },
+        PeerMessage::EndSession { session },
+        PeerMessage::WaitEdges {
+            edges: vec![RemoteEdge {
+                from: session,
+                to: SessionId(3),
+                wait: WaitRef { lockspace: LockspaceId(1), lock: 2, seq: 3 },
+            }],
+        },
+        PeerMessage::AbortWait { wait: WaitRef { lockspace: LockspaceId(1), lock: 2, seq: 3 } },
+        PeerMessage::Heartbeat,
+    ]
+}
+
+fn frames(envelopes: &[Envelope]) -> Vec<Envelope> {
+    let mut bytes = Vec::new();
+    encode_frames(envelopes, &mut bytes);
+    let mut decoded = Vec::new();
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let len = frame_len(rest[..4].try_into().unwrap()).unwrap();
+        decoded.extend(decode_frame(&rest[4..4 + len]).unwrap());
+        rest = &rest[4 + len..];
+    }
+    decoded
+}
+
+#[test]
+fn every_message_round_trips() {
+    let envelopes: Vec<Envelope> = samples()
+        .into_iter()
+        .enumerate()
+        .map(|(i, m)| Envelope { epoch: 1, seq: i as u64 + 1, ack: 4, message: Some(m) })
+        .chain([Envelope { epoch: 1, seq: 0, ack: 9, message: None }])
+        .collect();
+    assert_eq!(frames(&envelopes), envelopes);
+}
+
+#[test]
+fn many_envelopes_split_into_bounded_frames() {
+    let envelope =
+        Envelope { epoch: 1, seq: 1, ack: 0, message: Some(PeerMessage::EndSession { session: SessionId(1) }) };
+    let envelopes = vec![envelope; FRAME_ENVELOPES_MAX * 2 + 3];
+    assert_eq!(frames(&envelopes).len(), envelopes.len());
+}
+
+#[test]
+fn hello_round_trips_and_bad_ones_are_refused() {
+    let hello = Hello { version: VERSION, cluster: b"prod".to_vec(), node: NodeId(4), epoch: 2, incarnation: 99 };
+    let bytes = encode_hello(&hello);
+    assert_eq!(hello_len(bytes[..7].try_into().unwrap()), Ok(bytes.len()));
+    assert_eq!(decode_hello(&bytes), Ok(hello));
+    let mut bad = bytes.clone();
+    bad[0] = b'X';
+    assert_eq!(decode_hello(&bad), Err(WireError::BadMagic));
+    assert!(matches!(hello_len(&[b'D', b'L', b'M', b'P', 0, 1, 200]), Err(WireError::TooLong { .. })));
+}
+
+#[test]
+fn malformed_frames_are_refused() {
+    assert!(matches!(frame_len((FRAME_LEN_MAX as u32 + 1).to_be_bytes()), Err(WireError::TooLong { .. })));
+    // An unknown tag.
+    let mut body = vec![0, 1];
+    body.extend_from_slice(&[0; 24]);
+    body.extend_from_slice(&[1, 99]);
+    assert_eq!(decode_frame(&body), Err(WireError::Invalid("message tag")));
+    // A resource name over 64 bytes.
+    let mut body = vec![0, 1];
+    body.extend_from_slice(&[0; 24]);
+    body.extend_from_slice(&[1, 1, 2, b'l', b's', 65]);
+    body.extend_from_slice(&[b'x'; 65]);
+    body.push(0);
+    assert!(matches!(decode_frame(&body), Err(WireError::TooLong { what: "resource name", .. })));
+    // A huge edge count with no bytes behind it allocates nothing.
+    let mut body = vec![0, 1];
+    body.extend_from_slice(&[0; 24]);
+    body.extend_from_slice(&[1, 12, 0, 0, 0x3f, 0xff]);
+    assert_eq!(decode_frame(&body), Err(WireError::Truncated));
+    // Trailing bytes.
+    let mut bytes = Vec::new();
+    encode_frames(&[Envelope { epoch: 1, seq: 0, ack: 0, message: None }], &mut bytes);
+    bytes.push(0);
+    assert_eq!(decode_frame(&bytes[4..]), Err(WireError::Trailing(1)));
+}
+
+#[test]
+fn random_bytes_never_panic() {
+    let mut rng = crate::sim::Rng::new(7);
+    for _ in 0..20_000 {
+        let len = rng.below(200) as usize;
+        let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        let _ = decode_frame(&bytes);
+        let _ = decode_hello(&bytes);
+    }
+    // And valid frames with single bytes flipped.
+    let mut good = Vec::new();
+    let envelopes: Vec<Envelope> =
+        samples().into_iter().map(|m| Envelope { epoch: 1, seq: 1, ack: 0, message: Some(m) }).collect();
+    encode_frames(&envelopes, &mut good);
+    for i in 4..good.len() {
+        let mut bad = good.clone();
+        bad[i] ^= 0xff;
+        let _ = decode_frame(&bad[4..]);
+    }
+}

@@ -1,0 +1,163 @@
+//! What the simulation checks after every step: the nodes' effects carried
+//! out against what each client knows, fencing tokens, single masters.
+
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use crate::cluster::{NodeId, PeerMessage};
+use crate::effect::{Completion, Effect, Op, Status};
+use crate::ids::{LockHandle, SessionId};
+
+use std::collections::BTreeMap;
+
+use crate::sim::{LOCKSPACE, Sim, Slot};
+
+impl Sim {
+    pub(super) fn after(&mut self, n: usize) -> Result<(), String> {
+        // A node that asks for its connection to be re-made has marked the
+        // link down; the fault tick reconnects it when no cut is in the way.
+        while self.nodes[n].poll_reset().is_some() {}
+        let mut grants: Vec<(u32, u64, SessionId, LockHandle)> = Vec::new();
+        while let Some(effect) = self.nodes[n].poll_effect() {
+            let _ = write!(self.trace, "{} {n} {effect:?};", self.now.as_nanos());
+            if let Effect::Complete(c) = &effect
+                && let (Some(token), Some(&(_, resource))) = (c.token, self.owners.get(&(c.session, c.handle)))
+            {
+                grants.push((resource, token.0, c.session, c.handle));
+            }
+            self.deliver(n, effect)?;
+        }
+        while let Some((to, envelope)) = self.nodes[n].poll_transmit() {
+            let _ = write!(self.trace, "{} {n}>{to} {envelope:?};", self.now.as_nanos());
+            // A message resent after a reconnection was seen the first time
+            // (when its lock's handle could not have been reused yet).
+            let first_time = envelope.seq != 0 && self.transmitted.insert((n, to.0, envelope.seq));
+            if let Some(PeerMessage::Complete(c)) = &envelope.message
+                && let (Some(token), Some(&(_, resource))) = (c.token, self.owners.get(&(c.session, c.handle)))
+                && first_time
+            {
+                grants.push((resource, token.0, c.session, c.handle));
+            }
+            self.send(NodeId(n as u16 + 1), to, envelope);
+        }
+        let mut by_resource: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+        // A remote grant is seen when its master sends it and again when
+        // the client's node delivers it: count it once.
+        let mut fresh = Vec::new();
+        for (resource, token, session, handle) in grants {
+            match self.seen_grants.insert((resource, token), (session, handle)) {
+                None => fresh.push((resource, token)),
+                Some(lock) if lock == (session, handle) => {}
+                Some(other) => {
+                    return Err(format!(
+                        "at {:?}: r{resource} token {token} granted to {session} {handle} and to {} {}",
+                        self.elapsed(),
+                        other.0,
+                        other.1
+                    ));
+                }
+            }
+        }
+        for (resource, token) in fresh {
+            by_resource.entry(resource).or_default().push(token);
+        }
+        // A grant is seen when its master sends it; one sent while the link
+        // was down goes out later, after younger grants of the same master.
+        // So: a token below the largest seen is wrong only from another node
+        // (a new master must start above every token handed out before; the
+        // old one cannot have let the resource go while a grant of it was
+        // still undelivered).
+        for (resource, tokens) in by_resource {
+            let (last, issuer) = self.last_token.get(&resource).copied().unwrap_or((0, n));
+            let min = tokens.iter().copied().min().expect("non-empty");
+            if min <= last && issuer != n {
+                return Err(format!(
+                    "at {:?}: r{resource} granted token {min} by node {} after token {last} by node {}",
+                    self.elapsed(),
+                    n + 1,
+                    issuer + 1
+                ));
+            }
+            let max = tokens.into_iter().max().expect("non-empty");
+            if max > last {
+                self.last_token.insert(resource, (max, n));
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn deliver(&mut self, n: usize, effect: Effect) -> Result<(), String> {
+        let at = self.elapsed();
+        match effect {
+            Effect::Complete(completion) => self.complete(n, completion),
+            Effect::Blocking { session, handle, .. } => {
+                let known = self.owners.get(&(session, handle)).map(|&(c, _)| c);
+                match known {
+                    Some(c) if self.clients[c].node == n => {
+                        // A blocked-on holder lets go soon.
+                        self.clients[c].next_action = self.clients[c].next_action.min(self.now);
+                        Ok(())
+                    }
+                    _ => Err(format!("at {at:?}: blocking callback for unknown lock {session} {handle}")),
+                }
+            }
+            Effect::Revoked { session, handle, .. } => {
+                Err(format!("at {at:?}: unexpected revocation {session} {handle}"))
+            }
+        }
+    }
+
+    pub(super) fn complete(&mut self, n: usize, done: Completion) -> Result<(), String> {
+        let at = self.elapsed();
+        let Some(&(c, _)) = self.owners.get(&(done.session, done.handle)) else {
+            return Err(format!("at {at:?}: completion for unknown lock: {done:?}"));
+        };
+        if self.clients[c].node != n {
+            return Err(format!("at {at:?}: completion delivered on the wrong node: {done:?}"));
+        }
+        let s = *self.clients[c].handles.get(&done.handle.0).expect("owned handles are mapped");
+        let (slot, resource) = self.clients[c].slots[s];
+        if done.status == Status::Granted {
+            self.report.grants += 1;
+        }
+        if done.status == Status::Deadlock {
+            self.report.deadlocks += 1;
+        }
+        if done.status == Status::Unavailable {
+            self.report.unavailable += 1;
+        }
+        let next = match (slot, done.op, done.mode) {
+            (Slot::Requested, Op::Lock, Some(mode)) if done.status == Status::Granted => Slot::Granted(mode),
+            (Slot::Requested, Op::Lock, None) => Slot::Empty,
+            (Slot::Busy { unlocking: false, .. }, Op::Convert, Some(mode)) => Slot::Granted(mode),
+            (Slot::Busy { unlocking: true, .. } | Slot::ForceUnlocking, Op::Unlock, None) => Slot::Empty,
+            (Slot::ForceUnlocking, Op::Lock, _) => Slot::ForceUnlocking,
+            _ => return Err(format!("at {at:?}: completion {done:?} for a lock in state {slot:?}")),
+        };
+        self.clients[c].slots[s] = (next, resource);
+        if next == Slot::Empty {
+            self.clients[c].handles.remove(&done.handle.0);
+            self.owners.remove(&(done.session, done.handle));
+        }
+        let soon = self.now.saturating_add(Duration::from_micros(self.rng.below(200)));
+        self.clients[c].next_action = self.clients[c].next_action.min(soon);
+        Ok(())
+    }
+
+    /// No resource may have locks on two nodes' engines at once.
+    pub(super) fn check_masters(&self) -> Result<(), String> {
+        for r in 0..self.config.resources {
+            let name = format!("r{r}");
+            let masters: Vec<usize> = (0..self.nodes.len())
+                .filter(|&n| {
+                    let node = &self.nodes[n];
+                    node.lockspace_id(LOCKSPACE).is_some_and(|ls| node.engine().resource_exists(ls, name.as_bytes()))
+                })
+                .collect();
+            if masters.len() > 1 {
+                return Err(format!("at {:?}: r{r} has locks on nodes {masters:?}", self.elapsed()));
+            }
+        }
+        Ok(())
+    }
+}
