@@ -23,9 +23,9 @@ use dlm_agent::client::{Client, Target};
 /// (what `cargo xtask test` runs) does, before any test starts.
 ///
 /// # Panics
-/// The binary is missing, or older than the dlm-agent library these tests
-/// were built with (it would test stale code); the message says how to
-/// build it.
+/// The binary is missing, or older than a source it is built from (it
+/// would test stale code: the same test of modification times cargo makes);
+/// the message says how to build it.
 pub fn bin() -> &'static str {
     static BIN: OnceLock<String> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -44,27 +44,50 @@ pub fn bin() -> &'static str {
             "build it in the same run (`cargo test --workspace`, or `cargo test -p dlm-agent -p dlm-tests`), \
              or first: `cargo build -p dlm-agent --profile {profile}`; or set DLM_AGENT_BIN"
         );
-        let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
         let Some(built) = modified(&binary) else {
             panic!("the agent binary {} is missing: {build}", binary.display());
         };
-        let library = std::fs::read_dir(profile_dir.join("deps"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|entry| entry.path())
-            .filter(|path| {
-                path.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("libdlm_agent-") && n.ends_with(".rlib"))
-            })
-            .filter_map(|path| modified(&path))
-            .max();
-        if library.is_some_and(|library: SystemTime| library > built) {
-            panic!("the agent binary {} is older than the dlm-agent library: {build}", binary.display());
+        if let Some(source) = newest_agent_source().filter(|(_, changed)| *changed > built) {
+            panic!("the agent binary {} is older than {}: {build}", binary.display(), source.0.display());
         }
         binary.into_os_string().into_string().expect("a UTF-8 target directory")
     })
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The most recently changed of the files the agent binary is built from.
+fn newest_agent_source() -> Option<(PathBuf, SystemTime)> {
+    fn walk(path: &Path, newest: &mut Option<(PathBuf, SystemTime)>) {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                walk(&entry.path(), newest);
+            }
+        } else if let Some(changed) = modified(path)
+            && newest.as_ref().is_none_or(|(_, before)| changed > *before)
+        {
+            *newest = Some((path.to_path_buf(), changed));
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let mut newest = None;
+    for source in [
+        "Cargo.lock",
+        "dlm-agent/Cargo.toml",
+        "dlm-agent/build.rs",
+        "dlm-agent/proto",
+        "dlm-agent/src",
+        "dlm-core/Cargo.toml",
+        "dlm-core/src",
+        "dlm-ebpf/Cargo.toml",
+        "dlm-ebpf/src",
+        "dlm-ebpf/common",
+    ] {
+        walk(&root.join(source), &mut newest);
+    }
+    newest
 }
 
 /// A running agent, killed (and its directory removed) when dropped.
