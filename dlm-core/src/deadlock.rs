@@ -40,14 +40,30 @@ pub struct WaitRef {
     pub seq: u64,
 }
 
+/// The lock that makes a wait wait, as it is for one episode: a lock that
+/// is granted anew (a new token) or waits anew (a new sequence number), or a
+/// lock that took over its index, is another blocker. An edge that names the
+/// same wait and the same blocker at two moments existed all along between them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Blocker {
+    /// The blocking lock (an engine-internal index).
+    pub lock: u32,
+    /// The fencing token of its latest grant (0 before the first).
+    pub token: u64,
+    /// The sequence number of its latest wait.
+    pub seq: u64,
+}
+
 /// An edge of the wait-for graph: the session it leaves waits, through
-/// `wait`, for session `to`.
+/// `wait`, for session `to`, whose lock `blocker` is in the way.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Edge {
     /// The session waited for.
     pub to: SessionId,
     /// The waiting request.
     pub wait: WaitRef,
+    /// The lock of `to` in the way.
+    pub blocker: Blocker,
 }
 
 /// A source of wait-for edges.
@@ -142,6 +158,7 @@ mod tests {
                     edges.push(Edge {
                         to: SessionId(to),
                         wait: WaitRef { lockspace: LockspaceId(0), lock: seq as u32, seq },
+                        blocker: Blocker { lock: 0, token: 0, seq: 0 },
                     });
                 }
             }

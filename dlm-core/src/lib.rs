@@ -68,7 +68,7 @@ pub mod sim;
 mod slab;
 mod time;
 
-pub use deadlock::{Edge, Search, WaitForGraph, WaitRef, find_cycle, victim};
+pub use deadlock::{Blocker, Edge, Search, WaitForGraph, WaitRef, find_cycle, victim};
 pub use dump::{LockInfo, LockspaceInfo, ResourceInfo};
 pub use effect::{Completion, Effect, Op, RevokeReason, Status};
 pub use flags::{LockFlags, StatusFlags, UnlockFlags};

@@ -477,6 +477,16 @@ impl Node {
         handles
     }
 
+    /// Whether `from` waits, now, through `edge.wait`, for `edge.to`, with
+    /// the very blocker `edge.blocker` in the way.
+    #[must_use]
+    pub fn has_wait_edge(&self, from: SessionId, edge: &Edge) -> bool {
+        let Some(lockspace) = self.lockspaces.get(&edge.wait.lockspace) else { return false };
+        let mut edges = Vec::new();
+        lockspace.wait_edges(from, &mut edges);
+        edges.contains(edge)
+    }
+
     /// Whether a session is open.
     #[must_use]
     pub fn has_session(&self, session: SessionId) -> bool {

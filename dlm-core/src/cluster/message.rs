@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use crate::deadlock::WaitRef;
+use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::Completion;
 use crate::flags::{LockFlags, UnlockFlags};
 use crate::ids::{LockHandle, SessionId};
@@ -53,6 +53,8 @@ pub struct RemoteEdge {
     pub to: SessionId,
     /// The waiting request, as the reporting master knows it.
     pub wait: WaitRef,
+    /// The lock of `to` in the way, as the reporting master knows it.
+    pub blocker: Blocker,
 }
 
 /// One message between nodes.
@@ -175,6 +177,23 @@ pub enum PeerMessage {
     WaitEdges {
         /// The edges (at most [`WAIT_EDGES_MAX`]).
         edges: Vec<RemoteEdge>,
+    },
+    /// From the deadlock coordinator to a master of a cycle it found in the
+    /// reports: are these edges (of the receiver's report) still there?
+    /// For each wait and session waited for, one of the blockers listed must
+    /// still be in the way, the very same (see [`Blocker`]).
+    ConfirmEdges {
+        /// The coordinator's number for the cycle.
+        probe: u64,
+        /// The edges (at most [`WAIT_EDGES_MAX`]).
+        edges: Vec<RemoteEdge>,
+    },
+    /// A master's answer to [`PeerMessage::ConfirmEdges`].
+    EdgesConfirmed {
+        /// The coordinator's number for the cycle.
+        probe: u64,
+        /// Whether every edge asked about is still there.
+        confirmed: bool,
     },
     /// From the deadlock coordinator: fail this wait (of the receiver) as a deadlock victim.
     AbortWait {

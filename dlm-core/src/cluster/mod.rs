@@ -85,6 +85,8 @@ use crate::time::Instant;
 
 pub use config::ClusterConfig;
 use coordinator::Coordinator;
+#[cfg(feature = "sim")]
+pub use coordinator::DeadlockEvent;
 use directory::Directory;
 pub use handshake::HelloRefusal;
 use links::Links;
@@ -480,6 +482,8 @@ impl ClusterNode {
             PeerMessage::Blocking { session, handle, mode } => self.on_blocking(from, session, handle, mode),
             PeerMessage::EndSession { session } => self.on_end_session(now, session),
             PeerMessage::WaitEdges { edges } => self.on_wait_edges(now, from, edges),
+            PeerMessage::ConfirmEdges { probe, edges } => self.on_confirm_edges(now, from, probe, &edges),
+            PeerMessage::EdgesConfirmed { probe, confirmed } => self.on_edges_confirmed(now, from, probe, confirmed),
             PeerMessage::AbortWait { wait } => {
                 self.engine.abort_wait(now, wait);
             }

@@ -1,6 +1,6 @@
 //! The wait-for edges of a lockspace, which deadlock detection searches.
 
-use crate::deadlock::{Edge, WaitRef};
+use crate::deadlock::{Blocker, Edge, WaitRef};
 use crate::flags::LockFlags;
 use crate::ids::SessionId;
 use crate::lock::LockState;
@@ -19,9 +19,10 @@ impl Lockspace {
             let wants = waiter.requested;
             let waits = WaitRef { lockspace: self.id, lock: w, seq: waiter.wait_seq };
             let mut push = |other: u32| {
-                let other = &self.locks[other];
-                if !other.orphan && other.session != session {
-                    edges.push(Edge { to: other.session, wait: waits });
+                let lock = &self.locks[other];
+                if !lock.orphan && lock.session != session {
+                    let blocker = Blocker { lock: other, token: lock.token, seq: lock.wait_seq };
+                    edges.push(Edge { to: lock.session, wait: waits, blocker });
                 }
             };
             for g in resource.granted.iter(&self.locks) {

@@ -10,6 +10,8 @@ use crate::ids::{LockHandle, SessionId};
 
 use std::collections::BTreeMap;
 
+use crate::cluster::DeadlockEvent;
+
 use crate::sim::{LOCKSPACE, Sim, Slot};
 
 impl Sim {
@@ -17,6 +19,7 @@ impl Sim {
         // A node that asks for its connection to be re-made has marked the
         // link down; the fault tick reconnects it when no cut is in the way.
         while self.nodes[n].poll_reset().is_some() {}
+        self.check_deadlock_events(n)?;
         let mut grants: Vec<(u32, u64, SessionId, LockHandle)> = Vec::new();
         while let Some(effect) = self.nodes[n].poll_effect() {
             let _ = write!(self.trace, "{} {n} {effect:?};", self.now.as_nanos());
@@ -156,6 +159,39 @@ impl Sim {
                 .collect();
             if masters.len() > 1 {
                 return Err(format!("at {:?}: r{r} has locks on nodes {masters:?}", self.elapsed()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Judges the deadlock coordinator's candidates against every engine's
+    /// real waits now (the step that found them is not over), and its victims
+    /// against their candidates.
+    fn check_deadlock_events(&mut self, n: usize) -> Result<(), String> {
+        for event in self.nodes[n].drain_deadlock_events() {
+            match event {
+                DeadlockEvent::Candidate { probe, edges } => {
+                    let real = edges.iter().all(|&(master, edge, exists)| {
+                        exists.unwrap_or_else(|| {
+                            let engine = self.nodes[usize::from(master.0 - 1)].engine();
+                            engine
+                                .wait_edges()
+                                .iter()
+                                .any(|(from, e)| *from == edge.from && e.to == edge.to && e.wait == edge.wait)
+                        })
+                    });
+                    self.candidates.insert((n, probe), real);
+                }
+                DeadlockEvent::Victim { probe, master, wait } => {
+                    if self.candidates.get(&(n, probe)) != Some(&true) {
+                        return Err(format!(
+                            "at {:?}: node {} chose a deadlock victim ({master}, {wait:?}) on a cycle whose waits \
+                             did not all exist when it was found",
+                            self.elapsed(),
+                            n + 1
+                        ));
+                    }
+                }
             }
         }
         Ok(())

@@ -19,7 +19,10 @@
 //!   hold only compatible granted modes (the engine's own invariant checks);
 //! - fencing tokens of one resource only grow, across masters;
 //! - a client is never told of a grant, blocking callback or completion for
-//!   a lock it does not have, nor two completions for one request.
+//!   a lock it does not have, nor two completions for one request;
+//! - a deadlock victim is chosen only on a cycle whose waits all existed at
+//!   once: when the coordinator found the cycle, every one of its edges was
+//!   in its master's engine (the simulator sees every engine at that moment).
 //!
 //! At the end, clients stop asking and release what they hold: every request
 //! must then complete (granted, refused, timed out, cancelled or chosen as a
@@ -238,6 +241,9 @@ pub struct Sim {
     next_fault_tick: Instant,
     /// What the nodes produced so far (see [`SimReport::trace`]).
     trace: Digest,
+    /// Whether each deadlock candidate (by coordinator and number) was a
+    /// cycle of real waits when it was found.
+    candidates: HashMap<(usize, u64), bool>,
 }
 
 /// How often the network is looked at for faults to start or heal.
@@ -298,6 +304,7 @@ impl Sim {
             next_session: 1000,
             transmitted: std::collections::HashSet::new(),
             trace: Digest::new(),
+            candidates: HashMap::new(),
         }
     }
 

@@ -3,9 +3,12 @@
 use std::time::Duration;
 
 use super::encode::{OPS, STATUSES};
+
+/// Bytes of one wait-for edge on the wire.
+const EDGE_LEN: usize = 8 + 8 + 16 + 20;
 use super::*;
 use crate::cluster::message::{Envelope, NodeId, PeerMessage, RemoteEdge, WAIT_EDGES_MAX};
-use crate::deadlock::WaitRef;
+use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::Completion;
 use crate::flags::{LockFlags, StatusFlags, UnlockFlags};
 use crate::ids::{FencingToken, LockHandle, LockspaceId, SessionId};
@@ -95,6 +98,27 @@ impl<'a> Reader<'a> {
         Ok(WaitRef { lockspace: LockspaceId(self.u32()?), lock: self.u32()?, seq: self.u64()? })
     }
 
+    pub(super) fn edges(&mut self) -> Result<Vec<RemoteEdge>, WireError> {
+        let count = self.u32()? as usize;
+        if count > WAIT_EDGES_MAX {
+            return Err(WireError::TooLong { what: "wait-for edges", len: count, max: WAIT_EDGES_MAX });
+        }
+        // A count the bytes cannot hold is refused before anything is
+        // allocated for it.
+        if self.0.len() < count * EDGE_LEN {
+            return Err(WireError::Truncated);
+        }
+        let mut edges = Vec::with_capacity(count);
+        for _ in 0..count {
+            let from = SessionId(self.u64()?);
+            let to = SessionId(self.u64()?);
+            let wait = self.wait()?;
+            let blocker = Blocker { lock: self.u32()?, token: self.u64()?, seq: self.u64()? };
+            edges.push(RemoteEdge { from, to, wait, blocker });
+        }
+        Ok(edges)
+    }
+
     pub(super) fn end(&self) -> Result<(), WireError> {
         if self.0.is_empty() { Ok(()) } else { Err(WireError::Trailing(self.0.len())) }
     }
@@ -177,24 +201,19 @@ impl<'a> Reader<'a> {
                 PeerMessage::Blocking { session, handle, mode }
             }
             11 => PeerMessage::EndSession { session: SessionId(self.u64()?) },
-            12 => {
-                let count = self.u32()? as usize;
-                if count > WAIT_EDGES_MAX {
-                    return Err(WireError::TooLong { what: "wait-for edges", len: count, max: WAIT_EDGES_MAX });
-                }
-                // Each edge is 32 bytes: a count the bytes cannot hold is refused
-                // before anything is allocated for it.
-                if self.0.len() < count * 32 {
-                    return Err(WireError::Truncated);
-                }
-                let mut edges = Vec::with_capacity(count);
-                for _ in 0..count {
-                    let from = SessionId(self.u64()?);
-                    let to = SessionId(self.u64()?);
-                    let wait = self.wait()?;
-                    edges.push(RemoteEdge { from, to, wait });
-                }
-                PeerMessage::WaitEdges { edges }
+            12 => PeerMessage::WaitEdges { edges: self.edges()? },
+            15 => {
+                let probe = self.u64()?;
+                PeerMessage::ConfirmEdges { probe, edges: self.edges()? }
+            }
+            16 => {
+                let probe = self.u64()?;
+                let confirmed = match self.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::Invalid("confirmed")),
+                };
+                PeerMessage::EdgesConfirmed { probe, confirmed }
             }
             13 => PeerMessage::AbortWait { wait: self.wait()? },
             14 => PeerMessage::Heartbeat,

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::cluster::message::{Envelope, PeerMessage, WAIT_EDGES_MAX};
+use crate::cluster::message::{Envelope, PeerMessage, RemoteEdge, WAIT_EDGES_MAX};
 use crate::deadlock::WaitRef;
 use crate::effect::{Op, Status};
 
@@ -165,19 +165,36 @@ pub(super) fn put_message(out: &mut Vec<u8>, message: &PeerMessage) {
         }
         PeerMessage::WaitEdges { edges } => {
             out.push(12);
-            let edges = &edges[..edges.len().min(WAIT_EDGES_MAX)];
-            put_u32(out, edges.len() as u32);
-            for edge in edges {
-                put_u64(out, edge.from.0);
-                put_u64(out, edge.to.0);
-                put_wait(out, &edge.wait);
-            }
+            put_edges(out, edges);
+        }
+        PeerMessage::ConfirmEdges { probe, edges } => {
+            out.push(15);
+            put_u64(out, *probe);
+            put_edges(out, edges);
+        }
+        PeerMessage::EdgesConfirmed { probe, confirmed } => {
+            out.push(16);
+            put_u64(out, *probe);
+            out.push(u8::from(*confirmed));
         }
         PeerMessage::AbortWait { wait } => {
             out.push(13);
             put_wait(out, wait);
         }
         PeerMessage::Heartbeat => out.push(14),
+    }
+}
+
+fn put_edges(out: &mut Vec<u8>, edges: &[RemoteEdge]) {
+    let edges = &edges[..edges.len().min(WAIT_EDGES_MAX)];
+    put_u32(out, edges.len() as u32);
+    for edge in edges {
+        put_u64(out, edge.from.0);
+        put_u64(out, edge.to.0);
+        put_wait(out, &edge.wait);
+        put_u32(out, edge.blocker.lock);
+        put_u64(out, edge.blocker.token);
+        put_u64(out, edge.blocker.seq);
     }
 }
 

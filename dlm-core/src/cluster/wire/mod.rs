@@ -28,9 +28,15 @@
 //! | 9 | Complete | `session:u64, handle:u64, op:u8, status:u8, mode:opt<u8>, token:opt<u64>, lvb:opt<name16>, status_flags:u32` |
 //! | 10 | Blocking | session:u64, handle:u64, mode:u8 |
 //! | 11 | EndSession | session:u64 |
-//! | 12 | WaitEdges | count:u32, (from:u64, to:u64, lockspace:u32, lock:u32, seq:u64){count} |
+//! | 12 | WaitEdges | edges |
 //! | 13 | AbortWait | lockspace:u32, lock:u32, seq:u64 |
 //! | 14 | Heartbeat | (none) |
+//! | 15 | ConfirmEdges | probe:u64, edges |
+//! | 16 | EdgesConfirmed | probe:u64, confirmed:u8 (0 or 1) |
+//!
+//! `edges` = `count:u32, (from:u64, to:u64, lockspace:u32, lock:u32, seq:u64,
+//! blocker_lock:u32, blocker_token:u64, blocker_seq:u64){count}`, at most
+//! `WAIT_EDGES_MAX` (16,384 × 52 bytes, well inside a frame).
 //!
 //! Modes are 0 (NL) to 5 (EX); ops 0 lock, 1 convert, 2 unlock; statuses in
 //! the order of [`Status`]. A peer that sends anything else (an unknown tag,

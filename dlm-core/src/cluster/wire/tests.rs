@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::cluster::message::{Envelope, NodeId, PeerMessage, RemoteEdge};
-use crate::deadlock::WaitRef;
+use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::{Completion, Op, Status};
 use crate::flags::{LockFlags, StatusFlags, UnlockFlags};
 use crate::ids::{FencingToken, LockHandle, LockspaceId, SessionId};
@@ -52,16 +52,22 @@ fn samples() -> Vec<PeerMessage> {
         }),
         PeerMessage::Blocking { session, handle, mode: Mode::Pw },
         PeerMessage::EndSession { session },
-        PeerMessage::WaitEdges {
-            edges: vec![RemoteEdge {
-                from: session,
-                to: SessionId(3),
-                wait: WaitRef { lockspace: LockspaceId(1), lock: 2, seq: 3 },
-            }],
-        },
+        PeerMessage::WaitEdges { edges: vec![remote_edge(session)] },
+        PeerMessage::ConfirmEdges { probe: u64::MAX, edges: vec![remote_edge(session), remote_edge(SessionId(4))] },
+        PeerMessage::EdgesConfirmed { probe: 9, confirmed: true },
+        PeerMessage::EdgesConfirmed { probe: 10, confirmed: false },
         PeerMessage::AbortWait { wait: WaitRef { lockspace: LockspaceId(1), lock: 2, seq: 3 } },
         PeerMessage::Heartbeat,
     ]
+}
+
+fn remote_edge(from: SessionId) -> RemoteEdge {
+    RemoteEdge {
+        from,
+        to: SessionId(3),
+        wait: WaitRef { lockspace: LockspaceId(1), lock: 2, seq: 3 },
+        blocker: Blocker { lock: 5, token: u64::MAX - 1, seq: 6 },
+    }
 }
 
 fn frames(envelopes: &[Envelope]) -> Vec<Envelope> {
