@@ -30,14 +30,14 @@ impl Clock {
 
     /// A tokio instant as the engine's.
     #[must_use]
-    pub fn to_engine(&self, at: Instant) -> dlm_core::Instant {
+    pub fn to_engine(self, at: Instant) -> dlm_core::Instant {
         let nanos = at.saturating_duration_since(self.origin).as_nanos();
         dlm_core::Instant::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 
     /// An engine instant as tokio's.
     #[must_use]
-    pub fn to_tokio(&self, at: dlm_core::Instant) -> Instant {
+    pub fn to_tokio(self, at: dlm_core::Instant) -> Instant {
         self.origin + std::time::Duration::from_nanos(at.as_nanos())
     }
 }

@@ -1,6 +1,7 @@
 //! The agent's configuration: an embedded default, a TOML file, `DLM_*`
 //! environment variables and flags, in increasing precedence (the last two
 //! through clap). Validated as a whole, with a message that names the key.
+//! Imports only the leaves (`bounds`, `codes`): everything else reads it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,6 +9,9 @@ use std::time::Duration;
 
 use dlm_core::Limits;
 use serde::Deserialize;
+
+use crate::bounds::{PEER_QUEUE_MAX_DEFAULT, PEER_QUEUE_MAX_RANGE, SESSION_QUEUE_MAX_RANGE};
+use crate::codes::Family;
 
 /// Everything the agent runs with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,10 +43,10 @@ pub struct Config {
     pub ebpf_interval: Duration,
     /// Memory stalls at least this long also become spans.
     pub ebpf_long_stall: Duration,
-    /// The program families to attach ([`crate::ebpf::Family::AGENT_DEFAULT`]
-    /// unless configured): `futex` and `sched` cost every system call or
-    /// context switch of the node and are opt-in.
-    pub ebpf_families: Vec<crate::ebpf::Family>,
+    /// The program families to attach ([`Family::AGENT_DEFAULT`] unless
+    /// configured): `futex` and `sched` cost every system call or context
+    /// switch of the node and are opt-in.
+    pub ebpf_families: Vec<Family>,
     /// The cluster this agent is a member of; `None` for a single node.
     pub cluster: Option<ClusterSettings>,
 }
@@ -68,7 +72,7 @@ pub struct ClusterSettings {
     /// a heartbeat every third of it, so this holds on idle links too.
     pub peer_timeout: Duration,
     /// Batches of messages queued to one peer at most (a batch is what one
-    /// pass of the engine has for it); a peer that lets its queue fill has
+    /// pass of the driver has for it); a peer that lets its queue fill has
     /// its link reset (and what it has not acknowledged resent).
     pub peer_queue_max: usize,
 }
@@ -146,7 +150,7 @@ impl Default for Config {
             ebpf: true,
             ebpf_interval: Duration::from_secs(5),
             ebpf_long_stall: Duration::from_millis(10),
-            ebpf_families: crate::ebpf::Family::AGENT_DEFAULT.to_vec(),
+            ebpf_families: Family::AGENT_DEFAULT.to_vec(),
             cluster: None,
         }
     }
@@ -228,6 +232,11 @@ pub enum ConfigError {
 
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, message: message.into() }
+}
+
+/// "must be from A to B", from the bound itself.
+fn in_range(range: &std::ops::RangeInclusive<usize>) -> String {
+    format!("must be from {} to {}", range.start(), range.end())
 }
 
 /// Parses a duration such as `250ms`, `5s`, `2m`, `1h`.
@@ -365,7 +374,7 @@ impl Config {
                 self.ebpf_families = families
                     .iter()
                     .map(|name| {
-                        crate::ebpf::Family::ALL.into_iter().find(|f| f.name() == name).ok_or_else(|| {
+                        Family::parse(name).ok_or_else(|| {
                             invalid(
                                 "ebpf.families",
                                 format!("unknown family {name:?} (locks, futex, sched, holders, memory)"),
@@ -391,8 +400,8 @@ impl Config {
         if self.keepalive < Duration::from_millis(100) {
             return Err(invalid("keepalive", "must be at least 100ms"));
         }
-        if !(16..=1 << 20).contains(&self.session_queue_max) {
-            return Err(invalid("session_queue_max", "must be from 16 to 1048576"));
+        if !SESSION_QUEUE_MAX_RANGE.contains(&self.session_queue_max) {
+            return Err(invalid("session_queue_max", in_range(&SESSION_QUEUE_MAX_RANGE)));
         }
         self.limits.validate().map_err(|m| invalid("limits", m))?;
         if let Some(cluster) = &self.cluster {
@@ -432,11 +441,11 @@ fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, ConfigError> {
         release_delay: duration("cluster.release_delay", file.release_delay, Duration::from_secs(5))?,
         deadlock_interval: duration("cluster.deadlock_interval", file.deadlock_interval, Duration::from_secs(1))?,
         peer_timeout: duration("cluster.peer_timeout", file.peer_timeout, Duration::from_secs(3))?,
-        peer_queue_max: file.peer_queue_max.unwrap_or(crate::peer::PEER_QUEUE_MAX),
+        peer_queue_max: file.peer_queue_max.unwrap_or(PEER_QUEUE_MAX_DEFAULT),
         members: file.member,
     };
-    if !(1..=1 << 20).contains(&settings.peer_queue_max) {
-        return Err(invalid("cluster.peer_queue_max", "must be from 1 to 1048576"));
+    if !PEER_QUEUE_MAX_RANGE.contains(&settings.peer_queue_max) {
+        return Err(invalid("cluster.peer_queue_max", in_range(&PEER_QUEUE_MAX_RANGE)));
     }
     if settings.peer_timeout < Duration::from_millis(100) {
         return Err(invalid("cluster.peer_timeout", "must be at least 100ms"));
@@ -448,7 +457,7 @@ fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, ConfigError> {
 }
 
 impl ClusterSettings {
-    /// The members as the engine takes them.
+    /// The members as the lock engine takes them.
     ///
     /// # Errors
     /// Duplicate ids or addresses, weights out of range.
@@ -503,7 +512,7 @@ mod tests {
         assert!(error.contains("keepalive"), "{error}");
         std::fs::write(&path, "[ebpf]\nfamilies = [\"sched\", \"memory\"]\n").expect("write");
         let config = Config::load(Some(&path), &Overrides::default()).expect("valid");
-        assert_eq!(config.ebpf_families, vec![crate::ebpf::Family::Sched, crate::ebpf::Family::Memory]);
+        assert_eq!(config.ebpf_families, vec![Family::Sched, Family::Memory]);
         std::fs::write(&path, "[ebpf]\nfamilies = [\"disk\"]\n").expect("write");
         let error = Config::load(Some(&path), &Overrides::default()).expect_err("bad family").to_string();
         assert!(error.contains("ebpf.families") && error.contains("disk"), "{error}");

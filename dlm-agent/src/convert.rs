@@ -1,6 +1,7 @@
-//! Between the wire (`proto`) and the engine (`dlm_core`): requests in,
-//! effects out. The flag bits on the wire are the engine's bits (a test
-//! checks that every proto enum value matches).
+//! Between the wire (`proto`) and the lock engine (`dlm_core`): requests
+//! in, effects out, and the [`Rejection`] of a request refused on the way.
+//! The flag bits on the wire are the engine's bits (a test checks that
+//! every proto enum value matches).
 
 use std::time::Duration;
 
@@ -9,6 +10,7 @@ use dlm_core::{
     Status, StatusFlags, UnlockFlags, UnlockRequest,
 };
 
+use crate::codes::RejectCode;
 use crate::proto;
 
 /// A request the agent refuses before it reaches the engine, or one the
@@ -17,94 +19,55 @@ use crate::proto;
 pub struct Rejection {
     /// The handle the request named (0 when it named none).
     pub handle: u64,
-    /// A stable, lower-case identifier.
-    pub code: &'static str,
+    /// Why.
+    pub code: RejectCode,
     /// What was wrong.
     pub message: String,
 }
 
-/// The gRPC status a refusal of a whole call (not of one request) takes.
+/// The gRPC status a refusal of a whole call (not of one request) takes;
+/// `code` as it came over the wire (an unknown one is an invalid argument).
 #[must_use]
 pub fn rejection_status(code: &str, message: &str) -> tonic::Status {
     let message = format!("{code}: {message}");
-    match code {
-        "unknown_lockspace" => tonic::Status::not_found(message),
-        "limit_exceeded" => tonic::Status::resource_exhausted(message),
-        "lockspace_busy" => tonic::Status::failed_precondition(message),
-        "lockspace_exists" => tonic::Status::already_exists(message),
-        "shutting_down" => tonic::Status::unavailable(message),
+    match RejectCode::parse(code) {
+        Some(RejectCode::UnknownLockspace) => tonic::Status::not_found(message),
+        Some(RejectCode::LimitExceeded) => tonic::Status::resource_exhausted(message),
+        Some(RejectCode::LockspaceBusy) => tonic::Status::failed_precondition(message),
+        Some(RejectCode::LockspaceExists) => tonic::Status::already_exists(message),
+        Some(RejectCode::ShuttingDown) => tonic::Status::unavailable(message),
         _ => tonic::Status::invalid_argument(message),
     }
 }
 
 impl Rejection {
-    pub(crate) fn new(handle: u64, code: &'static str, message: impl Into<String>) -> Rejection {
+    pub(crate) fn new(handle: u64, code: RejectCode, message: impl Into<String>) -> Rejection {
         Rejection { handle, code, message: message.into() }
     }
 
     /// The engine's error, with its stable code.
     #[must_use]
     pub fn from_engine(handle: u64, error: &RequestError) -> Rejection {
-        let code = match error {
-            RequestError::UnknownSession => "unknown_session",
-            RequestError::SessionExists => "session_exists",
-            RequestError::UnknownLockspace => "unknown_lockspace",
-            RequestError::LockspaceExists => "lockspace_exists",
-            RequestError::LockspaceBusy { .. } => "lockspace_busy",
-            RequestError::InvalidLockspaceName { .. } => "invalid_lockspace_name",
-            RequestError::InvalidLvbLen { .. } => "invalid_lvb_len",
-            RequestError::InvalidResourceName { .. } => "invalid_resource_name",
-            RequestError::LvbTooLong { .. } => "lvb_too_long",
-            RequestError::InvalidFlags(_) => "invalid_flags",
-            RequestError::QuecvtNotAllowed { .. } => "quecvt_not_allowed",
-            RequestError::HandleInUse => "handle_in_use",
-            RequestError::UnknownHandle => "unknown_handle",
-            RequestError::Pending => "pending",
-            RequestError::NotPending => "not_pending",
-            RequestError::LimitExceeded(_) => "limit_exceeded",
-        };
-        Rejection::new(handle, code, error.to_string())
+        Rejection::new(handle, RejectCode::of(error), error.to_string())
     }
 
     pub(crate) fn into_message(self) -> proto::ServerMessage {
         proto::ServerMessage {
             body: Some(proto::server_message::Body::Rejected(proto::Rejected {
                 handle: self.handle,
-                code: self.code.to_string(),
+                code: self.code.as_str().to_string(),
                 message: self.message,
             })),
         }
     }
 }
 
-/// Every code a rejection can carry, for metric labels created at zero.
-pub const REJECTION_CODES: &[&str] = &[
-    "unknown_session",
-    "session_exists",
-    "unknown_lockspace",
-    "lockspace_exists",
-    "lockspace_busy",
-    "invalid_lockspace_name",
-    "invalid_lvb_len",
-    "invalid_resource_name",
-    "lvb_too_long",
-    "invalid_flags",
-    "quecvt_not_allowed",
-    "handle_in_use",
-    "unknown_handle",
-    "pending",
-    "not_pending",
-    "limit_exceeded",
-    "invalid_mode",
-    "empty_message",
-];
-
 /// A client message ready for the engine.
 #[derive(Debug)]
 pub struct Decoded {
     /// The handle it is about.
     pub handle: u64,
-    /// For a new lock: the lockspace name, to be resolved by the engine task.
+    /// For a new lock: the lockspace name, to be resolved by the driver.
     pub lockspace: Option<String>,
     /// The request (a new lock's `lockspace` field is filled in later).
     pub request: ClientRequest,
@@ -114,7 +77,11 @@ pub struct Decoded {
 
 pub(crate) fn mode_from_wire(handle: u64, value: i32) -> Result<Mode, Rejection> {
     usize::try_from(value).ok().and_then(Mode::from_index).ok_or_else(|| {
-        Rejection::new(handle, "invalid_mode", format!("mode {value} is not one of NL CR CW PR PW EX (0 to 5)"))
+        Rejection::new(
+            handle,
+            RejectCode::InvalidMode,
+            format!("mode {value} is not one of NL CR CW PR PW EX (0 to 5)"),
+        )
     })
 }
 
@@ -124,7 +91,7 @@ pub(crate) fn mode_to_wire(mode: Mode) -> i32 {
 
 fn lock_flags(handle: u64, bits: u32) -> Result<LockFlags, Rejection> {
     LockFlags::from_bits(bits)
-        .ok_or_else(|| Rejection::new(handle, "invalid_flags", format!("unknown flag bits {bits:#x}")))
+        .ok_or_else(|| Rejection::new(handle, RejectCode::InvalidFlags, format!("unknown flag bits {bits:#x}")))
 }
 
 fn timeout(ms: u64) -> Option<Duration> {
@@ -142,7 +109,7 @@ fn traceparent(text: String) -> Option<String> {
 pub fn decode(message: proto::ClientMessage) -> Result<Decoded, Rejection> {
     use proto::client_message::Body;
     match message.body {
-        None => Err(Rejection::new(0, "empty_message", "the message carries no request")),
+        None => Err(Rejection::new(0, RejectCode::EmptyMessage, "the message carries no request")),
         Some(Body::Lock(lock)) => {
             let handle = lock.handle;
             Ok(Decoded {
@@ -177,7 +144,11 @@ pub fn decode(message: proto::ClientMessage) -> Result<Decoded, Rejection> {
         Some(Body::Unlock(unlock)) => {
             let handle = unlock.handle;
             let flags = UnlockFlags::from_bits(unlock.flags).ok_or_else(|| {
-                Rejection::new(handle, "invalid_flags", format!("unknown unlock flag bits {:#x}", unlock.flags))
+                Rejection::new(
+                    handle,
+                    RejectCode::InvalidFlags,
+                    format!("unknown unlock flag bits {:#x}", unlock.flags),
+                )
             })?;
             Ok(Decoded {
                 handle,
@@ -300,13 +271,13 @@ mod tests {
 
     #[test]
     fn malformed_messages_are_rejected_with_a_code() {
-        assert_eq!(decode(proto::ClientMessage { body: None }).unwrap_err().code, "empty_message");
+        assert_eq!(decode(proto::ClientMessage { body: None }).unwrap_err().code.as_str(), "empty_message");
         let lock = |mode, flags| proto::ClientMessage {
             body: Some(proto::client_message::Body::Lock(proto::Lock { handle: 3, mode, flags, ..Default::default() })),
         };
-        assert_eq!(decode(lock(6, 0)).unwrap_err().code, "invalid_mode");
-        assert_eq!(decode(lock(-1, 0)).unwrap_err().code, "invalid_mode");
-        assert_eq!(decode(lock(0, 1 << 20)).unwrap_err().code, "invalid_flags");
+        assert_eq!(decode(lock(6, 0)).unwrap_err().code.as_str(), "invalid_mode");
+        assert_eq!(decode(lock(-1, 0)).unwrap_err().code.as_str(), "invalid_mode");
+        assert_eq!(decode(lock(0, 1 << 20)).unwrap_err().code.as_str(), "invalid_flags");
         assert!(decode(lock(5, 1)).is_ok());
     }
 }

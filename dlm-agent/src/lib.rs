@@ -8,38 +8,80 @@
 //! loader and the CLI.
 //!
 //! ```text
-//!  app ─┐  framed / gRPC sessions     ┌──────────── dlm-agent ──────────────┐
-//!  app ─┼──(Unix socket / TCP)──────▶ │ framed, service ──▶ engine task ──┐ │ ◀──▶ peers
-//!  CLI ─┘  ◀── completions, BASTs ─── │    ◀───── bounded session queues ─┘ │     (peer)
-//!                                     │ axum: /metrics /healthz /readyz      │
-//!                                     └──────────────────────────────────────┘
+//!  app ─┐  framed / gRPC sessions     ┌──────────── dlm-agent ────────────────┐
+//!  app ─┼──(Unix socket / TCP)──────▶ │ transports ──Command──▶ driver ─────┐ │ ◀──▶ peers
+//!  CLI ─┘  ◀── completions, BASTs ─── │    ◀──── bounded session queues ────┘ │  (transport::peer)
+//!                                     │ http: /metrics /healthz /readyz        │
+//!                                     └────────────────────────────────────────┘
 //! ```
 //!
-//! With root or CAP_BPF+CAP_PERFMON it also loads the eBPF programs of
-//! `dlm-ebpf` ([`ebpf`]): kernel lock, futex, scheduler and memory-pressure
-//! statistics as metrics, and, for each lock, where its client's time went
-//! while it waited and held ([`kernel_evidence`]). [`probes`] are USDT probe
-//! points for bpftrace.
+//! ## Layers
 //!
-//! With a `[cluster]` section it is a member of a static cluster: the engine
-//! task drives a `dlm_core::cluster::ClusterNode`, and [`peer`] carries its
-//! messages to the other agents. The Rust client library is [`client`].
+//! From the bottom up; each module imports only modules listed before it
+//! (a test, `modules_import_only_modules_below_them`, checks it from the
+//! sources). Public modules are what applications, the CLI and the
+//! workspace's tests use; the rest are the agent's own.
+//!
+//! | module | its one job |
+//! |---|---|
+//! | [`proto`] | the generated gRPC types and services of `proto/dlm/v1/dlm.proto` |
+//! | `clock` | the agent's one clock: tokio's, mapped to the lock engine's `Instant` |
+//! | `bounds` | fixed bounds on messages, frames and queues, with their relations checked at compile time |
+//! | [`codes`] | typed labels (reject codes, session-end, link-reset and peer-reject reasons, eBPF families) with `ALL` and `as_str()` |
+//! | [`telemetry`] | logs, and one OpenTelemetry span per lock request when OTLP is configured |
+//! | [`config`] | the settings: embedded default, TOML file, `DLM_*` variables and flags, validated |
+//! | `convert` | wire (`proto`) ⇄ lock engine (`dlm_core`) types, and the rejection of a request |
+//! | `metrics` | the Prometheus registry and the agent's lock and session metrics |
+//! | [`framing`] | the framed-session protocol both ends speak: frame codec and shared write side |
+//! | [`ebpf`] | loading the eBPF programs, reading their maps, attribution maps for the driver |
+//! | `command` | what transports share with the driver: commands, the driver's handle, session and peer outputs |
+//! | `driver` | the task that owns the `ClusterNode`: dispatch, session output, peer batching, observation, admin |
+//! | `transport` | framed sessions and gRPC on the Unix socket, gRPC on TCP, peer links, HTTP |
+//! | [`client`] | the Rust client library |
+//! | [`server`] | `dlm-agent run`: the one module that wires everything |
+//!
+//! The command line (`src/cli/`, in the binary) uses only the public
+//! modules.
+//!
+//! ## Where to look
+//!
+//! - A request's path: `transport::framed` or `transport::grpc` →
+//!   `driver::requests` → `dlm_core` → `driver::output` (effects to the
+//!   session) and `driver::observe` (metrics, span, USDT probes, kernel
+//!   evidence).
+//! - Cluster traffic: `driver::peers` batches the node's envelopes to
+//!   `transport::peer`'s dialers; the acceptor hands incoming ones to the
+//!   driver as `Command::Peer`.
+//! - A metric's name or label: `metrics`, `driver::observe`, the peer
+//!   transport's `PeerMetrics`, [`ebpf::kernel_metrics`]; label values in
+//!   [`codes`].
+//! - A limit: `bounds` (fixed), [`config`] (configured), `dlm_core::Limits`
+//!   (the lock engine's).
+//!
+//! With root or CAP_BPF+CAP_PERFMON the agent also loads the eBPF programs
+//! of `dlm-ebpf` ([`ebpf`]): kernel lock, futex, scheduler and
+//! memory-pressure statistics as metrics, and, for each lock, where its
+//! client's time went while it waited and held. With a `[cluster]` section
+//! it is a member of a static cluster: the driver drives a
+//! `dlm_core::cluster::ClusterNode`, and the peer transport carries its
+//! messages to the other agents.
 
 pub mod client;
-pub mod clock;
-pub mod cluster_metrics;
+pub mod codes;
 pub mod config;
-pub mod convert;
 pub mod ebpf;
-pub mod engine;
-pub mod framed;
 pub mod framing;
-pub mod http;
-pub mod kernel_evidence;
-pub mod metrics;
-pub mod peer;
-pub mod probes;
 pub mod proto;
 pub mod server;
-pub mod service;
 pub mod telemetry;
+
+mod bounds;
+mod clock;
+mod command;
+mod convert;
+mod driver;
+mod metrics;
+mod transport;
+
+#[cfg(test)]
+mod layering;

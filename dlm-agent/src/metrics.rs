@@ -8,7 +8,7 @@ use prometheus::{
     TextEncoder,
 };
 
-use crate::convert::REJECTION_CODES;
+use crate::codes::{LockPhase, RejectCode, SessionEnd};
 
 /// Every metric the agent exports.
 pub struct Metrics {
@@ -39,13 +39,9 @@ pub struct Metrics {
     pub attributed: CounterVec,
 }
 
-/// Lock phases whose kernel time is attributed.
-pub const ATTRIBUTION_PHASES: &[&str] = &["wait", "hold"];
-/// Where attributed time went.
+/// Where attributed time went, in the order of the attribution's fields.
 pub const ATTRIBUTION_STATES: &[&str] = &["oncpu", "runqueue", "blocked", "reclaim", "kernel_lock", "futex"];
 
-/// Why a session ended, as a metric label.
-pub const SESSION_END_REASONS: &[&str] = &["closed", "slow_reader", "shutdown"];
 const OPS: &[&str] = &["lock", "convert", "unlock"];
 const OUTCOMES: &[&str] = &[
     "granted",
@@ -60,7 +56,7 @@ const OUTCOMES: &[&str] = &[
 ];
 
 /// Bucket bounds of the time histograms: 10 µs to about 42 s, ×4 apart.
-fn time_buckets() -> Vec<f64> {
+pub fn time_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(0.000_01, 4.0, 12).expect("valid bucket parameters")
 }
 
@@ -147,15 +143,15 @@ impl Metrics {
             .registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
             .expect("unique metric");
-        for code in REJECTION_CODES {
-            metrics.rejected.with_label_values(&[code]);
+        for code in RejectCode::ALL.iter().filter(|code| code.counted()) {
+            metrics.rejected.with_label_values(&[code.as_str()]);
         }
-        for reason in SESSION_END_REASONS {
-            metrics.sessions_ended.with_label_values(&[reason]);
+        for reason in SessionEnd::ALL {
+            metrics.sessions_ended.with_label_values(&[reason.as_str()]);
         }
-        for phase in ATTRIBUTION_PHASES {
+        for phase in LockPhase::ALL {
             for state in ATTRIBUTION_STATES {
-                metrics.attributed.with_label_values(&[phase, state]);
+                metrics.attributed.with_label_values(&[phase.as_str(), state]);
             }
         }
         metrics

@@ -1,5 +1,7 @@
-//! `dlm-agent run`: binds the sockets, starts the engine, serves until told
-//! to stop, then stops in order: answer clients, close streams, exit.
+//! `dlm-agent run`: binds the sockets, starts the eBPF programs, the driver
+//! and the transports, serves until told to stop, then stops in order:
+//! answer clients, close streams, exit. The one module that wires the
+//! others together; nothing imports it.
 
 use std::future::Future;
 use std::path::Path;
@@ -9,16 +11,14 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::bounds::CLIENT_MESSAGE_LEN_MAX;
 use crate::clock::Clock;
+use crate::command::Command;
 use crate::config::Config;
-use crate::engine::{self, Command};
+use crate::driver;
 use crate::metrics::Metrics;
 use crate::proto::dlm_server::DlmServer;
-use crate::service::DlmService;
-
-/// Largest client message accepted: names are 64 bytes and value blocks
-/// 256, so anything near this is garbage.
-pub const CLIENT_MESSAGE_LEN_MAX: usize = 64 * 1024;
+use crate::transport::{framed, grpc::DlmService, http, peer};
 
 /// Why the agent could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +34,7 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
-    /// The configuration was refused by the engine.
+    /// The configuration was refused by the lock engine.
     #[error("{0}")]
     Config(String),
     /// The gRPC server failed.
@@ -82,13 +82,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         }
         None => None,
     };
-    let probes = crate::ebpf::agent::start(&config);
-    metrics.register(Box::new(probes.metrics));
+    let ebpf = crate::ebpf::agent::start(&config);
+    metrics.register(Box::new(ebpf.metrics));
     // Held until the agent stops: dropping it stops the map reader.
-    let _ebpf_reader = probes.reader;
-    let evidence = crate::kernel_evidence::KernelEvidence::new(probes.attribution);
+    let _ebpf_reader = ebpf.reader;
     let (peers, dialers) = match &config.cluster {
-        Some(cluster) => crate::peer::channels(cluster),
+        Some(cluster) => peer::channels(cluster),
         None => (std::collections::HashMap::new(), Vec::new()),
     };
     let peer_listener = match &config.cluster {
@@ -99,8 +98,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         ),
         None => None,
     };
-    let (engine, engine_task) =
-        engine::start(config.clone(), metrics.clone(), Clock::start(), evidence, peers).map_err(ServeError::Config)?;
+    let (driver, driver_task) = driver::start(config.clone(), metrics.clone(), Clock::start(), ebpf.attribution, peers)
+        .map_err(ServeError::Config)?;
     if let (Some(cluster), Some(listener)) = (&config.cluster, peer_listener) {
         let ids: Vec<dlm_core::cluster::NodeId> = cluster
             .members
@@ -108,8 +107,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
             .filter(|m| m.id != cluster.node_id)
             .map(|m| dlm_core::cluster::NodeId(m.id))
             .collect();
-        let peer_metrics = crate::peer::PeerMetrics::new(&metrics, &ids);
-        crate::peer::spawn(Arc::new(cluster.clone()), listener, dialers, engine.clone(), peer_metrics);
+        let peer_metrics = peer::PeerMetrics::new(&metrics, &ids);
+        peer::spawn(Arc::new(cluster.clone()), listener, dialers, driver.clone(), peer_metrics);
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -121,7 +120,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     };
 
     let service = || {
-        DlmServer::new(DlmService::new(engine.clone(), config.node.clone(), config.session_queue_max))
+        DlmServer::new(DlmService::new(driver.clone(), config.node.clone(), config.session_queue_max))
             .max_decoding_message_size(CLIENT_MESSAGE_LEN_MAX)
     };
     let server = || {
@@ -132,12 +131,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     };
     let mut tasks = tokio::task::JoinSet::new();
     // One socket, two protocols: gRPC and framed sessions (`framing`).
-    let framed_settings = crate::framed::FramedSettings {
+    let framed_settings = framed::FramedSettings {
         node: config.node.clone(),
         session_queue_max: config.session_queue_max,
         keepalive: config.keepalive,
     };
-    let (grpc_incoming, framed_task) = crate::framed::spawn(unix, engine.clone(), framed_settings, stopped());
+    let (grpc_incoming, framed_task) = framed::spawn(unix, driver.clone(), framed_settings, stopped());
     tasks.spawn(async move {
         let _ = framed_task.await;
         Ok(())
@@ -149,7 +148,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         );
     }
     if let Some(http) = http {
-        let router = crate::http::router(engine.clone(), metrics.clone());
+        let router = http::router(driver.clone(), metrics.clone());
         let stop = stopped();
         tasks.spawn(async move {
             axum::serve(http, router)
@@ -181,14 +180,14 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     }
     // Pending requests are answered (cancelled), locks revoked, sessions
     // ended; then the servers stop, letting the ended streams drain.
-    let _ = engine.ask(|reply| Command::Shutdown { reply }).await;
+    let _ = driver.ask(|reply| Command::Shutdown { reply }).await;
     let _ = stop_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
         tracing::warn!("connections still open after 5s; closing them");
     }
-    drop(engine);
-    let _ = engine_task.await;
+    drop(driver);
+    let _ = driver_task.await;
     let _ = std::fs::remove_file(&config.socket);
     result
 }

@@ -139,10 +139,13 @@ fn dashboards() -> Result<(), String> {
     }
     let data = "target/dashboards";
     std::fs::create_dir_all(data).map_err(|e| format!("cannot create {data}: {e}"))?;
-    // The test runs in its crate's directory: give it an absolute path.
+    // The test runs in its package's directory: give it an absolute path.
     let absolute = std::fs::canonicalize(data).map_err(|e| format!("{data}: {e}"))?;
+    // The test runs the agent binary, which only a build of dlm-agent's
+    // own targets makes (see `tests/support.rs`): build it first.
+    run("cargo", &["build", "--locked", "--package", "dlm-agent", "--bin", "dlm-agent"])?;
     let status = Command::new("cargo")
-        .args(["test", "--locked", "--package", "dlm-agent", "--test", "dashboards", "every_panel"])
+        .args(["test", "--locked", "--package", "dlm-tests", "--test", "dashboards", "every_panel"])
         .env("DLM_DASHBOARD_DATA", absolute)
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;

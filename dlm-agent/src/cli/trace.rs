@@ -132,7 +132,7 @@ pub async fn run(command: TraceCommand) -> ExitCode {
             Some(duration) => format!("for {duration:?}"),
             None => "until Ctrl-C".to_owned(),
         };
-        eprintln!("Tracing {} {what}…", family.name());
+        eprintln!("Tracing {} {what}…", family.as_str());
     }
     let started = tokio::time::Instant::now();
     let deadline = options.duration.map(|d| started + d);

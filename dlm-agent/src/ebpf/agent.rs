@@ -1,18 +1,20 @@
 //! What `dlm-agent run` does with eBPF: load and attach the configured
-//! families (`[ebpf] families`, `Family::AGENT_DEFAULT` unless configured) when permitted, hand the attribution maps to the engine, and read the rest into
-//! metrics. When not permitted (or turned off), one log line, a metric that
-//! says so, and the agent runs on without.
+//! families (`[ebpf] families`, `Family::AGENT_DEFAULT` unless configured)
+//! when permitted, hand the attribution maps to the driver, and read the
+//! rest into metrics. When not permitted (or turned off), one log line, a
+//! metric that says so, and the agent runs on without.
 
 use std::sync::{Arc, Mutex};
 
 use super::{
     AttributionMaps, Probes, Settings,
-    collector::{self, EbpfState, KernelMetrics, Reader, ReaderGuard, Snapshot},
+    collector::{self, Reader, ReaderGuard, Snapshot},
+    kernel_metrics::{EbpfState, KernelMetrics},
 };
 
 /// The agent's eBPF pieces.
-pub struct AgentProbes {
-    /// For the engine's kernel evidence (`None`: eBPF is off).
+pub struct AgentEbpf {
+    /// For the driver's kernel evidence (`None`: eBPF is off).
     pub attribution: Option<AttributionMaps>,
     /// The Prometheus collector (always present: it says whether eBPF is on).
     pub metrics: KernelMetrics,
@@ -21,10 +23,10 @@ pub struct AgentProbes {
 }
 
 /// Loads and attaches the configured families, or explains why not.
-pub fn start(config: &crate::config::Config) -> AgentProbes {
+pub fn start(config: &crate::config::Config) -> AgentEbpf {
     let (enabled, interval, long_stall) = (config.ebpf, config.ebpf_interval, config.ebpf_long_stall);
     let snapshot = Arc::new(Mutex::new(Snapshot::default()));
-    let off = |state: EbpfState| AgentProbes {
+    let off = |state: EbpfState| AgentEbpf {
         attribution: None,
         metrics: KernelMetrics::new(state, snapshot.clone()),
         reader: None,
@@ -49,9 +51,9 @@ pub fn start(config: &crate::config::Config) -> AgentProbes {
     for &family in &config.ebpf_families {
         if let Err(error) = probes.attach(&[family]) {
             if probes.attached().contains(&family) {
-                tracing::warn!(family = family.name(), "eBPF family attached in part: {error}");
+                tracing::warn!(family = family.as_str(), "eBPF family attached in part: {error}");
             } else {
-                tracing::warn!(family = family.name(), "eBPF family not attached: {error}");
+                tracing::warn!(family = family.as_str(), "eBPF family not attached: {error}");
             }
         }
     }
@@ -62,5 +64,5 @@ pub fn start(config: &crate::config::Config) -> AgentProbes {
     let attribution = probes.take_attribution_maps();
     tracing::info!(links = probes.links(), "eBPF programs attached");
     let reader = collector::spawn(Reader::new(probes), interval, snapshot.clone());
-    AgentProbes { attribution, metrics: KernelMetrics::new(EbpfState::On, snapshot), reader: Some(reader) }
+    AgentEbpf { attribution, metrics: KernelMetrics::new(EbpfState::On, snapshot), reader: Some(reader) }
 }

@@ -1,10 +1,10 @@
 //! DLM attribution from the agent's side: which processes to account
 //! (`DLM_PIDS`) and what was accounted for them (`DLM_ATTR`).
 //!
-//! The engine tells which client processes hold or wait for a lock; the
+//! The driver tells which client processes hold or wait for a lock; the
 //! programs then add, for those processes only, the time spent on CPU,
 //! runnable, blocked, in reclaim, and waiting for kernel locks and futexes.
-//! The engine snapshots a process's counters when a request starts and when
+//! The driver snapshots a process's counters when a request starts and when
 //! it is granted, and the difference at the grant (wait) and release (hold)
 //! is that lock's kernel evidence. Counters are per process: a process
 //! holding two locks at once sees the same time on both.
@@ -18,7 +18,7 @@ use aya::{
 pub use dlm_ebpf_common::Attribution;
 use dlm_ebpf_common::tracked_slots;
 
-/// The two maps, taken out of the loaded object so the engine owns them.
+/// The two maps, taken out of the loaded object so the driver owns them.
 pub struct AttributionMaps {
     pids: HashMap<aya::maps::MapData, u32, u32>,
     attribution: PerCpuHashMap<aya::maps::MapData, u32, Attribution>,

@@ -12,6 +12,7 @@ pub mod attribution;
 pub mod btf;
 pub mod collector;
 pub mod decode;
+pub mod kernel_metrics;
 pub mod programs;
 pub mod report;
 pub mod symbols;
@@ -294,7 +295,7 @@ impl Probes {
             .collect()
     }
 
-    /// Takes the maps the agent's engine uses for DLM attribution.
+    /// Takes the maps the agent's driver uses for DLM attribution.
     pub fn take_attribution_maps(&mut self) -> Option<AttributionMaps> {
         AttributionMaps::take(&mut self.ebpf)
     }

@@ -1,46 +1,6 @@
 //! Which program attaches to which tracepoint, by family.
 
-/// A group of programs attached together.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Family {
-    /// Kernel lock contention (`lock:contention_begin/end`).
-    Locks,
-    /// Futex waits (`syscalls:sys_enter/exit_futex`, `futex_waitv`).
-    Futex,
-    /// Off-CPU time and run-queue delay of every task on the node
-    /// (`sched:sched_switch`): what `trace offcpu` shows. It does a little
-    /// work on every context switch of the node, so the agent leaves it out
-    /// unless configured.
-    Sched,
-    /// Where the time of DLM lock holders and waiters goes (on CPU, run
-    /// queue, blocked), and the processes they fork: `sched_switch` and
-    /// `sched_process_fork/exit`, doing nothing for other tasks.
-    Holders,
-    /// Reclaim, compaction, kswapd and OOM (`vmscan`, `compaction`, `oom`).
-    Memory,
-}
-
-impl Family {
-    /// Every family.
-    pub const ALL: [Family; 5] = [Family::Locks, Family::Futex, Family::Sched, Family::Holders, Family::Memory];
-
-    /// What the agent attaches unless configured otherwise: the families
-    /// whose cost on a busy node is small. `futex` (its syscall tracepoints
-    /// slow every system call of the node) and `sched` (work on every
-    /// context switch) are for `trace` or an explicit `[ebpf] families`.
-    pub const AGENT_DEFAULT: [Family; 3] = [Family::Locks, Family::Holders, Family::Memory];
-
-    /// The family's name, as used in metric labels and messages.
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::Locks => "locks",
-            Family::Futex => "futex",
-            Family::Sched => "sched",
-            Family::Holders => "holders",
-            Family::Memory => "memory",
-        }
-    }
-}
+pub use crate::codes::Family;
 
 /// One attachment: a program of the object on a tracepoint.
 #[derive(Clone, Copy, Debug)]

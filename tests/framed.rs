@@ -2,8 +2,6 @@
 //! the Unix socket with gRPC, keep their sessions alive with pings, and
 //! bad input closes only the connection that sent it.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use dlm_agent::client::{ClientError, LockOptions, SessionEvent};

@@ -1,25 +1,108 @@
-//! Starts the real `dlm-agent` binary for a test: its own socket directory
-//! and HTTP port, killed when the test ends.
-
-#![allow(dead_code, reason = "each test file uses a different part of the harness")]
+//! The harness of the workspace's cross-process tests: starts the real
+//! `dlm-agent` binary for a test (its own socket directory and HTTP port,
+//! killed when the test ends), clusters of them, and what the tests share
+//! besides (metrics, cgroups, eBPF availability).
 
 use std::io::Read;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime};
 
 use dlm_agent::client::{Client, Target};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_dlm-agent");
+/// The agent binary the tests run: `DLM_AGENT_BIN` when set, else the
+/// `dlm-agent` that cargo built for this test run, in this test
+/// executable's profile directory (`target/<profile>/`).
+///
+/// A package's tests cannot name another package's binary
+/// (`CARGO_BIN_EXE_*` is only set for the package's own, and artifact
+/// dependencies are unstable), but cargo builds dlm-agent's binary whenever
+/// it builds dlm-agent's own tests or benchmarks: `cargo test --workspace`
+/// (what `cargo xtask test` runs) does, before any test starts.
+///
+/// # Panics
+/// The binary is missing, or older than a source it is built from (it
+/// would test stale code: the same test of modification times cargo makes);
+/// the message says how to build it.
+pub fn bin() -> &'static str {
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(path) = std::env::var_os("DLM_AGENT_BIN") {
+            return path.into_string().expect("DLM_AGENT_BIN is UTF-8");
+        }
+        let exe = std::env::current_exe().expect("the test executable's path");
+        // target/<profile>/deps/<test>-<hash>
+        let profile_dir = exe.parent().and_then(Path::parent).expect("the test runs from target/<profile>/deps");
+        let binary = profile_dir.join("dlm-agent");
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(other) => other,
+        };
+        let build = format!(
+            "build it in the same run (`cargo test --workspace`, or `cargo test -p dlm-agent -p dlm-tests`), \
+             or first: `cargo build -p dlm-agent --profile {profile}`; or set DLM_AGENT_BIN"
+        );
+        let Some(built) = modified(&binary) else {
+            panic!("the agent binary {} is missing: {build}", binary.display());
+        };
+        if let Some(source) = newest_agent_source().filter(|(_, changed)| *changed > built) {
+            panic!("the agent binary {} is older than {}: {build}", binary.display(), source.0.display());
+        }
+        binary.into_os_string().into_string().expect("a UTF-8 target directory")
+    })
+}
 
+fn modified(path: &Path) -> Option<SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+/// The most recently changed of the files the agent binary is built from.
+fn newest_agent_source() -> Option<(PathBuf, SystemTime)> {
+    fn walk(path: &Path, newest: &mut Option<(PathBuf, SystemTime)>) {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                walk(&entry.path(), newest);
+            }
+        } else if let Some(changed) = modified(path)
+            && newest.as_ref().is_none_or(|(_, before)| changed > *before)
+        {
+            *newest = Some((path.to_path_buf(), changed));
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let mut newest = None;
+    for source in [
+        "Cargo.lock",
+        "dlm-agent/Cargo.toml",
+        "dlm-agent/build.rs",
+        "dlm-agent/proto",
+        "dlm-agent/src",
+        "dlm-core/Cargo.toml",
+        "dlm-core/src",
+        "dlm-ebpf/Cargo.toml",
+        "dlm-ebpf/src",
+        "dlm-ebpf/common",
+    ] {
+        walk(&root.join(source), &mut newest);
+    }
+    newest
+}
+
+/// A running agent, killed (and its directory removed) when dropped.
 pub struct Agent {
+    /// Its directory: configuration, socket, log.
     pub dir: PathBuf,
+    /// Its Unix socket.
     pub socket: PathBuf,
+    /// Its HTTP address (`host:port`).
     pub http: String,
+    /// The process, until it is stopped.
     pub child: Option<Child>,
 }
 
+/// A free TCP port on loopback.
 pub fn free_port() -> u16 {
     free_ports(1)[0]
 }
@@ -86,10 +169,10 @@ impl Agent {
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {
                 let mut command = Command::new(program);
-                command.args(args).arg(BIN);
+                command.args(args).arg(bin());
                 command
             }
-            None => Command::new(BIN),
+            None => Command::new(bin()),
         };
         let child = command
             .args(["run", "--config"])
@@ -118,25 +201,29 @@ impl Agent {
         panic!("agent not ready; log:\n{}", self.log());
     }
 
+    /// What the agent logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
     }
 
+    /// Where a client reaches it.
     pub fn target(&self) -> Target {
         Target::Unix(self.socket.clone())
     }
 
+    /// A client connected to it.
     pub async fn client(&self) -> Client {
         Client::connect(&self.target()).await.expect("connect")
     }
 
     /// `dlm-agent ARGS…` against this agent.
     pub fn cli(&self) -> Command {
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(bin());
         command.env("DLM_SOCKET", &self.socket);
         command
     }
 
+    /// Its `/metrics` text.
     pub fn metrics(&self) -> String {
         let (status, body) = http_get(&self.http, "/metrics").expect("metrics answer");
         assert_eq!(status, 200, "{body}");
@@ -161,6 +248,7 @@ impl Drop for Agent {
     }
 }
 
+/// The exit status of `child`, if it exits within `limit`.
 pub fn wait_with_timeout(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
@@ -197,6 +285,7 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     panic!("timed out waiting for: {what}");
 }
 
+/// `path` as text (the tests' paths are UTF-8).
 pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
@@ -226,6 +315,7 @@ pub struct LowMemoryCgroup {
 }
 
 impl LowMemoryCgroup {
+    /// A new cgroup limited to `limit` bytes, if the memory controller allows it.
     pub fn create(tag: &str, limit: u64) -> Option<LowMemoryCgroup> {
         // cgroup v1 memory controller, then v2.
         for (root, limit_file) in
@@ -269,10 +359,13 @@ impl Drop for LowMemoryCgroup {
 
 /// Agents forming one cluster on loopback.
 pub struct Cluster {
+    /// Node `i + 1`'s agent at index `i`.
     pub agents: Vec<Agent>,
+    /// Each node's peer address.
     pub peer_addresses: Vec<String>,
     /// Each node's configuration, to start it again.
     pub configs: Vec<String>,
+    /// The cluster's name (and the agents' directory tag).
     pub tag: String,
 }
 
@@ -308,6 +401,7 @@ impl Cluster {
         self.agents[i] = Agent::start(&format!("{}-n{}-again", self.tag, i + 1), &self.configs[i]);
     }
 
+    /// Waits until every agent has every peer link up.
     pub fn wait_links_up(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         for agent in &self.agents {

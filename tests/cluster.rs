@@ -1,8 +1,6 @@
 //! Three real agent processes on loopback forming one cluster: locks taken
 //! through different nodes coordinate through each resource's master.
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex};

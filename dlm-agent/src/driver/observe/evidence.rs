@@ -1,6 +1,6 @@
-//! The engine's side of DLM attribution: which client processes the eBPF
-//! programs account, and turning their counters into each lock's kernel
-//! evidence — span attributes and events, and metrics.
+//! Kernel evidence, the driver's side of DLM attribution: which client
+//! processes the eBPF programs account, and turning their counters into
+//! each lock's kernel evidence — span attributes and events, and metrics.
 //!
 //! A client process is accounted while it has a session (one map update at
 //! session open and end, not per lock). A lock's wait phase runs from a
@@ -10,29 +10,10 @@
 
 use dlm_ebpf_common::Attribution;
 
-use crate::{
-    ebpf::AttributionMaps,
-    metrics::{ATTRIBUTION_STATES, Metrics},
-    proto,
-};
-
-/// A lock phase.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    /// From a queued request to its grant.
-    Wait,
-    /// From the first grant to the unlock.
-    Hold,
-}
-
-impl Phase {
-    fn name(self) -> &'static str {
-        match self {
-            Phase::Wait => "wait",
-            Phase::Hold => "hold",
-        }
-    }
-}
+use crate::codes::LockPhase;
+use crate::ebpf::AttributionMaps;
+use crate::metrics::{ATTRIBUTION_STATES, Metrics};
+use crate::proto;
 
 /// Present only when the eBPF programs are loaded.
 pub struct KernelEvidence {
@@ -77,7 +58,7 @@ impl KernelEvidence {
     /// Ends a phase: counts it in the metrics and puts it on the span.
     pub fn finish(
         &self,
-        phase: Phase,
+        phase: LockPhase,
         pid: Option<u32>,
         mark: &Attribution,
         metrics: &Metrics,
@@ -86,7 +67,7 @@ impl KernelEvidence {
         let Some(spent) = self.since(pid, mark) else { return };
         for (state, ns) in ATTRIBUTION_STATES.iter().zip(values(&spent)) {
             if ns > 0 {
-                metrics.attributed.with_label_values(&[phase.name(), state]).inc_by(ns as f64 / 1e9);
+                metrics.attributed.with_label_values(&[phase.as_str(), state]).inc_by(ns as f64 / 1e9);
             }
         }
         if let Some(span) = span {
@@ -100,10 +81,10 @@ fn values(a: &Attribution) -> [u64; 6] {
     [a.oncpu_ns, a.runq_ns, a.blocked_ns, a.reclaim_ns, a.klock_ns, a.futex_ns]
 }
 
-fn record_on_span(span: &tracing::Span, phase: Phase, a: &Attribution) {
+fn record_on_span(span: &tracing::Span, phase: LockPhase, a: &Attribution) {
     let prefix = match phase {
-        Phase::Wait => "dlm.kernel.wait",
-        Phase::Hold => "dlm.kernel.hold",
+        LockPhase::Wait => "dlm.kernel.wait",
+        LockPhase::Hold => "dlm.kernel.hold",
     };
     for (state, ns) in ATTRIBUTION_STATES.iter().zip(values(a)) {
         span.record(format!("{prefix}.{state}_ns").as_str(), ns);
@@ -111,7 +92,7 @@ fn record_on_span(span: &tracing::Span, phase: Phase, a: &Attribution) {
     tracing::info!(
         target: crate::telemetry::LOCK_TARGET,
         parent: span,
-        phase = phase.name(),
+        phase = phase.as_str(),
         oncpu_ns = a.oncpu_ns,
         runqueue_ns = a.runq_ns,
         blocked_ns = a.blocked_ns,

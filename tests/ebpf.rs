@@ -2,8 +2,6 @@
 //! programs on real tracepoints. They need root (or CAP_BPF+CAP_PERFMON):
 //! elsewhere they say so and return; under `CI=true` that is a failure.
 
-mod support;
-
 use std::{
     process::{Command, Stdio},
     sync::{Arc, Barrier, Mutex},
@@ -238,7 +236,7 @@ fn trace_commands_print_json_views() {
         return;
     }
     for family in ["locks", "futex", "offcpu", "reclaim"] {
-        let output = Command::new(support::BIN)
+        let output = Command::new(support::bin())
             .args(["trace", family, "--duration", "300ms", "--json"])
             .output()
             .expect("dlm-agent trace");
@@ -248,7 +246,7 @@ fn trace_commands_print_json_views() {
             .unwrap_or_else(|e| panic!("trace {family} --json printed {text:?}: {e}"));
         assert!(view["elapsed_s"].as_f64().is_some_and(|s| s >= 0.3), "{view}");
     }
-    let output = Command::new(support::BIN)
+    let output = Command::new(support::bin())
         .args(["trace", "offcpu", "--duration", "500ms", "--folded", "--min-block", "10ms"])
         .output()
         .expect("dlm-agent trace offcpu --folded");
@@ -377,7 +375,7 @@ fn bpftrace_sees_the_agents_probe_points() {
         return;
     }
     let agent = Agent::start("probes", "");
-    let binary = std::fs::canonicalize(support::BIN).expect("binary path");
+    let binary = std::fs::canonicalize(support::bin()).expect("binary path");
     let binary = binary.display();
     let script = format!(
         r#"usdt:{binary}:dlm:lock__request {{ printf("request %s/%s mode=%d\n", str(arg0), str(arg1), arg2); }}

@@ -1,8 +1,6 @@
 //! Lock spans reach a real OTLP receiver: a small gRPC trace collector
 //! started by the test, fed by the agent's OTLP exporter.
 
-mod support;
-
 use std::time::Duration;
 
 use dlm_agent::client::{LockOptions, SessionEvent};

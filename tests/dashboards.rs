@@ -4,8 +4,6 @@
 //! must parse and return data. A metric renamed in the agent without the
 //! dashboards following fails here.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

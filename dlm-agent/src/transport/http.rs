@@ -1,4 +1,4 @@
-//! `/metrics`, `/healthz` and `/readyz` over HTTP (axum).
+//! The HTTP transport: `/metrics`, `/healthz` and `/readyz` (axum).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,31 +9,31 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-use crate::engine::{Command, EngineHandle};
+use crate::command::{Command, DriverHandle};
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
 struct AppState {
-    engine: EngineHandle,
+    driver: DriverHandle,
     metrics: Arc<Metrics>,
 }
 
-/// How long `/readyz` and `/metrics` wait for the engine before they say it is stuck.
-const ENGINE_ANSWER_MAX: Duration = Duration::from_secs(2);
+/// How long `/readyz` and `/metrics` wait for the driver before they say it is stuck.
+const DRIVER_ANSWER_MAX: Duration = Duration::from_secs(2);
 
 /// The HTTP routes.
-pub fn router(engine: EngineHandle, metrics: Arc<Metrics>) -> Router {
+pub fn router(driver: DriverHandle, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/metrics", get(metrics_text))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
-        .with_state(AppState { engine, metrics })
+        .with_state(AppState { driver, metrics })
 }
 
 async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
     // Asking for the lockspaces refreshes the gauges of held and waiting locks.
     let refreshed =
-        tokio::time::timeout(ENGINE_ANSWER_MAX, state.engine.ask(|reply| Command::Lockspaces { reply })).await;
+        tokio::time::timeout(DRIVER_ANSWER_MAX, state.driver.ask(|reply| Command::Lockspaces { reply })).await;
     if !matches!(refreshed, Ok(Ok(_))) {
         return (StatusCode::SERVICE_UNAVAILABLE, "the lock engine does not answer\n".to_string()).into_response();
     }
@@ -41,7 +41,7 @@ async fn metrics_text(State(state): State<AppState>) -> impl IntoResponse {
 }
 
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
-    match tokio::time::timeout(ENGINE_ANSWER_MAX, state.engine.ask(|reply| Command::Status { reply })).await {
+    match tokio::time::timeout(DRIVER_ANSWER_MAX, state.driver.ask(|reply| Command::Status { reply })).await {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "not ready: the lock engine does not answer\n"),
     }

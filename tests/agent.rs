@@ -1,8 +1,6 @@
 //! The real agent binary, driven by its CLI and by the Rust client library
 //! over its Unix socket.
 
-mod support;
-
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -57,7 +55,7 @@ fn try_fails_fast_when_held_and_exit_codes_are_distinct() {
     assert_eq!(status.code(), Some(EXIT_NOT_ACQUIRED));
     let status = agent.cli().args(["lock", "-l", "missing", "held", "--", "true"]).status().expect("run");
     assert_eq!(status.code(), Some(EXIT_USAGE));
-    let status = Command::new(support::BIN)
+    let status = Command::new(support::bin())
         .args(["lock", "--socket", "/nonexistent/dlm.sock", "x", "--", "true"])
         .stderr(Stdio::null())
         .status()
@@ -308,7 +306,7 @@ fn a_bad_configuration_is_refused_with_a_clear_message() {
     ] {
         let path = dir.join("bad.toml");
         std::fs::write(&path, config).expect("write");
-        let output = Command::new(support::BIN)
+        let output = Command::new(support::bin())
             .args(["run", "--config"])
             .arg(&path)
             .arg("--socket")
@@ -319,7 +317,7 @@ fn a_bad_configuration_is_refused_with_a_clear_message() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{config}: {stderr}");
     }
-    let output = Command::new(support::BIN).args(["run", "--config", "/nonexistent.toml"]).output().expect("run");
+    let output = Command::new(support::bin()).args(["run", "--config", "/nonexistent.toml"]).output().expect("run");
     assert_eq!(output.status.code(), Some(EXIT_CONFIG));
     assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent.toml"));
     std::fs::remove_dir_all(&dir).expect("cleanup");
@@ -335,7 +333,7 @@ fn every_command_has_help() {
         &["ls", "--help"],
         &["dump", "--help"],
     ] {
-        let output = Command::new(support::BIN).args(command).output().expect("run");
+        let output = Command::new(support::bin()).args(command).output().expect("run");
         assert!(output.status.success(), "{command:?}");
         let text = String::from_utf8_lossy(&output.stdout);
         assert!(text.contains("Usage"), "{command:?}: {text}");
@@ -395,7 +393,8 @@ fn the_systemd_unit_verifies() {
         return;
     };
     assert!(output.status.success());
-    let unit = include_str!("../systemd/dlm-agent.service").replace("/usr/local/bin/dlm-agent", support::BIN);
+    let unit =
+        include_str!("../dlm-agent/systemd/dlm-agent.service").replace("/usr/local/bin/dlm-agent", support::bin());
     let dir = std::env::temp_dir().join(format!("dlm-test-unit-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let path = dir.join("dlm-agent.service");
@@ -421,7 +420,7 @@ async fn a_tcp_client_that_goes_silent_loses_its_session_after_the_keepalive() {
     let agent = Agent::start("keepalive", &format!("tcp = \"{address}\"\nkeepalive = \"1s\"\n"));
     // A CLI client over TCP takes the lock, then stops answering (SIGSTOP):
     // its connection stays open but its HTTP/2 pings go unanswered.
-    let mut holder = Command::new(support::BIN)
+    let mut holder = Command::new(support::bin())
         .args(["lock", "--connect", &address, "silent", "--", "sleep", "30"])
         .spawn()
         .expect("spawn");

@@ -1,27 +1,27 @@
 //! The peer transport: TCP between the agents of a cluster, carrying the
-//! engine's envelopes in the wire format of `dlm_core::cluster::wire`.
+//! node's envelopes in the wire format of `dlm_core::cluster::wire`.
 //!
 //! Each agent dials every other member and sends on that connection only;
 //! it receives on the connections the others dial to it. So one direction of
 //! a pair is one connection, with one writer and one reader:
 //!
 //! ```text
-//!  engine ──Vec<Envelope>──▶ dialer task (per peer) ──TCP──▶ peer's acceptor ──Command::Peer──▶ peer's engine
+//!  driver ──Vec<Envelope>──▶ dialer task (per peer) ──TCP──▶ peer's acceptor ──Command::Peer──▶ peer's driver
 //! ```
 //!
 //! - **Handshake**: the dialer sends a hello (magic, protocol version,
 //!   cluster name, node id, epoch); the acceptor checks every field against
 //!   its own configuration and answers with its hello, or closes. Only then
-//!   does the dialer tell its engine that the link is up.
+//!   does the dialer tell its driver that the link is up.
 //! - **Frames** are length-prefixed batches of envelopes, bounded by
-//!   `FRAME_LEN_MAX`; anything malformed, and any envelope the engine
+//!   `FRAME_LEN_MAX`; anything malformed, and any envelope the node
 //!   refuses, drops the connection. The node goes on serving its clients.
-//! - **Back pressure**: the engine's queue to each dialer is bounded (in
-//!   batches: what one engine pass has for the peer, or one resend); when it
+//! - **Back pressure**: the driver's queue to each dialer is bounded (in
+//!   batches: what one driver pass has for the peer, or one resend); when it
 //!   is full the link counts as down (requests that need the peer fail with
 //!   "unavailable") and the connection is re-made.
 //! - **Reconnection**: a dialer retries with a growing delay (up to 1 s);
-//!   when the link is up again the engine resends everything the peer has
+//!   when the link is up again the node resends everything the peer has
 //!   not acknowledged (the link layer drops what it already had).
 //! - **Restarted peers**: each hello carries the sender's incarnation, drawn
 //!   when its process started. A peer that comes back with another one has
@@ -42,27 +42,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, mpsc};
 
+use crate::bounds::{PEER_READ_BUFFER_LEN, PEER_WRITE_BATCHES_MAX};
+use crate::codes::PeerReject;
+use crate::command::{Command, DriverHandle, PeerSender};
 use crate::config::ClusterSettings;
-use crate::engine::{Command, EngineHandle};
+use crate::metrics::Metrics;
 
-/// Batches of envelopes queued to one peer's dialer at most, by default (`[cluster] peer_queue_max`).
-pub const PEER_QUEUE_MAX: usize = 65_536;
-/// Queued batches written in one go at most.
-const BATCH_MAX: usize = 64;
 /// How long a connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a dial may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest pause between two dials.
 const RETRY_MAX: Duration = Duration::from_secs(1);
-
-/// The engine's end of one peer's dialer.
-pub struct PeerSender {
-    /// Envelopes to send, a batch per engine pass.
-    pub queue: mpsc::Sender<Vec<Envelope>>,
-    /// Tells the dialer to drop its connection and dial again.
-    pub reset: Arc<Notify>,
-}
 
 /// The incarnation of each peer, as first seen, and this process's own.
 pub struct Incarnations {
@@ -108,25 +99,13 @@ pub struct PeerMetrics {
     pub rejected: IntCounterVec,
 }
 
-/// Why a peer connection was refused or dropped, as a metric label.
-pub const REJECT_REASONS: &[&str] = &[
-    "bad_hello",
-    "wrong_cluster",
-    "wrong_version",
-    "unknown_node",
-    "wrong_epoch",
-    "restarted_peer",
-    "bad_frame",
-    "protocol",
-];
-
 impl PeerMetrics {
     /// Creates the metrics and registers them.
     ///
     /// # Panics
     /// A metric name is registered twice (a bug).
     #[must_use]
-    pub fn new(metrics: &crate::metrics::Metrics, peers: &[NodeId]) -> PeerMetrics {
+    pub fn new(metrics: &Metrics, peers: &[NodeId]) -> PeerMetrics {
         let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["peer"]).expect("valid metric");
         let counter = |name: &str, help: &str, label: &str| {
             IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric")
@@ -147,8 +126,8 @@ impl PeerMetrics {
             m.bytes_sent.with_label_values(&[&label]);
             m.bytes_received.with_label_values(&[&label]);
         }
-        for reason in REJECT_REASONS {
-            m.rejected.with_label_values(&[reason]);
+        for reason in PeerReject::ALL {
+            m.rejected.with_label_values(&[reason.as_str()]);
         }
         metrics.register(Box::new(m.up.clone()));
         metrics.register(Box::new(m.bytes_sent.clone()));
@@ -158,7 +137,7 @@ impl PeerMetrics {
     }
 }
 
-/// The queues between the engine and one dialer per peer.
+/// The queues between the driver and one dialer per peer.
 #[must_use]
 pub fn channels(settings: &ClusterSettings) -> (HashMap<NodeId, PeerSender>, Vec<Dialer>) {
     let mut senders = HashMap::new();
@@ -188,27 +167,27 @@ pub fn spawn(
     settings: Arc<ClusterSettings>,
     listener: TcpListener,
     dialers: Vec<Dialer>,
-    engine: EngineHandle,
+    driver: DriverHandle,
     metrics: PeerMetrics,
 ) {
     let incarnations = Arc::new(Incarnations::new());
     for dialer in dialers {
-        tokio::spawn(dial(settings.clone(), dialer, engine.clone(), metrics.clone(), incarnations.clone()));
+        tokio::spawn(dial(settings.clone(), dialer, driver.clone(), metrics.clone(), incarnations.clone()));
     }
-    tokio::spawn(accept(settings, listener, engine, metrics, incarnations));
+    tokio::spawn(accept(settings, listener, driver, metrics, incarnations));
 }
 
 async fn dial(
     settings: Arc<ClusterSettings>,
     mut dialer: Dialer,
-    engine: EngineHandle,
+    driver: DriverHandle,
     metrics: PeerMetrics,
     incarnations: Arc<Incarnations>,
 ) {
     let label = dialer.peer.0.to_string();
     let mut pause = Duration::from_millis(20);
     loop {
-        // Whatever was queued while down is resent by the engine when the
+        // Whatever was queued while down is resent by the node when the
         // link comes up: drop it here rather than send it twice.
         while dialer.queue.try_recv().is_ok() {}
         let stream = match connect(&settings, &dialer, &incarnations).await {
@@ -223,13 +202,13 @@ async fn dial(
         pause = Duration::from_millis(20);
         tracing::info!(peer = dialer.peer.0, address = %dialer.address, "peer link up");
         metrics.up.with_label_values(&[&label]).set(1);
-        if engine.send(Command::Link { peer: dialer.peer, up: true }).await.is_err() {
+        if driver.send(Command::Link { peer: dialer.peer, up: true }).await.is_err() {
             return;
         }
         let error = write_frames(stream, &mut dialer, &metrics.bytes_sent.with_label_values(&[&label])).await;
         tracing::warn!(peer = dialer.peer.0, %error, "peer link down");
         metrics.up.with_label_values(&[&label]).set(0);
-        if engine.send(Command::Link { peer: dialer.peer, up: false }).await.is_err() {
+        if driver.send(Command::Link { peer: dialer.peer, up: false }).await.is_err() {
             return;
         }
     }
@@ -267,17 +246,17 @@ async fn write_frames(stream: TcpStream, dialer: &mut Dialer, sent: &prometheus:
     // the peer closed the connection (or went away), which a write alone
     // would only notice after losing what it wrote.
     let (mut reader, mut writer) = stream.into_split();
-    let mut batch = Vec::with_capacity(BATCH_MAX);
+    let mut batch = Vec::with_capacity(PEER_WRITE_BATCHES_MAX);
     let mut bytes = Vec::new();
     let mut probe = [0u8; 64];
     loop {
         tokio::select! {
-            count = dialer.queue.recv_many(&mut batch, BATCH_MAX) => {
+            count = dialer.queue.recv_many(&mut batch, PEER_WRITE_BATCHES_MAX) => {
                 if count == 0 {
-                    return "the engine stopped".into();
+                    return "the driver stopped".into();
                 }
             }
-            () = dialer.reset.notified() => return "reset by the engine (queue full, or messages unacknowledged)".into(),
+            () = dialer.reset.notified() => return "reset by the driver (queue full, or messages unacknowledged)".into(),
             read = reader.read(&mut probe) => {
                 return match read {
                     Ok(0) => "the peer closed the connection".into(),
@@ -310,7 +289,7 @@ async fn read_hello(stream: &mut TcpStream) -> Result<Hello, String> {
 async fn accept(
     settings: Arc<ClusterSettings>,
     listener: TcpListener,
-    engine: EngineHandle,
+    driver: DriverHandle,
     metrics: PeerMetrics,
     incarnations: Arc<Incarnations>,
 ) {
@@ -326,13 +305,13 @@ async fn accept(
             tracing::warn!(%address, "too many peer connections; refusing one");
             continue;
         };
-        let (settings, engine, metrics, incarnations) =
-            (settings.clone(), engine.clone(), metrics.clone(), incarnations.clone());
+        let (settings, driver, metrics, incarnations) =
+            (settings.clone(), driver.clone(), metrics.clone(), incarnations.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(reason) = serve_peer(&settings, stream, &engine, &metrics, &incarnations).await {
-                tracing::warn!(%address, reason, "peer connection dropped");
-                metrics.rejected.with_label_values(&[reason]).inc();
+            if let Err(reason) = serve_peer(&settings, stream, &driver, &metrics, &incarnations).await {
+                tracing::warn!(%address, reason = reason.as_str(), "peer connection dropped");
+                metrics.rejected.with_label_values(&[reason.as_str()]).inc();
             }
         });
     }
@@ -342,48 +321,48 @@ async fn accept(
 async fn serve_peer(
     settings: &ClusterSettings,
     mut stream: TcpStream,
-    engine: &EngineHandle,
+    driver: &DriverHandle,
     metrics: &PeerMetrics,
     incarnations: &Incarnations,
-) -> Result<(), &'static str> {
+) -> Result<(), PeerReject> {
     let _ = stream.set_nodelay(true);
     let hello_in = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
-        .map_err(|_| "bad_hello")?
-        .map_err(|_| "bad_hello")?;
+        .map_err(|_| PeerReject::BadHello)?
+        .map_err(|_| PeerReject::BadHello)?;
     if hello_in.version != wire::VERSION {
-        return Err("wrong_version");
+        return Err(PeerReject::WrongVersion);
     }
     if hello_in.cluster != settings.name.as_bytes() {
-        return Err("wrong_cluster");
+        return Err(PeerReject::WrongCluster);
     }
     if hello_in.node.0 == settings.node_id || !settings.members.iter().any(|m| m.id == hello_in.node.0) {
-        return Err("unknown_node");
+        return Err(PeerReject::UnknownNode);
     }
     if hello_in.epoch != 1 {
-        return Err("wrong_epoch");
+        return Err(PeerReject::WrongEpoch);
     }
     let from = hello_in.node;
     if !incarnations.accept(from, hello_in.incarnation) {
-        return Err("restarted_peer");
+        return Err(PeerReject::RestartedPeer);
     }
-    stream.write_all(&wire::encode_hello(&hello(settings, incarnations))).await.map_err(|_| "bad_hello")?;
+    stream.write_all(&wire::encode_hello(&hello(settings, incarnations))).await.map_err(|_| PeerReject::BadHello)?;
     let received = metrics.bytes_received.with_label_values(&[&from.0.to_string()]);
     let refused = Arc::new(Notify::new());
     // Buffered: a frame's length and body usually come in one read.
-    let mut stream = tokio::io::BufReader::with_capacity(64 * 1024, stream);
+    let mut stream = tokio::io::BufReader::with_capacity(PEER_READ_BUFFER_LEN, stream);
     loop {
         let mut prefix = [0u8; 4];
         tokio::select! {
             read = stream.read_exact(&mut prefix) => if read.is_err() { return Ok(()) },
-            () = refused.notified() => return Err("protocol"),
+            () = refused.notified() => return Err(PeerReject::Protocol),
         }
-        let len = wire::frame_len(prefix).map_err(|_| "bad_frame")?;
+        let len = wire::frame_len(prefix).map_err(|_| PeerReject::BadFrame)?;
         let mut body = vec![0u8; len];
-        stream.read_exact(&mut body).await.map_err(|_| "bad_frame")?;
+        stream.read_exact(&mut body).await.map_err(|_| PeerReject::BadFrame)?;
         received.inc_by(4 + len as u64);
-        let envelopes = wire::decode_frame(&body).map_err(|_| "bad_frame")?;
-        if engine.send(Command::Peer { from, envelopes, refused: refused.clone() }).await.is_err() {
+        let envelopes = wire::decode_frame(&body).map_err(|_| PeerReject::BadFrame)?;
+        if driver.send(Command::Peer { from, envelopes, refused: refused.clone() }).await.is_err() {
             return Ok(());
         }
     }

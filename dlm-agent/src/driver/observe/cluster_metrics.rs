@@ -5,6 +5,7 @@
 use dlm_core::cluster::ClusterStats;
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts};
 
+use crate::codes::LinkReset;
 use crate::metrics::Metrics;
 
 /// Counters and gauges fed from the engine's [`ClusterStats`].
@@ -20,7 +21,7 @@ pub struct ClusterMetrics {
     stale_masters: IntCounter,
     released: IntCounter,
     deadlock_victims: IntCounter,
-    /// Peer links reset by this node, by reason (`queue_full`, `unacknowledged`).
+    /// Peer links reset by this node, by reason ([`LinkReset`]).
     pub link_resets: IntCounterVec,
     /// Time from a lock or convert request to its grant, for locks mastered on another node.
     pub remote_grant_wait: HistogramVec,
@@ -59,15 +60,15 @@ impl ClusterMetrics {
         )
         .expect("valid metric");
         metrics.register(Box::new(link_resets.clone()));
-        for reason in ["queue_full", "unacknowledged"] {
-            link_resets.with_label_values(&[reason]);
+        for reason in LinkReset::ALL {
+            link_resets.with_label_values(&[reason.as_str()]);
         }
         let remote_grant_wait = HistogramVec::new(
             HistogramOpts::new(
                 "dlm_cluster_remote_grant_wait_seconds",
                 "Time from a lock or convert request to its grant, for resources mastered on another node.",
             )
-            .buckets(prometheus::exponential_buckets(0.000_01, 4.0, 12).expect("valid buckets")),
+            .buckets(crate::metrics::time_buckets()),
             &["lockspace", "mode"],
         )
         .expect("valid metric");

@@ -3,8 +3,6 @@
 //! namespaces); elsewhere it says so and skips, and under `CI=true` a skip
 //! is a failure.
 
-mod support;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 

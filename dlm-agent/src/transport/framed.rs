@@ -1,19 +1,19 @@
-//! The agent's Unix socket: tells gRPC connections from framed sessions
-//! ([`crate::framing`]) by their first byte, hands the first to tonic and
-//! serves the second here.
+//! The framed transport on the agent's Unix socket: tells gRPC connections
+//! from framed sessions ([`crate::framing`]) by their first byte, hands the
+//! first to tonic and serves the second here.
 //!
 //! ```text
 //!  accept ──first byte──▶ 'P' ──▶ tonic (gRPC: sessions and admin calls)
-//!                    └──▶ else ─▶ preface ─▶ reader (this task) ──Command::Client──▶ engine
-//!                                  socket ◀── FrameSink (written by the engine) ◀────┘
+//!                    └──▶ else ─▶ preface ─▶ reader (this task) ──Command::Client──▶ driver
+//!                                  socket ◀── FrameSink (written by the driver) ◀────┘
 //! ```
 //!
 //! A framed session is one connection. Its reader (this task) hands
-//! messages to the engine and answers pings; the engine writes the
+//! messages to the driver and answers pings; the driver writes the
 //! session's messages itself through a [`FrameSink`], all that one pass has
 //! for the session in one write. When the client goes away (the socket
 //! closes, a frame breaks the format, or it stays silent past two
-//! keepalives) the session is closed; when the engine ends it (slow reader,
+//! keepalives) the session is closed; when the driver ends it (slow reader,
 //! shutdown) what was queued is still sent, for at most
 //! [`framing::DRAIN_TIMEOUT`] without progress.
 
@@ -32,7 +32,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::{Connected, UdsConnectInfo};
 
-use crate::engine::{Command, EngineHandle, OpenError, OpenSession, Peer, SessionOutput};
+use crate::codes::RejectCode;
+use crate::command::{Command, Credentials, DriverHandle, OpenError, OpenSession, SessionOutput};
 use crate::framing::{self, Frame, FrameKind, FrameSink};
 use crate::proto;
 
@@ -115,7 +116,7 @@ pub type GrpcIncoming = ReceiverStream<io::Result<Replayed>>;
 /// once the framed connections have drained (or after a bound).
 pub fn spawn(
     listener: UnixListener,
-    engine: EngineHandle,
+    driver: DriverHandle,
     settings: FramedSettings,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> (GrpcIncoming, tokio::task::JoinHandle<()>) {
@@ -143,7 +144,7 @@ pub fn spawn(
                         tracing::debug!("too many connections that have not spoken yet; closing one");
                         continue;
                     };
-                    let (grpc, engine, settings) = (grpc.clone(), engine.clone(), settings.clone());
+                    let (grpc, driver, settings) = (grpc.clone(), driver.clone(), settings.clone());
                     connections.spawn(async move {
                         let classified = classify(stream).await;
                         drop(permit);
@@ -151,7 +152,7 @@ pub fn spawn(
                             Some(Protocol::Grpc(stream)) => {
                                 let _ = grpc.send(Ok(stream)).await;
                             }
-                            Some(Protocol::Framed(stream)) => serve(stream, &engine, &settings).await,
+                            Some(Protocol::Framed(stream)) => serve(stream, &driver, &settings).await,
                             None => {}
                         }
                     });
@@ -204,27 +205,24 @@ async fn classify(mut stream: UnixStream) -> Option<Protocol> {
 }
 
 /// Serves one framed session until it ends.
-async fn serve(stream: UnixStream, engine: &EngineHandle, settings: &FramedSettings) {
-    let peer = match stream.peer_cred() {
-        Ok(credentials) => Peer { pid: credentials.pid(), uid: Some(credentials.uid()) },
-        Err(_) => Peer::default(),
-    };
+async fn serve(stream: UnixStream, driver: &DriverHandle, settings: &FramedSettings) {
+    let credentials = stream.peer_cred().map(Credentials::of).unwrap_or_default();
     let (read_half, write_half) = stream.into_split();
-    // Dropped with the last handle (the engine's, this task's): the write
+    // Dropped with the last handle (the driver's, this task's): the write
     // side then shuts down, once what was queued is written.
     let sink = FrameSink::new(write_half);
     let output = SessionOutput::Framed(sink.clone());
-    let OpenSession { session, ended } = match engine.open_session(peer, &settings.node, output).await {
+    let OpenSession { session, ended } = match driver.open_session(credentials, &settings.node, output).await {
         Ok(open) => open,
         Err(error) => {
             let (code, message) = match error {
-                OpenError::Stopped => ("shutting_down", error.to_string()),
+                OpenError::Stopped => (RejectCode::ShuttingDown, error.to_string()),
                 OpenError::Refused(rejection) => (rejection.code, rejection.message),
             };
             let refusal = proto::ServerMessage {
                 body: Some(proto::server_message::Body::Rejected(proto::Rejected {
                     handle: 0,
-                    code: code.into(),
+                    code: code.as_str().into(),
                     message,
                 })),
             };
@@ -232,21 +230,21 @@ async fn serve(stream: UnixStream, engine: &EngineHandle, settings: &FramedSetti
             return;
         }
     };
-    if read_frames(read_half, session, engine, &sink, settings, ended).await {
-        // Ended by the engine (shutdown, slow reader): what it queued goes
+    if read_frames(read_half, session, driver, &sink, settings, ended).await {
+        // Ended by the driver (shutdown, slow reader): what it queued goes
         // out before this connection counts as drained, within a bound.
         let _ = tokio::time::timeout(framing::DRAIN_TIMEOUT, sink.room(0)).await;
     } else {
-        let _ = engine.send(Command::Close { session }).await;
+        let _ = driver.send(Command::Close { session }).await;
     }
 }
 
-/// Reads the client's frames until it goes away (false) or the engine ends
+/// Reads the client's frames until it goes away (false) or the driver ends
 /// the session (true).
 async fn read_frames(
     read_half: OwnedReadHalf,
     session: dlm_core::SessionId,
-    engine: &EngineHandle,
+    driver: &DriverHandle,
     sink: &FrameSink,
     settings: &FramedSettings,
     mut ended: oneshot::Receiver<()>,
@@ -285,7 +283,7 @@ async fn read_frames(
         pinged = false;
         match frame {
             Ok(Frame::Message(message)) => {
-                if engine.send(Command::Client { session, message }).await.is_err() {
+                if driver.send(Command::Client { session, message }).await.is_err() {
                     return false;
                 }
             }

@@ -1,0 +1,57 @@
+//! The agent's fixed bounds on messages, frames and queues, in one place so
+//! that the relations between them are checked where they are declared.
+//! (Bounds an operator sets, such as `session_queue_max`, are in
+//! [`crate::config`]; the lock engine's are `dlm_core::Limits`.) A leaf: it
+//! imports nothing from the crate.
+
+/// Largest client message accepted, over gRPC or in a frame: names are 64
+/// bytes and value blocks 256, so anything near this is garbage.
+pub const CLIENT_MESSAGE_LEN_MAX: usize = 64 * 1024;
+
+/// Largest frame body of a framed session: the same bound as a gRPC client
+/// message, so both protocols accept exactly the same requests.
+pub const FRAME_BODY_LEN_MAX: usize = CLIENT_MESSAGE_LEN_MAX;
+
+const _: () = assert!(FRAME_BODY_LEN_MAX == CLIENT_MESSAGE_LEN_MAX, "framed and gRPC sessions take the same messages");
+const _: () = assert!(FRAME_BODY_LEN_MAX <= u32::MAX as usize, "a frame's length prefix is a u32");
+
+/// Commands queued to the driver at most; senders wait beyond that
+/// (back-pressure on every transport at once).
+pub const COMMAND_QUEUE_MAX: usize = 16_384;
+
+/// Commands the driver handles in a row before it routes effects: under
+/// load, fewer wake-ups of the session streams.
+pub const COMMAND_BATCH_MAX: usize = 64;
+
+const _: () = assert!(COMMAND_BATCH_MAX <= COMMAND_QUEUE_MAX, "a batch is taken from what is queued");
+
+/// Resources a dump returns when the request does not say.
+pub const DUMP_RESOURCES_DEFAULT: usize = 1000;
+
+/// Resources a dump returns at most.
+pub const DUMP_RESOURCES_MAX: usize = 100_000;
+
+const _: () = assert!(DUMP_RESOURCES_DEFAULT <= DUMP_RESOURCES_MAX);
+
+/// Messages queued to one client session, the least and the most an
+/// operator may set (`session_queue_max`): fewer would end busy sessions
+/// as slow readers, more would let one stuck client hold much memory.
+pub const SESSION_QUEUE_MAX_RANGE: std::ops::RangeInclusive<usize> = 16..=1 << 20;
+
+/// Batches of envelopes queued to one peer's dialer at most, by default
+/// (`[cluster] peer_queue_max`; a batch is what one pass of the driver has
+/// for the peer, or one resend).
+pub const PEER_QUEUE_MAX_DEFAULT: usize = 65_536;
+
+/// The least and the most `peer_queue_max` may be.
+pub const PEER_QUEUE_MAX_RANGE: std::ops::RangeInclusive<usize> = 1..=1 << 20;
+
+const _: () = assert!(
+    *PEER_QUEUE_MAX_RANGE.start() <= PEER_QUEUE_MAX_DEFAULT && PEER_QUEUE_MAX_DEFAULT <= *PEER_QUEUE_MAX_RANGE.end()
+);
+
+/// Queued batches a peer dialer writes in one go at most.
+pub const PEER_WRITE_BATCHES_MAX: usize = 64;
+
+/// A peer reader's buffer: a frame's length and body usually come in one read.
+pub const PEER_READ_BUFFER_LEN: usize = 64 * 1024;

@@ -1,0 +1,288 @@
+//! The Rust client library: async sessions and lock guards over the agent's
+//! API. On the Unix socket a session is a framed session
+//! ([`crate::framing`]: the gRPC messages without HTTP/2, fewer hops and
+//! bytes per lock); over TCP, and for the admin calls, it is gRPC.
+//!
+//! ```no_run
+//! use dlm_agent::client::{Client, LockOptions, Target};
+//! use dlm_core::Mode;
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! let client = Client::connect(&Target::Unix("/run/dlm/dlm.sock".into())).await?;
+//! let session = client.session().await?;
+//! let guard = session.lock("default", "orders/42", Mode::Ex, LockOptions::default()).await?;
+//! // Pass the fencing token to the storage you write to, so it can refuse a
+//! // writer that has lost the lock since.
+//! println!("holding orders/42 with token {}", guard.fencing_token());
+//! guard.unlock().await?; // or drop it: dropping unlocks too
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! A session ends when the [`Session`] and every guard from it are dropped
+//! (or the process exits): the agent then releases its locks.
+//!
+//! Cancelling is dropping: a `lock` future dropped before it completes (by
+//! `tokio::time::timeout`, `select!`, or task abort) cancels its request on
+//! the agent; if the grant crossed the cancel, the lock is released at once.
+//! A server-side timeout is [`LockOptions::timeout`]; a try-lock is
+//! `LockFlags::NOQUEUE` in [`LockOptions::flags`].
+
+mod session;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use dlm_core::{LockFlags, Mode};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+pub use self::session::{LockGuard, Session};
+use self::session::{Requests, SessionInner};
+use crate::framing::{self, Frame, FrameSink};
+use crate::proto::{self, dlm_client::DlmClient, server_message};
+
+/// Where the agent listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A Unix socket path.
+    Unix(PathBuf),
+    /// A TCP address, `host:port`.
+    Tcp(String),
+}
+
+/// What went wrong talking to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The agent could not be reached.
+    #[error("cannot reach the agent at {target}: {source}")]
+    Unreachable {
+        /// Where it was looked for.
+        target: String,
+        /// Why.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A call failed.
+    #[error("{0}")]
+    Call(#[from] tonic::Status),
+    /// The session stream ended.
+    #[error("the session was closed by the agent")]
+    SessionClosed,
+}
+
+/// Why a lock or conversion was not granted.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// The request completed without a grant.
+    #[error("not granted: {0:?}")]
+    NotGranted(proto::Status),
+    /// The agent refused the request; nothing changed.
+    #[error("refused ({code}): {message}")]
+    Rejected {
+        /// A stable identifier, e.g. `unknown_lockspace`.
+        code: String,
+        /// The agent's explanation.
+        message: String,
+    },
+    /// The session ended before the request completed.
+    #[error("the session was closed")]
+    SessionClosed,
+}
+
+/// Options of a lock request.
+#[derive(Clone, Debug, Default)]
+pub struct LockOptions {
+    /// Request flags (`NOQUEUE` for a try-lock, `VALBLK`, `PERSISTENT`, …).
+    pub flags: LockFlags,
+    /// Give up after this long.
+    pub timeout: Option<Duration>,
+    /// W3C trace context, so the lock's span joins the caller's trace.
+    pub traceparent: Option<String>,
+}
+
+/// Something the agent tells a session without being asked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SessionEvent {
+    /// The lock `handle` blocks a request for `mode`: release or down-convert it soon.
+    Blocking {
+        /// The lock.
+        handle: u64,
+        /// The blocked mode.
+        mode: Mode,
+    },
+    /// The lock `handle` is gone.
+    Revoked {
+        /// The lock.
+        handle: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A connection to an agent.
+#[derive(Clone)]
+pub struct Client {
+    grpc: DlmClient<Channel>,
+    /// The Unix socket for framed sessions; `None`: sessions over gRPC.
+    framed: Option<PathBuf>,
+}
+
+impl Client {
+    /// Connects to the agent.
+    ///
+    /// # Errors
+    /// The agent is not there.
+    pub async fn connect(target: &Target) -> Result<Client, ClientError> {
+        let unreachable = |source: tonic::transport::Error| ClientError::Unreachable {
+            target: format!("{target:?}"),
+            source: source.into(),
+        };
+        let channel = match target {
+            Target::Tcp(address) => Endpoint::from_shared(format!("http://{address}"))
+                .map_err(unreachable)?
+                .connect()
+                .await
+                .map_err(unreachable)?,
+            Target::Unix(path) => {
+                let path = path.clone();
+                // The URI is a placeholder: the connector ignores it.
+                Endpoint::from_static("http://localhost")
+                    .connect_with_connector(tower::service_fn(move |_: Uri| {
+                        let path = path.clone();
+                        async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                    }))
+                    .await
+                    .map_err(unreachable)?
+            }
+        };
+        let framed = match target {
+            Target::Unix(path) => Some(path.clone()),
+            Target::Tcp(_) => None,
+        };
+        Ok(Client { grpc: DlmClient::new(channel), framed })
+    }
+
+    /// This client, opening its sessions as gRPC streams even on a Unix
+    /// socket (what other languages do; the framed protocol is the default
+    /// there because it is faster).
+    #[must_use]
+    pub fn with_grpc_sessions(mut self) -> Client {
+        self.framed = None;
+        self
+    }
+
+    /// Opens a session.
+    ///
+    /// # Errors
+    /// The agent refused it (too many sessions) or went away.
+    pub async fn session(&self) -> Result<Session, ClientError> {
+        match &self.framed {
+            Some(path) => framed_session(path).await,
+            None => self.grpc_session().await,
+        }
+    }
+
+    async fn grpc_session(&self) -> Result<Session, ClientError> {
+        let (requests, outbound) = mpsc::channel(SESSION_REQUESTS_MAX);
+        let mut inbound = self.grpc.clone().session(ReceiverStream::new(outbound)).await?.into_inner();
+        let id = match inbound.message().await? {
+            Some(proto::ServerMessage { body: Some(server_message::Body::Welcome(welcome)) }) => welcome.session,
+            _ => return Err(ClientError::SessionClosed),
+        };
+        let inner = Arc::new(SessionInner::new(id, Requests::Stream(requests)));
+        let reader = Arc::downgrade(&inner);
+        tokio::spawn(async move {
+            while let Ok(Some(message)) = inbound.message().await {
+                let Some(inner) = reader.upgrade() else { break };
+                inner.dispatch(message);
+            }
+            if let Some(inner) = reader.upgrade() {
+                inner.close_waiters();
+            }
+        });
+        Ok(Session::new(inner))
+    }
+
+    /// The agent's status.
+    ///
+    /// # Errors
+    /// The call failed.
+    pub async fn status(&self) -> Result<proto::StatusReply, ClientError> {
+        Ok(self.grpc.clone().status(proto::StatusRequest {}).await?.into_inner())
+    }
+
+    /// The agent's lockspaces.
+    ///
+    /// # Errors
+    /// The call failed.
+    pub async fn lockspaces(&self) -> Result<proto::LockspacesReply, ClientError> {
+        Ok(self.grpc.clone().lockspaces(proto::LockspacesRequest {}).await?.into_inner())
+    }
+
+    /// Resources of a lockspace with their queues.
+    ///
+    /// # Errors
+    /// The call failed (unknown lockspace among others).
+    pub async fn dump(&self, request: proto::DumpRequest) -> Result<proto::DumpReply, ClientError> {
+        Ok(self.grpc.clone().dump(request).await?.into_inner())
+    }
+
+    /// Creates a lockspace (`lvb_len` 0: the default).
+    ///
+    /// # Errors
+    /// The call failed (name in use, invalid length, …).
+    pub async fn create_lockspace(&self, name: &str, lvb_len: u32) -> Result<(), ClientError> {
+        self.grpc.clone().create_lockspace(proto::CreateLockspaceRequest { name: name.into(), lvb_len }).await?;
+        Ok(())
+    }
+}
+
+/// Requests a session queues unsent before `lock` and friends wait for room.
+pub(crate) const SESSION_REQUESTS_MAX: usize = 256;
+
+/// Opens a framed session on the Unix socket at `path`.
+async fn framed_session(path: &Path) -> Result<Session, ClientError> {
+    let unreachable = |source: std::io::Error| ClientError::Unreachable {
+        target: format!("{:?}", Target::Unix(path.to_path_buf())),
+        source: source.into(),
+    };
+    let mut stream = UnixStream::connect(path).await.map_err(unreachable)?;
+    stream.write_all(&framing::PREFACE).await.map_err(unreachable)?;
+    let (read_half, write_half) = stream.into_split();
+    let mut reader = BufReader::with_capacity(framing::READ_BUFFER_LEN, read_half);
+    let mut body = Vec::new();
+    let id = match framing::read_frame::<proto::ServerMessage>(&mut reader, &mut body).await {
+        Ok(Frame::Message(proto::ServerMessage { body: Some(server_message::Body::Welcome(welcome)) })) => {
+            welcome.session
+        }
+        Ok(Frame::Message(proto::ServerMessage { body: Some(server_message::Body::Rejected(refused)) })) => {
+            return Err(ClientError::Call(crate::convert::rejection_status(&refused.code, &refused.message)));
+        }
+        _ => return Err(ClientError::SessionClosed),
+    };
+    // The session holds the only handle: when it is dropped the write side
+    // shuts down, and the agent ends the session.
+    let inner = Arc::new(SessionInner::new(id, Requests::Framed(FrameSink::new(write_half))));
+    let dispatcher = Arc::downgrade(&inner);
+    tokio::spawn(async move {
+        loop {
+            let frame = framing::read_frame::<proto::ServerMessage>(&mut reader, &mut body).await;
+            let Some(inner) = dispatcher.upgrade() else { break };
+            match frame {
+                Ok(Frame::Message(message)) => inner.dispatch(message),
+                Ok(Frame::Ping) => inner.pong(),
+                Ok(Frame::Pong) => {}
+                Err(_) => {
+                    inner.close_waiters();
+                    break;
+                }
+            }
+        }
+    });
+    Ok(Session::new(inner))
+}

@@ -1,0 +1,197 @@
+//! The admin commands: status, lockspaces (which also refresh the gauges),
+//! dumps, lockspace creation and release, and the shutdown.
+
+use std::ffi::CString;
+use std::sync::Arc;
+
+use dlm_core::cluster::NodeId;
+use dlm_core::{ClientRequest, LockspaceConfig, SessionId};
+
+use super::observe::evidence_to_wire;
+use super::{Driver, LockspaceName, SessionState};
+use crate::bounds::{DUMP_RESOURCES_DEFAULT, DUMP_RESOURCES_MAX};
+use crate::codes::{RejectCode, SessionEnd};
+use crate::convert::{self, Rejection};
+use crate::proto;
+
+impl Driver {
+    /// Answers every pending request (cancelled) and revokes every lock,
+    /// then ends every session, so clients hear why before the streams close.
+    /// Pending requests are cancelled first, across all sessions, so that no
+    /// lock released by an ending session is granted to a waiter meanwhile.
+    pub(super) fn shutdown(&mut self) {
+        self.stopping = true;
+        let mut sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
+        sessions.sort_unstable();
+        for &session in &sessions {
+            let handles: Vec<u64> = self.sessions[&session].locks.keys().copied().collect();
+            for handle in handles {
+                let handle = dlm_core::LockHandle(handle);
+                if self.node.lock_info(session, handle).is_some_and(|info| info.requested.is_some()) {
+                    let _ = self.node.handle_client(self.clock.engine_now(), session, ClientRequest::Cancel { handle });
+                }
+            }
+        }
+        self.route_effects();
+        for session in sessions {
+            let Some(state) = self.sessions.get(&session) else { continue };
+            let mut granted: Vec<u64> =
+                state.locks.iter().filter(|(_, known)| known.granted_at.is_some()).map(|(&h, _)| h).collect();
+            granted.sort_unstable();
+            for handle in granted {
+                let revoked = proto::ServerMessage {
+                    body: Some(proto::server_message::Body::Revoked(proto::Revoked {
+                        handle,
+                        reason: "agent shutting down".into(),
+                    })),
+                };
+                self.deliver(session, revoked);
+            }
+            self.end_session(session, SessionEnd::Shutdown);
+        }
+        self.flush_sessions();
+        // Ending sessions grants nothing to anyone left: there is no one left.
+        while self.node.poll_effect().is_some() {}
+        // Other nodes' masters hear that these sessions ended.
+        self.transmit();
+    }
+
+    pub(super) fn status(&self) -> proto::StatusReply {
+        let lockspaces = self.node.lockspaces();
+        proto::StatusReply {
+            node: self.config.node.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uptime_ms: u64::try_from(self.clock.now().saturating_duration_since(self.started).as_millis())
+                .unwrap_or(u64::MAX),
+            sessions: u32::try_from(self.node.session_count()).unwrap_or(u32::MAX),
+            lockspaces: u32::try_from(lockspaces.len()).unwrap_or(u32::MAX),
+            locks: lockspaces.iter().map(|ls| u64::from(ls.locks)).sum(),
+            waiting: lockspaces.iter().map(|ls| u64::from(ls.waiting)).sum(),
+            ebpf: self.observer.evidence.enabled(),
+            cluster: self.config.cluster.as_ref().map(|c| c.name.clone()).unwrap_or_default(),
+            node_id: u32::from(self.node_id.0),
+            peers: self
+                .config
+                .cluster
+                .iter()
+                .flat_map(|c| &c.members)
+                .filter(|m| m.id != self.node_id.0)
+                .map(|m| {
+                    let (up, unacked) = self.node.link_state(NodeId(m.id)).unwrap_or((false, 0));
+                    proto::PeerStatus {
+                        node_id: u32::from(m.id),
+                        address: m.address.to_string(),
+                        up,
+                        unacked: unacked as u64,
+                    }
+                })
+                .collect(),
+            mastered: self.node.mastered_count() as u64,
+            directory_entries: self.node.directory_count() as u64,
+            remote_locks: self.node.remote_lock_count() as u64,
+        }
+    }
+
+    pub(super) fn lockspaces(&mut self) -> proto::LockspacesReply {
+        self.observer.update_cluster(&self.node);
+        let metrics = &self.observer.metrics;
+        let lockspaces = self
+            .node
+            .lockspaces()
+            .into_iter()
+            .map(|ls| {
+                let name = String::from_utf8_lossy(&ls.name).into_owned();
+                metrics.granted.with_label_values(&[&name]).set(i64::from(ls.locks - ls.waiting));
+                metrics.waiting.with_label_values(&[&name]).set(i64::from(ls.waiting));
+                metrics.resources.with_label_values(&[&name]).set(i64::from(ls.resources));
+                proto::LockspaceInfo {
+                    name,
+                    lvb_len: u32::try_from(ls.config.lvb_len).unwrap_or(u32::MAX),
+                    resources: ls.resources,
+                    locks: ls.locks,
+                    waiting: ls.waiting,
+                }
+            })
+            .collect();
+        proto::LockspacesReply { lockspaces }
+    }
+
+    pub(super) fn dump(&self, request: &proto::DumpRequest) -> Result<proto::DumpReply, Rejection> {
+        let id = self
+            .node
+            .lockspace_id(request.lockspace.as_bytes())
+            .ok_or_else(|| unknown_lockspace(0, &request.lockspace))?;
+        let max = match request.max_resources {
+            0 => DUMP_RESOURCES_DEFAULT,
+            n => (n as usize).min(DUMP_RESOURCES_MAX),
+        };
+        let resources = self.node.dump(id, request.name.as_deref(), max).map_err(|e| Rejection::from_engine(0, &e))?;
+        let now = self.clock.now();
+        let evidence = &self.observer.evidence;
+        let lock = |info: &dlm_core::LockInfo| {
+            // An orphan's session is gone (its id may even be reused).
+            let state = if info.orphan { None } else { self.sessions.get(&info.session) };
+            let credentials = state.map(|s| s.credentials).unwrap_or_default();
+            let known = state.and_then(|s| s.locks.get(&info.handle.0));
+            let phase_start = known.and_then(|k| if info.granted.is_some() { k.granted_at } else { k.requested_at });
+            let attribution = known
+                .and_then(|k| k.mark.as_ref())
+                .and_then(|mark| evidence.since(state.and_then(SessionState::pid), mark));
+            proto::LockInfo {
+                session: info.session.0,
+                handle: info.handle.0,
+                pid: credentials.pid.unwrap_or(0),
+                uid: credentials.uid,
+                orphan: info.orphan,
+                granted: info.granted.map(convert::mode_to_wire),
+                requested: info.requested.map(convert::mode_to_wire),
+                fencing_token: info.token.map_or(0, |t| t.0),
+                flags: info.flags.bits(),
+                phase_ms: phase_start
+                    .map_or(0, |at| u64::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(u64::MAX)),
+                attribution: attribution.as_ref().map(evidence_to_wire),
+            }
+        };
+        Ok(proto::DumpReply {
+            resources: resources
+                .iter()
+                .map(|r| proto::ResourceInfo {
+                    name: r.name.clone(),
+                    lvb: r.lvb.clone(),
+                    lvb_valid: r.lvb_valid,
+                    last_token: r.last_token.0,
+                    granted: r.granted.iter().map(lock).collect(),
+                    converting: r.converting.iter().map(lock).collect(),
+                    waiting: r.waiting.iter().map(lock).collect(),
+                })
+                .collect(),
+        })
+    }
+
+    pub(super) fn create_lockspace(&mut self, name: &str, lvb_len: usize) -> Result<(), Rejection> {
+        let lvb_len = if lvb_len == 0 { dlm_core::LVB_LEN_DEFAULT } else { lvb_len };
+        let id = self
+            .node
+            .create_lockspace(name.as_bytes(), LockspaceConfig { lvb_len })
+            .map_err(|e| Rejection::from_engine(0, &e))?;
+        // A name with a NUL byte cannot be a C string: the USDT probe points show it empty.
+        let c_string = CString::new(name).unwrap_or_default();
+        self.lockspace_names
+            .insert(id, LockspaceName { text: Arc::from(name), c_string: Arc::from(c_string.as_c_str()) });
+        self.observer.metrics.add_lockspace(name);
+        Ok(())
+    }
+
+    pub(super) fn release_lockspace(&mut self, name: &str, force: bool) -> Result<(), Rejection> {
+        let id = self.node.lockspace_id(name.as_bytes()).ok_or_else(|| unknown_lockspace(0, name))?;
+        self.node.release_lockspace(self.clock.engine_now(), id, force).map_err(|e| Rejection::from_engine(0, &e))?;
+        self.lockspace_names.remove(&id);
+        self.observer.metrics.remove_lockspace(name);
+        Ok(())
+    }
+}
+
+/// The refusal of a request (`handle`, 0 for none) that names no lockspace.
+pub(super) fn unknown_lockspace(handle: u64, name: &str) -> Rejection {
+    Rejection::new(handle, RejectCode::UnknownLockspace, format!("no lockspace named {name:?}"))
+}

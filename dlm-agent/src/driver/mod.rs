@@ -1,0 +1,261 @@
+//! The driver: the task that owns the `dlm_core::cluster::ClusterNode`, the
+//! agent's lock engine. Every transport talks to it through a
+//! [`DriverHandle`]; it feeds requests, peer messages and time to the node
+//! and routes the node's effects to the sessions and peers they are for.
+//!
+//! ```text
+//!  transports ──Command──▶ driver ──▶ ClusterNode::handle_client / handle_peer / handle_timeout
+//!        ▲                   │
+//!        │                   ├─ poll_effect  → session output (the session's queue or frames)
+//!        │                   └─ poll_transmit → peer batching (a queue per peer's dialer)
+//!        └─ ServerMessage ◀──┘
+//! ```
+//!
+//! One job per file, each an `impl Driver` block over the fields it owns:
+//!
+//! | file | job |
+//! |---|---|
+//! | `mod.rs` | the driver's state, start, the run loop and command dispatch |
+//! | `requests.rs` | a client's request: decoded, resolved, handed to the node, or rejected |
+//! | `output.rs` | session output: effects routed to sessions, writes batched per pass, slow readers ended |
+//! | `peers.rs` | peer batching: the node's envelopes to the peers' dialers, stalled links reset |
+//! | `observe/` | observation: metrics, lock spans, USDT probe points, kernel evidence |
+//! | `admin.rs` | status, lockspaces, dump, lockspace creation and release, shutdown |
+//!
+//! Each session's outgoing queue is bounded (`session_queue_max`); a client
+//! that does not read its stream until the queue is full has its session
+//! ended, so one stuck client cannot grow the agent's memory or stall others.
+
+mod admin;
+mod observe;
+mod output;
+mod peers;
+mod requests;
+
+use std::collections::HashMap;
+use std::ffi::CStr;
+use std::sync::Arc;
+
+use dlm_core::cluster::{ClusterConfig, ClusterNode, Member, Membership, NodeId};
+use dlm_core::{LockspaceId, NodeConfig, SessionId};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::bounds::{COMMAND_BATCH_MAX, COMMAND_QUEUE_MAX};
+use crate::clock::Clock;
+use crate::codes::SessionEnd;
+use crate::command::{Command, Credentials, DriverHandle, PeerSender, SessionOutput};
+use crate::config::Config;
+use crate::convert::Rejection;
+use crate::ebpf::AttributionMaps;
+use crate::framing::FrameSink;
+use crate::metrics::Metrics;
+
+use self::observe::{LockRecord, Observer};
+
+/// One open session.
+struct SessionState {
+    events: SessionOutput,
+    /// Dropped with the state: tells the session's reader task to stop.
+    _ended: oneshot::Sender<()>,
+    credentials: Credentials,
+    /// What the agent remembers of each of the session's locks, by handle.
+    locks: HashMap<u64, LockRecord>,
+}
+
+impl SessionState {
+    /// The client's process id, when known (Unix socket clients).
+    fn pid(&self) -> Option<u32> {
+        self.credentials.pid.and_then(|pid| u32::try_from(pid).ok())
+    }
+}
+
+/// A lockspace's name, as text for labels and as a C string for the USDT probe points.
+#[derive(Clone)]
+struct LockspaceName {
+    text: Arc<str>,
+    c_string: Arc<CStr>,
+}
+
+struct Driver {
+    node: ClusterNode,
+    /// This node's id (0 for a single node).
+    node_id: NodeId,
+    /// The queues to the peers' dialers (`peers.rs`).
+    peers: HashMap<NodeId, PeerSender>,
+    clock: Clock,
+    config: Arc<Config>,
+    started: Instant,
+    sessions: HashMap<SessionId, SessionState>,
+    lockspace_names: HashMap<LockspaceId, LockspaceName>,
+    next_session: u64,
+    /// Sessions found not reading during routing, ended after it (`output.rs`).
+    slow: Vec<SessionId>,
+    /// Framed sessions to flush after this pass (frames appended to a clean
+    /// sink), or to check for slowness after the flush (over the limit).
+    unflushed: Vec<(SessionId, FrameSink)>,
+    /// Shutting down: sessions are ended in order, none as slow.
+    stopping: bool,
+    /// Metrics, spans, USDT probe points and kernel evidence (`observe/`).
+    observer: Observer,
+}
+
+/// Creates the node and its lockspaces and starts the driver.
+///
+/// # Errors
+/// The configured limits or lockspaces are invalid.
+pub fn start(
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    clock: Clock,
+    attribution: Option<AttributionMaps>,
+    peers: HashMap<NodeId, PeerSender>,
+) -> Result<(DriverHandle, tokio::task::JoinHandle<()>), String> {
+    let node_config = NodeConfig { limits: config.limits.clone(), ..NodeConfig::default() };
+    let (node_id, cluster_config) = match &config.cluster {
+        Some(cluster) => {
+            let node_id = NodeId(cluster.node_id);
+            let mut settings = ClusterConfig::new(node_id, cluster.membership()?);
+            settings.release_delay = cluster.release_delay;
+            settings.deadlock_interval = cluster.deadlock_interval;
+            settings.ack_timeout = cluster.peer_timeout;
+            // Three heartbeats per timeout: a quiet link to a peer that went
+            // away is found within about a timeout and a third.
+            settings.heartbeat_interval = cluster.peer_timeout / 3;
+            (node_id, settings)
+        }
+        None => {
+            let single = Membership::new(vec![Member { id: NodeId(0), weight: 1 }], 1)?;
+            (NodeId(0), ClusterConfig::new(NodeId(0), single))
+        }
+    };
+    let mut node = ClusterNode::new(ClusterConfig { engine: node_config, ..cluster_config })?;
+    // Links are down until each peer's dialer has connected.
+    let peer_ids: Vec<NodeId> = node.peers().collect();
+    for peer in &peer_ids {
+        node.handle_link(dlm_core::Instant::ZERO, *peer, false);
+    }
+    let observer = Observer::new(&config, metrics, attribution);
+    let mut driver = Driver {
+        node,
+        node_id,
+        peers,
+        clock,
+        config: config.clone(),
+        started: clock.now(),
+        sessions: HashMap::new(),
+        lockspace_names: HashMap::new(),
+        next_session: 1,
+        slow: Vec::new(),
+        unflushed: Vec::new(),
+        stopping: false,
+        observer,
+    };
+    for entry in &config.lockspaces {
+        driver
+            .create_lockspace(&entry.name, entry.lvb_len)
+            .map_err(|r| format!("lockspace {:?}: {}", entry.name, r.message))?;
+    }
+    let (commands, receiver) = mpsc::channel(COMMAND_QUEUE_MAX);
+    let task = tokio::spawn(driver.run(receiver));
+    Ok((DriverHandle::new(commands), task))
+}
+
+impl Driver {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        loop {
+            let deadline = self.node.poll_timeout().map(|at| self.clock.to_tokio(at));
+            tokio::select! {
+                command = commands.recv() => {
+                    let Some(command) = command else { break };
+                    if self.handle_or_stop(command) {
+                        return;
+                    }
+                    // Under load, take what is already queued before routing
+                    // effects: fewer wake-ups of the session streams.
+                    for _ in 0..COMMAND_BATCH_MAX {
+                        let Ok(command) = commands.try_recv() else { break };
+                        if self.handle_or_stop(command) {
+                            return;
+                        }
+                    }
+                }
+                () = sleep_until(deadline), if deadline.is_some() => {
+                    self.node.handle_timeout(self.clock.engine_now());
+                }
+            }
+            self.route_effects();
+        }
+    }
+
+    /// Handles a command; true when it was the shutdown (already carried out).
+    fn handle_or_stop(&mut self, command: Command) -> bool {
+        if let Command::Shutdown { reply } = command {
+            self.shutdown();
+            let _ = reply.send(());
+            return true;
+        }
+        self.handle(command);
+        false
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::Open { credentials, events, ended, reply } => {
+                let _ = reply.send(self.open_session(credentials, events, ended));
+            }
+            Command::Client { session, message } => self.client(session, message),
+            Command::Close { session } => self.end_session(session, SessionEnd::Closed),
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::Lockspaces { reply } => {
+                let _ = reply.send(self.lockspaces());
+            }
+            Command::Dump { request, reply } => {
+                let _ = reply.send(self.dump(&request));
+            }
+            Command::CreateLockspace { name, lvb_len, reply } => {
+                let _ = reply.send(self.create_lockspace(&name, lvb_len));
+            }
+            Command::ReleaseLockspace { name, force, reply } => {
+                let _ = reply.send(self.release_lockspace(&name, force));
+            }
+            Command::Peer { from, envelopes, refused } => {
+                let now = self.clock.engine_now();
+                for envelope in envelopes {
+                    if let Err(error) = self.node.handle_peer(now, from, envelope) {
+                        tracing::warn!(peer = from.0, %error, "peer broke the protocol; dropping its connection");
+                        refused.notify_one();
+                        break;
+                    }
+                }
+            }
+            Command::Link { peer, up } => self.node.handle_link(self.clock.engine_now(), peer, up),
+            Command::Shutdown { .. } => unreachable!("handled by run"),
+        }
+    }
+
+    fn open_session(
+        &mut self,
+        credentials: Credentials,
+        events: SessionOutput,
+        ended: oneshot::Sender<()>,
+    ) -> Result<SessionId, Rejection> {
+        let session =
+            if self.peers.is_empty() { SessionId(self.next_session) } else { self.node_id.session(self.next_session) };
+        self.node.open_session(session).map_err(|error| Rejection::from_engine(0, &error))?;
+        self.next_session += 1;
+        let state = SessionState { events, _ended: ended, credentials, locks: HashMap::new() };
+        self.observer.session_opened(state.pid());
+        self.sessions.insert(session, state);
+        Ok(session)
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

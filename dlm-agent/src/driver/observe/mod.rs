@@ -1,0 +1,323 @@
+//! Observation: what the driver records about each lock and session, and
+//! where it goes — Prometheus metrics ([`crate::metrics`], and
+//! [`cluster_metrics`] in a cluster), one OpenTelemetry span per lock
+//! request, USDT probe points ([`usdt`]) and the kernel evidence of each
+//! lock's wait and hold ([`evidence`]). None of it changes what a client
+//! gets: the driver calls in, nothing calls back.
+
+mod cluster_metrics;
+mod evidence;
+mod usdt;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dlm_core::cluster::ClusterNode;
+use dlm_core::{Effect, LockRequest, Mode, Op, SessionId, Status};
+use dlm_ebpf_common::Attribution;
+use tokio::time::Instant;
+
+use self::cluster_metrics::ClusterMetrics;
+use self::evidence::KernelEvidence;
+pub(super) use self::evidence::to_wire as evidence_to_wire;
+pub(super) use self::usdt::ResourceName;
+use super::{LockspaceName, SessionState};
+use crate::codes::{LinkReset, LockPhase, RejectCode, SessionEnd};
+use crate::config::Config;
+use crate::ebpf::AttributionMaps;
+use crate::metrics::Metrics;
+
+/// Adds an event to a lock's span, if it has one.
+macro_rules! span_event {
+    ($span:expr, $($event:tt)+) => {
+        if let Some(span) = &$span {
+            tracing::info!(target: crate::telemetry::LOCK_TARGET, parent: span, $($event)+);
+        }
+    };
+}
+
+/// What the agent remembers about one of a session's locks, for metrics,
+/// spans, USDT probe points, kernel evidence and dumps.
+pub(super) struct LockRecord {
+    lockspace: LockspaceName,
+    /// The mode of the pending request, or of the grant.
+    mode: Mode,
+    /// When the pending request was made.
+    pub(super) requested_at: Option<Instant>,
+    /// When the lock was first granted.
+    pub(super) granted_at: Option<Instant>,
+    /// The lock's span (queued, granted, blocking callbacks, released), when
+    /// spans are exported.
+    span: Option<tracing::Span>,
+    /// The client process's kernel counters at the start of the current
+    /// phase (a queued request, or the first grant), when eBPF is on.
+    pub(super) mark: Option<Attribution>,
+    /// The resource name, for the USDT probe points.
+    resource: ResourceName,
+    /// The fencing token of the grant.
+    token: u64,
+}
+
+impl LockRecord {
+    /// A lock just requested.
+    pub(super) fn new(
+        lockspace: LockspaceName,
+        resource: ResourceName,
+        mode: Mode,
+        now: Instant,
+        span: Option<tracing::Span>,
+    ) -> LockRecord {
+        LockRecord { lockspace, mode, requested_at: Some(now), granted_at: None, span, mark: None, resource, token: 0 }
+    }
+
+    /// A conversion of this lock was accepted.
+    pub(super) fn convert_requested(&mut self, mode: Mode, now: Instant, queued: bool) {
+        self.mode = mode;
+        self.requested_at = Some(now);
+        span_event!(self.span, mode = mode.name(), queued, "convert requested");
+    }
+
+    fn usdt_target(&self) -> usdt::Target<'_> {
+        usdt::Target { lockspace: &self.lockspace.c_string, resource: &self.resource }
+    }
+}
+
+/// Marks a lock's span as rejected.
+pub(super) fn span_rejected(span: &Option<tracing::Span>, code: RejectCode) {
+    span_event!(span, code = code.as_str(), "rejected");
+}
+
+/// Where observations go.
+pub(super) struct Observer {
+    pub(super) metrics: Arc<Metrics>,
+    /// Present in a cluster.
+    cluster: Option<ClusterMetrics>,
+    /// Kernel attribution of lock phases (a no-op without eBPF).
+    pub(super) evidence: KernelEvidence,
+    lock_spans: bool,
+}
+
+impl Observer {
+    pub(super) fn new(config: &Config, metrics: Arc<Metrics>, attribution: Option<AttributionMaps>) -> Observer {
+        let cluster = config.cluster.as_ref().map(|c| ClusterMetrics::new(&metrics, c.members.len()));
+        Observer { metrics, cluster, evidence: KernelEvidence::new(attribution), lock_spans: config.lock_spans }
+    }
+
+    /// Whether anything needs to know that a request had to wait.
+    pub(super) fn wants_queued(&self) -> bool {
+        self.lock_spans || self.evidence.enabled()
+    }
+
+    pub(super) fn session_opened(&mut self, pid: Option<u32>) {
+        self.evidence.session_opened(pid);
+        self.metrics.sessions.inc();
+        self.metrics.sessions_opened.inc();
+    }
+
+    pub(super) fn session_ended(&mut self, pid: Option<u32>, reason: SessionEnd) {
+        self.evidence.session_ended(pid);
+        self.metrics.sessions.dec();
+        self.metrics.sessions_ended.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    pub(super) fn rejected(&self, code: RejectCode) {
+        self.metrics.rejected.with_label_values(&[code.as_str()]).inc();
+    }
+
+    pub(super) fn link_reset(&self, reason: LinkReset) {
+        if let Some(cluster) = &self.cluster {
+            cluster.link_resets.with_label_values(&[reason.as_str()]).inc();
+        }
+    }
+
+    /// Brings the cluster metrics up to date with the node's counts.
+    pub(super) fn update_cluster(&mut self, node: &ClusterNode) {
+        if let Some(cluster) = &mut self.cluster {
+            cluster.update(node.stats(), node.mastered_count(), node.directory_count(), node.remote_lock_count());
+        }
+    }
+
+    /// A new lock was accepted; `queued` when it has to wait.
+    pub(super) fn lock_requested(
+        &self,
+        record: &mut LockRecord,
+        pid: Option<u32>,
+        session: SessionId,
+        handle: u64,
+        queued: bool,
+    ) {
+        if queued {
+            span_event!(record.span, "queued");
+            record.mark = self.evidence.mark(pid);
+        }
+        usdt::request(record.usdt_target(), record.mode, session.0, handle, pid.map_or(0, u64::from));
+    }
+
+    /// The span of one lock request, joined to the client's trace when it
+    /// passed a valid `traceparent`.
+    pub(super) fn lock_span(
+        &self,
+        session: SessionId,
+        pid: i32,
+        lockspace: &str,
+        lock: &LockRequest,
+        traceparent: Option<&str>,
+    ) -> tracing::Span {
+        let span = tracing::info_span!(
+            target: crate::telemetry::LOCK_TARGET,
+            "dlm.lock",
+            otel.name = "dlm lock",
+            otel.kind = "server",
+            dlm.lockspace = lockspace,
+            dlm.resource = %String::from_utf8_lossy(&lock.name),
+            dlm.mode = lock.mode.name(),
+            dlm.flags = %lock.flags,
+            dlm.session = session.0,
+            dlm.handle = lock.handle.0,
+            dlm.pid = pid,
+            dlm.outcome = tracing::field::Empty,
+            dlm.fencing_token = tracing::field::Empty,
+            dlm.kernel.wait.oncpu_ns = tracing::field::Empty,
+            dlm.kernel.wait.runqueue_ns = tracing::field::Empty,
+            dlm.kernel.wait.blocked_ns = tracing::field::Empty,
+            dlm.kernel.wait.reclaim_ns = tracing::field::Empty,
+            dlm.kernel.wait.kernel_lock_ns = tracing::field::Empty,
+            dlm.kernel.wait.futex_ns = tracing::field::Empty,
+            dlm.kernel.hold.oncpu_ns = tracing::field::Empty,
+            dlm.kernel.hold.runqueue_ns = tracing::field::Empty,
+            dlm.kernel.hold.blocked_ns = tracing::field::Empty,
+            dlm.kernel.hold.reclaim_ns = tracing::field::Empty,
+            dlm.kernel.hold.kernel_lock_ns = tracing::field::Empty,
+            dlm.kernel.hold.futex_ns = tracing::field::Empty,
+        );
+        if let Some(context) = traceparent.and_then(crate::telemetry::parent_context) {
+            use tracing_opentelemetry::OpenTelemetrySpanExt;
+            let _ = span.set_parent(context);
+        }
+        span
+    }
+
+    /// Updates metrics and the per-lock records for one effect.
+    pub(super) fn account(
+        &self,
+        now: Instant,
+        node: &ClusterNode,
+        sessions: &mut HashMap<SessionId, SessionState>,
+        effect: &Effect,
+    ) {
+        match effect {
+            Effect::Complete(completion) => {
+                let Some(state) = sessions.get_mut(&completion.session) else { return };
+                let pid = state.pid();
+                let handle = completion.handle.0;
+                let Some(known) = state.locks.get_mut(&handle) else { return };
+                let op = match completion.op {
+                    Op::Lock => "lock",
+                    Op::Convert => "convert",
+                    Op::Unlock => "unlock",
+                };
+                let mode = completion.mode.unwrap_or(known.mode);
+                let lockspace = known.lockspace.text.clone();
+                self.metrics
+                    .requests
+                    .with_label_values(&[&lockspace, op, known.mode.name(), completion.status.name()])
+                    .inc();
+                if let Some(span) = &known.span {
+                    if completion.op == Op::Lock {
+                        span.record("dlm.outcome", completion.status.name());
+                    }
+                    if let Some(token) = completion.token {
+                        span.record("dlm.fencing_token", token.0);
+                    }
+                }
+                span_event!(
+                    known.span,
+                    op,
+                    status = completion.status.name(),
+                    mode = mode.name(),
+                    fencing_token = completion.token.map_or(0, |t| t.0),
+                    "{}",
+                    match (completion.op, completion.status) {
+                        (Op::Unlock, _) => "released",
+                        (_, Status::Granted) => "granted",
+                        _ => "not granted",
+                    }
+                );
+                match completion.status {
+                    Status::Granted => {
+                        let mut wait_ns = 0;
+                        if let Some(at) = known.requested_at.take() {
+                            let wait = now.saturating_duration_since(at);
+                            wait_ns = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+                            self.metrics
+                                .grant_wait
+                                .with_label_values(&[&lockspace, mode.name()])
+                                .observe(wait.as_secs_f64());
+                            if let Some(cluster) = &self.cluster
+                                && node.remote_master(completion.session, completion.handle).is_some()
+                            {
+                                cluster
+                                    .remote_grant_wait
+                                    .with_label_values(&[&lockspace, mode.name()])
+                                    .observe(wait.as_secs_f64());
+                            }
+                        }
+                        known.token = completion.token.map_or(known.token, |t| t.0);
+                        usdt::grant(known.usdt_target(), mode, wait_ns, known.token, pid.map_or(0, u64::from));
+                        if known.granted_at.is_none() {
+                            if let Some(mark) = known.mark.take() {
+                                self.evidence.finish(LockPhase::Wait, pid, &mark, &self.metrics, known.span.as_ref());
+                            }
+                            known.mark = self.evidence.mark(pid);
+                        }
+                        known.granted_at.get_or_insert(now);
+                        known.mode = mode;
+                    }
+                    Status::Unlocked => {
+                        if let Some(at) = known.granted_at {
+                            let held = now.saturating_duration_since(at);
+                            self.metrics
+                                .hold
+                                .with_label_values(&[&lockspace, known.mode.name()])
+                                .observe(held.as_secs_f64());
+                            let held_ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
+                            usdt::release(
+                                known.usdt_target(),
+                                known.mode,
+                                held_ns,
+                                known.token,
+                                pid.map_or(0, u64::from),
+                            );
+                        }
+                        if let Some(mark) = known.mark.take() {
+                            self.evidence.finish(LockPhase::Hold, pid, &mark, &self.metrics, known.span.as_ref());
+                        }
+                        state.locks.remove(&handle);
+                    }
+                    _ if completion.mode.is_none() => {
+                        state.locks.remove(&handle);
+                    }
+                    // A conversion that failed: the lock keeps the mode it held.
+                    _ => {
+                        known.requested_at = None;
+                        known.mode = mode;
+                    }
+                }
+            }
+            Effect::Blocking { session, handle, mode } => {
+                let state = sessions.get(session);
+                if let Some(known) = state.and_then(|s| s.locks.get(&handle.0)) {
+                    let pid = state.and_then(SessionState::pid).map_or(0, u64::from);
+                    usdt::blocking(known.usdt_target(), *mode, session.0, handle.0, pid);
+                    self.metrics.blocking.with_label_values(&[&known.lockspace.text]).inc();
+                    span_event!(known.span, mode = mode.name(), "blocking callback sent");
+                }
+            }
+            Effect::Revoked { session, handle, reason } => {
+                if let Some(known) = sessions.get_mut(session).and_then(|s| s.locks.remove(&handle.0)) {
+                    span_event!(known.span, reason = ?reason, "revoked");
+                }
+            }
+        }
+    }
+}

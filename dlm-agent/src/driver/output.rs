@@ -1,0 +1,79 @@
+//! Session output: the node's effects routed to the sessions they are for,
+//! everything a pass has for a framed session written at once, and the
+//! sessions whose clients do not read ended as slow readers.
+
+use dlm_core::{Effect, SessionId};
+use tokio::sync::mpsc;
+
+use super::Driver;
+use crate::codes::SessionEnd;
+use crate::command::SessionOutput;
+use crate::convert;
+use crate::proto;
+
+impl Driver {
+    /// Queues a message for a session; a full queue marks the session slow.
+    pub(super) fn deliver(&mut self, session: SessionId, message: proto::ServerMessage) {
+        let Some(state) = self.sessions.get(&session) else { return };
+        match &state.events {
+            SessionOutput::Stream(queue) => {
+                if let Err(mpsc::error::TrySendError::Full(_)) = queue.try_send(Ok(message)) {
+                    self.slow.push(session);
+                }
+            }
+            SessionOutput::Framed(sink) => {
+                // A broken connection is its reader's to notice.
+                let Ok(pushed) = sink.push_message(&message) else { return };
+                if pushed.needs_flush || pushed.frames > self.config.session_queue_max {
+                    self.unflushed.push((session, sink.clone()));
+                }
+            }
+        }
+    }
+
+    /// Writes what this pass appended to framed sessions, one write per
+    /// session however many messages it got; a session whose client leaves
+    /// more than `session_queue_max` frames unread after that is slow.
+    pub(super) fn flush_sessions(&mut self) {
+        for (session, sink) in std::mem::take(&mut self.unflushed) {
+            sink.flush();
+            if sink.frames_waiting() > self.config.session_queue_max {
+                self.slow.push(session);
+            }
+        }
+    }
+
+    /// Sends what the node has for peers and sessions, then ends the
+    /// sessions found slow meanwhile.
+    pub(super) fn route_effects(&mut self) {
+        self.transmit();
+        while let Some(effect) = self.node.poll_effect() {
+            self.observer.account(self.clock.now(), &self.node, &mut self.sessions, &effect);
+            let session = match &effect {
+                Effect::Complete(completion) => completion.session,
+                Effect::Blocking { session, .. } | Effect::Revoked { session, .. } => *session,
+            };
+            self.deliver(session, convert::effect_to_wire(effect));
+        }
+        self.flush_sessions();
+        if self.stopping {
+            // Every session ends next, after hearing why; none as slow.
+            self.slow.clear();
+        }
+        for session in std::mem::take(&mut self.slow) {
+            if self.sessions.contains_key(&session) {
+                tracing::warn!(session = session.0, "client does not read its stream; ending its session");
+                self.end_session(session, SessionEnd::SlowReader);
+            }
+        }
+        self.transmit();
+    }
+
+    pub(super) fn end_session(&mut self, session: SessionId, reason: SessionEnd) {
+        let Some(state) = self.sessions.remove(&session) else {
+            return;
+        };
+        let _ = self.node.end_session(self.clock.engine_now(), session);
+        self.observer.session_ended(state.pid(), reason);
+    }
+}

@@ -1,0 +1,144 @@
+//! Frames: a length, a kind and a body (the format is in [`super`]).
+
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use super::{FRAME_BODY_LEN_MAX, FRAME_HEADER_LEN};
+
+/// What a frame carries.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FrameKind {
+    /// A protobuf message.
+    Message = 0,
+    /// Are you there? Answered with a pong.
+    Ping = 1,
+    /// The answer to a ping.
+    Pong = 2,
+}
+
+impl FrameKind {
+    fn from_byte(byte: u8) -> Option<FrameKind> {
+        match byte {
+            0 => Some(FrameKind::Message),
+            1 => Some(FrameKind::Ping),
+            2 => Some(FrameKind::Pong),
+            _ => None,
+        }
+    }
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The connection failed or ended (cleanly between frames: `UnexpectedEof`).
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The length is over [`FRAME_BODY_LEN_MAX`].
+    #[error("frame of {0} bytes is over the limit")]
+    TooLong(usize),
+    /// The kind byte is not one of [`FrameKind`]'s.
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    /// A ping or pong with a body.
+    #[error("{0:?} frame with a body")]
+    UnexpectedBody(FrameKind),
+    /// The body is not the expected protobuf message.
+    #[error("message does not decode: {0}")]
+    Decode(#[from] prost::DecodeError),
+}
+
+/// A frame read from the connection.
+#[derive(Debug, PartialEq)]
+pub enum Frame<M> {
+    /// A message.
+    Message(M),
+    /// A ping, to be answered.
+    Ping,
+    /// A pong.
+    Pong,
+}
+
+/// Appends a frame holding `message` to `out`.
+pub fn encode_message(message: &impl Message, out: &mut Vec<u8>) {
+    let len = message.encoded_len();
+    out.reserve(FRAME_HEADER_LEN + len);
+    // Messages built by this crate are far below the bound: a longer one
+    // is refused by the reader, not truncated here.
+    out.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
+    out.push(FrameKind::Message as u8);
+    // Encoding into a Vec cannot run out of room.
+    let _ = message.encode(out);
+}
+
+/// Appends a ping or pong frame to `out`.
+pub fn encode_control(kind: FrameKind, out: &mut Vec<u8>) {
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.push(kind as u8);
+}
+
+/// Reads one frame; `body` is a scratch buffer reused across calls.
+///
+/// # Errors
+/// The connection failed or ended, or the frame breaks the format.
+pub async fn read_frame<M: Message + Default>(
+    reader: &mut (impl AsyncRead + Unpin),
+    body: &mut Vec<u8>,
+) -> Result<Frame<M>, FrameError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    reader.read_exact(&mut header).await?;
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    if len > FRAME_BODY_LEN_MAX {
+        return Err(FrameError::TooLong(len));
+    }
+    let kind = FrameKind::from_byte(header[4]).ok_or(FrameError::UnknownKind(header[4]))?;
+    if kind != FrameKind::Message && len != 0 {
+        return Err(FrameError::UnexpectedBody(kind));
+    }
+    body.clear();
+    body.resize(len, 0);
+    reader.read_exact(body).await?;
+    Ok(match kind {
+        FrameKind::Message => Frame::Message(M::decode(body.as_slice())?),
+        FrameKind::Ping => Frame::Ping,
+        FrameKind::Pong => Frame::Pong,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto;
+
+    async fn read(bytes: &[u8]) -> Result<Frame<proto::ClientMessage>, FrameError> {
+        let mut reader = bytes;
+        read_frame(&mut reader, &mut Vec::new()).await
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        let message =
+            proto::ClientMessage { body: Some(proto::client_message::Body::Cancel(proto::Cancel { handle: 7 })) };
+        let mut out = Vec::new();
+        encode_message(&message, &mut out);
+        encode_control(FrameKind::Ping, &mut out);
+        encode_control(FrameKind::Pong, &mut out);
+        let mut reader = out.as_slice();
+        let mut body = Vec::new();
+        assert_eq!(read_frame(&mut reader, &mut body).await.unwrap(), Frame::Message(message));
+        assert_eq!(read_frame::<proto::ClientMessage>(&mut reader, &mut body).await.unwrap(), Frame::Ping);
+        assert_eq!(read_frame::<proto::ClientMessage>(&mut reader, &mut body).await.unwrap(), Frame::Pong);
+        assert!(matches!(read_frame::<proto::ClientMessage>(&mut reader, &mut body).await, Err(FrameError::Io(_))));
+    }
+
+    #[tokio::test]
+    async fn malformed_frames_are_refused() {
+        let over = u32::try_from(FRAME_BODY_LEN_MAX + 1).unwrap().to_le_bytes();
+        assert!(matches!(read(&[over[0], over[1], over[2], over[3], 0]).await, Err(FrameError::TooLong(_))));
+        assert!(matches!(read(&[0, 0, 0, 0, 9]).await, Err(FrameError::UnknownKind(9))));
+        assert!(matches!(read(&[1, 0, 0, 0, 1, 0]).await, Err(FrameError::UnexpectedBody(FrameKind::Ping))));
+        // Truncated header, truncated body, a body that is not a message.
+        assert!(matches!(read(&[3, 0]).await, Err(FrameError::Io(_))));
+        assert!(matches!(read(&[3, 0, 0, 0, 0, 8]).await, Err(FrameError::Io(_))));
+        assert!(matches!(read(&[2, 0, 0, 0, 0, 0xff, 0xff]).await, Err(FrameError::Decode(_))));
+    }
+}
