@@ -390,3 +390,88 @@ async fn a_full_peer_queue_resets_the_link_and_every_request_still_ends() {
         .await
         .expect("unlock");
 }
+
+/// Issue 19's workload: no session ever holds or waits for more than one
+/// lock at a time, so no deadlock is possible, and none may be reported,
+/// however the wait-for reports of the three masters interleave. Then a real
+/// deadlock between two nodes in the same cluster still finds exactly one victim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workload_that_cannot_deadlock_has_no_victim_and_a_real_deadlock_beside_it_has_one() {
+    const SESSIONS_PER_NODE: usize = 6;
+    const RESOURCES: u64 = 8;
+    const REQUESTS: u64 = 30_000;
+    let cluster = Cluster::start("phantom", 3, TIMINGS);
+    let requests = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let deadlocks = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (n, agent) in cluster.agents.iter().enumerate() {
+        for c in 0..SESSIONS_PER_NODE {
+            let session = agent.client().await.session().await.expect("session");
+            let (requests, deadlocks) = (requests.clone(), deadlocks.clone());
+            tasks.push(tokio::spawn(async move {
+                // A small generator per session: the run needs no other randomness.
+                let mut state = ((n * SESSIONS_PER_NODE + c) as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+                let mut next = move || {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state
+                };
+                let mut outcomes = Vec::new();
+                while requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < REQUESTS
+                    && started.elapsed() < Duration::from_secs(240)
+                {
+                    let resource = format!("p{}", next() % RESOURCES);
+                    let mode = if next() % 4 == 0 { Mode::Pr } else { Mode::Ex };
+                    let options = LockOptions { timeout: Some(Duration::from_secs(3)), ..LockOptions::default() };
+                    match session.lock("default", resource.as_str(), mode, options).await {
+                        Ok(guard) => {
+                            tokio::time::sleep(Duration::from_micros(next() % 4_000)).await;
+                            // The unlock's completion comes back before the next request.
+                            guard.unlock().await.expect("unlock");
+                        }
+                        Err(LockError::NotGranted(proto::Status::Deadlock)) => {
+                            deadlocks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(other) => outcomes.push(format!("{other:?}")),
+                    }
+                }
+                outcomes
+            }));
+        }
+    }
+    let mut failures = Vec::new();
+    for task in tasks {
+        failures.extend(task.await.expect("task"));
+    }
+    let made = requests.load(std::sync::atomic::Ordering::Relaxed).min(REQUESTS);
+    let elapsed = started.elapsed();
+    eprintln!("{made} requests in {elapsed:?}; other failures: {failures:?}");
+    assert!(made >= REQUESTS, "only {made} requests in {elapsed:?}");
+    assert_eq!(deadlocks.load(std::sync::atomic::Ordering::Relaxed), 0, "deadlock victims where no deadlock can be");
+    assert_eq!(cluster.metric_sum("dlm_cluster_deadlock_victims_total"), 0.0);
+
+    // A real deadlock across nodes 1 and 2, in the same cluster.
+    let a = cluster.agents[0].client().await.session().await.expect("session");
+    let b = cluster.agents[1].client().await.session().await.expect("session");
+    let a1 = a.lock("default", "real-1", Mode::Ex, LockOptions::default()).await.expect("real-1");
+    let b2 = b.lock("default", "real-2", Mode::Ex, LockOptions::default()).await.expect("real-2");
+    let side = |session: &dlm_agent::client::Session, held: dlm_agent::client::LockGuard, want: &'static str| {
+        let session = session.clone();
+        async move {
+            let result = session.lock("default", want, Mode::Ex, LockOptions::default()).await;
+            drop(held);
+            result.map(|guard| guard.fencing_token())
+        }
+    };
+    let (ra, rb) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(side(&a, a1, "real-2"), side(&b, b2, "real-1"))
+    })
+    .await
+    .expect("the deadlock is broken within 10 s");
+    let victims =
+        [&ra, &rb].iter().filter(|r| matches!(r, Err(LockError::NotGranted(proto::Status::Deadlock)))).count();
+    assert_eq!(victims, 1, "{ra:?} {rb:?}");
+    assert_eq!(cluster.metric_sum("dlm_cluster_deadlock_victims_total"), 1.0);
+}

@@ -216,6 +216,18 @@ impl Family {
     pub const AGENT_DEFAULT: [Family; 3] = [Family::Locks, Family::Holders, Family::Memory];
 }
 
+impl From<dlm_core::cluster::HelloRefusal> for PeerReject {
+    fn from(refusal: dlm_core::cluster::HelloRefusal) -> PeerReject {
+        use dlm_core::cluster::HelloRefusal;
+        match refusal {
+            HelloRefusal::WrongVersion => PeerReject::WrongVersion,
+            HelloRefusal::WrongCluster => PeerReject::WrongCluster,
+            HelloRefusal::UnknownNode => PeerReject::UnknownNode,
+            HelloRefusal::WrongEpoch => PeerReject::WrongEpoch,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

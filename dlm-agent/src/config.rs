@@ -475,6 +475,21 @@ impl ClusterSettings {
             .collect();
         dlm_core::cluster::Membership::new(members, 1)
     }
+
+    /// The settings of this node's part of the cluster, as the lock engine
+    /// takes them (name, members, timings).
+    ///
+    /// # Errors
+    /// As [`ClusterSettings::membership`].
+    pub fn cluster_config(&self) -> Result<dlm_core::cluster::ClusterConfig, String> {
+        let node = dlm_core::cluster::NodeId(self.node_id);
+        let mut config = dlm_core::cluster::ClusterConfig::new(node, self.membership()?);
+        config.name = self.name.clone().into_bytes();
+        config.release_delay = self.release_delay;
+        config.deadlock_interval = self.deadlock_interval;
+        config.set_peer_timeout(self.peer_timeout);
+        Ok(config)
+    }
 }
 
 #[cfg(test)]

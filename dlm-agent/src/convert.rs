@@ -213,8 +213,16 @@ pub(crate) fn effect_to_wire(effect: Effect) -> proto::ServerMessage {
             body: Some(Body::Blocking(proto::Blocking { handle: handle.0, mode: mode_to_wire(mode) })),
         },
         Effect::Revoked { handle, reason, .. } => proto::ServerMessage {
-            body: Some(Body::Revoked(proto::Revoked { handle: handle.0, reason: format!("{reason:?}") })),
+            body: Some(Body::Revoked(proto::Revoked { handle: handle.0, reason: revoke_reason(reason).into() })),
         },
+    }
+}
+
+/// Why a lock was revoked, as the client reads it.
+fn revoke_reason(reason: dlm_core::RevokeReason) -> &'static str {
+    match reason {
+        dlm_core::RevokeReason::LockspaceReleased => "LockspaceReleased",
+        dlm_core::RevokeReason::Shutdown => "agent shutting down",
     }
 }
 

@@ -108,7 +108,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
             .map(|m| dlm_core::cluster::NodeId(m.id))
             .collect();
         let peer_metrics = peer::PeerMetrics::new(&metrics, &ids);
-        peer::spawn(Arc::new(cluster.clone()), listener, dialers, driver.clone(), peer_metrics);
+        let core = cluster.cluster_config().map_err(ServeError::Config)?;
+        peer::spawn(Arc::new(core), listener, dialers, driver.clone(), peer_metrics);
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -5,7 +5,7 @@ use std::ffi::CString;
 use std::sync::Arc;
 
 use dlm_core::cluster::NodeId;
-use dlm_core::{ClientRequest, LockspaceConfig, SessionId};
+use dlm_core::{LockspaceConfig, SessionId};
 
 use super::observe::evidence_to_wire;
 use super::{Driver, LockspaceName, SessionState};
@@ -15,43 +15,19 @@ use crate::convert::{self, Rejection};
 use crate::proto;
 
 impl Driver {
-    /// Answers every pending request (cancelled) and revokes every lock,
-    /// then ends every session, so clients hear why before the streams close.
-    /// Pending requests are cancelled first, across all sessions, so that no
-    /// lock released by an ending session is granted to a waiter meanwhile.
+    /// The node answers every pending request (cancelled) and revokes every
+    /// lock (see `ClusterNode::shutdown`); the clients hear why, then every
+    /// session ends.
     pub(super) fn shutdown(&mut self) {
         self.stopping = true;
+        self.node.shutdown(self.clock.engine_now());
+        self.route_effects();
         let mut sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
         sessions.sort_unstable();
-        for &session in &sessions {
-            let handles: Vec<u64> = self.sessions[&session].locks.keys().copied().collect();
-            for handle in handles {
-                let handle = dlm_core::LockHandle(handle);
-                if self.node.lock_info(session, handle).is_some_and(|info| info.requested.is_some()) {
-                    let _ = self.node.handle_client(self.clock.engine_now(), session, ClientRequest::Cancel { handle });
-                }
-            }
-        }
-        self.route_effects();
         for session in sessions {
-            let Some(state) = self.sessions.get(&session) else { continue };
-            let mut granted: Vec<u64> =
-                state.locks.iter().filter(|(_, known)| known.granted_at.is_some()).map(|(&h, _)| h).collect();
-            granted.sort_unstable();
-            for handle in granted {
-                let revoked = proto::ServerMessage {
-                    body: Some(proto::server_message::Body::Revoked(proto::Revoked {
-                        handle,
-                        reason: "agent shutting down".into(),
-                    })),
-                };
-                self.deliver(session, revoked);
-            }
             self.end_session(session, SessionEnd::Shutdown);
         }
         self.flush_sessions();
-        // Ending sessions grants nothing to anyone left: there is no one left.
-        while self.node.poll_effect().is_some() {}
         // Other nodes' masters hear that these sessions ended.
         self.transmit();
     }

@@ -88,7 +88,6 @@ struct Driver {
     started: Instant,
     sessions: HashMap<SessionId, SessionState>,
     lockspace_names: HashMap<LockspaceId, LockspaceName>,
-    next_session: u64,
     /// Sessions found not reading during routing, ended after it (`output.rs`).
     slow: Vec<SessionId>,
     /// Framed sessions to flush after this pass (frames appended to a clean
@@ -114,15 +113,8 @@ pub fn start(
     let node_config = NodeConfig { limits: config.limits.clone(), ..NodeConfig::default() };
     let (node_id, cluster_config) = match &config.cluster {
         Some(cluster) => {
-            let node_id = NodeId(cluster.node_id);
-            let mut settings = ClusterConfig::new(node_id, cluster.membership()?);
-            settings.release_delay = cluster.release_delay;
-            settings.deadlock_interval = cluster.deadlock_interval;
-            settings.ack_timeout = cluster.peer_timeout;
-            // Three heartbeats per timeout: a quiet link to a peer that went
-            // away is found within about a timeout and a third.
-            settings.heartbeat_interval = cluster.peer_timeout / 3;
-            (node_id, settings)
+            let settings = cluster.cluster_config()?;
+            (settings.node, settings)
         }
         None => {
             let single = Membership::new(vec![Member { id: NodeId(0), weight: 1 }], 1)?;
@@ -145,7 +137,6 @@ pub fn start(
         started: clock.now(),
         sessions: HashMap::new(),
         lockspace_names: HashMap::new(),
-        next_session: 1,
         slow: Vec::new(),
         unflushed: Vec::new(),
         stopping: false,
@@ -242,10 +233,7 @@ impl Driver {
         events: SessionOutput,
         ended: oneshot::Sender<()>,
     ) -> Result<SessionId, Rejection> {
-        let session =
-            if self.peers.is_empty() { SessionId(self.next_session) } else { self.node_id.session(self.next_session) };
-        self.node.open_session(session).map_err(|error| Rejection::from_engine(0, &error))?;
-        self.next_session += 1;
+        let session = self.node.open_next_session().map_err(|error| Rejection::from_engine(0, &error))?;
         let state = SessionState { events, _ended: ended, credentials, locks: HashMap::new() };
         self.observer.session_opened(state.pid());
         self.sessions.insert(session, state);

@@ -2,6 +2,7 @@
 //! handed to the node, and either remembered (for observation) or
 //! rejected with a code.
 
+use dlm_core::cluster::Outcome;
 use dlm_core::{ClientRequest, SessionId};
 
 use super::observe::{self, LockRecord, ResourceName};
@@ -45,15 +46,8 @@ impl Driver {
             _ => None,
         };
         match self.node.handle_client(self.clock.to_engine(now), session, request) {
-            Ok(_) => {
-                // Only spans and kernel attribution need to know whether the
-                // request had to wait.
-                let queued = self.observer.wants_queued()
-                    && mode.is_some()
-                    && self
-                        .node
-                        .lock_info(session, dlm_core::LockHandle(handle))
-                        .is_some_and(|l| l.requested.is_some());
+            Ok(outcome) => {
+                let queued = outcome == Outcome::Queued;
                 let Some(state) = self.sessions.get_mut(&session) else { return };
                 match (lockspace_name, mode) {
                     (Some(lockspace), Some(mode)) => {

@@ -36,7 +36,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dlm_core::cluster::wire::{self, Hello};
-use dlm_core::cluster::{Envelope, NodeId};
+use dlm_core::cluster::{ClusterConfig, Envelope, NodeId};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -152,19 +152,9 @@ pub fn channels(settings: &ClusterSettings) -> (HashMap<NodeId, PeerSender>, Vec
     (senders, dialers)
 }
 
-fn hello(settings: &ClusterSettings, incarnations: &Incarnations) -> Hello {
-    Hello {
-        version: wire::VERSION,
-        cluster: settings.name.clone().into_bytes(),
-        node: NodeId(settings.node_id),
-        epoch: 1,
-        incarnation: incarnations.own,
-    }
-}
-
 /// Starts the dialers and the acceptor; they stop with the runtime.
 pub fn spawn(
-    settings: Arc<ClusterSettings>,
+    cluster: Arc<ClusterConfig>,
     listener: TcpListener,
     dialers: Vec<Dialer>,
     driver: DriverHandle,
@@ -172,13 +162,13 @@ pub fn spawn(
 ) {
     let incarnations = Arc::new(Incarnations::new());
     for dialer in dialers {
-        tokio::spawn(dial(settings.clone(), dialer, driver.clone(), metrics.clone(), incarnations.clone()));
+        tokio::spawn(dial(cluster.clone(), dialer, driver.clone(), metrics.clone(), incarnations.clone()));
     }
-    tokio::spawn(accept(settings, listener, driver, metrics, incarnations));
+    tokio::spawn(accept(cluster, listener, driver, metrics, incarnations));
 }
 
 async fn dial(
-    settings: Arc<ClusterSettings>,
+    cluster: Arc<ClusterConfig>,
     mut dialer: Dialer,
     driver: DriverHandle,
     metrics: PeerMetrics,
@@ -190,7 +180,7 @@ async fn dial(
         // Whatever was queued while down is resent by the node when the
         // link comes up: drop it here rather than send it twice.
         while dialer.queue.try_recv().is_ok() {}
-        let stream = match connect(&settings, &dialer, &incarnations).await {
+        let stream = match connect(&cluster, &dialer, &incarnations).await {
             Ok(stream) => stream,
             Err(error) => {
                 tracing::debug!(peer = dialer.peer.0, address = %dialer.address, %error, "peer not reachable");
@@ -214,22 +204,18 @@ async fn dial(
     }
 }
 
-async fn connect(
-    settings: &ClusterSettings,
-    dialer: &Dialer,
-    incarnations: &Incarnations,
-) -> Result<TcpStream, String> {
+async fn connect(cluster: &ClusterConfig, dialer: &Dialer, incarnations: &Incarnations) -> Result<TcpStream, String> {
     let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dialer.address))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    stream.write_all(&wire::encode_hello(&hello(settings, incarnations))).await.map_err(|e| e.to_string())?;
+    stream.write_all(&wire::encode_hello(&cluster.hello(incarnations.own))).await.map_err(|e| e.to_string())?;
     let answer = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
         .map_err(|_| "no hello in time".to_string())??;
-    if answer.node != dialer.peer || answer.cluster != settings.name.as_bytes() || answer.version != wire::VERSION {
-        return Err(format!("unexpected hello from {}: {answer:?}", dialer.address));
+    if let Err(refusal) = cluster.check_hello(&answer, Some(dialer.peer)) {
+        return Err(format!("unexpected hello from {} ({refusal}): {answer:?}", dialer.address));
     }
     if !incarnations.accept(dialer.peer, answer.incarnation) {
         tracing::error!(
@@ -287,7 +273,7 @@ async fn read_hello(stream: &mut TcpStream) -> Result<Hello, String> {
 }
 
 async fn accept(
-    settings: Arc<ClusterSettings>,
+    cluster: Arc<ClusterConfig>,
     listener: TcpListener,
     driver: DriverHandle,
     metrics: PeerMetrics,
@@ -295,7 +281,7 @@ async fn accept(
 ) {
     // Every member may have a connection and one being re-made; more than
     // that is someone else's doing.
-    let slots = Arc::new(Semaphore::new(settings.members.len() * 2 + 2));
+    let slots = Arc::new(Semaphore::new(cluster.membership.members().len() * 2 + 2));
     loop {
         let Ok((stream, address)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -305,11 +291,11 @@ async fn accept(
             tracing::warn!(%address, "too many peer connections; refusing one");
             continue;
         };
-        let (settings, driver, metrics, incarnations) =
-            (settings.clone(), driver.clone(), metrics.clone(), incarnations.clone());
+        let (cluster, driver, metrics, incarnations) =
+            (cluster.clone(), driver.clone(), metrics.clone(), incarnations.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(reason) = serve_peer(&settings, stream, &driver, &metrics, &incarnations).await {
+            if let Err(reason) = serve_peer(&cluster, stream, &driver, &metrics, &incarnations).await {
                 tracing::warn!(%address, reason = reason.as_str(), "peer connection dropped");
                 metrics.rejected.with_label_values(&[reason.as_str()]).inc();
             }
@@ -319,7 +305,7 @@ async fn accept(
 
 /// Serves one incoming connection until it closes; the reason it was dropped, if dropped.
 async fn serve_peer(
-    settings: &ClusterSettings,
+    cluster: &ClusterConfig,
     mut stream: TcpStream,
     driver: &DriverHandle,
     metrics: &PeerMetrics,
@@ -330,23 +316,11 @@ async fn serve_peer(
         .await
         .map_err(|_| PeerReject::BadHello)?
         .map_err(|_| PeerReject::BadHello)?;
-    if hello_in.version != wire::VERSION {
-        return Err(PeerReject::WrongVersion);
-    }
-    if hello_in.cluster != settings.name.as_bytes() {
-        return Err(PeerReject::WrongCluster);
-    }
-    if hello_in.node.0 == settings.node_id || !settings.members.iter().any(|m| m.id == hello_in.node.0) {
-        return Err(PeerReject::UnknownNode);
-    }
-    if hello_in.epoch != 1 {
-        return Err(PeerReject::WrongEpoch);
-    }
-    let from = hello_in.node;
+    let from = cluster.check_hello(&hello_in, None).map_err(PeerReject::from)?;
     if !incarnations.accept(from, hello_in.incarnation) {
         return Err(PeerReject::RestartedPeer);
     }
-    stream.write_all(&wire::encode_hello(&hello(settings, incarnations))).await.map_err(|_| PeerReject::BadHello)?;
+    stream.write_all(&wire::encode_hello(&cluster.hello(incarnations.own))).await.map_err(|_| PeerReject::BadHello)?;
     let received = metrics.bytes_received.with_label_values(&[&from.0.to_string()]);
     let refused = Arc::new(Notify::new());
     // Buffered: a frame's length and body usually come in one read.

@@ -6,7 +6,7 @@
 //! Telling a restarted peer from the one first seen (its incarnation) is
 //! left to the driver until recovery can take a restarted node back.
 
-use crate::cluster::ClusterNode;
+use crate::cluster::ClusterConfig;
 use crate::cluster::message::NodeId;
 use crate::cluster::wire::{self, Hello};
 
@@ -44,15 +44,15 @@ impl HelloRefusal {
     }
 }
 
-impl ClusterNode {
+impl ClusterConfig {
     /// This node's hello, with the incarnation of the process that drives it.
     #[must_use]
     pub fn hello(&self, incarnation: u64) -> Hello {
         Hello {
             version: wire::VERSION,
-            cluster: self.config.name.clone(),
-            node: self.config.node,
-            epoch: self.config.membership.epoch,
+            cluster: self.name.clone(),
+            node: self.node,
+            epoch: self.membership.epoch,
             incarnation,
         }
     }
@@ -66,14 +66,14 @@ impl ClusterNode {
         if hello.version != wire::VERSION {
             return Err(HelloRefusal::WrongVersion);
         }
-        if hello.cluster != self.config.name {
+        if hello.cluster != self.name {
             return Err(HelloRefusal::WrongCluster);
         }
         let peer = hello.node;
-        if peer == self.config.node || !self.config.membership.contains(peer) || dialled.is_some_and(|d| d != peer) {
+        if peer == self.node || !self.membership.contains(peer) || dialled.is_some_and(|d| d != peer) {
             return Err(HelloRefusal::UnknownNode);
         }
-        if hello.epoch != self.config.membership.epoch {
+        if hello.epoch != self.membership.epoch {
             return Err(HelloRefusal::WrongEpoch);
         }
         Ok(peer)
@@ -83,16 +83,17 @@ impl ClusterNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::testing::Harness;
+    use crate::cluster::{Member, Membership};
 
     #[test]
     fn a_members_hello_is_accepted_and_every_mismatch_refused_by_name() {
-        let mut h = Harness::new(1);
-        h.node.config.name = b"c1".to_vec();
-        let good = Hello { node: NodeId(2), ..h.node.hello(77) };
-        assert_eq!(good.cluster, b"c1");
-        assert_eq!(h.node.check_hello(&good, None), Ok(NodeId(2)));
-        assert_eq!(h.node.check_hello(&good, Some(NodeId(2))), Ok(NodeId(2)));
+        let members = (1..=3).map(|id| Member { id: NodeId(id), weight: 1 }).collect();
+        let mut config = ClusterConfig::new(NodeId(1), Membership::new(members, 1).expect("members"));
+        config.name = b"c1".to_vec();
+        let good = Hello { node: NodeId(2), ..config.hello(77) };
+        assert_eq!((good.cluster.as_slice(), good.epoch, good.incarnation), (&b"c1"[..], 1, 77));
+        assert_eq!(config.check_hello(&good, None), Ok(NodeId(2)));
+        assert_eq!(config.check_hello(&good, Some(NodeId(2))), Ok(NodeId(2)));
         let cases = [
             (Hello { version: wire::VERSION + 1, ..good.clone() }, None, HelloRefusal::WrongVersion),
             (Hello { cluster: b"c2".to_vec(), ..good.clone() }, None, HelloRefusal::WrongCluster),
@@ -102,7 +103,7 @@ mod tests {
             (Hello { epoch: 2, ..good.clone() }, None, HelloRefusal::WrongEpoch),
         ];
         for (hello, dialled, refusal) in cases {
-            assert_eq!(h.node.check_hello(&hello, dialled), Err(refusal), "{hello:?}");
+            assert_eq!(config.check_hello(&hello, dialled), Err(refusal), "{hello:?}");
         }
         let labels: Vec<&str> = HelloRefusal::ALL.iter().map(|r| r.as_str()).collect();
         assert_eq!(labels, ["wrong_version", "wrong_cluster", "unknown_node", "wrong_epoch"]);

@@ -14,7 +14,7 @@ impl ClusterNode {
     /// ([`NodeId::session`]) when the cluster has other members.
     ///
     /// # Errors
-    /// As [`Node::open_session`]; `InvalidFlags` for a session id of another node.
+    /// As [`crate::Node::open_session`]; `InvalidFlags` for a session id of another node.
     pub fn open_session(&mut self, session: SessionId) -> Result<(), RequestError> {
         if !self.single() && NodeId::of_session(session) != self.config.node {
             return Err(RequestError::InvalidFlags("a session id must carry this node's id"));

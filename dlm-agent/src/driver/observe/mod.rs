@@ -94,18 +94,12 @@ pub(super) struct Observer {
     cluster: Option<ClusterMetrics>,
     /// Kernel attribution of lock phases (a no-op without eBPF).
     pub(super) evidence: KernelEvidence,
-    lock_spans: bool,
 }
 
 impl Observer {
     pub(super) fn new(config: &Config, metrics: Arc<Metrics>, attribution: Option<AttributionMaps>) -> Observer {
         let cluster = config.cluster.as_ref().map(|c| ClusterMetrics::new(&metrics, c.members.len()));
-        Observer { metrics, cluster, evidence: KernelEvidence::new(attribution), lock_spans: config.lock_spans }
-    }
-
-    /// Whether anything needs to know that a request had to wait.
-    pub(super) fn wants_queued(&self) -> bool {
-        self.lock_spans || self.evidence.enabled()
+        Observer { metrics, cluster, evidence: KernelEvidence::new(attribution) }
     }
 
     pub(super) fn session_opened(&mut self, pid: Option<u32>) {

@@ -39,7 +39,7 @@
 //! `WAIT_EDGES_MAX` (16,384 × 52 bytes, well inside a frame).
 //!
 //! Modes are 0 (NL) to 5 (EX); ops 0 lock, 1 convert, 2 unlock; statuses in
-//! the order of [`Status`]. A peer that sends anything else (an unknown tag,
+//! the order of [`crate::Status`]. A peer that sends anything else (an unknown tag,
 //! a bad length, a name or value block over its bound, trailing bytes) has
 //! its connection dropped.
 
