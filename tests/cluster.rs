@@ -82,14 +82,25 @@ async fn a_conversion_waits_for_a_holder_on_another_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deadlock_across_two_nodes_fails_one_victim() {
     let cluster = Cluster::start("deadlock", 3, TIMINGS);
+    let started = Instant::now();
+    assert_one_victim_of_a_deadlock_between_nodes_1_and_2(&cluster, "r1", "r2").await;
+    eprintln!("deadlock across nodes broken in {:?}", started.elapsed());
+    assert!(cluster.metric_sum("dlm_cluster_deadlock_victims_total") >= 1.0);
+}
+
+/// A client of node 1 holds `first` (mastered there: first lockers master)
+/// and one of node 2 holds `second`; each then asks for the other's lock.
+/// Exactly one of them is failed as the deadlock's victim; it gives up its
+/// own lock, as an application would, so the other then gets through.
+async fn assert_one_victim_of_a_deadlock_between_nodes_1_and_2(
+    cluster: &Cluster,
+    first: &'static str,
+    second: &'static str,
+) {
     let a = cluster.agents[0].client().await.session().await.expect("session");
     let b = cluster.agents[1].client().await.session().await.expect("session");
-    // First lockers master: r1 on node 1, r2 on node 2.
-    let a1 = a.lock("default", "r1", Mode::Ex, LockOptions::default()).await.expect("r1");
-    let b2 = b.lock("default", "r2", Mode::Ex, LockOptions::default()).await.expect("r2");
-    let started = Instant::now();
-    // Each side waits for the other's lock; the victim gives up its own, as
-    // an application would, so the other then gets through.
+    let a1 = a.lock("default", first, Mode::Ex, LockOptions::default()).await.expect("first");
+    let b2 = b.lock("default", second, Mode::Ex, LockOptions::default()).await.expect("second");
     let side = |session: &dlm_agent::client::Session, held: dlm_agent::client::LockGuard, want: &'static str| {
         let session = session.clone();
         async move {
@@ -98,16 +109,15 @@ async fn a_deadlock_across_two_nodes_fails_one_victim() {
             result.map(|guard| guard.fencing_token())
         }
     };
-    let (ra, rb) =
-        tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(side(&a, a1, "r2"), side(&b, b2, "r1")) })
-            .await
-            .expect("the deadlock is broken within 10 s");
+    let (ra, rb) = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::join!(side(&a, a1, second), side(&b, b2, first))
+    })
+    .await
+    .expect("the deadlock is broken within 10 s");
     let victims =
         [&ra, &rb].iter().filter(|r| matches!(r, Err(LockError::NotGranted(proto::Status::Deadlock)))).count();
     assert_eq!(victims, 1, "{ra:?} {rb:?}");
     assert!(ra.is_ok() || rb.is_ok(), "the survivor is granted: {ra:?} {rb:?}");
-    eprintln!("deadlock across nodes broken in {:?}", started.elapsed());
-    assert!(cluster.metric_sum("dlm_cluster_deadlock_victims_total") >= 1.0);
 }
 
 /// One grant as a client saw it: when it had the lock, in which mode.
@@ -453,25 +463,6 @@ async fn a_workload_that_cannot_deadlock_has_no_victim_and_a_real_deadlock_besid
     assert_eq!(cluster.metric_sum("dlm_cluster_deadlock_victims_total"), 0.0);
 
     // A real deadlock across nodes 1 and 2, in the same cluster.
-    let a = cluster.agents[0].client().await.session().await.expect("session");
-    let b = cluster.agents[1].client().await.session().await.expect("session");
-    let a1 = a.lock("default", "real-1", Mode::Ex, LockOptions::default()).await.expect("real-1");
-    let b2 = b.lock("default", "real-2", Mode::Ex, LockOptions::default()).await.expect("real-2");
-    let side = |session: &dlm_agent::client::Session, held: dlm_agent::client::LockGuard, want: &'static str| {
-        let session = session.clone();
-        async move {
-            let result = session.lock("default", want, Mode::Ex, LockOptions::default()).await;
-            drop(held);
-            result.map(|guard| guard.fencing_token())
-        }
-    };
-    let (ra, rb) = tokio::time::timeout(Duration::from_secs(10), async {
-        tokio::join!(side(&a, a1, "real-2"), side(&b, b2, "real-1"))
-    })
-    .await
-    .expect("the deadlock is broken within 10 s");
-    let victims =
-        [&ra, &rb].iter().filter(|r| matches!(r, Err(LockError::NotGranted(proto::Status::Deadlock)))).count();
-    assert_eq!(victims, 1, "{ra:?} {rb:?}");
+    assert_one_victim_of_a_deadlock_between_nodes_1_and_2(&cluster, "real-1", "real-2").await;
     assert_eq!(cluster.metric_sum("dlm_cluster_deadlock_victims_total"), 1.0);
 }
