@@ -5,6 +5,7 @@ use crate::flags::LockFlags;
 use crate::ids::SessionId;
 use crate::lock::LockState;
 use crate::lockspace::Lockspace;
+use crate::slab::NIL;
 
 impl Lockspace {
     /// The wait-for edges out of `session` in this lockspace: for each of its
@@ -33,27 +34,45 @@ impl Lockspace {
             // Queue order binds too (see `grantable`): a conversion waits for
             // the conversions ahead of it, a new request for every conversion
             // and the new requests ahead of it, compatible or not, unless
-            // NOORDER lets it pass them.
+            // NOORDER lets it pass them. An edge to each of them would make a
+            // queue of N waiters N²/2 edges, and every new waiter's search
+            // walk them all; an edge to the nearest ordered request ahead is
+            // enough, since that one waits in turn for everything ahead of it
+            // (requests passed on the way, NOORDER ones or orphans, which
+            // wait for nothing in order, get an edge of their own). The head
+            // of the waiting queue waits for every conversion.
             let ordered = !waiter.flags.contains(LockFlags::NOORDER);
-            let mut ahead = true;
             for c in resource.converting.iter(&self.locks) {
-                if c == w {
-                    ahead = false;
-                    continue;
-                }
-                let held_conflicts = self.locks[c].granted.is_some_and(|held| !held.compatible(wants));
-                if held_conflicts || (ordered && ahead) {
+                if c != w && self.locks[c].granted.is_some_and(|held| !held.compatible(wants)) {
                     push(c);
                 }
             }
-            if waiter.state == LockState::Waiting && ordered {
-                for q in resource.waiting.iter(&self.locks) {
-                    if q == w {
-                        break;
-                    }
-                    push(q);
+            if !ordered {
+                continue;
+            }
+            let chained = self.push_until_ordered(waiter.prev, &mut push);
+            if waiter.state == LockState::Waiting && !chained {
+                let mut c = resource.converting.head;
+                while c != NIL {
+                    push(c);
+                    c = self.locks[c].next;
                 }
             }
         }
+    }
+
+    /// Walks a queue towards its head from `from`, pushing each request,
+    /// up to and including the first ordered one that is not an orphan
+    /// (which waits for the rest itself). Whether there was one.
+    fn push_until_ordered(&self, mut from: u32, push: &mut impl FnMut(u32)) -> bool {
+        while from != NIL {
+            let lock = &self.locks[from];
+            push(from);
+            if !lock.orphan && !lock.flags.contains(LockFlags::NOORDER) {
+                return true;
+            }
+            from = lock.prev;
+        }
+        false
     }
 }
