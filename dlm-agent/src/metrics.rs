@@ -165,30 +165,35 @@ impl Metrics {
         self.registry.register(collector).expect("unique metric names");
     }
 
-    /// Creates a lockspace's series at zero, so dashboards show them before
-    /// the first request.
+    /// Creates a new lockspace's series at zero.
     pub fn add_lockspace(&self, lockspace: &str) {
+        self.each_lockspace_series(lockspace, |vec, labels| vec.create(labels));
+    }
+
+    /// Drops a released lockspace's series, every one that
+    /// [`Metrics::add_lockspace`] made: a node that creates and releases
+    /// lockspaces must not grow its memory and its scrapes without bound.
+    pub fn remove_lockspace(&self, lockspace: &str) {
+        self.each_lockspace_series(lockspace, |vec, labels| vec.remove(labels));
+    }
+
+    /// Every series of one lockspace, with its labels: the one list that
+    /// creating and removing them both follow.
+    fn each_lockspace_series(&self, lockspace: &str, mut each: impl FnMut(SeriesOf<'_>, &[&str])) {
         for op in OPS {
             for mode in dlm_core::Mode::ALL {
                 for outcome in OUTCOMES {
-                    self.requests.with_label_values(&[lockspace, op, mode.name(), outcome]);
+                    each(SeriesOf::Counter(&self.requests), &[lockspace, op, mode.name(), outcome]);
                 }
             }
         }
         for mode in dlm_core::Mode::ALL {
-            self.grant_wait.with_label_values(&[lockspace, mode.name()]);
-            self.hold.with_label_values(&[lockspace, mode.name()]);
+            each(SeriesOf::Histogram(&self.grant_wait), &[lockspace, mode.name()]);
+            each(SeriesOf::Histogram(&self.hold), &[lockspace, mode.name()]);
         }
-        self.blocking.with_label_values(&[lockspace]);
-        self.granted.with_label_values(&[lockspace]);
-        self.waiting.with_label_values(&[lockspace]);
-        self.resources.with_label_values(&[lockspace]);
-    }
-
-    /// Drops a released lockspace's series.
-    pub fn remove_lockspace(&self, lockspace: &str) {
-        for vec in [&self.granted, &self.waiting, &self.resources] {
-            let _ = vec.remove_label_values(&[lockspace]);
+        each(SeriesOf::Counter(&self.blocking), &[lockspace]);
+        for gauge in [&self.granted, &self.waiting, &self.resources] {
+            each(SeriesOf::Gauge(gauge), &[lockspace]);
         }
     }
 
@@ -198,5 +203,31 @@ impl Metrics {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("encoding to memory");
         String::from_utf8(out).expect("the text format is UTF-8")
+    }
+}
+
+/// One labelled family of the per-lockspace series.
+enum SeriesOf<'a> {
+    Counter(&'a prometheus::IntCounterVec),
+    Gauge(&'a prometheus::IntGaugeVec),
+    Histogram(&'a prometheus::HistogramVec),
+}
+
+impl SeriesOf<'_> {
+    fn create(&self, labels: &[&str]) {
+        match self {
+            SeriesOf::Counter(vec) => drop(vec.with_label_values(labels)),
+            SeriesOf::Gauge(vec) => drop(vec.with_label_values(labels)),
+            SeriesOf::Histogram(vec) => drop(vec.with_label_values(labels)),
+        }
+    }
+
+    fn remove(&self, labels: &[&str]) {
+        // A series never made (or already gone) is nothing to remove.
+        let _ = match self {
+            SeriesOf::Counter(vec) => vec.remove_label_values(labels),
+            SeriesOf::Gauge(vec) => vec.remove_label_values(labels),
+            SeriesOf::Histogram(vec) => vec.remove_label_values(labels),
+        };
     }
 }

@@ -240,6 +240,16 @@ impl Client {
         self.grpc.clone().create_lockspace(proto::CreateLockspaceRequest { name: name.into(), lvb_len }).await?;
         Ok(())
     }
+
+    /// Releases a lockspace; with `force`, even while it has locks (their
+    /// holders are told they lost them).
+    ///
+    /// # Errors
+    /// The call failed (unknown lockspace, locks left without `force`, …).
+    pub async fn release_lockspace(&self, name: &str, force: bool) -> Result<(), ClientError> {
+        self.grpc.clone().release_lockspace(proto::ReleaseLockspaceRequest { name: name.into(), force }).await?;
+        Ok(())
+    }
 }
 
 /// Requests a session queues unsent before `lock` and friends wait for room.

@@ -106,9 +106,11 @@ impl Directory {
         self.entries.keys().filter(|k| k.0 == id).count()
     }
 
-    /// Forgets a released lockspace's entries.
+    /// Forgets a released lockspace's entries and token clock (lockspace
+    /// ids are never reused).
     pub(super) fn forget_lockspace(&mut self, id: LockspaceId) {
         self.entries.retain(|key, _| key.0 != id);
+        self.token_clock.remove(&id);
     }
 }
 
