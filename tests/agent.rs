@@ -537,3 +537,66 @@ async fn ten_thousand_lockspaces_created_and_released_leave_metrics_and_memory_f
     assert_eq!(after.lines().count(), before.lines().count(), "the exposition grew");
     assert!(resident(&after) - resident(&before) < 16.0 * 1048576.0, "resident memory grew");
 }
+
+/// A new lock may not name handle 0: a `Rejected` with handle 0 means that
+/// the session itself was refused, so the answer would be ambiguous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_lock_with_handle_0_is_refused() {
+    let agent = Agent::start("handle-zero", "");
+    let mut raw = RawSession::open(&agent).await;
+    let lock = proto::client_message::Body::Lock(proto::Lock {
+        handle: 0,
+        lockspace: "default".into(),
+        name: b"r".to_vec(),
+        mode: proto::Mode::Ex as i32,
+        ..Default::default()
+    });
+    assert_eq!(raw.rejected(lock).await, "invalid_handle");
+}
+
+/// Settings that the agent used to take and then fail on, or silently
+/// change, are refused as configuration (exit 78, "configuration:"), and a
+/// failed start leaves no socket file behind.
+#[test]
+fn configurations_refused_at_load_leave_no_socket_behind() {
+    let dir = std::env::temp_dir().join(format!("dlm-test-config-2-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for (config, expected) in [
+        ("[[lockspace]]\nname = \"\"\n", "lockspace"),
+        ("[[lockspace]]\nname = \"a\"\nlvb_len = 0\n", "value block length"),
+        ("[[lockspace]]\nname = \"a\"\nlvb_len = 12\n", "value block length"),
+        ("[limits]\nrequest_timeout_max = \"0s\"\n", "request_timeout_max"),
+        ("keepalive = \"4294967295h\"\n", "keepalive"),
+        ("keepalive = \"169h\"\n", "keepalive"),
+    ] {
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, config).expect("write");
+        let socket = dir.join("s");
+        let output = Command::new(support::bin())
+            .args(["run", "--config"])
+            .arg(&path)
+            .arg("--socket")
+            .arg(&socket)
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(EXIT_CONFIG), "{config}: {stderr}");
+        assert!(stderr.contains("configuration:") && stderr.contains(expected), "{config}: {stderr}");
+        assert!(!socket.exists(), "{config}: a socket file was left behind");
+    }
+    // A start that fails after the socket is bound (the HTTP address is taken) removes it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let path = dir.join("taken.toml");
+    std::fs::write(&path, format!("http = \"{}\"\n", taken.local_addr().expect("address"))).expect("write");
+    let socket = dir.join("s");
+    let output = Command::new(support::bin())
+        .args(["run", "--no-ebpf", "--config"])
+        .arg(&path)
+        .arg("--socket")
+        .arg(&socket)
+        .output()
+        .expect("run");
+    assert!(!output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(!socket.exists(), "a failed start left its socket file behind");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

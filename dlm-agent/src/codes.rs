@@ -89,6 +89,9 @@ codes! {
         InvalidMode = "invalid_mode",
         /// The message carries no request.
         EmptyMessage = "empty_message",
+        /// A new lock named handle 0, which a `Rejected` uses to mean that
+        /// the session itself was refused.
+        InvalidHandle = "invalid_handle",
         /// The agent is stopping: a framed session is refused with this
         /// (gRPC says `unavailable`). Not a request, so never counted in
         /// `dlm_lock_requests_rejected_total`.
@@ -262,6 +265,7 @@ mod tests {
                 "limit_exceeded",
                 "invalid_mode",
                 "empty_message",
+                "invalid_handle",
                 "shutting_down",
             ]
         );

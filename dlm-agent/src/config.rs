@@ -255,10 +255,18 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "h" => Duration::from_secs(3600),
         _ => return Err(format!("{text:?}: unit must be ms, s, m or h")),
     };
-    scale
+    let duration = scale
         .checked_mul(u32::try_from(value).map_err(|_| format!("{text:?} is too large"))?)
-        .ok_or_else(|| format!("{text:?} is too large"))
+        .ok_or_else(|| format!("{text:?} is too large"))?;
+    if duration > DURATION_MAX {
+        return Err(format!("{text:?} is longer than {}h", DURATION_MAX.as_secs() / 3600));
+    }
+    Ok(duration)
 }
+
+/// The longest duration any setting takes: a week is more than any timeout
+/// or interval needs, and the clock's arithmetic stays far from overflow.
+pub const DURATION_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
 
 fn parse_addr(key: &'static str, text: &str) -> Result<Option<SocketAddr>, ConfigError> {
     if text.is_empty() || text == "off" {
@@ -412,6 +420,16 @@ impl Config {
             if !names.insert(&entry.name) {
                 return Err(invalid("lockspace", format!("{:?} is listed twice", entry.name)));
             }
+            // What the lock engine would refuse at start is refused here, as configuration.
+            dlm_core::LockspaceConfig { lvb_len: entry.lvb_len }
+                .validate(entry.name.as_bytes())
+                .map_err(|e| invalid("lockspace", format!("{:?}: {e}", entry.name)))?;
+        }
+        if self.lockspaces.len() > self.limits.lockspaces_max as usize {
+            return Err(invalid(
+                "lockspace",
+                format!("more than limits.lockspaces_max ({})", self.limits.lockspaces_max),
+            ));
         }
         Ok(())
     }

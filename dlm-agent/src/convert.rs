@@ -112,6 +112,13 @@ pub fn decode(message: proto::ClientMessage) -> Result<Decoded, Rejection> {
         None => Err(Rejection::new(0, RejectCode::EmptyMessage, "the message carries no request")),
         Some(Body::Lock(lock)) => {
             let handle = lock.handle;
+            if handle == 0 {
+                return Err(Rejection::new(
+                    0,
+                    RejectCode::InvalidHandle,
+                    "handle 0 is reserved (a Rejected with handle 0 means the session was refused): use 1 or more",
+                ));
+            }
             Ok(Decoded {
                 handle,
                 lockspace: Some(lock.lockspace),

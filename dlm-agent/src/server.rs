@@ -42,6 +42,15 @@ pub enum ServeError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// The Unix socket's file, removed when dropped.
+struct SocketFile(std::path::PathBuf);
+
+impl Drop for SocketFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Binds the Unix socket, removing a stale file left by a dead agent but
 /// refusing to take over from a live one.
 async fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
@@ -70,6 +79,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new(&config.node));
     let unix = bind_unix(&config.socket).await?;
+    // From here on the socket file is this agent's: it goes when serving
+    // ends, however it ends (a start that fails later leaves no stale file).
+    let _socket_file = SocketFile(config.socket.clone());
     let tcp = match config.tcp {
         Some(addr) => {
             Some(TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { what: addr.to_string(), source })?)
@@ -189,6 +201,5 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     }
     drop(driver);
     let _ = driver_task.await;
-    let _ = std::fs::remove_file(&config.socket);
     result
 }

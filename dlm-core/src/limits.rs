@@ -111,6 +111,10 @@ impl Limits {
                 return Err(format!("{name} must be at least 1"));
             }
         }
+        // Zero would refuse every request that has a timeout at all.
+        if self.request_timeout_max.is_zero() {
+            return Err("request_timeout_max must be more than 0".into());
+        }
         // Slab indices are u32 with u32::MAX reserved as "none".
         if self.locks_per_lockspace_max == u32::MAX || self.resources_per_lockspace_max == u32::MAX {
             return Err("locks_per_lockspace_max and resources_per_lockspace_max must be below 4294967295".into());

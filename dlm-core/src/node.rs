@@ -11,7 +11,7 @@ use crate::deadlock::{self, Edge, Search, WaitForGraph, WaitRef};
 use crate::dump::{LockInfo, LockspaceInfo, ResourceInfo};
 use crate::effect::{Effect, Status};
 use crate::ids::{LockHandle, LockspaceId, SessionId};
-use crate::limits::{LOCKSPACE_NAME_LEN_MAX, Limit, Limits};
+use crate::limits::{Limit, Limits};
 use crate::lockspace::{Lockspace, LockspaceConfig};
 use crate::outbox::Outbox;
 use crate::request::{ClientRequest, RequestError};
@@ -116,10 +116,7 @@ impl Node {
     /// # Errors
     /// A bad name or value block length, a name in use, or too many lockspaces.
     pub fn create_lockspace(&mut self, name: &[u8], config: LockspaceConfig) -> Result<LockspaceId, RequestError> {
-        if name.is_empty() || name.len() > LOCKSPACE_NAME_LEN_MAX {
-            return Err(RequestError::InvalidLockspaceName { len: name.len() });
-        }
-        config.validate()?;
+        config.validate(name)?;
         if self.lockspace_names.contains_key(name) {
             return Err(RequestError::LockspaceExists);
         }

@@ -55,7 +55,14 @@ impl Default for LockspaceConfig {
 }
 
 impl LockspaceConfig {
-    pub(crate) fn validate(&self) -> Result<(), RequestError> {
+    /// Checks a lockspace's name and settings as [`crate::Node::create_lockspace`] does.
+    ///
+    /// # Errors
+    /// A name empty or over [`crate::LOCKSPACE_NAME_LEN_MAX`] bytes, or a bad value block length.
+    pub fn validate(&self, name: &[u8]) -> Result<(), RequestError> {
+        if name.is_empty() || name.len() > crate::LOCKSPACE_NAME_LEN_MAX {
+            return Err(RequestError::InvalidLockspaceName { len: name.len() });
+        }
         let len = self.lvb_len;
         if len == 0 || len > LVB_LEN_MAX || !len.is_multiple_of(LVB_LEN_MULTIPLE) {
             return Err(RequestError::InvalidLvbLen { len });
