@@ -600,3 +600,42 @@ fn configurations_refused_at_load_leave_no_socket_behind() {
     assert!(!socket.exists(), "a failed start left its socket file behind");
     std::fs::remove_dir_all(&dir).expect("cleanup");
 }
+
+/// A gRPC session message that does not decode ends the session, and its
+/// stream says so with a status (INVALID_ARGUMENT), not OK. Sent over raw
+/// HTTP/2: no gRPC library sends such a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_message_that_does_not_decode_ends_the_stream_with_an_error_status() {
+    let agent = Agent::start("malformed-grpc", "");
+    let stream = tokio::net::UnixStream::connect(&agent.socket).await.expect("connect");
+    let (client, connection) = h2::client::handshake(stream).await.expect("an HTTP/2 connection");
+    tokio::spawn(connection);
+    let mut client = client.ready().await.expect("ready");
+    let request = http::Request::builder()
+        .method("POST")
+        .uri("http://localhost/dlm.v1.Dlm/Session")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .expect("request");
+    let (response, mut send) = client.send_request(request, false).expect("sent");
+    // One gRPC message: not compressed, 4 bytes long, and not a protobuf
+    // (field 31, wire type 7, does not exist).
+    send.send_data(bytes::Bytes::from_static(&[0, 0, 0, 0, 4, 0xff, 0xff, 0xff, 0xff]), false).expect("data");
+    let response = tokio::time::timeout(Duration::from_secs(5), response).await.expect("in time").expect("response");
+    let mut body = response.into_body();
+    let drained = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.expect("data");
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        body.trailers().await
+    })
+    .await
+    .expect("the stream ends");
+    let trailers = drained.expect("trailers").expect("some trailers");
+    let status = trailers.get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("none");
+    assert_eq!(status, "3", "grpc-status (3 is INVALID_ARGUMENT): {trailers:?}");
+    // Everyone else is still served.
+    agent.client().await.status().await.expect("status");
+}

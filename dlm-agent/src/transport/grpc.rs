@@ -63,6 +63,9 @@ impl proto::dlm_server::Dlm for DlmService {
         let credentials = credentials_of(&request);
         let mut inbound = request.into_inner();
         let (events, outbound) = mpsc::channel(self.session_queue_max);
+        // Kept to end the stream with a status that says what the client did
+        // wrong, rather than OK, when its messages stop making sense.
+        let refusal = events.clone();
         let output = SessionOutput::Stream(events);
         let OpenSession { session, ended: mut session_ended } =
             self.driver.open_session(credentials, &self.node, output).await.map_err(|error| match error {
@@ -88,6 +91,11 @@ impl proto::dlm_server::Dlm for DlmService {
                     Ok(None) => break,
                     Err(status) => {
                         tracing::debug!(session = session.0, %status, "session stream failed");
+                        // A message that does not decode (or a broken stream,
+                        // which nobody hears of): the session ends with an
+                        // error status, not OK.
+                        let why = format!("the session's requests could not be read: {}", status.message());
+                        let _ = refusal.try_send(Err(Status::invalid_argument(why)));
                         break;
                     }
                 }
