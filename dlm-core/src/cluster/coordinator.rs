@@ -308,6 +308,7 @@ impl ClusterNode {
     fn fail_victim(&mut self, now: Instant, probe: u64, (master, wait): (NodeId, WaitRef)) {
         #[cfg(feature = "sim")]
         self.coordinator.log.push(DeadlockEvent::Victim { probe, master, wait });
+        // The candidate's number serves only the simulator's log.
         let _ = probe;
         self.stats.deadlock_victims += 1;
         if master == self.config.node {

@@ -342,13 +342,22 @@ impl ClusterNode {
     #[must_use]
     pub fn timers(&self) -> TimerTable {
         let mut table = TimerTable::default();
-        table.set(Timer::Engine, self.engine.poll_timeout());
-        table.set(Timer::IdleRelease, self.masters.release_deadline(self.config.release_delay));
-        table.set(Timer::Ack, self.links.ack_deadline());
-        table.set(Timer::Silence, self.links.silence_deadline(self.config.ack_timeout));
-        table.set(Timer::Heartbeat, self.links.heartbeat_deadline(self.config.heartbeat_interval));
-        table.set(Timer::DeadlockReport, self.coordinator.report_due);
+        for timer in Timer::ALL {
+            table.set(timer, self.deadline(timer));
+        }
         table
+    }
+
+    /// One timer's deadline: the earliest of what it watches.
+    fn deadline(&self, timer: Timer) -> Option<Instant> {
+        match timer {
+            Timer::Engine => self.engine.poll_timeout(),
+            Timer::IdleRelease => self.masters.release_deadline(self.config.release_delay),
+            Timer::Ack => self.links.ack_deadline(),
+            Timer::Silence => self.links.silence_deadline(self.config.ack_timeout),
+            Timer::Heartbeat => self.links.heartbeat_deadline(self.config.heartbeat_interval),
+            Timer::DeadlockReport => self.coordinator.report_due,
+        }
     }
 
     /// Time has passed: the timers that are due run, in [`Timer::ALL`]'s
@@ -356,7 +365,7 @@ impl ClusterNode {
     /// it have changed the state).
     pub fn handle_timeout(&mut self, now: Instant) {
         for timer in Timer::ALL {
-            if self.timers().is_due(timer, now) {
+            if self.deadline(timer).is_some_and(|at| at <= now) {
                 self.on_timer(now, timer);
             }
         }
