@@ -294,6 +294,22 @@ async fn sigterm_answers_pending_requests_and_exits_cleanly() {
     assert!(!agent.socket.exists(), "the socket file is removed");
 }
 
+/// Runs the agent on a configuration file holding `config` (in `dir`, with
+/// its socket there too) and returns how it ended.
+fn run_with_config(dir: &std::path::Path, config: &str, extra: &[&str]) -> std::process::Output {
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, config).expect("write");
+    Command::new(support::bin())
+        .arg("run")
+        .args(extra)
+        .arg("--config")
+        .arg(&path)
+        .arg("--socket")
+        .arg(dir.join("s"))
+        .output()
+        .expect("run")
+}
+
 #[test]
 fn a_bad_configuration_is_refused_with_a_clear_message() {
     let dir = std::env::temp_dir().join(format!("dlm-test-config-{}", std::process::id()));
@@ -304,15 +320,7 @@ fn a_bad_configuration_is_refused_with_a_clear_message() {
         ("[limits]\nsessions_max = 0\n", "sessions_max"),
         ("http = \"not an address\"\n", "http"),
     ] {
-        let path = dir.join("bad.toml");
-        std::fs::write(&path, config).expect("write");
-        let output = Command::new(support::bin())
-            .args(["run", "--config"])
-            .arg(&path)
-            .arg("--socket")
-            .arg(dir.join("s"))
-            .output()
-            .expect("run");
+        let output = run_with_config(&dir, config, &[]);
         assert_eq!(output.status.code(), Some(EXIT_CONFIG), "{config}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{config}: {stderr}");
@@ -569,16 +577,8 @@ fn configurations_refused_at_load_leave_no_socket_behind() {
         ("keepalive = \"4294967295h\"\n", "keepalive"),
         ("keepalive = \"169h\"\n", "keepalive"),
     ] {
-        let path = dir.join("bad.toml");
-        std::fs::write(&path, config).expect("write");
         let socket = dir.join("s");
-        let output = Command::new(support::bin())
-            .args(["run", "--config"])
-            .arg(&path)
-            .arg("--socket")
-            .arg(&socket)
-            .output()
-            .expect("run");
+        let output = run_with_config(&dir, config, &[]);
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(EXIT_CONFIG), "{config}: {stderr}");
         assert!(stderr.contains("configuration:") && stderr.contains(expected), "{config}: {stderr}");
@@ -586,16 +586,9 @@ fn configurations_refused_at_load_leave_no_socket_behind() {
     }
     // A start that fails after the socket is bound (the HTTP address is taken) removes it.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let path = dir.join("taken.toml");
-    std::fs::write(&path, format!("http = \"{}\"\n", taken.local_addr().expect("address"))).expect("write");
     let socket = dir.join("s");
-    let output = Command::new(support::bin())
-        .args(["run", "--no-ebpf", "--config"])
-        .arg(&path)
-        .arg("--socket")
-        .arg(&socket)
-        .output()
-        .expect("run");
+    let http = format!("http = \"{}\"\n", taken.local_addr().expect("address"));
+    let output = run_with_config(&dir, &http, &["--no-ebpf"]);
     assert!(!output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(!socket.exists(), "a failed start left its socket file behind");
     std::fs::remove_dir_all(&dir).expect("cleanup");
