@@ -632,3 +632,38 @@ async fn a_grpc_message_that_does_not_decode_ends_the_stream_with_an_error_statu
     // Everyone else is still served.
     agent.client().await.status().await.expect("status");
 }
+
+/// A socket where nothing answers (a listener that never accepts, as an
+/// agent out of file descriptors or stopped looks): the client library and
+/// the CLI give up after `ANSWER_TIMEOUT` as unreachable instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_socket_that_never_answers_give_up_in_bounded_time() {
+    use dlm_agent::client::{ANSWER_TIMEOUT, Client, ClientError, Target};
+    let dir = std::env::temp_dir().join(format!("dlm-test-mute-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let path = dir.join("mute.sock");
+    let _listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
+    let started = Instant::now();
+    let cli = {
+        let path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            Command::new(support::bin()).args(["status", "--socket"]).arg(&path).output().expect("run")
+        })
+    };
+    let library = async {
+        match Client::connect(&Target::Unix(path.clone())).await {
+            Err(error) => vec![error],
+            Ok(client) => {
+                let (session, status) = tokio::join!(client.session(), client.status());
+                vec![session.err().expect("no session"), status.expect_err("no status")]
+            }
+        }
+    };
+    let errors = library.await;
+    assert!(errors.iter().all(|e| matches!(e, ClientError::Unreachable { .. })), "{errors:?}");
+    let output = cli.await.expect("cli");
+    assert_eq!(output.status.code(), Some(EXIT_UNREACHABLE), "{}", String::from_utf8_lossy(&output.stderr));
+    let elapsed = started.elapsed();
+    assert!(elapsed < ANSWER_TIMEOUT * 2, "gave up after {elapsed:?}");
+    std::fs::remove_dir_all(&dir).expect("cleanup");
+}

@@ -124,12 +124,22 @@ pub enum SessionEvent {
     },
 }
 
+/// How long the client waits for the agent to answer: to connect, to
+/// welcome a new session, or to answer an admin call. An agent that is up
+/// answers in milliseconds; one that does not (stopped, out of file
+/// descriptors, or not an agent at all) must not hang its clients and the
+/// CLI: they fail as [`ClientError::Unreachable`]. Waiting for a lock is not
+/// bounded by this (a lock request has its own timeout).
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A connection to an agent.
 #[derive(Clone)]
 pub struct Client {
     grpc: DlmClient<Channel>,
     /// The Unix socket for framed sessions; `None`: sessions over gRPC.
     framed: Option<PathBuf>,
+    /// Where the agent is, for errors.
+    target: String,
 }
 
 impl Client {
@@ -138,6 +148,10 @@ impl Client {
     /// # Errors
     /// The agent is not there.
     pub async fn connect(target: &Target) -> Result<Client, ClientError> {
+        answered(&format!("{target:?}"), Client::connect_now(target)).await
+    }
+
+    async fn connect_now(target: &Target) -> Result<Client, ClientError> {
         let unreachable = |source: tonic::transport::Error| ClientError::Unreachable {
             target: format!("{target:?}"),
             source: source.into(),
@@ -164,7 +178,7 @@ impl Client {
             Target::Unix(path) => Some(path.clone()),
             Target::Tcp(_) => None,
         };
-        Ok(Client { grpc: DlmClient::new(channel), framed })
+        Ok(Client { grpc: DlmClient::new(channel), framed, target: format!("{target:?}") })
     }
 
     /// This client, opening its sessions as gRPC streams even on a Unix
@@ -181,10 +195,13 @@ impl Client {
     /// # Errors
     /// The agent refused it (too many sessions) or went away.
     pub async fn session(&self) -> Result<Session, ClientError> {
-        match &self.framed {
-            Some(path) => framed_session(path).await,
-            None => self.grpc_session().await,
-        }
+        let opened = async {
+            match &self.framed {
+                Some(path) => framed_session(path).await,
+                None => self.grpc_session().await,
+            }
+        };
+        answered(&self.target, opened).await
     }
 
     async fn grpc_session(&self) -> Result<Session, ClientError> {
@@ -213,7 +230,8 @@ impl Client {
     /// # Errors
     /// The call failed.
     pub async fn status(&self) -> Result<proto::StatusReply, ClientError> {
-        Ok(self.grpc.clone().status(proto::StatusRequest {}).await?.into_inner())
+        answered(&self.target, async { Ok(self.grpc.clone().status(proto::StatusRequest {}).await?.into_inner()) })
+            .await
     }
 
     /// The agent's lockspaces.
@@ -221,7 +239,10 @@ impl Client {
     /// # Errors
     /// The call failed.
     pub async fn lockspaces(&self) -> Result<proto::LockspacesReply, ClientError> {
-        Ok(self.grpc.clone().lockspaces(proto::LockspacesRequest {}).await?.into_inner())
+        answered(&self.target, async {
+            Ok(self.grpc.clone().lockspaces(proto::LockspacesRequest {}).await?.into_inner())
+        })
+        .await
     }
 
     /// Resources of a lockspace with their queues.
@@ -229,7 +250,7 @@ impl Client {
     /// # Errors
     /// The call failed (unknown lockspace among others).
     pub async fn dump(&self, request: proto::DumpRequest) -> Result<proto::DumpReply, ClientError> {
-        Ok(self.grpc.clone().dump(request).await?.into_inner())
+        answered(&self.target, async { Ok(self.grpc.clone().dump(request).await?.into_inner()) }).await
     }
 
     /// Creates a lockspace (`lvb_len` 0: the default).
@@ -237,8 +258,8 @@ impl Client {
     /// # Errors
     /// The call failed (name in use, invalid length, …).
     pub async fn create_lockspace(&self, name: &str, lvb_len: u32) -> Result<(), ClientError> {
-        self.grpc.clone().create_lockspace(proto::CreateLockspaceRequest { name: name.into(), lvb_len }).await?;
-        Ok(())
+        let request = proto::CreateLockspaceRequest { name: name.into(), lvb_len };
+        answered(&self.target, async { Ok(self.grpc.clone().create_lockspace(request).await.map(drop)?) }).await
     }
 
     /// Releases a lockspace; with `force`, even while it has locks (their
@@ -247,9 +268,20 @@ impl Client {
     /// # Errors
     /// The call failed (unknown lockspace, locks left without `force`, …).
     pub async fn release_lockspace(&self, name: &str, force: bool) -> Result<(), ClientError> {
-        self.grpc.clone().release_lockspace(proto::ReleaseLockspaceRequest { name: name.into(), force }).await?;
-        Ok(())
+        let request = proto::ReleaseLockspaceRequest { name: name.into(), force };
+        answered(&self.target, async { Ok(self.grpc.clone().release_lockspace(request).await.map(drop)?) }).await
     }
+}
+
+/// What `call` returns, unless the agent takes longer than [`ANSWER_TIMEOUT`].
+async fn answered<T>(
+    target: &str,
+    call: impl std::future::Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(ANSWER_TIMEOUT, call).await.unwrap_or_else(|_| {
+        let silence = std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no answer in {ANSWER_TIMEOUT:?}"));
+        Err(ClientError::Unreachable { target: target.to_string(), source: silence.into() })
+    })
 }
 
 /// Requests a session queues unsent before `lock` and friends wait for room.
