@@ -421,8 +421,7 @@ fn the_systemd_unit_verifies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_client_that_goes_silent_loses_its_session_after_the_keepalive() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let address = format!("127.0.0.1:{port}");
+    let address = format!("127.0.0.1:{}", support::free_port());
     // 1 s, not less: the test's own connections must keep answering pings
     // while other tests load the machine.
     let agent = Agent::start("keepalive", &format!("tcp = \"{address}\"\nkeepalive = \"1s\"\n"));

@@ -218,11 +218,7 @@ fn dropped_after(address: &str, bytes: &[u8]) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_peer_input_is_refused_and_the_node_keeps_serving() {
     // Node 1 of three, alone: the test plays the other two, badly.
-    let peers: Vec<String> = (0..3)
-        .map(|_| {
-            format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port())
-        })
-        .collect();
+    let peers: Vec<String> = support::free_ports(3).into_iter().map(|port| format!("127.0.0.1:{port}")).collect();
     let members: String = peers
         .iter()
         .enumerate()

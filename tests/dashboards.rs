@@ -130,8 +130,7 @@ fn start_prometheus(binary: &Path, scrape: &[&str]) -> Prometheus {
         format!("global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: dlm\n    static_configs:\n      - targets: [{targets}]\n"),
     )
     .expect("config");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let address = format!("127.0.0.1:{port}");
+    let address = format!("127.0.0.1:{}", support::free_port());
     let child = Command::new(binary)
         .arg(format!("--config.file={}", config.display()))
         .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))

@@ -107,11 +107,43 @@ pub fn free_port() -> u16 {
     free_ports(1)[0]
 }
 
-/// `n` distinct free ports: each listener is held until all are bound, so
-/// the kernel cannot hand the same port out twice within one call.
+/// `n` distinct free ports for agents to listen on later.
+///
+/// They come from below the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), never from it: a port the kernel hands
+/// out for `bind(:0)` may be handed out again, between this call and the
+/// agent's `listen`, as the source port of some other test's outgoing
+/// connection, and the agent then fails with "Address already in use" (seen
+/// in CI). Ports below that range are only ever taken by explicit binds, and
+/// a process-wide counter keeps this process from giving one out twice.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind")).collect();
-    listeners.iter().map(|l| l.local_addr().expect("addr").port()).collect()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, high) = fixed_port_range();
+    let span = u32::from(high - low);
+    // Processes that run at the same time (a bench beside a test) start far apart.
+    let start = (std::process::id().wrapping_mul(7919)) % span;
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(k < span, "no free port left in {low}..{high}");
+        let port = low + ((start + k) % span) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
+}
+
+/// Ports that the kernel never picks for an unbound or `:0` socket.
+fn fixed_port_range() -> (u16, u16) {
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|w| w.parse::<u16>().ok()))
+        .unwrap_or(32768);
+    let high = ephemeral_low.min(32768);
+    assert!(high > 12000, "the ephemeral port range starts at {high}: no room for fixed test ports");
+    (10000, high)
 }
 
 fn temp_dir(tag: &str) -> PathBuf {
