@@ -25,6 +25,17 @@ pub const COMMAND_BATCH_MAX: usize = 64;
 
 const _: () = assert!(COMMAND_BATCH_MAX <= COMMAND_QUEUE_MAX, "a batch is taken from what is queued");
 
+/// Client connections still sending their first bytes, at most, on every
+/// listener together; more are closed at once. The handshake timeout
+/// bounds how long each holds its slot.
+pub const HANDSHAKES_MAX: usize = 1024;
+
+/// Of those, the most one client (a uid, or a TCP address) may hold: a
+/// storm of silent connections from one user leaves the rest to others.
+pub const HANDSHAKES_PER_CLIENT_MAX: usize = 64;
+
+const _: () = assert!(HANDSHAKES_PER_CLIENT_MAX * 4 <= HANDSHAKES_MAX, "one client gets a small share");
+
 /// Resources a dump returns when the request does not say.
 pub const DUMP_RESOURCES_DEFAULT: usize = 1000;
 

@@ -9,16 +9,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::TcpListenerStream;
 
-use crate::bounds::CLIENT_MESSAGE_LEN_MAX;
+use crate::bounds::{CLIENT_MESSAGE_LEN_MAX, HANDSHAKES_MAX, HANDSHAKES_PER_CLIENT_MAX};
 use crate::clock::Clock;
 use crate::command::Command;
 use crate::config::Config;
 use crate::driver;
 use crate::metrics::Metrics;
 use crate::proto::dlm_server::DlmServer;
-use crate::transport::{framed, grpc::DlmService, http, peer};
+use crate::transport::admission::{Admission, Quota};
+use crate::transport::{framed, grpc::DlmService, http, peer, tcp};
 
 /// Why the agent could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -144,10 +144,18 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     };
     let mut tasks = tokio::task::JoinSet::new();
     // One socket, two protocols: gRPC and framed sessions (`framing`).
+    // One count of connections for every client listener: a client that
+    // fills it on TCP leaves none on the Unix socket, and the other way round.
+    let admission = Admission {
+        connections: Quota::new(config.clients.connections_max, config.clients.connections_per_client_max),
+        handshakes: Quota::new(HANDSHAKES_MAX, HANDSHAKES_PER_CLIENT_MAX),
+        handshake_timeout: config.clients.handshake_timeout,
+    };
     let framed_settings = framed::FramedSettings {
         node: config.node.clone(),
         session_queue_max: config.session_queue_max,
         keepalive: config.keepalive,
+        admission: admission.clone(),
     };
     let (grpc_incoming, framed_task) = framed::spawn(unix, driver.clone(), framed_settings, stopped());
     tasks.spawn(async move {
@@ -156,9 +164,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     });
     tasks.spawn(server().add_service(service()).serve_with_incoming_shutdown(grpc_incoming, stopped()));
     if let Some(tcp) = tcp {
-        tasks.spawn(
-            server().add_service(service()).serve_with_incoming_shutdown(TcpListenerStream::new(tcp), stopped()),
-        );
+        tasks
+            .spawn(server().add_service(service()).serve_with_incoming_shutdown(tcp::spawn(tcp, admission), stopped()));
     }
     if let Some(http) = http {
         let router = http::router(driver.clone(), metrics.clone());

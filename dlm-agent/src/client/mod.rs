@@ -168,7 +168,7 @@ impl Client {
                 Endpoint::from_static("http://localhost")
                     .connect_with_connector(tower::service_fn(move |_: Uri| {
                         let path = path.clone();
-                        async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                        async move { Ok::<_, std::io::Error>(TokioIo::new(connect_unix(&path).await?)) }
                     }))
                     .await
                     .map_err(unreachable)?
@@ -293,7 +293,7 @@ async fn framed_session(path: &Path) -> Result<Session, ClientError> {
         target: format!("{:?}", Target::Unix(path.to_path_buf())),
         source: source.into(),
     };
-    let mut stream = UnixStream::connect(path).await.map_err(unreachable)?;
+    let mut stream = connect_unix(path).await.map_err(unreachable)?;
     stream.write_all(&framing::PREFACE).await.map_err(unreachable)?;
     let (read_half, write_half) = stream.into_split();
     let mut reader = BufReader::with_capacity(framing::READ_BUFFER_LEN, read_half);
@@ -327,4 +327,21 @@ async fn framed_session(path: &Path) -> Result<Session, ClientError> {
         }
     });
     Ok(Session::new(inner))
+}
+
+/// Connects to the agent's Unix socket. A full accept backlog refuses a
+/// non-blocking connect with `EAGAIN` rather than queueing it (a burst of
+/// clients, or someone flooding the socket): that is tried again, briefly
+/// backing off, for as long as the caller waits ([`ANSWER_TIMEOUT`]).
+async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match UnixStream::connect(path).await {
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(20));
+            }
+            connected => return connected,
+        }
+    }
 }

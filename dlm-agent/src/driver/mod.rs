@@ -43,7 +43,7 @@ use tokio::time::Instant;
 
 use crate::bounds::{COMMAND_BATCH_MAX, COMMAND_QUEUE_MAX};
 use crate::clock::Clock;
-use crate::codes::SessionEnd;
+use crate::codes::{RejectCode, SessionEnd};
 use crate::command::{Command, Credentials, DriverHandle, PeerSender, SessionOutput};
 use crate::config::Config;
 use crate::convert::Rejection;
@@ -87,6 +87,8 @@ struct Driver {
     config: Arc<Config>,
     started: Instant,
     sessions: HashMap<SessionId, SessionState>,
+    /// Sessions open per uid (Unix socket clients), for `sessions_per_uid_max`.
+    sessions_by_uid: HashMap<u32, u32>,
     lockspace_names: HashMap<LockspaceId, LockspaceName>,
     /// Sessions found not reading during routing, ended after it (`output.rs`).
     slow: Vec<SessionId>,
@@ -136,6 +138,7 @@ pub fn start(
         config: config.clone(),
         started: clock.now(),
         sessions: HashMap::new(),
+        sessions_by_uid: HashMap::new(),
         lockspace_names: HashMap::new(),
         slow: Vec::new(),
         unflushed: Vec::new(),
@@ -233,7 +236,20 @@ impl Driver {
         events: SessionOutput,
         ended: oneshot::Sender<()>,
     ) -> Result<SessionId, Rejection> {
+        let uid_max = self.config.clients.sessions_per_uid_max;
+        if let Some(uid) = credentials.uid
+            && self.sessions_by_uid.get(&uid).is_some_and(|&open| open >= uid_max)
+        {
+            return Err(Rejection::new(
+                0,
+                RejectCode::LimitExceeded,
+                format!("uid {uid} has limits.sessions_per_uid_max ({uid_max}) sessions open"),
+            ));
+        }
         let session = self.node.open_next_session().map_err(|error| Rejection::from_engine(0, &error))?;
+        if let Some(uid) = credentials.uid {
+            *self.sessions_by_uid.entry(uid).or_insert(0) += 1;
+        }
         let state = SessionState { events, _ended: ended, credentials, locks: HashMap::new() };
         self.observer.session_opened(state.pid());
         self.sessions.insert(session, state);

@@ -3,10 +3,15 @@
 //! first to tonic and serves the second here.
 //!
 //! ```text
-//!  accept ──first byte──▶ 'P' ──▶ tonic (gRPC: sessions and admin calls)
-//!                    └──▶ else ─▶ preface ─▶ reader (this task) ──Command::Client──▶ driver
-//!                                  socket ◀── FrameSink (written by the driver) ◀────┘
+//!  accept ─admission─first byte──▶ 'P' ─▶ HTTP/2 preface + SETTINGS ─▶ tonic (gRPC: sessions, admin calls)
+//!                              └──▶ else ─▶ framed preface ─▶ reader (this task) ──Command::Client──▶ driver
+//!                                             socket ◀── FrameSink (written by the driver) ◀────┘
 //! ```
+//!
+//! A new connection is admitted only while the client's uid holds less
+//! than its share of connections and of handshake slots
+//! ([`super::admission`]); it must send its first bytes within the
+//! handshake timeout or it is closed.
 //!
 //! A framed session is one connection. Its reader (this task) hands
 //! messages to the driver and answers pings; the driver writes the
@@ -18,30 +23,25 @@
 //! [`framing::DRAIN_TIMEOUT`] without progress.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, BufReader, ReadBuf};
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::server::{Connected, UdsConnectInfo};
+
+use super::admission::{Admission, Key, Ticket};
+use super::preface::{Replayed, read_http2_start};
 
 use crate::codes::RejectCode;
 use crate::command::{Command, Credentials, DriverHandle, OpenError, OpenSession, SessionOutput};
 use crate::framing::{self, Frame, FrameKind, FrameSink};
 use crate::proto;
 
-/// How long a new connection may take to send its first byte and preface.
-const PREFACE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections that have not yet said which protocol they speak, at most;
-/// more are closed at once.
-const UNCLASSIFIED_MAX: usize = 1024;
 /// How long the agent waits at shutdown for framed connections to drain.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -54,62 +54,13 @@ pub struct FramedSettings {
     pub session_queue_max: usize,
     /// A silent client is pinged after this long, and dropped after twice it.
     pub keepalive: Duration,
-}
-
-/// A gRPC connection, with the byte read to tell its protocol put back.
-pub struct Replayed {
-    first: Option<u8>,
-    stream: UnixStream,
-}
-
-impl Connected for Replayed {
-    type ConnectInfo = UdsConnectInfo;
-
-    fn connect_info(&self) -> UdsConnectInfo {
-        self.stream.connect_info()
-    }
-}
-
-impl AsyncRead for Replayed {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if buf.remaining() > 0
-            && let Some(first) = self.first.take()
-        {
-            buf.put_slice(&[first]);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Replayed {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, data)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
+    /// Which connections are let in, and how long they have to say which
+    /// protocol they speak.
+    pub admission: Admission,
 }
 
 /// Gives tonic its connections.
-pub type GrpcIncoming = ReceiverStream<io::Result<Replayed>>;
+pub type GrpcIncoming = ReceiverStream<io::Result<Replayed<UnixStream>>>;
 
 /// Accepts on `listener` until `stop` completes, serving framed sessions
 /// itself; returns the gRPC connections for tonic, and the task, which ends
@@ -123,7 +74,6 @@ pub fn spawn(
     let (grpc, incoming) = mpsc::channel(64);
     let settings = Arc::new(settings);
     let task = tokio::spawn(async move {
-        let unclassified = Arc::new(Semaphore::new(UNCLASSIFIED_MAX));
         let mut connections = JoinSet::new();
         tokio::pin!(stop);
         loop {
@@ -140,19 +90,17 @@ pub fn spawn(
                             continue;
                         }
                     };
-                    let Ok(permit) = unclassified.clone().try_acquire_owned() else {
-                        tracing::debug!("too many connections that have not spoken yet; closing one");
-                        continue;
-                    };
+                    let key = stream.peer_cred().map_or(Key::Unknown, |c| Key::Uid(c.uid()));
+                    let Some((open, handshake)) = settings.admission.admit(key) else { continue };
                     let (grpc, driver, settings) = (grpc.clone(), driver.clone(), settings.clone());
                     connections.spawn(async move {
-                        let classified = classify(stream).await;
-                        drop(permit);
+                        let classified = classify(stream, settings.admission.handshake_timeout).await;
+                        drop(handshake);
                         match classified {
-                            Some(Protocol::Grpc(stream)) => {
-                                let _ = grpc.send(Ok(stream)).await;
+                            Some(Protocol::Grpc(start, stream)) => {
+                                let _ = grpc.send(Ok(Replayed::new(start, stream, open))).await;
                             }
-                            Some(Protocol::Framed(stream)) => serve(stream, &driver, &settings).await,
+                            Some(Protocol::Framed(stream)) => serve(stream, &driver, &settings, open).await,
                             None => {}
                         }
                     });
@@ -169,26 +117,26 @@ pub fn spawn(
 }
 
 enum Protocol {
-    Grpc(Replayed),
+    /// gRPC, with the bytes already read (the HTTP/2 preface and SETTINGS).
+    Grpc(Vec<u8>, UnixStream),
     Framed(UnixStream),
 }
 
-/// Reads the first byte, and for a framed session the rest of its preface.
-async fn classify(mut stream: UnixStream) -> Option<Protocol> {
+/// Reads the first bytes, within `deadline`: an HTTP/2 client's preface and
+/// SETTINGS, or a framed session's preface.
+async fn classify(mut stream: UnixStream, deadline: Duration) -> Option<Protocol> {
     let read = async {
         let first = stream.read_u8().await?;
         if first == framing::HTTP2_FIRST_BYTE {
-            return Ok::<_, io::Error>(Some(first));
+            return read_http2_start(&mut stream, first).await.map(Some);
         }
         let mut preface = [first; framing::PREFACE.len()];
         stream.read_exact(&mut preface[1..]).await?;
-        Ok((preface == framing::PREFACE).then_some(first))
+        Ok::<_, io::Error>((preface == framing::PREFACE).then(Vec::new))
     };
-    match tokio::time::timeout(PREFACE_TIMEOUT, read).await {
-        Ok(Ok(Some(first))) if first == framing::HTTP2_FIRST_BYTE => {
-            Some(Protocol::Grpc(Replayed { first: Some(first), stream }))
-        }
-        Ok(Ok(Some(_))) => Some(Protocol::Framed(stream)),
+    match tokio::time::timeout(deadline, read).await {
+        Ok(Ok(Some(start))) if start.is_empty() => Some(Protocol::Framed(stream)),
+        Ok(Ok(Some(start))) => Some(Protocol::Grpc(start, stream)),
         Ok(Ok(None)) => {
             tracing::debug!("connection with an unknown preface closed");
             None
@@ -198,14 +146,14 @@ async fn classify(mut stream: UnixStream) -> Option<Protocol> {
             None
         }
         Err(_) => {
-            tracing::debug!("connection silent past the preface timeout closed");
+            tracing::debug!("connection silent past the handshake timeout closed");
             None
         }
     }
 }
 
 /// Serves one framed session until it ends.
-async fn serve(stream: UnixStream, driver: &DriverHandle, settings: &FramedSettings) {
+async fn serve(stream: UnixStream, driver: &DriverHandle, settings: &FramedSettings, _open: Ticket) {
     let credentials = stream.peer_cred().map(Credentials::of).unwrap_or_default();
     let (read_half, write_half) = stream.into_split();
     // Dropped with the last handle (the driver's, this task's): the write

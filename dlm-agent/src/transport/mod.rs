@@ -5,12 +5,18 @@
 //!
 //! | module | protocol |
 //! |---|---|
+//! | `admission` | how many client connections may be open, in all and per uid or address |
+//! | `preface` | a client connection's first bytes, read under a deadline and replayed to tonic |
 //! | `framed` | the Unix socket: framed sessions served here, gRPC connections handed to tonic |
+//! | `tcp` | the TCP client listener: gRPC connections handed to tonic |
 //! | `grpc` | the `dlm.v1.Dlm` gRPC service (sessions and admin calls, Unix socket and TCP) |
 //! | `peer` | TCP links between the agents of a cluster: dialers, acceptor, handshake |
 //! | `http` | `/metrics`, `/healthz`, `/readyz` |
 
+pub mod admission;
 pub mod framed;
 pub mod grpc;
 pub mod http;
 pub mod peer;
+pub mod preface;
+pub mod tcp;

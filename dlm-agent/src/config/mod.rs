@@ -10,8 +10,15 @@ use std::time::Duration;
 use dlm_core::Limits;
 use serde::Deserialize;
 
-use crate::bounds::{PEER_QUEUE_MAX_DEFAULT, PEER_QUEUE_MAX_RANGE, SESSION_QUEUE_MAX_RANGE};
+use crate::bounds::SESSION_QUEUE_MAX_RANGE;
 use crate::codes::Family;
+
+mod clients;
+mod cluster;
+
+pub use clients::ClientLimits;
+pub use cluster::{ClusterSettings, MemberEntry};
+use cluster::{FileCluster, cluster_settings};
 
 /// Everything the agent runs with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -32,6 +39,8 @@ pub struct Config {
     pub session_queue_max: usize,
     /// The engine's bounds.
     pub limits: Limits,
+    /// The agent's bounds on client connections and sessions.
+    pub clients: ClientLimits,
     /// Lockspaces created at start.
     pub lockspaces: Vec<LockspaceEntry>,
     /// Create a span per lock request (set when OTLP export is configured,
@@ -49,63 +58,6 @@ pub struct Config {
     pub ebpf_families: Vec<Family>,
     /// The cluster this agent is a member of; `None` for a single node.
     pub cluster: Option<ClusterSettings>,
-}
-
-/// The `[cluster]` section: static membership (changes come with the
-/// membership issue), the peer listener, and timings.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ClusterSettings {
-    /// The cluster's name: peers with another name are refused.
-    pub name: String,
-    /// This node's id among the members.
-    pub node_id: u16,
-    /// Where this node accepts peer connections.
-    pub listen: SocketAddr,
-    /// Every member, this node included.
-    pub members: Vec<MemberEntry>,
-    /// How long a resource nobody locks stays mastered here.
-    pub release_delay: Duration,
-    /// How often waiting nodes report wait-for edges to the deadlock coordinator.
-    pub deadlock_interval: Duration,
-    /// A peer that leaves a message unacknowledged this long counts as
-    /// unreachable until its connection is made again; a quiet link carries
-    /// a heartbeat every third of it, so this holds on idle links too.
-    pub peer_timeout: Duration,
-    /// Batches of messages queued to one peer at most (a batch is what one
-    /// pass of the driver has for it); a peer that lets its queue fill has
-    /// its link reset (and what it has not acknowledged resent).
-    pub peer_queue_max: usize,
-}
-
-/// A `[[cluster.member]]`.
-#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemberEntry {
-    /// Its node id (0 to 65535).
-    pub id: u16,
-    /// Its peer address.
-    pub address: SocketAddr,
-    /// Its share of directory entries (1 to 64).
-    #[serde(default = "default_weight")]
-    pub weight: u8,
-}
-
-fn default_weight() -> u8 {
-    1
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileCluster {
-    name: String,
-    node_id: u16,
-    listen: Option<String>,
-    #[serde(default)]
-    member: Vec<MemberEntry>,
-    release_delay: Option<String>,
-    deadlock_interval: Option<String>,
-    peer_timeout: Option<String>,
-    peer_queue_max: Option<usize>,
 }
 
 /// A lockspace the agent creates at start.
@@ -145,6 +97,17 @@ impl Default for Config {
             keepalive: Duration::from_secs(10),
             session_queue_max: 4096,
             limits: Limits::default(),
+            clients: ClientLimits::resolve(
+                &clients::FileClients::default(),
+                clients::descriptor_limit(),
+                Limits::default().sessions_max,
+            )
+            .unwrap_or(ClientLimits {
+                connections_max: 1024,
+                connections_per_client_max: 256,
+                sessions_per_uid_max: Limits::default().sessions_max / 4,
+                handshake_timeout: Duration::from_secs(2),
+            }),
             lockspaces: vec![LockspaceEntry { name: "default".into(), lvb_len: default_lvb_len() }],
             lock_spans: false,
             ebpf: true,
@@ -171,6 +134,7 @@ struct File {
     tcp: Option<String>,
     http: Option<String>,
     keepalive: Option<String>,
+    handshake_timeout: Option<String>,
     session_queue_max: Option<usize>,
     limits: Option<FileLimits>,
     #[serde(default)]
@@ -199,6 +163,9 @@ struct FileLimits {
     waiters_per_resource_max: Option<u32>,
     request_timeout_max: Option<String>,
     deadlock_search_sessions_max: Option<u32>,
+    connections_max: Option<usize>,
+    connections_per_client_max: Option<usize>,
+    sessions_per_uid_max: Option<u32>,
 }
 
 /// A configuration that cannot be used, with the reason.
@@ -299,12 +266,13 @@ impl Config {
     /// The file is unreadable or invalid, or a value is out of range.
     pub fn load(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
         let mut config = Config::default();
+        let mut clients = clients::FileClients::default();
         if let Some(path) = path {
             let text =
                 std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
             let file: File =
                 toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
-            config.apply_file(file)?;
+            clients = config.apply_file(file)?;
         }
         if let Some(node) = &overrides.node {
             config.node.clone_from(node);
@@ -321,11 +289,15 @@ impl Config {
         if overrides.no_ebpf {
             config.ebpf = false;
         }
+        config.clients = ClientLimits::resolve(&clients, clients::descriptor_limit(), config.limits.sessions_max)?;
         config.validate()?;
         Ok(config)
     }
 
-    fn apply_file(&mut self, file: File) -> Result<(), ConfigError> {
+    /// Takes what `file` says; returns its client bounds, which are
+    /// resolved once every other value is known.
+    fn apply_file(&mut self, file: File) -> Result<clients::FileClients, ConfigError> {
+        let mut clients = clients::FileClients { handshake_timeout: file.handshake_timeout, ..Default::default() };
         if let Some(node) = file.node {
             self.node = node;
         }
@@ -345,6 +317,9 @@ impl Config {
             self.session_queue_max = n;
         }
         if let Some(limits) = file.limits {
+            clients.connections_max = limits.connections_max;
+            clients.connections_per_client_max = limits.connections_per_client_max;
+            clients.sessions_per_uid_max = limits.sessions_per_uid_max;
             let l = &mut self.limits;
             macro_rules! take {
                 ($($field:ident),*) => { $( if let Some(v) = limits.$field { l.$field = v; } )* };
@@ -395,7 +370,7 @@ impl Config {
                 self.ebpf_long_stall = parse_duration(&long_stall).map_err(|m| invalid("ebpf.long_stall", m))?;
             }
         }
-        Ok(())
+        Ok(clients)
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
@@ -432,81 +407,6 @@ impl Config {
             ));
         }
         Ok(())
-    }
-}
-
-fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, ConfigError> {
-    if file.name.is_empty() || file.name.len() > dlm_core::cluster::wire::CLUSTER_NAME_LEN_MAX {
-        return Err(invalid("cluster.name", "must be 1 to 64 bytes"));
-    }
-    let me = file.member.iter().find(|m| m.id == file.node_id).ok_or_else(|| {
-        invalid("cluster.node_id", format!("{} is not among the [[cluster.member]] entries", file.node_id))
-    })?;
-    let listen = match file.listen {
-        Some(text) => {
-            parse_addr("cluster.listen", &text)?.ok_or_else(|| invalid("cluster.listen", "must be an address"))?
-        }
-        None => me.address,
-    };
-    let duration = |key: &'static str, text: Option<String>, default: Duration| match text {
-        Some(text) => parse_duration(&text).map_err(|m| invalid(key, m)),
-        None => Ok(default),
-    };
-    let settings = ClusterSettings {
-        name: file.name,
-        node_id: file.node_id,
-        listen,
-        release_delay: duration("cluster.release_delay", file.release_delay, Duration::from_secs(5))?,
-        deadlock_interval: duration("cluster.deadlock_interval", file.deadlock_interval, Duration::from_secs(1))?,
-        peer_timeout: duration("cluster.peer_timeout", file.peer_timeout, Duration::from_secs(3))?,
-        peer_queue_max: file.peer_queue_max.unwrap_or(PEER_QUEUE_MAX_DEFAULT),
-        members: file.member,
-    };
-    if !PEER_QUEUE_MAX_RANGE.contains(&settings.peer_queue_max) {
-        return Err(invalid("cluster.peer_queue_max", in_range(&PEER_QUEUE_MAX_RANGE)));
-    }
-    if settings.peer_timeout < Duration::from_millis(100) {
-        return Err(invalid("cluster.peer_timeout", "must be at least 100ms"));
-    }
-    if settings.deadlock_interval < Duration::from_millis(10) {
-        return Err(invalid("cluster.deadlock_interval", "must be at least 10ms"));
-    }
-    Ok(settings)
-}
-
-impl ClusterSettings {
-    /// The members as the lock engine takes them.
-    ///
-    /// # Errors
-    /// Duplicate ids or addresses, weights out of range.
-    pub fn membership(&self) -> Result<dlm_core::cluster::Membership, String> {
-        let mut addresses = std::collections::BTreeSet::new();
-        for member in &self.members {
-            if !addresses.insert(member.address) {
-                return Err(format!("address {} is listed twice", member.address));
-            }
-        }
-        let members = self
-            .members
-            .iter()
-            .map(|m| dlm_core::cluster::Member { id: dlm_core::cluster::NodeId(m.id), weight: m.weight })
-            .collect();
-        dlm_core::cluster::Membership::new(members, 1)
-    }
-
-    /// The settings of this node's part of the cluster, as the lock engine
-    /// takes them (name, members, timings).
-    ///
-    /// # Errors
-    /// As [`ClusterSettings::membership`].
-    pub fn cluster_config(&self) -> Result<dlm_core::cluster::ClusterConfig, String> {
-        let node = dlm_core::cluster::NodeId(self.node_id);
-        let mut config = dlm_core::cluster::ClusterConfig::new(node, self.membership()?);
-        config.name = self.name.clone().into_bytes();
-        config.release_delay = self.release_delay;
-        config.deadlock_interval = self.deadlock_interval;
-        config.set_peer_timeout(self.peer_timeout);
-        Ok(config)
     }
 }
 
