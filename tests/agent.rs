@@ -84,7 +84,8 @@ async fn a_killed_holders_lock_goes_to_the_waiter() {
     let agent = Agent::start("kill", "");
     let mut holder = agent.cli().args(["lock", "k", "--", "sleep", "30"]).spawn().expect("spawn");
     wait_for_holder(&agent, "k");
-    let request = proto::DumpRequest { lockspace: "default".into(), name: Some(b"k".to_vec()), max_resources: 0 };
+    let request =
+        proto::DumpRequest { lockspace: "default".into(), name: Some(b"k".to_vec()), ..proto::DumpRequest::default() };
     let holder_lock = agent.client().await.dump(request).await.expect("dump").resources[0].granted[0];
     assert_eq!(holder_lock.pid, i32::try_from(holder.id()).expect("pid"), "dump shows the holder's pid");
     let uid = std::fs::metadata(format!("/proc/{}", holder.id()))
@@ -499,7 +500,12 @@ async fn dropping_a_pending_lock_future_cancels_the_request() {
             .await;
     assert!(gave_up.is_err(), "the lock cannot be granted while held");
     let queued = async || {
-        let request = proto::DumpRequest { lockspace: "default".into(), name: Some(b"c".to_vec()), max_resources: 1 };
+        let request = proto::DumpRequest {
+            lockspace: "default".into(),
+            name: Some(b"c".to_vec()),
+            max_resources: 1,
+            ..proto::DumpRequest::default()
+        };
         client.dump(request).await.expect("dump").resources.first().map_or(0, |r| r.waiting.len())
     };
     support::eventually("the dropped request is cancelled", async || queued().await == 0).await;

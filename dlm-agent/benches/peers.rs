@@ -281,6 +281,7 @@ async fn dlm_killed_holder(agent: &DlmAgent) -> Result<Duration> {
                 lockspace: "default".into(),
                 name: Some(b"killed".to_vec()),
                 max_resources: 1,
+                ..dlm_agent::proto::DumpRequest::default()
             })
             .await?;
         if dump.resources.first().is_some_and(|r| !r.granted.is_empty()) {

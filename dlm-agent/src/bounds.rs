@@ -36,13 +36,35 @@ pub const HANDSHAKES_PER_CLIENT_MAX: usize = 64;
 
 const _: () = assert!(HANDSHAKES_PER_CLIENT_MAX * 4 <= HANDSHAKES_MAX, "one client gets a small share");
 
-/// Resources a dump returns when the request does not say.
+/// Resources a dump page gives when the request does not say.
 pub const DUMP_RESOURCES_DEFAULT: usize = 1000;
 
-/// Resources a dump returns at most.
-pub const DUMP_RESOURCES_MAX: usize = 100_000;
+/// Resources a dump page gives at most.
+pub const DUMP_RESOURCES_MAX: usize = 2000;
+
+/// Locks a dump page gives when the request does not say, and at most: a
+/// page is built inside the lock engine, so this bounds how long one dump
+/// request holds every client up (about a millisecond).
+pub const DUMP_LOCKS_MAX: usize = 10_000;
+
+/// The most one resource of a dump takes on the wire, its locks aside (a
+/// 64-byte name, a 256-byte value block, the token, field tags and lengths).
+pub const DUMP_RESOURCE_LEN_MAX: usize = 400;
+
+/// The most one lock of a dump takes on the wire: eleven fields of at most
+/// a ten-byte varint and a tag, and the kernel attribution (six more).
+pub const DUMP_LOCK_LEN_MAX: usize = 200;
+
+/// What every gRPC client takes in one message by default (grpc-core,
+/// grpc-go, grpc-js, tonic all say 4 MiB).
+pub const CLIENT_RECEIVE_LEN_DEFAULT: usize = 4 * 1024 * 1024;
 
 const _: () = assert!(DUMP_RESOURCES_DEFAULT <= DUMP_RESOURCES_MAX);
+const _: () = assert!(
+    DUMP_RESOURCES_MAX * DUMP_RESOURCE_LEN_MAX + DUMP_LOCKS_MAX * DUMP_LOCK_LEN_MAX
+        <= CLIENT_RECEIVE_LEN_DEFAULT * 3 / 4,
+    "the fullest dump page fits a default gRPC client's message limit, with room to spare"
+);
 
 /// Messages queued to one client session, the least and the most an
 /// operator may set (`session_queue_max`): fewer would end busy sessions

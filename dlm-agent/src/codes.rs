@@ -92,6 +92,10 @@ codes! {
         /// A new lock named handle 0, which a `Rejected` uses to mean that
         /// the session itself was refused.
         InvalidHandle = "invalid_handle",
+        /// A dump's `page_token` is not one the agent gave. An admin call's
+        /// refusal, not a request's: never counted in
+        /// `dlm_lock_requests_rejected_total`.
+        InvalidPageToken = "invalid_page_token",
         /// The agent is stopping: a framed session is refused with this
         /// (gRPC says `unavailable`). Not a request, so never counted in
         /// `dlm_lock_requests_rejected_total`.
@@ -127,7 +131,7 @@ impl RejectCode {
     /// creates its series): every code a refused request can carry.
     #[must_use]
     pub const fn counted(self) -> bool {
-        !matches!(self, RejectCode::ShuttingDown)
+        !matches!(self, RejectCode::ShuttingDown | RejectCode::InvalidPageToken)
     }
 }
 
@@ -266,6 +270,7 @@ mod tests {
                 "invalid_mode",
                 "empty_message",
                 "invalid_handle",
+                "invalid_page_token",
                 "shutting_down",
             ]
         );

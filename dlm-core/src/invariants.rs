@@ -1,11 +1,17 @@
 //! The invariants every resource keeps between events. The node checks the
-//! cheap one on every touched resource always, all of them in debug builds;
-//! tests and simulators check everything with `Node::check_invariants`.
+//! cheap one on every touched resource always, all of them in debug builds
+//! (on resources of at most `EVERY_EVENT_CHECK_LOCKS_MAX` locks); tests and
+//! simulators check everything with `Node::check_invariants`.
 
 use crate::lock::LockState;
 use crate::lockspace::Lockspace;
 use crate::mode::{ALL_MODES, ModeCounts};
 use crate::slab::NIL;
+
+/// Resources with more locks than this are not checked in full after every
+/// event in debug builds (see `Node::check_touched`); `check_invariants`
+/// still checks them whole.
+pub(crate) const EVERY_EVENT_CHECK_LOCKS_MAX: u32 = 4096;
 
 /// No two incompatible modes are held at once. Constant time: it compares the
 /// counted modes, not the locks.

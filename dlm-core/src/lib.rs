@@ -69,7 +69,7 @@ mod slab;
 mod time;
 
 pub use deadlock::{Blocker, Edge, Search, WaitForGraph, WaitRef, find_cycle, victim};
-pub use dump::{LockInfo, LockspaceInfo, ResourceInfo};
+pub use dump::{DumpCursor, DumpPage, LockInfo, LockspaceInfo, PageBounds, ResourceInfo, SLOTS_PER_PAGE_MAX};
 pub use effect::{Completion, Effect, Op, RevokeReason, Status};
 pub use flags::{LockFlags, StatusFlags, UnlockFlags};
 pub use ids::{FencingToken, LockHandle, LockspaceId, SessionId};

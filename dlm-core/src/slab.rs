@@ -59,6 +59,11 @@ impl<T> Slab<T> {
         }
     }
 
+    /// One past the highest index ever used: every occupied index is below it.
+    pub(crate) fn capacity_used(&self) -> u32 {
+        u32::try_from(self.slots.len()).expect("slab indices fit in u32")
+    }
+
     pub(crate) fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
         self.slots.iter().enumerate().filter_map(|(index, slot)| match slot {
             Slot::Occupied(value) => Some((index as u32, value)),

@@ -1,6 +1,7 @@
 //! `dlm-agent status`, `ls` and `dump`: read-only views, as text or `--json`.
 
 use std::fmt::Write as _;
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Args;
@@ -40,7 +41,8 @@ pub struct DumpArgs {
     lockspace: String,
     /// Show only this resource
     name: Option<String>,
-    /// Show at most this many resources (sorted by name)
+    /// Show at most this many resources (0: all); a resource is shown with
+    /// all its locks, however many (they are fetched a page at a time)
     #[arg(long, default_value_t = 1000)]
     max: u32,
     /// Print JSON
@@ -210,16 +212,24 @@ pub async fn dump(args: DumpArgs) -> ExitCode {
         Ok(client) => client,
         Err(code) => return ExitCode::from(code),
     };
-    let request = proto::DumpRequest {
-        lockspace: args.lockspace.clone(),
-        name: args.name.map(String::into_bytes),
-        max_resources: args.max,
+    // A big dump takes many pages: say how it goes, where someone watches.
+    let interactive = std::io::stderr().is_terminal();
+    let progress = |locks: usize| {
+        if interactive {
+            eprint!("\rdump: {locks} locks so far");
+        }
     };
-    match client.dump(request).await {
-        Ok(reply) => {
+    let name = args.name.map(String::into_bytes);
+    let gathered = client.dump_all(&args.lockspace, name.as_deref(), args.max as usize, progress).await;
+    if interactive {
+        eprint!("\r\x1b[K");
+    }
+    match gathered {
+        Ok(mut resources) => {
+            // Pages come in the agent's order; people read names in order.
+            resources.sort_by(|a, b| a.name.cmp(&b.name));
             let value = Value::Array(
-                reply
-                    .resources
+                resources
                     .iter()
                     .map(|r| {
                         json!({
@@ -234,7 +244,7 @@ pub async fn dump(args: DumpArgs) -> ExitCode {
             );
             print(args.json, &value, || {
                 let mut out = String::new();
-                for r in &reply.resources {
+                for r in &resources {
                     let lvb = match &r.lvb {
                         Some(lvb) => format!("lvb {}{}", hex(lvb), if r.lvb_valid { "" } else { " (not valid)" }),
                         None => "no lvb".into(),
@@ -257,7 +267,7 @@ pub async fn dump(args: DumpArgs) -> ExitCode {
                         }
                     }
                 }
-                if reply.resources.is_empty() {
+                if resources.is_empty() {
                     out.push_str("no resources\n");
                 }
                 out

@@ -56,9 +56,8 @@ async fn snapshot(client: &dlm_agent::client::Client, args: &TraceDlmArgs) -> Re
     };
     let mut rows = Vec::new();
     for lockspace in lockspaces {
-        let request = proto::DumpRequest { lockspace: lockspace.clone(), name: None, max_resources: 0 };
-        let reply = client.dump(request).await.map_err(|e| call_failed(&e))?;
-        for resource in reply.resources {
+        let resources = client.dump_all(&lockspace, None, 0, |_| {}).await.map_err(|e| call_failed(&e))?;
+        for resource in resources {
             let name = String::from_utf8_lossy(&resource.name).into_owned();
             let queues =
                 [("holding", resource.granted), ("converting", resource.converting), ("waiting", resource.waiting)];

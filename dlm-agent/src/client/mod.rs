@@ -245,12 +245,59 @@ impl Client {
         .await
     }
 
-    /// Resources of a lockspace with their queues.
+    /// One page of a lockspace's resources with their queues (see
+    /// [`Client::dump_all`] for all of them).
     ///
     /// # Errors
     /// The call failed (unknown lockspace among others).
     pub async fn dump(&self, request: proto::DumpRequest) -> Result<proto::DumpReply, ClientError> {
         answered(&self.target, async { Ok(self.grpc.clone().dump(request).await?.into_inner()) }).await
+    }
+
+    /// A lockspace's resources (the one named, if any) with their queues,
+    /// page after page, at most `max_resources` of them (0: all); a
+    /// resource split over pages comes back whole. `progress` hears the
+    /// locks gathered so far after each page.
+    ///
+    /// # Errors
+    /// A call failed (unknown lockspace among others).
+    pub async fn dump_all(
+        &self,
+        lockspace: &str,
+        name: Option<&[u8]>,
+        max_resources: usize,
+        mut progress: impl FnMut(usize),
+    ) -> Result<Vec<proto::ResourceInfo>, ClientError> {
+        let wanted = if max_resources == 0 { usize::MAX } else { max_resources };
+        let mut resources: Vec<proto::ResourceInfo> = Vec::new();
+        let (mut page_token, mut locks) = (Vec::new(), 0);
+        loop {
+            let request = proto::DumpRequest {
+                lockspace: lockspace.into(),
+                name: name.map(<[u8]>::to_vec),
+                page_token,
+                ..proto::DumpRequest::default()
+            };
+            let page = self.dump(request).await?;
+            for part in page.resources {
+                locks += part.granted.len() + part.converting.len() + part.waiting.len();
+                match resources.last_mut() {
+                    Some(last) if part.continued && last.name == part.name => {
+                        last.granted.extend(part.granted);
+                        last.converting.extend(part.converting);
+                        last.waiting.extend(part.waiting);
+                    }
+                    _ => resources.push(part),
+                }
+            }
+            progress(locks);
+            // More than wanted means the last wanted one is complete.
+            if page.next_page_token.is_empty() || resources.len() > wanted {
+                resources.truncate(wanted);
+                return Ok(resources);
+            }
+            page_token = page.next_page_token;
+        }
     }
 
     /// Creates a lockspace (`lvb_len` 0: the default).

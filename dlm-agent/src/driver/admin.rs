@@ -5,11 +5,11 @@ use std::ffi::CString;
 use std::sync::Arc;
 
 use dlm_core::cluster::NodeId;
-use dlm_core::{LockspaceConfig, SessionId};
+use dlm_core::{DumpCursor, LockspaceConfig, PageBounds, SessionId};
 
 use super::observe::evidence_to_wire;
 use super::{Driver, LockspaceName, SessionState};
-use crate::bounds::{DUMP_RESOURCES_DEFAULT, DUMP_RESOURCES_MAX};
+use crate::bounds::{DUMP_LOCKS_MAX, DUMP_RESOURCES_DEFAULT, DUMP_RESOURCES_MAX};
 use crate::codes::{RejectCode, SessionEnd};
 use crate::convert::{self, Rejection};
 use crate::proto;
@@ -92,16 +92,33 @@ impl Driver {
         proto::LockspacesReply { lockspaces }
     }
 
+    /// One page of a dump: built within its bounds, so that a resource with
+    /// a million locks holds the engine up for a page at a time.
     pub(super) fn dump(&self, request: &proto::DumpRequest) -> Result<proto::DumpReply, Rejection> {
         let id = self
             .node
             .lockspace_id(request.lockspace.as_bytes())
             .ok_or_else(|| unknown_lockspace(0, &request.lockspace))?;
-        let max = match request.max_resources {
-            0 => DUMP_RESOURCES_DEFAULT,
-            n => (n as usize).min(DUMP_RESOURCES_MAX),
+        let from = match request.page_token.as_slice() {
+            [] => None,
+            token => Some(DumpCursor::from_bytes(token).ok_or_else(|| {
+                Rejection::new(0, RejectCode::InvalidPageToken, "page_token is not one this agent gave")
+            })?),
         };
-        let resources = self.node.dump(id, request.name.as_deref(), max).map_err(|e| Rejection::from_engine(0, &e))?;
+        let bounds = PageBounds {
+            resources: match request.max_resources {
+                0 => DUMP_RESOURCES_DEFAULT,
+                n => (n as usize).min(DUMP_RESOURCES_MAX),
+            },
+            locks: match request.max_locks {
+                0 => DUMP_LOCKS_MAX,
+                n => (n as usize).min(DUMP_LOCKS_MAX),
+            },
+        };
+        let page = self
+            .node
+            .dump_page(id, request.name.as_deref(), from.as_ref(), bounds)
+            .map_err(|e| Rejection::from_engine(0, &e))?;
         let now = self.clock.now();
         let evidence = &self.observer.evidence;
         let lock = |info: &dlm_core::LockInfo| {
@@ -129,7 +146,9 @@ impl Driver {
             }
         };
         Ok(proto::DumpReply {
-            resources: resources
+            next_page_token: page.next.map(|c| c.to_bytes()).unwrap_or_default(),
+            resources: page
+                .resources
                 .iter()
                 .map(|r| proto::ResourceInfo {
                     name: r.name.clone(),
@@ -139,6 +158,7 @@ impl Driver {
                     granted: r.granted.iter().map(lock).collect(),
                     converting: r.converting.iter().map(lock).collect(),
                     waiting: r.waiting.iter().map(lock).collect(),
+                    continued: r.continued,
                 })
                 .collect(),
         })

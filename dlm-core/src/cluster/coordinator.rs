@@ -322,16 +322,14 @@ impl ClusterNode {
 #[cfg(feature = "sim")]
 impl ClusterNode {
     fn log_candidate(&mut self, candidate: &Candidate) {
-        let local = self.engine.wait_edges();
         let me = self.config.node;
         let edges = candidate
             .confirm
             .iter()
             .flat_map(|(&master, edges)| edges.iter().map(move |&edge| (master, edge)))
             .map(|(master, edge)| {
-                let exists = (master == me).then(|| {
-                    local.iter().any(|(from, e)| *from == edge.from && e.to == edge.to && e.wait == edge.wait)
-                });
+                // Judged as the simulator's checker judges the others' (`waits_for`).
+                let exists = (master == me).then(|| self.engine.waits_for(edge.from, &edge.wait, edge.to));
                 (master, edge, exists)
             })
             .collect();

@@ -547,6 +547,20 @@ impl ClusterNode {
         self.engine.dump(id, name, max_resources)
     }
 
+    /// A page of the dump of the resources mastered here (see [`Node::dump_page`]).
+    ///
+    /// # Errors
+    /// Unknown lockspace.
+    pub fn dump_page(
+        &self,
+        id: LockspaceId,
+        name: Option<&[u8]>,
+        from: Option<&crate::DumpCursor>,
+        bounds: crate::PageBounds,
+    ) -> Result<crate::DumpPage, RequestError> {
+        self.engine.dump_page(id, name, from, bounds)
+    }
+
     /// A local client's lock as a dump shows it; for a lock mastered
     /// elsewhere, this node's copy (modes only).
     #[must_use]

@@ -174,10 +174,7 @@ impl Sim {
                     let real = edges.iter().all(|&(master, edge, exists)| {
                         exists.unwrap_or_else(|| {
                             let engine = self.nodes[usize::from(master.0 - 1)].engine();
-                            engine
-                                .wait_edges()
-                                .iter()
-                                .any(|(from, e)| *from == edge.from && e.to == edge.to && e.wait == edge.wait)
+                            engine.waits_for(edge.from, &edge.wait, edge.to)
                         })
                     });
                     self.candidates.insert((n, probe), real);

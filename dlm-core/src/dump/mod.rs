@@ -1,5 +1,5 @@
 //! Read-only views of the engine's state, for `dump`/`ls` commands and tests
-//! (like `dlm_tool lockdebug`).
+//! (like `dlm_tool lockdebug`); [`DumpPage`]s for dumps of any size.
 
 use crate::flags::LockFlags;
 use crate::ids::{FencingToken, LockHandle, LockspaceId, SessionId};
@@ -8,6 +8,10 @@ use crate::lockspace::{Lockspace, LockspaceConfig};
 use crate::mode::Mode;
 use crate::queue::Queue;
 use crate::slab::Slab;
+
+mod page;
+
+pub use page::{DumpCursor, DumpPage, PageBounds, SLOTS_PER_PAGE_MAX};
 
 /// A lockspace and its counts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -43,6 +47,9 @@ pub struct ResourceInfo {
     pub converting: Vec<LockInfo>,
     /// New requests waiting, in queue order.
     pub waiting: Vec<LockInfo>,
+    /// In a paged dump: the previous page gave this resource's first locks,
+    /// these are the rest (or the next part) of its queues.
+    pub continued: bool,
 }
 
 /// One lock.
@@ -96,6 +103,7 @@ impl Lockspace {
                     granted: queue(&resource.granted),
                     converting: queue(&resource.converting),
                     waiting: queue(&resource.waiting),
+                    continued: false,
                 }
             })
             .collect()
