@@ -180,3 +180,30 @@ async fn one_uid_cannot_open_every_session() {
     let guard = again.lock("default", "q", Mode::Ex, LockOptions::default()).await.expect("lock");
     assert!(guard.fencing_token() > 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_past_the_node_wide_ceiling_are_refused_with_a_typed_error() {
+    // Two lockspaces, one ceiling for the node: what bounds its memory.
+    let agent = Agent::start(
+        "locksmax",
+        "[limits]\nlocks_max = 100\n[[lockspace]]\nname = \"default\"\n[[lockspace]]\nname = \"other\"\n",
+    );
+    let client = agent.client().await;
+    let session = client.session().await.expect("session");
+    let mut held = Vec::new();
+    for n in 0..100 {
+        let lockspace = if n % 2 == 0 { "default" } else { "other" };
+        held.push(session.lock(lockspace, format!("r{n}"), Mode::Pr, LockOptions::default()).await.expect("within"));
+    }
+    let refused = session.lock("other", "one-too-many", Mode::Pr, LockOptions::default()).await;
+    match refused {
+        Err(dlm_agent::client::LockError::Rejected { code, message }) => {
+            assert_eq!(code, "limit_exceeded");
+            assert!(message.contains("locks_max"), "{message}");
+        }
+        other => panic!("the 101st lock: {:?}", other.map(|g| g.fencing_token())),
+    }
+    held.pop().expect("a lock").unlock().await.expect("unlock");
+    let again = session.lock("other", "one-too-many", Mode::Pr, LockOptions::default()).await;
+    assert!(again.is_ok(), "a lock given back makes room");
+}

@@ -28,6 +28,8 @@ pub enum Limit {
     LocksPerSession,
     /// [`Limits::locks_per_lockspace_max`].
     LocksPerLockspace,
+    /// [`Limits::locks_max`].
+    Locks,
     /// [`Limits::resources_per_lockspace_max`].
     ResourcesPerLockspace,
     /// [`Limits::waiters_per_resource_max`].
@@ -45,6 +47,7 @@ impl Limit {
             Limit::Sessions => "sessions_max",
             Limit::LocksPerSession => "locks_per_session_max",
             Limit::LocksPerLockspace => "locks_per_lockspace_max",
+            Limit::Locks => "locks_max",
             Limit::ResourcesPerLockspace => "resources_per_lockspace_max",
             Limit::WaitersPerResource => "waiters_per_resource_max",
             Limit::RequestTimeout => "request_timeout_max",
@@ -64,6 +67,10 @@ pub struct Limits {
     pub locks_per_session_max: u32,
     /// Locks in one lockspace, orphans included.
     pub locks_per_lockspace_max: u32,
+    /// Locks in the whole node, every lockspace and orphans included: what
+    /// bounds the node's memory (the agent derives it from the memory it
+    /// may use).
+    pub locks_max: u64,
     /// Resources in one lockspace.
     pub resources_per_lockspace_max: u32,
     /// Requests queued on one resource (converting plus waiting). Bounds the
@@ -83,6 +90,7 @@ impl Default for Limits {
             sessions_max: 65_536,
             locks_per_session_max: 1 << 20,
             locks_per_lockspace_max: 1 << 24,
+            locks_max: 1 << 24,
             resources_per_lockspace_max: 1 << 24,
             waiters_per_resource_max: 4096,
             request_timeout_max: Duration::from_secs(7 * 24 * 3600),
@@ -110,6 +118,9 @@ impl Limits {
             if value == 0 {
                 return Err(format!("{name} must be at least 1"));
             }
+        }
+        if self.locks_max == 0 {
+            return Err("locks_max must be at least 1".into());
         }
         // Zero would refuse every request that has a timeout at all.
         if self.request_timeout_max.is_zero() {

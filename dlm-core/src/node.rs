@@ -150,6 +150,8 @@ impl Node {
         }
         lockspace.drop_all(&mut self.out);
         let lockspace = self.lockspaces.remove(&id).expect("looked up above");
+        // Orphans go with the lockspace without being destroyed one by one.
+        self.out.locks -= u64::from(lockspace.locks.len());
         self.lockspace_names.remove(&lockspace.name);
         self.apply_freed();
         Ok(())
@@ -374,10 +376,14 @@ impl Node {
     /// # Errors
     /// A description of the first violation found.
     pub fn check_invariants(&self) -> Result<(), String> {
-        let mut owned = 0usize;
+        let (mut owned, mut all) = (0usize, 0u64);
         for lockspace in self.lockspaces.values() {
             lockspace.check_all()?;
             owned += lockspace.locks.iter().filter(|(_, lock)| !lock.orphan).count();
+            all += u64::from(lockspace.locks.len());
+        }
+        if all != self.out.locks {
+            return Err(format!("{all} locks exist, {} counted", self.out.locks));
         }
         let mut mapped = 0usize;
         for (&session, owner) in &self.sessions {

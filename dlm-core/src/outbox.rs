@@ -20,6 +20,8 @@ pub(crate) struct Outbox {
     pub(crate) wait_seq: u64,
     /// Grants made so far, to tell whether an operation granted anything.
     pub(crate) grants: u64,
+    /// Locks that exist, in every lockspace (for [`crate::Limits::locks_max`]).
+    pub(crate) locks: u64,
     /// Record the names of resources freed (a cluster node releases its
     /// mastership of them after a delay).
     pub(crate) track_released: bool,

@@ -15,6 +15,7 @@ use crate::codes::Family;
 
 mod clients;
 mod cluster;
+pub mod memory;
 
 pub use clients::ClientLimits;
 pub use cluster::{ClusterSettings, MemberEntry};
@@ -96,7 +97,10 @@ impl Default for Config {
             http: Some(SocketAddr::from(([127, 0, 0, 1], 9420))),
             keepalive: Duration::from_secs(10),
             session_queue_max: 4096,
-            limits: Limits::default(),
+            limits: Limits {
+                locks_max: memory::available().map_or(Limits::default().locks_max, memory::locks_max_for),
+                ..Limits::default()
+            },
             clients: ClientLimits::resolve(
                 &clients::FileClients::default(),
                 clients::descriptor_limit(),
@@ -159,6 +163,7 @@ struct FileLimits {
     sessions_max: Option<u32>,
     locks_per_session_max: Option<u32>,
     locks_per_lockspace_max: Option<u32>,
+    locks_max: Option<u64>,
     resources_per_lockspace_max: Option<u32>,
     waiters_per_resource_max: Option<u32>,
     request_timeout_max: Option<String>,
@@ -329,6 +334,7 @@ impl Config {
                 sessions_max,
                 locks_per_session_max,
                 locks_per_lockspace_max,
+                locks_max,
                 resources_per_lockspace_max,
                 waiters_per_resource_max,
                 deadlock_search_sessions_max

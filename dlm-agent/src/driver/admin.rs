@@ -1,9 +1,6 @@
 //! The admin commands: status, lockspaces (which also refresh the gauges),
 //! dumps, lockspace creation and release, and the shutdown.
 
-use std::ffi::CString;
-use std::sync::Arc;
-
 use dlm_core::cluster::NodeId;
 use dlm_core::{DumpCursor, LockspaceConfig, PageBounds, SessionId};
 
@@ -126,10 +123,9 @@ impl Driver {
             let state = if info.orphan { None } else { self.sessions.get(&info.session) };
             let credentials = state.map(|s| s.credentials).unwrap_or_default();
             let known = state.and_then(|s| s.locks.get(&info.handle.0));
-            let phase_start = known.and_then(|k| if info.granted.is_some() { k.granted_at } else { k.requested_at });
-            let attribution = known
-                .and_then(|k| k.mark.as_ref())
-                .and_then(|mark| evidence.since(state.and_then(SessionState::pid), mark));
+            let phase_start = known.and_then(|k| k.phase_start(info.granted.is_some()));
+            let attribution =
+                known.and_then(|k| k.mark()).and_then(|mark| evidence.since(state.and_then(SessionState::pid), mark));
             proto::LockInfo {
                 session: info.session.0,
                 handle: info.handle.0,
@@ -141,7 +137,7 @@ impl Driver {
                 fencing_token: info.token.map_or(0, |t| t.0),
                 flags: info.flags.bits(),
                 phase_ms: phase_start
-                    .map_or(0, |at| u64::try_from(now.saturating_duration_since(at).as_millis()).unwrap_or(u64::MAX)),
+                    .map_or(0, |at| u64::try_from(at.until(self.clock, now).as_millis()).unwrap_or(u64::MAX)),
                 attribution: attribution.as_ref().map(evidence_to_wire),
             }
         };
@@ -170,10 +166,7 @@ impl Driver {
             .node
             .create_lockspace(name.as_bytes(), LockspaceConfig { lvb_len })
             .map_err(|e| Rejection::from_engine(0, &e))?;
-        // A name with a NUL byte cannot be a C string: the USDT probe points show it empty.
-        let c_string = CString::new(name).unwrap_or_default();
-        self.lockspace_names
-            .insert(id, LockspaceName { text: Arc::from(name), c_string: Arc::from(c_string.as_c_str()) });
+        self.lockspace_names.insert(id, LockspaceName::new(name));
         self.observer.metrics.add_lockspace(name);
         Ok(())
     }

@@ -33,7 +33,7 @@ mod peers;
 mod requests;
 
 use std::collections::HashMap;
-use std::ffi::CStr;
+use std::ffi::{CStr, CString};
 use std::sync::Arc;
 
 use dlm_core::cluster::{ClusterConfig, ClusterNode, Member, Membership, NodeId};
@@ -70,11 +70,25 @@ impl SessionState {
     }
 }
 
-/// A lockspace's name, as text for labels and as a C string for the USDT probe points.
+/// A lockspace's name, as text for labels and as a C string for the USDT
+/// probe points; one allocation shared by all the lockspace's locks, so a
+/// lock's record holds one pointer for it.
 #[derive(Clone)]
-struct LockspaceName {
-    text: Arc<str>,
-    c_string: Arc<CStr>,
+struct LockspaceName(Arc<(Box<str>, CString)>);
+
+impl LockspaceName {
+    fn new(name: &str) -> LockspaceName {
+        // A name with a NUL byte cannot be a C string: the USDT probe points show it empty.
+        LockspaceName(Arc::new((name.into(), CString::new(name).unwrap_or_default())))
+    }
+
+    fn text(&self) -> &str {
+        &self.0.0
+    }
+
+    fn c_string(&self) -> &CStr {
+        &self.0.1
+    }
 }
 
 struct Driver {
@@ -129,7 +143,7 @@ pub fn start(
     for peer in &peer_ids {
         node.handle_link(dlm_core::Instant::ZERO, *peer, false);
     }
-    let observer = Observer::new(&config, metrics, attribution);
+    let observer = Observer::new(&config, metrics, attribution, clock);
     let mut driver = Driver {
         node,
         node_id,

@@ -5,7 +5,7 @@
 use dlm_core::cluster::Outcome;
 use dlm_core::{ClientRequest, SessionId};
 
-use super::observe::{self, LockRecord, ResourceName};
+use super::observe::{self, LockRecord, ResourceName, Stamp};
 use super::{Driver, admin};
 use crate::convert::{self, Decoded, Rejection};
 use crate::proto;
@@ -32,7 +32,7 @@ impl Driver {
         let span = match (&request, &lockspace_name) {
             (ClientRequest::Lock(lock), Some(lockspace)) if self.config.lock_spans => {
                 let pid = self.sessions.get(&session).and_then(|s| s.credentials.pid).unwrap_or(0);
-                Some(self.observer.lock_span(session, pid, &lockspace.text, lock, traceparent.as_deref()))
+                Some(self.observer.lock_span(session, pid, lockspace.text(), lock, traceparent.as_deref()))
             }
             _ => None,
         };
@@ -52,13 +52,13 @@ impl Driver {
                 match (lockspace_name, mode) {
                     (Some(lockspace), Some(mode)) => {
                         // A new lock; its completion may already be queued.
-                        let mut record = LockRecord::new(lockspace, resource, mode, now, span);
+                        let mut record = LockRecord::new(lockspace, resource, mode, Stamp::at(self.clock, now), span);
                         self.observer.lock_requested(&mut record, state.pid(), session, handle, queued);
                         state.locks.insert(handle, record);
                     }
                     (None, Some(mode)) => {
                         if let Some(record) = state.locks.get_mut(&handle) {
-                            record.convert_requested(mode, now, queued);
+                            record.convert_requested(mode, Stamp::at(self.clock, now), queued);
                         }
                     }
                     _ => {}

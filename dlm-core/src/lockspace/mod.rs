@@ -192,6 +192,9 @@ impl Lockspace {
         if self.locks.len() >= limits.locks_per_lockspace_max {
             return Err(RequestError::LimitExceeded(Limit::LocksPerLockspace));
         }
+        if out.locks >= limits.locks_max {
+            return Err(RequestError::LimitExceeded(Limit::Locks));
+        }
         let r = match self.find_resource(&req.name) {
             Some(r) => r,
             None if self.resources.len() >= limits.resources_per_lockspace_max => {
@@ -200,6 +203,7 @@ impl Lockspace {
             None => self.create_resource(req.name),
         };
         let l = self.locks.insert(Lock::new(session, req.handle, r, req.mode, req.flags));
+        out.locks += 1;
         out.touched.push((self.id, r));
 
         if let Some(grant) = self.grant_mode(l, true) {
@@ -212,6 +216,7 @@ impl Lockspace {
                 self.notify_holders_of(out, r, req.mode, None);
             }
             self.locks.remove(l);
+            out.locks -= 1;
             out.effects.push_back(Effect::Complete(Completion {
                 session,
                 handle: req.handle,
@@ -227,6 +232,7 @@ impl Lockspace {
         }
         if self.resources[r].queued >= limits.waiters_per_resource_max {
             self.locks.remove(l);
+            out.locks -= 1;
             return Err(RequestError::LimitExceeded(Limit::WaitersPerResource));
         }
         self.start_wait(out, now, l, req.timeout);

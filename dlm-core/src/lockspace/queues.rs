@@ -69,6 +69,7 @@ impl Lockspace {
     /// Frees a lock that is on no queue and tells the node its handle is free.
     pub(super) fn destroy(&mut self, out: &mut Outbox, l: u32) {
         let lock = self.locks.remove(l);
+        out.locks -= 1;
         if !lock.orphan {
             out.freed.push((lock.session, lock.handle));
         }

@@ -10,7 +10,9 @@ mod evidence;
 mod usdt;
 
 use std::collections::HashMap;
+use std::num::NonZeroU64;
 use std::sync::Arc;
+use std::time::Duration;
 
 use dlm_core::cluster::ClusterNode;
 use dlm_core::{Effect, LockRequest, Mode, Op, SessionId, Status};
@@ -22,40 +24,70 @@ use self::evidence::KernelEvidence;
 pub(super) use self::evidence::to_wire as evidence_to_wire;
 pub(super) use self::usdt::ResourceName;
 use super::{LockspaceName, SessionState};
+use crate::clock::Clock;
 use crate::codes::{LinkReset, LockPhase, RejectCode, SessionEnd};
 use crate::config::Config;
 use crate::ebpf::AttributionMaps;
 use crate::metrics::Metrics;
 
-/// Adds an event to a lock's span, if it has one.
+/// Adds an event to a lock's span, if it has one (`$span`: an `Option<&Span>`).
 macro_rules! span_event {
     ($span:expr, $($event:tt)+) => {
-        if let Some(span) = &$span {
+        if let Some(span) = $span {
             tracing::info!(target: crate::telemetry::LOCK_TARGET, parent: span, $($event)+);
         }
     };
 }
 
+/// When something happened, as nanoseconds since the agent's clock started
+/// (plus one, so that `Option<Stamp>` takes eight bytes): a lock's record
+/// keeps two.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Stamp(NonZeroU64);
+
+impl Stamp {
+    /// `at`, on `clock`.
+    pub(super) fn at(clock: Clock, at: Instant) -> Stamp {
+        Stamp(NonZeroU64::MIN.saturating_add(clock.to_engine(at).as_nanos()))
+    }
+
+    /// The time from this stamp to `now`.
+    pub(super) fn until(self, clock: Clock, now: Instant) -> Duration {
+        now.saturating_duration_since(clock.to_tokio(dlm_core::Instant::from_nanos(self.0.get() - 1)))
+    }
+}
+
 /// What the agent remembers about one of a session's locks, for metrics,
-/// spans, USDT probe points, kernel evidence and dumps.
+/// spans, USDT probe points, kernel evidence and dumps. Kept small (72
+/// bytes; the heavy parts boxed and present only when their feature is on)
+/// because a node holds millions.
 pub(super) struct LockRecord {
+    /// Its lockspace's name (shared).
     lockspace: LockspaceName,
-    /// The mode of the pending request, or of the grant.
-    mode: Mode,
-    /// When the pending request was made.
-    pub(super) requested_at: Option<Instant>,
-    /// When the lock was first granted.
-    pub(super) granted_at: Option<Instant>,
-    /// The lock's span (queued, granted, blocking callbacks, released), when
-    /// spans are exported.
-    span: Option<tracing::Span>,
-    /// The client process's kernel counters at the start of the current
-    /// phase (a queued request, or the first grant), when eBPF is on.
-    pub(super) mark: Option<Attribution>,
     /// The resource name, for the USDT probe points.
     resource: ResourceName,
+    /// Its span and kernel mark, when spans are exported or eBPF is on.
+    extras: Option<Box<Extras>>,
     /// The fencing token of the grant.
     token: u64,
+    /// When the pending request was made.
+    requested_at: Option<Stamp>,
+    /// When the lock was first granted.
+    granted_at: Option<Stamp>,
+    /// The mode of the pending request, or of the grant.
+    mode: Mode,
+}
+
+const _: () = assert!(std::mem::size_of::<LockRecord>() <= 72, "a lock's record stays small");
+
+/// What a lock's record keeps only when spans or eBPF are on.
+#[derive(Default)]
+struct Extras {
+    /// The lock's span (queued, granted, blocking callbacks, released).
+    span: Option<tracing::Span>,
+    /// The client process's kernel counters at the start of the current
+    /// phase (a queued request, or the first grant).
+    mark: Option<Attribution>,
 }
 
 impl LockRecord {
@@ -64,27 +96,62 @@ impl LockRecord {
         lockspace: LockspaceName,
         resource: ResourceName,
         mode: Mode,
-        now: Instant,
+        now: Stamp,
         span: Option<tracing::Span>,
     ) -> LockRecord {
-        LockRecord { lockspace, mode, requested_at: Some(now), granted_at: None, span, mark: None, resource, token: 0 }
+        LockRecord {
+            lockspace,
+            resource,
+            extras: span.map(|span| Box::new(Extras { span: Some(span), mark: None })),
+            token: 0,
+            requested_at: Some(now),
+            granted_at: None,
+            mode,
+        }
     }
 
     /// A conversion of this lock was accepted.
-    pub(super) fn convert_requested(&mut self, mode: Mode, now: Instant, queued: bool) {
+    pub(super) fn convert_requested(&mut self, mode: Mode, now: Stamp, queued: bool) {
         self.mode = mode;
         self.requested_at = Some(now);
-        span_event!(self.span, mode = mode.name(), queued, "convert requested");
+        span_event!(self.span(), mode = mode.name(), queued, "convert requested");
+    }
+
+    /// Its span, if it has one.
+    fn span(&self) -> Option<&tracing::Span> {
+        self.extras.as_ref().and_then(|e| e.span.as_ref())
+    }
+
+    /// The kernel counters at the start of its current phase, if marked.
+    pub(super) fn mark(&self) -> Option<&Attribution> {
+        self.extras.as_ref().and_then(|e| e.mark.as_ref())
+    }
+
+    fn take_mark(&mut self) -> Option<Attribution> {
+        self.extras.as_mut().and_then(|e| e.mark.take())
+    }
+
+    fn set_mark(&mut self, mark: Option<Attribution>) {
+        match (&mut self.extras, mark) {
+            (Some(extras), mark) => extras.mark = mark,
+            (None, Some(mark)) => self.extras = Some(Box::new(Extras { span: None, mark: Some(mark) })),
+            (None, None) => {}
+        }
+    }
+
+    /// When its current phase began: the first grant, or the pending request.
+    pub(super) fn phase_start(&self, granted: bool) -> Option<Stamp> {
+        if granted { self.granted_at } else { self.requested_at }
     }
 
     fn usdt_target(&self) -> usdt::Target<'_> {
-        usdt::Target { lockspace: &self.lockspace.c_string, resource: &self.resource }
+        usdt::Target { lockspace: self.lockspace.c_string(), resource: &self.resource }
     }
 }
 
 /// Marks a lock's span as rejected.
 pub(super) fn span_rejected(span: &Option<tracing::Span>, code: RejectCode) {
-    span_event!(span, code = code.as_str(), "rejected");
+    span_event!(span.as_ref(), code = code.as_str(), "rejected");
 }
 
 /// Where observations go.
@@ -94,12 +161,18 @@ pub(super) struct Observer {
     cluster: Option<ClusterMetrics>,
     /// Kernel attribution of lock phases (a no-op without eBPF).
     pub(super) evidence: KernelEvidence,
+    clock: Clock,
 }
 
 impl Observer {
-    pub(super) fn new(config: &Config, metrics: Arc<Metrics>, attribution: Option<AttributionMaps>) -> Observer {
+    pub(super) fn new(
+        config: &Config,
+        metrics: Arc<Metrics>,
+        attribution: Option<AttributionMaps>,
+        clock: Clock,
+    ) -> Observer {
         let cluster = config.cluster.as_ref().map(|c| ClusterMetrics::new(&metrics, c.members.len()));
-        Observer { metrics, cluster, evidence: KernelEvidence::new(attribution) }
+        Observer { metrics, cluster, evidence: KernelEvidence::new(attribution), clock }
     }
 
     pub(super) fn session_opened(&mut self, pid: Option<u32>) {
@@ -141,8 +214,8 @@ impl Observer {
         queued: bool,
     ) {
         if queued {
-            span_event!(record.span, "queued");
-            record.mark = self.evidence.mark(pid);
+            span_event!(record.span(), "queued");
+            record.set_mark(self.evidence.mark(pid));
         }
         usdt::request(record.usdt_target(), record.mode, session.0, handle, pid.map_or(0, u64::from));
     }
@@ -211,12 +284,13 @@ impl Observer {
                     Op::Unlock => "unlock",
                 };
                 let mode = completion.mode.unwrap_or(known.mode);
-                let lockspace = known.lockspace.text.clone();
+                let lockspace = known.lockspace.clone();
+                let lockspace = lockspace.text();
                 self.metrics
                     .requests
-                    .with_label_values(&[&lockspace, op, known.mode.name(), completion.status.name()])
+                    .with_label_values(&[lockspace, op, known.mode.name(), completion.status.name()])
                     .inc();
-                if let Some(span) = &known.span {
+                if let Some(span) = known.span() {
                     if completion.op == Op::Lock {
                         span.record("dlm.outcome", completion.status.name());
                     }
@@ -225,7 +299,7 @@ impl Observer {
                     }
                 }
                 span_event!(
-                    known.span,
+                    known.span(),
                     op,
                     status = completion.status.name(),
                     mode = mode.name(),
@@ -241,38 +315,38 @@ impl Observer {
                     Status::Granted => {
                         let mut wait_ns = 0;
                         if let Some(at) = known.requested_at.take() {
-                            let wait = now.saturating_duration_since(at);
+                            let wait = at.until(self.clock, now);
                             wait_ns = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
                             self.metrics
                                 .grant_wait
-                                .with_label_values(&[&lockspace, mode.name()])
+                                .with_label_values(&[lockspace, mode.name()])
                                 .observe(wait.as_secs_f64());
                             if let Some(cluster) = &self.cluster
                                 && node.remote_master(completion.session, completion.handle).is_some()
                             {
                                 cluster
                                     .remote_grant_wait
-                                    .with_label_values(&[&lockspace, mode.name()])
+                                    .with_label_values(&[lockspace, mode.name()])
                                     .observe(wait.as_secs_f64());
                             }
                         }
                         known.token = completion.token.map_or(known.token, |t| t.0);
                         usdt::grant(known.usdt_target(), mode, wait_ns, known.token, pid.map_or(0, u64::from));
                         if known.granted_at.is_none() {
-                            if let Some(mark) = known.mark.take() {
-                                self.evidence.finish(LockPhase::Wait, pid, &mark, &self.metrics, known.span.as_ref());
+                            if let Some(mark) = known.take_mark() {
+                                self.evidence.finish(LockPhase::Wait, pid, &mark, &self.metrics, known.span());
                             }
-                            known.mark = self.evidence.mark(pid);
+                            known.set_mark(self.evidence.mark(pid));
                         }
-                        known.granted_at.get_or_insert(now);
+                        known.granted_at.get_or_insert(Stamp::at(self.clock, now));
                         known.mode = mode;
                     }
                     Status::Unlocked => {
                         if let Some(at) = known.granted_at {
-                            let held = now.saturating_duration_since(at);
+                            let held = at.until(self.clock, now);
                             self.metrics
                                 .hold
-                                .with_label_values(&[&lockspace, known.mode.name()])
+                                .with_label_values(&[lockspace, known.mode.name()])
                                 .observe(held.as_secs_f64());
                             let held_ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
                             usdt::release(
@@ -283,8 +357,8 @@ impl Observer {
                                 pid.map_or(0, u64::from),
                             );
                         }
-                        if let Some(mark) = known.mark.take() {
-                            self.evidence.finish(LockPhase::Hold, pid, &mark, &self.metrics, known.span.as_ref());
+                        if let Some(mark) = known.take_mark() {
+                            self.evidence.finish(LockPhase::Hold, pid, &mark, &self.metrics, known.span());
                         }
                         state.locks.remove(&handle);
                     }
@@ -303,13 +377,13 @@ impl Observer {
                 if let Some(known) = state.and_then(|s| s.locks.get(&handle.0)) {
                     let pid = state.and_then(SessionState::pid).map_or(0, u64::from);
                     usdt::blocking(known.usdt_target(), *mode, session.0, handle.0, pid);
-                    self.metrics.blocking.with_label_values(&[&known.lockspace.text]).inc();
-                    span_event!(known.span, mode = mode.name(), "blocking callback sent");
+                    self.metrics.blocking.with_label_values(&[known.lockspace.text()]).inc();
+                    span_event!(known.span(), mode = mode.name(), "blocking callback sent");
                 }
             }
             Effect::Revoked { session, handle, reason } => {
                 if let Some(known) = sessions.get_mut(session).and_then(|s| s.locks.remove(&handle.0)) {
-                    span_event!(known.span, reason = ?reason, "revoked");
+                    span_event!(known.span(), reason = ?reason, "revoked");
                 }
             }
         }

@@ -40,25 +40,43 @@ fn mode_number(mode: Mode) -> u64 {
     mode as u64
 }
 
-/// A resource name kept inline and NUL-terminated (names are at most 64
-/// bytes), so probes can name the resource at grant and release without an
-/// allocation per lock.
-#[derive(Clone, Copy)]
-pub struct ResourceName {
-    bytes: [u8; 65],
+/// A resource name kept NUL-terminated, so probes can name the resource at
+/// grant and release. Every lock's record holds one, so a short name (up to
+/// [`INLINE_LEN`] bytes, most of them) is kept inline, and only a longer one
+/// (names are at most 64 bytes) costs an allocation.
+#[derive(Clone)]
+pub enum ResourceName {
+    /// The name and its NUL, padded with more NULs.
+    Inline([u8; INLINE_LEN + 1]),
+    /// The name and its NUL.
+    Boxed(Box<[u8]>),
 }
+
+/// The longest name kept inline: the record's name takes 24 bytes either way.
+pub const INLINE_LEN: usize = 22;
+
+const _: () = assert!(std::mem::size_of::<ResourceName>() == 24);
 
 impl ResourceName {
     /// Keeps the first 64 bytes of `name`.
     pub fn new(name: &[u8]) -> ResourceName {
-        let len = name.len().min(64);
-        let mut bytes = [0; 65];
-        bytes[..len].copy_from_slice(&name[..len]);
-        ResourceName { bytes }
+        let name = &name[..name.len().min(64)];
+        if name.len() <= INLINE_LEN {
+            let mut bytes = [0; INLINE_LEN + 1];
+            bytes[..name.len()].copy_from_slice(name);
+            return ResourceName::Inline(bytes);
+        }
+        let mut bytes = Vec::with_capacity(name.len() + 1);
+        bytes.extend_from_slice(name);
+        bytes.push(0);
+        ResourceName::Boxed(bytes.into_boxed_slice())
     }
 
     fn as_ptr(&self) -> *const u8 {
-        self.bytes.as_ptr()
+        match self {
+            ResourceName::Inline(bytes) => bytes.as_ptr(),
+            ResourceName::Boxed(bytes) => bytes.as_ptr(),
+        }
     }
 }
 
