@@ -118,6 +118,12 @@ impl DriverHandle {
         self.commands.send(command).await.map_err(|_| DriverStopped)
     }
 
+    /// Whether the driver has stopped taking commands (the agent is stopping).
+    #[must_use]
+    pub fn is_stopped(&self) -> bool {
+        self.commands.is_closed()
+    }
+
     /// Sends a command built around a reply channel and waits for the reply.
     ///
     /// # Errors

@@ -62,6 +62,26 @@ impl Rejection {
     }
 }
 
+/// The handle a client message names (0 when it names none).
+#[must_use]
+pub fn handle_of(message: &proto::ClientMessage) -> u64 {
+    use proto::client_message::Body;
+    match &message.body {
+        None => 0,
+        Some(Body::Lock(lock)) => lock.handle,
+        Some(Body::Convert(convert)) => convert.handle,
+        Some(Body::Unlock(unlock)) => unlock.handle,
+        Some(Body::Cancel(cancel)) => cancel.handle,
+    }
+}
+
+/// The answer to a request (naming `handle`) that comes while the agent
+/// stops: refused as `shutting_down`, nothing done.
+#[must_use]
+pub fn shutting_down(handle: u64) -> proto::ServerMessage {
+    Rejection::new(handle, RejectCode::ShuttingDown, "the agent is shutting down").into_message()
+}
+
 /// A client message ready for the engine.
 #[derive(Debug)]
 pub struct Decoded {

@@ -8,6 +8,7 @@ use super::observe::evidence_to_wire;
 use super::{Driver, LockspaceName, SessionState};
 use crate::bounds::{DUMP_LOCKS_MAX, DUMP_RESOURCES_DEFAULT, DUMP_RESOURCES_MAX};
 use crate::codes::{RejectCode, SessionEnd};
+use crate::command::Command;
 use crate::convert::{self, Rejection};
 use crate::proto;
 
@@ -15,9 +16,24 @@ impl Driver {
     /// The node answers every pending request (cancelled) and revokes every
     /// lock (see `ClusterNode::shutdown`); the clients hear why, then every
     /// session ends.
-    pub(super) fn shutdown(&mut self) {
+    pub(super) fn shutdown(&mut self, queued: &mut tokio::sync::mpsc::Receiver<Command>) {
         self.stopping = true;
         self.node.shutdown(self.clock.engine_now());
+        self.route_effects();
+        while let Ok(command) = queued.try_recv() {
+            match command {
+                Command::Client { session, message } => {
+                    self.deliver(session, convert::shutting_down(convert::handle_of(&message)))
+                }
+                Command::Open { reply, .. } => {
+                    let _ = reply.send(Err(Rejection::new(0, RejectCode::ShuttingDown, "the agent is shutting down")));
+                }
+                Command::Shutdown { reply } => {
+                    let _ = reply.send(());
+                }
+                other => self.handle(other),
+            }
+        }
         self.route_effects();
         let mut sessions: Vec<SessionId> = self.sessions.keys().copied().collect();
         sessions.sort_unstable();

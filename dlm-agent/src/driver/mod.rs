@@ -176,15 +176,15 @@ impl Driver {
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { break };
-                    if self.handle_or_stop(command) {
-                        return;
+                    if let Some(reply) = self.handle_or_stop(command) {
+                        return self.stop(&mut commands, reply);
                     }
                     // Under load, take what is already queued before routing
                     // effects: fewer wake-ups of the session streams.
                     for _ in 0..COMMAND_BATCH_MAX {
                         let Ok(command) = commands.try_recv() else { break };
-                        if self.handle_or_stop(command) {
-                            return;
+                        if let Some(reply) = self.handle_or_stop(command) {
+                            return self.stop(&mut commands, reply);
                         }
                     }
                 }
@@ -196,15 +196,22 @@ impl Driver {
         }
     }
 
-    /// Handles a command; true when it was the shutdown (already carried out).
-    fn handle_or_stop(&mut self, command: Command) -> bool {
+    /// Handles a command, unless it is the shutdown: then its reply.
+    fn handle_or_stop(&mut self, command: Command) -> Option<oneshot::Sender<()>> {
         if let Command::Shutdown { reply } = command {
-            self.shutdown();
-            let _ = reply.send(());
-            return true;
+            return Some(reply);
         }
         self.handle(command);
-        false
+        None
+    }
+
+    /// Stops: no command is taken any more; those already queued are
+    /// answered (a client's request refused as `shutting_down`, as every
+    /// pending one is cancelled), then every session ends.
+    fn stop(&mut self, commands: &mut mpsc::Receiver<Command>, reply: oneshot::Sender<()>) {
+        commands.close();
+        self.shutdown(commands);
+        let _ = reply.send(());
     }
 
     fn handle(&mut self, command: Command) {

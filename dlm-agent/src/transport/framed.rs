@@ -39,9 +39,13 @@ use super::preface::{Replayed, read_http2_start};
 
 use crate::codes::RejectCode;
 use crate::command::{Command, Credentials, DriverHandle, OpenError, OpenSession, SessionOutput};
+use crate::convert;
 use crate::framing::{self, Frame, FrameKind, FrameSink};
 use crate::proto;
 
+/// How long, at shutdown, a session's requests still coming are answered
+/// (refused as `shutting_down`) before its connection is closed.
+const SHUTDOWN_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long the agent waits at shutdown for framed connections to drain.
 const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -202,6 +206,9 @@ async fn read_frames(
     let mut body = Vec::new();
     let mut deadline = Instant::now() + keepalive;
     let mut pinged = false;
+    // Set when the agent stops: what the client still sends is answered
+    // (refused as shutting_down) until it closes, or until this deadline.
+    let mut closing: Option<Instant> = None;
     // Pings and pongs count against the frames a client may leave unread,
     // so a client that pings without reading cannot grow the agent's memory.
     let control = |kind| sink.send_control(kind).is_ok() && sink.frames_waiting() <= settings.session_queue_max;
@@ -213,8 +220,18 @@ async fn read_frames(
         let frame = loop {
             tokio::select! {
                 frame = &mut read => break frame,
-                _ = &mut ended => return true,
-                () = tokio::time::sleep_until(deadline) => {
+                _ = &mut ended, if closing.is_none() => {
+                    // Ended by the driver: a slow reader is let go at once; at
+                    // shutdown, requests already on their way get an answer.
+                    if !driver.is_stopped() {
+                        return true;
+                    }
+                    closing = Some(Instant::now() + SHUTDOWN_ANSWER_TIMEOUT);
+                }
+                () = tokio::time::sleep_until(closing.unwrap_or(deadline)) => {
+                    if closing.is_some() {
+                        return true;
+                    }
                     if pinged {
                         tracing::debug!(session = session.0, "framed session silent past its keepalive");
                         return false;
@@ -231,8 +248,14 @@ async fn read_frames(
         pinged = false;
         match frame {
             Ok(Frame::Message(message)) => {
-                if driver.send(Command::Client { session, message }).await.is_err() {
-                    return false;
+                let handle = convert::handle_of(&message);
+                if closing.is_none() && driver.send(Command::Client { session, message }).await.is_err() {
+                    // The driver stopped between two messages: this one,
+                    // and any after it, are answered here.
+                    closing = Some(Instant::now() + SHUTDOWN_ANSWER_TIMEOUT);
+                }
+                if closing.is_some() && sink.send_message(&convert::shutting_down(handle)).is_err() {
+                    return true;
                 }
             }
             Ok(Frame::Ping) => {
@@ -244,7 +267,7 @@ async fn read_frames(
             Ok(Frame::Pong) => {}
             Err(error) => {
                 tracing::debug!(session = session.0, %error, "framed session ended");
-                return false;
+                return closing.is_some();
             }
         }
     }

@@ -12,7 +12,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::command::{Command, Credentials, DriverHandle, DriverStopped, OpenError, OpenSession, SessionOutput};
+use crate::command::{
+    Command, Credentials, DriverHandle, DriverStopped, OpenError, OpenSession, SessionOutput, SessionSender,
+};
 use crate::convert::Rejection;
 use crate::proto;
 
@@ -50,6 +52,22 @@ fn credentials_of<T>(request: &Request<T>) -> Credentials {
         .unwrap_or_default()
 }
 
+/// At shutdown, a session's requests still coming are refused as
+/// `shutting_down` until the client ends its stream, or for at most this long.
+const SHUTDOWN_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Answers what a stopping agent's client still sends, then lets the
+/// stream end.
+async fn answer_while_stopping(inbound: &mut Streaming<proto::ClientMessage>, answers: &SessionSender) {
+    let until = tokio::time::Instant::now() + SHUTDOWN_ANSWER_TIMEOUT;
+    while let Ok(Ok(Some(message))) = tokio::time::timeout_at(until, inbound.message()).await {
+        let handle = crate::convert::handle_of(&message);
+        if answers.try_send(Ok(crate::convert::shutting_down(handle))).is_err() {
+            return;
+        }
+    }
+}
+
 type SessionStream = Pin<Box<dyn Stream<Item = Result<proto::ServerMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -80,11 +98,21 @@ impl proto::dlm_server::Dlm for DlmService {
             loop {
                 let message = tokio::select! {
                     message = inbound.message() => message,
-                    _ = &mut session_ended => return,
+                    _ = &mut session_ended => {
+                        if driver.is_stopped() {
+                            answer_while_stopping(&mut inbound, &refusal).await;
+                        }
+                        return;
+                    }
                 };
                 match message {
                     Ok(Some(message)) => {
+                        let handle = crate::convert::handle_of(&message);
                         if driver.send(Command::Client { session, message }).await.is_err() {
+                            // The driver stopped between two messages: this
+                            // one, and any after it, are answered here.
+                            let _ = refusal.try_send(Ok(crate::convert::shutting_down(handle)));
+                            answer_while_stopping(&mut inbound, &refusal).await;
                             return;
                         }
                     }
