@@ -62,7 +62,7 @@ mod tests {
     #[test]
     fn the_ceiling_is_half_the_memory_in_locks() {
         assert_eq!(locks_max_for(24 << 30), (24u64 << 30) / 2 / 320);
-        assert_eq!(locks_max_for(1 << 20), 1024, "a floor however small the memory");
+        assert_eq!(locks_max_for(1 << 18), 1024, "a floor however small the memory");
     }
 
     #[test]
