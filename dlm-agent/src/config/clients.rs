@@ -15,7 +15,7 @@ use super::{ConfigError, invalid, parse_duration};
 pub struct ClientLimits {
     /// Client connections open at once, every listener and protocol
     /// together. By default the process's descriptor limit less
-    /// [`DESCRIPTORS_KEPT`], so that `/healthz`, peers and files always
+    /// 256 (`DESCRIPTORS_KEPT`), so that `/healthz`, peers and files always
     /// have descriptors left.
     pub connections_max: usize,
     /// Connections one client may hold open: one uid on the Unix socket,
