@@ -214,6 +214,7 @@ pub fn status_to_wire(status: Status) -> proto::Status {
         Status::NotFound => proto::Status::NotFound,
         Status::Unavailable => proto::Status::Unavailable,
         Status::Rejected => proto::Status::Rejected,
+        Status::Fenced => proto::Status::Fenced,
     }
 }
 
@@ -250,6 +251,7 @@ fn revoke_reason(reason: dlm_core::RevokeReason) -> &'static str {
     match reason {
         dlm_core::RevokeReason::LockspaceReleased => "LockspaceReleased",
         dlm_core::RevokeReason::Shutdown => "agent shutting down",
+        dlm_core::RevokeReason::Fenced => "node fenced: no longer in the cluster's quorate view",
     }
 }
 

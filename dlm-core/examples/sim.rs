@@ -9,8 +9,6 @@
 use std::fmt::Write as _;
 use std::time::Instant;
 
-use dlm_core::sim::SimConfig;
-
 fn main() {
     let mut args = std::env::args().skip(1);
     let (mut start, mut seeds) = (0u64, 10_000u64);
@@ -34,12 +32,15 @@ fn main() {
     }
     // Everything that shapes a run, so that any failure replays from this line.
     eprintln!(
-        "sim: seeds {start}..{} ({seeds}); each seed: {:?}, link faults on odd seeds",
+        "sim: seeds {start}..{} ({seeds}); seed 0's shape: {:?}; link faults on odd seeds, membership \
+         faults with five nodes on seeds 2 and 3 modulo 4 (seed 2's shape: {:?})",
         start.saturating_add(seeds),
-        SimConfig::default()
+        dlm_core::sim::seed_config(0),
+        dlm_core::sim::seed_config(2)
     );
     let began = Instant::now();
     let (mut grants, mut deadlocks, mut messages, mut unavailable, mut lost) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut requests, mut faults) = (0u64, dlm_core::sim::Faults::default());
     let mut lines = String::new();
     for (i, seed) in (start..start.saturating_add(seeds)).enumerate() {
         match dlm_core::sim::run_seed(seed) {
@@ -49,6 +50,8 @@ fn main() {
                 messages += report.messages;
                 unavailable += u64::from(report.unavailable);
                 lost += report.lost;
+                requests += u64::from(report.requests);
+                faults += report.faults;
                 if record.is_some() {
                     let _ = writeln!(lines, "seed {seed}: {report}");
                 }
@@ -70,8 +73,9 @@ fn main() {
         eprintln!("reports written to {path}");
     }
     println!(
-        "{seeds} seeds from {start} passed in {:.1}s: {grants} grants, {deadlocks} deadlock victims, \
-         {unavailable} unavailable (link faults on odd seeds, {lost} messages lost), {messages} messages",
+        "{seeds} seeds from {start} passed in {:.1}s: {requests} client requests, {grants} grants, \
+         {deadlocks} deadlock victims, {unavailable} unavailable (link faults on odd seeds, {lost} messages \
+         lost), {messages} messages; membership faults (seeds 2 and 3 mod 4): {faults}",
         began.elapsed().as_secs_f64()
     );
 }

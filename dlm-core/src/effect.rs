@@ -40,6 +40,9 @@ pub enum Status {
     /// The resource's master (another node) refused the request; nothing
     /// changed there.
     Rejected,
+    /// This node is no longer a member of the cluster's quorate view (it was
+    /// left out, or lost quorum): it fenced itself, and nothing was granted.
+    Fenced,
 }
 
 impl Status {
@@ -56,6 +59,7 @@ impl Status {
             Status::NotFound => "not_found",
             Status::Unavailable => "unavailable",
             Status::Rejected => "rejected",
+            Status::Fenced => "fenced",
         }
     }
 }
@@ -89,6 +93,9 @@ pub enum RevokeReason {
     LockspaceReleased,
     /// The node is shutting down ([`crate::cluster::ClusterNode::shutdown`]).
     Shutdown,
+    /// The node left the cluster's quorate view: the other members recover
+    /// its locks, so it may not keep them ([`Status::Fenced`]).
+    Fenced,
 }
 
 /// An effect for the driver to carry out, in the order polled.
@@ -116,4 +123,15 @@ pub enum Effect {
         /// Why.
         reason: RevokeReason,
     },
+}
+
+impl Effect {
+    /// The session the effect is for.
+    #[must_use]
+    pub fn session(&self) -> SessionId {
+        match self {
+            Effect::Complete(c) => c.session,
+            Effect::Blocking { session, .. } | Effect::Revoked { session, .. } => *session,
+        }
+    }
 }

@@ -31,6 +31,8 @@ fn a_thousand_seeds_of_a_simulated_cluster_keep_every_invariant_and_replay_their
     let mut deadlocks = 0u64;
     let mut unavailable = 0u64;
     let mut lost = 0u64;
+    let mut requests = 0u64;
+    let mut faults = dlm_core::sim::Faults::default();
     let mut differing = Vec::new();
     for seed in 0..seeds {
         let report = run_seed(seed).unwrap_or_else(|e| panic!("{e}\nreplay: cargo xtask sim --seed {seed}"));
@@ -38,17 +40,37 @@ fn a_thousand_seeds_of_a_simulated_cluster_keep_every_invariant_and_replay_their
         deadlocks += u64::from(report.deadlocks);
         unavailable += u64::from(report.unavailable);
         lost += report.lost;
+        requests += u64::from(report.requests);
+        faults += report.faults;
         if let Some(expected) = recorded.get(&seed)
             && *expected != report.to_string()
         {
             differing.push(format!("seed {seed}:\n  recorded {expected}\n  now      {report}"));
         }
     }
+    println!("{seeds} seeds: {requests} client requests, {grants} grants, {deadlocks} deadlock victims, {faults:?}");
     // The workload must actually contend: grants and deadlock victims both occur.
     assert!(grants > seeds * 100, "{grants} grants over {seeds} seeds");
     assert!(deadlocks > 0, "no deadlock victim in {seeds} seeds: the workload no longer makes cycles");
     // Odd seeds cut links: messages are lost and requests fail over it.
     assert!(lost > 0 && unavailable > 0, "link faults had no effect: {lost} lost, {unavailable} unavailable");
+    // Seeds 2 and 3 modulo 4 have membership faults: each kind happens, and
+    // recovery runs many times.
+    if seeds >= 1000 {
+        assert!(requests >= 1_000_000, "{requests} client requests over {seeds} seeds: fewer than 10^6");
+        let kinds = [
+            ("crashes", faults.crashes),
+            ("joins (restarts)", faults.joins),
+            ("partitions", faults.partitions),
+            ("pauses", faults.pauses),
+            ("failures during recovery", faults.during_recovery),
+            ("nodes fencing themselves", faults.fenced),
+        ];
+        for (kind, count) in kinds {
+            assert!(count >= 10, "only {count} {kind} over {seeds} seeds");
+        }
+        assert!(faults.recoveries > 1000, "only {} recoveries over {seeds} seeds", faults.recoveries);
+    }
     assert!(
         differing.is_empty(),
         "{} seeds behaved otherwise than recorded (first ones below); if the change means to, record \

@@ -89,6 +89,15 @@ struct Probe {
 }
 
 impl Coordinator {
+    /// Forgets what the last epoch reported and probed (a new view starts
+    /// over); probe numbers keep growing.
+    pub(super) fn reset(&mut self) {
+        self.report_due = None;
+        self.reported_edges = false;
+        self.reports.clear();
+        self.probe = None;
+    }
+
     /// Takes a node's report (the coordinator's side). Returns a candidate
     /// when the reports now show a cycle across masters and no other
     /// candidate is being confirmed; the reports used are then dropped, so a

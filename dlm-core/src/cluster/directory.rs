@@ -85,6 +85,19 @@ impl Directory {
         self.entries.remove(key).map(|entry| entry.held)
     }
 
+    /// Records a mastership a master reported while the directory is
+    /// rebuilt (recovery). Generations handed out later are larger.
+    pub(super) fn record(&mut self, key: Key, master: NodeId, generation: u64) {
+        self.last_generation = self.last_generation.max(generation);
+        self.entries.entry(key).or_insert(Entry { master: Some(master), generation, held: Vec::new() });
+    }
+
+    /// Forgets every entry (recovery rebuilds them from the masters); the
+    /// token clocks and the generation counter stay.
+    pub(super) fn clear_entries(&mut self) {
+        self.entries.clear();
+    }
+
     /// Raises the lockspace's token clock to a token handed out elsewhere.
     pub(super) fn raise_token_clock(&mut self, id: LockspaceId, token: u64) {
         let clock = self.token_clock.entry(id).or_default();
@@ -94,6 +107,14 @@ impl Directory {
     /// The largest token heard of in a lockspace.
     pub(super) fn token_clock(&self, id: LockspaceId) -> u64 {
         self.token_clock.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Every entry with a master, sorted.
+    pub(super) fn entries(&self) -> Vec<(LockspaceId, Vec<u8>, NodeId)> {
+        let mut all: Vec<(LockspaceId, Vec<u8>, NodeId)> =
+            self.entries.iter().filter_map(|(k, e)| e.master.map(|m| (k.0, k.1.to_vec(), m))).collect();
+        all.sort_unstable();
+        all
     }
 
     /// Entries kept.

@@ -124,6 +124,11 @@ impl Link {
         delivered
     }
 
+    /// Whether a message other than a heartbeat awaits acknowledgement.
+    pub(crate) fn busy(&self) -> bool {
+        self.unacked.iter().any(|(_, message)| *message != PeerMessage::Heartbeat)
+    }
+
     /// Messages sent and not yet acknowledged.
     pub(crate) fn unacked(&self) -> usize {
         self.unacked.len()

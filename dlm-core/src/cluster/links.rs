@@ -42,6 +42,11 @@ impl Links {
         self.peers.get(&peer).map(|l| (l.up, l.unacked()))
     }
 
+    /// Whether a message other than a heartbeat awaits the peer's acknowledgement.
+    pub(super) fn busy(&self, peer: NodeId) -> bool {
+        self.peers.get(&peer).is_some_and(Link::busy)
+    }
+
     /// Whether the link to a peer is up.
     pub(super) fn is_up(&self, peer: NodeId) -> bool {
         self.peers.get(&peer).is_some_and(|l| l.up)

@@ -67,6 +67,34 @@ impl Masters {
         self.mastered.retain(|key, _| key.0 != id);
     }
 
+    /// The masterships, sorted, with their generations.
+    pub(super) fn sorted(&self) -> Vec<(Key, u64)> {
+        let mut all: Vec<(Key, u64)> = self.mastered.iter().map(|(k, m)| (k.clone(), m.generation)).collect();
+        all.sort_unstable();
+        all
+    }
+
+    /// Forgets the requests held for lookups of the last epoch, and hands
+    /// over the other nodes' sessions open in the engine (sorted), to be ended.
+    pub(super) fn start_recovery(&mut self) -> Vec<SessionId> {
+        self.early_requests.clear();
+        let mut sessions: Vec<SessionId> = self.remote_sessions.drain().collect();
+        sessions.sort_unstable();
+        sessions
+    }
+
+    /// Forgets every mastership (the node fenced itself).
+    pub(super) fn clear(&mut self) {
+        self.mastered.clear();
+        self.idle.clear();
+        self.early_requests.clear();
+    }
+
+    /// Notes another node's session as open in the engine.
+    pub(super) fn add_remote_session(&mut self, session: SessionId) {
+        self.remote_sessions.insert(session);
+    }
+
     /// The requests held for a resource, to be served or sent back now.
     pub(super) fn take_early(&mut self, key: &Key) -> Vec<(NodeId, PeerMessage)> {
         self.early_requests.remove(key).unwrap_or_default()
@@ -94,7 +122,11 @@ impl ClusterNode {
     pub(super) fn become_master(&mut self, key: Key, generation: u64) {
         let floor = self.token_floor(key.0);
         self.engine.raise_token_floor(key.0, floor);
-        self.masters.mastered.entry(key).or_insert(Mastered { idle_since: None, queued: false, generation });
+        self.masters.mastered.entry(key).and_modify(|mastered| mastered.generation = generation).or_insert(Mastered {
+            idle_since: None,
+            queued: false,
+            generation,
+        });
     }
 
     pub(super) fn on_request(&mut self, now: Instant, from: NodeId, request: PeerMessage) {
@@ -229,10 +261,7 @@ impl ClusterNode {
     pub(super) fn pump(&mut self, now: Instant) {
         let mut touched_remote: Vec<SessionId> = Vec::new();
         while let Some(effect) = self.engine.poll_effect() {
-            let session = match &effect {
-                Effect::Complete(c) => c.session,
-                Effect::Blocking { session, .. } | Effect::Revoked { session, .. } => *session,
-            };
+            let session = effect.session();
             if !self.masters.remote_sessions.contains(&session) {
                 self.effects.push_back(effect);
                 continue;

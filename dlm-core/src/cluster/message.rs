@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use crate::cluster::recovery::RecoveryPhase;
 use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::Completion;
 use crate::flags::{LockFlags, UnlockFlags};
@@ -203,6 +204,53 @@ pub enum PeerMessage {
     /// Nothing to say: sent on a quiet link so that its acknowledgement
     /// shows the peer is still there.
     Heartbeat,
+    /// Recovery: the sender has passed this step of the epoch's recovery
+    /// (everything it sent for the step is ahead of this on the link).
+    Barrier {
+        /// The step.
+        phase: RecoveryPhase,
+    },
+    /// Recovery, to a resource's directory node: the sender masters it.
+    Mastered {
+        /// Lockspace name.
+        lockspace: Vec<u8>,
+        /// Resource name.
+        name: Vec<u8>,
+        /// The mastership's generation, as the directory that recorded it gave it.
+        generation: u64,
+    },
+    /// Recovery, to a resource's master: a lock of a client of the sender,
+    /// to be added back to the queues.
+    RecoverLock(RecoveredLock),
+}
+
+/// A lock a node sends its resource's master during recovery (its copy).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecoveredLock {
+    /// Lockspace name.
+    pub lockspace: Vec<u8>,
+    /// Resource name.
+    pub name: Vec<u8>,
+    /// The client's session (of the sending node).
+    pub session: SessionId,
+    /// The client's handle.
+    pub handle: LockHandle,
+    /// The granted mode.
+    pub mode: Mode,
+    /// The fencing token of its grant.
+    pub token: u64,
+    /// The lock's flags (`PERSISTENT` matters).
+    pub flags: LockFlags,
+    /// The value block the holder read at its grant, if it asked for it.
+    pub lvb: Option<Vec<u8>>,
+    /// The lock was being unlocked when the view came: it is not added back
+    /// (the unlock counts as done), and only says whether the value block
+    /// may have been written (`lvb_unsure`).
+    pub unlocking: bool,
+    /// A request of the lock in flight when the view came may have written
+    /// the value block: the master cannot tell whether it did, and marks it
+    /// not valid.
+    pub lvb_unsure: bool,
 }
 
 /// Wait-for edges one report carries at most.
@@ -256,6 +304,7 @@ pub(super) fn check_sessions(from: NodeId, message: &PeerMessage) -> Result<(), 
         | PeerMessage::Unlock { session, .. }
         | PeerMessage::Cancel { session, .. }
         | PeerMessage::EndSession { session } => *session,
+        PeerMessage::RecoverLock(lock) => lock.session,
         _ => return Ok(()),
     };
     let owner = NodeId::of_session(session);

@@ -35,6 +35,7 @@
 //! | module | role |
 //! |---|---|
 //! | this one | the struct, its public `handle_*` / `poll_*`, dispatch of peer messages |
+//! | `inspect` | what a node shows of itself: counts, links, dumps |
 //! | `requester` | this node's clients' locks mastered elsewhere: lookups, the master cache, requests, answers |
 //! | `directory` | entries, mastership generations, the token clock; one `claim` for every new mastership |
 //! | `master` | resources mastered here: other nodes' requests, requests held for a lookup, routing the engine's effects, idle release |
@@ -43,6 +44,8 @@
 //! | `timer` | the closed set of timers and their table; [`ClusterNode::poll_timeout`] is its minimum |
 //! | `sessions` | this node's clients' sessions: their ids, their end, the node's shutdown |
 //! | `handshake` | the hello a node sends and the hellos it accepts |
+//! | `recovery` (`rebuild`, `fence`) | a new view: the barriers, the directory and masters rebuilt, a node fenced (see [Recovery](#recovery)) |
+//! | `view` | the views the membership layer hands in |
 //! | `config` | settings and the protocol's timing defaults |
 //! | `members`, `message`, [`wire`] | membership and directory hashing, the messages, their encoding |
 //!
@@ -54,26 +57,30 @@
 //! The node is deterministic: its effects depend only on the events fed to
 //! it (with their `now`), never on a hash map's iteration order, so a
 //! simulation replays exactly from its seed.
+//!
+#![doc = include_str!("recovery/README.md")]
 
 mod config;
 mod coordinator;
 mod directory;
 mod handshake;
+mod inspect;
 mod link;
 mod links;
 mod master;
 mod members;
 mod message;
+mod recovery;
 mod requester;
 mod sessions;
 #[cfg(test)]
 mod testing;
 mod timer;
+mod view;
 pub mod wire;
 
 use std::collections::VecDeque;
 
-use crate::dump::{LockInfo, LockspaceInfo, ResourceInfo};
 use crate::effect::{Completion, Effect, Op, Status};
 use crate::flags::StatusFlags;
 use crate::ids::{LockHandle, LockspaceId, SessionId};
@@ -92,9 +99,14 @@ pub use handshake::HelloRefusal;
 use links::Links;
 use master::Masters;
 pub use members::{MEMBERS_MAX, Member, Membership, WEIGHT_MAX};
-pub use message::{Envelope, NodeId, PeerError, PeerMessage, RemoteEdge, SESSION_NODE_SHIFT, WAIT_EDGES_MAX};
+pub use message::{
+    Envelope, NodeId, PeerError, PeerMessage, RecoveredLock, RemoteEdge, SESSION_NODE_SHIFT, WAIT_EDGES_MAX,
+};
+use recovery::ViewState;
+pub use recovery::{RecoveryPhase, RecoveryStatus, TOKEN_EPOCH_SHIFT, epoch_token_floor};
 use requester::Requester;
 pub use timer::{Timer, TimerTable};
+pub use view::{View, ViewError, ViewMember};
 
 /// A resource: its lockspace and name.
 type Key = (LockspaceId, Box<[u8]>);
@@ -147,6 +159,8 @@ pub struct ClusterNode {
     stats: ClusterStats,
     /// The serial of the next session [`ClusterNode::open_next_session`] opens.
     next_session: u64,
+    /// Views: the recovery in progress, requests held meanwhile, fencing.
+    views: ViewState,
 }
 
 /// What became of an accepted request.
@@ -170,8 +184,12 @@ impl ClusterNode {
             return Err(format!("{} is not among the members", config.node));
         }
         let mut engine = Node::new(config.engine.clone())?;
-        let links = Links::new(config.membership.members().iter().map(|m| m.id).filter(|&id| id != config.node));
-        engine.track_released(!links.is_empty());
+        let config_epoch = config.membership.epoch;
+        // A node joining a running cluster talks to nobody before its first view.
+        let joining = config_epoch == 0;
+        let peers = config.membership.members().iter().map(|m| m.id).filter(|&id| id != config.node && !joining);
+        let links = Links::new(peers.collect::<Vec<_>>().into_iter());
+        engine.track_released(config.membership.members().len() > 1);
         Ok(ClusterNode {
             engine,
             config,
@@ -183,70 +201,13 @@ impl ClusterNode {
             coordinator: Coordinator::default(),
             stats: ClusterStats::default(),
             next_session: 1,
+            views: ViewState::new(joining),
         })
     }
 
-    /// This node's id.
-    #[must_use]
-    pub fn id(&self) -> NodeId {
-        self.config.node
-    }
-
-    /// The configuration.
-    #[must_use]
-    pub fn config(&self) -> &ClusterConfig {
-        &self.config
-    }
-
-    /// The engine (the queues of the resources mastered here).
-    #[must_use]
-    pub fn engine(&self) -> &Node {
-        &self.engine
-    }
-
-    /// What the cluster layer did so far.
-    #[must_use]
-    pub fn stats(&self) -> ClusterStats {
-        self.stats
-    }
-
-    /// Resources mastered here (in use or idle).
-    #[must_use]
-    pub fn mastered_count(&self) -> usize {
-        self.masters.len()
-    }
-
-    /// Directory entries kept here.
-    #[must_use]
-    pub fn directory_count(&self) -> usize {
-        self.directory.len()
-    }
-
-    /// Locks of local clients mastered on other nodes.
-    #[must_use]
-    pub fn remote_lock_count(&self) -> usize {
-        self.requester.len()
-    }
-
-    /// The node mastering a local client's lock, when it is another node.
-    #[must_use]
-    pub fn remote_master(&self, session: SessionId, handle: LockHandle) -> Option<NodeId> {
-        self.requester.get(session, handle).and_then(|l| l.master)
-    }
-
-    /// The other members, by id.
-    pub fn peers(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.links.ids()
-    }
-
-    /// Whether the link to a peer is up, and how many messages to it await acknowledgement.
-    #[must_use]
-    pub fn link_state(&self, peer: NodeId) -> Option<(bool, usize)> {
-        self.links.state(peer)
-    }
-
+    /// Whether this node is the only member (it is then exactly a [`Node`]).
     fn single(&self) -> bool {
-        self.links.is_empty()
+        self.config.membership.members().len() == 1
     }
 
     // ----- lockspaces and sessions (local) -----
@@ -275,7 +236,7 @@ impl ClusterNode {
         // directory entries are the cluster's: until recovery can move them,
         // a lockspace that has any is not released here.
         let remote = self.requester.count_in(id) + self.masters.count_in(id) + self.directory.count_in(id);
-        if remote > 0 {
+        if remote > 0 || self.recovering() {
             return Err(RequestError::LockspaceBusy { locks: u32::try_from(remote).unwrap_or(u32::MAX) });
         }
         self.engine.release_lockspace(id, force)?;
@@ -301,6 +262,12 @@ impl ClusterNode {
         session: SessionId,
         request: ClientRequest,
     ) -> Result<Outcome, RequestError> {
+        if self.views.fenced {
+            return self.refuse_fenced(session, &request);
+        }
+        if self.recovering() {
+            return self.hold(session, request);
+        }
         let asks_grant = match &request {
             ClientRequest::Lock(req) => Some(req.handle),
             ClientRequest::Convert(req) => Some(req.handle),
@@ -351,6 +318,8 @@ impl ClusterNode {
     /// One timer's deadline: the earliest of what it watches.
     fn deadline(&self, timer: Timer) -> Option<Instant> {
         match timer {
+            // Nothing is granted, timed out or released while recovering.
+            Timer::Engine | Timer::IdleRelease | Timer::DeadlockReport if self.recovering() => None,
             Timer::Engine => self.engine.poll_timeout(),
             Timer::IdleRelease => self.masters.release_deadline(self.config.release_delay),
             Timer::Ack => self.links.ack_deadline(),
@@ -411,7 +380,14 @@ impl ClusterNode {
     /// The next effect for a local client, oldest first.
     #[must_use]
     pub fn poll_effect(&mut self) -> Option<Effect> {
-        self.effects.pop_front()
+        // A session whose end is held (recovery) hears nothing more.
+        while let Some(effect) = self.effects.pop_front() {
+            let session = effect.session();
+            if !self.ending(session) {
+                return Some(effect);
+            }
+        }
+        None
     }
 
     /// A peer whose connection should be dropped and made again (it left
@@ -433,7 +409,9 @@ impl ClusterNode {
     /// those already sent to it fail the same way, and what the peer makes of
     /// them later is undone. Back up, everything it has not acknowledged is sent again.
     pub fn handle_link(&mut self, now: Instant, peer: NodeId, up: bool) {
-        if !self.links.set_up(now, self.config.membership.epoch, peer, up) || up {
+        if !self.links.set_up(now, self.config.membership.epoch, peer, up) || up || self.recovering() {
+            // While recovering, a link that goes down loses nothing: it
+            // resends when back, and a member that is gone is the next view's.
             return;
         }
         self.strand_requests_of(peer);
@@ -449,8 +427,14 @@ impl ClusterNode {
     /// by the offending message.
     pub fn handle_peer(&mut self, now: Instant, from: NodeId, envelope: Envelope) -> Result<(), PeerError> {
         let expected = self.config.membership.epoch;
-        if envelope.epoch != expected {
-            return Err(PeerError::WrongEpoch { got: envelope.epoch, expected });
+        if envelope.epoch > expected {
+            self.keep_for_later(from, envelope);
+            return Ok(());
+        }
+        if envelope.epoch < expected || self.views.fenced {
+            // Of an epoch that is over (its messages are void), or to a node
+            // outside the view.
+            return Ok(());
         }
         if let Some(message) = &envelope.message {
             message::check_sessions(from, message)?;
@@ -467,6 +451,10 @@ impl ClusterNode {
 
     /// Hands a peer's message to the role it is for.
     fn on_message(&mut self, now: Instant, from: NodeId, message: PeerMessage) {
+        if self.rebuilding() {
+            self.on_recovery_message(now, from, message);
+            return;
+        }
         match message {
             PeerMessage::Lookup { lockspace, name, stale } => self.on_lookup(now, from, lockspace, name, stale),
             PeerMessage::LookupReply { lockspace, name, master, generation, token_floor } => {
@@ -496,6 +484,9 @@ impl ClusterNode {
             PeerMessage::AbortWait { wait } => {
                 self.engine.abort_wait(now, wait);
             }
+            PeerMessage::Barrier { phase } => self.on_barrier(now, from, phase),
+            // Recovery's, which is over here (or never began).
+            PeerMessage::Mastered { .. } | PeerMessage::RecoverLock(_) => {}
             // Its acknowledgement is the point.
             PeerMessage::Heartbeat => {}
         }
@@ -523,68 +514,4 @@ impl ClusterNode {
 /// The completion of a request that ended without a grant.
 fn ended(session: SessionId, handle: LockHandle, op: Op, status: Status, mode: Option<Mode>) -> Completion {
     Completion { session, handle, op, status, mode, token: None, lvb: None, flags: StatusFlags::EMPTY }
-}
-
-// ----- read-only views, as Node's -----
-
-impl ClusterNode {
-    /// Every lockspace with its counts (of the resources mastered here).
-    #[must_use]
-    pub fn lockspaces(&self) -> Vec<LockspaceInfo> {
-        self.engine.lockspaces()
-    }
-
-    /// The resources mastered here (see [`Node::dump`]).
-    ///
-    /// # Errors
-    /// Unknown lockspace.
-    pub fn dump(
-        &self,
-        id: LockspaceId,
-        name: Option<&[u8]>,
-        max_resources: usize,
-    ) -> Result<Vec<ResourceInfo>, RequestError> {
-        self.engine.dump(id, name, max_resources)
-    }
-
-    /// A page of the dump of the resources mastered here (see [`Node::dump_page`]).
-    ///
-    /// # Errors
-    /// Unknown lockspace.
-    pub fn dump_page(
-        &self,
-        id: LockspaceId,
-        name: Option<&[u8]>,
-        from: Option<&crate::DumpCursor>,
-        bounds: crate::PageBounds,
-    ) -> Result<crate::DumpPage, RequestError> {
-        self.engine.dump_page(id, name, from, bounds)
-    }
-
-    /// A local client's lock as a dump shows it; for a lock mastered
-    /// elsewhere, this node's copy (modes only).
-    #[must_use]
-    pub fn lock_info(&self, session: SessionId, handle: LockHandle) -> Option<LockInfo> {
-        if let Some(info) = self.engine.lock_info(session, handle) {
-            return Some(info);
-        }
-        let lock = self.requester.get(session, handle)?;
-        Some(LockInfo {
-            session,
-            handle,
-            granted: lock.granted,
-            requested: lock.pending.filter(|&op| op != Op::Unlock).map(|_| lock.requested),
-            token: lock.token,
-            flags: lock.request.as_ref().map_or(crate::flags::LockFlags::EMPTY, |r| r.flags),
-            orphan: false,
-        })
-    }
-
-    /// Checks the engine's invariants (see [`Node::check_invariants`]).
-    ///
-    /// # Errors
-    /// A description of the first violation found.
-    pub fn check_invariants(&self) -> Result<(), String> {
-        self.engine.check_invariants()
-    }
 }

@@ -27,6 +27,9 @@ impl ClusterNode {
     /// # Errors
     /// Unknown session.
     pub fn end_session(&mut self, now: Instant, session: SessionId) -> Result<(), RequestError> {
+        if self.recovering() {
+            return self.hold_end_session(session);
+        }
         self.engine.end_session(now, session)?;
         for master in self.requester.end_session(session) {
             self.send(now, master, PeerMessage::EndSession { session });
@@ -70,6 +73,17 @@ impl ClusterNode {
     /// after them. Other nodes' clients keep their locks here, and their
     /// waiters are granted what the ended sessions released.
     pub fn shutdown(&mut self, now: Instant) {
+        if self.recovering() {
+            // Nothing may be granted or released until recovery is over:
+            // this node leaves it, revoking everything here at once.
+            self.fence_self(now, crate::effect::Status::Cancelled, RevokeReason::Shutdown);
+            self.views.fenced = true;
+            let sessions: Vec<SessionId> = self.engine.session_ids();
+            for session in sessions {
+                let _ = self.engine.end_session(now, session);
+            }
+            return;
+        }
         let sessions: Vec<SessionId> =
             self.engine.session_ids().into_iter().filter(|&s| !self.masters.is_remote_session(s)).collect();
         for &session in &sessions {

@@ -15,11 +15,13 @@
 //! | `queues` | waiting (deadlines, the per-session index), releasing, writing the value block |
 //! | `blocking` | blocking callbacks to holders in the way |
 //! | `wait_for` | the wait-for edges deadlock detection searches |
+//! | `recover` | a cluster's recovery on this master: purging, re-adding and settling locks |
 //! | `validate` | request validation (names, flags, timeouts, value blocks) |
 
 mod blocking;
 mod grant;
 mod queues;
+mod recover;
 mod validate;
 mod wait_for;
 
@@ -477,9 +479,9 @@ impl Lockspace {
         purged
     }
 
-    /// Drops every lock (a forced release): pending requests complete as
-    /// cancelled, granted locks are revoked.
-    pub(crate) fn drop_all(&mut self, out: &mut Outbox) {
+    /// Drops every lock (a forced release, a node fencing itself): pending
+    /// requests complete with `status`, granted locks are revoked for `reason`.
+    pub(crate) fn drop_all(&mut self, out: &mut Outbox, status: Status, reason: RevokeReason) {
         let mut locks: Vec<(SessionId, LockHandle, u32)> = self
             .locks
             .iter()
@@ -495,7 +497,7 @@ impl Lockspace {
                     session,
                     handle,
                     op,
-                    status: Status::Cancelled,
+                    status,
                     mode: None,
                     token: None,
                     lvb: None,
@@ -503,7 +505,7 @@ impl Lockspace {
                 }));
             }
             if lock.granted.is_some() {
-                out.effects.push_back(Effect::Revoked { session, handle, reason: RevokeReason::LockspaceReleased });
+                out.effects.push_back(Effect::Revoked { session, handle, reason });
             }
             out.freed.push((session, handle));
         }

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::time::Duration;
 
 use crate::cluster::{NodeId, PeerMessage};
-use crate::effect::{Completion, Effect, Op, Status};
+use crate::effect::{Completion, Effect, Op, RevokeReason, Status};
 use crate::ids::{LockHandle, SessionId};
 
 use std::collections::BTreeMap;
@@ -19,10 +19,12 @@ impl Sim {
         // A node that asks for its connection to be re-made has marked the
         // link down; the fault tick reconnects it when no cut is in the way.
         while self.nodes[n].poll_reset().is_some() {}
+        self.note_recovery(n);
         self.check_deadlock_events(n)?;
         let mut grants: Vec<(u32, u64, SessionId, LockHandle)> = Vec::new();
         while let Some(effect) = self.nodes[n].poll_effect() {
             let _ = write!(self.trace, "{} {n} {effect:?};", self.now.as_nanos());
+            self.log(1, || format!("node {} effect {effect:?}", n + 1));
             if let Effect::Complete(c) = &effect
                 && let (Some(token), Some(&(_, resource))) = (c.token, self.owners.get(&(c.session, c.handle)))
             {
@@ -32,9 +34,11 @@ impl Sim {
         }
         while let Some((to, envelope)) = self.nodes[n].poll_transmit() {
             let _ = write!(self.trace, "{} {n}>{to} {envelope:?};", self.now.as_nanos());
+            self.log(2, || format!("node {} sends to {to} {envelope:?}", n + 1));
             // A message resent after a reconnection was seen the first time
-            // (when its lock's handle could not have been reused yet).
-            let first_time = envelope.seq != 0 && self.transmitted.insert((n, to.0, envelope.seq));
+            // (when its lock's handle could not have been reused yet); each
+            // epoch numbers its messages afresh.
+            let first_time = envelope.seq != 0 && self.transmitted.insert((n, to.0, envelope.epoch, envelope.seq));
             if let Some(PeerMessage::Complete(c)) = &envelope.message
                 && let (Some(token), Some(&(_, resource))) = (c.token, self.owners.get(&(c.session, c.handle)))
                 && first_time
@@ -60,6 +64,9 @@ impl Sim {
                     ));
                 }
             }
+        }
+        for (resource, token) in &fresh {
+            self.log(1, || format!("node {} grants r{resource} token {token:x}", n + 1));
         }
         for (resource, token) in fresh {
             by_resource.entry(resource).or_default().push(token);
@@ -104,8 +111,15 @@ impl Sim {
                     _ => Err(format!("at {at:?}: blocking callback for unknown lock {session} {handle}")),
                 }
             }
-            Effect::Revoked { session, handle, .. } => {
-                Err(format!("at {at:?}: unexpected revocation {session} {handle}"))
+            Effect::Revoked { session, handle, reason } => {
+                // Only a node that fenced itself takes locks back.
+                if reason != RevokeReason::Fenced || !self.nodes[n].is_fenced() {
+                    return Err(format!("at {at:?}: unexpected revocation {session} {handle} ({reason:?})"));
+                }
+                if let Some(&(c, _)) = self.owners.get(&(session, handle)) {
+                    self.forget_lock(c, handle);
+                }
+                Ok(())
             }
         }
     }
@@ -113,6 +127,11 @@ impl Sim {
     pub(super) fn complete(&mut self, n: usize, done: Completion) -> Result<(), String> {
         let at = self.elapsed();
         let Some(&(c, _)) = self.owners.get(&(done.session, done.handle)) else {
+            // A request held while recovering that fails as the node fences
+            // itself, about a lock the fence has just revoked.
+            if done.status == Status::Fenced && self.nodes[n].is_fenced() {
+                return Ok(());
+            }
             return Err(format!("at {at:?}: completion for unknown lock: {done:?}"));
         };
         if self.clients[c].node != n {
@@ -129,7 +148,16 @@ impl Sim {
         if done.status == Status::Unavailable {
             self.report.unavailable += 1;
         }
+        if done.status == Status::Granted
+            && let Some(token) = done.token
+        {
+            self.tokens.insert((done.session, done.handle), token.0);
+        }
         let next = match (slot, done.op, done.mode) {
+            (_, _, _) if done.status == Status::Fenced && !self.nodes[n].is_fenced() => {
+                return Err(format!("at {at:?}: {done:?} from a node that is not fenced"));
+            }
+            (Slot::Busy { unlocking: false, .. }, Op::Convert, None) if done.status == Status::Fenced => Slot::Empty,
             (Slot::Requested, Op::Lock, Some(mode)) if done.status == Status::Granted => Slot::Granted(mode),
             (Slot::Requested, Op::Lock, None) => Slot::Empty,
             (Slot::Busy { unlocking: false, .. }, Op::Convert, Some(mode)) => Slot::Granted(mode),
@@ -139,12 +167,21 @@ impl Sim {
         };
         self.clients[c].slots[s] = (next, resource);
         if next == Slot::Empty {
-            self.clients[c].handles.remove(&done.handle.0);
-            self.owners.remove(&(done.session, done.handle));
+            self.forget_lock(c, done.handle);
         }
         let soon = self.now.saturating_add(Duration::from_micros(self.rng.below(200)));
         self.clients[c].next_action = self.clients[c].next_action.min(soon);
         Ok(())
+    }
+
+    /// A client's lock is gone.
+    fn forget_lock(&mut self, c: usize, handle: LockHandle) {
+        let session = self.clients[c].session;
+        if let Some(s) = self.clients[c].handles.remove(&handle.0) {
+            self.clients[c].slots[s] = (Slot::Empty, 0);
+        }
+        self.owners.remove(&(session, handle));
+        self.tokens.remove(&(session, handle));
     }
 
     /// No resource may have locks on two nodes' engines at once.
@@ -152,6 +189,7 @@ impl Sim {
         for r in 0..self.config.resources {
             let name = format!("r{r}");
             let masters: Vec<usize> = (0..self.nodes.len())
+                .filter(|&n| self.members.alive[n])
                 .filter(|&n| {
                     let node = &self.nodes[n];
                     node.lockspace_id(LOCKSPACE).is_some_and(|ls| node.engine().resource_exists(ls, name.as_bytes()))

@@ -22,6 +22,26 @@ impl Sim {
                 }
             }
         }
+        for (n, node) in self.nodes.iter().enumerate() {
+            if !self.members.alive[n] {
+                out.push(format!("node {} dead", n + 1));
+                continue;
+            }
+            if let Some(status) = node.recovery_status() {
+                out.push(format!("node {} recovering {status:?}", n + 1));
+            }
+            if node.is_fenced() {
+                out.push(format!("node {} fenced", n + 1));
+            }
+            for peer in node.peers() {
+                if let Some((up, unacked)) = node.link_state(peer).filter(|&(up, unacked)| !up || unacked > 0) {
+                    out.push(format!("node {} link to {peer}: up {up} unacked {unacked}", n + 1));
+                }
+            }
+        }
+        if !self.membership_settled() {
+            out.push("membership not settled".into());
+        }
         out.join(", ")
     }
 
@@ -32,13 +52,21 @@ impl Sim {
         } else {
             self.now.saturating_add(Duration::from_nanos(delay))
         };
+        let node = self.clients[c].node;
+        if !self.members.alive[node] {
+            self.clients[c].next_action = Instant::from_nanos(u64::MAX);
+            return Ok(());
+        }
+        if self.members.paused(node, self.now) {
+            self.clients[c].next_action = self.members.paused_until[node];
+            return Ok(());
+        }
         if !self.draining && self.rng.chance(2) {
             return self.restart_session(c);
         }
         let s = self.rng.below(self.clients[c].slots.len() as u64) as usize;
         let (slot, _) = self.clients[c].slots[s];
         let session = self.clients[c].session;
-        let node = self.clients[c].node;
         let request = match slot {
             Slot::Empty if !self.draining => {
                 let resource = self.rng.below(u64::from(self.config.resources)) as u32;
@@ -117,6 +145,7 @@ impl Sim {
             }
             _ => return Ok(()),
         };
+        self.log(1, || format!("node {} client {session} {request:?}", node + 1));
         let result = self.nodes[node].handle_client(self.now, session, request.clone());
         if let Err(error) = result {
             // A convert the engine refuses (flags that make no sense for
@@ -144,8 +173,10 @@ impl Sim {
     pub(super) fn restart_session(&mut self, c: usize) -> Result<(), String> {
         let node = self.clients[c].node;
         let old = self.clients[c].session;
+        self.log(1, || format!("node {} ends {old}", node + 1));
         self.nodes[node].end_session(self.now, old).map_err(|e| format!("ending {old}: {e}"))?;
         self.owners.retain(|&(session, _), _| session != old);
+        self.tokens.retain(|&(session, _), _| session != old);
         self.next_session += 1;
         let session = NodeId(node as u16 + 1).session(self.next_session);
         self.nodes[node].open_session(session).map_err(|e| format!("opening {session}: {e}"))?;

@@ -10,11 +10,28 @@
 //! flight between them are lost; links come back after the cut and resend.
 //! Requests that needed a cut-off node may then end as `Unavailable`.
 //!
+//! With membership faults on (seeds 2 and 3 modulo 4, five nodes), a
+//! simulated membership layer with corosync's guarantees hands out views
+//! (see `membership`): nodes crash (all state lost, their clients die with
+//! them) and restart with a new incarnation, join, are cut off from the
+//! others (the minority fences itself first, then the majority recovers
+//! without it, and it rejoins when the cut heals), pause, and fail again
+//! while the others recover. A departed node's locks are recovered only
+//! after it is fenced: a crashed node is dead; a cut-off one has been handed
+//! its view without quorum before the majority is handed its own.
+//!
 //! Clients also go away now and then (their session ends with whatever it
 //! held or asked for) and come back with a new session, and they reuse lock
 //! handles as soon as a lock is gone.
 //!
 //! What is checked, after every step:
+//! - what clients believe they hold never conflicts: no two clients, on any
+//!   nodes, are granted incompatible modes of one resource at once (a client
+//!   of a crashed node holds nothing; one of a node cut off holds its locks
+//!   until its node fences itself and revokes them);
+//! - a lock is revoked only by a node that fenced itself;
+//! - once every node is done recovering, every lock a client believes it
+//!   holds is in its master's queues in that mode under the token it was told;
 //! - no resource is mastered by two nodes at once, and each master's queues
 //!   hold only compatible granted modes (the engine's own invariant checks);
 //! - fencing tokens of one resource only grow, across masters;
@@ -24,19 +41,25 @@
 //!   once: when the coordinator found the cycle, every one of its edges was
 //!   in its master's engine (the simulator sees every engine at that moment).
 //!
-//! At the end, clients stop asking and release what they hold: every request
-//! must then complete (granted, refused, timed out, cancelled or chosen as a
-//! deadlock victim) within a bounded simulated time, and every node must
-//! have no lock left.
+//! `DLM_SIM_LOG=1` prints the run as it goes (requests, effects, grants,
+//! views), `DLM_SIM_LOG=2` every envelope too.
+//!
+//! At the end, clients stop asking and release what they hold (dead nodes
+//! start again and cuts heal first): every request must then complete
+//! (granted, refused, timed out, cancelled, fenced or chosen as a deadlock
+//! victim) within a bounded simulated time, every node must have no lock
+//! left, and every mastership must be in its directory node's entries and
+//! every entry name a node that masters its resource.
 
 mod checks;
 mod clients;
+mod membership;
 mod network;
 
 use std::collections::{BinaryHeap, HashMap};
 use std::time::Duration;
 
-use crate::cluster::{ClusterConfig, ClusterNode, Envelope, Member, Membership, NodeId};
+use crate::cluster::{ClusterConfig, ClusterNode, Envelope, Member, Membership, NodeId, PeerMessage};
 use crate::ids::{LockHandle, SessionId};
 use crate::lockspace::LockspaceConfig;
 use crate::mode::Mode;
@@ -91,6 +114,9 @@ pub struct SimConfig {
     pub duplicate_percent: u64,
     /// Cut links between nodes now and then (see the module docs).
     pub link_faults: bool,
+    /// Crash, restart, partition and pause nodes now and then, with views
+    /// from a simulated membership layer (see the module docs).
+    pub membership_faults: bool,
     /// How long the drain may take before a request counts as hung.
     pub drain_limit: Duration,
 }
@@ -105,6 +131,7 @@ impl Default for SimConfig {
             max_delay: Duration::from_micros(800),
             duplicate_percent: 5,
             link_faults: false,
+            membership_faults: false,
             drain_limit: Duration::from_secs(120),
         }
     }
@@ -123,6 +150,8 @@ pub struct SimReport {
     pub unavailable: u32,
     /// Messages lost to cut links.
     pub lost: u64,
+    /// Membership faults and views (see [`Faults`]).
+    pub faults: Faults,
     /// Messages delivered (duplicates included).
     pub messages: u64,
     /// Simulated time at the end.
@@ -135,12 +164,63 @@ pub struct SimReport {
 
 impl std::fmt::Display for SimReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let SimReport { requests, grants, deadlocks, unavailable, lost, messages, elapsed, trace } = self;
+        let SimReport { requests, grants, deadlocks, unavailable, lost, faults, messages, elapsed, trace } = self;
         write!(
             f,
             "requests {requests} grants {grants} deadlocks {deadlocks} unavailable {unavailable} lost {lost} \
-             messages {messages} elapsed_ns {} trace {trace:016x}",
+             {faults}messages {messages} elapsed_ns {} trace {trace:016x}",
             elapsed.as_nanos()
+        )
+    }
+}
+
+/// What the simulated membership layer did in a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Faults {
+    /// Views handed to nodes (one per node per view).
+    pub views: u32,
+    /// Nodes that crashed (lost all state; their clients died with them).
+    pub crashes: u32,
+    /// Nodes that joined: restarts with a new incarnation, and first starts.
+    pub joins: u32,
+    /// Nodes cut off from all others (the minority fences itself, the
+    /// majority recovers without it, it rejoins when the cut heals).
+    pub partitions: u32,
+    /// Nodes paused for a while (shorter than failure detection).
+    pub pauses: u32,
+    /// Failures (crashes and partitions) while some node was recovering.
+    pub during_recovery: u32,
+    /// Nodes that fenced themselves (a view without quorum or without them).
+    pub fenced: u32,
+    /// Recoveries completed (per node).
+    pub recoveries: u32,
+}
+
+impl std::ops::AddAssign for Faults {
+    /// Totals over runs (saturating: a count is a count, not a wrap).
+    fn add_assign(&mut self, other: Faults) {
+        let Faults { views, crashes, joins, partitions, pauses, during_recovery, fenced, recoveries } = other;
+        self.views = self.views.saturating_add(views);
+        self.crashes = self.crashes.saturating_add(crashes);
+        self.joins = self.joins.saturating_add(joins);
+        self.partitions = self.partitions.saturating_add(partitions);
+        self.pauses = self.pauses.saturating_add(pauses);
+        self.during_recovery = self.during_recovery.saturating_add(during_recovery);
+        self.fenced = self.fenced.saturating_add(fenced);
+        self.recoveries = self.recoveries.saturating_add(recoveries);
+    }
+}
+
+impl std::fmt::Display for Faults {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if *self == Faults::default() {
+            return Ok(());
+        }
+        let Faults { views, crashes, joins, partitions, pauses, during_recovery, fenced, recoveries } = self;
+        write!(
+            f,
+            "views {views} crashes {crashes} joins {joins} partitions {partitions} pauses {pauses} \
+             during_recovery {during_recovery} fenced {fenced} recoveries {recoveries} "
         )
     }
 }
@@ -231,8 +311,8 @@ pub struct Sim {
     owners: HashMap<(SessionId, LockHandle), (usize, u32)>,
     report: SimReport,
     draining: bool,
-    /// Numbered messages already sent once: (node, peer, sequence number).
-    transmitted: std::collections::HashSet<(usize, u16, u64)>,
+    /// Numbered messages already sent once: (node, peer, epoch, sequence number).
+    transmitted: std::collections::HashSet<(usize, u16, u64, u64)>,
     /// The last session serial handed out (sessions restart now and then).
     next_session: u64,
     /// Node pairs (0-based, smaller first) cut off until the given time.
@@ -244,6 +324,15 @@ pub struct Sim {
     /// Whether each deadlock candidate (by coordinator and number) was a
     /// cycle of real waits when it was found.
     candidates: HashMap<(usize, u64), bool>,
+    /// The simulated membership layer.
+    members: membership::MembershipLayer,
+    /// Each node's settings, to start it again after a crash.
+    configs: Vec<ClusterConfig>,
+    /// The token of each granted lock, as its client was told.
+    tokens: HashMap<(SessionId, LockHandle), u64>,
+    /// How much to print as the run goes (`DLM_SIM_LOG`: 1 the clients'
+    /// requests, effects, grants and views; 2 also every envelope).
+    verbosity: u8,
 }
 
 /// How often the network is looked at for faults to start or heal.
@@ -262,6 +351,8 @@ impl Sim {
         let membership = Membership::new(members, 1).expect("valid members");
         let mut nodes = Vec::new();
         let mut clients = Vec::new();
+        let mut configs = Vec::new();
+        let node_count = usize::from(config.nodes);
         for n in 0..config.nodes {
             let mut cluster = ClusterConfig::new(NodeId(n + 1), membership.clone());
             cluster.release_delay = Duration::from_micros(200 + rng.below(3000));
@@ -270,6 +361,7 @@ impl Sim {
             cluster.ack_timeout = Duration::from_millis(5);
             cluster.heartbeat_interval = Duration::from_millis(2);
             cluster.master_cache_max = 4;
+            configs.push(cluster.clone());
             let mut node = ClusterNode::new(cluster).expect("valid cluster");
             node.create_lockspace(LOCKSPACE, LockspaceConfig { lvb_len: 8 }).expect("lockspace");
             for c in 0..config.clients_per_node {
@@ -305,6 +397,10 @@ impl Sim {
             transmitted: std::collections::HashSet::new(),
             trace: Digest::new(),
             candidates: HashMap::new(),
+            members: membership::MembershipLayer::new(node_count),
+            configs,
+            tokens: HashMap::new(),
+            verbosity: std::env::var("DLM_SIM_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
         }
     }
 
@@ -317,15 +413,21 @@ impl Sim {
         loop {
             if !self.draining && self.report.requests >= self.config.requests {
                 self.draining = true;
+                self.end_membership_faults()?;
             }
             if self.draining && self.quiescent() {
                 break;
             }
             let next_net = self.network.peek().map(|m| m.at);
             let next_client = self.clients.iter().map(|c| c.next_action).min();
-            let next_timer = self.nodes.iter().filter_map(ClusterNode::poll_timeout).min();
-            let next_fault = self.config.link_faults.then_some(self.next_fault_tick);
-            let Some(at) = [next_net, next_client, next_timer, next_fault].into_iter().flatten().min() else { break };
+            let next_timer = (0..self.nodes.len()).filter_map(|n| self.timer_of(n)).min();
+            let faults = self.config.link_faults || self.config.membership_faults;
+            let next_fault = faults.then_some(self.next_fault_tick);
+            let next_view = self.members.next_view_at();
+            let Some(at) = [next_net, next_client, next_timer, next_fault, next_view].into_iter().flatten().min()
+            else {
+                break;
+            };
             if at <= self.now {
                 stalled += 1;
                 if stalled > 1_000_000 {
@@ -340,32 +442,53 @@ impl Sim {
             }
             if next_fault == Some(at) {
                 self.fault_tick()?;
+            } else if next_view == Some(at) {
+                self.deliver_views()?;
             } else if next_net == Some(at) {
                 let m = self.network.pop().expect("peeked");
                 let to = usize::from(m.to.0 - 1);
-                if self.is_cut(usize::from(m.from.0 - 1), to) {
+                if self.is_cut(usize::from(m.from.0 - 1), to) || !self.members.alive[to] {
                     self.report.lost += 1;
                     continue;
                 }
+                if self.members.paused(to, self.now) {
+                    // A paused process reads it when it runs again.
+                    let at = self.members.paused_until[to];
+                    self.order += 1;
+                    self.network.push(InFlight { at, order: self.order, ..m });
+                    continue;
+                }
                 self.report.messages += 1;
-                self.nodes[to]
-                    .handle_peer(self.now, m.from, m.envelope)
-                    .map_err(|e| format!("at {:?}: peer error {e}", self.elapsed()))?;
+                let epoch = m.envelope.epoch;
+                self.nodes[to].handle_peer(self.now, m.from, m.envelope).map_err(|e| {
+                    format!(
+                        "at {:?}: node {} (epoch {}): peer error {e} (epoch {epoch})",
+                        self.elapsed(),
+                        to + 1,
+                        self.nodes[to].epoch()
+                    )
+                })?;
                 self.after(to)?;
             } else if next_client == Some(at) {
                 let c = self.clients.iter().position(|c| c.next_action == at).expect("found above");
                 self.client_step(c)?;
             } else {
                 for n in 0..self.nodes.len() {
-                    if self.nodes[n].poll_timeout().is_some_and(|t| t <= self.now) {
+                    if self.timer_of(n).is_some_and(|t| t <= self.now) {
                         self.nodes[n].handle_timeout(self.now);
                         self.after(n)?;
                     }
                 }
             }
             self.check_masters()?;
+            self.check_beliefs()?;
+            self.check_recovered_locks()?;
         }
+        self.check_directories()?;
         for (n, node) in self.nodes.iter().enumerate() {
+            if !self.members.alive[n] {
+                continue;
+            }
             node.check_invariants().map_err(|e| format!("node {}: {e}", n + 1))?;
             let locks: u32 = node.lockspaces().iter().map(|ls| ls.locks).sum();
             if locks != 0 || node.remote_lock_count() != 0 {
@@ -381,19 +504,30 @@ impl Sim {
         Ok(self.report)
     }
 
+    /// Prints a line of the run's log, if asked for (see `verbosity`).
+    pub(super) fn log(&self, level: u8, line: impl FnOnce() -> String) {
+        if self.verbosity >= level {
+            eprintln!("{:?} {}", self.elapsed(), line());
+        }
+    }
+
     pub(super) fn elapsed(&self) -> Duration {
         Duration::from_nanos(self.now.as_nanos())
     }
 
     pub(super) fn quiescent(&self) -> bool {
-        let links_settled = self
-            .nodes
-            .iter()
-            .all(|node| node.peers().all(|peer| node.link_state(peer).is_some_and(|(up, unacked)| up && unacked == 0)));
+        // Heartbeats (and their acknowledgements) never stop on a cluster of
+        // more than a few nodes: what must be settled is everything else.
+        let links_settled = self.nodes.iter().enumerate().filter(|&(n, _)| self.members.alive[n]).all(|(_, node)| {
+            node.peers().all(|peer| node.link_state(peer).is_some_and(|(up, _)| up) && !node.link_busy(peer))
+        });
+        let idle_network =
+            self.network.iter().all(|m| matches!(m.envelope.message, None | Some(PeerMessage::Heartbeat)));
         self.clients.iter().all(|c| c.slots.iter().all(|(s, _)| *s == Slot::Empty))
-            && self.network.is_empty()
+            && idle_network
             && self.cuts.is_empty()
             && links_settled
+            && self.membership_settled()
     }
 }
 
@@ -401,11 +535,26 @@ fn is_waiting(slot: Slot) -> bool {
     matches!(slot, Slot::Requested | Slot::Busy { unlocking: false, .. })
 }
 
-/// Runs one seed with the default shape; odd seeds with link faults.
+/// The shape of a seed's run: link faults on odd seeds; membership faults
+/// (crashes, restarts, partitions, pauses, joins) on seeds 2 and 3 modulo
+/// 4, with five nodes (so that a cluster that lost two still has quorum)
+/// and more requests.
+#[must_use]
+pub fn seed_config(seed: u64) -> SimConfig {
+    let membership_faults = seed % 4 >= 2;
+    let mut config = SimConfig { link_faults: seed % 2 == 1, membership_faults, ..SimConfig::default() };
+    if membership_faults {
+        config.nodes = 5;
+        config.clients_per_node = 2;
+        config.requests = 2000;
+    }
+    config
+}
+
+/// Runs one seed with the shape [`seed_config`] gives it.
 ///
 /// # Errors
 /// The violation found, naming the seed.
 pub fn run_seed(seed: u64) -> Result<SimReport, String> {
-    let config = SimConfig { link_faults: seed % 2 == 1, ..SimConfig::default() };
-    Sim::new(seed, config).run().map_err(|e| format!("seed {seed}: {e}"))
+    Sim::new(seed, seed_config(seed)).run().map_err(|e| format!("seed {seed}: {e}"))
 }

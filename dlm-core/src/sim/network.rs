@@ -19,11 +19,12 @@ impl Sim {
         self.next_fault_tick = self.now.saturating_add(FAULT_TICK);
         let now = self.now;
         self.cuts.retain(|&(_, _, until)| until > now);
+        self.membership_tick()?;
         let n = self.nodes.len();
-        if !self.draining && self.rng.chance(2) {
+        if self.config.link_faults && !self.draining && self.rng.chance(2) {
             let a = self.rng.below(n as u64) as usize;
             let b = (a + 1 + self.rng.below(n as u64 - 1) as usize) % n;
-            if !self.is_cut(a, b) {
+            if !self.is_cut(a, b) && self.members.alive[a] && self.members.alive[b] {
                 let until = now.saturating_add(Duration::from_micros(500 + self.rng.below(15_000)));
                 self.cuts.push((a.min(b), a.max(b), until));
                 if self.rng.chance(50) {
@@ -37,7 +38,7 @@ impl Sim {
         }
         for x in 0..n {
             for y in 0..n {
-                if x == y || self.is_cut(x, y) {
+                if x == y || self.is_cut(x, y) || !self.members.alive[x] {
                     continue;
                 }
                 let peer = NodeId(y as u16 + 1);

@@ -4,148 +4,24 @@
 //! looks masters up at the directory, remembers them in a cache, sends the
 //! requests, and turns the master's answers into completions for its clients.
 //!
-//! [`Requester`] is the state; the `ClusterNode` methods below are the
-//! handlers of client requests for remote locks and of the answers.
-
-use std::collections::HashMap;
+//! [`Requester`] (in `copies`) is the state; the `ClusterNode` methods
+//! below are the handlers of client requests for remote locks and of the
+//! answers.
 
 use crate::cluster::directory::{Answer, Mastership};
 use crate::cluster::message::{NodeId, PeerMessage};
 use crate::cluster::{ClusterNode, Key, ended};
 use crate::effect::{Completion, Effect, Op, Status};
-use crate::flags::UnlockFlags;
-use crate::ids::{FencingToken, LockHandle, LockspaceId, SessionId};
+use crate::flags::{LockFlags, UnlockFlags};
+use crate::ids::{LockHandle, SessionId};
 use crate::limits::Limit;
 use crate::mode::Mode;
-use crate::request::{ConvertRequest, LockRequest, RequestError, UnlockRequest};
+use crate::request::{ClientRequest, ConvertRequest, LockRequest, RequestError, UnlockRequest};
 use crate::time::Instant;
 
-/// A lock of a local client whose resource is mastered elsewhere: this
-/// node's copy.
-#[derive(Clone, Debug)]
-pub(super) struct RemoteLock {
-    pub(super) lockspace: LockspaceId,
-    pub(super) name: Box<[u8]>,
-    /// `None` while the master is being looked up.
-    pub(super) master: Option<NodeId>,
-    /// The directory's generation of that mastership.
-    master_generation: u64,
-    pub(super) granted: Option<Mode>,
-    /// The mode of the request in flight.
-    pub(super) requested: Mode,
-    /// The token of the latest grant.
-    pub(super) token: Option<FencingToken>,
-    /// The request in flight.
-    pub(super) pending: Option<Op>,
-    /// The new lock's request, kept until it is granted to resend it when a
-    /// master turns out stale.
-    pub(super) request: Option<LockRequest>,
-    /// The client was told the request failed (its master became
-    /// unreachable); whatever the master answers later is undone.
-    pub(super) abandoned: bool,
-}
-
-type LockKey = (SessionId, LockHandle);
-
-#[derive(Default)]
-pub(super) struct Requester {
-    locks: HashMap<LockKey, RemoteLock>,
-    per_session: HashMap<SessionId, u32>,
-    /// Outstanding lookups, with the local requests waiting for them.
-    pub(super) lookups: HashMap<Key, Vec<LockKey>>,
-    /// Masters of other nodes, as the directory last said.
-    cache: HashMap<Key, Mastership>,
-}
-
-impl Requester {
-    pub(super) fn get(&self, session: SessionId, handle: LockHandle) -> Option<&RemoteLock> {
-        self.locks.get(&(session, handle))
-    }
-
-    pub(super) fn len(&self) -> usize {
-        self.locks.len()
-    }
-
-    /// Remote locks of a session.
-    pub(super) fn count_of(&self, session: SessionId) -> u32 {
-        self.per_session.get(&session).copied().unwrap_or(0)
-    }
-
-    /// A session's remote locks, by handle.
-    pub(super) fn handles_of(&self, session: SessionId) -> Vec<LockHandle> {
-        let mut handles: Vec<LockHandle> = self.locks.keys().filter(|(s, _)| *s == session).map(|&(_, h)| h).collect();
-        handles.sort_unstable();
-        handles
-    }
-
-    /// Remote locks in a lockspace.
-    pub(super) fn count_in(&self, id: LockspaceId) -> usize {
-        self.locks.values().filter(|l| l.lockspace == id).count()
-    }
-
-    fn insert(&mut self, session: SessionId, handle: LockHandle, copy: RemoteLock) {
-        self.locks.insert((session, handle), copy);
-        *self.per_session.entry(session).or_default() += 1;
-    }
-
-    pub(super) fn remove(&mut self, session: SessionId, handle: LockHandle) -> Option<RemoteLock> {
-        let lock = self.locks.remove(&(session, handle))?;
-        if let Some(count) = self.per_session.get_mut(&session) {
-            *count -= 1;
-            if *count == 0 {
-                self.per_session.remove(&session);
-            }
-        }
-        Some(lock)
-    }
-
-    /// Forgets every remote lock of an ended session; returns their masters, by id.
-    pub(super) fn end_session(&mut self, session: SessionId) -> Vec<NodeId> {
-        if self.per_session.remove(&session).is_none() {
-            return Vec::new();
-        }
-        let handles: Vec<LockHandle> = self.locks.keys().filter(|(s, _)| *s == session).map(|&(_, h)| h).collect();
-        let mut masters: Vec<NodeId> = Vec::new();
-        for handle in handles {
-            if let Some(lock) = self.locks.remove(&(session, handle))
-                && let Some(master) = lock.master
-                && !masters.contains(&master)
-            {
-                masters.push(master);
-            }
-        }
-        masters.sort_unstable();
-        masters
-    }
-
-    /// Whether the local lock `(session, handle)` is a new lock of `key`
-    /// waiting for its master to be looked up. The handle may have been
-    /// reused for another lock since the lookup went out (the first one
-    /// cancelled meanwhile): the answer is then not for it.
-    fn awaits_lookup(&self, session: SessionId, handle: LockHandle, key: &Key) -> bool {
-        self.locks.get(&(session, handle)).is_some_and(|l| {
-            l.master.is_none()
-                && l.pending == Some(Op::Lock)
-                && l.request.is_some()
-                && l.lockspace == key.0
-                && l.name == key.1
-        })
-    }
-
-    pub(super) fn cache_master(&mut self, key: Key, master: Mastership, max: usize) {
-        if self.cache.len() >= max && !self.cache.contains_key(&key) {
-            // The cache is advisory (a request to a stale master is
-            // redirected): forgetting everything is always safe.
-            self.cache.clear();
-        }
-        self.cache.insert(key, master);
-    }
-
-    /// Forgets what is known of a released lockspace.
-    pub(super) fn forget_lockspace(&mut self, id: LockspaceId) {
-        self.cache.retain(|key, _| key.0 != id);
-    }
-}
+mod copies;
+use copies::LockKey;
+pub(super) use copies::{RemoteLock, Requester};
 
 impl ClusterNode {
     pub(super) fn client_lock(
@@ -185,8 +61,13 @@ impl ClusterNode {
             requested: req.mode,
             token: None,
             pending: Some(Op::Lock),
+            flags: req.flags,
             request: Some(req),
             abandoned: false,
+            resend: None,
+            cancel_sent: false,
+            forced_over: None,
+            lvb: None,
         };
         match self.requester.cache.get(&key).copied() {
             Some(master) if self.is_up(master.0) => {
@@ -280,6 +161,10 @@ impl ClusterNode {
         if let Some(copy) = self.requester.locks.get_mut(&(session, req.handle)) {
             copy.pending = Some(Op::Convert);
             copy.requested = req.mode;
+            let persistent =
+                if copy.flags.contains(LockFlags::PERSISTENT) { LockFlags::PERSISTENT } else { LockFlags::EMPTY };
+            copy.flags = req.flags | persistent;
+            copy.resend = Some(ClientRequest::Convert(req.clone()));
         }
         self.stats.remote_requests += 1;
         let ConvertRequest { handle, mode, flags, lvb, timeout } = req;
@@ -312,7 +197,9 @@ impl ClusterNode {
             return Ok(());
         };
         if let Some(copy) = self.requester.locks.get_mut(&(session, req.handle)) {
+            copy.forced_over = copy.pending;
             copy.pending = Some(Op::Unlock);
+            copy.resend = Some(ClientRequest::Unlock(req.clone()));
         }
         self.stats.remote_requests += 1;
         let UnlockRequest { handle, flags, lvb } = req;
@@ -339,6 +226,9 @@ impl ClusterNode {
                 self.effects.push_back(Effect::Complete(ended(session, handle, Op::Lock, Status::Cancelled, None)));
             }
             Some(master) => {
+                if let Some(copy) = self.requester.locks.get_mut(&(session, handle)) {
+                    copy.cancel_sent = true;
+                }
                 self.stats.remote_requests += 1;
                 self.send(now, master, PeerMessage::Cancel { session, handle });
             }
@@ -535,6 +425,9 @@ impl ClusterNode {
         let unlock_follows = lock.pending == Some(Op::Unlock) && completion.op != Op::Unlock;
         if !unlock_follows {
             lock.pending = None;
+            lock.resend = None;
+            lock.cancel_sent = false;
+            lock.forced_over = None;
         }
         if completion.mode.is_some() {
             lock.granted = completion.mode;
@@ -542,6 +435,7 @@ impl ClusterNode {
         if completion.status == Status::Granted {
             lock.request = None;
             lock.token = completion.token;
+            lock.lvb = completion.lvb.as_deref().map(Box::from);
         }
         let gone = completion.mode.is_none() && !unlock_follows;
         let abandoned = lock.abandoned;

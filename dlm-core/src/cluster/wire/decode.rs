@@ -7,7 +7,8 @@ use super::encode::{OPS, STATUSES};
 /// Bytes of one wait-for edge on the wire.
 const EDGE_LEN: usize = 8 + 8 + 16 + 20;
 use super::*;
-use crate::cluster::message::{Envelope, NodeId, PeerMessage, RemoteEdge, WAIT_EDGES_MAX};
+use crate::cluster::message::{Envelope, NodeId, PeerMessage, RecoveredLock, RemoteEdge, WAIT_EDGES_MAX};
+use crate::cluster::recovery::RecoveryPhase;
 use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::Completion;
 use crate::flags::{LockFlags, StatusFlags, UnlockFlags};
@@ -217,6 +218,32 @@ impl<'a> Reader<'a> {
             }
             13 => PeerMessage::AbortWait { wait: self.wait()? },
             14 => PeerMessage::Heartbeat,
+            17 => {
+                let phase = RecoveryPhase::from_index(self.u8()?).ok_or(WireError::Invalid("recovery phase"))?;
+                PeerMessage::Barrier { phase }
+            }
+            18 => {
+                let lockspace = self.lockspace()?;
+                let name = self.resource()?;
+                PeerMessage::Mastered { lockspace, name, generation: self.u64()? }
+            }
+            19 => {
+                let lockspace = self.lockspace()?;
+                let name = self.resource()?;
+                let (session, handle) = self.session_handle()?;
+                let mode = self.mode()?;
+                let token = self.u64()?;
+                let flags = self.lock_flags()?;
+                let lvb = self.opt_bytes16("value block", LVB_LEN_MAX)?;
+                let state = self.u8()?;
+                if state > 3 {
+                    return Err(WireError::Invalid("recovered lock state"));
+                }
+                let (unlocking, lvb_unsure) = (state & 1 != 0, state & 2 != 0);
+                let lock =
+                    RecoveredLock { lockspace, name, session, handle, mode, token, flags, lvb, unlocking, lvb_unsure };
+                PeerMessage::RecoverLock(lock)
+            }
             _ => return Err(WireError::Invalid("message tag")),
         };
         Ok(message)

@@ -182,6 +182,25 @@ pub(super) fn put_message(out: &mut Vec<u8>, message: &PeerMessage) {
             put_wait(out, wait);
         }
         PeerMessage::Heartbeat => out.push(14),
+        PeerMessage::Barrier { phase } => out.extend_from_slice(&[17, phase.index()]),
+        PeerMessage::Mastered { lockspace, name, generation } => {
+            out.push(18);
+            put_name8(out, lockspace);
+            put_name8(out, name);
+            put_u64(out, *generation);
+        }
+        PeerMessage::RecoverLock(lock) => {
+            out.push(19);
+            put_name8(out, &lock.lockspace);
+            put_name8(out, &lock.name);
+            put_u64(out, lock.session.0);
+            put_u64(out, lock.handle.0);
+            out.push(lock.mode.index() as u8);
+            put_u64(out, lock.token);
+            put_u32(out, lock.flags.bits());
+            put_opt_bytes16(out, lock.lvb.as_deref());
+            out.push(u8::from(lock.unlocking) | u8::from(lock.lvb_unsure) << 1);
+        }
     }
 }
 
@@ -199,7 +218,7 @@ fn put_edges(out: &mut Vec<u8>, edges: &[RemoteEdge]) {
 }
 
 pub(super) const OPS: [Op; 3] = [Op::Lock, Op::Convert, Op::Unlock];
-pub(super) const STATUSES: [Status; 9] = [
+pub(super) const STATUSES: [Status; 10] = [
     Status::Granted,
     Status::Unlocked,
     Status::Cancelled,
@@ -209,6 +228,7 @@ pub(super) const STATUSES: [Status; 9] = [
     Status::NotFound,
     Status::Unavailable,
     Status::Rejected,
+    Status::Fenced,
 ];
 
 pub(super) fn op_code(op: Op) -> u8 {

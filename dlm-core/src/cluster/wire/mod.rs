@@ -22,7 +22,7 @@
 //! | 3 | Remove | lockspace:name8, name:name8, generation:u64, token_floor:u64 |
 //! | 4 | Request | `lockspace:name8, session:u64, handle:u64, name:name8, mode:u8, flags:u32, timeout_ns:opt<u64>` |
 //! | 5 | Convert | `session:u64, handle:u64, mode:u8, flags:u32, lvb:opt<name16>, timeout_ns:opt<u64>` |
-//! | 6 | Unlock | `session:u64, handle:u64, flags:u32, lvb:opt<name16>` |
+//! | 6 | Unlock | `session:u64, handle:u64, flags:u32, lvb:opt<name16>, state:u8 (1 unlocking, 2 value block unsure)` |
 //! | 7 | Cancel | session:u64, handle:u64 |
 //! | 8 | NotMaster | session:u64, handle:u64 |
 //! | 9 | Complete | `session:u64, handle:u64, op:u8, status:u8, mode:opt<u8>, token:opt<u64>, lvb:opt<name16>, status_flags:u32` |
@@ -33,6 +33,9 @@
 //! | 14 | Heartbeat | (none) |
 //! | 15 | ConfirmEdges | probe:u64, edges |
 //! | 16 | EdgesConfirmed | probe:u64, confirmed:u8 (0 or 1) |
+//! | 17 | Barrier | phase:u8 (0 stop, 1 directory, 2 locks, 3 done) |
+//! | 18 | Mastered | lockspace:name8, name:name8, generation:u64 |
+//! | 19 | RecoverLock | `lockspace:name8, name:name8, session:u64, handle:u64, mode:u8, token:u64, flags:u32, lvb:opt<name16>, state:u8 (1 unlocking, 2 value block unsure)` |
 //!
 //! `edges` = `count:u32, (from:u64, to:u64, lockspace:u32, lock:u32, seq:u64,
 //! blocker_lock:u32, blocker_token:u64, blocker_seq:u64){count}`, at most

@@ -1,5 +1,7 @@
 //! [`Node`]: one node's lock engine, the type drivers use.
 
+mod recovery;
+
 use std::collections::BTreeMap;
 
 // Session and handle maps are keyed by ids clients choose: hashbrown's
@@ -148,7 +150,7 @@ impl Node {
         if locks > 0 && !force {
             return Err(RequestError::LockspaceBusy { locks });
         }
-        lockspace.drop_all(&mut self.out);
+        lockspace.drop_all(&mut self.out, Status::Cancelled, crate::effect::RevokeReason::LockspaceReleased);
         let lockspace = self.lockspaces.remove(&id).expect("looked up above");
         // Orphans go with the lockspace without being destroyed one by one.
         self.out.locks -= u64::from(lockspace.locks.len());

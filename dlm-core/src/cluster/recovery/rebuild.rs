@@ -1,0 +1,469 @@
+//! The steps of recovery after the stop: the directory rebuilt from the
+//! masters, every granted copy sent back to its (possibly new) master, the
+//! queues settled, and what was in flight sent again.
+
+use crate::cluster::message::{NodeId, PeerMessage, RecoveredLock};
+use crate::cluster::recovery::{Held, RecoveryPhase};
+use crate::cluster::requester::RemoteLock;
+use crate::cluster::{ClusterNode, Key, ended};
+use crate::effect::{Effect, Op, RevokeReason, Status};
+use crate::flags::{LockFlags, UnlockFlags};
+use crate::ids::{LockHandle, SessionId};
+use crate::mode::Mode;
+use crate::request::ClientRequest;
+use crate::time::Instant;
+
+impl ClusterNode {
+    /// Every member has stopped: tells each resource's directory node that
+    /// this node masters it.
+    pub(in crate::cluster) fn rebuild_directory(&mut self, now: Instant) {
+        let me = self.config.node;
+        for (key, generation) in self.masters.sorted() {
+            let directory = self.directory_of(&key);
+            if directory == me {
+                self.directory.record(key, me, generation);
+                continue;
+            }
+            let lockspace = self.lockspace_name(key.0);
+            self.send(now, directory, PeerMessage::Mastered { lockspace, name: key.1.into_vec(), generation });
+        }
+        self.reach_barrier(now, RecoveryPhase::Directory);
+    }
+
+    /// A master's report to this directory node.
+    pub(in crate::cluster) fn on_mastered(&mut self, from: NodeId, lockspace: &[u8], name: Vec<u8>, generation: u64) {
+        let Some(id) = self.engine.lockspace_id(lockspace) else { return };
+        self.directory.record((id, name.into_boxed_slice()), from, generation);
+    }
+
+    /// The directory is whole again: answers the lookups held for it, and
+    /// looks up the master of every resource this node holds a granted copy of.
+    pub(in crate::cluster) fn recover_masters(&mut self, now: Instant) {
+        let early = self.views.recovery.as_mut().map(|r| std::mem::take(&mut r.early_lookups)).unwrap_or_default();
+        for (from, lockspace, name) in early {
+            self.on_lookup(now, from, lockspace, name, None);
+        }
+        let mut keys: Vec<Key> = self
+            .requester
+            .sorted_keys()
+            .into_iter()
+            .filter_map(|(s, h)| self.requester.get(s, h).filter(|l| l.granted.is_some()))
+            .map(|l| (l.lockspace, l.name.clone()))
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let me = self.config.node;
+        for key in keys {
+            if self.directory_of(&key) == me {
+                let (master, generation) = self.directory.claim(key.clone(), me);
+                let floor = self.token_floor(key.0);
+                self.on_recovered_master(now, key, master, generation, floor);
+                continue;
+            }
+            if let Some(recovery) = self.views.recovery.as_mut() {
+                recovery.lookups.insert(key.clone());
+            }
+            let directory = self.directory_of(&key);
+            let lockspace = self.lockspace_name(key.0);
+            self.stats.lookups += 1;
+            self.send(now, directory, PeerMessage::Lookup { lockspace, name: key.1.into_vec(), stale: None });
+        }
+        self.locks_sent_if_answered(now);
+    }
+
+    /// A lookup from a peer while this node rebuilds: held until the
+    /// directory is whole.
+    pub(in crate::cluster) fn on_recovery_lookup(
+        &mut self,
+        now: Instant,
+        from: NodeId,
+        lockspace: Vec<u8>,
+        name: Vec<u8>,
+    ) {
+        match self.views.recovery.as_mut() {
+            Some(recovery) if recovery.phase <= RecoveryPhase::Directory => {
+                recovery.early_lookups.push((from, lockspace, name));
+            }
+            _ => self.on_lookup(now, from, lockspace, name, None),
+        }
+    }
+
+    /// The directory's answer to a recovery lookup.
+    pub(in crate::cluster) fn on_recovery_lookup_reply(
+        &mut self,
+        now: Instant,
+        lockspace: &[u8],
+        name: Vec<u8>,
+        master: Option<(NodeId, u64)>,
+        floor: u64,
+    ) {
+        let Some(id) = self.engine.lockspace_id(lockspace) else { return };
+        let key: Key = (id, name.into_boxed_slice());
+        let Some(recovery) = self.views.recovery.as_mut() else { return };
+        if !recovery.lookups.remove(&key) {
+            return;
+        }
+        match master {
+            Some((master, generation)) => self.on_recovered_master(now, key, master, generation, floor),
+            None => {
+                // The directory node has no such lockspace: these locks
+                // cannot be kept anywhere.
+                for (session, handle) in self.requester.copies_of(&key) {
+                    if self.requester.remove(session, handle).is_some_and(|l| l.granted.is_some()) {
+                        let reason = RevokeReason::LockspaceReleased;
+                        self.effects.push_back(Effect::Revoked { session, handle, reason });
+                    }
+                }
+            }
+        }
+        self.locks_sent_if_answered(now);
+    }
+
+    /// Once every lookup of this node is answered, its copies are all on
+    /// their way: it reaches the locks barrier.
+    fn locks_sent_if_answered(&mut self, now: Instant) {
+        let me = self.config.node;
+        let done = self.views.recovery.as_ref().is_some_and(|r| {
+            r.phase == RecoveryPhase::Locks
+                && r.lookups.is_empty()
+                && !r.arrived[usize::from(RecoveryPhase::Locks.index())].contains(&me)
+        });
+        if done {
+            self.reach_barrier(now, RecoveryPhase::Locks);
+        }
+    }
+
+    /// The master of a resource this node holds granted copies of: they go
+    /// there (into this node's engine, if it is this node), each in the form
+    /// [`recovery_form`] gives it.
+    fn on_recovered_master(&mut self, now: Instant, key: Key, master: NodeId, generation: u64, floor: u64) {
+        let me = self.config.node;
+        if master == me {
+            self.engine.raise_token_floor(key.0, floor);
+            let new = !self.masters.contains(&key);
+            self.become_master(key.clone(), generation);
+            if new && let Some(recovery) = self.views.recovery.as_mut() {
+                recovery.new_masters.insert(key.clone());
+            }
+        } else {
+            self.requester.cache_master(key.clone(), (master, generation), self.config.master_cache_max);
+        }
+        let lockspace = self.lockspace_name(key.0);
+        let mut reissue = Vec::new();
+        for (session, handle) in self.requester.copies_of(&key) {
+            let Some(copy) = self.requester.get(session, handle) else { continue };
+            let (Some(form), Some(token)) = (recovery_form(copy), copy.token) else { continue };
+            let lvb = if form.lvb_unsure { None } else { copy.lvb.as_deref().map(<[u8]>::to_vec) };
+            let Some(mode) = form.mode else {
+                let held = copy.granted.unwrap_or(Mode::Nl);
+                self.unlocked_in_recovery(session, handle);
+                if form.lvb_unsure {
+                    self.note_lvb_unsure(&key);
+                    let lock = RecoveredLock {
+                        lockspace: lockspace.clone(),
+                        name: key.1.to_vec(),
+                        session,
+                        handle,
+                        mode: held,
+                        token: token.0,
+                        flags: LockFlags::EMPTY,
+                        lvb: None,
+                        unlocking: true,
+                        lvb_unsure: true,
+                    };
+                    if master != me {
+                        self.send(now, master, PeerMessage::RecoverLock(lock));
+                    }
+                }
+                continue;
+            };
+            if master != me {
+                let Some(copy) = self.requester.get_mut(session, handle) else { continue };
+                copy.granted = Some(mode);
+                copy.master = Some(master);
+                let lock = RecoveredLock {
+                    lockspace: lockspace.clone(),
+                    name: key.1.to_vec(),
+                    session,
+                    handle,
+                    mode,
+                    token: token.0,
+                    flags: copy.flags,
+                    lvb,
+                    unlocking: false,
+                    lvb_unsure: form.lvb_unsure,
+                };
+                self.send(now, master, PeerMessage::RecoverLock(lock));
+                continue;
+            }
+            // This node's own copy comes home: its lock goes into the engine,
+            // and what it had in flight runs here once recovery is over.
+            let Some(copy) = self.requester.remove(session, handle) else { continue };
+            if self.engine.recover_lock(session, handle, key.0, &key.1, mode, token.0, copy.flags).is_err() {
+                continue;
+            }
+            self.vote_lvb(&key, mode, lvb);
+            if form.lvb_unsure {
+                self.note_lvb_unsure(&key);
+            }
+            if let Some(request @ ClientRequest::Convert(_)) = copy.resend {
+                reissue.push(Held::Request(session, request));
+                if copy.cancel_sent {
+                    reissue.push(Held::Request(session, ClientRequest::Cancel { handle }));
+                }
+            }
+        }
+        // They were made before anything held during recovery.
+        for held in reissue.into_iter().rev() {
+            self.views.held.push_front(held);
+        }
+    }
+
+    /// A copy whose unlock was in flight: the unlock counts as done (the
+    /// lock is not added back anywhere), and the client hears so.
+    fn unlocked_in_recovery(&mut self, session: SessionId, handle: LockHandle) {
+        let Some(copy) = self.requester.remove(session, handle) else { return };
+        if copy.forced_over == Some(Op::Convert) {
+            let done = ended(session, handle, Op::Convert, Status::Cancelled, copy.granted);
+            self.effects.push_back(Effect::Complete(done));
+        }
+        self.effects.push_back(Effect::Complete(ended(session, handle, Op::Unlock, Status::Unlocked, None)));
+    }
+
+    /// A resource mastered here whose value block may have been written by
+    /// a request lost with the old epoch: not valid once recovery settles.
+    fn note_lvb_unsure(&mut self, key: &Key) {
+        if let Some(recovery) = self.views.recovery.as_mut() {
+            recovery.lvb_unsure.insert(key.clone());
+        }
+    }
+
+    /// Notes the value block a lock came back with, for a resource this node
+    /// became master of: one held above CR has the current value.
+    fn vote_lvb(&mut self, key: &Key, mode: Mode, lvb: Option<Vec<u8>>) {
+        let Some(recovery) = self.views.recovery.as_mut() else { return };
+        if let Some(lvb) = lvb
+            && mode.index() > Mode::Cr.index()
+            && recovery.new_masters.contains(key)
+        {
+            recovery.lvb_votes.entry(key.clone()).or_insert(lvb);
+        }
+    }
+
+    /// A lock of another node's client comes back to this master.
+    pub(in crate::cluster) fn on_recover_lock(&mut self, from: NodeId, lock: RecoveredLock) {
+        let Some(id) = self.engine.lockspace_id(&lock.lockspace) else { return };
+        if !self.masters.is_remote_session(lock.session) {
+            if self.engine.open_session(lock.session).is_err() {
+                return;
+            }
+            self.masters.add_remote_session(lock.session);
+        }
+        let RecoveredLock { name, session, handle, mode, token, flags, lvb, unlocking, lvb_unsure, .. } = lock;
+        let key: Key = (id, name.into_boxed_slice());
+        if !self.masters.contains(&key) {
+            // The directory named this node master, and its own answer is
+            // on its way (with the generation): it masters the resource from
+            // now, even if a newer view comes first.
+            self.become_master(key.clone(), 0);
+            if let Some(recovery) = self.views.recovery.as_mut() {
+                recovery.new_masters.insert(key.clone());
+            }
+        }
+        if lvb_unsure {
+            self.note_lvb_unsure(&key);
+        }
+        if unlocking {
+            return;
+        }
+        if self.engine.recover_lock(session, handle, id, &key.1, mode, token, flags).is_err() {
+            debug_assert!(false, "{from} sent back a lock twice: {session} {handle}");
+            return;
+        }
+        self.vote_lvb(&key, mode, lvb);
+    }
+
+    /// Every lock is back where it belongs: value blocks of the new masters
+    /// are set, every resource settles, and this node is done.
+    pub(in crate::cluster) fn settle_recovered(&mut self, now: Instant) {
+        let Some(recovery) = self.views.recovery.as_mut() else { return };
+        let new_masters = std::mem::take(&mut recovery.new_masters);
+        let votes = std::mem::take(&mut recovery.lvb_votes);
+        let unsure = std::mem::take(&mut recovery.lvb_unsure);
+        for key in &new_masters {
+            self.engine.recovery_set_lvb(key.0, &key.1, votes.get(key).map(Vec::as_slice));
+        }
+        for key in &unsure {
+            self.engine.recovery_set_lvb(key.0, &key.1, None);
+        }
+        self.engine.recovery_settle(now);
+        self.pump(now);
+        for (key, _) in self.masters.sorted() {
+            if !self.engine.resource_exists(key.0, &key.1) {
+                self.mark_idle(now, key);
+            }
+        }
+        self.reach_barrier(now, RecoveryPhase::Done);
+    }
+
+    /// Recovery is over: what was in flight when the view came goes again,
+    /// then the requests held meanwhile run, in order.
+    pub(in crate::cluster) fn resume(&mut self, now: Instant) {
+        // Sessions that ended meanwhile go first, with whatever they had
+        // held or in flight: nothing is sent again for them.
+        let ended_sessions: Vec<SessionId> = std::mem::take(&mut self.views.ending).into_iter().collect();
+        self.views.held.retain(|held| match held {
+            Held::Request(s, _) | Held::EndSession(s) => !ended_sessions.contains(s),
+        });
+        for &session in &ended_sessions {
+            let _ = self.end_session(now, session);
+        }
+        // What ending one granted to another of them is not said either.
+        self.effects.retain(|effect| !ended_sessions.contains(&effect.session()));
+        for (session, handle) in self.requester.sorted_keys() {
+            self.resend_in_flight(now, session, handle);
+        }
+        while let Some(held) = self.views.held.pop_front() {
+            match held {
+                Held::Request(session, request) => {
+                    let (handle, op) = match &request {
+                        ClientRequest::Lock(req) => (req.handle, Some(Op::Lock)),
+                        ClientRequest::Convert(req) => (req.handle, Some(Op::Convert)),
+                        ClientRequest::Unlock(req) => (req.handle, Some(Op::Unlock)),
+                        ClientRequest::Cancel { handle } => (*handle, None),
+                    };
+                    let held_mode = self.lock_info(session, handle).and_then(|l| l.granted);
+                    if self.handle_client(now, session, request).is_err()
+                        && let Some(op) = op
+                    {
+                        // Accepted when it was held: it ends, refused.
+                        let mode = if op == Op::Lock { None } else { held_mode };
+                        self.effects.push_back(Effect::Complete(ended(session, handle, op, Status::Rejected, mode)));
+                    }
+                }
+                Held::EndSession(session) => {
+                    let _ = self.end_session(now, session);
+                }
+            }
+        }
+        self.pump(now);
+    }
+
+    /// Sends again a copy's request that the old epoch's messages lost.
+    fn resend_in_flight(&mut self, now: Instant, session: SessionId, handle: LockHandle) {
+        let Some(copy) = self.requester.get(session, handle) else { return };
+        let cancel = copy.cancel_sent;
+        match (copy.pending, copy.granted, copy.master) {
+            (Some(Op::Lock), None, _) => {
+                let Some(copy) = self.requester.remove(session, handle) else { return };
+                let Some(request) = copy.request else { return };
+                if self.client_lock(now, session, request).is_err() {
+                    self.effects.push_back(Effect::Complete(ended(session, handle, Op::Lock, Status::Rejected, None)));
+                    return;
+                }
+                if cancel {
+                    let _ = self.handle_client(now, session, ClientRequest::Cancel { handle });
+                }
+            }
+            (Some(Op::Unlock), None, _) => {
+                // A forced unlock of a new lock: the request exists nowhere now.
+                self.requester.remove(session, handle);
+                for (op, status) in [(Op::Lock, Status::Cancelled), (Op::Unlock, Status::Unlocked)] {
+                    self.effects.push_back(Effect::Complete(ended(session, handle, op, status, None)));
+                }
+            }
+            (Some(_), Some(_), Some(master)) => {
+                let message = match copy.resend.clone() {
+                    Some(ClientRequest::Convert(req)) => PeerMessage::Convert {
+                        session,
+                        handle,
+                        mode: req.mode,
+                        flags: req.flags,
+                        lvb: req.lvb,
+                        timeout: req.timeout,
+                    },
+                    Some(ClientRequest::Unlock(req)) => {
+                        PeerMessage::Unlock { session, handle, flags: req.flags, lvb: req.lvb }
+                    }
+                    _ => return,
+                };
+                self.stats.remote_requests += 1;
+                self.send(now, master, message);
+                if cancel {
+                    self.send(now, master, PeerMessage::Cancel { session, handle });
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// How a granted copy goes back to its master.
+struct Form {
+    /// The mode it is added back in; none when its unlock was in flight
+    /// (the unlock counts as done, as the Linux DLM fakes its reply).
+    mode: Option<Mode>,
+    /// What it had in flight may have written the value block.
+    lvb_unsure: bool,
+}
+
+/// The form of a granted copy whose request in flight may or may not have
+/// reached its master before the view voided it. A conversion adds the lock
+/// back in the strongest mode compatible with all that any mode the master
+/// may have left it in allows (its requested mode when converting down, its
+/// granted mode when converting up, CR between CW and PR, NL when a
+/// conversion deadlock could have demoted it): whichever the master had,
+/// the locks granted beside it stay compatible. The conversion is then sent
+/// again.
+fn recovery_form(copy: &RemoteLock) -> Option<Form> {
+    let granted = copy.granted?;
+    let writes = granted.unlock_writes_lvb();
+    let form = match (copy.pending, &copy.resend) {
+        (Some(Op::Convert), Some(ClientRequest::Convert(req))) => {
+            // A conversion deadlock may have demoted the lock to NL
+            // (`CONVDEADLK`), and an alternate mode may have been granted.
+            let from = if req.flags.contains(LockFlags::CONVDEADLK) { Mode::Nl } else { granted };
+            let mut mode = common_floor(from, req.mode);
+            if req.flags.contains(LockFlags::ALTPR) {
+                mode = common_floor(mode, Mode::Pr);
+            }
+            if req.flags.contains(LockFlags::ALTCW) {
+                mode = common_floor(mode, Mode::Cw);
+            }
+            let lvb_flags = req.flags.contains(LockFlags::VALBLK) || req.flags.contains(LockFlags::IVVALBLK);
+            Form { mode: Some(mode), lvb_unsure: writes && mode != granted && lvb_flags }
+        }
+        (Some(Op::Unlock), Some(ClientRequest::Unlock(req))) => {
+            let lvb_flags = req.flags.contains(UnlockFlags::VALBLK) || req.flags.contains(UnlockFlags::IVVALBLK);
+            Form { mode: None, lvb_unsure: writes && lvb_flags }
+        }
+        _ => Form { mode: Some(granted), lvb_unsure: false },
+    };
+    Some(form)
+}
+
+/// The strongest mode compatible with every mode that `a` or `b` is.
+fn common_floor(a: Mode, b: Mode) -> Mode {
+    let allowed = |m: Mode| a.compatible(m) || b.compatible(m);
+    Mode::ALL
+        .iter()
+        .rev()
+        .copied()
+        .find(|x| Mode::ALL.iter().all(|&m| !allowed(m) || x.compatible(m)))
+        .unwrap_or(Mode::Nl)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_conversion_in_doubt_is_added_back_in_a_mode_both_ends_allow() {
+        assert_eq!(common_floor(Mode::Ex, Mode::Nl), Mode::Nl, "down: the requested mode");
+        assert_eq!(common_floor(Mode::Nl, Mode::Ex), Mode::Nl, "up: the granted mode");
+        assert_eq!(common_floor(Mode::Pr, Mode::Pw), Mode::Pr);
+        assert_eq!(common_floor(Mode::Cw, Mode::Pr), Mode::Cr, "neither contains the other");
+        assert_eq!(common_floor(Mode::Pr, Mode::Cw), Mode::Cr);
+        assert_eq!(common_floor(Mode::Ex, Mode::Ex), Mode::Ex);
+    }
+}

@@ -1,0 +1,120 @@
+//! A cluster's recovery on this lockspace, as a master sees it (the Linux
+//! DLM's `dlm_recover_purge`, `dlm_recover_master_copy` and
+//! `dlm_recover_rsbs`): locks are purged and added back while nothing is
+//! granted and no resource is freed, then every resource settles at once.
+//!
+//! Nothing here grants, sends a callback or frees a resource until
+//! [`Lockspace::recovery_settle`]: between the purge and the settle a
+//! resource's queues are incomplete (other nodes' locks are on their way
+//! back), and a grant made from them could be incompatible with a lock
+//! that is about to return.
+
+use crate::flags::LockFlags;
+use crate::ids::{LockHandle, SessionId};
+use crate::lock::{Lock, LockState};
+use crate::lockspace::Lockspace;
+use crate::mode::Mode;
+use crate::outbox::Outbox;
+
+impl Lockspace {
+    /// Removes every lock (orphans excepted) whose session `purge` selects,
+    /// granting nothing and freeing no resource, so that a resource keeps its
+    /// value block while its locks are away. A PW or EX holder removed for
+    /// which `suspect` says true invalidates the value block: it may have
+    /// been written and the new value lost with its node.
+    pub(crate) fn recovery_purge(
+        &mut self,
+        out: &mut Outbox,
+        purge: &dyn Fn(SessionId) -> bool,
+        suspect: &dyn Fn(SessionId) -> bool,
+    ) -> usize {
+        let doomed: Vec<u32> =
+            self.locks.iter().filter(|(_, lock)| !lock.orphan && purge(lock.session)).map(|(l, _)| l).collect();
+        for &l in &doomed {
+            let lock = &self.locks[l];
+            let (r, session, granted) = (lock.resource, lock.session, lock.granted);
+            if granted.is_some_and(Mode::unlock_writes_lvb) && suspect(session) {
+                self.resources[r].lvb_invalid = true;
+            }
+            match lock.state {
+                LockState::Converting | LockState::Waiting => self.stop_wait(l),
+                LockState::Granted => self.resources[r].granted.remove(&mut self.locks, l),
+                LockState::New => {}
+            }
+            if let Some(mode) = granted {
+                self.resources[r].held.remove(mode);
+            }
+            self.destroy(out, l);
+        }
+        doomed.len()
+    }
+
+    /// Adds back a lock that another node's client holds (or this node's,
+    /// whose resource lost its master): granted `mode` under `token`, at the
+    /// end of the granted queue. No limit applies (the lock existed before),
+    /// and nothing is granted until [`Lockspace::recovery_settle`]. Tokens
+    /// handed out here later are larger than `token`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn recover_granted(
+        &mut self,
+        out: &mut Outbox,
+        session: SessionId,
+        handle: LockHandle,
+        name: &[u8],
+        mode: Mode,
+        token: u64,
+        flags: LockFlags,
+    ) -> u32 {
+        let r = match self.find_resource(name) {
+            Some(r) => r,
+            None => {
+                // Its value block was at the old master: unknown until a
+                // holder's copy says what it was.
+                let r = self.create_resource(name.to_vec());
+                self.resources[r].lvb_invalid = true;
+                r
+            }
+        };
+        let l = self.locks.insert(Lock::new(session, handle, r, mode, flags));
+        out.locks += 1;
+        let lock = &mut self.locks[l];
+        lock.state = LockState::Granted;
+        lock.granted = Some(mode);
+        lock.token = token;
+        let resource = &mut self.resources[r];
+        resource.granted.push_back(&mut self.locks, l);
+        resource.held.add(mode);
+        resource.last_token = resource.last_token.max(token);
+        self.last_token = self.last_token.max(token);
+        l
+    }
+
+    /// Sets a resource's value block as recovery found it: the bytes a
+    /// holder read, or (`None`) not valid.
+    pub(crate) fn recovery_set_lvb(&mut self, name: &[u8], lvb: Option<&[u8]>) {
+        let Some(r) = self.find_resource(name) else { return };
+        match lvb {
+            Some(bytes) if bytes.len() <= self.config.lvb_len => self.write_lvb(r, bytes),
+            _ => self.resources[r].lvb_invalid = true,
+        }
+    }
+
+    /// Ends recovery here: every resource grants what it can, holders in a
+    /// queued request's way are told again (a callback sent before may have
+    /// been lost with the old epoch's messages), and unused resources go.
+    pub(crate) fn recovery_settle(&mut self, out: &mut Outbox) {
+        let resources: Vec<u32> = self.resources.iter().map(|(r, _)| r).collect();
+        for r in resources {
+            let holders: Vec<u32> = self.resources[r]
+                .granted
+                .iter(&self.locks)
+                .chain(self.resources[r].converting.iter(&self.locks))
+                .collect();
+            for l in holders {
+                self.locks[l].bast_level = None;
+            }
+            out.touched.push((self.id, r));
+            self.settle(out, r, true);
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The engine's part in a cluster's recovery (see [`crate::cluster`]): what
+//! a master does to its queues while the cluster rebuilds them, and what a
+//! node that fenced itself does to its clients' locks.
+
+use crate::effect::{RevokeReason, Status};
+use crate::flags::LockFlags;
+use crate::ids::{LockHandle, LockspaceId, SessionId};
+use crate::lockspace::Lockspace;
+use crate::mode::Mode;
+use crate::node::{LockRef, Node};
+use crate::request::RequestError;
+use crate::time::Instant;
+
+impl Node {
+    /// Removes every lock (orphans excepted) of the sessions `purge` selects,
+    /// in every lockspace, granting nothing and freeing no resource until
+    /// [`Node::recovery_settle`]. A PW or EX holder removed for which
+    /// `suspect` says true marks its resource's value block not valid.
+    /// Returns how many locks went.
+    pub fn recovery_purge(&mut self, purge: impl Fn(SessionId) -> bool, suspect: impl Fn(SessionId) -> bool) -> usize {
+        let mut purged = 0;
+        for lockspace in self.lockspaces.values_mut() {
+            purged += lockspace.recovery_purge(&mut self.out, &purge, &suspect);
+        }
+        self.apply_freed();
+        purged
+    }
+
+    /// Adds back a granted lock of an open session (see
+    /// [`Node::recovery_purge`]): granted `mode` under fencing `token`, with
+    /// nothing granted to anyone until [`Node::recovery_settle`].
+    ///
+    /// # Errors
+    /// Unknown session or lockspace, or the handle is in use.
+    #[allow(clippy::too_many_arguments)]
+    pub fn recover_lock(
+        &mut self,
+        session: SessionId,
+        handle: LockHandle,
+        id: LockspaceId,
+        name: &[u8],
+        mode: Mode,
+        token: u64,
+        flags: LockFlags,
+    ) -> Result<(), RequestError> {
+        let owner = self.sessions.get_mut(&session).ok_or(RequestError::UnknownSession)?;
+        if owner.locks.contains_key(&handle) {
+            return Err(RequestError::HandleInUse);
+        }
+        let lockspace = self.lockspaces.get_mut(&id).ok_or(RequestError::UnknownLockspace)?;
+        let lock = lockspace.recover_granted(&mut self.out, session, handle, name, mode, token, flags);
+        owner.locks.insert(handle, LockRef { lockspace: id, lock });
+        Ok(())
+    }
+
+    /// Sets a recovered resource's value block: the bytes a holder read, or
+    /// (`None`) not valid.
+    pub fn recovery_set_lvb(&mut self, id: LockspaceId, name: &[u8], lvb: Option<&[u8]>) {
+        if let Some(lockspace) = self.lockspaces.get_mut(&id) {
+            lockspace.recovery_set_lvb(name, lvb);
+        }
+    }
+
+    /// Ends recovery on this engine: every resource grants what it can, sends
+    /// the blocking callbacks that are due (again), and goes if unused.
+    pub fn recovery_settle(&mut self, now: Instant) {
+        for lockspace in self.lockspaces.values_mut() {
+            lockspace.recovery_settle(&mut self.out);
+        }
+        self.finish(now);
+    }
+
+    /// Drops every lock of every lockspace, keeping the lockspaces and their
+    /// token counters (tokens never go backwards on a node): pending
+    /// requests complete with `status` (a node fencing itself:
+    /// [`Status::Fenced`]), granted locks are revoked for `reason`, orphans
+    /// go silently. Effects name every session, other nodes' included: the
+    /// caller keeps the ones it serves.
+    pub fn fence(&mut self, status: Status, reason: RevokeReason) {
+        let ids: Vec<LockspaceId> = self.lockspaces.keys().copied().collect();
+        for id in ids {
+            let old = self.lockspaces.get_mut(&id).expect("listed above");
+            old.drop_all(&mut self.out, status, reason);
+            self.out.locks -= u64::from(old.locks.len());
+            let mut fresh = Lockspace::new(id, old.name.clone(), old.config);
+            fresh.raise_token_floor(old.last_token());
+            *old = fresh;
+        }
+        self.apply_freed();
+    }
+}
