@@ -11,6 +11,7 @@ use crate::slab::NIL;
 /// Resources with more locks than this are not checked in full after every
 /// event in debug builds (see `Node::check_touched`); `check_invariants`
 /// still checks them whole.
+#[cfg_attr(not(debug_assertions), allow(dead_code))] // the check runs in debug builds only
 pub(crate) const EVERY_EVENT_CHECK_LOCKS_MAX: u32 = 4096;
 
 /// No two incompatible modes are held at once. Constant time: it compares the

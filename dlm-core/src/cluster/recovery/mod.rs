@@ -14,7 +14,7 @@ use crate::cluster::message::{Envelope, NodeId, PeerMessage};
 use crate::cluster::view::{View, ViewError};
 use crate::cluster::{ClusterNode, Key};
 use crate::effect::{RevokeReason, Status};
-use crate::ids::SessionId;
+use crate::ids::{LockHandle, SessionId};
 use crate::request::ClientRequest;
 use crate::time::Instant;
 
@@ -114,6 +114,10 @@ pub(super) struct Recovery {
     pub(super) lvb_votes: BTreeMap<Key, Vec<u8>>,
     /// Resources mastered here whose value block a lost request may have written.
     pub(super) lvb_unsure: BTreeSet<Key>,
+    /// This node's copies of remote locks by resource, sorted, taken once
+    /// the directory is whole (client requests are held until the end, so
+    /// no copy is added meanwhile).
+    pub(super) copies: BTreeMap<Key, Vec<(SessionId, LockHandle)>>,
     started: Instant,
     phase_started: Instant,
 }
@@ -291,6 +295,7 @@ impl ClusterNode {
             new_masters: BTreeSet::new(),
             lvb_votes: BTreeMap::new(),
             lvb_unsure: BTreeSet::new(),
+            copies: BTreeMap::new(),
             started: now,
             phase_started: now,
         });

@@ -2,6 +2,8 @@
 //! masters, every granted copy sent back to its (possibly new) master, the
 //! queues settled, and what was in flight sent again.
 
+use std::collections::BTreeMap;
+
 use crate::cluster::message::{NodeId, PeerMessage, RecoveredLock};
 use crate::cluster::recovery::{Held, RecoveryPhase};
 use crate::cluster::requester::RemoteLock;
@@ -43,15 +45,22 @@ impl ClusterNode {
         for (from, lockspace, name) in early {
             self.on_lookup(now, from, lockspace, name, None);
         }
-        let mut keys: Vec<Key> = self
-            .requester
-            .sorted_keys()
-            .into_iter()
-            .filter_map(|(s, h)| self.requester.get(s, h).filter(|l| l.granted.is_some()))
-            .map(|l| (l.lockspace, l.name.clone()))
-            .collect();
+        // Each resource this node holds a granted copy of, with its copies.
+        let mut copies: BTreeMap<Key, Vec<(SessionId, LockHandle)>> = BTreeMap::new();
+        let mut keys = Vec::new();
+        for (session, handle) in self.requester.sorted_keys() {
+            let Some(copy) = self.requester.get(session, handle) else { continue };
+            let key: Key = (copy.lockspace, copy.name.clone());
+            if copy.granted.is_some() {
+                keys.push(key.clone());
+            }
+            copies.entry(key).or_default().push((session, handle));
+        }
         keys.sort_unstable();
         keys.dedup();
+        if let Some(recovery) = self.views.recovery.as_mut() {
+            recovery.copies = copies;
+        }
         let me = self.config.node;
         for key in keys {
             if self.directory_of(&key) == me {
@@ -108,7 +117,7 @@ impl ClusterNode {
             None => {
                 // The directory node has no such lockspace: these locks
                 // cannot be kept anywhere.
-                for (session, handle) in self.requester.copies_of(&key) {
+                for (session, handle) in self.take_copies(&key) {
                     if self.requester.remove(session, handle).is_some_and(|l| l.granted.is_some()) {
                         let reason = RevokeReason::LockspaceReleased;
                         self.effects.push_back(Effect::Revoked { session, handle, reason });
@@ -150,7 +159,7 @@ impl ClusterNode {
         }
         let lockspace = self.lockspace_name(key.0);
         let mut reissue = Vec::new();
-        for (session, handle) in self.requester.copies_of(&key) {
+        for (session, handle) in self.take_copies(&key) {
             let Some(copy) = self.requester.get(session, handle) else { continue };
             let (Some(form), Some(token)) = (recovery_form(copy), copy.token) else { continue };
             let lvb = if form.lvb_unsure { None } else { copy.lvb.as_deref().map(<[u8]>::to_vec) };
@@ -217,6 +226,12 @@ impl ClusterNode {
         for held in reissue.into_iter().rev() {
             self.views.held.push_front(held);
         }
+    }
+
+    /// The copies of a resource's locks held here, sorted (each resource's
+    /// are taken once: its master is found once).
+    fn take_copies(&mut self, key: &Key) -> Vec<(SessionId, LockHandle)> {
+        self.views.recovery.as_mut().and_then(|r| r.copies.remove(key)).unwrap_or_default()
     }
 
     /// A copy whose unlock was in flight: the unlock counts as done (the

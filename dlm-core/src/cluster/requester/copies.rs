@@ -152,14 +152,6 @@ impl Requester {
         keys
     }
 
-    /// The copies of one resource's locks, sorted.
-    pub(in crate::cluster) fn copies_of(&self, key: &Key) -> Vec<LockKey> {
-        let mut keys: Vec<LockKey> =
-            self.locks.iter().filter(|(_, l)| l.lockspace == key.0 && l.name == key.1).map(|(&k, _)| k).collect();
-        keys.sort_unstable();
-        keys
-    }
-
     pub(in crate::cluster) fn get_mut(&mut self, session: SessionId, handle: LockHandle) -> Option<&mut RemoteLock> {
         self.locks.get_mut(&(session, handle))
     }

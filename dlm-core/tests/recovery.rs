@@ -1,0 +1,571 @@
+//! Recovery's races, each played out deterministically: a five-node
+//! cluster driven by hand, a node crashed with messages of its own in
+//! flight, views handed to the survivors, and the exact outcome checked:
+//! which completions each client got, with which tokens, and where the
+//! resource is mastered afterwards.
+
+use std::time::Duration;
+
+use dlm_core::cluster::{
+    ClusterConfig, ClusterNode, Envelope, Member, Membership, NodeId, PeerMessage, RecoveryPhase, TOKEN_EPOCH_SHIFT,
+    View, ViewMember,
+};
+use dlm_core::{
+    ClientRequest, Completion, ConvertRequest, Effect, Instant, LockFlags, LockHandle, LockRequest, LockspaceConfig,
+    Mode, RevokeReason, Status, StatusFlags, UnlockFlags, UnlockRequest,
+};
+
+const NODES: u16 = 5;
+const LVB_LEN: usize = 8;
+
+struct Net {
+    nodes: Vec<ClusterNode>,
+    alive: Vec<bool>,
+    /// In flight: (from, to, envelope), in send order.
+    wire: Vec<(NodeId, NodeId, Envelope)>,
+    now: Instant,
+    effects: Vec<(u16, Effect)>,
+    epoch: u64,
+    incarnations: Vec<u64>,
+}
+
+impl Net {
+    fn new() -> Net {
+        let members = (1..=NODES).map(|id| Member { id: NodeId(id), weight: 1 }).collect();
+        let membership = Membership::new(members, 1).expect("members");
+        let nodes = (1..=NODES)
+            .map(|id| {
+                let mut node = ClusterNode::new(ClusterConfig::new(NodeId(id), membership.clone())).expect("node");
+                node.create_lockspace(b"ls", LockspaceConfig { lvb_len: LVB_LEN }).expect("lockspace");
+                node.open_session(NodeId(id).session(1)).expect("session");
+                node
+            })
+            .collect();
+        Net {
+            nodes,
+            alive: vec![true; usize::from(NODES)],
+            wire: Vec::new(),
+            now: Instant::ZERO,
+            effects: Vec::new(),
+            epoch: 1,
+            incarnations: vec![1; usize::from(NODES)],
+        }
+    }
+
+    fn node(&mut self, id: u16) -> &mut ClusterNode {
+        &mut self.nodes[usize::from(id) - 1]
+    }
+
+    /// A resource name whose directory (among all five) is `dir`.
+    fn name_with_directory(&self, dir: u16) -> Vec<u8> {
+        let membership = &self.nodes[0].config().membership;
+        (0..)
+            .map(|i| format!("r{i}").into_bytes())
+            .find(|n| membership.directory(b"ls", n) == NodeId(dir))
+            .expect("a name")
+    }
+
+    fn collect(&mut self) {
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            let id = i as u16 + 1;
+            while let Some((to, envelope)) = node.poll_transmit() {
+                if envelope.message.is_some() && self.alive[i] {
+                    self.wire.push((NodeId(id), to, envelope));
+                }
+            }
+            while let Some(effect) = node.poll_effect() {
+                if self.alive[i] {
+                    self.effects.push((id, effect));
+                }
+            }
+        }
+    }
+
+    fn client(&mut self, node: u16, request: ClientRequest) {
+        let now = self.now;
+        self.node(node).handle_client(now, NodeId(node).session(1), request).expect("accepted");
+        self.collect();
+    }
+
+    fn lock_with(&mut self, node: u16, handle: u64, name: &[u8], mode: Mode, flags: LockFlags) {
+        let lockspace = self.node(node).lockspace_id(b"ls").expect("ls");
+        let request =
+            LockRequest { handle: LockHandle(handle), lockspace, name: name.to_vec(), mode, flags, timeout: None };
+        self.client(node, ClientRequest::Lock(request));
+    }
+
+    fn lock(&mut self, node: u16, handle: u64, name: &[u8], mode: Mode) {
+        self.lock_with(node, handle, name, mode, LockFlags::EMPTY);
+    }
+
+    fn convert(&mut self, node: u16, handle: u64, mode: Mode) {
+        let request =
+            ConvertRequest { handle: LockHandle(handle), mode, flags: LockFlags::EMPTY, timeout: None, lvb: None };
+        self.client(node, ClientRequest::Convert(request));
+    }
+
+    fn unlock_with(&mut self, node: u16, handle: u64, lvb: Option<Vec<u8>>) {
+        let flags = if lvb.is_some() { UnlockFlags::VALBLK } else { UnlockFlags::EMPTY };
+        let request = UnlockRequest { handle: LockHandle(handle), flags, lvb };
+        self.client(node, ClientRequest::Unlock(request));
+    }
+
+    fn unlock(&mut self, node: u16, handle: u64) {
+        self.unlock_with(node, handle, None);
+    }
+
+    /// Delivers the first message in flight that matches.
+    fn deliver_first(&mut self, matches: impl Fn(NodeId, NodeId, &PeerMessage) -> bool) {
+        let at = self
+            .wire
+            .iter()
+            .position(|(from, to, e)| matches(*from, *to, e.message.as_ref().expect("numbered")))
+            .expect("such a message is in flight");
+        let (from, to, envelope) = self.wire.remove(at);
+        self.deliver(from, to, envelope);
+    }
+
+    fn deliver(&mut self, from: NodeId, to: NodeId, envelope: Envelope) {
+        if self.alive[usize::from(to.0) - 1] {
+            let now = self.now;
+            self.node(to.0).handle_peer(now, from, envelope).expect("valid");
+        }
+        self.collect();
+    }
+
+    /// Delivers everything in flight, in order, until nothing is left.
+    fn deliver_all(&mut self) {
+        let mut steps = 0;
+        while !self.wire.is_empty() {
+            let (from, to, envelope) = self.wire.remove(0);
+            self.deliver(from, to, envelope);
+            steps += 1;
+            assert!(steps < 100_000, "messages never stop");
+        }
+    }
+
+    fn advance(&mut self, by: Duration) {
+        self.now = self.now.saturating_add(by);
+        for node in &mut self.nodes {
+            node.handle_timeout(self.now);
+        }
+        self.collect();
+    }
+
+    /// Node `id` crashes: its state is gone and nothing it sent is delivered.
+    fn crash(&mut self, id: u16) {
+        self.alive[usize::from(id) - 1] = false;
+        self.wire.retain(|(from, to, _)| from.0 != id && to.0 != id);
+        self.effects.retain(|(n, _)| *n != id);
+    }
+
+    /// Node `id` starts again with no state (it joins in the next view).
+    fn restart(&mut self, id: u16) {
+        let members = (1..=NODES).map(|id| Member { id: NodeId(id), weight: 1 }).collect();
+        let config = ClusterConfig::new(NodeId(id), Membership::new(members, 0).expect("members"));
+        let mut node = ClusterNode::new(config).expect("node");
+        node.create_lockspace(b"ls", LockspaceConfig { lvb_len: LVB_LEN }).expect("lockspace");
+        node.open_session(NodeId(id).session(1)).expect("session");
+        self.nodes[usize::from(id) - 1] = node;
+        self.alive[usize::from(id) - 1] = true;
+        self.incarnations[usize::from(id) - 1] += 1;
+    }
+
+    /// The view of the nodes alive, handed to each of them.
+    fn view(&mut self, quorate: bool) -> View {
+        self.epoch += 1;
+        let members = (1..=NODES)
+            .filter(|&id| self.alive[usize::from(id) - 1])
+            .map(|id| ViewMember { id: NodeId(id), weight: 1, incarnation: self.incarnations[usize::from(id) - 1] })
+            .collect();
+        View { epoch: self.epoch, members, quorate }
+    }
+
+    fn hand_view(&mut self, view: &View) {
+        let now = self.now;
+        for id in view.members.iter().map(|m| m.id.0).collect::<Vec<_>>() {
+            self.node(id).handle_view(now, view).expect("a later view");
+        }
+        self.collect();
+    }
+
+    /// A view without the crashed nodes, recovery run to the end.
+    fn recover(&mut self) {
+        let view = self.view(true);
+        self.hand_view(&view);
+        self.deliver_all();
+        for id in view.members.iter().map(|m| m.id.0) {
+            assert_eq!(self.node(id).recovery_status(), None, "node {id} is still recovering");
+        }
+    }
+
+    /// The completions of `handle` on `node` seen so far, taken out.
+    fn completions(&mut self, node: u16, handle: u64) -> Vec<Completion> {
+        let mut found = Vec::new();
+        self.effects.retain(|(n, e)| match e {
+            Effect::Complete(c) if *n == node && c.handle == LockHandle(handle) => {
+                found.push(c.clone());
+                false
+            }
+            _ => true,
+        });
+        found
+    }
+
+    /// The one completion of `handle` on `node`.
+    fn completion(&mut self, node: u16, handle: u64) -> Completion {
+        let mut found = self.completions(node, handle);
+        assert_eq!(found.len(), 1, "completions of {handle} on node {node}: {found:?}");
+        found.remove(0)
+    }
+
+    /// The nodes whose engine holds `name`.
+    fn masters(&mut self, name: &[u8]) -> Vec<u16> {
+        (1..=NODES)
+            .filter(|&id| {
+                let alive = self.alive[usize::from(id) - 1];
+                let node = self.node(id);
+                alive && node.engine().resource_exists(node.lockspace_id(b"ls").expect("ls"), name)
+            })
+            .collect()
+    }
+
+    /// A granted lock's mode and token as its node's copy says.
+    fn held(&mut self, node: u16, handle: u64) -> (Option<Mode>, Option<u64>) {
+        let info = self.node(node).lock_info(NodeId(node).session(1), LockHandle(handle)).expect("the lock exists");
+        (info.granted, info.token.map(|t| t.0))
+    }
+}
+
+fn token(c: &Completion) -> u64 {
+    c.token.expect("a grant has a token").0
+}
+
+fn is_grant(m: &PeerMessage) -> bool {
+    matches!(m, PeerMessage::Complete(c) if c.status == Status::Granted)
+}
+
+/// Node 2 masters `name`: its client holds EX, under the token returned.
+fn mastered_by_2(net: &mut Net, name: &[u8]) -> u64 {
+    net.lock(2, 1, name, Mode::Ex);
+    net.deliver_all();
+    let c = net.completion(2, 1);
+    assert_eq!(c.status, Status::Granted);
+    assert_eq!(net.masters(name), vec![2]);
+    token(&c)
+}
+
+#[test]
+fn a_grant_in_flight_from_a_master_that_dies_is_made_again_by_the_new_master() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(1);
+    let first = mastered_by_2(&mut net, &name);
+    net.lock(3, 1, &name, Mode::Ex);
+    net.deliver_all();
+    assert!(net.completions(3, 1).is_empty(), "node 3 waits behind node 2's EX");
+    // Node 2's client unlocks; node 2 grants node 3 and crashes before the
+    // grant arrives.
+    net.unlock(2, 1);
+    assert!(net.wire.iter().any(|(from, to, e)| from.0 == 2 && to.0 == 3 && is_grant(e.message.as_ref().unwrap())));
+    net.crash(2);
+    net.recover();
+    // Node 3 is granted exactly once, by the new master, under a token of
+    // the new epoch: larger than any node 2 could have handed out.
+    let c = net.completion(3, 1);
+    assert_eq!((c.status, c.mode), (Status::Granted, Some(Mode::Ex)));
+    assert!(token(&c) > first && token(&c) >> TOKEN_EPOCH_SHIFT == 2, "token {:#x}", token(&c));
+    assert_eq!(net.masters(&name), vec![3], "the first survivor to look it up masters it");
+}
+
+#[test]
+fn holders_keep_mode_and_token_when_their_master_dies_and_block_a_newcomer() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(1);
+    net.lock(2, 1, &name, Mode::Pr);
+    net.deliver_all();
+    net.completion(2, 1);
+    net.lock(3, 1, &name, Mode::Pr);
+    net.lock(4, 1, &name, Mode::Cr);
+    net.deliver_all();
+    let pr = token(&net.completion(3, 1));
+    let cr = token(&net.completion(4, 1));
+    net.crash(2);
+    net.recover();
+    assert_eq!(net.held(3, 1), (Some(Mode::Pr), Some(pr)));
+    assert_eq!(net.held(4, 1), (Some(Mode::Cr), Some(cr)));
+    // Both locks are back at one master: an EX from node 5 waits for both.
+    net.lock(5, 1, &name, Mode::Ex);
+    net.deliver_all();
+    assert!(net.completions(5, 1).is_empty(), "EX granted beside a recovered PR");
+    net.unlock(3, 1);
+    net.deliver_all();
+    assert_eq!(net.completion(3, 1).status, Status::Unlocked);
+    assert!(net.completions(5, 1).is_empty(), "EX granted beside a recovered CR");
+    net.unlock(4, 1);
+    net.deliver_all();
+    let c = net.completion(5, 1);
+    assert_eq!(c.status, Status::Granted);
+    assert!(token(&c) > pr.max(cr));
+    assert_eq!(net.masters(&name).len(), 1);
+}
+
+#[test]
+fn a_lookup_whose_directory_dies_is_asked_again_of_the_new_directory() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(2);
+    net.lock(3, 1, &name, Mode::Ex);
+    assert!(net.wire.iter().any(|(_, to, e)| to.0 == 2 && matches!(e.message, Some(PeerMessage::Lookup { .. }))));
+    net.crash(2);
+    net.recover();
+    let c = net.completion(3, 1);
+    assert_eq!(c.status, Status::Granted);
+    assert_eq!(net.masters(&name), vec![3]);
+    // The new directory (not node 2) answers for it from now on.
+    let new_directory = net.node(3).config().membership.directory(b"ls", &name);
+    assert_ne!(new_directory, NodeId(2));
+    let entries = net.node(new_directory.0).directory_entries();
+    assert!(entries.iter().any(|(_, n, master)| *n == name && *master == NodeId(3)), "{entries:?}");
+}
+
+#[test]
+fn a_request_crossing_a_view_change_is_dropped_in_the_old_epoch_and_sent_again() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(1);
+    mastered_by_2(&mut net, &name);
+    // Node 3's request reaches the wire to node 2 in epoch 1; then node 5
+    // crashes and a view comes before it is delivered.
+    net.lock(3, 1, &name, Mode::Pr);
+    net.deliver_first(|_, to, m| to.0 == 1 && matches!(m, PeerMessage::Lookup { .. }));
+    net.deliver_first(|_, to, m| to.0 == 3 && matches!(m, PeerMessage::LookupReply { .. }));
+    let at = net
+        .wire
+        .iter()
+        .position(|(from, to, e)| from.0 == 3 && to.0 == 2 && matches!(e.message, Some(PeerMessage::Request { .. })))
+        .expect("the request is in flight");
+    let old = net.wire.remove(at);
+    assert_eq!(old.2.epoch, 1);
+    net.crash(5);
+    let view = net.view(true);
+    net.hand_view(&view);
+    // The old epoch's envelope arrives now: dropped, not applied.
+    net.deliver(old.0, old.1, old.2);
+    net.deliver_all();
+    assert!(net.completions(3, 1).is_empty(), "node 2's EX still blocks the PR");
+    net.unlock(2, 1);
+    net.deliver_all();
+    assert_eq!(net.completion(2, 1).status, Status::Unlocked);
+    let c = net.completion(3, 1);
+    assert_eq!((c.status, c.mode), (Status::Granted, Some(Mode::Pr)));
+    let lockspace = net.node(2).lockspace_id(b"ls").expect("ls");
+    let queue = net.node(2).engine().dump(lockspace, Some(&name), 1).expect("dump");
+    assert_eq!(queue[0].granted.len(), 1, "the request was applied once: {queue:?}");
+}
+
+#[test]
+fn a_conversion_whose_master_dies_comes_back_at_its_granted_mode_and_is_sent_again() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(1);
+    net.lock(2, 1, &name, Mode::Nl);
+    net.deliver_all();
+    net.completion(2, 1);
+    net.lock(3, 1, &name, Mode::Pr);
+    net.lock(4, 1, &name, Mode::Pr);
+    net.deliver_all();
+    let pr = token(&net.completion(3, 1));
+    net.completion(4, 1);
+    // Node 3 converts PR → EX: it waits for node 4's PR, at node 2.
+    net.convert(3, 1, Mode::Ex);
+    net.deliver_all();
+    assert!(net.completions(3, 1).is_empty());
+    net.crash(2);
+    net.recover();
+    // Back at PR (what it held for sure), with its token, the conversion
+    // pending again at the new master.
+    assert_eq!(net.held(3, 1), (Some(Mode::Pr), Some(pr)));
+    assert!(net.completions(3, 1).is_empty(), "EX granted beside node 4's PR");
+    net.unlock(4, 1);
+    net.deliver_all();
+    let c = net.completion(3, 1);
+    assert_eq!((c.status, c.mode), (Status::Granted, Some(Mode::Ex)));
+    assert!(token(&c) > pr);
+}
+
+#[test]
+fn a_departed_writer_makes_the_value_block_not_valid() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(1);
+    // Node 1 masters the resource (an NL lock keeps it) and writes the value block.
+    net.lock_with(1, 2, &name, Mode::Nl, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(1, 2);
+    net.lock_with(1, 1, &name, Mode::Ex, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(1, 1);
+    net.unlock_with(1, 1, Some(b"written".to_vec()));
+    net.deliver_all();
+    net.completion(1, 1);
+    // Node 2's client takes EX (it may write) and dies with its node.
+    net.lock_with(2, 1, &name, Mode::Ex, LockFlags::VALBLK);
+    net.deliver_all();
+    let c = net.completion(2, 1);
+    assert_eq!(c.lvb.as_deref().map(|v| &v[..7]), Some(&b"written"[..]));
+    net.crash(2);
+    net.recover();
+    net.lock_with(3, 1, &name, Mode::Pr, LockFlags::VALBLK);
+    net.deliver_all();
+    let c = net.completion(3, 1);
+    assert_eq!(c.status, Status::Granted);
+    assert!(c.flags.contains(StatusFlags::VALNOTVALID), "{c:?}");
+}
+
+#[test]
+fn a_departed_reader_leaves_the_value_block_and_a_new_master_takes_it_from_a_holder() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(1);
+    // Node 2 masters it; node 3 writes the value block under PW.
+    net.lock_with(2, 1, &name, Mode::Nl, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(2, 1);
+    net.lock_with(3, 1, &name, Mode::Pw, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(3, 1);
+    net.unlock_with(3, 1, Some(b"value".to_vec()));
+    net.deliver_all();
+    net.completion(3, 1);
+    net.lock_with(4, 1, &name, Mode::Pr, LockFlags::VALBLK);
+    net.deliver_all();
+    let c = net.completion(4, 1);
+    assert_eq!(c.lvb.as_deref().map(|v| &v[..5]), Some(&b"value"[..]));
+    // The master dies: the new master takes the value block from node 4's
+    // PR copy (above CR), so it is still valid.
+    net.crash(2);
+    net.recover();
+    net.lock_with(5, 1, &name, Mode::Cr, LockFlags::VALBLK);
+    net.deliver_all();
+    let c = net.completion(5, 1);
+    assert_eq!(c.status, Status::Granted);
+    assert!(!c.flags.contains(StatusFlags::VALNOTVALID), "{c:?}");
+    assert_eq!(c.lvb.as_deref().map(|v| &v[..5]), Some(&b"value"[..]));
+}
+
+#[test]
+fn a_second_failure_during_recovery_starts_over_in_the_newer_epoch() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(1);
+    mastered_by_2(&mut net, &name);
+    net.lock(3, 1, &name, Mode::Pr);
+    net.deliver_all();
+    net.crash(2);
+    let view = net.view(true);
+    net.hand_view(&view);
+    // Deliver only the stop barriers: every survivor is past Stop.
+    while let Some(at) = net.wire.iter().position(|(_, _, e)| matches!(e.message, Some(PeerMessage::Barrier { .. }))) {
+        let (from, to, envelope) = net.wire.remove(at);
+        net.deliver(from, to, envelope);
+        if net.node(1).recovery_status().is_some_and(|s| s.phase > RecoveryPhase::Stop) {
+            break;
+        }
+    }
+    let status = net.node(1).recovery_status().expect("recovering");
+    assert_eq!(status.epoch, 2);
+    // Node 4 crashes now: view 3 (nodes 1, 3, 5; three of five) starts over.
+    net.crash(4);
+    net.recover();
+    assert_eq!(net.node(1).epoch(), 3);
+    let c = net.completion(3, 1);
+    assert_eq!((c.status, c.mode), (Status::Granted, Some(Mode::Pr)));
+    assert!(token(&c) >> TOKEN_EPOCH_SHIFT == 3, "token {:#x} of epoch 3", token(&c));
+    assert_eq!(net.masters(&name), vec![3]);
+}
+
+#[test]
+fn a_node_without_quorum_fences_itself_revoking_locks_and_failing_requests() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(1);
+    let other = net.name_with_directory(3);
+    net.lock(1, 1, &name, Mode::Ex);
+    net.deliver_all();
+    net.completion(1, 1);
+    net.lock(2, 1, &name, Mode::Ex);
+    net.lock(1, 2, &other, Mode::Ex);
+    net.deliver_all();
+    net.completion(1, 2);
+    // Node 1 is cut off alone: its view has no quorum.
+    let alone =
+        View { epoch: 2, members: vec![ViewMember { id: NodeId(1), weight: 1, incarnation: 1 }], quorate: false };
+    net.wire.clear();
+    net.epoch = 2;
+    let now = net.now;
+    net.node(1).handle_view(now, &alone).expect("a later view");
+    net.collect();
+    assert!(net.node(1).is_fenced());
+    let revoked: Vec<u64> = net
+        .effects
+        .iter()
+        .filter_map(|(n, e)| match e {
+            Effect::Revoked { handle, reason: RevokeReason::Fenced, .. } if *n == 1 => Some(handle.0),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(revoked, vec![1, 2], "both of node 1's locks are revoked, the remote one too");
+    // A new request is refused as fenced, and nothing reaches the wire.
+    net.lock(1, 3, &name, Mode::Nl);
+    assert_eq!(net.completion(1, 3).status, Status::Fenced);
+    assert!(net.wire.is_empty());
+    // The majority recovers without node 1 and grants node 2.
+    net.crash(1);
+    net.advance(Duration::from_millis(1));
+    net.recover();
+    let c = net.completion(2, 1);
+    assert_eq!(c.status, Status::Granted);
+    assert!(token(&c) >> TOKEN_EPOCH_SHIFT == 3);
+}
+
+#[test]
+fn a_restarted_node_joins_in_a_new_epoch_and_takes_back_its_directory_entries() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(2);
+    net.lock(3, 1, &name, Mode::Pr);
+    net.deliver_all();
+    let first = token(&net.completion(3, 1));
+    net.crash(2);
+    net.recover();
+    assert_ne!(net.node(1).config().membership.directory(b"ls", &name), NodeId(2));
+    // Node 2 comes back, empty, with a new incarnation: requests made while
+    // it joins are held, not failed.
+    net.restart(2);
+    net.lock(2, 1, &name, Mode::Pr);
+    assert!(net.completions(2, 1).is_empty());
+    net.recover();
+    assert_eq!(net.node(2).epoch(), 3);
+    // Its entries are back with it, and its held request ran.
+    assert_eq!(net.node(1).config().membership.directory(b"ls", &name), NodeId(2));
+    let entries = net.node(2).directory_entries();
+    assert!(entries.iter().any(|(_, n, master)| *n == name && *master == NodeId(3)), "{entries:?}");
+    let c = net.completion(2, 1);
+    assert_eq!((c.status, c.mode), (Status::Granted, Some(Mode::Pr)));
+    assert!(token(&c) > first && token(&c) >> TOKEN_EPOCH_SHIFT == 3, "token {:#x}", token(&c));
+    assert_eq!(net.held(3, 1), (Some(Mode::Pr), Some(first)));
+    assert_eq!(net.masters(&name), vec![3]);
+}
+
+#[test]
+fn a_member_that_never_reaches_a_barrier_is_named_not_waited_for_silently() {
+    let mut net = Net::new();
+    net.crash(5);
+    // The membership layer has not yet seen node 5 stop: its view names it.
+    let mut view = net.view(true);
+    view.members.push(ViewMember { id: NodeId(5), weight: 1, incarnation: 1 });
+    net.hand_view(&view);
+    net.deliver_all();
+    net.advance(Duration::from_secs(10));
+    net.deliver_all();
+    for id in 1..=4 {
+        let status = net.node(id).recovery_status().expect("still recovering");
+        assert_eq!((status.phase, status.waiting_for.as_slice()), (RecoveryPhase::Stop, &[NodeId(5)][..]));
+        assert_eq!((status.epoch, status.started), (2, Instant::ZERO));
+    }
+    // The next view, without it, lets recovery finish.
+    net.recover();
+    assert_eq!(net.node(1).epoch(), 3);
+}
