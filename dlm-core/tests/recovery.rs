@@ -569,3 +569,47 @@ fn a_member_that_never_reaches_a_barrier_is_named_not_waited_for_silently() {
     net.recover();
     assert_eq!(net.node(1).epoch(), 3);
 }
+
+#[test]
+fn a_value_lost_in_flight_stays_not_valid_when_a_newer_view_abandons_the_recovery() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(1);
+    // Node 2 masters the resource (an NL lock keeps it); node 3 writes "old".
+    net.lock_with(2, 1, &name, Mode::Nl, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(2, 1);
+    net.lock_with(3, 1, &name, Mode::Pw, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(3, 1);
+    net.unlock_with(3, 1, Some(b"old".to_vec()));
+    net.deliver_all();
+    net.completion(3, 1);
+    // Node 3 writes "new", but its unlock is lost with epoch 1.
+    net.lock_with(3, 2, &name, Mode::Pw, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(3, 2);
+    net.unlock_with(3, 2, Some(b"new".to_vec()));
+    net.wire.retain(|(from, _, e)| !(from.0 == 3 && matches!(e.message, Some(PeerMessage::Unlock { .. }))));
+    net.crash(5);
+    let view = net.view(true);
+    net.hand_view(&view);
+    // Recovery runs until node 2 hears that node 3's unlock (and its value)
+    // may be lost...
+    loop {
+        let (from, to, envelope) = net.wire.remove(0);
+        let told = from.0 == 3 && to.0 == 2 && matches!(envelope.message, Some(PeerMessage::RecoverLock(_)));
+        net.deliver(from, to, envelope);
+        if told {
+            break;
+        }
+    }
+    assert_eq!(net.completion(3, 2).status, Status::Unlocked, "the unlock counts as done");
+    // ...and a newer view abandons that recovery before it settles.
+    net.crash(4);
+    net.recover();
+    net.lock_with(1, 1, &name, Mode::Pr, LockFlags::VALBLK);
+    net.deliver_all();
+    let c = net.completion(1, 1);
+    assert_eq!(c.status, Status::Granted);
+    assert!(c.flags.contains(StatusFlags::VALNOTVALID), "\"old\" read as valid after \"new\" was lost: {c:?}");
+}

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use crate::cluster::{NodeId, PeerMessage};
 use crate::effect::{Completion, Effect, Op, RevokeReason, Status};
+use crate::flags::StatusFlags;
 use crate::ids::{LockHandle, SessionId};
+use crate::request::{ClientRequest, UnlockRequest};
 
 use std::collections::BTreeMap;
 
@@ -153,6 +155,17 @@ impl Sim {
         {
             self.tokens.insert((done.session, done.handle), token.0);
         }
+        if done.op == Op::Unlock && done.status == Status::Unlocked {
+            self.value_blocks.unlocked(done.session, done.handle, self.now);
+        }
+        if done.status == Status::Granted
+            && let Some(lvb) = &done.lvb
+            && !done.flags.contains(StatusFlags::VALNOTVALID)
+        {
+            self.value_blocks
+                .check_read(resource, done.session, done.handle, lvb, self.now)
+                .map_err(|e| format!("at {at:?}: {e}"))?;
+        }
         let next = match (slot, done.op, done.mode) {
             (_, _, _) if done.status == Status::Fenced && !self.nodes[n].is_fenced() => {
                 return Err(format!("at {at:?}: {done:?} from a node that is not fenced"));
@@ -182,6 +195,20 @@ impl Sim {
         }
         self.owners.remove(&(session, handle));
         self.tokens.remove(&(session, handle));
+        self.value_blocks.forget(session, handle);
+    }
+
+    /// Notes what a client's request means for the value-block check.
+    pub(super) fn note_value_block(&mut self, session: SessionId, resource: u32, request: &ClientRequest) {
+        match request {
+            ClientRequest::Lock(r) => self.value_blocks.requested(session, r.handle, self.now),
+            ClientRequest::Convert(r) => self.value_blocks.requested(session, r.handle, self.now),
+            ClientRequest::Unlock(UnlockRequest { handle, lvb: Some(lvb), .. }) => {
+                let value = lvb.get(..8).map_or(0, |b| u64::from_le_bytes(b.try_into().expect("eight bytes")));
+                self.value_blocks.write_made(resource, session, *handle, value, self.now);
+            }
+            _ => {}
+        }
     }
 
     /// No resource may have locks on two nodes' engines at once.

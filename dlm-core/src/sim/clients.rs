@@ -146,6 +146,7 @@ impl Sim {
             _ => return Ok(()),
         };
         self.log(1, || format!("node {} client {session} {request:?}", node + 1));
+        self.note_value_block(session, self.clients[c].slots[s].1, &request);
         let result = self.nodes[node].handle_client(self.now, session, request.clone());
         if let Err(error) = result {
             // A convert the engine refuses (flags that make no sense for

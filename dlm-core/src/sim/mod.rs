@@ -55,6 +55,7 @@ mod checks;
 mod clients;
 mod membership;
 mod network;
+mod value_blocks;
 
 use std::collections::{BinaryHeap, HashMap};
 use std::time::Duration;
@@ -330,6 +331,8 @@ pub struct Sim {
     configs: Vec<ClusterConfig>,
     /// The token of each granted lock, as its client was told.
     tokens: HashMap<(SessionId, LockHandle), u64>,
+    /// What clients wrote to value blocks and when they asked to read them.
+    value_blocks: value_blocks::ValueBlocks,
     /// How much to print as the run goes (`DLM_SIM_LOG`: 1 the clients'
     /// requests, effects, grants and views; 2 also every envelope).
     verbosity: u8,
@@ -400,6 +403,7 @@ impl Sim {
             members: membership::MembershipLayer::new(node_count),
             configs,
             tokens: HashMap::new(),
+            value_blocks: value_blocks::ValueBlocks::default(),
             verbosity: std::env::var("DLM_SIM_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(0),
         }
     }

@@ -246,8 +246,12 @@ impl ClusterNode {
     }
 
     /// A resource mastered here whose value block may have been written by
-    /// a request lost with the old epoch: not valid once recovery settles.
+    /// a request lost with the old epoch: not valid from now on. It is
+    /// marked at once (a newer view may abandon this recovery, and the copy
+    /// that told is gone by then) and again when recovery settles (after a
+    /// new master's vote).
     fn note_lvb_unsure(&mut self, key: &Key) {
+        self.engine.recovery_set_lvb(key.0, &key.1, None);
         if let Some(recovery) = self.views.recovery.as_mut() {
             recovery.lvb_unsure.insert(key.clone());
         }
