@@ -35,6 +35,10 @@
 //! - no resource is mastered by two nodes at once, and each master's queues
 //!   hold only compatible granted modes (the engine's own invariant checks);
 //! - fencing tokens of one resource only grow, across masters;
+//! - a value block read as valid holds zeros or a value a client wrote to
+//!   that resource, not one known to be overwritten before the request
+//!   was made (see `value_blocks`); a value lost in recovery must be marked
+//!   not valid;
 //! - a client is never told of a grant, blocking callback or completion for
 //!   a lock it does not have, nor two completions for one request;
 //! - a deadlock victim is chosen only on a cycle whose waits all existed at
