@@ -1,6 +1,7 @@
 //! Installs what the workspace's build, tests and benchmarks need,
 //! idempotently: rustup components of the installed toolchains, bpf-linker
-//! from crates.io, and Debian packages. Nothing else is downloaded.
+//! from crates.io, Debian packages, and PyPI packages for the tests of
+//! clients in other languages. Nothing else is downloaded.
 
 use std::process::Command;
 
@@ -18,6 +19,12 @@ const PACKAGES: &[(&str, &str)] = &[
     ("linux-perf", "perf bench sched pipe, for the eBPF overhead benchmark"),
 ];
 
+/// PyPI packages (pinned), and why each is needed.
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("grpcio==1.85.3", "the Python gRPC client test (tests/clients/python_grpc.py)"),
+    ("grpcio-tools==1.85.1", "the same test generates its stubs from the .proto with it"),
+];
+
 /// The bpf-linker that links the eBPF programs with the nightly rustc's own
 /// LLVM (see ../shared/design/TOOLCHAIN.md: 0.10.0 emits BTF the kernel
 /// rejects, 0.11+ wants a system LLVM).
@@ -26,7 +33,33 @@ const BPF_LINKER_VERSION: &str = "0.10.4";
 pub(crate) fn run() -> Result<(), String> {
     rustup_components()?;
     ebpf_toolchain()?;
-    debian_packages()
+    debian_packages()?;
+    python_packages()
+}
+
+/// Installs the pinned PyPI packages that are missing, with the `python3`
+/// on the path (the one the tests run).
+fn python_packages() -> Result<(), String> {
+    let missing: Vec<&str> = PYTHON_PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .filter(|spec| {
+            let (name, version) = spec.split_once("==").expect("pinned");
+            let shown = Command::new("python3").args(["-m", "pip", "show", name]).output();
+            !shown.is_ok_and(|out| {
+                String::from_utf8_lossy(&out.stdout).lines().any(|l| l == format!("Version: {version}"))
+            })
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    for (package, why) in PYTHON_PACKAGES.iter().filter(|(p, _)| missing.contains(p)) {
+        eprintln!("xtask: installing {package} from PyPI: {why}");
+    }
+    let mut args = vec!["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--root-user-action=ignore"];
+    args.extend(&missing);
+    crate::run("python3", &args)
 }
 
 /// What aya-build needs to build the eBPF programs: the nightly toolchain's

@@ -35,6 +35,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::admission::{Admission, Key, Ticket};
+use super::authority::AuthorityFixed;
 use super::preface::{Replayed, read_http2_start};
 
 use crate::codes::RejectCode;
@@ -64,7 +65,7 @@ pub struct FramedSettings {
 }
 
 /// Gives tonic its connections.
-pub type GrpcIncoming = ReceiverStream<io::Result<Replayed<UnixStream>>>;
+pub type GrpcIncoming = ReceiverStream<io::Result<Replayed<AuthorityFixed<UnixStream>>>>;
 
 /// Accepts on `listener` until `stop` completes, serving framed sessions
 /// itself; returns the gRPC connections for tonic, and the task, which ends
@@ -102,6 +103,7 @@ pub fn spawn(
                         drop(handshake);
                         match classified {
                             Some(Protocol::Grpc(start, stream)) => {
+                                let stream = AuthorityFixed::new(stream);
                                 let _ = grpc.send(Ok(Replayed::new(start, stream, open))).await;
                             }
                             Some(Protocol::Framed(stream)) => serve(stream, &driver, &settings, open).await,

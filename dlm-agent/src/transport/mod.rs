@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `admission` | how many client connections may be open, in all and per uid or address |
 //! | `preface` | a client connection's first bytes, read under a deadline and replayed to tonic |
+//! | `authority` | gRPC requests on the Unix socket given a valid `:authority` (grpc-core sends the socket path) |
 //! | `framed` | the Unix socket: framed sessions served here, gRPC connections handed to tonic |
 //! | `tcp` | the TCP client listener: gRPC connections handed to tonic |
 //! | `grpc` | the `dlm.v1.Dlm` gRPC service (sessions and admin calls, Unix socket and TCP) |
@@ -14,6 +15,7 @@
 //! | `http` | `/metrics`, `/healthz`, `/readyz` |
 
 pub mod admission;
+pub mod authority;
 pub mod framed;
 pub mod grpc;
 pub mod http;
