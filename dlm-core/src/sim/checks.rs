@@ -8,6 +8,7 @@ use crate::cluster::{NodeId, PeerMessage};
 use crate::effect::{Completion, Effect, Op, RevokeReason, Status};
 use crate::flags::StatusFlags;
 use crate::ids::{LockHandle, SessionId};
+use crate::mode::Mode;
 use crate::request::{ClientRequest, UnlockRequest};
 
 use std::collections::BTreeMap;
@@ -163,7 +164,7 @@ impl Sim {
             && !done.flags.contains(StatusFlags::VALNOTVALID)
         {
             self.value_blocks
-                .check_read(resource, done.session, done.handle, lvb, self.now)
+                .check_read(resource, done.mode.unwrap_or(Mode::Nl), done.session, done.handle, lvb, self.now)
                 .map_err(|e| format!("at {at:?}: {e}"))?;
         }
         let next = match (slot, done.op, done.mode) {

@@ -201,6 +201,11 @@ impl Sim {
         self.members.due[x].clear();
         for c in 0..self.clients.len() {
             if self.clients[c].node == x {
+                for &(slot, resource) in &self.clients[c].slots {
+                    if matches!(slot, Slot::Granted(Mode::Pw | Mode::Ex)) {
+                        self.value_blocks.writer_died(resource, self.now);
+                    }
+                }
                 self.kill_client(c);
             }
         }

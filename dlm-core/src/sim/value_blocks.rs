@@ -15,10 +15,15 @@
 //!
 //! Recovery may lose a write (an unlock in flight counts as done); the
 //! value block must then be marked not valid, which this check enforces.
+//! So must the death of a PW or EX holder (it may have changed what the
+//! value describes without writing it): a read in a mode that conflicts
+//! with the dead holder's, granted after its node crashed, may not see an
+//! older value as valid.
 
 use std::collections::HashMap;
 
 use crate::ids::{LockHandle, SessionId};
+use crate::mode::Mode;
 use crate::time::Instant;
 
 /// One write of a value block, by an unlock.
@@ -36,6 +41,8 @@ pub(super) struct ValueBlocks {
     unfinished: HashMap<(SessionId, LockHandle), (u32, usize)>,
     /// When each lock's latest lock or convert request was made.
     requested: HashMap<(SessionId, LockHandle), Instant>,
+    /// When a PW or EX holder of each resource last died with its node.
+    writer_died: HashMap<u32, Instant>,
 }
 
 impl ValueBlocks {
@@ -68,6 +75,11 @@ impl ValueBlocks {
         }
     }
 
+    /// A PW or EX holder of `resource` died with its node.
+    pub(super) fn writer_died(&mut self, resource: u32, now: Instant) {
+        self.writer_died.insert(resource, now);
+    }
+
     /// A client's lock is gone (its handle may be used again).
     pub(super) fn forget(&mut self, session: SessionId, handle: LockHandle) {
         self.unfinished.remove(&(session, handle));
@@ -75,9 +87,11 @@ impl ValueBlocks {
     }
 
     /// A grant read `lvb` (not marked invalid): checks it.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn check_read(
         &self,
         resource: u32,
+        mode: Mode,
         session: SessionId,
         handle: LockHandle,
         lvb: &[u8],
@@ -93,6 +107,16 @@ impl ValueBlocks {
             return Err(format!("r{resource}: {session} {handle} read {value:#x}, which no client wrote there"));
         };
         let asked = self.requested.get(&(session, handle)).copied().unwrap_or(now);
+        if let Some(&died) = self.writer_died.get(&resource)
+            && asked > died
+            && write.made < died
+            && !mode.compatible(Mode::Pw)
+        {
+            return Err(format!(
+                "r{resource}: {session} {handle} read {value:#x} as valid in {mode:?} after a PW or EX holder \
+                 died at {died:?}"
+            ));
+        }
         if let Some(done) = write.completed
             && let Some(later) = writes.iter().find(|w| w.made > done && w.completed.is_some_and(|c| c < asked))
         {
