@@ -1,12 +1,16 @@
 //! Clients in other languages, from their own packages, against the real
-//! agent: Python's grpcio on the Unix socket with its defaults (stubs
-//! generated from the repository's `.proto` at test time). grpcio sends the
-//! socket path as the request authority, which the agent must accept.
-//! `cargo xtask setup` installs grpcio; without it the test says so and
+//! agent, each on the Unix socket with its library's defaults and the
+//! service taken from the repository's `.proto` at test time: Python's
+//! grpcio (grpc-core's HTTP/2; it sends the socket path as the request
+//! authority, which the agent must accept) and Node's @grpc/grpc-js (an
+//! HTTP/2 stack of its own). Each runs a whole session: admin calls, lock,
+//! try-lock, blocking callback, value block, conversion, timeout, cancel,
+//! deadlock victim, typed rejection, dump, forced release.
+//! `cargo xtask setup` installs both; without one the test says so and
 //! skips, and under `CI=true` that is a failure.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use support::{Agent, path_str, under_ci, wait_with_timeout};
@@ -17,32 +21,53 @@ fn python_has(modules: &[&str]) -> bool {
     Command::new("python3").args(["-c", &import]).output().is_ok_and(|out| out.status.success())
 }
 
-#[test]
-fn python_grpcio_runs_a_whole_session_on_the_unix_socket() {
-    if !python_has(&["grpc", "grpc_tools"]) {
-        assert!(!under_ci(), "python3 with grpcio and grpcio-tools is required under CI=true (cargo xtask setup)");
-        eprintln!("skipping: python3 has no grpcio or grpcio-tools (cargo xtask setup installs them)");
-        return;
-    }
-    let mut agent = Agent::start("python-grpc", "");
+/// Runs a client script against a fresh agent; its closing line counts the
+/// checks that passed.
+fn run_client(tag: &str, program: &str, script: &str) {
+    let mut agent = Agent::start(tag, "");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let script = root.join("clients/python_grpc.py");
     let proto = root.join("../dlm-agent/proto");
-    let mut child = Command::new("python3")
-        .arg(&script)
+    let mut child = Command::new(program)
+        .arg(root.join("clients").join(script))
         .arg(&agent.socket)
         .arg(path_str(&proto))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
-        .expect("python3 runs");
+        .unwrap_or_else(|e| panic!("{program} runs: {e}"));
     let status = wait_with_timeout(&mut child, Duration::from_secs(120)).expect("the client finishes in 2 minutes");
     let output = child.wait_with_output().expect("output");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(status.success(), "the Python client failed:\n{stdout}\n{stderr}\nagent log:\n{}", agent.log());
+    assert!(status.success(), "the {tag} client failed:\n{stdout}\n{stderr}\nagent log:\n{}", agent.log());
     let passed = stdout.lines().find_map(|l| l.strip_suffix(" passed, 0 failed")).expect("a count of checks");
     assert!(passed.parse::<u32>().expect("a number") >= 25, "{stdout}");
-    println!("python grpcio: {}", stdout.trim());
+    println!("{tag}: {}", stdout.trim());
     assert!(agent.terminate().success());
+}
+
+/// Whether a client's runtime and packages are there; if not, says so (a
+/// failure under CI).
+fn available(what: &str, present: bool) -> bool {
+    if !present {
+        assert!(!under_ci(), "{what} is required under CI=true (cargo xtask setup installs it)");
+        eprintln!("skipping: {what} is not installed (cargo xtask setup installs it)");
+    }
+    present
+}
+
+#[test]
+fn python_grpcio_runs_a_whole_session_on_the_unix_socket() {
+    if available("python3 with grpcio and grpcio-tools", python_has(&["grpc", "grpc_tools"])) {
+        run_client("python-grpcio", "python3", "python_grpc.py");
+    }
+}
+
+#[test]
+fn node_grpc_js_runs_a_whole_session_on_the_unix_socket() {
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/node_modules/@grpc/grpc-js");
+    let node = Command::new("node").arg("--version").output().is_ok_and(|out| out.status.success());
+    if available("node with @grpc/grpc-js", node && modules.exists()) {
+        run_client("node-grpc-js", "node", "node_grpc.js");
+    }
 }

@@ -34,7 +34,26 @@ pub(crate) fn run() -> Result<(), String> {
     rustup_components()?;
     ebpf_toolchain()?;
     debian_packages()?;
-    python_packages()
+    python_packages()?;
+    node_packages()
+}
+
+/// Installs the npm packages of the Node client test, as its lock file pins
+/// them (`tests/clients/package-lock.json`), when they are not there yet.
+fn node_packages() -> Result<(), String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/clients");
+    let lock =
+        std::fs::read(format!("{dir}/package-lock.json")).map_err(|e| format!("{dir}/package-lock.json: {e}"))?;
+    let installed = std::fs::read(format!("{dir}/node_modules/.package-lock.json")).unwrap_or_default();
+    // npm ci records what it installed; a lock file that changed since means
+    // installing again.
+    let marker = format!("{dir}/node_modules/.dlm-lock");
+    if !installed.is_empty() && std::fs::read(&marker).is_ok_and(|m| m == lock) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing @grpc/grpc-js and @grpc/proto-loader from npm: the Node gRPC client test");
+    crate::run("npm", &["ci", "--prefix", dir, "--no-audit", "--no-fund", "--loglevel=error"])?;
+    std::fs::write(&marker, lock).map_err(|e| format!("{marker}: {e}"))
 }
 
 /// Installs the pinned PyPI packages that are missing, with the `python3`
