@@ -1,11 +1,13 @@
 //! Clients in other languages, from their own packages, against the real
-//! agent, each on the Unix socket with its library's defaults and the
+//! agent, each on the Unix socket and on TCP with its library's defaults and the
 //! service taken from the repository's `.proto` at test time: Python's
 //! grpcio (grpc-core's HTTP/2; it sends the socket path as the request
 //! authority, which the agent must accept) and Node's @grpc/grpc-js (an
 //! HTTP/2 stack of its own). Each runs a whole session: admin calls, lock,
 //! try-lock, blocking callback, value block, conversion, timeout, cancel,
-//! deadlock victim, typed rejection, dump, forced release.
+//! deadlock victim, typed rejection, dump, forced release. And the
+//! repository's own Python client (`dlm-agent/clients/python`), installed
+//! with pip from its path.
 //! `cargo xtask setup` installs both; without one the test says so and
 //! skips, and under `CI=true` that is a failure.
 
@@ -13,7 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{Agent, path_str, under_ci, wait_with_timeout};
+use support::{Agent, free_port, path_str, under_ci, wait_with_timeout};
 
 /// Whether `python3` can import every module named.
 fn python_has(modules: &[&str]) -> bool {
@@ -21,15 +23,29 @@ fn python_has(modules: &[&str]) -> bool {
     Command::new("python3").args(["-c", &import]).output().is_ok_and(|out| out.status.success())
 }
 
-/// Runs a client script against a fresh agent; its closing line counts the
-/// checks that passed.
-fn run_client(tag: &str, program: &str, script: &str) {
-    let mut agent = Agent::start(tag, "");
+/// Runs a client script against a fresh agent, on its Unix socket and then
+/// on its TCP listener; the script's closing line counts the checks that
+/// passed.
+fn run_client(tag: &str, program: &str, script: &str, python_path: Option<&Path>, min_checks: u32) {
+    let tcp = format!("127.0.0.1:{}", free_port());
+    let mut agent = Agent::start(tag, &format!("tcp = \"{tcp}\"\n"));
+    for target in [format!("unix:{}", path_str(&agent.socket)), tcp] {
+        run_script(&agent, tag, (program, script, python_path), &target, min_checks);
+    }
+    assert!(agent.terminate().success());
+}
+
+fn run_script(agent: &Agent, tag: &str, client: (&str, &str, Option<&Path>), target: &str, min_checks: u32) {
+    let (program, script, python_path) = client;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let proto = root.join("../dlm-agent/proto");
-    let mut child = Command::new(program)
+    let mut command = Command::new(program);
+    if let Some(path) = python_path {
+        command.env("PYTHONPATH", path);
+    }
+    let mut child = command
         .arg(root.join("clients").join(script))
-        .arg(&agent.socket)
+        .arg(target)
         .arg(path_str(&proto))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -39,11 +55,10 @@ fn run_client(tag: &str, program: &str, script: &str) {
     let output = child.wait_with_output().expect("output");
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(status.success(), "the {tag} client failed:\n{stdout}\n{stderr}\nagent log:\n{}", agent.log());
+    assert!(status.success(), "the {tag} client on {target} failed:\n{stdout}\n{stderr}\nagent log:\n{}", agent.log());
     let passed = stdout.lines().find_map(|l| l.strip_suffix(" passed, 0 failed")).expect("a count of checks");
-    assert!(passed.parse::<u32>().expect("a number") >= 25, "{stdout}");
-    println!("{tag}: {}", stdout.trim());
-    assert!(agent.terminate().success());
+    assert!(passed.parse::<u32>().expect("a number") >= min_checks, "{stdout}");
+    println!("{tag} on {target}: {}", stdout.trim());
 }
 
 /// Whether a client's runtime and packages are there; if not, says so (a
@@ -57,17 +72,40 @@ fn available(what: &str, present: bool) -> bool {
 }
 
 #[test]
-fn python_grpcio_runs_a_whole_session_on_the_unix_socket() {
+fn python_grpcio_runs_a_whole_session_on_the_unix_socket_and_tcp() {
     if available("python3 with grpcio and grpcio-tools", python_has(&["grpc", "grpc_tools"])) {
-        run_client("python-grpcio", "python3", "python_grpc.py");
+        run_client("python-grpcio", "python3", "python_grpc.py", None, 25);
     }
 }
 
 #[test]
-fn node_grpc_js_runs_a_whole_session_on_the_unix_socket() {
+fn node_grpc_js_runs_a_whole_session_on_the_unix_socket_and_tcp() {
     let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/node_modules/@grpc/grpc-js");
     let node = Command::new("node").arg("--version").output().is_ok_and(|out| out.status.success());
     if available("node with @grpc/grpc-js", node && modules.exists()) {
-        run_client("node-grpc-js", "node", "node_grpc.js");
+        run_client("node-grpc-js", "node", "node_grpc.js", None, 25);
     }
+}
+
+#[test]
+fn the_repository_python_client_installs_with_pip_and_runs_a_session() {
+    if !available("python3 with grpcio and grpcio-tools", python_has(&["grpc", "grpc_tools", "setuptools"])) {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let package = root.join("../dlm-agent/clients/python");
+    let target = std::env::temp_dir().join(format!("dlm-python-client-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&target);
+    // As a user would from a checkout (without build isolation: the build
+    // needs grpcio-tools, which setup installed, and nothing is fetched).
+    let installed = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"])
+        .args(["--disable-pip-version-check", "--root-user-action=ignore", "--target"])
+        .arg(&target)
+        .arg(&package)
+        .output()
+        .expect("pip runs");
+    assert!(installed.status.success(), "pip install failed: {}", String::from_utf8_lossy(&installed.stderr));
+    run_client("python-package", "python3", "python_package.py", Some(&target), 12);
+    let _ = std::fs::remove_dir_all(&target);
 }

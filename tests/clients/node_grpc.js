@@ -1,18 +1,19 @@
 // A dlm session from Node's @grpc/grpc-js, unmodified: the service loaded
 // from the repository's .proto at test time with @grpc/proto-loader, the
-// channel opened on the agent's Unix socket with the library's defaults.
-// Usage: node node_grpc.js SOCKET PROTO_DIR
+// channel opened with the library's defaults on the agent's Unix socket or
+// TCP listener. Usage: node node_grpc.js TARGET PROTO_DIR, TARGET being
+// unix:PATH or HOST:PORT
 'use strict';
 
 const grpc = require('@grpc/grpc-js');
 const protoLoader = require('@grpc/proto-loader');
 
-const [socket, protoDir] = process.argv.slice(2);
+const [target, protoDir] = process.argv.slice(2);
 const definition = protoLoader.loadSync('dlm/v1/dlm.proto', {
   includeDirs: [protoDir], longs: Number, enums: String, defaults: true, oneofs: true,
 });
 const dlm = grpc.loadPackageDefinition(definition).dlm.v1;
-const client = new dlm.Dlm(`unix:${socket}`, grpc.credentials.createInsecure());
+const client = new dlm.Dlm(target, grpc.credentials.createInsecure());
 
 const WAIT_MS = 10000;
 const NOQUEUE = 1, VALBLK = 4, UNLOCK_VALBLK = 2;

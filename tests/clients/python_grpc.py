@@ -1,7 +1,8 @@
 """A dlm session from Python's grpcio, unmodified: stubs generated from the
-repository's .proto at test time, the channel opened on the agent's Unix
-socket with grpcio's defaults (it sends the socket path, percent-encoded,
-as the request authority). Usage: python_grpc.py SOCKET PROTO_DIR"""
+repository's .proto at test time, the channel opened with grpcio's defaults
+on the agent's Unix socket (grpcio then sends the socket path,
+percent-encoded, as the request authority) or on its TCP listener.
+Usage: python_grpc.py TARGET PROTO_DIR, TARGET being unix:PATH or HOST:PORT"""
 
 import os
 import queue
@@ -13,7 +14,7 @@ import time
 import grpc
 from grpc_tools import protoc
 
-SOCKET, PROTO_DIR = sys.argv[1], sys.argv[2]
+TARGET, PROTO_DIR = sys.argv[1], sys.argv[2]
 OUT = tempfile.mkdtemp(prefix="dlm-py-")
 if protoc.main(["protoc", f"-I{PROTO_DIR}", f"--python_out={OUT}", f"--grpc_python_out={OUT}",
                 os.path.join(PROTO_DIR, "dlm/v1/dlm.proto")]) != 0:
@@ -76,7 +77,7 @@ class Session:
         self.requests.put(None)
 
 
-channel = grpc.insecure_channel(f"unix:{SOCKET}")
+channel = grpc.insecure_channel(TARGET)
 stub = rpc.DlmStub(channel)
 
 # Admin calls.

@@ -1,0 +1,87 @@
+"""The repository's Python client (dlm-agent/clients/python, installed with
+pip by the test) against the agent. Usage: python_package.py TARGET"""
+
+import sys
+import threading
+
+import dlm_client
+
+TARGET = sys.argv[1]
+checks = 0
+
+
+def check(condition, what):
+    global checks
+    if not condition:
+        sys.exit(f"FAILED: {what}")
+    checks += 1
+
+
+with dlm_client.connect(TARGET) as client:
+    client.create_lockspace("pkg", lvb_len=16)
+    check(any(ls.name == "pkg" for ls in client.lockspaces()), "the lockspace is listed")
+    a, b = client.session(), client.session()
+
+    # An NL lock keeps the resource (and so its value block) between holders.
+    keeper = b.lock("r", "nl", lockspace="pkg")
+    # A lock as a context manager, its token, and the value block it writes.
+    with a.lock("r", "ex", lockspace="pkg", value_block=True) as held:
+        check(held.token > 0 and held.mode == "ex", f"EX held: {held}")
+        check(b.try_lock("r", "pr", lockspace="pkg") is None, "a try-lock gives None while EX is held")
+        held.write_value = b"first"
+    first_token = held.token
+    check(not held.held, "leaving the block unlocked")
+
+    # A blocking callback: the holder lets go (writing the value block) when asked.
+    asked = threading.Event()
+
+    def let_go(lock, mode):
+        asked.set()
+        lock.unlock(b"second")
+
+    holder = a.lock("r", "pw", lockspace="pkg", value_block=True, on_blocking=let_go)
+    check(holder.value.startswith(b"first"), f"the value written before: {holder.value}")
+    reader = b.lock("r", "pr", lockspace="pkg", value_block=True, timeout=5.0)
+    check(asked.is_set() and reader.value.startswith(b"second"), f"the callback ran and wrote: {reader.value}")
+    check(reader.token > first_token, "tokens increase")
+
+    # Conversion, timeout, typed rejection.
+    reader.convert("ex")
+    check(reader.mode == "ex", "converted to EX")
+    try:
+        a.lock("r", "ex", lockspace="pkg", timeout=0.05)
+        check(False, "a request behind EX times out")
+    except dlm_client.TimedOut:
+        check(True, "TimedOut")
+    try:
+        a.lock("r", lockspace="no-such-lockspace")
+        check(False, "an unknown lockspace is refused")
+    except dlm_client.Rejected as error:
+        check(error.code == "unknown_lockspace", f"a typed rejection: {error}")
+    reader.unlock()
+
+    # A deadlock between the two sessions: one of the two requests fails.
+    x, y = a.lock("x", lockspace="pkg"), b.lock("y", lockspace="pkg")
+    outcomes = []
+
+    def ask(session, name):
+        try:
+            outcomes.append(session.lock(name, lockspace="pkg", timeout=10.0))
+        except dlm_client.Deadlock as error:
+            outcomes.append(error)
+            (x if session is a else y).unlock()
+
+    threads = [threading.Thread(target=ask, args=(a, "y")), threading.Thread(target=ask, args=(b, "x"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(15)
+    victims = [o for o in outcomes if isinstance(o, dlm_client.Deadlock)]
+    check(len(outcomes) == 2 and len(victims) == 1, f"one deadlock victim, the other granted: {outcomes}")
+
+    dump = client.dump("pkg")
+    check({r.name for r in dump} >= {b"x", b"y"}, f"the dump shows the resources: {[r.name for r in dump]}")
+    a.close()
+    b.close()
+    client.release_lockspace("pkg", force=True)
+print(f"{checks} passed, 0 failed")
