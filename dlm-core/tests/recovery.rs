@@ -613,3 +613,37 @@ fn a_value_lost_in_flight_stays_not_valid_when_a_newer_view_abandons_the_recover
     assert_eq!(c.status, Status::Granted);
     assert!(c.flags.contains(StatusFlags::VALNOTVALID), "\"old\" read as valid after \"new\" was lost: {c:?}");
 }
+
+#[test]
+fn a_value_read_as_not_valid_is_not_made_valid_by_a_new_master() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(1);
+    // Node 2 masters the resource; node 5's client writes, then takes EX.
+    net.lock_with(2, 1, &name, Mode::Nl, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(2, 1);
+    net.lock_with(5, 1, &name, Mode::Pw, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(5, 1);
+    net.unlock_with(5, 1, Some(b"old".to_vec()));
+    net.deliver_all();
+    net.completion(5, 1);
+    net.lock_with(5, 2, &name, Mode::Ex, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(5, 2);
+    // Node 5 dies holding EX: the value block is not valid any more.
+    net.crash(5);
+    net.recover();
+    net.lock_with(3, 1, &name, Mode::Pr, LockFlags::VALBLK);
+    net.deliver_all();
+    let c = net.completion(3, 1);
+    assert!(c.flags.contains(StatusFlags::VALNOTVALID), "{c:?}");
+    // The master dies; node 3's PR copy (above CR) is all a new master has.
+    net.crash(2);
+    net.recover();
+    net.lock_with(4, 1, &name, Mode::Cr, LockFlags::VALBLK);
+    net.deliver_all();
+    let c = net.completion(4, 1);
+    assert_eq!(c.status, Status::Granted);
+    assert!(c.flags.contains(StatusFlags::VALNOTVALID), "a stale value made valid again: {c:?}");
+}

@@ -12,7 +12,7 @@ use crate::cluster::directory::{Answer, Mastership};
 use crate::cluster::message::{NodeId, PeerMessage};
 use crate::cluster::{ClusterNode, Key, ended};
 use crate::effect::{Completion, Effect, Op, Status};
-use crate::flags::{LockFlags, UnlockFlags};
+use crate::flags::{LockFlags, StatusFlags, UnlockFlags};
 use crate::ids::{LockHandle, SessionId};
 use crate::limits::Limit;
 use crate::mode::Mode;
@@ -435,7 +435,9 @@ impl ClusterNode {
         if completion.status == Status::Granted {
             lock.request = None;
             lock.token = completion.token;
-            lock.lvb = completion.lvb.as_deref().map(Box::from);
+            // A value read as not valid is not one recovery may hand on.
+            let valid = !completion.flags.contains(StatusFlags::VALNOTVALID);
+            lock.lvb = completion.lvb.as_deref().filter(|_| valid).map(Box::from);
         }
         let gone = completion.mode.is_none() && !unlock_follows;
         let abandoned = lock.abandoned;
