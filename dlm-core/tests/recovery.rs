@@ -647,3 +647,42 @@ fn a_value_read_as_not_valid_is_not_made_valid_by_a_new_master() {
     assert_eq!(c.status, Status::Granted);
     assert!(c.flags.contains(StatusFlags::VALNOTVALID), "a stale value made valid again: {c:?}");
 }
+
+#[test]
+fn a_writer_whose_copy_was_lost_with_an_abandoned_recovery_still_invalidates_when_it_departs() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(1);
+    // Node 2 masters the resource (an NL lock keeps it); node 3 writes
+    // "old" and then holds EX.
+    net.lock_with(2, 1, &name, Mode::Nl, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(2, 1);
+    net.lock_with(3, 1, &name, Mode::Pw, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(3, 1);
+    net.unlock_with(3, 1, Some(b"old".to_vec()));
+    net.deliver_all();
+    net.completion(3, 1);
+    net.lock_with(3, 2, &name, Mode::Ex, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(3, 2);
+    // A view: node 2 purges node 3's EX, which is to come back...
+    net.crash(5);
+    let view = net.view(true);
+    net.hand_view(&view);
+    loop {
+        let (from, to, envelope) = net.wire.remove(0);
+        if from.0 == 3 && matches!(envelope.message, Some(PeerMessage::RecoverLock(_))) {
+            break;
+        }
+        net.deliver(from, to, envelope);
+    }
+    // ...but node 3 crashes first, and the next view abandons that recovery.
+    net.crash(3);
+    net.recover();
+    net.lock_with(4, 1, &name, Mode::Pr, LockFlags::VALBLK);
+    net.deliver_all();
+    let c = net.completion(4, 1);
+    assert_eq!(c.status, Status::Granted);
+    assert!(c.flags.contains(StatusFlags::VALNOTVALID), "the dead writer's value block read as valid: {c:?}");
+}

@@ -21,20 +21,27 @@ impl Lockspace {
     /// granting nothing and freeing no resource, so that a resource keeps its
     /// value block while its locks are away. A PW or EX holder removed for
     /// which `suspect` says true invalidates the value block: it may have
-    /// been written and the new value lost with its node.
+    /// been written and the new value lost with its node. The PW and EX
+    /// holders removed that `suspect` spared are pushed to `spared`
+    /// (session, handle, resource name): they are expected back.
     pub(crate) fn recovery_purge(
         &mut self,
         out: &mut Outbox,
         purge: &dyn Fn(SessionId) -> bool,
         suspect: &dyn Fn(SessionId) -> bool,
-    ) -> usize {
+        spared: &mut Vec<(SessionId, LockHandle, Box<[u8]>)>,
+    ) {
         let doomed: Vec<u32> =
             self.locks.iter().filter(|(_, lock)| !lock.orphan && purge(lock.session)).map(|(l, _)| l).collect();
         for &l in &doomed {
             let lock = &self.locks[l];
             let (r, session, granted) = (lock.resource, lock.session, lock.granted);
-            if granted.is_some_and(Mode::unlock_writes_lvb) && suspect(session) {
-                self.resources[r].lvb_invalid = true;
+            if granted.is_some_and(Mode::unlock_writes_lvb) {
+                if suspect(session) {
+                    self.resources[r].lvb_invalid = true;
+                } else {
+                    spared.push((session, lock.handle, self.resources[r].name.clone()));
+                }
             }
             match lock.state {
                 LockState::Converting | LockState::Waiting => self.stop_wait(l),
@@ -46,7 +53,6 @@ impl Lockspace {
             }
             self.destroy(out, l);
         }
-        doomed.len()
     }
 
     /// Adds back a lock that another node's client holds (or this node's,

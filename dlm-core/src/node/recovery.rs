@@ -16,14 +16,22 @@ impl Node {
     /// in every lockspace, granting nothing and freeing no resource until
     /// [`Node::recovery_settle`]. A PW or EX holder removed for which
     /// `suspect` says true marks its resource's value block not valid.
-    /// Returns how many locks went.
-    pub fn recovery_purge(&mut self, purge: impl Fn(SessionId) -> bool, suspect: impl Fn(SessionId) -> bool) -> usize {
-        let mut purged = 0;
-        for lockspace in self.lockspaces.values_mut() {
-            purged += lockspace.recovery_purge(&mut self.out, &purge, &suspect);
+    /// Returns the PW and EX holders removed that `suspect` spared, as
+    /// (session, handle, lockspace, resource name): if one of them does not
+    /// come back and its node departs, its value block is suspect too.
+    pub fn recovery_purge(
+        &mut self,
+        purge: impl Fn(SessionId) -> bool,
+        suspect: impl Fn(SessionId) -> bool,
+    ) -> Vec<(SessionId, LockHandle, LockspaceId, Box<[u8]>)> {
+        let mut spared = Vec::new();
+        for (&id, lockspace) in &mut self.lockspaces {
+            let mut here = Vec::new();
+            lockspace.recovery_purge(&mut self.out, &purge, &suspect, &mut here);
+            spared.extend(here.into_iter().map(|(session, handle, name)| (session, handle, id, name)));
         }
         self.apply_freed();
-        purged
+        spared
     }
 
     /// Adds back a granted lock of an open session (see

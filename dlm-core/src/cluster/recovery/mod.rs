@@ -147,6 +147,11 @@ pub(super) struct ViewState {
     incarnations: BTreeMap<NodeId, u64>,
     /// Envelopes of a later epoch than this node's, kept until it has that view.
     future: Vec<(NodeId, Envelope)>,
+    /// PW and EX locks of other nodes' clients purged here and not back yet
+    /// (a newer view may abandon the recovery that was to bring them back):
+    /// should such a node depart, the value block it may have written is
+    /// not valid. Emptied when a recovery settles.
+    pub(super) spared_writers: BTreeMap<(SessionId, LockHandle), Key>,
 }
 
 impl ViewState {
@@ -278,7 +283,24 @@ impl ClusterNode {
         self.directory.clear_entries();
         self.requester.start_recovery();
         let gone = departed.clone();
-        self.engine.recovery_purge(|s| NodeId::of_session(s) != me, |s| gone.contains(&NodeId::of_session(s)));
+        let spared =
+            self.engine.recovery_purge(|s| NodeId::of_session(s) != me, |s| gone.contains(&NodeId::of_session(s)));
+        // A writer purged by a recovery that a newer view abandoned never came
+        // back, so this purge did not see it: its departure counts all the same.
+        let lost: Vec<Key> = self
+            .views
+            .spared_writers
+            .iter()
+            .filter(|((session, _), _)| departed.contains(&NodeId::of_session(*session)))
+            .map(|(_, key)| key.clone())
+            .collect();
+        self.views.spared_writers.retain(|(session, _), _| !departed.contains(&NodeId::of_session(*session)));
+        for key in lost {
+            self.engine.recovery_set_lvb(key.0, &key.1, None);
+        }
+        for (session, handle, lockspace, name) in spared {
+            self.views.spared_writers.insert((session, handle), (lockspace, name));
+        }
         for session in self.masters.start_recovery() {
             let _ = self.engine.end_session(now, session);
         }

@@ -280,6 +280,7 @@ impl ClusterNode {
         }
         let RecoveredLock { name, session, handle, mode, token, flags, lvb, unlocking, lvb_unsure, .. } = lock;
         let key: Key = (id, name.into_boxed_slice());
+        self.views.spared_writers.remove(&(session, handle));
         if !self.masters.contains(&key) {
             // The directory named this node master, and its own answer is
             // on its way (with the generation): it masters the resource from
@@ -305,6 +306,8 @@ impl ClusterNode {
     /// Every lock is back where it belongs: value blocks of the new masters
     /// are set, every resource settles, and this node is done.
     pub(in crate::cluster) fn settle_recovered(&mut self, now: Instant) {
+        // Every copy that was to come back has.
+        self.views.spared_writers.clear();
         let Some(recovery) = self.views.recovery.as_mut() else { return };
         let new_masters = std::mem::take(&mut recovery.new_masters);
         let votes = std::mem::take(&mut recovery.lvb_votes);
