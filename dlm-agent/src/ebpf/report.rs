@@ -51,10 +51,17 @@ pub fn cgroup_pids(path: &std::path::Path) -> std::io::Result<HashSet<u32>> {
     Ok(text.lines().filter_map(|line| line.trim().parse().ok()).collect())
 }
 
-/// Kernel functions that implement locking, skipped when naming the caller
-/// of a contended lock (as `perf lock contention` skips lock functions).
+/// Kernel functions that implement locking, and the BPF program and tracing
+/// glue that observed the contention (the innermost frames of a stack taken
+/// in the `contention_begin` tracepoint), skipped when naming the caller of
+/// a contended lock (as `perf lock contention` skips lock functions).
 fn is_lock_function(name: &str) -> bool {
-    const PREFIXES: [&str; 16] = [
+    const PREFIXES: [&str; 21] = [
+        "bpf_prog_",
+        "bpf_trace_run",
+        "__bpf_trace_",
+        "__traceiter_",
+        "trace_contention",
         "_raw_",
         "raw_",
         "queued_",
@@ -279,6 +286,19 @@ mod tests {
         let frames: Vec<String> =
             ["_raw_spin_lock", "queued_spin_lock_slowpath", "do_mmap", "vm_mmap_pgoff"].map(String::from).to_vec();
         assert_eq!(caller(&frames), "do_mmap");
+        // As a stack taken in the contention_begin tracepoint reads: the BPF
+        // program and the tracing glue come first.
+        let traced: Vec<String> = [
+            "bpf_prog_6deef7357e7b4530_dlm_lock_contention_begin",
+            "bpf_trace_run2",
+            "__bpf_trace_contention_begin",
+            "__traceiter_contention_begin",
+            "__mutex_lock.constprop.0",
+            "kernfs_iop_permission",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(caller(&traced), "kernfs_iop_permission");
         let all_lock: Vec<String> = vec!["mutex_lock".into()];
         assert_eq!(caller(&all_lock), "mutex_lock");
         assert_eq!(caller(&[]), "[unknown]");
