@@ -686,3 +686,43 @@ fn a_writer_whose_copy_was_lost_with_an_abandoned_recovery_still_invalidates_whe
     assert_eq!(c.status, Status::Granted);
     assert!(c.flags.contains(StatusFlags::VALNOTVALID), "the dead writer's value block read as valid: {c:?}");
 }
+
+#[test]
+fn a_lost_value_is_reported_again_when_the_message_that_reported_it_dies_with_its_epoch() {
+    let mut net = Net::new();
+    let name = net.name_with_directory(1);
+    net.lock_with(2, 1, &name, Mode::Nl, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(2, 1);
+    net.lock_with(3, 1, &name, Mode::Pw, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(3, 1);
+    net.unlock_with(3, 1, Some(b"old".to_vec()));
+    net.deliver_all();
+    net.completion(3, 1);
+    // Node 3 writes "new", but its unlock is lost with epoch 1...
+    net.lock_with(3, 2, &name, Mode::Pw, LockFlags::VALBLK);
+    net.deliver_all();
+    net.completion(3, 2);
+    net.unlock_with(3, 2, Some(b"new".to_vec()));
+    net.wire.retain(|(from, _, e)| !(from.0 == 3 && matches!(e.message, Some(PeerMessage::Unlock { .. }))));
+    net.crash(5);
+    let view = net.view(true);
+    net.hand_view(&view);
+    // ...and so is the message that tells the master so, with epoch 2.
+    loop {
+        let (from, to, envelope) = net.wire.remove(0);
+        if from.0 == 3 && matches!(envelope.message, Some(PeerMessage::RecoverLock(_))) {
+            break;
+        }
+        net.deliver(from, to, envelope);
+    }
+    assert_eq!(net.completion(3, 2).status, Status::Unlocked, "the unlock counts as done");
+    net.crash(4);
+    net.recover();
+    net.lock_with(1, 1, &name, Mode::Pr, LockFlags::VALBLK);
+    net.deliver_all();
+    let c = net.completion(1, 1);
+    assert_eq!(c.status, Status::Granted);
+    assert!(c.flags.contains(StatusFlags::VALNOTVALID), "\"old\" read as valid after \"new\" was lost: {c:?}");
+}

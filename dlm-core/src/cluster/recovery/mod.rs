@@ -10,7 +10,7 @@ mod rebuild;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::cluster::links::Links;
-use crate::cluster::message::{Envelope, NodeId, PeerMessage};
+use crate::cluster::message::{Envelope, NodeId, PeerMessage, RecoveredLock};
 use crate::cluster::view::{View, ViewError};
 use crate::cluster::{ClusterNode, Key};
 use crate::effect::{RevokeReason, Status};
@@ -152,6 +152,11 @@ pub(super) struct ViewState {
     /// should such a node depart, the value block it may have written is
     /// not valid. Emptied when a recovery settles.
     pub(super) spared_writers: BTreeMap<(SessionId, LockHandle), Key>,
+    /// This node's unlocks that counted as done in a recovery although their
+    /// value block may be lost, by resource: the master is told again in
+    /// every recovery until one is done everywhere (a newer view may void the
+    /// message that told it, and the copy it came from is gone).
+    pub(super) unsure_unlocks: BTreeMap<Key, Vec<RecoveredLock>>,
 }
 
 impl ViewState {
@@ -378,6 +383,9 @@ impl ClusterNode {
                 RecoveryPhase::Directory => self.recover_masters(now),
                 RecoveryPhase::Locks => self.settle_recovered(now),
                 RecoveryPhase::Done => {
+                    // Every member has settled, so every master has heard
+                    // what this node told it.
+                    self.views.unsure_unlocks.clear();
                     self.views.recovery = None;
                     self.resume(now);
                     return;

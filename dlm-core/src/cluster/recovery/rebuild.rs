@@ -56,6 +56,8 @@ impl ClusterNode {
             }
             copies.entry(key).or_default().push((session, handle));
         }
+        // And each resource whose master must hear again that a value may be lost.
+        keys.extend(self.views.unsure_unlocks.keys().cloned());
         keys.sort_unstable();
         keys.dedup();
         if let Some(recovery) = self.views.recovery.as_mut() {
@@ -157,6 +159,13 @@ impl ClusterNode {
         } else {
             self.requester.cache_master(key.clone(), (master, generation), self.config.master_cache_max);
         }
+        for notice in self.views.unsure_unlocks.get(&key).cloned().unwrap_or_default() {
+            if master == me {
+                self.note_lvb_unsure(&key);
+            } else {
+                self.send(now, master, PeerMessage::RecoverLock(notice));
+            }
+        }
         let lockspace = self.lockspace_name(key.0);
         let mut reissue = Vec::new();
         for (session, handle) in self.take_copies(&key) {
@@ -180,6 +189,7 @@ impl ClusterNode {
                         unlocking: true,
                         lvb_unsure: true,
                     };
+                    self.views.unsure_unlocks.entry(key.clone()).or_default().push(lock.clone());
                     if master != me {
                         self.send(now, master, PeerMessage::RecoverLock(lock));
                     }
