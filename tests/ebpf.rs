@@ -261,6 +261,58 @@ fn trace_commands_print_json_views() {
     }
 }
 
+/// Sleeps in 20 ms naps until `until`, entering the kernel from this very
+/// function (a raw `nanosleep`, not libc's wrapper), so that the innermost
+/// user frame of its off-CPU stacks is this function whatever the unwinder.
+#[inline(never)]
+#[allow(unsafe_code)]
+fn dlm_offcpu_test_sleeper(until: Instant) {
+    let nap: [i64; 2] = [0, 20_000_000];
+    while Instant::now() < until {
+        // SAFETY: nanosleep(2) reads the timespec above and writes nothing
+        // (no remainder pointer); rcx and r11 are clobbered by `syscall`.
+        unsafe {
+            std::arch::asm!(
+                "syscall",
+                inlateout("rax") 35i64 => _,
+                in("rdi") nap.as_ptr(),
+                in("rsi") 0usize,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+    }
+}
+
+#[test]
+fn folded_offcpu_stacks_name_user_space_functions_and_render_a_flame_graph() {
+    if !ebpf_available("named user frames") {
+        return;
+    }
+    let until = Instant::now() + Duration::from_secs(3);
+    let sleeper = std::thread::spawn(move || dlm_offcpu_test_sleeper(until));
+    let svg = std::env::temp_dir().join(format!("dlm-offcpu-{}.svg", std::process::id()));
+    let output = Command::new(support::bin())
+        .args(["trace", "offcpu", "--duration", "1500ms", "--folded", "--min-block", "5ms", "--flamegraph"])
+        .arg(&svg)
+        .output()
+        .expect("dlm-agent trace offcpu");
+    sleeper.join().expect("the sleeper");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let ours: Vec<&str> = text.lines().filter(|line| line.contains("dlm_offcpu_test_sleeper")).collect();
+    assert!(!ours.is_empty(), "no folded stack names the sleeping function:\n{text}");
+    for line in &ours {
+        // comm;user frames;kernel frames count, innermost last: the sleeper
+        // enters the kernel's nanosleep, and no BPF frame is left in.
+        assert!(line.contains("nanosleep") && !line.contains("bpf_prog_"), "{line}");
+    }
+    let picture = std::fs::read_to_string(&svg).expect("the flame graph was written");
+    assert!(picture.contains("<svg") && picture.contains("dlm_offcpu_test_sleeper"), "the SVG names the function");
+    let _ = std::fs::remove_file(&svg);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_holder_that_sleeps_has_its_blocked_time_in_dump_and_metrics() {
     if !ebpf_available("attribution") {

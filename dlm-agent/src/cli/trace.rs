@@ -48,6 +48,9 @@ pub enum TraceCommand {
         /// Print folded stacks (comm;frames… microseconds) for flame-graph tools instead
         #[arg(long)]
         folded: bool,
+        /// Also write the folded stacks as a flame graph (SVG) to this file
+        #[arg(long, value_name = "SVG")]
+        flamegraph: Option<PathBuf>,
         /// Minimum block time of a folded stack
         #[arg(long, default_value = "1ms", value_parser = parse_duration)]
         min_block: Duration,
@@ -95,8 +98,9 @@ pub async fn run(command: TraceCommand) -> ExitCode {
             (options, Family::Locks, Settings { lock_per_task: *per_task, ..Settings::default() })
         }
         TraceCommand::Futex { options } => (options, Family::Futex, Settings::default()),
-        TraceCommand::Offcpu { options, folded, min_block } => {
-            (options, Family::Sched, Settings { offcpu_stacks: *folded, offcpu_min: *min_block, ..Settings::default() })
+        TraceCommand::Offcpu { options, folded, min_block, flamegraph } => {
+            let stacks = *folded || flamegraph.is_some();
+            (options, Family::Sched, Settings { offcpu_stacks: stacks, offcpu_min: *min_block, ..Settings::default() })
         }
         TraceCommand::Reclaim { options } => (options, Family::Memory, Settings::default()),
     };
@@ -289,10 +293,15 @@ fn render(
                 "pid": row.tgid, "comm": row.comm, "op": row.op, "uaddr": row.uaddr, "wait": stat_json(&row.stat),
             })).collect::<Vec<_>>()})
         }
-        TraceCommand::Offcpu { options, folded: true, .. } => {
+        TraceCommand::Offcpu { options, folded, flamegraph, .. } if *folded || flamegraph.is_some() => {
             let lines = report::folded_offcpu(probes, symbols, filter)?;
-            for line in &lines {
-                let _ = writeln!(text, "{line}");
+            if let Some(path) = flamegraph {
+                write_flamegraph(path, &lines)?;
+            }
+            if *folded {
+                for line in &lines {
+                    let _ = writeln!(text, "{line}");
+                }
             }
             let _ = options;
             json!({ "folded": lines })
@@ -372,4 +381,24 @@ fn render(
         TraceCommand::Dlm(_) => Value::Null,
     };
     Ok(View { text, json })
+}
+
+/// Renders folded off-CPU stacks as a flame graph (an SVG file).
+fn write_flamegraph(path: &std::path::Path, lines: &[String]) -> Result<(), dlm_agent::ebpf::ProbeError> {
+    let failed = |e: std::io::Error| dlm_agent::ebpf::ProbeError::Output(format!("{}: {e}", path.display()));
+    let mut options = inferno::flamegraph::Options::default();
+    options.title = "Off-CPU time (dlm-agent trace offcpu)".to_owned();
+    options.count_name = "us".to_owned();
+    let file = std::fs::File::create(path).map_err(failed)?;
+    if lines.is_empty() {
+        // inferno refuses an empty input: say so in the picture instead.
+        let mut file = file;
+        return std::io::Write::write_all(
+            &mut file,
+            b"<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"600\" height=\"40\"><text x=\"10\" y=\"25\">no off-CPU stacks above --min-block</text></svg>\n",
+        )
+        .map_err(failed);
+    }
+    inferno::flamegraph::from_lines(&mut options, lines.iter().map(String::as_str), std::io::BufWriter::new(file))
+        .map_err(failed)
 }

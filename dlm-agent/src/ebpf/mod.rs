@@ -93,6 +93,9 @@ pub enum ProbeError {
     /// A map is missing or unreadable.
     #[error("reading map {0} failed: {1}")]
     Map(&'static str, String),
+    /// What was read could not be written out (a flame graph's file).
+    #[error("writing {0}")]
+    Output(String),
 }
 
 /// Whether an error chain says EPERM or EACCES.

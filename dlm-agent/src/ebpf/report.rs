@@ -7,7 +7,7 @@ use dlm_ebpf_common::{SchedStat, WaitStat};
 
 use super::{
     ProbeError, Probes, decode,
-    symbols::{KernelSymbols, UserMaps},
+    symbols::{KernelSymbols, UserSymbols},
 };
 
 /// The command name of a process (`[exited]` when it is gone).
@@ -51,16 +51,17 @@ pub fn cgroup_pids(path: &std::path::Path) -> std::io::Result<HashSet<u32>> {
     Ok(text.lines().filter_map(|line| line.trim().parse().ok()).collect())
 }
 
+/// The BPF program that took a stack, and the tracing glue that called it.
+fn is_observer_frame(name: &str) -> bool {
+    ["bpf_prog_", "bpf_trace_run", "__bpf_trace_", "__traceiter_"].iter().any(|prefix| name.starts_with(prefix))
+}
+
 /// Kernel functions that implement locking, and the BPF program and tracing
 /// glue that observed the contention (the innermost frames of a stack taken
 /// in the `contention_begin` tracepoint), skipped when naming the caller of
 /// a contended lock (as `perf lock contention` skips lock functions).
 fn is_lock_function(name: &str) -> bool {
-    const PREFIXES: [&str; 21] = [
-        "bpf_prog_",
-        "bpf_trace_run",
-        "__bpf_trace_",
-        "__traceiter_",
+    const PREFIXES: [&str; 17] = [
         "trace_contention",
         "_raw_",
         "raw_",
@@ -79,7 +80,7 @@ fn is_lock_function(name: &str) -> bool {
         "osq_",
         "do_raw_",
     ];
-    PREFIXES.iter().any(|prefix| name.starts_with(prefix))
+    is_observer_frame(name) || PREFIXES.iter().any(|prefix| name.starts_with(prefix))
 }
 
 /// The first frame outside the locking code: the lock's user.
@@ -201,16 +202,21 @@ pub fn offcpu_rows(probes: &Probes, filter: &Filter) -> Result<Vec<OffcpuRow>, P
 /// The map cannot be read.
 pub fn folded_offcpu(probes: &Probes, symbols: &KernelSymbols, filter: &Filter) -> Result<Vec<String>, ProbeError> {
     let mut folded: BTreeMap<String, u64> = BTreeMap::new();
-    let mut maps: BTreeMap<u32, UserMaps> = BTreeMap::new();
+    let mut processes: BTreeMap<u32, UserSymbols> = BTreeMap::new();
     for (key, ns) in probes.offcpu_stacks()? {
         let comm = comm(key.tgid);
         if !filter.accepts(key.tgid, &comm) {
             continue;
         }
-        let user = maps.entry(key.tgid).or_insert_with(|| UserMaps::load(key.tgid));
+        let user = processes.entry(key.tgid).or_insert_with(|| UserSymbols::load(key.tgid));
         let mut frames = vec![comm.replace(';', "_")];
-        frames.extend(probes.stack(key.user_stack).iter().rev().map(|ip| user.resolve(*ip)));
-        frames.extend(probes.stack(key.kernel_stack).iter().rev().map(|ip| symbols.function(*ip)));
+        frames.extend(user.functions(&probes.stack(key.user_stack)).into_iter().rev());
+        let kernel = probes.stack(key.kernel_stack);
+        // The innermost frames are the BPF program that took the stack and
+        // its tracing glue: not the process's.
+        let own =
+            kernel.iter().map(|ip| symbols.function(*ip)).skip_while(|f| is_observer_frame(f)).collect::<Vec<_>>();
+        frames.extend(own.into_iter().rev());
         *folded.entry(frames.join(";")).or_insert(0) += ns / 1000;
     }
     Ok(folded.into_iter().filter(|(_, us)| *us > 0).map(|(stack, us)| format!("{stack} {us}")).collect())

@@ -1,6 +1,8 @@
 //! Symbolizing stack addresses: kernel addresses from `/proc/kallsyms`, user
-//! addresses as `module+offset` from `/proc/PID/maps` (enough for a reader to
-//! resolve with `addr2line`, and stable across runs of one binary).
+//! addresses by function name with `blazesym` (from the process's ELF
+//! symbols and, where present, its DWARF debug info), and where that finds
+//! nothing (a stripped binary, a process gone) as `module+offset` from
+//! `/proc/PID/maps` (enough for a reader to resolve with `addr2line`).
 
 use std::collections::BTreeMap;
 
@@ -31,11 +33,53 @@ impl KernelSymbols {
         }
     }
 
-    /// The function name alone (no offset), for folded stacks.
+    /// The function name alone (no offset, no module), for folded stacks.
     pub fn function(&self, address: u64) -> String {
         let resolved = self.resolve(address);
-        resolved.split('+').next().unwrap_or(&resolved).to_owned()
+        resolved.split(['+', '\t', ' ']).next().unwrap_or(&resolved).to_owned()
     }
+}
+
+/// User-space frames of one process, symbolized.
+pub struct UserSymbols {
+    pid: u32,
+    maps: UserMaps,
+    symbolizer: blazesym::symbolize::Symbolizer,
+}
+
+impl UserSymbols {
+    /// For process `pid` (its mappings are read now).
+    pub fn load(pid: u32) -> UserSymbols {
+        UserSymbols { pid, maps: UserMaps::load(pid), symbolizer: blazesym::symbolize::Symbolizer::new() }
+    }
+
+    /// Each address's function name (demangled), else `module+0xoffset`.
+    pub fn functions(&self, addresses: &[u64]) -> Vec<String> {
+        // DWARF first; a file whose debug information blazesym cannot read
+        // (some distributions' debug links) fails the whole batch, so then
+        // the ELF symbols alone.
+        let names = self.symbolize(addresses, true).or_else(|| self.symbolize(addresses, false));
+        let names = names.unwrap_or_else(|| vec![None; addresses.len()]);
+        names
+            .into_iter()
+            .zip(addresses)
+            .map(|(name, &address)| name.unwrap_or_else(|| self.maps.resolve(address)))
+            .collect()
+    }
+
+    fn symbolize(&self, addresses: &[u64], debug_syms: bool) -> Option<Vec<Option<String>>> {
+        use blazesym::symbolize::{Input, source::Process, source::Source};
+        let mut process = Process::new(blazesym::Pid::Pid(std::num::NonZeroU32::new(self.pid)?));
+        process.debug_syms = debug_syms;
+        let found = self.symbolizer.symbolize(&Source::Process(process), Input::AbsAddr(addresses)).ok()?;
+        Some(found.into_iter().map(|s| s.into_sym().map(|sym| folded_name(&sym.name))).collect())
+    }
+}
+
+/// A function name fit for a folded stack, whose separators are `;` and the
+/// last space.
+fn folded_name(name: &str) -> String {
+    name.replace(';', ":").replace(' ', "_")
 }
 
 /// The executable mappings of one process.
