@@ -311,6 +311,19 @@ fn folded_offcpu_stacks_name_user_space_functions_and_render_a_flame_graph() {
     let picture = std::fs::read_to_string(&svg).expect("the flame graph was written");
     assert!(picture.contains("<svg") && picture.contains("dlm_offcpu_test_sleeper"), "the SVG names the function");
     let _ = std::fs::remove_file(&svg);
+    // With --lines, the frame says where in this file it slept.
+    let until = Instant::now() + Duration::from_secs(2);
+    let sleeper = std::thread::spawn(move || dlm_offcpu_test_sleeper(until));
+    let output = Command::new(support::bin())
+        .args(["trace", "offcpu", "--duration", "1s", "--folded", "--lines", "--min-block", "5ms"])
+        .output()
+        .expect("dlm-agent trace offcpu --lines");
+    sleeper.join().expect("the sleeper");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.lines().any(|line| line.contains("dlm_offcpu_test_sleeper_[ebpf.rs:")),
+        "no frame of the sleeper with its file and line:\n{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -51,6 +51,9 @@ pub enum TraceCommand {
         /// Also write the folded stacks as a flame graph (SVG) to this file
         #[arg(long, value_name = "SVG")]
         flamegraph: Option<PathBuf>,
+        /// Name user frames with their source file and line where debug info has them
+        #[arg(long)]
+        lines: bool,
         /// Minimum block time of a folded stack
         #[arg(long, default_value = "1ms", value_parser = parse_duration)]
         min_block: Duration,
@@ -98,7 +101,7 @@ pub async fn run(command: TraceCommand) -> ExitCode {
             (options, Family::Locks, Settings { lock_per_task: *per_task, ..Settings::default() })
         }
         TraceCommand::Futex { options } => (options, Family::Futex, Settings::default()),
-        TraceCommand::Offcpu { options, folded, min_block, flamegraph } => {
+        TraceCommand::Offcpu { options, folded, min_block, flamegraph, .. } => {
             let stacks = *folded || flamegraph.is_some();
             (options, Family::Sched, Settings { offcpu_stacks: stacks, offcpu_min: *min_block, ..Settings::default() })
         }
@@ -293,8 +296,10 @@ fn render(
                 "pid": row.tgid, "comm": row.comm, "op": row.op, "uaddr": row.uaddr, "wait": stat_json(&row.stat),
             })).collect::<Vec<_>>()})
         }
-        TraceCommand::Offcpu { options, folded, flamegraph, .. } if *folded || flamegraph.is_some() => {
-            let lines = report::folded_offcpu(probes, symbols, filter)?;
+        TraceCommand::Offcpu { options, folded, flamegraph, lines: with_lines, .. }
+            if *folded || flamegraph.is_some() =>
+        {
+            let lines = report::folded_offcpu(probes, symbols, filter, *with_lines)?;
             if let Some(path) = flamegraph {
                 write_flamegraph(path, &lines)?;
             }

@@ -196,11 +196,18 @@ pub fn offcpu_rows(probes: &Probes, filter: &Filter) -> Result<Vec<OffcpuRow>, P
 }
 
 /// Folded off-CPU stacks (`comm;user frames…;kernel frames… microseconds`,
-/// outermost frame first), the input of flame-graph tools.
+/// outermost frame first), the input of flame-graph tools; with `lines`,
+/// user frames carry `[file:line]` where debug info gives it (one frame per
+/// line then, rather than per function).
 ///
 /// # Errors
 /// The map cannot be read.
-pub fn folded_offcpu(probes: &Probes, symbols: &KernelSymbols, filter: &Filter) -> Result<Vec<String>, ProbeError> {
+pub fn folded_offcpu(
+    probes: &Probes,
+    symbols: &KernelSymbols,
+    filter: &Filter,
+    lines: bool,
+) -> Result<Vec<String>, ProbeError> {
     let mut folded: BTreeMap<String, u64> = BTreeMap::new();
     let mut processes: BTreeMap<u32, UserSymbols> = BTreeMap::new();
     for (key, ns) in probes.offcpu_stacks()? {
@@ -210,7 +217,7 @@ pub fn folded_offcpu(probes: &Probes, symbols: &KernelSymbols, filter: &Filter) 
         }
         let user = processes.entry(key.tgid).or_insert_with(|| UserSymbols::load(key.tgid));
         let mut frames = vec![comm.replace(';', "_")];
-        frames.extend(user.functions(&probes.stack(key.user_stack)).into_iter().rev());
+        frames.extend(user.functions(&probes.stack(key.user_stack), lines).into_iter().rev());
         let kernel = probes.stack(key.kernel_stack);
         // The innermost frames are the BPF program that took the stack and
         // its tracing glue: not the process's.

@@ -53,13 +53,22 @@ impl UserSymbols {
         UserSymbols { pid, maps: UserMaps::load(pid), symbolizer: blazesym::symbolize::Symbolizer::new() }
     }
 
-    /// Each address's function name (demangled), else `module+0xoffset`.
-    pub fn functions(&self, addresses: &[u64]) -> Vec<String> {
+    /// Each address's function name (demangled), else `module+0xoffset`;
+    /// with `lines`, followed by `[file:line]` where debug info gives it.
+    pub fn functions(&self, addresses: &[u64], lines: bool) -> Vec<String> {
         // DWARF first; a file whose debug information blazesym cannot read
         // (some distributions' debug links) fails the whole batch, so then
-        // the ELF symbols alone.
-        let names = self.symbolize(addresses, true).or_else(|| self.symbolize(addresses, false));
-        let names = names.unwrap_or_else(|| vec![None; addresses.len()]);
+        // address by address, with the ELF symbols alone where DWARF fails.
+        let names = self.symbolize(addresses, true, lines).unwrap_or_else(|| {
+            addresses
+                .iter()
+                .map(|&address| {
+                    let one = [address];
+                    let found = self.symbolize(&one, true, lines).or_else(|| self.symbolize(&one, false, false));
+                    found.and_then(|mut v| v.pop().flatten())
+                })
+                .collect()
+        });
         names
             .into_iter()
             .zip(addresses)
@@ -67,12 +76,25 @@ impl UserSymbols {
             .collect()
     }
 
-    fn symbolize(&self, addresses: &[u64], debug_syms: bool) -> Option<Vec<Option<String>>> {
+    fn symbolize(&self, addresses: &[u64], debug_syms: bool, lines: bool) -> Option<Vec<Option<String>>> {
         use blazesym::symbolize::{Input, source::Process, source::Source};
         let mut process = Process::new(blazesym::Pid::Pid(std::num::NonZeroU32::new(self.pid)?));
         process.debug_syms = debug_syms;
         let found = self.symbolizer.symbolize(&Source::Process(process), Input::AbsAddr(addresses)).ok()?;
-        Some(found.into_iter().map(|s| s.into_sym().map(|sym| folded_name(&sym.name))).collect())
+        Some(
+            found
+                .into_iter()
+                .map(|s| {
+                    let sym = s.into_sym()?;
+                    let name = folded_name(&sym.name);
+                    let place = sym.code_info.as_ref().filter(|_| lines).and_then(|code| {
+                        let file = std::path::Path::new(&code.file).file_name()?.to_string_lossy().into_owned();
+                        Some(format!("{name}_[{}:{}]", folded_name(&file), code.line?))
+                    });
+                    Some(place.unwrap_or(name))
+                })
+                .collect(),
+        )
     }
 }
 
