@@ -156,8 +156,14 @@ impl Sim {
                 ClientRequest::Cancel { .. } if error == crate::RequestError::NotPending => {}
                 // A lock the client was told had failed (unavailable) keeps
                 // its handle until its master's answer is undone: reusing
-                // the handle meanwhile is refused, and changes nothing.
-                ClientRequest::Lock(lock) if error == crate::RequestError::HandleInUse && self.config.link_faults => {
+                // the handle meanwhile is refused, and changes nothing. Cut
+                // links make requests unavailable, and so does a peer silent
+                // past the acknowledgement timeout with no view to say so,
+                // as pauses of one node can make it (seed 30078).
+                ClientRequest::Lock(lock)
+                    if error == crate::RequestError::HandleInUse
+                        && (self.config.link_faults || self.config.membership_faults) =>
+                {
                     self.clients[c].slots[s] = (Slot::Empty, 0);
                     self.clients[c].handles.remove(&lock.handle.0);
                     self.owners.remove(&(session, lock.handle));
