@@ -22,6 +22,7 @@ const LAYERS: &[&str] = &[
     "command",
     "driver",
     "transport",
+    "membership",
     "client",
     "server",
 ];

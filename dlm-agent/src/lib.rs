@@ -37,6 +37,7 @@
 //! | `command` | what transports share with the driver: commands, the driver's handle, session and peer outputs |
 //! | `driver` | the task that owns the `ClusterNode`: dispatch, session output, peer batching, observation, admin |
 //! | `transport` | framed sessions and gRPC on the Unix socket, gRPC on TCP, peer links, HTTP |
+//! | `membership` | views from corosync (CPG and votequorum), agreed among the agents, handed to the driver |
 //! | [`client`] | the Rust client library |
 //! | [`server`] | `dlm-agent run`: the one module that wires everything |
 //!
@@ -80,6 +81,7 @@ mod clock;
 mod command;
 mod convert;
 mod driver;
+mod membership;
 mod metrics;
 mod transport;
 

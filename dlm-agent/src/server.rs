@@ -12,9 +12,10 @@ use tokio::net::{TcpListener, UnixListener};
 
 use crate::bounds::{CLIENT_MESSAGE_LEN_MAX, HANDSHAKES_MAX, HANDSHAKES_PER_CLIENT_MAX};
 use crate::clock::Clock;
-use crate::command::Command;
-use crate::config::Config;
+use crate::command::{Command, PeerView};
+use crate::config::{Config, MembershipSource};
 use crate::driver;
+use crate::membership;
 use crate::metrics::Metrics;
 use crate::proto::dlm_server::DlmServer;
 use crate::transport::admission::{Admission, Quota};
@@ -110,8 +111,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         ),
         None => None,
     };
-    let (driver, driver_task) = driver::start(config.clone(), metrics.clone(), Clock::start(), ebpf.attribution, peers)
-        .map_err(ServeError::Config)?;
+    let by_views = config.cluster.as_ref().is_some_and(|c| c.membership == MembershipSource::Corosync);
+    let peer_view = Arc::new(PeerView::new(if by_views { 0 } else { 1 }, by_views));
+    let (driver, driver_task) =
+        driver::start(config.clone(), metrics.clone(), Clock::start(), ebpf.attribution, peers, peer_view.clone())
+            .map_err(ServeError::Config)?;
     if let (Some(cluster), Some(listener)) = (&config.cluster, peer_listener) {
         let ids: Vec<dlm_core::cluster::NodeId> = cluster
             .members
@@ -121,7 +125,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
             .collect();
         let peer_metrics = peer::PeerMetrics::new(&metrics, &ids);
         let core = cluster.cluster_config().map_err(ServeError::Config)?;
-        peer::spawn(Arc::new(core), listener, dialers, driver.clone(), peer_metrics);
+        peer::spawn(Arc::new(core), listener, dialers, driver.clone(), peer_metrics, peer_view.clone());
+        if by_views {
+            membership::start(cluster, peer_view.own, driver.clone(), &metrics).map_err(ServeError::Config)?;
+        }
     }
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

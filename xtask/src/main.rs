@@ -19,7 +19,7 @@ Commands:
   setup        install what the build, tests and benchmarks need (rustup components: rustfmt,
                clippy, nightly rust-src; bpf-linker from crates.io; Debian packages:
                protobuf-compiler, libprotobuf-dev, redis-server, etcd-server, prometheus,
-               bpftrace, linux-perf)
+               bpftrace, linux-perf, corosync, libcpg-dev, libquorum-dev)
   test         set up, then check formatting, run clippy, run every test of the workspace
                and build the docs (warnings are errors)
   bench [ARGS] set up, then run every benchmark: the engine's (criterion, memory) and dlm side

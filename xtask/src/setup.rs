@@ -17,6 +17,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("prometheus", "Prometheus and promtool, for the dashboard and alert rule checks"),
     ("bpftrace", "the test that traces the agent's probe points"),
     ("linux-perf", "perf bench sched pipe, for the eBPF overhead benchmark"),
+    ("corosync", "the cluster stack the agent takes membership from, for the cluster tests and `cluster up`"),
+    ("libcpg-dev", "corosync's CPG library, which the agent links (membership)"),
+    ("libquorum-dev", "corosync's quorum library, which the agent links (membership)"),
 ];
 
 /// PyPI packages (pinned), and why each is needed.

@@ -10,12 +10,30 @@ use serde::Deserialize;
 use super::{ConfigError, in_range, invalid, parse_addr, parse_duration};
 use crate::bounds::{PEER_QUEUE_MAX_DEFAULT, PEER_QUEUE_MAX_RANGE};
 
-/// The `[cluster]` section: static membership (changes come with the
-/// membership issue), the peer listener, and timings.
+/// Where the members and their changes come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MembershipSource {
+    /// The `[[cluster.member]]` list, all members from the start, never
+    /// changing: a member that fails stays unavailable until the whole
+    /// cluster restarts (no recovery). For development on one host.
+    Static,
+    /// The node's corosync: CPG for who is up, votequorum for quorum; the
+    /// `[[cluster.member]]` list says which nodes may join and where their
+    /// agents listen. A lost member's locks are recovered.
+    Corosync,
+}
+
+/// The `[cluster]` section: the members and where they come from, the peer
+/// listener, and timings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterSettings {
     /// The cluster's name: peers with another name are refused.
     pub name: String,
+    /// Where the members and their changes come from.
+    pub membership: MembershipSource,
+    /// The CPG group the agents join (corosync membership): `dlm:<name>` by default.
+    pub cpg_group: Option<String>,
     /// This node's id among the members.
     pub node_id: u16,
     /// Where this node accepts peer connections.
@@ -58,6 +76,8 @@ fn default_weight() -> u8 {
 pub(super) struct FileCluster {
     name: String,
     node_id: u16,
+    membership: Option<MembershipSource>,
+    cpg_group: Option<String>,
     listen: Option<String>,
     #[serde(default)]
     member: Vec<MemberEntry>,
@@ -84,8 +104,13 @@ pub(super) fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, Con
         Some(text) => parse_duration(&text).map_err(|m| invalid(key, m)),
         None => Ok(default),
     };
+    if file.cpg_group.as_ref().is_some_and(|g| g.is_empty() || g.len() > CPG_GROUP_LEN_MAX) {
+        return Err(invalid("cluster.cpg_group", format!("must be 1 to {CPG_GROUP_LEN_MAX} bytes")));
+    }
     let settings = ClusterSettings {
         name: file.name,
+        membership: file.membership.unwrap_or(MembershipSource::Static),
+        cpg_group: file.cpg_group,
         node_id: file.node_id,
         listen,
         release_delay: duration("cluster.release_delay", file.release_delay, Duration::from_secs(5))?,
@@ -106,8 +131,20 @@ pub(super) fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, Con
     Ok(settings)
 }
 
+/// CPG group names are at most 127 bytes.
+const CPG_GROUP_LEN_MAX: usize = 127;
+
 impl ClusterSettings {
-    /// The members as the lock engine takes them.
+    /// The CPG group of the cluster's agents.
+    #[must_use]
+    pub fn cpg_group(&self) -> String {
+        self.cpg_group.clone().unwrap_or_else(|| format!("dlm:{}", self.name))
+    }
+
+    /// The members as the lock engine takes them: every configured member
+    /// at epoch 1 for static membership; at epoch 0 for corosync's, where
+    /// the node talks to nobody and holds its clients' requests until its
+    /// first view.
     ///
     /// # Errors
     /// Duplicate ids or addresses, weights out of range.
@@ -123,7 +160,11 @@ impl ClusterSettings {
             .iter()
             .map(|m| dlm_core::cluster::Member { id: dlm_core::cluster::NodeId(m.id), weight: m.weight })
             .collect();
-        dlm_core::cluster::Membership::new(members, 1)
+        let epoch = match self.membership {
+            MembershipSource::Static => 1,
+            MembershipSource::Corosync => 0,
+        };
+        dlm_core::cluster::Membership::new(members, epoch)
     }
 
     /// The settings of this node's part of the cluster, as the lock engine

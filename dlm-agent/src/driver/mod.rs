@@ -21,6 +21,7 @@
 //! | `peers.rs` | peer batching: the node's envelopes to the peers' dialers, stalled links reset |
 //! | `observe/` | observation: metrics, lock spans, USDT probe points, kernel evidence |
 //! | `admin.rs` | status, lockspaces, dump, lockspace creation and release, shutdown |
+//! | `views.rs` | views from the membership handed to the node, peer links raised in each epoch |
 //!
 //! Each session's outgoing queue is bounded (`session_queue_max`); a client
 //! that does not read its stream until the queue is full has its session
@@ -31,8 +32,9 @@ mod observe;
 mod output;
 mod peers;
 mod requests;
+mod views;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::ffi::{CStr, CString};
 use std::sync::Arc;
 
@@ -44,7 +46,7 @@ use tokio::time::Instant;
 use crate::bounds::{COMMAND_BATCH_MAX, COMMAND_QUEUE_MAX};
 use crate::clock::Clock;
 use crate::codes::{RejectCode, SessionEnd};
-use crate::command::{Command, Credentials, DriverHandle, PeerSender, SessionOutput};
+use crate::command::{Command, Credentials, DriverHandle, PeerSender, PeerView, SessionOutput};
 use crate::config::Config;
 use crate::convert::Rejection;
 use crate::ebpf::AttributionMaps;
@@ -97,6 +99,10 @@ struct Driver {
     node_id: NodeId,
     /// The queues to the peers' dialers (`peers.rs`).
     peers: HashMap<NodeId, PeerSender>,
+    /// Peers whose dialer is connected now (`views.rs`).
+    connected: BTreeSet<NodeId>,
+    /// What the peer transport knows of the views (`views.rs`).
+    peer_view: Arc<PeerView>,
     clock: Clock,
     config: Arc<Config>,
     started: Instant,
@@ -125,6 +131,7 @@ pub fn start(
     clock: Clock,
     attribution: Option<AttributionMaps>,
     peers: HashMap<NodeId, PeerSender>,
+    peer_view: Arc<PeerView>,
 ) -> Result<(DriverHandle, tokio::task::JoinHandle<()>), String> {
     let node_config = NodeConfig { limits: config.limits.clone(), ..NodeConfig::default() };
     let (node_id, cluster_config) = match &config.cluster {
@@ -148,6 +155,8 @@ pub fn start(
         node,
         node_id,
         peers,
+        connected: BTreeSet::new(),
+        peer_view,
         clock,
         config: config.clone(),
         started: clock.now(),
@@ -193,6 +202,9 @@ impl Driver {
                 }
             }
             self.route_effects();
+            if self.observer.recovering() {
+                self.observer.update_recovery(&self.node);
+            }
         }
     }
 
@@ -246,7 +258,8 @@ impl Driver {
                     }
                 }
             }
-            Command::Link { peer, up } => self.node.handle_link(self.clock.engine_now(), peer, up),
+            Command::Link { peer, up } => self.link(peer, up),
+            Command::View { view } => self.take_view(&view),
             Command::Shutdown { .. } => unreachable!("handled by run"),
         }
     }

@@ -23,12 +23,16 @@
 //! - **Reconnection**: a dialer retries with a growing delay (up to 1 s);
 //!   when the link is up again the node resends everything the peer has
 //!   not acknowledged (the link layer drops what it already had).
-//! - **Restarted peers**: each hello carries the sender's incarnation, drawn
-//!   when its process started. A peer that comes back with another one has
-//!   lost its state (its masters' queues, its directory entries, its link
-//!   numbering); until recovery exists (the membership issue) it is refused
-//!   in both directions, so requests that need it fail as unavailable
-//!   instead of being lost. Restart the whole cluster to take it back.
+//! - **Epochs and restarted peers** ([`PeerView`]): each hello carries the
+//!   sender's epoch and incarnation, drawn when its process started. A peer
+//!   in an older epoch than this node is refused until it takes the view
+//!   (a restarted one, until its first). With membership from corosync a
+//!   peer must come as the incarnation the current view names: a restarted
+//!   one is let in once the view that took it back is here. With static
+//!   membership a peer that comes back with another incarnation has lost
+//!   its state and nothing can take it back: it is refused in both
+//!   directions, so requests that need it fail as unavailable instead of
+//!   being lost; restart the whole cluster.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -44,7 +48,7 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 
 use crate::bounds::{PEER_READ_BUFFER_LEN, PEER_WRITE_BATCHES_MAX};
 use crate::codes::PeerReject;
-use crate::command::{Command, DriverHandle, PeerSender};
+use crate::command::{Command, DriverHandle, PeerSender, PeerView};
 use crate::config::ClusterSettings;
 use crate::metrics::Metrics;
 
@@ -54,29 +58,6 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest pause between two dials.
 const RETRY_MAX: Duration = Duration::from_secs(1);
-
-/// The incarnation of each peer, as first seen, and this process's own.
-pub struct Incarnations {
-    own: u64,
-    seen: std::sync::Mutex<HashMap<NodeId, u64>>,
-}
-
-impl Incarnations {
-    fn new() -> Incarnations {
-        // Time and pid: distinct across restarts of one node, which is all
-        // that is asked of it.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        Incarnations { own: nanos ^ (u64::from(std::process::id()) << 32), seen: std::sync::Mutex::default() }
-    }
-
-    /// Whether `incarnation` is the one first seen from `peer` (recording it if first).
-    fn accept(&self, peer: NodeId, incarnation: u64) -> bool {
-        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        *seen.entry(peer).or_insert(incarnation) == incarnation
-    }
-}
 
 /// The dialer's end, until it is spawned.
 pub struct Dialer {
@@ -159,12 +140,12 @@ pub fn spawn(
     dialers: Vec<Dialer>,
     driver: DriverHandle,
     metrics: PeerMetrics,
+    view: Arc<PeerView>,
 ) {
-    let incarnations = Arc::new(Incarnations::new());
     for dialer in dialers {
-        tokio::spawn(dial(cluster.clone(), dialer, driver.clone(), metrics.clone(), incarnations.clone()));
+        tokio::spawn(dial(cluster.clone(), dialer, driver.clone(), metrics.clone(), view.clone()));
     }
-    tokio::spawn(accept(cluster, listener, driver, metrics, incarnations));
+    tokio::spawn(accept(cluster, listener, driver, metrics, view));
 }
 
 async fn dial(
@@ -172,7 +153,7 @@ async fn dial(
     mut dialer: Dialer,
     driver: DriverHandle,
     metrics: PeerMetrics,
-    incarnations: Arc<Incarnations>,
+    view: Arc<PeerView>,
 ) {
     let label = dialer.peer.0.to_string();
     let mut pause = Duration::from_millis(20);
@@ -180,7 +161,7 @@ async fn dial(
         // Whatever was queued while down is resent by the node when the
         // link comes up: drop it here rather than send it twice.
         while dialer.queue.try_recv().is_ok() {}
-        let stream = match connect(&cluster, &dialer, &incarnations).await {
+        let stream = match connect(&cluster, &dialer, &view).await {
             Ok(stream) => stream,
             Err(error) => {
                 tracing::debug!(peer = dialer.peer.0, address = %dialer.address, %error, "peer not reachable");
@@ -204,25 +185,21 @@ async fn dial(
     }
 }
 
-async fn connect(cluster: &ClusterConfig, dialer: &Dialer, incarnations: &Incarnations) -> Result<TcpStream, String> {
+async fn connect(cluster: &ClusterConfig, dialer: &Dialer, view: &PeerView) -> Result<TcpStream, String> {
     let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dialer.address))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    stream.write_all(&wire::encode_hello(&cluster.hello(incarnations.own))).await.map_err(|e| e.to_string())?;
+    stream.write_all(&wire::encode_hello(&cluster.hello(view.epoch(), view.own))).await.map_err(|e| e.to_string())?;
     let answer = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
         .map_err(|_| "no hello in time".to_string())??;
-    if let Err(refusal) = cluster.check_hello(&answer, Some(dialer.peer)) {
+    if let Err(refusal) = cluster.check_hello(&answer, Some(dialer.peer), view.epoch()) {
         return Err(format!("unexpected hello from {} ({refusal}): {answer:?}", dialer.address));
     }
-    if !incarnations.accept(dialer.peer, answer.incarnation) {
-        tracing::error!(
-            peer = dialer.peer.0,
-            "peer restarted and lost its state; refusing it until the cluster is restarted"
-        );
-        return Err("the peer restarted (recovery of a restarted node is not implemented)".into());
+    if !view.accept(dialer.peer, answer.incarnation) {
+        return Err("the peer is not the incarnation of this node's view (restarted, or a view not taken yet)".into());
     }
     Ok(stream)
 }
@@ -277,7 +254,7 @@ async fn accept(
     listener: TcpListener,
     driver: DriverHandle,
     metrics: PeerMetrics,
-    incarnations: Arc<Incarnations>,
+    view: Arc<PeerView>,
 ) {
     // Every member may have a connection and one being re-made; more than
     // that is someone else's doing.
@@ -291,11 +268,10 @@ async fn accept(
             tracing::warn!(%address, "too many peer connections; refusing one");
             continue;
         };
-        let (cluster, driver, metrics, incarnations) =
-            (cluster.clone(), driver.clone(), metrics.clone(), incarnations.clone());
+        let (cluster, driver, metrics, view) = (cluster.clone(), driver.clone(), metrics.clone(), view.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(reason) = serve_peer(&cluster, stream, &driver, &metrics, &incarnations).await {
+            if let Err(reason) = serve_peer(&cluster, stream, &driver, &metrics, &view).await {
                 tracing::warn!(%address, reason = reason.as_str(), "peer connection dropped");
                 metrics.rejected.with_label_values(&[reason.as_str()]).inc();
             }
@@ -309,18 +285,21 @@ async fn serve_peer(
     mut stream: TcpStream,
     driver: &DriverHandle,
     metrics: &PeerMetrics,
-    incarnations: &Incarnations,
+    view: &PeerView,
 ) -> Result<(), PeerReject> {
     let _ = stream.set_nodelay(true);
     let hello_in = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
         .map_err(|_| PeerReject::BadHello)?
         .map_err(|_| PeerReject::BadHello)?;
-    let from = cluster.check_hello(&hello_in, None).map_err(PeerReject::from)?;
-    if !incarnations.accept(from, hello_in.incarnation) {
+    let from = cluster.check_hello(&hello_in, None, view.epoch()).map_err(PeerReject::from)?;
+    if !view.accept(from, hello_in.incarnation) {
         return Err(PeerReject::RestartedPeer);
     }
-    stream.write_all(&wire::encode_hello(&cluster.hello(incarnations.own))).await.map_err(|_| PeerReject::BadHello)?;
+    stream
+        .write_all(&wire::encode_hello(&cluster.hello(view.epoch(), view.own)))
+        .await
+        .map_err(|_| PeerReject::BadHello)?;
     let received = metrics.bytes_received.with_label_values(&[&from.0.to_string()]);
     let refused = Arc::new(Notify::new());
     // Buffered: a frame's length and body usually come in one read.

@@ -2,7 +2,9 @@
 //! traffic, remote request latency. Registered only when the agent is a
 //! member of a cluster.
 
-use dlm_core::cluster::ClusterStats;
+use std::time::Duration;
+
+use dlm_core::cluster::{ClusterStats, RecoveryPhase};
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts};
 
 use crate::codes::LinkReset;
@@ -11,6 +13,13 @@ use crate::metrics::Metrics;
 /// Counters and gauges fed from the engine's [`ClusterStats`].
 pub struct ClusterMetrics {
     members: IntGauge,
+    epoch: IntGauge,
+    quorate: IntGauge,
+    fenced: IntGauge,
+    views: IntCounter,
+    recovery_phase: IntGauge,
+    recoveries: IntCounter,
+    recovery_time: prometheus::Histogram,
     mastered: IntGauge,
     directory: IntGauge,
     remote_locks: IntGauge,
@@ -73,7 +82,29 @@ impl ClusterMetrics {
         )
         .expect("valid metric");
         metrics.register(Box::new(remote_grant_wait.clone()));
+        let recovery_time = prometheus::Histogram::with_opts(
+            HistogramOpts::new(
+                "dlm_cluster_recovery_seconds",
+                "Time from a view to the end of this node's recovery into it (its Done barrier passed).",
+            )
+            .buckets(crate::metrics::time_buckets()),
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(recovery_time.clone()));
         let m = ClusterMetrics {
+            epoch: gauge("dlm_cluster_epoch", "The epoch of this node's membership view."),
+            quorate: gauge("dlm_cluster_quorate", "1 while this node's view is quorate and includes it."),
+            fenced: gauge(
+                "dlm_cluster_fenced",
+                "1 while this node has fenced itself (its locks revoked, requests failing).",
+            ),
+            views: counter("dlm_cluster_views_total", "Membership views taken."),
+            recovery_phase: gauge(
+                "dlm_cluster_recovery_phase",
+                "The recovery barrier this node waits at: 0 none, 1 stop, 2 directory, 3 locks, 4 done.",
+            ),
+            recoveries: counter("dlm_cluster_recoveries_total", "Recoveries this node finished."),
+            recovery_time,
             members: gauge("dlm_cluster_members", "Members of the cluster, this node included."),
             mastered: gauge("dlm_cluster_mastered_resources", "Resources mastered on this node (in use or idle)."),
             directory: gauge("dlm_cluster_directory_entries", "Directory entries kept on this node."),
@@ -108,6 +139,25 @@ impl ClusterMetrics {
         m.messages.with_label_values(&["sent"]);
         m.messages.with_label_values(&["received"]);
         m
+    }
+
+    /// A view was taken; `fenced`: this node fenced itself by it.
+    pub fn view_taken(&self, epoch: u64, members: usize, quorate: bool, fenced: bool) {
+        self.views.inc();
+        self.epoch.set(i64::try_from(epoch).unwrap_or(i64::MAX));
+        self.members.set(i64::try_from(members).unwrap_or(i64::MAX));
+        self.quorate.set(i64::from(quorate && !fenced));
+        self.fenced.set(i64::from(fenced));
+    }
+
+    /// Where recovery stands: its phase, or none; `finished` the time of a
+    /// recovery that just ended.
+    pub fn recovery(&self, phase: Option<RecoveryPhase>, finished: Option<Duration>) {
+        self.recovery_phase.set(phase.map_or(0, |p| i64::from(p.index()) + 1));
+        if let Some(took) = finished {
+            self.recoveries.inc();
+            self.recovery_time.observe(took.as_secs_f64());
+        }
     }
 
     /// Brings the metrics up to date with the engine's counts.

@@ -14,7 +14,7 @@ use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dlm_core::cluster::ClusterNode;
+use dlm_core::cluster::{ClusterNode, View};
 use dlm_core::{Effect, LockRequest, Mode, Op, SessionId, Status};
 use dlm_ebpf_common::Attribution;
 use tokio::time::Instant;
@@ -159,6 +159,8 @@ pub(super) struct Observer {
     pub(super) metrics: Arc<Metrics>,
     /// Present in a cluster.
     cluster: Option<ClusterMetrics>,
+    /// When the recovery running now started (engine time).
+    recovering_since: Option<dlm_core::Instant>,
     /// Kernel attribution of lock phases (a no-op without eBPF).
     pub(super) evidence: KernelEvidence,
     clock: Clock,
@@ -172,7 +174,7 @@ impl Observer {
         clock: Clock,
     ) -> Observer {
         let cluster = config.cluster.as_ref().map(|c| ClusterMetrics::new(&metrics, c.members.len()));
-        Observer { metrics, cluster, evidence: KernelEvidence::new(attribution), clock }
+        Observer { metrics, cluster, recovering_since: None, evidence: KernelEvidence::new(attribution), clock }
     }
 
     pub(super) fn session_opened(&mut self, pid: Option<u32>) {
@@ -202,6 +204,38 @@ impl Observer {
         if let Some(cluster) = &mut self.cluster {
             cluster.update(node.stats(), node.mastered_count(), node.directory_count(), node.remote_lock_count());
         }
+    }
+
+    /// Whether a recovery is running, as last seen.
+    pub(super) fn recovering(&self) -> bool {
+        self.recovering_since.is_some()
+    }
+
+    /// Brings the recovery metrics up to date: its phase, and its time when
+    /// it has just finished.
+    pub(super) fn update_recovery(&mut self, node: &ClusterNode) {
+        let Some(cluster) = &self.cluster else { return };
+        let status = node.recovery_status();
+        let finished = match (&status, self.recovering_since) {
+            (None, Some(since)) => Some(self.clock.engine_now().saturating_duration_since(since)),
+            _ => None,
+        };
+        self.recovering_since = status.as_ref().map(|s| s.started);
+        cluster.recovery(status.map(|s| s.phase), finished);
+    }
+
+    /// A view was taken (`fenced`: this node fenced itself by it).
+    pub(super) fn view_taken(&self, view: &View, fenced: bool) {
+        if let Some(cluster) = &self.cluster {
+            cluster.view_taken(view.epoch, view.members.len(), view.quorate, fenced);
+        }
+        tracing::info!(
+            epoch = view.epoch,
+            quorate = view.quorate,
+            fenced,
+            members = ?view.members.iter().map(|m| m.id.0).collect::<Vec<_>>(),
+            "view taken"
+        );
     }
 
     /// A new lock was accepted; `queued` when it has to wait.

@@ -1,0 +1,81 @@
+//! The agreement's messages as they travel in the CPG group: a fixed
+//! layout, little-endian, checked whole on the way in (the group's other
+//! members are trusted only as far as corosync's own authentication goes).
+//!
+//! ```text
+//!  "DLMv" version(1) kind(1: round, 2: report) by.nodeid(u32) by.pid(u32) seq(u64) [epoch(u64) incarnation(u64)]
+//! ```
+
+use super::agree::{CpgMember, Message, RoundId};
+
+const MAGIC: &[u8; 4] = b"DLMv";
+const VERSION: u8 = 1;
+const KIND_ROUND: u8 = 1;
+const KIND_REPORT: u8 = 2;
+/// Magic, version, kind and the round's id.
+const HEAD_LEN: usize = 4 + 1 + 1 + 4 + 4 + 8;
+const REPORT_LEN: usize = HEAD_LEN + 8 + 8;
+
+/// The bytes of `message`.
+#[must_use]
+pub fn encode(message: &Message) -> Vec<u8> {
+    let (kind, round) = match message {
+        Message::Round(round) => (KIND_ROUND, round),
+        Message::Report { round, .. } => (KIND_REPORT, round),
+    };
+    let mut bytes = Vec::with_capacity(REPORT_LEN);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&[VERSION, kind]);
+    bytes.extend_from_slice(&round.by.nodeid.to_le_bytes());
+    bytes.extend_from_slice(&round.by.pid.to_le_bytes());
+    bytes.extend_from_slice(&round.seq.to_le_bytes());
+    if let Message::Report { epoch, incarnation, .. } = message {
+        bytes.extend_from_slice(&epoch.to_le_bytes());
+        bytes.extend_from_slice(&incarnation.to_le_bytes());
+    }
+    bytes
+}
+
+/// The message in `bytes`, if they hold exactly one of this version.
+#[must_use]
+pub fn decode(bytes: &[u8]) -> Option<Message> {
+    if bytes.len() < HEAD_LEN || &bytes[..4] != MAGIC || bytes[4] != VERSION {
+        return None;
+    }
+    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let round = RoundId { by: CpgMember { nodeid: u32_at(6), pid: u32_at(10) }, seq: u64_at(14) };
+    match (bytes[5], bytes.len()) {
+        (KIND_ROUND, HEAD_LEN) => Some(Message::Round(round)),
+        (KIND_REPORT, REPORT_LEN) => {
+            Some(Message::Report { round, epoch: u64_at(HEAD_LEN), incarnation: u64_at(HEAD_LEN + 8) })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_come_back_as_sent_and_anything_else_is_refused() {
+        let round = RoundId { by: CpgMember { nodeid: 3, pid: 4242 }, seq: 7 };
+        let messages = [Message::Round(round), Message::Report { round, epoch: 12, incarnation: u64::MAX - 1 }];
+        for message in messages {
+            let bytes = encode(&message);
+            assert_eq!(decode(&bytes), Some(message));
+            for len in 0..bytes.len() {
+                assert_eq!(decode(&bytes[..len]), None, "{message:?} cut to {len} bytes");
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert_eq!(decode(&longer), None);
+            for at in [0, 4, 5] {
+                let mut bad = bytes.clone();
+                bad[at] ^= 0x40;
+                assert_eq!(decode(&bad), None, "byte {at} changed");
+            }
+        }
+    }
+}
