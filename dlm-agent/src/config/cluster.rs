@@ -179,6 +179,7 @@ impl ClusterSettings {
         config.release_delay = self.release_delay;
         config.deadlock_interval = self.deadlock_interval;
         config.set_peer_timeout(self.peer_timeout);
+        config.requests_wait_for_views = self.membership == MembershipSource::Corosync;
         Ok(config)
     }
 }

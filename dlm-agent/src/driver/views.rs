@@ -18,10 +18,12 @@ impl Driver {
     }
 
     /// Takes a view: the node recovers from it (or fences itself), the peer
-    /// transport lets in the members it names, and the links that are
-    /// connected count as up in the new epoch (the node starts its links
-    /// anew in each; a connection made in an older epoch carries the new
-    /// one's messages, which are tagged with their epoch).
+    /// transport lets in the members it names, and the node is told which
+    /// links are connected: it starts its links anew in each epoch, as up,
+    /// so a member whose dialer is not connected must be marked down, or
+    /// what the node sends it meanwhile would be dropped with no resend
+    /// until the acknowledgement timeout. (A connection made in an older
+    /// epoch carries the new one's messages, which are tagged with their epoch.)
     pub(super) fn take_view(&mut self, view: &View) {
         let now = self.clock.engine_now();
         if let Err(error) = self.node.handle_view(now, view) {
@@ -35,8 +37,9 @@ impl Driver {
             tracing::warn!(epoch = view.epoch, "fenced: every lock revoked, requests fail until a quorate view");
             return;
         }
-        for peer in self.connected.iter().copied().filter(|p| view.members.iter().any(|m| m.id == *p)) {
-            self.node.handle_link(now, peer, true);
+        let me = self.node.id();
+        for peer in view.members.iter().map(|m| m.id).filter(|&id| id != me) {
+            self.node.handle_link(now, peer, self.connected.contains(&peer));
         }
     }
 }

@@ -35,6 +35,14 @@ pub struct ClusterConfig {
     /// peer that went away is noticed (by the acknowledgement timeout) even
     /// when no request needs it.
     pub heartbeat_interval: Duration,
+    /// Whether a request that needs an unreachable peer waits rather than
+    /// failing with [`crate::Status::Unavailable`]: for the link to come
+    /// back, or for the view that says the peer is gone, after which
+    /// recovery sends it to the resource's new master (as the Linux DLM's
+    /// requests wait through recovery). Only for nodes that are handed views
+    /// ([`crate::cluster::ClusterNode::handle_view`]): without them nothing
+    /// ends the wait for a peer that never comes back. Off by default.
+    pub requests_wait_for_views: bool,
 }
 
 impl ClusterConfig {
@@ -71,6 +79,7 @@ impl ClusterConfig {
             master_cache_max: Self::MASTER_CACHE_MAX_DEFAULT,
             ack_timeout: Self::ACK_TIMEOUT_DEFAULT,
             heartbeat_interval: Self::HEARTBEAT_INTERVAL_DEFAULT,
+            requests_wait_for_views: false,
         }
     }
 

@@ -407,9 +407,11 @@ impl ClusterNode {
     /// The connection to `peer` went down (`up == false`) or is back. While
     /// down, requests that need the peer fail with [`Status::Unavailable`];
     /// those already sent to it fail the same way, and what the peer makes of
-    /// them later is undone. Back up, everything it has not acknowledged is sent again.
+    /// them later is undone (unless [`ClusterConfig::requests_wait_for_views`]:
+    /// then they wait). Back up, everything it has not acknowledged is sent again.
     pub fn handle_link(&mut self, now: Instant, peer: NodeId, up: bool) {
-        if !self.links.set_up(now, self.config.membership.epoch, peer, up) || up || self.recovering() {
+        let changed = self.links.set_up(now, self.config.membership.epoch, peer, up);
+        if !changed || up || self.recovering() || self.config.requests_wait_for_views {
             // While recovering, a link that goes down loses nothing: it
             // resends when back, and a member that is gone is the next view's.
             return;
@@ -501,6 +503,12 @@ impl ClusterNode {
     /// Whether a node can be reached now (this node always can).
     fn is_up(&self, node: NodeId) -> bool {
         node == self.config.node || self.links.is_up(node)
+    }
+
+    /// Whether a request for `node` goes ahead: it is reachable, or requests
+    /// wait for it (to be back, or for the view that says it is gone).
+    fn can_wait_for(&self, node: NodeId) -> bool {
+        self.config.requests_wait_for_views || self.is_up(node)
     }
 
     /// Sends a message to a peer through its link, in this membership epoch.

@@ -368,6 +368,8 @@ impl Sim {
             cluster.ack_timeout = Duration::from_millis(5);
             cluster.heartbeat_interval = Duration::from_millis(2);
             cluster.master_cache_max = 4;
+            // Nodes handed views wait for them, as the agent's do with corosync.
+            cluster.requests_wait_for_views = config.membership_faults;
             configs.push(cluster.clone());
             let mut node = ClusterNode::new(cluster).expect("valid cluster");
             node.create_lockspace(LOCKSPACE, LockspaceConfig { lvb_len: 8 }).expect("lockspace");

@@ -70,12 +70,12 @@ impl ClusterNode {
             lvb: None,
         };
         match self.requester.cache.get(&key).copied() {
-            Some(master) if self.is_up(master.0) => {
+            Some(master) if self.can_wait_for(master.0) => {
                 self.requester.insert(session, handle, copy);
                 self.send_request(now, session, handle, master);
             }
             Some(_) => self.fail_unavailable(session, handle),
-            None if !self.is_up(directory) => self.fail_unavailable(session, handle),
+            None if !self.can_wait_for(directory) => self.fail_unavailable(session, handle),
             None => {
                 self.requester.insert(session, handle, copy);
                 self.start_lookup(now, key, session, handle, None);
@@ -148,7 +148,7 @@ impl ClusterNode {
             return Err(RequestError::Pending);
         };
         self.engine.validate_convert(lock.lockspace, from, &req)?;
-        if !self.is_up(master) {
+        if !self.can_wait_for(master) {
             self.effects.push_back(Effect::Complete(ended(
                 session,
                 req.handle,
