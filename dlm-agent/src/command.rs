@@ -94,15 +94,39 @@ pub enum Command {
     Link { peer: NodeId, up: bool },
     /// A new view from the membership.
     View { view: View },
+    /// What the membership says of itself now.
+    Membership(MembershipStatus),
+    /// An operator says this lost node is fenced (`dlm-agent fence-ack`).
+    FenceAck { node: NodeId, reply: oneshot::Sender<Result<(), String>> },
 }
+
+/// What the membership says of itself, for `status` and the metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MembershipStatus {
+    /// Votequorum's word, once heard.
+    pub quorate: Option<bool>,
+    /// The dlm nodes in the CPG group now.
+    pub group: Vec<NodeId>,
+    /// Lost nodes not fenced yet, with when each was lost: no quorate view
+    /// without them is taken until they are.
+    pub waiting_for_fencing: Vec<(NodeId, tokio::time::Instant)>,
+    /// Whether this process is connected to corosync.
+    pub connected: bool,
+}
+
+/// Where the driver passes an operator's fence acknowledgements to the membership.
+pub type FenceAcks = mpsc::Sender<NodeId>;
 
 /// What the peer transport must know of the membership to let a peer in:
 /// this process's incarnation, the node's epoch, and (once views come from
 /// the membership) the incarnation each member has in the current view. The
 /// driver updates it as it takes views; the transport reads it at each hello.
 pub struct PeerView {
-    /// This process's incarnation, drawn at start.
-    pub own: u64,
+    /// This node's id.
+    node: NodeId,
+    /// This process's incarnation: drawn at start, renewed each time the
+    /// node fences itself (it comes back as a new incarnation).
+    own: AtomicU64,
     epoch: AtomicU64,
     /// By view: the members' incarnations in the node's current view. Without
     /// views (static membership): each peer's first incarnation seen, kept
@@ -114,17 +138,24 @@ impl PeerView {
     /// The view of a process just started, at `epoch`; `by_views`: views
     /// will come from the membership, and until the first no peer is let in.
     #[must_use]
-    pub fn new(epoch: u64, by_views: bool) -> PeerView {
+    pub fn new(node: NodeId, epoch: u64, by_views: bool) -> PeerView {
         // Time and pid: distinct across restarts of one node, which is all
         // that is asked of it.
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         PeerView {
-            own: nanos ^ (u64::from(std::process::id()) << 32),
+            node,
+            own: AtomicU64::new(nanos ^ (u64::from(std::process::id()) << 32)),
             epoch: AtomicU64::new(epoch),
             incarnations: Mutex::new((by_views, HashMap::new())),
         }
+    }
+
+    /// This process's incarnation now.
+    #[must_use]
+    pub fn own(&self) -> u64 {
+        self.own.load(Ordering::Acquire)
     }
 
     /// The node's epoch now.
@@ -137,6 +168,9 @@ impl PeerView {
     pub fn take(&self, view: &View) {
         let mut incarnations = self.incarnations.lock().unwrap_or_else(PoisonError::into_inner);
         *incarnations = (true, view.members.iter().map(|m| (m.id, m.incarnation)).collect());
+        if let Some(own) = view.incarnation(self.node) {
+            self.own.store(own, Ordering::Release);
+        }
         self.epoch.store(view.epoch, Ordering::Release);
     }
 

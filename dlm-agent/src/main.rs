@@ -20,8 +20,11 @@ enum Command {
     Run(cli::run::RunArgs),
     /// Run a command while holding a lock, like flock(1).
     Lock(cli::lock::LockArgs),
-    /// Show the agent's status.
+    /// Show the agent's status. Exit status: 0 running, 2 recovering, 3 a lost node waits
+    /// for fencing, 4 not in a quorate view (fenced, not quorate, or not joined yet).
     Status(cli::inspect::StatusArgs),
+    /// Acknowledge by hand that a lost node is fenced, so that its locks are recovered.
+    FenceAck(cli::cluster::FenceAckArgs),
     /// List lockspaces.
     Ls(cli::inspect::LsArgs),
     /// Show resources with their granted, converting and waiting locks.
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
             Command::Run(args) => cli::run::run(args).await,
             Command::Lock(args) => cli::lock::run(args).await,
             Command::Status(args) => cli::inspect::status(args).await,
+            Command::FenceAck(args) => cli::cluster::fence_ack(args).await,
             Command::Ls(args) => cli::inspect::ls(args).await,
             Command::Dump(args) => cli::inspect::dump(args).await,
             Command::Trace(command) => cli::trace::run(command).await,

@@ -112,10 +112,17 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         None => None,
     };
     let by_views = config.cluster.as_ref().is_some_and(|c| c.membership == MembershipSource::Corosync);
-    let peer_view = Arc::new(PeerView::new(if by_views { 0 } else { 1 }, by_views));
-    let (driver, driver_task) =
-        driver::start(config.clone(), metrics.clone(), Clock::start(), ebpf.attribution, peers, peer_view.clone())
-            .map_err(ServeError::Config)?;
+    let node_id = dlm_core::cluster::NodeId(config.cluster.as_ref().map_or(0, |c| c.node_id));
+    let peer_view = Arc::new(PeerView::new(node_id, if by_views { 0 } else { 1 }, by_views));
+    let (fence_acks, fence_acks_rx) = tokio::sync::mpsc::channel(16);
+    let (driver, driver_task) = driver::start(
+        config.clone(),
+        metrics.clone(),
+        Clock::start(),
+        ebpf.attribution,
+        driver::Links { peers, peer_view: peer_view.clone(), fence_acks: by_views.then_some(fence_acks) },
+    )
+    .map_err(ServeError::Config)?;
     if let (Some(cluster), Some(listener)) = (&config.cluster, peer_listener) {
         let ids: Vec<dlm_core::cluster::NodeId> = cluster
             .members
@@ -127,7 +134,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         let core = cluster.cluster_config().map_err(ServeError::Config)?;
         peer::spawn(Arc::new(core), listener, dialers, driver.clone(), peer_metrics, peer_view.clone());
         if by_views {
-            membership::start(cluster, peer_view.own, driver.clone(), &metrics).map_err(ServeError::Config)?;
+            membership::start(cluster, peer_view.own(), driver.clone(), fence_acks_rx, &metrics)
+                .map_err(ServeError::Config)?;
         }
     }
 

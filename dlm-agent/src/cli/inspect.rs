@@ -70,12 +70,17 @@ pub async fn status(args: StatusArgs) -> ExitCode {
                 .iter()
                 .map(|p| json!({"node_id": p.node_id, "address": p.address, "up": p.up, "unacked": p.unacked}))
                 .collect();
-            let value = json!({
+            let mut value = json!({
                 "node": s.node, "version": s.version, "uptime_ms": s.uptime_ms, "sessions": s.sessions,
                 "lockspaces": s.lockspaces, "locks": s.locks, "waiting": s.waiting, "ebpf": s.ebpf,
                 "cluster": s.cluster, "node_id": s.node_id, "peers": peers, "mastered": s.mastered,
                 "directory_entries": s.directory_entries, "remote_locks": s.remote_locks,
             });
+            if !s.cluster.is_empty()
+                && let (Some(object), Value::Object(cluster)) = (value.as_object_mut(), super::cluster::json(&s))
+            {
+                object.extend(cluster);
+            }
             print(args.json, &value, || {
                 let mut text = format!(
                     "node {}\nversion {}\nuptime {:.1}s\nsessions {}\nlockspaces {}\nlocks {} ({} waiting)\nebpf {}\n",
@@ -93,6 +98,7 @@ pub async fn status(args: StatusArgs) -> ExitCode {
                         "cluster {} (node id {})\nmastered here {}, directory entries {}, locks mastered elsewhere {}\n",
                         s.cluster, s.node_id, s.mastered, s.directory_entries, s.remote_locks
                     );
+                    text += &super::cluster::text(&s);
                     for p in &s.peers {
                         let state = if p.up { "up" } else { "down" };
                         text += &format!("peer {} {} {state} ({} unacknowledged)\n", p.node_id, p.address, p.unacked);
@@ -100,7 +106,7 @@ pub async fn status(args: StatusArgs) -> ExitCode {
                 }
                 text
             });
-            ExitCode::SUCCESS
+            ExitCode::from(super::cluster::exit_status(&s))
         }
         Err(error) => ExitCode::from(super::call_failed(&error)),
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 use dlm_agent::client::{Client, Target};
 
+pub mod cluster;
 pub mod inspect;
 pub mod lock;
 pub mod run;
@@ -55,7 +56,10 @@ pub fn call_failed(error: &dlm_agent::client::ClientError) -> u8 {
     eprintln!("dlm-agent: {error}");
     match error {
         dlm_agent::client::ClientError::Call(status)
-            if matches!(status.code(), tonic::Code::NotFound | tonic::Code::InvalidArgument) =>
+            if matches!(
+                status.code(),
+                tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
+            ) =>
         {
             EXIT_USAGE
         }

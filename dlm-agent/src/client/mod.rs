@@ -320,6 +320,17 @@ impl Client {
     }
 }
 
+impl Client {
+    /// Acknowledges that lost node `node` is fenced (`dlm-agent fence-ack`).
+    ///
+    /// # Errors
+    /// The call failed (the node is not waiting for fencing, no corosync membership, …).
+    pub async fn fence_ack(&self, node: u16) -> Result<(), ClientError> {
+        let request = proto::FenceAckRequest { node_id: u32::from(node) };
+        answered(&self.target, async { Ok(self.grpc.clone().fence_ack(request).await.map(drop)?) }).await
+    }
+}
+
 /// What `call` returns, unless the agent takes longer than [`ANSWER_TIMEOUT`].
 async fn answered<T>(
     target: &str,

@@ -52,7 +52,33 @@ pub struct ClusterSettings {
     /// pass of the driver has for it); a peer that lets its queue fill has
     /// its link reset (and what it has not acknowledged resent).
     pub peer_queue_max: usize,
+    /// How a lost node is fenced before its locks are recovered (corosync membership).
+    pub fencing: FencingSettings,
 }
+
+/// The `[cluster.fencing]` section.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct FencingSettings {
+    /// The command that fences a node: run with the node's id and address
+    /// appended, until it exits 0 (as dlm_controld runs fence agents).
+    pub command: Option<Vec<String>>,
+    /// Without a command: how long after a node is lost the survivors take
+    /// it to have fenced itself (it has, if its corosync lost quorum or its
+    /// agent lost corosync: both revoke every lock it holds).
+    pub self_fence_grace: Duration,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileFencing {
+    command: Option<Vec<String>>,
+    self_fence_grace: Option<String>,
+}
+
+/// The default self-fencing grace: longer than corosync's default token
+/// and consensus timeouts (3 s and 3.6 s), the time a partitioned node
+/// takes to see that it lost quorum.
+pub const SELF_FENCE_GRACE_DEFAULT: Duration = Duration::from_secs(5);
 
 /// A `[[cluster.member]]`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -85,6 +111,8 @@ pub(super) struct FileCluster {
     deadlock_interval: Option<String>,
     peer_timeout: Option<String>,
     peer_queue_max: Option<usize>,
+    #[serde(default)]
+    fencing: FileFencing,
 }
 
 pub(super) fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, ConfigError> {
@@ -117,8 +145,19 @@ pub(super) fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, Con
         deadlock_interval: duration("cluster.deadlock_interval", file.deadlock_interval, Duration::from_secs(1))?,
         peer_timeout: duration("cluster.peer_timeout", file.peer_timeout, Duration::from_secs(3))?,
         peer_queue_max: file.peer_queue_max.unwrap_or(PEER_QUEUE_MAX_DEFAULT),
+        fencing: FencingSettings {
+            self_fence_grace: duration(
+                "cluster.fencing.self_fence_grace",
+                file.fencing.self_fence_grace,
+                SELF_FENCE_GRACE_DEFAULT,
+            )?,
+            command: file.fencing.command,
+        },
         members: file.member,
     };
+    if settings.fencing.command.as_ref().is_some_and(|c| c.is_empty() || c[0].is_empty()) {
+        return Err(invalid("cluster.fencing.command", "must name a program"));
+    }
     if !PEER_QUEUE_MAX_RANGE.contains(&settings.peer_queue_max) {
         return Err(invalid("cluster.peer_queue_max", in_range(&PEER_QUEUE_MAX_RANGE)));
     }

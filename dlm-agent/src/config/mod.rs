@@ -18,7 +18,7 @@ mod cluster;
 pub mod memory;
 
 pub use clients::ClientLimits;
-pub use cluster::{ClusterSettings, MemberEntry, MembershipSource};
+pub use cluster::{ClusterSettings, FencingSettings, MemberEntry, MembershipSource};
 use cluster::{FileCluster, cluster_settings};
 
 /// Everything the agent runs with.

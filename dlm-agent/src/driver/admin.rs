@@ -47,7 +47,7 @@ impl Driver {
 
     pub(super) fn status(&self) -> proto::StatusReply {
         let lockspaces = self.node.lockspaces();
-        proto::StatusReply {
+        let mut reply = proto::StatusReply {
             node: self.config.node.clone(),
             version: env!("CARGO_PKG_VERSION").into(),
             uptime_ms: u64::try_from(self.clock.now().saturating_duration_since(self.started).as_millis())
@@ -78,7 +78,10 @@ impl Driver {
             mastered: self.node.mastered_count() as u64,
             directory_entries: self.node.directory_count() as u64,
             remote_locks: self.node.remote_lock_count() as u64,
-        }
+            ..proto::StatusReply::default()
+        };
+        self.membership_status(&mut reply);
+        reply
     }
 
     pub(super) fn lockspaces(&mut self) -> proto::LockspacesReply {

@@ -46,7 +46,9 @@ use tokio::time::Instant;
 use crate::bounds::{COMMAND_BATCH_MAX, COMMAND_QUEUE_MAX};
 use crate::clock::Clock;
 use crate::codes::{RejectCode, SessionEnd};
-use crate::command::{Command, Credentials, DriverHandle, PeerSender, PeerView, SessionOutput};
+use crate::command::{
+    Command, Credentials, DriverHandle, FenceAcks, MembershipStatus, PeerSender, PeerView, SessionOutput,
+};
 use crate::config::Config;
 use crate::convert::Rejection;
 use crate::ebpf::AttributionMaps;
@@ -103,6 +105,10 @@ struct Driver {
     connected: BTreeSet<NodeId>,
     /// What the peer transport knows of the views (`views.rs`).
     peer_view: Arc<PeerView>,
+    /// Where `fence-ack` goes (`views.rs`).
+    fence_acks: Option<FenceAcks>,
+    /// What the membership last said of itself (`views.rs`).
+    membership: Option<MembershipStatus>,
     clock: Clock,
     config: Arc<Config>,
     started: Instant,
@@ -121,6 +127,17 @@ struct Driver {
     observer: Observer,
 }
 
+/// What the driver is linked to besides its clients: the peers' dialers,
+/// the peer transport's view, and the membership (operators' fence acknowledgements).
+pub struct Links {
+    /// The queues to the peers' dialers.
+    pub peers: HashMap<NodeId, PeerSender>,
+    /// What the peer transport knows of the views.
+    pub peer_view: Arc<PeerView>,
+    /// Where `fence-ack` goes (membership from corosync only).
+    pub fence_acks: Option<FenceAcks>,
+}
+
 /// Creates the node and its lockspaces and starts the driver.
 ///
 /// # Errors
@@ -130,9 +147,9 @@ pub fn start(
     metrics: Arc<Metrics>,
     clock: Clock,
     attribution: Option<AttributionMaps>,
-    peers: HashMap<NodeId, PeerSender>,
-    peer_view: Arc<PeerView>,
+    links: Links,
 ) -> Result<(DriverHandle, tokio::task::JoinHandle<()>), String> {
+    let Links { peers, peer_view, fence_acks } = links;
     let node_config = NodeConfig { limits: config.limits.clone(), ..NodeConfig::default() };
     let (node_id, cluster_config) = match &config.cluster {
         Some(cluster) => {
@@ -157,6 +174,8 @@ pub fn start(
         peers,
         connected: BTreeSet::new(),
         peer_view,
+        fence_acks,
+        membership: None,
         clock,
         config: config.clone(),
         started: clock.now(),
@@ -260,6 +279,10 @@ impl Driver {
             }
             Command::Link { peer, up } => self.link(peer, up),
             Command::View { view } => self.take_view(&view),
+            Command::Membership(status) => self.membership = Some(status),
+            Command::FenceAck { node, reply } => {
+                let _ = reply.send(self.fence_ack(node));
+            }
             Command::Shutdown { .. } => unreachable!("handled by run"),
         }
     }

@@ -5,6 +5,8 @@
 use dlm_core::cluster::{NodeId, View};
 
 use super::Driver;
+use crate::config::MembershipSource;
+use crate::proto;
 
 impl Driver {
     /// A peer's dialer connected or lost its connection.
@@ -40,6 +42,56 @@ impl Driver {
         let me = self.node.id();
         for peer in view.members.iter().map(|m| m.id).filter(|&id| id != me) {
             self.node.handle_link(now, peer, self.connected.contains(&peer));
+        }
+    }
+
+    /// An operator says `node` is fenced: passed to the membership, which
+    /// tells the group.
+    pub(super) fn fence_ack(&mut self, node: NodeId) -> Result<(), String> {
+        let Some(acks) = &self.fence_acks else {
+            return Err("nothing is fenced here: membership is not from corosync".into());
+        };
+        let waiting = self.membership.as_ref().is_some_and(|m| m.waiting_for_fencing.iter().any(|(n, _)| *n == node));
+        if !waiting {
+            return Err(format!("node {} is not waiting for fencing", node.0));
+        }
+        acks.try_send(node).map_err(|_| "the membership is busy; try again".to_string())
+    }
+
+    /// The membership and recovery part of the `Status` reply.
+    pub(super) fn membership_status(&self, reply: &mut proto::StatusReply) {
+        let Some(cluster) = &self.config.cluster else { return };
+        let millis = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let now = self.clock.engine_now();
+        let ids = |nodes: &[NodeId]| nodes.iter().map(|n| u32::from(n.0)).collect();
+        reply.membership = match cluster.membership {
+            MembershipSource::Static => "static",
+            MembershipSource::Corosync => "corosync",
+        }
+        .into();
+        reply.epoch = self.node.epoch();
+        reply.members = self.node.config().membership.members().iter().map(|m| u32::from(m.id.0)).collect();
+        reply.fenced = self.node.is_fenced();
+        reply.joining = cluster.membership == MembershipSource::Corosync && reply.epoch == 0;
+        reply.quorate = !reply.fenced && !reply.joining;
+        reply.recovery = self.node.recovery_status().map(|r| proto::RecoveryStatus {
+            phase: r.phase.name().into(),
+            waiting_for: ids(&r.waiting_for),
+            elapsed_ms: millis(now.saturating_duration_since(r.started)),
+            phase_elapsed_ms: millis(now.saturating_duration_since(r.phase_started)),
+            departed: ids(&r.departed),
+        });
+        if let Some(membership) = &self.membership {
+            let tokio_now = tokio::time::Instant::now();
+            reply.corosync_connected = membership.connected;
+            reply.waiting_for_fencing = membership
+                .waiting_for_fencing
+                .iter()
+                .map(|(node, since)| proto::FencingWait {
+                    node_id: u32::from(node.0),
+                    waited_ms: millis(tokio_now.saturating_duration_since(*since)),
+                })
+                .collect();
         }
     }
 }

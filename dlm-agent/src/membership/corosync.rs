@@ -22,8 +22,11 @@ use super::agree::CpgMember;
 pub enum Event {
     /// This process joined the group as `me`; `handle` multicasts to it.
     Joined { handle: cpg::Handle, me: CpgMember },
-    /// The group's members now.
-    Confchg(Vec<CpgMember>),
+    /// The group's members now, and the nodes that left because their
+    /// corosync was lost (CPG's reason `NODEDOWN`).
+    Confchg { members: Vec<CpgMember>, lost: Vec<u32> },
+    /// This node fenced a lost node, or was told by hand that it is fenced.
+    Fenced(u32),
     /// CPG's ring changed.
     Totem(u64),
     /// A message multicast by a member.
@@ -138,10 +141,13 @@ fn on_confchg(
     _: &cpg::Handle,
     _group: &str,
     now: Vec<cpg::Address>,
-    _left: Vec<cpg::Address>,
+    left: Vec<cpg::Address>,
     _joined: Vec<cpg::Address>,
 ) {
-    emit(Event::Confchg(members(&now)));
+    // NODEDOWN: the node's corosync left the ring. PROCDOWN and LEAVE: the
+    // agent's process exited or left, its node's corosync is still there.
+    let lost = left.iter().filter(|a| matches!(a.reason, cpg::Reason::NodeDown)).map(|a| u32::from(a.nodeid)).collect();
+    emit(Event::Confchg { members: members(&now), lost });
 }
 
 fn on_totem(_: &cpg::Handle, ring: cpg::RingId, _members: Vec<rust_corosync::NodeId>) {

@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!  "DLMv" version(1) kind(1: round, 2: report) by.nodeid(u32) by.pid(u32) seq(u64) [epoch(u64) incarnation(u64)]
+//!  "DLMv" version(1) kind(3: fenced) nodeid(u32)
 //! ```
 
 use super::agree::{CpgMember, Message, RoundId};
@@ -12,6 +13,8 @@ const MAGIC: &[u8; 4] = b"DLMv";
 const VERSION: u8 = 1;
 const KIND_ROUND: u8 = 1;
 const KIND_REPORT: u8 = 2;
+const KIND_FENCED: u8 = 3;
+const FENCED_LEN: usize = 4 + 1 + 1 + 4;
 /// Magic, version, kind and the round's id.
 const HEAD_LEN: usize = 4 + 1 + 1 + 4 + 4 + 8;
 const REPORT_LEN: usize = HEAD_LEN + 8 + 8;
@@ -19,12 +22,17 @@ const REPORT_LEN: usize = HEAD_LEN + 8 + 8;
 /// The bytes of `message`.
 #[must_use]
 pub fn encode(message: &Message) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(REPORT_LEN);
+    bytes.extend_from_slice(MAGIC);
     let (kind, round) = match message {
         Message::Round(round) => (KIND_ROUND, round),
         Message::Report { round, .. } => (KIND_REPORT, round),
+        Message::Fenced { nodeid } => {
+            bytes.extend_from_slice(&[VERSION, KIND_FENCED]);
+            bytes.extend_from_slice(&nodeid.to_le_bytes());
+            return bytes;
+        }
     };
-    let mut bytes = Vec::with_capacity(REPORT_LEN);
-    bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&[VERSION, kind]);
     bytes.extend_from_slice(&round.by.nodeid.to_le_bytes());
     bytes.extend_from_slice(&round.by.pid.to_le_bytes());
@@ -39,10 +47,16 @@ pub fn encode(message: &Message) -> Vec<u8> {
 /// The message in `bytes`, if they hold exactly one of this version.
 #[must_use]
 pub fn decode(bytes: &[u8]) -> Option<Message> {
-    if bytes.len() < HEAD_LEN || &bytes[..4] != MAGIC || bytes[4] != VERSION {
+    if bytes.len() < FENCED_LEN || &bytes[..4] != MAGIC || bytes[4] != VERSION {
         return None;
     }
     let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+    if bytes[5] == KIND_FENCED {
+        return (bytes.len() == FENCED_LEN).then(|| Message::Fenced { nodeid: u32_at(6) });
+    }
+    if bytes.len() < HEAD_LEN {
+        return None;
+    }
     let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     let round = RoundId { by: CpgMember { nodeid: u32_at(6), pid: u32_at(10) }, seq: u64_at(14) };
     match (bytes[5], bytes.len()) {
@@ -61,7 +75,11 @@ mod tests {
     #[test]
     fn messages_come_back_as_sent_and_anything_else_is_refused() {
         let round = RoundId { by: CpgMember { nodeid: 3, pid: 4242 }, seq: 7 };
-        let messages = [Message::Round(round), Message::Report { round, epoch: 12, incarnation: u64::MAX - 1 }];
+        let messages = [
+            Message::Round(round),
+            Message::Report { round, epoch: 12, incarnation: u64::MAX - 1 },
+            Message::Fenced { nodeid: 9 },
+        ];
         for message in messages {
             let bytes = encode(&message);
             assert_eq!(decode(&bytes), Some(message));

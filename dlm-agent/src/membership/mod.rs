@@ -1,12 +1,13 @@
 //! Membership from the node's cluster stack: with `[cluster] membership =
 //! "corosync"` the agent joins a CPG group of its cluster, agrees with the
-//! other agents on each view (`agree`), and hands every view to the driver
+//! other agents on each view (`agree`), fences lost nodes before views
+//! without them are taken (`fencing`), and hands every view to the driver
 //! as [`Command::View`], where the lock engine recovers from it.
 //!
 //! ```text
 //!  corosync ──callbacks──▶ dispatch threads (corosync.rs) ──Event──▶ membership task ──Command::View──▶ driver
-//!      ▲                                                                   │
-//!      └──────────────── Round / Report multicasts (message.rs) ──────────┘
+//!      ▲                                                                 │    ▲
+//!      └────────── Round / Report / Fenced multicasts (message.rs) ─────┘    └── fencing.rs, fence-ack
 //! ```
 //!
 //! Lock traffic stays on the agents' own peer links; the group carries only
@@ -15,22 +16,61 @@
 
 pub mod agree;
 mod corosync;
+mod fencing;
 mod message;
 
+use std::collections::BTreeMap;
+
+use dlm_core::cluster::NodeId;
 use prometheus::{IntCounterVec, Opts};
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 
 use self::agree::{Agreement, Refusal, Step};
 use self::corosync::Event;
-use crate::command::{Command, DriverHandle};
+use crate::command::{Command, DriverHandle, MembershipStatus};
 use crate::config::ClusterSettings;
 use crate::metrics::Metrics;
 
 /// Events from corosync's threads queued at most for the membership task.
 const EVENTS_MAX: usize = 1024;
 
+struct MembershipMetrics {
+    refused: IntCounterVec,
+    fencing: IntCounterVec,
+}
+
+impl MembershipMetrics {
+    fn new(metrics: &Metrics) -> MembershipMetrics {
+        let counter = |name: &str, help: &str, label: &str, values: &[&str]| {
+            let counter = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
+            for value in values {
+                counter.with_label_values(&[value]);
+            }
+            metrics.register(Box::new(counter.clone()));
+            counter
+        };
+        MembershipMetrics {
+            refused: counter(
+                "dlm_membership_refused_total",
+                "Group members and messages left out of views (not a configured node, a node twice, a bad message)",
+                "reason",
+                &Refusal::ALL.map(Refusal::as_str),
+            ),
+            fencing: counter(
+                "dlm_cluster_fencing_total",
+                "Fencing of lost nodes by this node: command attempts that succeeded or failed, self-fencing graces \
+                 waited out, acknowledgements by hand",
+                "outcome",
+                &["success", "failure", "grace", "manual"],
+            ),
+        }
+    }
+}
+
 /// Starts the membership: corosync's dispatch threads and the task that
-/// agrees on views and hands them to the driver.
+/// agrees on views, fences lost nodes and hands views to the driver.
+/// `fence_acks` brings operators' acknowledgements from the driver.
 ///
 /// # Errors
 /// Started twice in one process, or a thread cannot be made.
@@ -38,37 +78,79 @@ pub fn start(
     settings: &ClusterSettings,
     incarnation: u64,
     driver: DriverHandle,
+    fence_acks: mpsc::Receiver<NodeId>,
     metrics: &Metrics,
 ) -> Result<(), String> {
-    let refused = IntCounterVec::new(
-        Opts::new(
-            "dlm_membership_refused_total",
-            "Group members and messages left out of views (not a configured node, a node twice, a bad message)",
-        ),
-        &["reason"],
-    )
-    .expect("valid metric");
-    for reason in Refusal::ALL {
-        refused.with_label_values(&[reason.as_str()]);
-    }
-    metrics.register(Box::new(refused.clone()));
+    let metrics = MembershipMetrics::new(metrics);
     let (events, receiver) = mpsc::channel(EVENTS_MAX);
-    corosync::spawn(settings.cpg_group(), events)?;
+    corosync::spawn(settings.cpg_group(), events.clone())?;
     let agreement = Agreement::new(settings.node_id, settings.members.iter().map(|m| (m.id, m.weight)), incarnation);
-    tokio::spawn(run(agreement, settings.node_id, receiver, driver, refused));
+    let task = Membership {
+        agreement,
+        settings: settings.clone(),
+        driver,
+        events,
+        metrics,
+        group: None,
+        status: MembershipStatus::default(),
+        reported: MembershipStatus::default(),
+        lost_at: BTreeMap::new(),
+        fencing: BTreeMap::new(),
+    };
+    tokio::spawn(task.run(receiver, fence_acks));
     Ok(())
 }
 
-async fn run(
-    mut agreement: Agreement,
-    node: u16,
-    mut events: mpsc::Receiver<Event>,
+/// The membership task's state.
+struct Membership {
+    agreement: Agreement,
+    settings: ClusterSettings,
     driver: DriverHandle,
-    refused: IntCounterVec,
-) {
-    let mut group = None;
-    while let Some(event) = events.recv().await {
-        let steps = match event {
+    /// For the fencing tasks to report back.
+    events: mpsc::Sender<Event>,
+    metrics: MembershipMetrics,
+    /// The group's handle, while joined.
+    group: Option<rust_corosync::cpg::Handle>,
+    /// What is to be told to the driver.
+    status: MembershipStatus,
+    /// What was last told to it.
+    reported: MembershipStatus,
+    /// When each unfenced node was lost.
+    lost_at: BTreeMap<u32, Instant>,
+    /// The fencing this node runs, by node.
+    fencing: BTreeMap<u32, tokio::task::AbortHandle>,
+}
+
+impl Membership {
+    async fn run(mut self, mut events: mpsc::Receiver<Event>, mut fence_acks: mpsc::Receiver<NodeId>) {
+        loop {
+            let steps = tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => self.event(event),
+                    None => return,
+                },
+                Some(node) = fence_acks.recv() => {
+                    tracing::warn!(node = node.0, "fencing acknowledged by hand");
+                    if self.agreement.unfenced().contains(&u32::from(node.0)) {
+                        self.metrics.fencing.with_label_values(&["manual"]).inc();
+                    }
+                    self.agreement.fence_done(u32::from(node.0))
+                }
+            };
+            for step in steps {
+                if !self.step(step).await {
+                    return;
+                }
+            }
+            if !self.report_status().await {
+                return;
+            }
+        }
+    }
+
+    fn event(&mut self, event: Event) -> Vec<Step> {
+        let node = self.settings.node_id;
+        match event {
             Event::Joined { handle, me } => {
                 if me.nodeid != u32::from(node) {
                     tracing::error!(
@@ -76,55 +158,111 @@ async fn run(
                         dlm = node,
                         "corosync's node id is not this node's cluster.node_id: this node stays out of the cluster"
                     );
-                    continue;
+                    return Vec::new();
                 }
                 tracing::info!(nodeid = me.nodeid, pid = me.pid, "joined the corosync group");
-                group = Some(handle);
-                agreement.joined(me);
+                self.group = Some(handle);
+                self.status.connected = true;
+                self.agreement.joined(me);
                 Vec::new()
             }
-            Event::Confchg(members) => {
-                tracing::info!(members = ?members.iter().map(|m| m.nodeid).collect::<Vec<_>>(), "group changed");
-                agreement.confchg(members)
+            Event::Confchg { members, lost } => {
+                tracing::info!(members = ?members.iter().map(|m| m.nodeid).collect::<Vec<_>>(), ?lost, "group changed");
+                self.status.group = members
+                    .iter()
+                    .filter_map(|m| u16::try_from(m.nodeid).ok())
+                    .filter(|id| self.settings.members.iter().any(|c| c.id == *id))
+                    .map(NodeId)
+                    .collect();
+                let now = Instant::now();
+                for nodeid in &lost {
+                    self.lost_at.entry(*nodeid).or_insert(now);
+                }
+                self.agreement.confchg(members, &lost)
             }
-            Event::Totem(ring) => agreement.totem(ring),
+            Event::Fenced(nodeid) => self.agreement.fence_done(nodeid),
+            Event::Totem(ring) => self.agreement.totem(ring),
             Event::Deliver(from, bytes) => match message::decode(&bytes) {
-                Some(message) => agreement.deliver(from, message),
+                Some(message) => self.agreement.deliver(from, message),
                 None => vec![Step::Refused(Refusal::BadMessage, Some(from.nodeid))],
             },
             Event::Quorum { quorate, ring } => {
                 tracing::info!(quorate, ring, "quorum");
-                agreement.quorum(quorate, ring)
+                self.status.quorate = Some(quorate);
+                self.agreement.quorum(quorate, ring)
             }
             Event::CpgLost(why) => {
                 tracing::error!(%why, "lost the corosync group: fencing this node until it is back");
-                group = None;
-                agreement.lost()
+                self.group = None;
+                self.status.connected = false;
+                self.status.group.clear();
+                self.agreement.lost()
             }
             Event::QuorumLost(why) => {
                 tracing::error!(%why, "lost corosync's quorum service: fencing this node until it is back");
-                agreement.quorum_lost()
+                self.status.quorate = None;
+                self.agreement.quorum_lost()
             }
-        };
-        for step in steps {
-            match step {
-                Step::Send(message) => {
-                    let Some(handle) = group.as_ref() else { continue };
-                    if let Err(error) = corosync::multicast(handle, &message::encode(&message)).await {
-                        tracing::warn!(%error, "cannot multicast to the group");
-                    }
+        }
+    }
+
+    /// Carries out one step; false when the driver has stopped.
+    async fn step(&mut self, step: Step) -> bool {
+        match step {
+            Step::Send(message) => {
+                if let Some(handle) = self.group.as_ref()
+                    && let Err(error) = corosync::multicast(handle, &message::encode(&message)).await
+                {
+                    tracing::warn!(%error, "cannot multicast to the group");
                 }
-                Step::View(view) => {
-                    tracing::info!(epoch = view.epoch, quorate = view.quorate, members = ?view.members.iter().map(|m| m.id.0).collect::<Vec<_>>(), "new view");
-                    if driver.send(Command::View { view }).await.is_err() {
-                        return;
-                    }
-                }
-                Step::Refused(reason, nodeid) => {
-                    tracing::warn!(reason = reason.as_str(), ?nodeid, "left out of the view");
-                    refused.with_label_values(&[reason.as_str()]).inc();
+            }
+            Step::View(view) => {
+                tracing::info!(epoch = view.epoch, quorate = view.quorate, "agreed on a view");
+                return self.driver.send(Command::View { view }).await.is_ok();
+            }
+            Step::Refused(reason, nodeid) => {
+                tracing::warn!(reason = reason.as_str(), ?nodeid, "left out of the view");
+                self.metrics.refused.with_label_values(&[reason.as_str()]).inc();
+            }
+            Step::Fence(nodeid) => {
+                let address = self.settings.members.iter().find(|m| u32::from(m.id) == nodeid).map(|m| m.address);
+                let task = tokio::spawn(fencing::fence(
+                    self.settings.fencing.clone(),
+                    nodeid,
+                    address,
+                    self.events.clone(),
+                    self.metrics.fencing.clone(),
+                ));
+                if let Some(earlier) = self.fencing.insert(nodeid, task.abort_handle()) {
+                    earlier.abort();
                 }
             }
         }
+        true
+    }
+
+    /// Tells the driver what changed; false when the driver has stopped.
+    async fn report_status(&mut self) -> bool {
+        let unfenced = self.agreement.unfenced();
+        self.lost_at.retain(|nodeid, _| unfenced.contains(nodeid));
+        // Fenced by someone else, acknowledged by hand, or back: stop trying.
+        self.fencing.retain(|nodeid, task| {
+            let keep = unfenced.contains(nodeid);
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        let waiting: Vec<(NodeId, Instant)> = self
+            .lost_at
+            .iter()
+            .filter_map(|(&nodeid, &at)| u16::try_from(nodeid).ok().map(|id| (NodeId(id), at)))
+            .collect();
+        self.status.waiting_for_fencing = waiting;
+        if self.status == self.reported {
+            return true;
+        }
+        self.reported = self.status.clone();
+        self.driver.send(Command::Membership(self.status.clone())).await.is_ok()
     }
 }

@@ -174,4 +174,15 @@ impl proto::dlm_server::Dlm for DlmService {
             self.driver.ask(|reply| Command::ReleaseLockspace { name, force, reply }).await.map_err(unavailable)?;
         reply.map(|()| Response::new(proto::ReleaseLockspaceReply {})).map_err(rejected)
     }
+
+    async fn fence_ack(
+        &self,
+        request: Request<proto::FenceAckRequest>,
+    ) -> Result<Response<proto::FenceAckReply>, Status> {
+        let node = u16::try_from(request.into_inner().node_id)
+            .map_err(|_| Status::invalid_argument("node ids are 0 to 65535"))?;
+        let node = dlm_core::cluster::NodeId(node);
+        let reply = self.driver.ask(|reply| Command::FenceAck { node, reply }).await.map_err(unavailable)?;
+        reply.map(|()| Response::new(proto::FenceAckReply {})).map_err(Status::failed_precondition)
+    }
 }

@@ -191,7 +191,7 @@ async fn connect(cluster: &ClusterConfig, dialer: &Dialer, view: &PeerView) -> R
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    stream.write_all(&wire::encode_hello(&cluster.hello(view.epoch(), view.own))).await.map_err(|e| e.to_string())?;
+    stream.write_all(&wire::encode_hello(&cluster.hello(view.epoch(), view.own()))).await.map_err(|e| e.to_string())?;
     let answer = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
         .map_err(|_| "no hello in time".to_string())??;
@@ -297,7 +297,7 @@ async fn serve_peer(
         return Err(PeerReject::RestartedPeer);
     }
     stream
-        .write_all(&wire::encode_hello(&cluster.hello(view.epoch(), view.own)))
+        .write_all(&wire::encode_hello(&cluster.hello(view.epoch(), view.own())))
         .await
         .map_err(|_| PeerReject::BadHello)?;
     let received = metrics.bytes_received.with_label_values(&[&from.0.to_string()]);

@@ -31,11 +31,26 @@
 //! the group fences this node at `agreed + 1`; quorum regained makes the
 //! leader start a round.
 //!
+//! **Fencing.** A node that left because its corosync was lost (CPG's
+//! reason `NODEDOWN`, as every member is told in the same change) may still
+//! be running and holding locks, so a quorate view without it is handed only
+//! once it is fenced. The leader of a quorate group is asked to fence it
+//! ([`Step::Fence`]: the fencing command, or the self-fencing grace); when
+//! that is done it multicasts `Fenced(node)` (so does `fence-ack` by hand),
+//! and every member hands the view when that is delivered. An agent that
+//! exited (`PROCDOWN`, `LEAVE`: its node's corosync is still in the ring)
+//! took its clients' sessions with it: nothing to fence. A group without
+//! quorum fences nobody; its views fence its own members instead.
+//!
+//! **A fenced node comes back anew.** A node that fenced itself revoked its
+//! clients' locks, so when it comes back it reports a new incarnation: the
+//! others then purge what they still held for it, as for a restart.
+//!
 //! **Who may be a member.** Only configured dlm nodes, each at most once (its
 //! corosync node id is its dlm id): any other member of the group is left
 //! out of every view and counted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use dlm_core::cluster::{NodeId, View, ViewMember};
 
@@ -62,6 +77,12 @@ pub struct RoundId {
 pub enum Message {
     /// Start a round over the members as they are when this is delivered.
     Round(RoundId),
+    /// A lost node was fenced (by the leader's command or grace, or by
+    /// hand): views without it may be handed.
+    Fenced {
+        /// Its node id.
+        nodeid: u32,
+    },
     /// A member's answer in a round.
     Report {
         /// The round answered.
@@ -108,6 +129,9 @@ pub enum Step {
     View(View),
     /// Count (and log) something refused; `nodeid` names the member if any.
     Refused(Refusal, Option<u32>),
+    /// Fence this lost node, then call [`Agreement::fence_done`] (this node
+    /// leads a quorate group).
+    Fence(u32),
 }
 
 /// Votequorum's word: quorate or not, as of a ring.
@@ -139,6 +163,8 @@ pub struct Agreement {
     handed: u64,
     /// Whether the last view handed was quorate (and included this node).
     handed_quorate: bool,
+    /// The members of the last view handed.
+    handed_members: BTreeSet<u32>,
     /// The group as of the last configuration change.
     members: Vec<CpgMember>,
     rounds_started: u64,
@@ -146,8 +172,14 @@ pub struct Agreement {
     /// The ring the group's membership comes from (CPG's totem change).
     cpg_ring: u64,
     quorum: Option<Quorum>,
-    /// A view agreed and not yet handed (waiting for quorum's ring).
+    /// A view agreed and not yet handed (waiting for quorum's ring, or for
+    /// a lost node's fencing).
     pending: Option<View>,
+    /// Nodes lost (`NODEDOWN`) and not fenced yet: no quorate view without
+    /// them is handed.
+    unfenced: BTreeSet<u32>,
+    /// Of those, the ones this node was asked to fence ([`Step::Fence`]).
+    fencing: BTreeSet<u32>,
 }
 
 impl Agreement {
@@ -163,13 +195,29 @@ impl Agreement {
             agreed: 0,
             handed: 0,
             handed_quorate: false,
+            handed_members: BTreeSet::new(),
             members: Vec::new(),
             rounds_started: 0,
             round: None,
             cpg_ring: 0,
             quorum: None,
             pending: None,
+            unfenced: BTreeSet::new(),
+            fencing: BTreeSet::new(),
         }
+    }
+
+    /// The nodes lost and not fenced yet.
+    #[must_use]
+    pub fn unfenced(&self) -> &BTreeSet<u32> {
+        &self.unfenced
+    }
+
+    /// This process's incarnation (it changes when the node fences itself).
+    #[cfg(test)]
+    #[must_use]
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
     }
 
     /// This process joined the group as `me`.
@@ -177,17 +225,45 @@ impl Agreement {
         self.me = Some(me);
     }
 
-    /// The group's members changed (CPG's configuration change).
-    pub fn confchg(&mut self, members: Vec<CpgMember>) -> Vec<Step> {
+    /// The group's members changed (CPG's configuration change); `lost`:
+    /// the nodes that left because their corosync was lost (`NODEDOWN`).
+    pub fn confchg(&mut self, members: Vec<CpgMember>, lost: &[u32]) -> Vec<Step> {
         let mut steps = Vec::new();
         let valid = self.valid(&members, &mut steps);
+        let in_view = |nodeid: &u32| self.handed_members.contains(nodeid);
+        self.unfenced.extend(lost.iter().copied().filter(in_view));
+        // A lost node back in the group needs no fencing: if it fenced
+        // itself it comes back as a new incarnation, and its old locks are
+        // purged like a restarted node's.
+        self.unfenced.retain(|n| !valid.contains_key(n));
+        self.fencing.retain(|n| !valid.contains_key(n));
         self.members = members;
         self.round = None;
         self.pending = None;
         if self.is_leader(&valid) {
             steps.push(self.start_round());
         }
+        self.ask_fencing(&valid, &mut steps);
         steps
+    }
+
+    /// This node fenced `nodeid` (or was told by hand that it is fenced).
+    pub fn fence_done(&mut self, nodeid: u32) -> Vec<Step> {
+        self.fencing.remove(&nodeid);
+        vec![Step::Send(Message::Fenced { nodeid })]
+    }
+
+    /// Asks this node to fence the lost nodes, if it leads a quorate group.
+    fn ask_fencing(&mut self, valid: &BTreeMap<u32, CpgMember>, steps: &mut Vec<Step>) {
+        let quorate = self.quorum.is_some_and(|q| q.quorate && q.ring >= self.cpg_ring);
+        if !quorate || !self.is_leader(valid) {
+            return;
+        }
+        for &nodeid in &self.unfenced {
+            if self.fencing.insert(nodeid) {
+                steps.push(Step::Fence(nodeid));
+            }
+        }
     }
 
     /// CPG's ring changed (its totem configuration change).
@@ -200,15 +276,14 @@ impl Agreement {
     pub fn quorum(&mut self, quorate: bool, ring: u64) -> Vec<Step> {
         let was = self.quorum.replace(Quorum { quorate, ring });
         let mut steps = Vec::new();
+        let valid = self.valid(&self.members.clone(), &mut Vec::new());
+        self.ask_fencing(&valid, &mut steps);
         if self.pending.is_some() {
             self.try_hand(&mut steps);
         } else if self.handed_quorate && !quorate {
             self.fence_alone(&mut steps);
-        } else if !was.is_some_and(|q| q.quorate) && quorate && self.handed > 0 {
-            let valid = self.valid(&self.members.clone(), &mut Vec::new());
-            if self.is_leader(&valid) {
-                steps.push(self.start_round());
-            }
+        } else if !was.is_some_and(|q| q.quorate) && quorate && self.handed > 0 && self.is_leader(&valid) {
+            steps.push(self.start_round());
         }
         steps
     }
@@ -228,6 +303,12 @@ impl Agreement {
                         epoch: self.agreed,
                         incarnation: self.incarnation,
                     }));
+                }
+            }
+            Message::Fenced { nodeid } => {
+                if self.unfenced.remove(&nodeid) {
+                    self.fencing.remove(&nodeid);
+                    self.try_hand(&mut steps);
                 }
             }
             Message::Report { round, epoch, incarnation } => {
@@ -327,10 +408,28 @@ impl Agreement {
         if quorum.ring < self.cpg_ring {
             return;
         }
-        let Some(mut view) = self.pending.take() else { return };
+        let Some(view) = self.pending.as_ref() else { return };
+        let fenced =
+            |nodeid: &u32| u16::try_from(*nodeid).map_or(true, |id| view.members.iter().any(|m| m.id == NodeId(id)));
+        if quorum.quorate && !self.unfenced.iter().all(fenced) {
+            return;
+        }
+        let mut view = self.pending.take().expect("checked above");
         view.quorate = quorum.quorate;
+        self.hand(view, steps);
+    }
+
+    /// Hands `view` to the lock engine. A view that fences this node gives
+    /// it a new incarnation for the views after (see the module docs).
+    fn hand(&mut self, view: View, steps: &mut Vec<Step>) {
+        let me = NodeId(self.node);
+        let fences_me = !view.quorate || !view.members.iter().any(|m| m.id == me);
         self.handed = view.epoch;
-        self.handed_quorate = view.quorate;
+        self.handed_quorate = !fences_me;
+        self.handed_members = view.members.iter().map(|m| u32::from(m.id.0)).collect();
+        if fences_me {
+            self.incarnation = self.incarnation.wrapping_add(1);
+        }
         steps.push(Step::View(view));
     }
 
@@ -341,240 +440,11 @@ impl Agreement {
         if epoch <= self.handed {
             return;
         }
-        self.handed = epoch;
-        self.handed_quorate = false;
         let weight = self.configured.get(&self.node).copied().unwrap_or(1);
         let member = ViewMember { id: NodeId(self.node), weight, incarnation: self.incarnation };
-        steps.push(Step::View(View { epoch, members: vec![member], quorate: false }));
+        self.hand(View { epoch, members: vec![member], quorate: false }, steps);
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use std::collections::VecDeque;
-
-    use super::*;
-
-    /// A CPG group in one process: changes and messages delivered to every
-    /// member in one order, as corosync does.
-    struct Group {
-        agents: BTreeMap<CpgMember, Agreement>,
-        queue: VecDeque<(CpgMember, Message)>,
-        views: BTreeMap<CpgMember, Vec<View>>,
-        refused: Vec<(Refusal, Option<u32>)>,
-    }
-
-    fn member(nodeid: u32) -> CpgMember {
-        CpgMember { nodeid, pid: 100 + nodeid }
-    }
-
-    impl Group {
-        fn new() -> Group {
-            Group { agents: BTreeMap::new(), queue: VecDeque::new(), views: BTreeMap::new(), refused: Vec::new() }
-        }
-
-        fn apply(&mut self, at: CpgMember, steps: Vec<Step>) {
-            for step in steps {
-                match step {
-                    Step::Send(message) => self.queue.push_back((at, message)),
-                    Step::View(view) => self.views.entry(at).or_default().push(view),
-                    Step::Refused(refusal, nodeid) => self.refused.push((refusal, nodeid)),
-                }
-            }
-        }
-
-        /// The group becomes `members` (new ones join; `incarnation` 1000 + nodeid + pid).
-        fn change(&mut self, members: &[CpgMember]) {
-            self.agents.retain(|m, _| members.contains(m));
-            for &m in members {
-                self.agents.entry(m).or_insert_with(|| {
-                    let node = u16::try_from(m.nodeid).unwrap_or(0);
-                    let mut agent = Agreement::new(node, (1..=5).map(|id| (id, 1)), 1000 + u64::from(m.pid));
-                    agent.joined(m);
-                    agent.quorum(true, 0);
-                    agent
-                });
-            }
-            for &m in members {
-                let steps = self.agents.get_mut(&m).expect("member").confchg(members.to_vec());
-                self.apply(m, steps);
-            }
-        }
-
-        /// Delivers every queued message to every member, in order.
-        fn run(&mut self) {
-            while let Some((from, message)) = self.queue.pop_front() {
-                if !self.agents.contains_key(&from) {
-                    // Sent by a member that left: corosync delivers what it
-                    // sent before leaving, which this model does not need.
-                    continue;
-                }
-                let members: Vec<CpgMember> = self.agents.keys().copied().collect();
-                for m in members {
-                    let steps = self.agents.get_mut(&m).expect("member").deliver(from, message);
-                    self.apply(m, steps);
-                }
-            }
-        }
-
-        fn last_view(&self, m: CpgMember) -> Option<&View> {
-            self.views.get(&m).and_then(|v| v.last())
-        }
-
-        fn ids(view: &View) -> Vec<u16> {
-            view.members.iter().map(|m| m.id.0).collect()
-        }
-    }
-
-    #[test]
-    fn members_joining_one_by_one_agree_on_every_view_with_strictly_increasing_epochs() {
-        let mut group = Group::new();
-        let mut members = Vec::new();
-        for nodeid in [2, 1, 3] {
-            members.push(member(nodeid));
-            group.change(&members);
-            group.run();
-            let first = group.last_view(members[0]).expect("a view").clone();
-            assert_eq!(Group::ids(&first).len(), members.len());
-            assert!(first.quorate);
-            for &m in &members {
-                assert_eq!(group.last_view(m), Some(&first), "member {m:?} agrees");
-            }
-        }
-        let epochs: Vec<u64> = group.views[&member(2)].iter().map(|v| v.epoch).collect();
-        assert_eq!(epochs, [2, 4, 6]);
-        // The joiner of the third view took it at the epoch the others reached.
-        assert_eq!(group.views[&member(3)].iter().map(|v| v.epoch).collect::<Vec<_>>(), [6]);
-        let view = group.last_view(member(1)).expect("view");
-        assert_eq!(view.incarnation(NodeId(3)), Some(1000 + 103));
-    }
-
-    #[test]
-    fn a_member_that_leaves_is_out_of_the_survivors_next_view_and_a_restart_comes_back_with_its_new_incarnation() {
-        let mut group = Group::new();
-        let all = [member(1), member(2), member(3)];
-        group.change(&all);
-        group.run();
-        group.change(&all[..2]);
-        group.run();
-        let after = group.last_view(member(1)).expect("view").clone();
-        assert_eq!(Group::ids(&after), [1, 2]);
-        assert_eq!(group.last_view(member(2)), Some(&after));
-        let restarted = CpgMember { nodeid: 3, pid: 999 };
-        group.change(&[member(1), member(2), restarted]);
-        group.run();
-        let back = group.last_view(restarted).expect("view").clone();
-        assert!(back.epoch > after.epoch);
-        assert_eq!(back.incarnation(NodeId(3)), Some(1000 + 999));
-        assert_eq!(group.last_view(member(1)), Some(&back));
-    }
-
-    #[test]
-    fn a_report_sent_for_an_earlier_round_is_not_counted_in_a_later_one() {
-        let mut group = Group::new();
-        let all = [member(1), member(2)];
-        group.change(&all);
-        group.run();
-        let first = group.last_view(member(1)).expect("view").epoch;
-        // A round is delivered and answered; before the answers are delivered
-        // another round starts (quorum regained, say).
-        group.change(&all);
-        let (leader, round) = group.queue.pop_front().expect("the leader's round");
-        for m in all {
-            let steps = group.agents.get_mut(&m).expect("member").deliver(leader, round);
-            group.apply(m, steps);
-        }
-        let later = Message::Round(RoundId { by: member(1), seq: 99 });
-        group.queue.push_front((member(1), later));
-        let (from, message) = group.queue.pop_front().expect("the later round");
-        for m in all {
-            let steps = group.agents.get_mut(&m).expect("member").deliver(from, message);
-            group.apply(m, steps);
-        }
-        // Now the answers to the first round, then to the later one.
-        let answers: Vec<(CpgMember, Message)> = group.queue.drain(..).collect();
-        assert_eq!(answers.len(), 4);
-        for (i, (from, message)) in answers.into_iter().enumerate() {
-            for m in all {
-                let steps = group.agents.get_mut(&m).expect("member").deliver(from, message);
-                group.apply(m, steps);
-            }
-            let views = group.views[&member(1)].len();
-            assert_eq!(views, if i < 3 { 1 } else { 2 }, "after answer {i}: the first round's answers do not count");
-        }
-        let views = &group.views[&member(1)];
-        assert_eq!(group.views[&member(2)], *views);
-        assert_eq!(views[1].epoch, first + 2);
-    }
-
-    #[test]
-    fn members_that_are_not_configured_or_appear_twice_are_left_out_and_counted() {
-        let mut group = Group::new();
-        let stranger = CpgMember { nodeid: 70_000, pid: 1 };
-        let second = CpgMember { nodeid: 2, pid: 555 };
-        group.change(&[member(1), member(2), member(3), stranger]);
-        group.run();
-        assert_eq!(Group::ids(group.last_view(member(1)).expect("view")), [1, 2, 3]);
-        assert!(group.refused.contains(&(Refusal::NotConfigured, Some(70_000))));
-        group.refused.clear();
-        group.change(&[member(1), member(2), member(3), second]);
-        group.run();
-        assert_eq!(Group::ids(group.last_view(member(1)).expect("view")), [1, 3]);
-        assert!(group.refused.contains(&(Refusal::DuplicateNode, Some(2))));
-    }
-
-    #[test]
-    fn a_view_waits_for_quorum_to_see_its_ring_and_takes_quorums_word() {
-        let mut agent = Agreement::new(1, [(1, 1), (2, 1)], 7);
-        let me = member(1);
-        agent.joined(me);
-        assert!(agent.totem(5).is_empty());
-        let round = match agent.confchg(vec![me]).as_slice() {
-            [Step::Send(Message::Round(id))] => *id,
-            other => panic!("expected a round, got {other:?}"),
-        };
-        let _ = agent.deliver(me, Message::Round(round));
-        let steps = agent.deliver(me, Message::Report { round, epoch: 0, incarnation: 7 });
-        assert!(steps.is_empty(), "no quorum word yet: {steps:?}");
-        assert!(agent.quorum(true, 4).is_empty(), "quorum has not seen ring 5");
-        match agent.quorum(false, 5).as_slice() {
-            [Step::View(view)] => assert_eq!((view.epoch, view.quorate), (2, false)),
-            other => panic!("expected the view, not quorate, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn quorum_lost_fences_this_node_alone_and_quorum_regained_brings_a_later_view() {
-        let mut group = Group::new();
-        let all = [member(1), member(2)];
-        group.change(&all);
-        group.run();
-        let agreed = group.last_view(member(1)).expect("view").epoch;
-        let steps = group.agents.get_mut(&member(1)).expect("member").quorum(false, 9);
-        match steps.as_slice() {
-            [Step::View(view)] => {
-                assert_eq!((view.epoch, view.quorate, Group::ids(view)), (agreed + 1, false, vec![1]));
-            }
-            other => panic!("expected a fencing view, got {other:?}"),
-        }
-        assert!(group.agents.get_mut(&member(1)).expect("member").quorum(false, 9).is_empty(), "once");
-        let steps = group.agents.get_mut(&member(1)).expect("member").quorum(true, 10);
-        group.apply(member(1), steps);
-        group.run();
-        let back = group.last_view(member(1)).expect("view");
-        assert_eq!((back.epoch, back.quorate), (agreed + 2, true));
-        assert_eq!(group.last_view(member(2)).map(|v| v.epoch), Some(agreed + 2));
-    }
-
-    #[test]
-    fn losing_corosync_fences_this_node() {
-        let mut group = Group::new();
-        group.change(&[member(1), member(2)]);
-        group.run();
-        let agreed = group.last_view(member(1)).expect("view").epoch;
-        match group.agents.get_mut(&member(1)).expect("member").lost().as_slice() {
-            [Step::View(view)] => assert_eq!((view.epoch, view.quorate), (agreed + 1, false)),
-            other => panic!("expected a fencing view, got {other:?}"),
-        }
-    }
-}
+mod tests;

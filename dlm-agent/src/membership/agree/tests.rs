@@ -1,0 +1,304 @@
+//! The agreement's rounds, quorum and fencing, over a CPG group modelled in one process.
+
+use std::collections::VecDeque;
+
+use super::*;
+
+/// A CPG group in one process: changes and messages delivered to every
+/// member in one order, as corosync does.
+struct Group {
+    agents: BTreeMap<CpgMember, Agreement>,
+    queue: VecDeque<(CpgMember, Message)>,
+    views: BTreeMap<CpgMember, Vec<View>>,
+    refused: Vec<(Refusal, Option<u32>)>,
+    fence_asked: Vec<(CpgMember, u32)>,
+}
+
+fn member(nodeid: u32) -> CpgMember {
+    CpgMember { nodeid, pid: 100 + nodeid }
+}
+
+impl Group {
+    fn new() -> Group {
+        Group {
+            agents: BTreeMap::new(),
+            queue: VecDeque::new(),
+            views: BTreeMap::new(),
+            refused: Vec::new(),
+            fence_asked: Vec::new(),
+        }
+    }
+
+    fn apply(&mut self, at: CpgMember, steps: Vec<Step>) {
+        for step in steps {
+            match step {
+                Step::Send(message) => self.queue.push_back((at, message)),
+                Step::View(view) => self.views.entry(at).or_default().push(view),
+                Step::Refused(refusal, nodeid) => self.refused.push((refusal, nodeid)),
+                Step::Fence(nodeid) => self.fence_asked.push((at, nodeid)),
+            }
+        }
+    }
+
+    /// The group becomes `members` (new ones join; `incarnation` 1000 + pid).
+    fn change(&mut self, members: &[CpgMember]) {
+        self.change_losing(members, &[]);
+    }
+
+    /// As [`Group::change`], `lost` having left with their corosync.
+    fn change_losing(&mut self, members: &[CpgMember], lost: &[u32]) {
+        self.agents.retain(|m, _| members.contains(m));
+        for &m in members {
+            self.agents.entry(m).or_insert_with(|| {
+                let node = u16::try_from(m.nodeid).unwrap_or(0);
+                let mut agent = Agreement::new(node, (1..=5).map(|id| (id, 1)), 1000 + u64::from(m.pid));
+                agent.joined(m);
+                agent.quorum(true, 0);
+                agent
+            });
+        }
+        for &m in members {
+            let steps = self.agents.get_mut(&m).expect("member").confchg(members.to_vec(), lost);
+            self.apply(m, steps);
+        }
+    }
+
+    /// Delivers every queued message to every member, in order.
+    fn run(&mut self) {
+        while let Some((from, message)) = self.queue.pop_front() {
+            if !self.agents.contains_key(&from) {
+                // Sent by a member that left: corosync delivers what it
+                // sent before leaving, which this model does not need.
+                continue;
+            }
+            let members: Vec<CpgMember> = self.agents.keys().copied().collect();
+            for m in members {
+                let steps = self.agents.get_mut(&m).expect("member").deliver(from, message);
+                self.apply(m, steps);
+            }
+        }
+    }
+
+    fn last_view(&self, m: CpgMember) -> Option<&View> {
+        self.views.get(&m).and_then(|v| v.last())
+    }
+
+    fn ids(view: &View) -> Vec<u16> {
+        view.members.iter().map(|m| m.id.0).collect()
+    }
+}
+
+#[test]
+fn members_joining_one_by_one_agree_on_every_view_with_strictly_increasing_epochs() {
+    let mut group = Group::new();
+    let mut members = Vec::new();
+    for nodeid in [2, 1, 3] {
+        members.push(member(nodeid));
+        group.change(&members);
+        group.run();
+        let first = group.last_view(members[0]).expect("a view").clone();
+        assert_eq!(Group::ids(&first).len(), members.len());
+        assert!(first.quorate);
+        for &m in &members {
+            assert_eq!(group.last_view(m), Some(&first), "member {m:?} agrees");
+        }
+    }
+    let epochs: Vec<u64> = group.views[&member(2)].iter().map(|v| v.epoch).collect();
+    assert_eq!(epochs, [2, 4, 6]);
+    // The joiner of the third view took it at the epoch the others reached.
+    assert_eq!(group.views[&member(3)].iter().map(|v| v.epoch).collect::<Vec<_>>(), [6]);
+    let view = group.last_view(member(1)).expect("view");
+    assert_eq!(view.incarnation(NodeId(3)), Some(1000 + 103));
+}
+
+#[test]
+fn a_member_that_leaves_is_out_of_the_survivors_next_view_and_a_restart_comes_back_with_its_new_incarnation() {
+    let mut group = Group::new();
+    let all = [member(1), member(2), member(3)];
+    group.change(&all);
+    group.run();
+    group.change(&all[..2]);
+    group.run();
+    let after = group.last_view(member(1)).expect("view").clone();
+    assert_eq!(Group::ids(&after), [1, 2]);
+    assert_eq!(group.last_view(member(2)), Some(&after));
+    let restarted = CpgMember { nodeid: 3, pid: 999 };
+    group.change(&[member(1), member(2), restarted]);
+    group.run();
+    let back = group.last_view(restarted).expect("view").clone();
+    assert!(back.epoch > after.epoch);
+    assert_eq!(back.incarnation(NodeId(3)), Some(1000 + 999));
+    assert_eq!(group.last_view(member(1)), Some(&back));
+}
+
+#[test]
+fn a_report_sent_for_an_earlier_round_is_not_counted_in_a_later_one() {
+    let mut group = Group::new();
+    let all = [member(1), member(2)];
+    group.change(&all);
+    group.run();
+    let first = group.last_view(member(1)).expect("view").epoch;
+    // A round is delivered and answered; before the answers are delivered
+    // another round starts (quorum regained, say).
+    group.change(&all);
+    let (leader, round) = group.queue.pop_front().expect("the leader's round");
+    for m in all {
+        let steps = group.agents.get_mut(&m).expect("member").deliver(leader, round);
+        group.apply(m, steps);
+    }
+    let later = Message::Round(RoundId { by: member(1), seq: 99 });
+    group.queue.push_front((member(1), later));
+    let (from, message) = group.queue.pop_front().expect("the later round");
+    for m in all {
+        let steps = group.agents.get_mut(&m).expect("member").deliver(from, message);
+        group.apply(m, steps);
+    }
+    // Now the answers to the first round, then to the later one.
+    let answers: Vec<(CpgMember, Message)> = group.queue.drain(..).collect();
+    assert_eq!(answers.len(), 4);
+    for (i, (from, message)) in answers.into_iter().enumerate() {
+        for m in all {
+            let steps = group.agents.get_mut(&m).expect("member").deliver(from, message);
+            group.apply(m, steps);
+        }
+        let views = group.views[&member(1)].len();
+        assert_eq!(views, if i < 3 { 1 } else { 2 }, "after answer {i}: the first round's answers do not count");
+    }
+    let views = &group.views[&member(1)];
+    assert_eq!(group.views[&member(2)], *views);
+    assert_eq!(views[1].epoch, first + 2);
+}
+
+#[test]
+fn members_that_are_not_configured_or_appear_twice_are_left_out_and_counted() {
+    let mut group = Group::new();
+    let stranger = CpgMember { nodeid: 70_000, pid: 1 };
+    let second = CpgMember { nodeid: 2, pid: 555 };
+    group.change(&[member(1), member(2), member(3), stranger]);
+    group.run();
+    assert_eq!(Group::ids(group.last_view(member(1)).expect("view")), [1, 2, 3]);
+    assert!(group.refused.contains(&(Refusal::NotConfigured, Some(70_000))));
+    group.refused.clear();
+    group.change(&[member(1), member(2), member(3), second]);
+    group.run();
+    assert_eq!(Group::ids(group.last_view(member(1)).expect("view")), [1, 3]);
+    assert!(group.refused.contains(&(Refusal::DuplicateNode, Some(2))));
+}
+
+#[test]
+fn a_view_waits_for_quorum_to_see_its_ring_and_takes_quorums_word() {
+    let mut agent = Agreement::new(1, [(1, 1), (2, 1)], 7);
+    let me = member(1);
+    agent.joined(me);
+    assert!(agent.totem(5).is_empty());
+    let round = match agent.confchg(vec![me], &[]).as_slice() {
+        [Step::Send(Message::Round(id))] => *id,
+        other => panic!("expected a round, got {other:?}"),
+    };
+    let _ = agent.deliver(me, Message::Round(round));
+    let steps = agent.deliver(me, Message::Report { round, epoch: 0, incarnation: 7 });
+    assert!(steps.is_empty(), "no quorum word yet: {steps:?}");
+    assert!(agent.quorum(true, 4).is_empty(), "quorum has not seen ring 5");
+    match agent.quorum(false, 5).as_slice() {
+        [Step::View(view)] => assert_eq!((view.epoch, view.quorate), (2, false)),
+        other => panic!("expected the view, not quorate, got {other:?}"),
+    }
+}
+
+#[test]
+fn quorum_lost_fences_this_node_alone_and_quorum_regained_brings_a_later_view() {
+    let mut group = Group::new();
+    let all = [member(1), member(2)];
+    group.change(&all);
+    group.run();
+    let agreed = group.last_view(member(1)).expect("view").epoch;
+    let steps = group.agents.get_mut(&member(1)).expect("member").quorum(false, 9);
+    match steps.as_slice() {
+        [Step::View(view)] => {
+            assert_eq!((view.epoch, view.quorate, Group::ids(view)), (agreed + 1, false, vec![1]));
+        }
+        other => panic!("expected a fencing view, got {other:?}"),
+    }
+    assert!(group.agents.get_mut(&member(1)).expect("member").quorum(false, 9).is_empty(), "once");
+    let steps = group.agents.get_mut(&member(1)).expect("member").quorum(true, 10);
+    group.apply(member(1), steps);
+    group.run();
+    let back = group.last_view(member(1)).expect("view");
+    assert_eq!((back.epoch, back.quorate), (agreed + 2, true));
+    assert_eq!(group.last_view(member(2)).map(|v| v.epoch), Some(agreed + 2));
+}
+
+#[test]
+fn losing_corosync_fences_this_node() {
+    let mut group = Group::new();
+    group.change(&[member(1), member(2)]);
+    group.run();
+    let agreed = group.last_view(member(1)).expect("view").epoch;
+    match group.agents.get_mut(&member(1)).expect("member").lost().as_slice() {
+        [Step::View(view)] => assert_eq!((view.epoch, view.quorate), (agreed + 1, false)),
+        other => panic!("expected a fencing view, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_lost_node_is_fenced_by_the_leader_before_any_member_takes_a_view_without_it() {
+    let mut group = Group::new();
+    let all = [member(1), member(2), member(3)];
+    group.change(&all);
+    group.run();
+    let before = group.last_view(member(2)).expect("view").epoch;
+    group.change_losing(&all[1..], &[1]);
+    group.run();
+    assert_eq!(group.fence_asked, [(member(2), 1)], "the new leader, once");
+    for m in &all[1..] {
+        assert_eq!(group.last_view(*m).map(|v| v.epoch), Some(before), "no view before fencing");
+    }
+    let steps = group.agents.get_mut(&member(2)).expect("leader").fence_done(1);
+    group.apply(member(2), steps);
+    group.run();
+    let after = group.last_view(member(3)).expect("view");
+    assert_eq!((Group::ids(after), after.quorate), (vec![2, 3], true));
+    assert_eq!(group.last_view(member(2)), Some(after));
+    assert!(group.agents[&member(3)].unfenced().is_empty());
+}
+
+#[test]
+fn an_agent_that_exited_needs_no_fencing_and_a_group_without_quorum_fences_nobody() {
+    let mut group = Group::new();
+    let all = [member(1), member(2), member(3)];
+    group.change(&all);
+    group.run();
+    group.change(&all[1..]);
+    group.run();
+    assert!(group.fence_asked.is_empty());
+    assert_eq!(Group::ids(group.last_view(member(2)).expect("view")), [2, 3]);
+    // Node 3 alone, without quorum, sees node 2 lost: it fences nobody
+    // and takes its view as not quorate at once.
+    let alone = [member(3)];
+    group.agents.get_mut(&member(3)).expect("member").quorum(false, 50);
+    group.agents.get_mut(&member(3)).expect("member").totem(50);
+    group.change_losing(&alone, &[2]);
+    group.run();
+    assert!(group.fence_asked.is_empty(), "{:?}", group.fence_asked);
+    let view = group.last_view(member(3)).expect("view");
+    assert!(!view.quorate);
+}
+
+#[test]
+fn a_node_that_fenced_itself_comes_back_as_a_new_incarnation() {
+    let mut group = Group::new();
+    let all = [member(1), member(2), member(3)];
+    group.change(&all);
+    group.run();
+    let first = group.last_view(member(1)).expect("view").incarnation(NodeId(3));
+    let steps = group.agents.get_mut(&member(3)).expect("member").quorum(false, 60);
+    group.apply(member(3), steps);
+    assert!(!group.last_view(member(3)).expect("view").quorate);
+    let steps = group.agents.get_mut(&member(3)).expect("member").quorum(true, 61);
+    group.apply(member(3), steps);
+    group.change(&all);
+    group.run();
+    let back = group.last_view(member(1)).expect("view");
+    assert_ne!(back.incarnation(NodeId(3)), first);
+    assert_eq!(back.incarnation(NodeId(3)), Some(group.agents[&member(3)].incarnation()));
+}
