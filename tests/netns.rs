@@ -3,77 +3,14 @@
 //! namespaces); elsewhere it says so and skips, and under `CI=true` a skip
 //! is a failure.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use dlm_agent::client::{LockError, LockOptions};
 use dlm_agent::proto;
 use dlm_core::Mode;
 use dlm_core::cluster::{Member, Membership, NodeId};
+use support::corosync::Hosts;
 use support::{Agent, metric_value};
-
-/// Namespaces, veth pairs and a bridge made for one test, removed on drop.
-struct Hosts {
-    bridge: String,
-    namespaces: Vec<String>,
-    veths: Vec<String>,
-    subnet: String,
-}
-
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("run ip");
-    assert!(status.success(), "ip {args:?} failed");
-}
-
-impl Hosts {
-    fn make(n: usize) -> Hosts {
-        let id = std::process::id() % 10_000;
-        let subnet = format!("10.79.{}", id % 250);
-        let hosts = Hosts {
-            bridge: format!("dlmb{id}"),
-            namespaces: (1..=n).map(|i| format!("dlmt{id}-{i}")).collect(),
-            veths: (1..=n).map(|i| format!("dlmv{id}-{i}")).collect(),
-            subnet,
-        };
-        ip(&["link", "add", &hosts.bridge, "type", "bridge"]);
-        ip(&["addr", "add", &format!("{}.254/24", hosts.subnet), "dev", &hosts.bridge]);
-        ip(&["link", "set", &hosts.bridge, "up"]);
-        for (i, (ns, veth)) in hosts.namespaces.iter().zip(&hosts.veths).enumerate() {
-            ip(&["netns", "add", ns]);
-            ip(&["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns]);
-            ip(&["link", "set", veth, "master", &hosts.bridge, "up"]);
-            ip(&["-n", ns, "addr", "add", &format!("{}.{}/24", hosts.subnet, i + 1), "dev", "eth0"]);
-            ip(&["-n", ns, "link", "set", "eth0", "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        hosts
-    }
-
-    fn address(&self, i: usize, port: u16) -> String {
-        format!("{}.{}:{port}", self.subnet, i + 1)
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
-    }
-}
-
-fn can_make_namespaces() -> bool {
-    let root = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
-    let has_ip = Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success());
-    if root && has_ip {
-        return true;
-    }
-    let reason = if root { "the ip command (iproute2) is missing" } else { "making network namespaces needs root" };
-    assert!(std::env::var("CI").as_deref() != Ok("true"), "CI=true and this test cannot run: {reason}");
-    eprintln!("skipped: {reason}");
-    false
-}
 
 fn peer_up(agent: &Agent, peer: u16) -> bool {
     metric_value(&agent.metrics(), &format!("dlm_cluster_peer_up{{peer=\"{peer}\"}}")) == 1.0
@@ -81,7 +18,7 @@ fn peer_up(agent: &Agent, peer: u16) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_link_fails_requests_that_need_the_node_and_healing_it_restores_them() {
-    if !can_make_namespaces() {
+    if !support::corosync::can_run("a_cut_link_fails_requests", false) {
         return;
     }
     let hosts = Hosts::make(3);
@@ -121,7 +58,7 @@ async fn a_cut_link_fails_requests_that_need_the_node_and_healing_it_restores_th
         .await
         .expect("unlock");
 
-    ip(&["link", "set", &hosts.veths[2], "down"]);
+    hosts.link(2, false);
     // Nothing is asked of node 3: its heartbeats going unanswered is what
     // tells node 1 that it is gone.
     let cut = Instant::now();
@@ -143,7 +80,7 @@ async fn a_cut_link_fails_requests_that_need_the_node_and_healing_it_restores_th
     assert!(started.elapsed() < Duration::from_secs(1), "known unreachable: it fails at once");
     eprintln!("a request needing the cut-off node failed after {:?}", started.elapsed());
 
-    ip(&["link", "set", &hosts.veths[2], "up"]);
+    hosts.link(2, true);
     let deadline = Instant::now() + Duration::from_secs(20);
     while !peer_up(&agents[0], 3) {
         assert!(Instant::now() < deadline, "link to node 3 not back:\n{}", agents[0].log());

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use dlm_agent::client::{Client, Target};
 
+#[path = "support/corosync.rs"]
+pub mod corosync;
+
 /// The agent binary the tests run: `DLM_AGENT_BIN` when set, else the
 /// `dlm-agent` that cargo built for this test run, in this test
 /// executable's profile directory (`target/<profile>/`).

@@ -1,0 +1,319 @@
+//! Clusters with membership from real corosync daemons, one per network
+//! namespace, and real faults: an agent killed, a node lost (its corosync
+//! and agent killed), a node cut off by its link, corosync killed under a
+//! running agent, and membership input that must be refused. Needs root;
+//! elsewhere it says so and skips, and under `CI=true` a skip is a failure.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use dlm_agent::client::{LockError, LockGuard, LockOptions, Session, SessionEvent};
+use dlm_agent::proto;
+use dlm_core::{LockFlags, Mode};
+use support::corosync::{CorosyncCluster, can_run};
+use support::metric_value;
+
+fn try_opts() -> LockOptions {
+    LockOptions { flags: LockFlags::NOQUEUE, ..LockOptions::default() }
+}
+
+/// Takes EX on each of `names` from `session`.
+async fn hold(session: &Session, names: &[String]) -> Vec<LockGuard> {
+    let mut guards = Vec::new();
+    for name in names {
+        guards.push(session.lock("default", name.as_str(), Mode::Ex, LockOptions::default()).await.expect("granted"));
+    }
+    guards
+}
+
+/// Waits on node `session`'s side for EX on each of `names`, each in its own
+/// task; each answer comes with the wall-clock time it came.
+fn wait_for(
+    session: &Arc<Session>,
+    names: &[String],
+) -> Vec<tokio::task::JoinHandle<(Result<u64, LockError>, SystemTime)>> {
+    names
+        .iter()
+        .map(|name| {
+            let (session, name) = (session.clone(), name.clone());
+            tokio::spawn(async move {
+                let granted = session.lock("default", name.as_str(), Mode::Ex, LockOptions::default()).await;
+                let token = granted.map(|guard| {
+                    let token = guard.fencing_token();
+                    std::mem::forget(guard);
+                    token
+                });
+                (token, SystemTime::now())
+            })
+        })
+        .collect()
+}
+
+fn names(prefix: &str, n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("{prefix}-{i}")).collect()
+}
+
+/// The fencing token each live agent's dump shows for a granted lock on `name`.
+async fn tokens_in_dumps(cluster: &CorosyncCluster, name: &str) -> Vec<u64> {
+    let mut tokens = Vec::new();
+    for agent in cluster.agents.iter().flatten() {
+        let client = agent.client().await;
+        let resources = client.dump_all("default", Some(name.as_bytes()), 0, |_| {}).await.expect("dump");
+        tokens.extend(resources.iter().flat_map(|r| r.granted.iter().map(|l| l.fencing_token)));
+    }
+    tokens
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_killed_loses_only_its_clients_locks_and_their_waiters_are_granted_at_once() {
+    if !can_run("an_agent_killed", true) {
+        return;
+    }
+    let mut cluster = CorosyncCluster::start("agentkill", 3, 1000, "");
+    let s1 = cluster.agent(0).client().await.session().await.expect("session");
+    let s3 = cluster.agent(2).client().await.session().await.expect("session");
+    let s2 = Arc::new(cluster.agent(1).client().await.session().await.expect("session"));
+    let (kept_names, lost_names) = (names("kept", 8), names("lost", 8));
+    let kept = hold(&s1, &kept_names).await;
+    let lost = hold(&s3, &lost_names).await;
+    let lost_tokens: Vec<u64> = lost.iter().map(LockGuard::fencing_token).collect();
+    let waiters = wait_for(&s2, &lost_names);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(waiters.iter().all(|w| !w.is_finished()), "a waiter was granted while the holder lived");
+
+    let killed = SystemTime::now();
+    let log = cluster.kill_agent(2);
+    std::mem::forget(lost);
+    let mut latencies = Vec::new();
+    for (waiter, old) in waiters.into_iter().zip(&lost_tokens) {
+        let (token, at) =
+            tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("granted in time").expect("task");
+        let token = token.expect("granted");
+        assert!(token > *old, "a recovered resource's token went backwards: {token} after {old}");
+        latencies.push(at.duration_since(killed).unwrap_or_default());
+    }
+    latencies.sort();
+    eprintln!("agent killed: 8 waiters granted after {:?} (median) to {:?} (last)", latencies[4], latencies[7]);
+    assert!(latencies[7] < Duration::from_secs(2), "an agent's exit needs no token timeout: {latencies:?}\n{log}");
+
+    // Every other lock is still held, with the token it was granted with.
+    for (guard, name) in kept.iter().zip(&kept_names) {
+        let tried = s2.lock("default", name.as_str(), Mode::Ex, try_opts()).await.map(|g| g.fencing_token());
+        assert!(matches!(tried, Err(LockError::NotGranted(proto::Status::WouldBlock))), "{name}: {tried:?}");
+        assert_eq!(tokens_in_dumps(&cluster, name).await, [guard.fencing_token()], "{name}");
+    }
+    let (status, code) = cluster.status(0);
+    assert_eq!((status["state"].as_str(), code), (Some("running"), 0), "{status:#}");
+    assert_eq!(status["members"], serde_json::json!([1, 2]));
+    assert_eq!(metric_value(&cluster.agent(0).metrics(), "dlm_cluster_fencing_total"), 0.0, "nothing to fence");
+    assert!(metric_value(&cluster.agent(0).metrics(), "dlm_cluster_recoveries_total") >= 1.0);
+
+    // The agent comes back as a new process: a member again, in a new epoch.
+    let before = status["epoch"].as_u64().expect("epoch");
+    cluster.start_agent(2);
+    let back = cluster.wait_state(0, Duration::from_secs(20), |s| s["members"] == serde_json::json!([1, 2, 3]));
+    assert!(back["epoch"].as_u64() > Some(before));
+    let s3 = cluster.agent(2).client().await.session().await.expect("session");
+    s3.lock("default", "after-restart", Mode::Ex, LockOptions::default()).await.expect("granted on the restarted node");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_node_is_fenced_before_any_of_its_locks_is_recovered() {
+    if !can_run("a_lost_node_is_fenced", true) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dlm-fence-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let record = dir.join("calls");
+    let script = dir.join("fence.sh");
+    // Fails its first call, as fence agents do when a device does not
+    // answer; each call is recorded with the time it ended.
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nsleep 0.3\nif [ ! -e {record}.first ]; then touch {record}.first; exit 1; fi\n\
+             echo \"$1 $2 $(date +%s.%N)\" >> {record}\n",
+            record = record.display()
+        ),
+    )
+    .expect("script");
+    let _ = std::process::Command::new("chmod").arg("755").arg(&script).status();
+    let fencing = format!("[cluster.fencing]\ncommand = [\"{}\"]\n", script.display());
+    let mut cluster = CorosyncCluster::start("nodelost", 3, 500, &fencing);
+    let s3 = cluster.agent(2).client().await.session().await.expect("session");
+    let s1 = Arc::new(cluster.agent(0).client().await.session().await.expect("session"));
+    let lost_names = names("lost", 6);
+    let lost = hold(&s3, &lost_names).await;
+    let waiters = wait_for(&s1, &lost_names);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let killed = SystemTime::now();
+    cluster.kill_corosync(2);
+    cluster.kill_agent(2);
+    std::mem::forget(lost);
+    // While fencing fails, status says so and exits 3.
+    let waiting = cluster.wait_state(0, Duration::from_secs(10), |s| s["state"] == "waiting_for_fencing");
+    assert_eq!(waiting["waiting_for_fencing"][0]["node_id"], 3, "{waiting:#}");
+    assert_eq!(cluster.status(0).1, 3);
+    let mut granted = Vec::new();
+    for waiter in waiters {
+        let (token, at) =
+            tokio::time::timeout(Duration::from_secs(20), waiter).await.expect("granted in time").expect("task");
+        token.expect("granted");
+        granted.push(at);
+    }
+    let calls = std::fs::read_to_string(&record).expect("the fencing command ran");
+    let lines: Vec<&str> = calls.lines().collect();
+    assert_eq!(lines.len(), 1, "fenced once after the failed attempt: {calls}");
+    let fields: Vec<&str> = lines[0].split(' ').collect();
+    assert_eq!(fields[..2], ["3", cluster.hosts.ip(2).as_str()]);
+    let fenced_at: f64 = fields[2].parse().expect("time");
+    let since_epoch = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).expect("after 1970").as_secs_f64();
+    let first_grant = granted.iter().copied().map(since_epoch).fold(f64::INFINITY, f64::min);
+    assert!(
+        first_grant >= fenced_at,
+        "a lock of the lost node was granted at {first_grant} before fencing ended at {fenced_at}"
+    );
+    eprintln!(
+        "node lost (token 500 ms): fenced {:.3} s after the kill (one failed attempt, 0.3 s per attempt), first waiter granted {:.3} s after",
+        fenced_at - since_epoch(killed),
+        first_grant - since_epoch(killed)
+    );
+    let metrics = cluster.agent(0).metrics();
+    assert_eq!(metric_value(&metrics, "dlm_cluster_fencing_total{outcome=\"failure\"}"), 1.0, "{metrics}");
+    assert_eq!(metric_value(&metrics, "dlm_cluster_fencing_total{outcome=\"success\"}"), 1.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_node_fences_itself_the_majority_recovers_and_healing_brings_it_back_in_a_new_epoch() {
+    if !can_run("a_partitioned_node", true) {
+        return;
+    }
+    let cluster = CorosyncCluster::start("partition", 3, 500, "[cluster.fencing]\nself_fence_grace = \"1s\"\n");
+    let s3 = cluster.agent(2).client().await.session().await.expect("session");
+    let mut revocations = s3.events();
+    let s1 = Arc::new(cluster.agent(0).client().await.session().await.expect("session"));
+    let cut_names = names("cut", 4);
+    let held = hold(&s3, &cut_names).await;
+    let handles: Vec<u64> = held.iter().map(LockGuard::handle).collect();
+    let waiters = wait_for(&s1, &cut_names);
+    let epoch = cluster.status(0).0["epoch"].as_u64().expect("epoch");
+
+    let cut = SystemTime::now();
+    cluster.hosts.link(2, false);
+    // The cut-off node fences itself: its clients hear their locks are gone.
+    let mut revoked = Vec::new();
+    while revoked.len() < handles.len() {
+        match tokio::time::timeout(Duration::from_secs(15), revocations.recv()).await {
+            Ok(Ok(SessionEvent::Revoked { handle, .. })) => revoked.push((handle, SystemTime::now())),
+            Ok(Ok(_)) => {}
+            other => panic!("no revocation: {other:?}\n{}", cluster.agent(2).log()),
+        }
+    }
+    let last_revoked = revoked.iter().map(|(_, at)| *at).max().expect("revoked");
+    let fenced = cluster.wait_state(2, Duration::from_secs(5), |s| s["state"] == "fenced");
+    assert_eq!(cluster.status(2).1, 4, "{fenced:#}");
+    let mut first_grant = None;
+    for waiter in waiters {
+        let (token, at) =
+            tokio::time::timeout(Duration::from_secs(20), waiter).await.expect("granted in time").expect("task");
+        token.expect("granted");
+        first_grant = Some(first_grant.map_or(at, |f: SystemTime| f.min(at)));
+    }
+    let first_grant = first_grant.expect("grants");
+    assert!(first_grant > last_revoked, "the majority granted before the cut-off node had revoked");
+    eprintln!(
+        "partition (token 500 ms, grace 1 s): minority revoked {:?} after the cut, majority granted {:?} after",
+        last_revoked.duration_since(cut).unwrap_or_default(),
+        first_grant.duration_since(cut).unwrap_or_default()
+    );
+    drop(held);
+
+    cluster.hosts.link(2, true);
+    let healed = cluster.wait_state(2, Duration::from_secs(30), |s| s["state"] == "running");
+    assert!(healed["epoch"].as_u64() > Some(epoch), "{healed:#}");
+    assert_eq!(healed["members"], serde_json::json!([1, 2, 3]));
+    let again = s3.lock("default", "after-heal", Mode::Ex, LockOptions::default()).await;
+    assert!(again.is_ok(), "the healed node serves its clients without a restart: {:?}", again.err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corosync_killed_under_an_agent_fences_that_agent() {
+    if !can_run("corosync_killed", true) {
+        return;
+    }
+    let mut cluster = CorosyncCluster::start("corokill", 3, 500, "");
+    let s2 = cluster.agent(1).client().await.session().await.expect("session");
+    let mut events = s2.events();
+    let guard = s2.lock("default", "held", Mode::Ex, LockOptions::default()).await.expect("granted");
+    cluster.kill_corosync(1);
+    let status = cluster.wait_state(1, Duration::from_secs(10), |s| s["state"] == "fenced");
+    assert_eq!(status["corosync_connected"], false, "{status:#}");
+    let revoked = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+    assert!(
+        matches!(&revoked, Ok(Ok(SessionEvent::Revoked { handle, .. })) if *handle == guard.handle()),
+        "{revoked:?}"
+    );
+    let refused = s2.lock("default", "new", Mode::Ex, try_opts()).await.map(|g| g.fencing_token());
+    assert!(matches!(refused, Err(LockError::NotGranted(proto::Status::Fenced))), "{refused:?}");
+    // The others go on without it (after the self-fencing grace).
+    cluster.wait_state(0, Duration::from_secs(20), |s| {
+        s["state"] == "running" && s["members"] == serde_json::json!([1, 3])
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_member_that_is_no_configured_node_and_a_peer_from_an_old_epoch_are_refused_and_counted() {
+    if !can_run("bad_membership_input", true) {
+        return;
+    }
+    // Nodes 1 and 2 know only each other; node 3's agent joins the group all the same.
+    let cluster =
+        CorosyncCluster::start_with_members(
+            "strangers",
+            3,
+            1000,
+            "",
+            |i| {
+                if i < 2 { vec![1, 2] } else { vec![1, 2, 3] }
+            },
+        );
+    let status = cluster.wait_state(0, Duration::from_secs(10), |s| {
+        s["state"] == "running" && s["members"] == serde_json::json!([1, 2])
+    });
+    assert_eq!(status["state"], "running");
+    let metrics = cluster.agent(0).metrics();
+    assert!(
+        metric_value(&metrics, "dlm_membership_refused_total{reason=\"not_configured\"}") >= 1.0,
+        "{}",
+        metrics.lines().filter(|l| l.contains("refused")).collect::<Vec<_>>().join("\n")
+    );
+    // A hello from an older epoch than node 1's, sent by hand, is refused and counted.
+    let epoch = status["epoch"].as_u64().expect("epoch");
+    let hello = dlm_core::cluster::wire::Hello {
+        version: dlm_core::cluster::wire::VERSION,
+        cluster: b"strangers".to_vec(),
+        node: dlm_core::cluster::NodeId(2),
+        epoch: epoch - 1,
+        incarnation: 1,
+    };
+    let before = metric_value(&metrics, "dlm_cluster_peer_rejected_total{reason=\"wrong_epoch\"}");
+    {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(cluster.hosts.address(0, 7400)).expect("connect");
+        stream.write_all(&dlm_core::cluster::wire::encode_hello(&hello)).expect("hello");
+        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        assert!(answer.is_empty(), "an old epoch's hello gets no hello back");
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric_value(&cluster.agent(0).metrics(), "dlm_cluster_peer_rejected_total{reason=\"wrong_epoch\"}") <= before
+    {
+        assert!(Instant::now() < deadline, "the old epoch's hello was not counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Path::new(&cluster.agent(2).socket).exists());
+}

@@ -1,0 +1,286 @@
+//! Clusters of real nodes on one machine: each node a network namespace on
+//! a bridge (so its link can be cut), with its own corosync daemon (in a
+//! private mount namespace: corosync 3.1.7 keeps its pid file and state at
+//! fixed paths) and its own agent taking membership from it.
+//!
+//! Needs root, `ip` and `corosync` ([`can_run`] says why not, and fails
+//! under `CI=true`).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::{Agent, bin, under_ci};
+
+/// The corosync configuration template (`@…@` fields), shared with `cargo xtask cluster up`.
+pub const COROSYNC_CONF: &str = include_str!("../corosync/corosync.conf.in");
+
+/// Whether this machine can make network namespaces (and, with
+/// `corosync`, run corosync daemons in them); says why not (a failure under `CI=true`).
+#[must_use]
+pub fn can_run(test: &str, corosync: bool) -> bool {
+    let root = std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    let has = |program: &str, arg: &str| Command::new(program).arg(arg).output().is_ok_and(|o| o.status.success());
+    let reason = if !root {
+        "network namespaces and corosync daemons need root"
+    } else if !has("ip", "-V") {
+        "the ip command (iproute2) is missing"
+    } else if corosync && !has("corosync", "-v") {
+        "corosync is not installed (cargo xtask setup installs it)"
+    } else {
+        return true;
+    };
+    assert!(!under_ci(), "CI=true and {test} cannot run: {reason}");
+    eprintln!("skipped {test}: {reason}");
+    false
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {args:?} failed");
+}
+
+/// Namespaces, veth pairs and a bridge made for one test, removed on drop.
+pub struct Hosts {
+    bridge: String,
+    /// Node `i + 1`'s namespace at index `i`.
+    pub namespaces: Vec<String>,
+    /// The host end of node `i + 1`'s veth pair: down cuts the node off.
+    pub veths: Vec<String>,
+    subnet: String,
+}
+
+impl Hosts {
+    /// `n` hosts on a new bridge, each with its own subnet address.
+    #[must_use]
+    pub fn make(n: usize) -> Hosts {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let id = (std::process::id() + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)) % 10_000;
+        let hosts = Hosts {
+            bridge: format!("dlmb{id}"),
+            namespaces: (1..=n).map(|i| format!("dlmt{id}-{i}")).collect(),
+            veths: (1..=n).map(|i| format!("dlmv{id}-{i}")).collect(),
+            subnet: format!("10.{}.{}", 80 + id / 250 % 40, id % 250),
+        };
+        ip(&["link", "add", &hosts.bridge, "type", "bridge"]);
+        ip(&["addr", "add", &format!("{}.254/24", hosts.subnet), "dev", &hosts.bridge]);
+        ip(&["link", "set", &hosts.bridge, "up"]);
+        for (i, (ns, veth)) in hosts.namespaces.iter().zip(&hosts.veths).enumerate() {
+            ip(&["netns", "add", ns]);
+            ip(&["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns]);
+            ip(&["link", "set", veth, "master", &hosts.bridge, "up"]);
+            ip(&["-n", ns, "addr", "add", &format!("{}.{}/24", hosts.subnet, i + 1), "dev", "eth0"]);
+            ip(&["-n", ns, "link", "set", "eth0", "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        hosts
+    }
+
+    /// Node `i + 1`'s address.
+    #[must_use]
+    pub fn ip(&self, i: usize) -> String {
+        format!("{}.{}", self.subnet, i + 1)
+    }
+
+    /// Node `i + 1`'s address with `port`.
+    #[must_use]
+    pub fn address(&self, i: usize, port: u16) -> String {
+        format!("{}:{port}", self.ip(i))
+    }
+
+    /// Cuts node `i + 1` off (`up == false`) or brings it back.
+    pub fn link(&self, i: usize, up: bool) {
+        ip(&["link", "set", &self.veths[i], if up { "up" } else { "down" }]);
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in &self.namespaces {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).status();
+    }
+}
+
+/// Nodes with corosync and an agent each.
+pub struct CorosyncCluster {
+    /// The namespaces (dropped last: the processes go first).
+    pub hosts: Hosts,
+    dir: PathBuf,
+    corosync: Vec<Option<Child>>,
+    /// Node `i + 1`'s agent at index `i`, while it runs.
+    pub agents: Vec<Option<Agent>>,
+    configs: Vec<String>,
+    tag: String,
+}
+
+impl CorosyncCluster {
+    /// `n` nodes, corosync's token `token_ms`, `extra` added to every
+    /// agent's `[cluster]` section (before its members), each agent running
+    /// in a view of all.
+    #[must_use]
+    pub fn start(tag: &str, n: usize, token_ms: u32, extra: &str) -> CorosyncCluster {
+        let cluster = CorosyncCluster::start_with_members(tag, n, token_ms, extra, |_| (1..=n).collect());
+        let all: Vec<Value> = (1..=n).map(Value::from).collect();
+        for i in 0..n {
+            cluster.wait_state(i, Duration::from_secs(30), |s| {
+                s["state"] == "running" && s["members"].as_array() == Some(&all)
+            });
+        }
+        cluster
+    }
+
+    /// As [`CorosyncCluster::start`], each agent configured with the members
+    /// `members_of(i)` gives, and without waiting for any view.
+    #[must_use]
+    pub fn start_with_members(
+        tag: &str,
+        n: usize,
+        token_ms: u32,
+        extra: &str,
+        members_of: impl Fn(usize) -> Vec<usize>,
+    ) -> CorosyncCluster {
+        let hosts = Hosts::make(n);
+        let dir = std::env::temp_dir().join(format!("dlm-corosync-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let nodes: String = (0..n)
+            .map(|i| format!("    node {{\n        ring0_addr: {}\n        nodeid: {}\n    }}\n", hosts.ip(i), i + 1))
+            .collect();
+        for i in 0..n {
+            let node = dir.join(format!("n{}", i + 1));
+            for sub in ["run", "lib"] {
+                std::fs::create_dir_all(node.join(sub)).expect("corosync dirs");
+            }
+            let conf = COROSYNC_CONF
+                .replace("@CLUSTER@", tag)
+                .replace("@TOKEN@", &token_ms.to_string())
+                .replace("@NODES@", nodes.trim_end())
+                .replace("@LOGFILE@", &node.join("corosync.log").display().to_string());
+            std::fs::write(node.join("corosync.conf"), conf).expect("corosync.conf");
+        }
+        let configs = (0..n)
+            .map(|i| {
+                let members: String = members_of(i)
+                    .iter()
+                    .map(|&m| format!("[[cluster.member]]\nid = {m}\naddress = \"{}\"\n", hosts.address(m - 1, 7400)))
+                    .collect();
+                format!(
+                    "[[lockspace]]\nname = \"default\"\n[cluster]\nname = \"{tag}\"\nnode_id = {}\n\
+                     membership = \"corosync\"\nlisten = \"{}\"\n{extra}\n{members}",
+                    i + 1,
+                    hosts.address(i, 7400)
+                )
+            })
+            .collect();
+        let mut cluster = CorosyncCluster {
+            hosts,
+            dir,
+            corosync: (0..n).map(|_| None).collect(),
+            agents: (0..n).map(|_| None).collect(),
+            configs,
+            tag: tag.to_string(),
+        };
+        for i in 0..n {
+            cluster.start_corosync(i);
+        }
+        for i in 0..n {
+            cluster.start_agent(i);
+        }
+        cluster
+    }
+
+    /// Starts node `i + 1`'s corosync.
+    pub fn start_corosync(&mut self, i: usize) {
+        let node = self.dir.join(format!("n{}", i + 1));
+        let script = format!(
+            "mount --bind {run} /run && mount --bind {lib} /var/lib/corosync && exec corosync -f -c {conf}",
+            run = node.join("run").display(),
+            lib = node.join("lib").display(),
+            conf = node.join("corosync.conf").display()
+        );
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.hosts.namespaces[i], "unshare", "--mount", "--propagation", "private"])
+            .args(["sh", "-c", &script])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start corosync");
+        self.corosync[i] = Some(child);
+    }
+
+    /// Kills node `i + 1`'s corosync (SIGKILL).
+    pub fn kill_corosync(&mut self, i: usize) {
+        if let Some(mut child) = self.corosync[i].take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts node `i + 1`'s agent (a new process).
+    pub fn start_agent(&mut self, i: usize) {
+        let http = self.hosts.address(i, 9420);
+        let tag = format!("{}-n{}", self.tag, i + 1);
+        self.agents[i] = Some(Agent::start_in_netns(&tag, &self.configs[i], &self.hosts.namespaces[i], &http));
+    }
+
+    /// Kills node `i + 1`'s agent (SIGKILL); its log is kept in the returned text.
+    pub fn kill_agent(&mut self, i: usize) -> String {
+        let mut agent = self.agents[i].take().expect("agent running");
+        if let Some(child) = agent.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        agent.log()
+    }
+
+    /// Node `i + 1`'s agent.
+    #[must_use]
+    pub fn agent(&self, i: usize) -> &Agent {
+        self.agents[i].as_ref().expect("agent running")
+    }
+
+    /// `dlm-agent status --json` of node `i + 1`, and its exit status.
+    #[must_use]
+    pub fn status(&self, i: usize) -> (Value, i32) {
+        let output = Command::new(bin())
+            .args(["status", "--json", "--socket"])
+            .arg(&self.agent(i).socket)
+            .output()
+            .expect("run dlm-agent status");
+        let value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+        (value, output.status.code().unwrap_or(-1))
+    }
+
+    /// Waits until node `i + 1`'s status satisfies `done`; returns it.
+    pub fn wait_state(&self, i: usize, limit: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let (status, _) = self.status(i);
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} never reached the state awaited; last status {status:#}\nlog:\n{}",
+                i + 1,
+                self.agent(i).log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for CorosyncCluster {
+    fn drop(&mut self) {
+        for agent in &mut self.agents {
+            drop(agent.take());
+        }
+        for i in 0..self.corosync.len() {
+            self.kill_corosync(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
