@@ -50,6 +50,66 @@ fn wait_for(
         .collect()
 }
 
+/// bpftrace on the recovery probe points of every agent process, until dropped.
+struct RecoveryTracer {
+    child: std::process::Child,
+    out: std::path::PathBuf,
+}
+
+impl RecoveryTracer {
+    /// Attaches (None, and says why, where bpftrace is missing outside CI);
+    /// `agent` is locked until the probes are live.
+    fn attach(agent: &support::Agent) -> Option<RecoveryTracer> {
+        if std::process::Command::new("bpftrace").arg("--version").output().is_err() {
+            assert!(!support::under_ci(), "bpftrace is required under CI=true (cargo xtask setup installs it)");
+            eprintln!("not tracing the recovery probe points: bpftrace is not installed");
+            return None;
+        }
+        let binary = std::fs::canonicalize(support::bin()).expect("binary path");
+        let binary = binary.display();
+        let script = format!(
+            r#"usdt:{binary}:dlm:lock__request {{ printf("request %s\n", str(arg1)); }}
+usdt:{binary}:dlm:recovery__start {{ printf("start pid=%d epoch=%d members=%d departed=%d\n", pid, arg0, arg1, arg2); }}
+usdt:{binary}:dlm:recovery__phase {{ printf("phase pid=%d epoch=%d phase=%d\n", pid, arg0, arg1); }}
+usdt:{binary}:dlm:recovery__done {{ printf("done pid=%d epoch=%d ns=%d departed=%d\n", pid, arg0, arg1, arg2); }}"#
+        );
+        let out = agent.dir.join("recovery-probes.out");
+        let child = std::process::Command::new("bpftrace")
+            .args(["-e", &script])
+            .stdout(std::fs::File::create(&out).expect("out"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("bpftrace");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !std::fs::read_to_string(&out).unwrap_or_default().contains("request warmup") {
+            assert!(Instant::now() < deadline, "bpftrace did not attach");
+            agent.cli().args(["lock", "warmup", "--", "true"]).status().expect("warm-up lock");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(RecoveryTracer { child, out })
+    }
+
+    /// What it printed once `pid` printed a line with `needle`.
+    fn wait_for(&self, pid: u32, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let output = std::fs::read_to_string(&self.out).unwrap_or_default();
+            if output.lines().any(|l| l.contains(&format!("pid={pid} ")) && l.contains(needle)) {
+                return output;
+            }
+            assert!(Instant::now() < deadline, "no {needle:?} from pid {pid}:\n{output}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for RecoveryTracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn names(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
@@ -71,6 +131,7 @@ async fn an_agent_killed_loses_only_its_clients_locks_and_their_waiters_are_gran
         return;
     }
     let mut cluster = CorosyncCluster::start("agentkill", 3, 1000, "");
+    let tracer = RecoveryTracer::attach(cluster.agent(0));
     let s1 = cluster.agent(0).client().await.session().await.expect("session");
     let s3 = cluster.agent(2).client().await.session().await.expect("session");
     let s2 = Arc::new(cluster.agent(1).client().await.session().await.expect("session"));
@@ -106,6 +167,14 @@ async fn an_agent_killed_loses_only_its_clients_locks_and_their_waiters_are_gran
     let (status, code) = cluster.status(0);
     assert_eq!((status["state"].as_str(), code), (Some("running"), 0), "{status:#}");
     assert_eq!(status["members"], serde_json::json!([1, 2]));
+    // The recovery was seen at its probe points, start to done, with its epoch.
+    if let Some(tracer) = &tracer {
+        let pid = cluster.agent(0).child.as_ref().expect("running").id();
+        let epoch = status["epoch"].as_u64().expect("epoch");
+        let output = tracer.wait_for(pid, &format!("done pid={pid} epoch={epoch} "));
+        assert!(output.contains(&format!("start pid={pid} epoch={epoch} members=2 departed=1")), "{output}");
+        assert!(output.contains(&format!("phase pid={pid} epoch={epoch} phase=4")), "{output}");
+    }
     assert_eq!(metric_value(&cluster.agent(0).metrics(), "dlm_cluster_fencing_total"), 0.0, "nothing to fence");
     assert!(metric_value(&cluster.agent(0).metrics(), "dlm_cluster_recoveries_total") >= 1.0);
 

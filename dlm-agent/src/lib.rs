@@ -53,6 +53,10 @@
 //! - Cluster traffic: `driver::peers` batches the node's envelopes to
 //!   `transport::peer`'s dialers; the acceptor hands incoming ones to the
 //!   driver as `Command::Peer`.
+//! - Membership: corosync's callbacks (`membership::corosync`) → the
+//!   agreement on views (`membership::agree`) → `Command::View` →
+//!   `driver::views` → `ClusterNode::handle_view`; fencing in
+//!   `membership::fencing`.
 //! - A metric's name or label: `metrics`, `driver::observe`, the peer
 //!   transport's `PeerMetrics`, [`ebpf::kernel_metrics`]; label values in
 //!   [`codes`].
@@ -63,9 +67,11 @@
 //! of `dlm-ebpf` ([`ebpf`]): kernel lock, futex, scheduler and
 //! memory-pressure statistics as metrics, and, for each lock, where its
 //! client's time went while it waited and held. With a `[cluster]` section
-//! it is a member of a static cluster: the driver drives a
-//! `dlm_core::cluster::ClusterNode`, and the peer transport carries its
-//! messages to the other agents.
+//! it is a member of a cluster: the driver drives a
+//! `dlm_core::cluster::ClusterNode`, the peer transport carries its
+//! messages to the other agents, and with `membership = "corosync"` the
+//! `membership` module turns corosync's view of the cluster into the views
+//! the node recovers from, fencing lost nodes first.
 
 pub mod client;
 pub mod codes;

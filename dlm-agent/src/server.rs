@@ -133,8 +133,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         let peer_metrics = peer::PeerMetrics::new(&metrics, &ids);
         let core = cluster.cluster_config().map_err(ServeError::Config)?;
         peer::spawn(Arc::new(core), listener, dialers, driver.clone(), peer_metrics, peer_view.clone());
+        let membership_metrics = membership::MembershipMetrics::new(&metrics);
         if by_views {
-            membership::start(cluster, peer_view.own(), driver.clone(), fence_acks_rx, &metrics)
+            membership::start(cluster, peer_view.own(), driver.clone(), fence_acks_rx, membership_metrics)
                 .map_err(ServeError::Config)?;
         }
     }

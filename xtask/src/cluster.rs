@@ -1,9 +1,12 @@
-//! `cargo xtask cluster up|down|status`: a local cluster of agents in one
-//! command, on loopback or (with `--netns`) each in its own network
-//! namespace joined by a bridge, so links can be cut with `ip link`.
+//! `cargo xtask cluster up|down|status`: a local cluster in one command.
+//! By default each node is a network namespace on a bridge (so links can be
+//! cut with `ip link`) with its own corosync daemon and an agent taking its
+//! membership from it: nodes can be lost and recovered. With `--static`,
+//! agents on loopback with a static member list (no root, no recovery).
 //!
 //! State lives in `target/cluster/`: one directory per node with its
-//! configuration, socket, log and pid, and `netns` when namespaces were made.
+//! configuration, socket, log and pids (and corosync's configuration, log
+//! and state), and `netns` when namespaces were made.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -14,15 +17,23 @@ const BRIDGE: &str = "dlmbr0";
 const SUBNET: &str = "10.77.0";
 const NODES_MAX: usize = 16;
 
+/// corosync's token timeout by default: a third of corosync's own default,
+/// for a LAN (the README discusses the choice).
+const TOKEN_MS_DEFAULT: u32 = 1000;
+/// The corosync configuration template, shared with the cluster tests.
+const COROSYNC_CONF: &str = include_str!("../../tests/corosync/corosync.conf.in");
+
 struct Options {
     nodes: usize,
+    /// Namespaces and corosync (the default), or agents on loopback.
     netns: bool,
     ebpf: bool,
     base_port: u16,
+    token_ms: u32,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
-    let mut options = Options { nodes: 3, netns: false, ebpf: false, base_port: 17400 };
+    let mut options = Options { nodes: 3, netns: true, ebpf: false, base_port: 17400, token_ms: TOKEN_MS_DEFAULT };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
@@ -34,7 +45,10 @@ fn parse(args: &[String]) -> Result<Options, String> {
                 options.base_port =
                     value("--base-port")?.parse().map_err(|_| "--base-port takes a port".to_string())?;
             }
-            "--netns" => options.netns = true,
+            "--static" => options.netns = false,
+            "--token" => {
+                options.token_ms = value("--token")?.parse().map_err(|_| "--token takes milliseconds".to_string())?;
+            }
             "--ebpf" => options.ebpf = true,
             other => return Err(format!("unknown option {other:?}")),
         }
@@ -51,7 +65,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
         Some("up") => up(&parse(&args[1..])?),
         Some("down") => down(),
         Some("status") => status(),
-        _ => Err("usage: cargo xtask cluster up [--nodes N] [--netns] [--ebpf] [--base-port P] | down | status".into()),
+        _ => Err(
+            "usage: cargo xtask cluster up [--nodes N] [--token MS] [--static [--base-port P]] [--ebpf] | down | status"
+                .into(),
+        ),
     }
 }
 
@@ -73,11 +90,18 @@ fn up(options: &Options) -> Result<(), String> {
     if Path::new(DIR).join("node1/pid").exists() {
         return Err(format!("a cluster is already up (state in {DIR}); `cargo xtask cluster down` first"));
     }
+    if options.netns && !is_root() {
+        return Err("a cluster with corosync needs root (network namespaces, one corosync daemon per node); \
+                    run it as root, or `cargo xtask cluster up --static` for agents on loopback without \
+                    corosync (and without recovery)"
+            .into());
+    }
     crate::run("cargo", &["build", "--release", "--locked", "--package", "dlm-agent"])?;
     let binary = std::fs::canonicalize("target/release/dlm-agent").map_err(|e| format!("agent binary: {e}"))?;
     std::fs::create_dir_all(DIR).map_err(|e| format!("{DIR}: {e}"))?;
     if options.netns {
         make_namespaces(options.nodes)?;
+        start_corosync(options)?;
     }
     let members: String = (1..=options.nodes)
         .map(|i| format!("[[cluster.member]]\nid = {i}\naddress = \"{}\"\n", addresses(options, i).0))
@@ -87,9 +111,16 @@ fn up(options: &Options) -> Result<(), String> {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let dir = std::fs::canonicalize(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let (_, http) = addresses(options, i);
+        let membership = if options.netns {
+            // Without a fencing command a lost node is taken to have fenced
+            // itself after the grace (it has: it lost quorum).
+            "membership = \"corosync\"\n\n[cluster.fencing]\nself_fence_grace = \"2s\"\n"
+        } else {
+            ""
+        };
         let config = format!(
             "node = \"node{i}\"\nsocket = \"{}\"\nhttp = \"{http}\"\n\n[ebpf]\nenabled = {}\n\n\
-             [cluster]\nname = \"local\"\nnode_id = {i}\n\n{members}",
+             [cluster]\nname = \"local\"\nnode_id = {i}\n{membership}\n{members}",
             dir.join("dlm.sock").display(),
             options.ebpf,
         );
@@ -121,7 +152,8 @@ fn up(options: &Options) -> Result<(), String> {
         loop {
             let metrics = http_get(&http, "/metrics").unwrap_or_default();
             let ready = metrics.contains("dlm_cluster_members")
-                && !metrics.lines().any(|l| l.starts_with("dlm_cluster_peer_up{") && l.ends_with(" 0"));
+                && !metrics.lines().any(|l| l.starts_with("dlm_cluster_peer_up{") && l.ends_with(" 0"))
+                && (!options.netns || metrics.lines().any(|l| l == "dlm_cluster_quorate 1"));
             if ready {
                 break;
             }
@@ -142,9 +174,84 @@ fn up(options: &Options) -> Result<(), String> {
         );
     }
     if options.netns {
-        println!("cut node i off: sudo ip link set dlm-v<i> down (and up again)");
+        println!(
+            "corosync: token {} ms; each node's corosync.conf and corosync.log are in its directory",
+            options.token_ms
+        );
+        println!("fail node i:");
+        println!("  its agent:  kill -9 $(cat {DIR}/node<i>/pid)   (its locks are recovered at once)");
+        println!("  the node:   kill -9 $(cat {DIR}/node<i>/corosync.pid) $(cat {DIR}/node<i>/pid)");
+        println!("  its link:   ip link set dlm-v<i> down   (and up again: it rejoins in a new epoch)");
+        println!("watch:        DLM_SOCKET={DIR}/node<j>/dlm.sock target/release/dlm-agent status");
     }
     println!("stop: cargo xtask cluster down");
+    Ok(())
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+}
+
+/// Starts one corosync per namespace, each in a private mount namespace
+/// (corosync 3.1.7 keeps its pid file and state at fixed paths), and waits
+/// until every one counts every node.
+fn start_corosync(options: &Options) -> Result<(), String> {
+    let nodes: String = (1..=options.nodes)
+        .map(|i| format!("    node {{\n        ring0_addr: {SUBNET}.{i}\n        nodeid: {i}\n    }}\n"))
+        .collect();
+    for i in 1..=options.nodes {
+        let dir = node_dir(i);
+        for sub in ["run", "lib"] {
+            std::fs::create_dir_all(dir.join(sub)).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        let dir = std::fs::canonicalize(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let conf = COROSYNC_CONF
+            .replace("@CLUSTER@", "local")
+            .replace("@TOKEN@", &options.token_ms.to_string())
+            .replace("@NODES@", nodes.trim_end())
+            .replace("@LOGFILE@", &dir.join("corosync.log").display().to_string());
+        std::fs::write(dir.join("corosync.conf"), conf).map_err(|e| format!("corosync.conf: {e}"))?;
+        let script = format!(
+            "mount --bind {run} /run && mount --bind {lib} /var/lib/corosync && exec corosync -f -c {conf}",
+            run = dir.join("run").display(),
+            lib = dir.join("lib").display(),
+            conf = dir.join("corosync.conf").display()
+        );
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &format!("dlm-n{i}"), "unshare", "--mount", "--propagation", "private"])
+            .args(["sh", "-c", &script]);
+        std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("cannot start corosync on node {i}: {e} (cargo xtask setup installs it)"))?;
+        std::fs::write(dir.join("corosync.pid"), child.id().to_string()).map_err(|e| format!("pid file: {e}"))?;
+    }
+    eprintln!(
+        "xtask: corosync started on {} nodes (token {} ms); waiting for quorum…",
+        options.nodes, options.token_ms
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 1..=options.nodes {
+        loop {
+            let output = Command::new("ip")
+                .args(["netns", "exec", &format!("dlm-n{i}"), "corosync-quorumtool", "-s"])
+                .output()
+                .map_err(|e| format!("corosync-quorumtool: {e}"))?;
+            let text = String::from_utf8_lossy(&output.stdout);
+            let nodes_line = format!("Nodes:            {}", options.nodes);
+            if text.contains(&nodes_line) && text.contains("Quorate:          Yes") {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("node {i}'s corosync has not seen every node after 30 s:\n{text}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     Ok(())
 }
 
@@ -172,6 +279,10 @@ fn make_namespaces(nodes: usize) -> Result<(), String> {
 fn down() -> Result<(), String> {
     let mut stopped = 0;
     for i in 1..=NODES_MAX {
+        if let Ok(pid) = std::fs::read_to_string(node_dir(i).join("corosync.pid")) {
+            let _ = Command::new("kill").args(["-TERM", pid.trim()]).stderr(Stdio::null()).status();
+            let _ = std::fs::remove_file(node_dir(i).join("corosync.pid"));
+        }
         let pid_file = node_dir(i).join("pid");
         let Ok(pid) = std::fs::read_to_string(&pid_file) else { continue };
         let pid = pid.trim().to_string();

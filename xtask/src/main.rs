@@ -41,11 +41,13 @@ Commands:
                the test command runs 1000); a failure prints the seed, `--seed S` replays it;
                --record writes each seed's report (counts and a digest of every effect and
                message), the form of dlm-core/testdata/sim-reports.txt
-  cluster up [--nodes N] [--netns] [--ebpf] [--base-port P] | down | status
-               start N agents (default 3) forming a cluster on loopback (ports P+i for peers,
-               P+100+i for HTTP; default P 17400), or with --netns each in its own network
-               namespace (10.77.0.i) on a bridge so links can be cut; prints how to reach each
-               node; `down` stops them and removes the namespaces (eBPF off unless --ebpf)
+  cluster up [--nodes N] [--token MS] [--static [--base-port P]] [--ebpf] | down | status
+               start N nodes (default 3), each in its own network namespace (10.77.0.i) on a
+               bridge with its own corosync (token MS, default 1000) and an agent taking its
+               membership from it (needs root); prints how to reach each node and how to fail
+               one. --static: agents on loopback with a static member list instead (ports P+i
+               for peers, P+100+i for HTTP; default P 17400; no root, no recovery). `down`
+               stops everything and removes the namespaces (eBPF off unless --ebpf)
   help         print this help
 
 Environment:

@@ -279,7 +279,10 @@ impl Driver {
             }
             Command::Link { peer, up } => self.link(peer, up),
             Command::View { view } => self.take_view(&view),
-            Command::Membership(status) => self.membership = Some(status),
+            Command::Membership(status) => {
+                self.observer.fencing_waiting(status.waiting_for_fencing.len());
+                self.membership = Some(status);
+            }
             Command::FenceAck { node, reply } => {
                 let _ = reply.send(self.fence_ack(node));
             }

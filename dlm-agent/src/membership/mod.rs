@@ -35,13 +35,20 @@ use crate::metrics::Metrics;
 /// Events from corosync's threads queued at most for the membership task.
 const EVENTS_MAX: usize = 1024;
 
-struct MembershipMetrics {
+/// The membership's counters: registered for every cluster (at zero with
+/// static membership, so that dashboards and alerts see the series).
+pub struct MembershipMetrics {
     refused: IntCounterVec,
     fencing: IntCounterVec,
 }
 
 impl MembershipMetrics {
-    fn new(metrics: &Metrics) -> MembershipMetrics {
+    /// Creates and registers the counters.
+    ///
+    /// # Panics
+    /// A name registered twice (a bug).
+    #[must_use]
+    pub fn new(metrics: &Metrics) -> MembershipMetrics {
         let counter = |name: &str, help: &str, label: &str, values: &[&str]| {
             let counter = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
             for value in values {
@@ -79,9 +86,8 @@ pub fn start(
     incarnation: u64,
     driver: DriverHandle,
     fence_acks: mpsc::Receiver<NodeId>,
-    metrics: &Metrics,
+    metrics: MembershipMetrics,
 ) -> Result<(), String> {
-    let metrics = MembershipMetrics::new(metrics);
     let (events, receiver) = mpsc::channel(EVENTS_MAX);
     corosync::spawn(settings.cpg_group(), events.clone())?;
     let agreement = Agreement::new(settings.node_id, settings.members.iter().map(|m| (m.id, m.weight)), incarnation);

@@ -16,6 +16,7 @@ pub struct ClusterMetrics {
     epoch: IntGauge,
     quorate: IntGauge,
     fenced: IntGauge,
+    fencing_waiting: IntGauge,
     views: IntCounter,
     recovery_phase: IntGauge,
     recoveries: IntCounter,
@@ -43,7 +44,7 @@ impl ClusterMetrics {
     /// # Panics
     /// A name registered twice (a bug).
     #[must_use]
-    pub fn new(metrics: &Metrics, members: usize) -> ClusterMetrics {
+    pub fn new(metrics: &Metrics, members: usize, by_views: bool) -> ClusterMetrics {
         let gauge = |name: &str, help: &str| {
             let metric = IntGauge::new(name, help).expect("valid metric");
             metrics.register(Box::new(metric.clone()));
@@ -99,6 +100,10 @@ impl ClusterMetrics {
                 "1 while this node has fenced itself (its locks revoked, requests failing).",
             ),
             views: counter("dlm_cluster_views_total", "Membership views taken."),
+            fencing_waiting: gauge(
+                "dlm_cluster_fencing_waiting_nodes",
+                "Lost nodes not fenced yet: their locks are not recovered until they are.",
+            ),
             recovery_phase: gauge(
                 "dlm_cluster_recovery_phase",
                 "The recovery barrier this node waits at: 0 none, 1 stop, 2 directory, 3 locks, 4 done.",
@@ -136,6 +141,11 @@ impl ClusterMetrics {
             last: ClusterStats::default(),
         };
         m.members.set(i64::try_from(members).unwrap_or(i64::MAX));
+        if !by_views {
+            // A static membership is one quorate view at epoch 1, for good.
+            m.epoch.set(1);
+            m.quorate.set(1);
+        }
         m.messages.with_label_values(&["sent"]);
         m.messages.with_label_values(&["received"]);
         m
@@ -150,8 +160,14 @@ impl ClusterMetrics {
         self.fenced.set(i64::from(fenced));
     }
 
+    /// Lost nodes waiting for fencing now.
+    pub fn fencing_waiting(&self, nodes: usize) {
+        self.fencing_waiting.set(i64::try_from(nodes).unwrap_or(i64::MAX));
+    }
+
     /// Where recovery stands: its phase, or none; `finished` the time of a
-    /// recovery that just ended.
+    /// recovery that just ended (one view's recovery, even if a newer view
+    /// took over from it).
     pub fn recovery(&self, phase: Option<RecoveryPhase>, finished: Option<Duration>) {
         self.recovery_phase.set(phase.map_or(0, |p| i64::from(p.index()) + 1));
         if let Some(took) = finished {

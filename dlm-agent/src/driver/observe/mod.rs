@@ -7,6 +7,7 @@
 
 mod cluster_metrics;
 mod evidence;
+mod recovery;
 mod usdt;
 
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ use tokio::time::Instant;
 use self::cluster_metrics::ClusterMetrics;
 use self::evidence::KernelEvidence;
 pub(super) use self::evidence::to_wire as evidence_to_wire;
+use self::recovery::RecoveryWatch;
 pub(super) use self::usdt::ResourceName;
 use super::{LockspaceName, SessionState};
 use crate::clock::Clock;
@@ -159,8 +161,8 @@ pub(super) struct Observer {
     pub(super) metrics: Arc<Metrics>,
     /// Present in a cluster.
     cluster: Option<ClusterMetrics>,
-    /// When the recovery running now started (engine time).
-    recovering_since: Option<dlm_core::Instant>,
+    /// The recovery running now (span, probes, metrics).
+    recovery: RecoveryWatch,
     /// Kernel attribution of lock phases (a no-op without eBPF).
     pub(super) evidence: KernelEvidence,
     clock: Clock,
@@ -173,8 +175,16 @@ impl Observer {
         attribution: Option<AttributionMaps>,
         clock: Clock,
     ) -> Observer {
-        let cluster = config.cluster.as_ref().map(|c| ClusterMetrics::new(&metrics, c.members.len()));
-        Observer { metrics, cluster, recovering_since: None, evidence: KernelEvidence::new(attribution), clock }
+        let cluster = config.cluster.as_ref().map(|c| {
+            ClusterMetrics::new(&metrics, c.members.len(), c.membership == crate::config::MembershipSource::Corosync)
+        });
+        Observer {
+            metrics,
+            cluster,
+            recovery: RecoveryWatch::default(),
+            evidence: KernelEvidence::new(attribution),
+            clock,
+        }
     }
 
     pub(super) fn session_opened(&mut self, pid: Option<u32>) {
@@ -208,20 +218,20 @@ impl Observer {
 
     /// Whether a recovery is running, as last seen.
     pub(super) fn recovering(&self) -> bool {
-        self.recovering_since.is_some()
+        self.recovery.running()
     }
 
     /// Brings the recovery metrics up to date: its phase, and its time when
     /// it has just finished.
     pub(super) fn update_recovery(&mut self, node: &ClusterNode) {
-        let Some(cluster) = &self.cluster else { return };
-        let status = node.recovery_status();
-        let finished = match (&status, self.recovering_since) {
-            (None, Some(since)) => Some(self.clock.engine_now().saturating_duration_since(since)),
-            _ => None,
-        };
-        self.recovering_since = status.as_ref().map(|s| s.started);
-        cluster.recovery(status.map(|s| s.phase), finished);
+        self.recovery.update(node, self.cluster.as_ref(), self.clock);
+    }
+
+    /// The membership's word on lost nodes waiting for fencing.
+    pub(super) fn fencing_waiting(&self, nodes: usize) {
+        if let Some(cluster) = &self.cluster {
+            cluster.fencing_waiting(nodes);
+        }
     }
 
     /// A view was taken (`fenced`: this node fenced itself by it).
