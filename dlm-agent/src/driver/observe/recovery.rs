@@ -36,6 +36,19 @@ fn phase_number(phase: RecoveryPhase) -> u64 {
     u64::from(phase.index()) + 1
 }
 
+impl Running {
+    /// Reports each barrier reached after the last one seen, up to `to`, in
+    /// order (several may pass between two looks).
+    fn advance(&mut self, to: RecoveryPhase, elapsed_ns: u64) {
+        let from = self.phase;
+        for phase in RecoveryPhase::ALL.into_iter().filter(|p| *p > from && *p <= to) {
+            probe::probe!(dlm, recovery__phase, self.epoch, phase_number(phase), elapsed_ns);
+            self.span.in_scope(|| tracing::info!(phase = phase.name(), "barrier reached"));
+            self.phase = phase;
+        }
+    }
+}
+
 impl RecoveryWatch {
     /// Whether a recovery was running when last looked at.
     pub fn running(&self) -> bool {
@@ -52,7 +65,12 @@ impl RecoveryWatch {
         };
         let same = matches!((&self.running, &status), (Some(r), Some(s)) if r.epoch == s.epoch);
         if !same {
-            if let Some(done) = self.running.take() {
+            if let Some(mut done) = self.running.take() {
+                if status.is_none() {
+                    // Finished (not replaced by a newer view's): every barrier
+                    // was passed, some maybe within the pass that finished it.
+                    done.advance(RecoveryPhase::Done, nanos(done.started));
+                }
                 let took = now.saturating_duration_since(done.started);
                 probe::probe!(dlm, recovery__done, done.epoch, nanos(done.started), done.departed);
                 done.span.in_scope(|| {
@@ -72,16 +90,13 @@ impl RecoveryWatch {
                     departed = ?s.departed.iter().map(|n| n.0).collect::<Vec<_>>(),
                     members
                 );
-                span.in_scope(|| tracing::info!(phase = s.phase.name(), "recovery started"));
-                self.running = Some(Running { epoch: s.epoch, phase: s.phase, started: s.started, departed, span });
+                span.in_scope(|| tracing::info!("recovery started"));
+                self.running =
+                    Some(Running { epoch: s.epoch, phase: RecoveryPhase::Stop, started: s.started, departed, span });
             }
         }
         if let (Some(running), Some(s)) = (self.running.as_mut(), &status) {
-            if s.phase != running.phase {
-                probe::probe!(dlm, recovery__phase, s.epoch, phase_number(s.phase), nanos(running.started));
-                running.span.in_scope(|| tracing::info!(phase = s.phase.name(), "barrier passed"));
-                running.phase = s.phase;
-            }
+            running.advance(s.phase, nanos(running.started));
             if let Some(metrics) = metrics {
                 metrics.recovery(Some(s.phase), None);
             }
