@@ -24,7 +24,8 @@ Commands:
                and build the docs (warnings are errors)
   bench [ARGS] set up, then run every benchmark: the engine's (criterion, memory) and dlm side
                by side with Redis and etcd (table on stdout, JSON in target/bench/peers.json), and
-               a 3-node cluster against a single node (target/bench/cluster.json);
+               a 3-node cluster against a single node (target/bench/cluster.json), and failover
+               with corosync beside Redis and etcd (target/bench/failover.json; needs root);
                ARGS go to `cargo bench`
   dashboards   set up, run the dashboard check against a live Prometheus with a longer workload,
                and plot each dashboard from the real results to dashboards/pictures/<uid>.png
@@ -158,7 +159,8 @@ fn dashboards() -> Result<(), String> {
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
-    let mut full = vec!["bench", "--package", "dlm-core", "--package", "dlm-agent", "--locked"];
+    let mut full =
+        vec!["bench", "--package", "dlm-core", "--package", "dlm-agent", "--package", "dlm-tests", "--locked"];
     full.extend(args.iter().map(String::as_str));
     run("cargo", &full)
 }
