@@ -49,6 +49,10 @@ Commands:
                one. --static: agents on loopback with a static member list instead (ports P+i
                for peers, P+100+i for HTTP; default P 17400; no root, no recovery). `down`
                stops everything and removes the namespaces (eBPF off unless --ebpf)
+  nemesis [--duration D] [--seed S]
+               set up, then run the nemesis (tests/nemesis.rs) for D (90s, 30m, 2h; default 10m):
+               clients on 3 corosync nodes while agents are killed, links cut, agents paused;
+               prints what was injected and checked (needs root; the test command runs 60 s)
   help         print this help
 
 Environment:
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         "dashboards" => setup::run().and_then(|()| dashboards()),
         "overhead" => setup::run().and_then(|()| overhead::run(&rest)),
         "sim" => sim(&rest),
+        "nemesis" => setup::run().and_then(|()| nemesis(&rest)),
         "cluster" => cluster::run(&rest),
         "help" | "-h" | "--help" => {
             print!("{HELP}");
@@ -156,6 +161,44 @@ fn dashboards() -> Result<(), String> {
         return Err("the dashboard check failed".into());
     }
     run("python3", &["dashboards/render.py", data, "dashboards/pictures"])
+}
+
+/// Runs the nemesis test for `--duration D` (`90s`, `30m`, `2h`; default 10m).
+fn nemesis(args: &[String]) -> Result<(), String> {
+    let mut seconds = 600u64;
+    let mut seed = None;
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--duration" => {
+                let text = args.next().ok_or("--duration needs a value (90s, 30m, 2h)")?;
+                let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+                let number: u64 = number.parse().map_err(|_| format!("--duration {text}: not a duration"))?;
+                seconds = number
+                    * match unit {
+                        "" | "s" => 1,
+                        "m" => 60,
+                        "h" => 3600,
+                        _ => return Err(format!("--duration {text}: use s, m or h")),
+                    };
+            }
+            "--seed" => seed = Some(args.next().ok_or("--seed needs a number")?.clone()),
+            other => {
+                return Err(format!("unknown option {other:?}; usage: cargo xtask nemesis [--duration D] [--seed S]"));
+            }
+        }
+    }
+    // The test runs the agent binary a build of dlm-agent's own targets makes.
+    run("cargo", &["build", "--locked", "--package", "dlm-agent", "--bin", "dlm-agent"])?;
+    let mut command = Command::new("cargo");
+    command
+        .args(["test", "--locked", "--package", "dlm-tests", "--test", "nemesis", "--", "--nocapture"])
+        .env("DLM_NEMESIS_SECONDS", seconds.to_string());
+    if let Some(seed) = seed {
+        command.env("DLM_NEMESIS_SEED", seed);
+    }
+    let status = command.status().map_err(|e| format!("cannot run cargo: {e}"))?;
+    if status.success() { Ok(()) } else { Err("the nemesis found a violation (see above)".into()) }
 }
 
 fn bench(args: &[String]) -> Result<(), String> {
