@@ -386,3 +386,44 @@ async fn a_group_member_that_is_no_configured_node_and_a_peer_from_an_old_epoch_
     }
     assert!(Path::new(&cluster.agent(2).socket).exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_failure_while_a_change_waits_starts_it_over_and_loses_nothing_of_the_survivors() {
+    if !can_run("a_second_failure_during_recovery", true) {
+        return;
+    }
+    let mut cluster = CorosyncCluster::start("twice", 3, 1000, "");
+    let s1 = cluster.agent(0).client().await.session().await.expect("session");
+    let s3 = cluster.agent(2).client().await.session().await.expect("session");
+    let waiter = Arc::new(cluster.agent(0).client().await.session().await.expect("session"));
+    let (kept_names, lost_names) = (names("kept", 4), names("lost", 4));
+    let kept = hold(&s1, &kept_names).await;
+    let lost = hold(&s3, &lost_names).await;
+    let waiters = wait_for(&waiter, &lost_names);
+    // Node 2's agent stops (SIGSTOP): alive for corosync, silent for its peers.
+    let node2 = cluster.agent(1).child.as_ref().expect("running").id().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &node2]).status().expect("kill").success());
+    cluster.kill_agent(2);
+    std::mem::forget(lost);
+    // The change waits for node 2's report (corosync still counts its
+    // stopped process), and node 1 says so.
+    let stuck = cluster.wait_state(0, Duration::from_secs(10), |s| {
+        s["state"] == "recovering" && s["view_waiting_for"] == serde_json::json!([2])
+    });
+    assert_eq!(cluster.status(0).1, 2, "{stuck:#}");
+    assert!(waiters.iter().all(|w| !w.is_finished()), "granted before the recovery ended");
+    // The second failure: node 2's agent is killed while it holds up the recovery.
+    let _ = std::process::Command::new("kill").args(["-KILL", &node2]).status();
+    drop(cluster.agents[1].take());
+    for waiter in waiters {
+        let (token, _) =
+            tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("granted in time").expect("task");
+        token.expect("granted");
+    }
+    let status = cluster.wait_state(0, Duration::from_secs(10), |s| s["state"] == "running");
+    assert_eq!(status["members"], serde_json::json!([1]), "{status:#}");
+    assert!(status["epoch"].as_u64() > stuck["epoch"].as_u64(), "a newer view took over the stuck change");
+    for (guard, name) in kept.iter().zip(&kept_names) {
+        assert_eq!(tokens_in_dumps(&cluster, name).await, [guard.fencing_token()], "{name}");
+    }
+}

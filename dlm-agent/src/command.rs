@@ -110,6 +110,9 @@ pub struct MembershipStatus {
     /// Lost nodes not fenced yet, with when each was lost: no quorate view
     /// without them is taken until they are.
     pub waiting_for_fencing: Vec<(NodeId, tokio::time::Instant)>,
+    /// Members whose report the next view waits for (a membership change
+    /// being agreed), with when the agreement started.
+    pub agreeing: Option<(Vec<NodeId>, tokio::time::Instant)>,
     /// Whether this process is connected to corosync.
     pub connected: bool,
 }

@@ -27,7 +27,7 @@ pub fn exit_status(s: &proto::StatusReply) -> u8 {
         EXIT_NOT_QUORATE
     } else if !s.waiting_for_fencing.is_empty() {
         EXIT_WAITING_FOR_FENCING
-    } else if s.recovery.is_some() {
+    } else if s.recovery.is_some() || !s.view_waiting_for.is_empty() {
         EXIT_RECOVERING
     } else {
         0
@@ -58,7 +58,8 @@ pub fn json(s: &proto::StatusReply) -> Value {
         s.waiting_for_fencing.iter().map(|w| json!({"node_id": w.node_id, "waited_ms": w.waited_ms})).collect();
     json!({"state": state(s), "membership": s.membership, "epoch": s.epoch, "members": s.members,
            "quorate": s.quorate, "fenced": s.fenced, "joining": s.joining, "recovery": recovery,
-           "waiting_for_fencing": fencing, "corosync_connected": s.corosync_connected})
+           "waiting_for_fencing": fencing, "corosync_connected": s.corosync_connected,
+           "view_waiting_for": s.view_waiting_for, "view_waiting_ms": s.view_waiting_ms})
 }
 
 /// The cluster lines of the text.
@@ -83,6 +84,13 @@ pub fn text(s: &proto::StatusReply) -> String {
             r.phase_elapsed_ms as f64 / 1000.0,
             r.waiting_for,
             r.departed
+        );
+    }
+    if !s.view_waiting_for.is_empty() {
+        text += &format!(
+            "view: a membership change has waited {:.1}s for the reports of {:?} (a stopped agent holds it up)\n",
+            s.view_waiting_ms as f64 / 1000.0,
+            s.view_waiting_for
         );
     }
     for w in &s.waiting_for_fencing {

@@ -280,7 +280,7 @@ impl Driver {
             Command::Link { peer, up } => self.link(peer, up),
             Command::View { view } => self.take_view(&view),
             Command::Membership(status) => {
-                self.observer.fencing_waiting(status.waiting_for_fencing.len());
+                self.observer.membership(&status);
                 self.membership = Some(status);
             }
             Command::FenceAck { node, reply } => {

@@ -84,6 +84,10 @@ impl Driver {
         if let Some(membership) = &self.membership {
             let tokio_now = tokio::time::Instant::now();
             reply.corosync_connected = membership.connected;
+            if let Some((awaited, since)) = &membership.agreeing {
+                reply.view_waiting_for = ids(awaited);
+                reply.view_waiting_ms = millis(tokio_now.saturating_duration_since(*since));
+            }
             reply.waiting_for_fencing = membership
                 .waiting_for_fencing
                 .iter()

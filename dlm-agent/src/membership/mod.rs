@@ -265,6 +265,13 @@ impl Membership {
             .filter_map(|(&nodeid, &at)| u16::try_from(nodeid).ok().map(|id| (NodeId(id), at)))
             .collect();
         self.status.waiting_for_fencing = waiting;
+        let awaited: Vec<NodeId> =
+            self.agreement.waiting_for().into_iter().filter_map(|n| u16::try_from(n).ok()).map(NodeId).collect();
+        self.status.agreeing = match (awaited.is_empty(), self.status.agreeing.take()) {
+            (true, _) => None,
+            (false, Some((_, since))) => Some((awaited, since)),
+            (false, None) => Some((awaited, Instant::now())),
+        };
         if self.status == self.reported {
             return true;
         }

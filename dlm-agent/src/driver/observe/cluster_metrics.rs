@@ -17,6 +17,7 @@ pub struct ClusterMetrics {
     quorate: IntGauge,
     fenced: IntGauge,
     fencing_waiting: IntGauge,
+    view_waiting: IntGauge,
     views: IntCounter,
     recovery_phase: IntGauge,
     recoveries: IntCounter,
@@ -104,6 +105,10 @@ impl ClusterMetrics {
                 "dlm_cluster_fencing_waiting_nodes",
                 "Lost nodes not fenced yet: their locks are not recovered until they are.",
             ),
+            view_waiting: gauge(
+                "dlm_cluster_view_waiting_members",
+                "Members whose report a membership change being agreed waits for (0 when none is).",
+            ),
             recovery_phase: gauge(
                 "dlm_cluster_recovery_phase",
                 "The recovery barrier this node waits at: 0 none, 1 stop, 2 directory, 3 locks, 4 done.",
@@ -160,9 +165,10 @@ impl ClusterMetrics {
         self.fenced.set(i64::from(fenced));
     }
 
-    /// Lost nodes waiting for fencing now.
-    pub fn fencing_waiting(&self, nodes: usize) {
-        self.fencing_waiting.set(i64::try_from(nodes).unwrap_or(i64::MAX));
+    /// Lost nodes waiting for fencing now, and members a view being agreed waits for.
+    pub fn membership(&self, fencing_waiting: usize, view_waiting: usize) {
+        self.fencing_waiting.set(i64::try_from(fencing_waiting).unwrap_or(i64::MAX));
+        self.view_waiting.set(i64::try_from(view_waiting).unwrap_or(i64::MAX));
     }
 
     /// Where recovery stands: its phase, or none; `finished` the time of a

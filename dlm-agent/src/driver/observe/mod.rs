@@ -227,10 +227,12 @@ impl Observer {
         self.recovery.update(node, self.cluster.as_ref(), self.clock);
     }
 
-    /// The membership's word on lost nodes waiting for fencing.
-    pub(super) fn fencing_waiting(&self, nodes: usize) {
+    /// The membership's word on lost nodes waiting for fencing and on a
+    /// view being agreed.
+    pub(super) fn membership(&self, status: &crate::command::MembershipStatus) {
         if let Some(cluster) = &self.cluster {
-            cluster.fencing_waiting(nodes);
+            let awaited = status.agreeing.as_ref().map_or(0, |(members, _)| members.len());
+            cluster.membership(status.waiting_for_fencing.len(), awaited);
         }
     }
 

@@ -207,6 +207,17 @@ impl Agreement {
         }
     }
 
+    /// The members whose report the round in progress waits for (none
+    /// without a round). A member that never reports (a stopped process:
+    /// corosync still counts it) holds every view up until it does or
+    /// leaves the group.
+    #[must_use]
+    pub fn waiting_for(&self) -> Vec<u32> {
+        self.round.as_ref().map_or_else(Vec::new, |round| {
+            round.expected.keys().filter(|n| !round.reports.contains_key(n)).copied().collect()
+        })
+    }
+
     /// The nodes lost and not fenced yet.
     #[must_use]
     pub fn unfenced(&self) -> &BTreeSet<u32> {

@@ -302,3 +302,24 @@ fn a_node_that_fenced_itself_comes_back_as_a_new_incarnation() {
     assert_ne!(back.incarnation(NodeId(3)), first);
     assert_eq!(back.incarnation(NodeId(3)), Some(group.agents[&member(3)].incarnation()));
 }
+
+#[test]
+fn a_round_says_whose_report_it_still_waits_for() {
+    let mut group = Group::new();
+    let all = [member(1), member(2), member(3)];
+    group.change(&all);
+    let (leader, round) = group.queue.pop_front().expect("the leader's round");
+    for m in all {
+        let steps = group.agents.get_mut(&m).expect("member").deliver(leader, round);
+        group.apply(m, steps);
+    }
+    assert_eq!(group.agents[&member(1)].waiting_for(), [1, 2, 3]);
+    let (from, report) = group.queue.pop_front().expect("node 1's report");
+    for m in all {
+        let steps = group.agents.get_mut(&m).expect("member").deliver(from, report);
+        group.apply(m, steps);
+    }
+    assert_eq!(group.agents[&member(3)].waiting_for(), [2, 3]);
+    group.run();
+    assert!(group.agents[&member(2)].waiting_for().is_empty());
+}
