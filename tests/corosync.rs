@@ -427,3 +427,51 @@ async fn a_second_failure_while_a_change_waits_starts_it_over_and_loses_nothing_
         assert_eq!(tokens_in_dumps(&cluster, name).await, [guard.fencing_token()], "{name}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchdog_is_fed_only_while_the_node_is_a_quorate_member_and_its_corosync_answers() {
+    if !can_run("the_watchdog", true) {
+        return;
+    }
+    // A regular file stands for each node's /dev/watchdog: every feeding
+    // writes a byte, a clean stop the magic 'V'. (softdog itself would reset
+    // this machine; what is checked is what the agent writes, and when.)
+    let dir = std::env::temp_dir().join(format!("dlm-watchdog-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    for node in 1..=3 {
+        std::fs::write(dir.join(format!("wd{node}")), b"").expect("device");
+    }
+    let extra = format!("[cluster.fencing]\nself_fence_grace = \"1s\"\nwatchdog = \"{}/wd@NODE@\"\n", dir.display());
+    let mut cluster = CorosyncCluster::start("watchdog", 3, 500, &extra);
+    let fed = |node: usize| std::fs::metadata(dir.join(format!("wd{node}"))).map_or(0, |m| m.len());
+    let grows = |node: usize, over: Duration| {
+        let before = fed(node);
+        std::thread::sleep(over);
+        fed(node) > before
+    };
+    assert!(grows(3, Duration::from_millis(2500)), "a quorate member feeds its watchdog");
+
+    // Cut off: the node loses quorum and stops feeding.
+    cluster.hosts.link(2, false);
+    cluster.wait_state(2, Duration::from_secs(10), |s| s["state"] == "fenced");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert!(!grows(3, Duration::from_millis(2500)), "a fenced node must not feed its watchdog");
+    cluster.hosts.link(2, true);
+    cluster.wait_state(2, Duration::from_secs(30), |s| s["state"] == "running");
+    assert!(grows(3, Duration::from_millis(2500)), "back in a quorate view, it feeds again");
+
+    // A frozen corosync cannot tell the agent anything: the agent still
+    // believes it is a quorate member, and only the watchdog notices.
+    assert!(grows(2, Duration::from_millis(2500)));
+    cluster.signal_corosync(1, "STOP");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!grows(2, Duration::from_millis(2500)), "a node whose corosync is frozen must stop feeding");
+    cluster.signal_corosync(1, "CONT");
+
+    // A clean stop disarms the device.
+    let mut agent = cluster.agents[0].take().expect("agent 1");
+    assert!(agent.terminate().success());
+    let written = std::fs::read(dir.join("wd1")).expect("device");
+    assert_eq!(written.last(), Some(&b'V'), "a clean stop writes the magic V");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -115,6 +115,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let node_id = dlm_core::cluster::NodeId(config.cluster.as_ref().map_or(0, |c| c.node_id));
     let peer_view = Arc::new(PeerView::new(node_id, if by_views { 0 } else { 1 }, by_views));
     let (fence_acks, fence_acks_rx) = tokio::sync::mpsc::channel(16);
+    let mut watchdog = None;
     let (driver, driver_task) = driver::start(
         config.clone(),
         metrics.clone(),
@@ -135,7 +136,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         peer::spawn(Arc::new(core), listener, dialers, driver.clone(), peer_metrics, peer_view.clone());
         let membership_metrics = membership::MembershipMetrics::new(&metrics);
         if by_views {
-            membership::start(cluster, peer_view.own(), driver.clone(), fence_acks_rx, membership_metrics)
+            watchdog = membership::start(cluster, peer_view.own(), driver.clone(), fence_acks_rx, membership_metrics)
                 .map_err(ServeError::Config)?;
         }
     }
@@ -217,6 +218,10 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     // Pending requests are answered (cancelled), locks revoked, sessions
     // ended; then the servers stop, letting the ended streams drain.
     let _ = driver.ask(|reply| Command::Shutdown { reply }).await;
+    if let Some(watchdog) = watchdog {
+        // Every lock is revoked: a clean stop may leave the machine running.
+        let _ = tokio::task::spawn_blocking(move || watchdog.disarm()).await;
+    }
     let _ = stop_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
     if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {

@@ -119,8 +119,8 @@ pub struct CorosyncCluster {
 
 impl CorosyncCluster {
     /// `n` nodes, corosync's token `token_ms`, `extra` added to every
-    /// agent's `[cluster]` section (before its members), each agent running
-    /// in a view of all.
+    /// agent's `[cluster]` section (before its members; `@NODE@` in it is the
+    /// node's id), each agent running in a view of all.
     #[must_use]
     pub fn start(tag: &str, n: usize, token_ms: u32, extra: &str) -> CorosyncCluster {
         let cluster = CorosyncCluster::start_with_members(tag, n, token_ms, extra, |_| (1..=n).collect());
@@ -169,9 +169,10 @@ impl CorosyncCluster {
                     .collect();
                 format!(
                     "[[lockspace]]\nname = \"default\"\n[cluster]\nname = \"{tag}\"\nnode_id = {}\n\
-                     membership = \"corosync\"\nlisten = \"{}\"\n{extra}\n{members}",
+                     membership = \"corosync\"\nlisten = \"{}\"\n{}\n{members}",
                     i + 1,
-                    hosts.address(i, 7400)
+                    hosts.address(i, 7400),
+                    extra.replace("@NODE@", &(i + 1).to_string())
                 )
             })
             .collect();
@@ -209,6 +210,13 @@ impl CorosyncCluster {
             .spawn()
             .expect("start corosync");
         self.corosync[i] = Some(child);
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to node `i + 1`'s corosync.
+    pub fn signal_corosync(&self, i: usize, signal: &str) {
+        let pid = self.corosync[i].as_ref().expect("corosync running").id().to_string();
+        let status = Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("kill");
+        assert!(status.success(), "kill -{signal} {pid}");
     }
 
     /// Kills node `i + 1`'s corosync (SIGKILL).

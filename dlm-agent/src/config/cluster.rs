@@ -66,6 +66,10 @@ pub struct FencingSettings {
     /// it to have fenced itself (it has, if its corosync lost quorum or its
     /// agent lost corosync: both revoke every lock it holds).
     pub self_fence_grace: Duration,
+    /// A watchdog device (softdog's `/dev/watchdog`) fed only while this
+    /// node is a quorate member and its corosync answers: backs self-fencing
+    /// for a node that cannot tell it was cut off (a frozen corosync).
+    pub watchdog: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -73,6 +77,7 @@ pub struct FencingSettings {
 pub(super) struct FileFencing {
     command: Option<Vec<String>>,
     self_fence_grace: Option<String>,
+    watchdog: Option<std::path::PathBuf>,
 }
 
 /// The default self-fencing grace: longer than corosync's default token
@@ -152,6 +157,7 @@ pub(super) fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, Con
                 SELF_FENCE_GRACE_DEFAULT,
             )?,
             command: file.fencing.command,
+            watchdog: file.fencing.watchdog,
         },
         members: file.member,
     };

@@ -18,6 +18,9 @@ pub mod agree;
 mod corosync;
 mod fencing;
 mod message;
+mod watchdog;
+
+pub use watchdog::Watchdog;
 
 use std::collections::BTreeMap;
 
@@ -77,17 +80,20 @@ impl MembershipMetrics {
 
 /// Starts the membership: corosync's dispatch threads and the task that
 /// agrees on views, fences lost nodes and hands views to the driver.
-/// `fence_acks` brings operators' acknowledgements from the driver.
+/// `fence_acks` brings operators' acknowledgements from the driver. Returns
+/// the watchdog, when one is configured, for a clean stop to disarm.
 ///
 /// # Errors
-/// Started twice in one process, or a thread cannot be made.
+/// Started twice in one process, the watchdog cannot be opened, or a thread
+/// cannot be made.
 pub fn start(
     settings: &ClusterSettings,
     incarnation: u64,
     driver: DriverHandle,
     fence_acks: mpsc::Receiver<NodeId>,
     metrics: MembershipMetrics,
-) -> Result<(), String> {
+) -> Result<Option<Watchdog>, String> {
+    let watchdog = settings.fencing.watchdog.as_deref().map(Watchdog::start).transpose()?;
     let (events, receiver) = mpsc::channel(EVENTS_MAX);
     corosync::spawn(settings.cpg_group(), events.clone())?;
     let agreement = Agreement::new(settings.node_id, settings.members.iter().map(|m| (m.id, m.weight)), incarnation);
@@ -102,9 +108,10 @@ pub fn start(
         reported: MembershipStatus::default(),
         lost_at: BTreeMap::new(),
         fencing: BTreeMap::new(),
+        watchdog: watchdog.clone(),
     };
     tokio::spawn(task.run(receiver, fence_acks));
-    Ok(())
+    Ok(watchdog)
 }
 
 /// The membership task's state.
@@ -125,6 +132,8 @@ struct Membership {
     lost_at: BTreeMap<u32, Instant>,
     /// The fencing this node runs, by node.
     fencing: BTreeMap<u32, tokio::task::AbortHandle>,
+    /// Fed while this node is a quorate member.
+    watchdog: Option<Watchdog>,
 }
 
 impl Membership {
@@ -224,6 +233,10 @@ impl Membership {
             }
             Step::View(view) => {
                 tracing::info!(epoch = view.epoch, quorate = view.quorate, "agreed on a view");
+                if let Some(watchdog) = &self.watchdog {
+                    let me = NodeId(self.settings.node_id);
+                    watchdog.member(view.quorate && view.members.iter().any(|m| m.id == me));
+                }
                 return self.driver.send(Command::View { view }).await.is_ok();
             }
             Step::Refused(reason, nodeid) => {
