@@ -105,6 +105,31 @@ impl Drop for Hosts {
     }
 }
 
+/// One corosync cluster at a time in a test process: each is 3 corosync
+/// daemons and agents with timing-sensitive faults, and several at once on
+/// a 2-CPU machine make their timings the machine's load rather than theirs.
+struct Turn;
+
+static BUSY: (std::sync::Mutex<bool>, std::sync::Condvar) = (std::sync::Mutex::new(false), std::sync::Condvar::new());
+
+impl Turn {
+    fn take() -> Turn {
+        let mut busy = BUSY.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        while *busy {
+            busy = BUSY.1.wait(busy).unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        *busy = true;
+        Turn
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        *BUSY.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = false;
+        BUSY.1.notify_one();
+    }
+}
+
 /// Nodes with corosync and an agent each.
 pub struct CorosyncCluster {
     /// The namespaces (dropped last: the processes go first).
@@ -115,6 +140,8 @@ pub struct CorosyncCluster {
     pub agents: Vec<Option<Agent>>,
     configs: Vec<String>,
     tag: String,
+    /// Held for the cluster's life (dropped last).
+    _turn: Turn,
 }
 
 impl CorosyncCluster {
@@ -143,6 +170,7 @@ impl CorosyncCluster {
         extra: &str,
         members_of: impl Fn(usize) -> Vec<usize>,
     ) -> CorosyncCluster {
+        let turn = Turn::take();
         let hosts = Hosts::make(n);
         let dir = std::env::temp_dir().join(format!("dlm-corosync-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -183,6 +211,7 @@ impl CorosyncCluster {
             agents: (0..n).map(|_| None).collect(),
             configs,
             tag: tag.to_string(),
+            _turn: turn,
         };
         for i in 0..n {
             cluster.start_corosync(i);
