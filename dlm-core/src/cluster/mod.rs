@@ -103,7 +103,7 @@ pub use message::{
     Envelope, NodeId, PeerError, PeerMessage, RecoveredLock, RemoteEdge, SESSION_NODE_SHIFT, WAIT_EDGES_MAX,
 };
 use recovery::ViewState;
-pub use recovery::{RecoveryPhase, RecoveryStatus, TOKEN_EPOCH_SHIFT, epoch_token_floor};
+pub use recovery::{RecoveryPhase, RecoveryStatus, TOKEN_EPOCH_SHIFT, TOKEN_LIMIT, epoch_token_floor};
 use requester::Requester;
 pub use timer::{Timer, TimerTable};
 pub use view::{View, ViewError, ViewMember};

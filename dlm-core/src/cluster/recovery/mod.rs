@@ -86,10 +86,16 @@ const FUTURE_ENVELOPES_MAX: usize = 4096;
 /// Bits of a fencing token below the epoch's part (see the module docs).
 pub const TOKEN_EPOCH_SHIFT: u32 = 40;
 
+/// Fencing tokens stay below this: epochs' floors stop at
+/// `(2^23 - 1) << 40`, and an epoch hands out fewer than 2^40 tokens. A
+/// peer's token or floor at or above it is refused as malformed (a forged
+/// floor near 2^64 would otherwise make the next token wrap to 0).
+pub const TOKEN_LIMIT: u64 = 1 << 63;
+
 /// The fencing token every lockspace's counter is raised to in an epoch.
 #[must_use]
 pub const fn epoch_token_floor(epoch: u64) -> u64 {
-    let max_epoch = (1u64 << (64 - TOKEN_EPOCH_SHIFT)) - 1;
+    let max_epoch = (TOKEN_LIMIT >> TOKEN_EPOCH_SHIFT) - 1;
     let epoch = if epoch < max_epoch { epoch } else { max_epoch };
     epoch << TOKEN_EPOCH_SHIFT
 }

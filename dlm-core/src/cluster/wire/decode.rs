@@ -8,7 +8,7 @@ use super::encode::{OPS, STATUSES};
 const EDGE_LEN: usize = 8 + 8 + 16 + 20;
 use super::*;
 use crate::cluster::message::{Envelope, NodeId, PeerMessage, RecoveredLock, RemoteEdge, WAIT_EDGES_MAX};
-use crate::cluster::recovery::RecoveryPhase;
+use crate::cluster::recovery::{RecoveryPhase, TOKEN_LIMIT};
 use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::Completion;
 use crate::flags::{LockFlags, StatusFlags, UnlockFlags};
@@ -71,6 +71,12 @@ impl<'a> Reader<'a> {
         Ok(Some(self.take(len)?.to_vec()))
     }
 
+    /// A fencing token (or a floor of them): below [`TOKEN_LIMIT`].
+    pub(super) fn token(&mut self) -> Result<u64, WireError> {
+        let token = self.u64()?;
+        if token < TOKEN_LIMIT { Ok(token) } else { Err(WireError::Invalid("fencing token beyond the token space")) }
+    }
+
     pub(super) fn opt_u64(&mut self) -> Result<Option<u64>, WireError> {
         if self.flag()? { Ok(Some(self.u64()?)) } else { Ok(None) }
     }
@@ -114,7 +120,7 @@ impl<'a> Reader<'a> {
             let from = SessionId(self.u64()?);
             let to = SessionId(self.u64()?);
             let wait = self.wait()?;
-            let blocker = Blocker { lock: self.u32()?, token: self.u64()?, seq: self.u64()? };
+            let blocker = Blocker { lock: self.u32()?, token: self.token()?, seq: self.u64()? };
             edges.push(RemoteEdge { from, to, wait, blocker });
         }
         Ok(edges)
@@ -145,14 +151,14 @@ impl<'a> Reader<'a> {
                 let name = self.resource()?;
                 let master = if self.flag()? { Some(NodeId(self.u16()?)) } else { None };
                 let generation = self.u64()?;
-                let token_floor = self.u64()?;
+                let token_floor = self.token()?;
                 PeerMessage::LookupReply { lockspace, name, master, generation, token_floor }
             }
             3 => {
                 let lockspace = self.lockspace()?;
                 let name = self.resource()?;
                 let generation = self.u64()?;
-                let token_floor = self.u64()?;
+                let token_floor = self.token()?;
                 PeerMessage::Remove { lockspace, name, generation, token_floor }
             }
             4 => {
@@ -191,7 +197,7 @@ impl<'a> Reader<'a> {
                 let op = *OPS.get(usize::from(self.u8()?)).ok_or(WireError::Invalid("op"))?;
                 let status = *STATUSES.get(usize::from(self.u8()?)).ok_or(WireError::Invalid("status"))?;
                 let mode = if self.flag()? { Some(self.mode()?) } else { None };
-                let token = self.opt_u64()?.map(FencingToken);
+                let token = if self.flag()? { Some(FencingToken(self.token()?)) } else { None };
                 let lvb = self.opt_bytes16("value block", LVB_LEN_MAX)?;
                 let flags = StatusFlags::from_bits(self.u32()?).ok_or(WireError::Invalid("status flags"))?;
                 PeerMessage::Complete(Completion { session, handle, op, status, mode, token, lvb, flags })
@@ -232,7 +238,7 @@ impl<'a> Reader<'a> {
                 let name = self.resource()?;
                 let (session, handle) = self.session_handle()?;
                 let mode = self.mode()?;
-                let token = self.u64()?;
+                let token = self.token()?;
                 let flags = self.lock_flags()?;
                 let lvb = self.opt_bytes16("value block", LVB_LEN_MAX)?;
                 let state = self.u8()?;

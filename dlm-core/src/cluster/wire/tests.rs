@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use super::*;
-use crate::cluster::message::{Envelope, NodeId, PeerMessage, RemoteEdge};
+use crate::cluster::message::{Envelope, NodeId, PeerMessage, RecoveredLock, RemoteEdge};
 use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::{Completion, Op, Status};
 use crate::flags::{LockFlags, StatusFlags, UnlockFlags};
@@ -57,6 +57,18 @@ fn samples() -> Vec<PeerMessage> {
         PeerMessage::EdgesConfirmed { probe: 9, confirmed: true },
         PeerMessage::EdgesConfirmed { probe: 10, confirmed: false },
         PeerMessage::AbortWait { wait: WaitRef { lockspace: LockspaceId(1), lock: 2, seq: 3 } },
+        PeerMessage::RecoverLock(RecoveredLock {
+            lockspace: b"ls".to_vec(),
+            name: b"r".to_vec(),
+            session,
+            handle,
+            mode: Mode::Pw,
+            token: 77,
+            flags: LockFlags::EMPTY,
+            lvb: Some(vec![1; 4]),
+            unlocking: false,
+            lvb_unsure: true,
+        }),
         PeerMessage::Heartbeat,
     ]
 }
@@ -66,7 +78,7 @@ fn remote_edge(from: SessionId) -> RemoteEdge {
         from,
         to: SessionId(3),
         wait: WaitRef { lockspace: LockspaceId(1), lock: 2, seq: 3 },
-        blocker: Blocker { lock: 5, token: u64::MAX - 1, seq: 6 },
+        blocker: Blocker { lock: 5, token: crate::cluster::TOKEN_LIMIT - 1, seq: 6 },
     }
 }
 
@@ -160,4 +172,52 @@ fn random_bytes_never_panic() {
         bad[i] ^= 0xff;
         let _ = decode_frame(&bad[4..]);
     }
+}
+
+#[test]
+fn tokens_and_floors_beyond_the_token_space_are_refused() {
+    use crate::cluster::TOKEN_LIMIT;
+    let remove = |token_floor| PeerMessage::Remove {
+        lockspace: b"ls".to_vec(),
+        name: b"r".to_vec(),
+        generation: 5,
+        token_floor,
+    };
+    let decode = |message: PeerMessage| {
+        let mut bytes = Vec::new();
+        encode_frames(&[Envelope { epoch: 1, seq: 1, ack: 0, message: Some(message) }], &mut bytes);
+        decode_frame(&bytes[4..])
+    };
+    assert!(decode(remove(TOKEN_LIMIT - 1)).is_ok());
+    // The forged floor that made tokens wrap to 0 (issue 17), and the limit itself.
+    for floor in [u64::MAX - 2, TOKEN_LIMIT] {
+        assert_eq!(decode(remove(floor)), Err(WireError::Invalid("fencing token beyond the token space")), "{floor}");
+    }
+    // Every other place a peer gives a token is checked the same way.
+    for message in samples() {
+        let mut forged = message.clone();
+        let touched = match &mut forged {
+            PeerMessage::LookupReply { token_floor, .. } => {
+                *token_floor = u64::MAX;
+                true
+            }
+            PeerMessage::Complete(completion) if completion.token.is_some() => {
+                completion.token = Some(crate::FencingToken(u64::MAX));
+                true
+            }
+            PeerMessage::RecoverLock(lock) => {
+                lock.token = u64::MAX;
+                true
+            }
+            PeerMessage::WaitEdges { edges } => {
+                edges[0].blocker.token = u64::MAX;
+                true
+            }
+            _ => false,
+        };
+        if touched {
+            assert!(decode(forged).is_err(), "{message:?} with a token at 2^64-1 was taken");
+        }
+    }
+    assert!(crate::cluster::epoch_token_floor(u64::MAX) < TOKEN_LIMIT);
 }
