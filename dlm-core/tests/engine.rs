@@ -853,3 +853,22 @@ fn a_dropped_conversion_takes_its_demoted_status_with_it() {
     assert_eq!(h.end(1), vec![]);
     assert_eq!(h.lock(3, 1, "r", Nl, LockFlags::ADOPT), vec![granted(3, 1, Op::Lock, Nl, 4)]);
 }
+
+#[test]
+fn tokens_never_go_back_across_a_lockspace_released_and_created_again() {
+    // Issue 17: a lockspace released with force and created again handed
+    // out token 1 while a holder of token 4 still ran.
+    let mut h = harness();
+    for handle in 1..=4 {
+        h.lock(1, handle, &format!("r{handle}"), Ex, NONE);
+    }
+    let before = h.node.last_token(h.ls).expect("lockspace");
+    h.node.release_lockspace(h.ls, true).expect("released");
+    let _ = h.effects();
+    h.ls = h.node.create_lockspace(b"test", LockspaceConfig::default()).expect("created again");
+    let effects = h.lock(2, 1, "r4", Ex, NONE);
+    assert_eq!(effects, vec![granted(2, 1, Op::Lock, Ex, before + 1)]);
+    // Another name created later starts above it too.
+    let other = h.node.create_lockspace(b"other", LockspaceConfig::default()).expect("another");
+    assert_eq!(h.node.last_token(other), Some(before));
+}

@@ -81,6 +81,10 @@ pub struct Node {
     lockspaces: BTreeMap<LockspaceId, Lockspace>,
     lockspace_names: BTreeMap<Box<[u8]>, LockspaceId>,
     next_lockspace: u32,
+    /// The highest fencing token any released lockspace handed out: a
+    /// lockspace created later starts above it, so tokens never go back on
+    /// this node across a release and a re-creation (of that name or another).
+    released_tokens: u64,
     sessions: HashMap<SessionId, Session>,
     out: Outbox,
     /// When a full deadlock scan is due (a targeted search ran out of budget).
@@ -99,6 +103,7 @@ impl Node {
             lockspaces: BTreeMap::new(),
             lockspace_names: BTreeMap::new(),
             next_lockspace: 0,
+            released_tokens: 0,
             sessions: HashMap::new(),
             out: Outbox::default(),
             full_scan_at: None,
@@ -128,7 +133,9 @@ impl Node {
         let id = LockspaceId(self.next_lockspace);
         self.next_lockspace =
             self.next_lockspace.checked_add(1).ok_or(RequestError::LimitExceeded(Limit::Lockspaces))?;
-        self.lockspaces.insert(id, Lockspace::new(id, name.into(), config));
+        let mut lockspace = Lockspace::new(id, name.into(), config);
+        lockspace.raise_token_floor(self.released_tokens);
+        self.lockspaces.insert(id, lockspace);
         self.lockspace_names.insert(name.into(), id);
         Ok(id)
     }
@@ -152,6 +159,7 @@ impl Node {
         }
         lockspace.drop_all(&mut self.out, Status::Cancelled, crate::effect::RevokeReason::LockspaceReleased);
         let lockspace = self.lockspaces.remove(&id).expect("looked up above");
+        self.released_tokens = self.released_tokens.max(lockspace.last_token());
         // Orphans go with the lockspace without being destroyed one by one.
         self.out.locks -= u64::from(lockspace.locks.len());
         self.lockspace_names.remove(&lockspace.name);
