@@ -110,6 +110,20 @@ impl Drop for RecoveryTracer {
     }
 }
 
+/// The waiters' grants, in order: each token with when it came; fails the
+/// test if one is not granted within `limit`.
+async fn granted(
+    waiters: Vec<tokio::task::JoinHandle<(Result<u64, LockError>, SystemTime)>>,
+    limit: Duration,
+) -> Vec<(u64, SystemTime)> {
+    let mut grants = Vec::new();
+    for waiter in waiters {
+        let (token, at) = tokio::time::timeout(limit, waiter).await.expect("granted in time").expect("task");
+        grants.push((token.expect("granted"), at));
+    }
+    grants
+}
+
 fn names(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
@@ -147,10 +161,7 @@ async fn an_agent_killed_loses_only_its_clients_locks_and_their_waiters_are_gran
     let log = cluster.kill_agent(2);
     std::mem::forget(lost);
     let mut latencies = Vec::new();
-    for (waiter, old) in waiters.into_iter().zip(&lost_tokens) {
-        let (token, at) =
-            tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("granted in time").expect("task");
-        let token = token.expect("granted");
+    for ((token, at), old) in granted(waiters, Duration::from_secs(10)).await.into_iter().zip(&lost_tokens) {
         assert!(token > *old, "a recovered resource's token went backwards: {token} after {old}");
         latencies.push(at.duration_since(killed).unwrap_or_default());
     }
@@ -225,13 +236,8 @@ async fn a_lost_node_is_fenced_before_any_of_its_locks_is_recovered() {
     let waiting = cluster.wait_state(0, Duration::from_secs(10), |s| s["state"] == "waiting_for_fencing");
     assert_eq!(waiting["waiting_for_fencing"][0]["node_id"], 3, "{waiting:#}");
     assert_eq!(cluster.status(0).1, 3);
-    let mut granted = Vec::new();
-    for waiter in waiters {
-        let (token, at) =
-            tokio::time::timeout(Duration::from_secs(20), waiter).await.expect("granted in time").expect("task");
-        token.expect("granted");
-        granted.push(at);
-    }
+    let grants: Vec<SystemTime> =
+        granted(waiters, Duration::from_secs(20)).await.into_iter().map(|(_, at)| at).collect();
     let calls = std::fs::read_to_string(&record).expect("the fencing command ran");
     let lines: Vec<&str> = calls.lines().collect();
     assert_eq!(lines.len(), 1, "fenced once after the failed attempt: {calls}");
@@ -239,7 +245,7 @@ async fn a_lost_node_is_fenced_before_any_of_its_locks_is_recovered() {
     assert_eq!(fields[..2], ["3", cluster.hosts.ip(2).as_str()]);
     let fenced_at: f64 = fields[2].parse().expect("time");
     let since_epoch = |t: SystemTime| t.duration_since(SystemTime::UNIX_EPOCH).expect("after 1970").as_secs_f64();
-    let first_grant = granted.iter().copied().map(since_epoch).fold(f64::INFINITY, f64::min);
+    let first_grant = grants.iter().copied().map(since_epoch).fold(f64::INFINITY, f64::min);
     assert!(
         first_grant >= fenced_at,
         "a lock of the lost node was granted at {first_grant} before fencing ended at {fenced_at}"
@@ -284,14 +290,8 @@ async fn a_partitioned_node_fences_itself_the_majority_recovers_and_healing_brin
     let last_revoked = revoked.iter().map(|(_, at)| *at).max().expect("revoked");
     let fenced = cluster.wait_state(2, Duration::from_secs(5), |s| s["state"] == "fenced");
     assert_eq!(cluster.status(2).1, 4, "{fenced:#}");
-    let mut first_grant = None;
-    for waiter in waiters {
-        let (token, at) =
-            tokio::time::timeout(Duration::from_secs(20), waiter).await.expect("granted in time").expect("task");
-        token.expect("granted");
-        first_grant = Some(first_grant.map_or(at, |f: SystemTime| f.min(at)));
-    }
-    let first_grant = first_grant.expect("grants");
+    let first_grant =
+        granted(waiters, Duration::from_secs(20)).await.into_iter().map(|(_, at)| at).min().expect("grants");
     assert!(first_grant > last_revoked, "the majority granted before the cut-off node had revoked");
     eprintln!(
         "partition (token 500 ms, grace 1 s): minority revoked {:?} after the cut, majority granted {:?} after",
@@ -422,11 +422,7 @@ async fn a_second_failure_while_a_change_waits_starts_it_over_and_loses_nothing_
     // The second failure: node 2's agent is killed while it holds up the recovery.
     let _ = std::process::Command::new("kill").args(["-KILL", &node2]).status();
     drop(cluster.agents[1].take());
-    for waiter in waiters {
-        let (token, _) =
-            tokio::time::timeout(Duration::from_secs(10), waiter).await.expect("granted in time").expect("task");
-        token.expect("granted");
-    }
+    granted(waiters, Duration::from_secs(10)).await;
     let status = cluster.wait_state(0, Duration::from_secs(10), |s| s["state"] == "running");
     assert_eq!(status["members"], serde_json::json!([1]), "{status:#}");
     assert!(status["epoch"].as_u64() > stuck["epoch"].as_u64(), "a newer view took over the stuck change");

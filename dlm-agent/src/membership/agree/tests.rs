@@ -71,11 +71,16 @@ impl Group {
                 // sent before leaving, which this model does not need.
                 continue;
             }
-            let members: Vec<CpgMember> = self.agents.keys().copied().collect();
-            for m in members {
-                let steps = self.agents.get_mut(&m).expect("member").deliver(from, message);
-                self.apply(m, steps);
-            }
+            self.deliver(from, message);
+        }
+    }
+
+    /// Delivers one message to every member (as corosync does, in order).
+    fn deliver(&mut self, from: CpgMember, message: Message) {
+        let members: Vec<CpgMember> = self.agents.keys().copied().collect();
+        for m in members {
+            let steps = self.agents.get_mut(&m).expect("member").deliver(from, message);
+            self.apply(m, steps);
         }
     }
 
@@ -142,25 +147,16 @@ fn a_report_sent_for_an_earlier_round_is_not_counted_in_a_later_one() {
     // another round starts (quorum regained, say).
     group.change(&all);
     let (leader, round) = group.queue.pop_front().expect("the leader's round");
-    for m in all {
-        let steps = group.agents.get_mut(&m).expect("member").deliver(leader, round);
-        group.apply(m, steps);
-    }
+    group.deliver(leader, round);
     let later = Message::Round(RoundId { by: member(1), seq: 99 });
     group.queue.push_front((member(1), later));
     let (from, message) = group.queue.pop_front().expect("the later round");
-    for m in all {
-        let steps = group.agents.get_mut(&m).expect("member").deliver(from, message);
-        group.apply(m, steps);
-    }
+    group.deliver(from, message);
     // Now the answers to the first round, then to the later one.
     let answers: Vec<(CpgMember, Message)> = group.queue.drain(..).collect();
     assert_eq!(answers.len(), 4);
     for (i, (from, message)) in answers.into_iter().enumerate() {
-        for m in all {
-            let steps = group.agents.get_mut(&m).expect("member").deliver(from, message);
-            group.apply(m, steps);
-        }
+        group.deliver(from, message);
         let views = group.views[&member(1)].len();
         assert_eq!(views, if i < 3 { 1 } else { 2 }, "after answer {i}: the first round's answers do not count");
     }
@@ -309,16 +305,10 @@ fn a_round_says_whose_report_it_still_waits_for() {
     let all = [member(1), member(2), member(3)];
     group.change(&all);
     let (leader, round) = group.queue.pop_front().expect("the leader's round");
-    for m in all {
-        let steps = group.agents.get_mut(&m).expect("member").deliver(leader, round);
-        group.apply(m, steps);
-    }
+    group.deliver(leader, round);
     assert_eq!(group.agents[&member(1)].waiting_for(), [1, 2, 3]);
     let (from, report) = group.queue.pop_front().expect("node 1's report");
-    for m in all {
-        let steps = group.agents.get_mut(&m).expect("member").deliver(from, report);
-        group.apply(m, steps);
-    }
+    group.deliver(from, report);
     assert_eq!(group.agents[&member(3)].waiting_for(), [2, 3]);
     group.run();
     assert!(group.agents[&member(2)].waiting_for().is_empty());
