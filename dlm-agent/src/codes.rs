@@ -96,6 +96,9 @@ codes! {
         /// refusal, not a request's: never counted in
         /// `dlm_lock_requests_rejected_total`.
         InvalidPageToken = "invalid_page_token",
+        /// The client has not the right it needs in that lockspace
+        /// ([`Right`]; the agent's access policy).
+        PermissionDenied = "permission_denied",
         /// The agent is stopping: a framed session is refused with this
         /// (gRPC says `unavailable`). Not a request, so never counted in
         /// `dlm_lock_requests_rejected_total`.
@@ -132,6 +135,19 @@ impl RejectCode {
     #[must_use]
     pub const fn counted(self) -> bool {
         !matches!(self, RejectCode::ShuttingDown | RejectCode::InvalidPageToken)
+    }
+}
+
+codes! {
+    /// A right of the access policy: the `right` label of
+    /// `dlm_access_denied_total` and the keys of `[access]`.
+    pub enum Right {
+        /// Lock in a lockspace.
+        Lock = "lock",
+        /// See every client's locks in a lockspace (`Dump`).
+        Dump = "dump",
+        /// Create and release lockspaces, acknowledge fences.
+        Admin = "admin",
     }
 }
 

@@ -17,25 +17,33 @@ use dlm_core::SessionId;
 use dlm_core::cluster::{Envelope, NodeId, View};
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use crate::access::Identity;
 use crate::convert::Rejection;
 use crate::framing::FrameSink;
 use crate::proto;
 
-/// Who is on the other end of a client session, from the Unix socket
-/// (`SO_PEERCRED`); unknown for TCP clients.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Who is on the other end of a client session: from the Unix socket
+/// (`SO_PEERCRED`), or a TCP client's certificate.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Credentials {
-    /// The client's process id.
+    /// The client's process id (Unix socket).
     pub pid: Option<i32>,
-    /// The client's user id.
-    pub uid: Option<u32>,
+    /// What the connection proves, for the access policy.
+    pub identity: Identity,
 }
 
 impl Credentials {
     /// The credentials a Unix socket reported.
     #[must_use]
     pub fn of(credentials: tokio::net::unix::UCred) -> Credentials {
-        Credentials { pid: credentials.pid(), uid: Some(credentials.uid()) }
+        let pid = credentials.pid();
+        Credentials { pid, identity: Identity::local(credentials.uid(), credentials.gid(), pid) }
+    }
+
+    /// The client's user id (Unix socket).
+    #[must_use]
+    pub fn uid(&self) -> Option<u32> {
+        self.identity.uid
     }
 }
 

@@ -36,6 +36,7 @@ pub fn rejection_status(code: &str, message: &str) -> tonic::Status {
         Some(RejectCode::LockspaceBusy) => tonic::Status::failed_precondition(message),
         Some(RejectCode::LockspaceExists) => tonic::Status::already_exists(message),
         Some(RejectCode::ShuttingDown) => tonic::Status::unavailable(message),
+        Some(RejectCode::PermissionDenied) => tonic::Status::permission_denied(message),
         _ => tonic::Status::invalid_argument(message),
     }
 }

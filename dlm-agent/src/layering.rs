@@ -13,6 +13,7 @@ const LAYERS: &[&str] = &[
     "clock",
     "bounds",
     "codes",
+    "access",
     "telemetry",
     "config",
     "convert",

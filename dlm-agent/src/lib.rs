@@ -28,6 +28,7 @@
 //! | `clock` | the agent's one clock: tokio's, mapped to the lock engine's `Instant` |
 //! | `bounds` | fixed bounds on messages, frames and queues, with their relations checked at compile time |
 //! | [`codes`] | typed labels (reject codes, session-end, link-reset and peer-reject reasons, eBPF families) with `ALL` and `as_str()` |
+//! | [`access`] | who may do what: identities of clients, rights per lockspace, the policy |
 //! | [`telemetry`] | logs, and one OpenTelemetry span per lock request when OTLP is configured |
 //! | [`config`] | the settings: embedded default, TOML file, `DLM_*` variables and flags, validated |
 //! | `convert` | wire (`proto`) ⇄ lock engine (`dlm_core`) types, and the rejection of a request |
@@ -73,6 +74,7 @@
 //! `membership` module turns corosync's view of the cluster into the views
 //! the node recovers from, fencing lost nodes first.
 
+pub mod access;
 pub mod client;
 pub mod codes;
 pub mod config;

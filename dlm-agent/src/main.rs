@@ -27,6 +27,9 @@ enum Command {
     FenceAck(cli::cluster::FenceAckArgs),
     /// List lockspaces.
     Ls(cli::inspect::LsArgs),
+    /// Create or release a lockspace (administrators only).
+    #[command(subcommand)]
+    Lockspace(cli::lockspace::LockspaceCommand),
     /// Show resources with their granted, converting and waiting locks.
     Dump(cli::inspect::DumpArgs),
     /// Profile kernel contention live with eBPF (needs root or CAP_BPF+CAP_PERFMON)
@@ -67,6 +70,7 @@ fn main() -> ExitCode {
             Command::Status(args) => cli::inspect::status(args).await,
             Command::FenceAck(args) => cli::cluster::fence_ack(args).await,
             Command::Ls(args) => cli::inspect::ls(args).await,
+            Command::Lockspace(command) => cli::lockspace::run(command).await,
             Command::Dump(args) => cli::inspect::dump(args).await,
             Command::Trace(command) => cli::trace::run(command).await,
         }

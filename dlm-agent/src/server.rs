@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 
+use crate::access::Access;
 use crate::bounds::{CLIENT_MESSAGE_LEN_MAX, HANDSHAKES_MAX, HANDSHAKES_PER_CLIENT_MAX};
 use crate::clock::Clock;
 use crate::command::{Command, PeerView};
@@ -66,7 +67,8 @@ async fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
         std::fs::remove_file(path).map_err(bind_error)?;
     }
     let listener = UnixListener::bind(path).map_err(bind_error)?;
-    // Any local user may take locks; the agent knows who they are from the socket.
+    // Any local user may connect: the agent knows who they are from the
+    // socket, and the access policy says what each may do.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(bind_error)?;
     Ok(listener)
@@ -115,6 +117,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let node_id = dlm_core::cluster::NodeId(config.cluster.as_ref().map_or(0, |c| c.node_id));
     let peer_view = Arc::new(PeerView::new(node_id, if by_views { 0 } else { 1 }, by_views));
     let (fence_acks, fence_acks_rx) = tokio::sync::mpsc::channel(16);
+    let access = Arc::new(Access::new(config.access.clone()));
+    metrics.register(access.collector());
     let mut watchdog = None;
     let (driver, driver_task) = driver::start(
         config.clone(),
@@ -122,6 +126,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         Clock::start(),
         ebpf.attribution,
         driver::Links { peers, peer_view: peer_view.clone(), fence_acks: by_views.then_some(fence_acks) },
+        access.clone(),
     )
     .map_err(ServeError::Config)?;
     if let (Some(cluster), Some(listener)) = (&config.cluster, peer_listener) {
@@ -150,7 +155,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     };
 
     let service = || {
-        DlmServer::new(DlmService::new(driver.clone(), config.node.clone(), config.session_queue_max))
+        DlmServer::new(DlmService::new(driver.clone(), config.node.clone(), config.session_queue_max, access.clone()))
             .max_decoding_message_size(CLIENT_MESSAGE_LEN_MAX)
     };
     let server = || {

@@ -62,7 +62,8 @@ pub async fn run(args: LockArgs) -> ExitCode {
         }
         Err(LockError::Rejected { code, message }) => {
             eprintln!("dlm-agent: refused ({code}): {message}");
-            return ExitCode::from(EXIT_USAGE);
+            let no_permission = code == dlm_agent::codes::RejectCode::PermissionDenied.as_str();
+            return ExitCode::from(if no_permission { super::EXIT_NO_PERMISSION } else { EXIT_USAGE });
         }
         Err(LockError::SessionClosed) => {
             eprintln!("dlm-agent: the agent closed the session");

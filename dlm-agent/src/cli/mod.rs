@@ -8,12 +8,15 @@ use dlm_agent::client::{Client, Target};
 pub mod cluster;
 pub mod inspect;
 pub mod lock;
+pub mod lockspace;
 pub mod run;
 pub mod trace;
 pub mod trace_dlm;
 
 /// Exit status: the command line was wrong, or the agent refused the request (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
+/// Exit status: the access policy refused the request (EX_NOPERM).
+pub const EXIT_NO_PERMISSION: u8 = 77;
 /// Exit status: the agent could not be reached (EX_UNAVAILABLE).
 pub const EXIT_UNREACHABLE: u8 = 69;
 /// Exit status: an internal error (EX_SOFTWARE).
@@ -62,6 +65,9 @@ pub fn call_failed(error: &dlm_agent::client::ClientError) -> u8 {
             ) =>
         {
             EXIT_USAGE
+        }
+        dlm_agent::client::ClientError::Call(status) if status.code() == tonic::Code::PermissionDenied => {
+            EXIT_NO_PERMISSION
         }
         _ => EXIT_UNREACHABLE,
     }

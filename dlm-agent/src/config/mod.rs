@@ -10,9 +10,11 @@ use std::time::Duration;
 use dlm_core::Limits;
 use serde::Deserialize;
 
+use crate::access::Policy;
 use crate::bounds::SESSION_QUEUE_MAX_RANGE;
 use crate::codes::Family;
 
+mod access;
 mod clients;
 mod cluster;
 pub mod memory;
@@ -59,6 +61,8 @@ pub struct Config {
     pub ebpf_families: Vec<Family>,
     /// The cluster this agent is a member of; `None` for a single node.
     pub cluster: Option<ClusterSettings>,
+    /// Who may do what (`[access]`).
+    pub access: Policy,
 }
 
 /// A lockspace the agent creates at start.
@@ -119,6 +123,7 @@ impl Default for Config {
             ebpf_long_stall: Duration::from_millis(10),
             ebpf_families: Family::AGENT_DEFAULT.to_vec(),
             cluster: None,
+            access: Policy::default(),
         }
     }
 }
@@ -145,6 +150,7 @@ struct File {
     lockspace: Vec<LockspaceEntry>,
     ebpf: Option<FileEbpf>,
     cluster: Option<FileCluster>,
+    access: Option<access::FileAccess>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -348,6 +354,9 @@ impl Config {
         }
         if let Some(cluster) = file.cluster {
             self.cluster = Some(cluster_settings(cluster)?);
+        }
+        if let Some(file_access) = file.access {
+            self.access = access::policy(file_access)?;
         }
         if let Some(ebpf) = file.ebpf {
             if let Some(enabled) = ebpf.enabled {

@@ -140,7 +140,7 @@ impl Driver {
         let lock = |info: &dlm_core::LockInfo| {
             // An orphan's session is gone (its id may even be reused).
             let state = if info.orphan { None } else { self.sessions.get(&info.session) };
-            let credentials = state.map(|s| s.credentials).unwrap_or_default();
+            let credentials = state.map(|s| s.credentials.clone()).unwrap_or_default();
             let known = state.and_then(|s| s.locks.get(&info.handle.0));
             let phase_start = known.and_then(|k| k.phase_start(info.granted.is_some()));
             let attribution =
@@ -149,7 +149,7 @@ impl Driver {
                 session: info.session.0,
                 handle: info.handle.0,
                 pid: credentials.pid.unwrap_or(0),
-                uid: credentials.uid,
+                uid: credentials.uid(),
                 orphan: info.orphan,
                 granted: info.granted.map(convert::mode_to_wire),
                 requested: info.requested.map(convert::mode_to_wire),

@@ -43,6 +43,7 @@ use dlm_core::{LockspaceId, NodeConfig, SessionId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use crate::access::Access;
 use crate::bounds::{COMMAND_BATCH_MAX, COMMAND_QUEUE_MAX};
 use crate::clock::Clock;
 use crate::codes::{RejectCode, SessionEnd};
@@ -125,6 +126,8 @@ struct Driver {
     stopping: bool,
     /// Metrics, spans, USDT probe points and kernel evidence (`observe/`).
     observer: Observer,
+    /// Who may lock where (`requests.rs`).
+    access: Arc<Access>,
 }
 
 /// What the driver is linked to besides its clients: the peers' dialers,
@@ -148,6 +151,7 @@ pub fn start(
     clock: Clock,
     attribution: Option<AttributionMaps>,
     links: Links,
+    access: Arc<Access>,
 ) -> Result<(DriverHandle, tokio::task::JoinHandle<()>), String> {
     let Links { peers, peer_view, fence_acks } = links;
     let node_config = NodeConfig { limits: config.limits.clone(), ..NodeConfig::default() };
@@ -186,6 +190,7 @@ pub fn start(
         unflushed: Vec::new(),
         stopping: false,
         observer,
+        access,
     };
     for entry in &config.lockspaces {
         driver
@@ -297,7 +302,7 @@ impl Driver {
         ended: oneshot::Sender<()>,
     ) -> Result<SessionId, Rejection> {
         let uid_max = self.config.clients.sessions_per_uid_max;
-        if let Some(uid) = credentials.uid
+        if let Some(uid) = credentials.uid()
             && self.sessions_by_uid.get(&uid).is_some_and(|&open| open >= uid_max)
         {
             return Err(Rejection::new(
@@ -307,7 +312,7 @@ impl Driver {
             ));
         }
         let session = self.node.open_next_session().map_err(|error| Rejection::from_engine(0, &error))?;
-        if let Some(uid) = credentials.uid {
+        if let Some(uid) = credentials.uid() {
             *self.sessions_by_uid.entry(uid).or_insert(0) += 1;
         }
         let state = SessionState { events, _ended: ended, credentials, locks: HashMap::new() };

@@ -74,7 +74,7 @@ impl Driver {
             return;
         };
         let _ = self.node.end_session(self.clock.engine_now(), session);
-        if let Some(uid) = state.credentials.uid
+        if let Some(uid) = state.credentials.uid()
             && let std::collections::hash_map::Entry::Occupied(mut open) = self.sessions_by_uid.entry(uid)
         {
             *open.get_mut() -= 1;

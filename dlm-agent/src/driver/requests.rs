@@ -7,6 +7,7 @@ use dlm_core::{ClientRequest, SessionId};
 
 use super::observe::{self, LockRecord, ResourceName, Stamp};
 use super::{Driver, admin};
+use crate::codes::{RejectCode, Right};
 use crate::convert::{self, Decoded, Rejection};
 use crate::proto;
 
@@ -25,6 +26,10 @@ impl Driver {
             let Some(id) = self.node.lockspace_id(name.as_bytes()) else {
                 return self.reject(session, admin::unknown_lockspace(handle, &name));
             };
+            let Some(state) = self.sessions.get(&session) else { return };
+            if let Err(message) = self.access.check(&state.credentials.identity, Right::Lock, &name) {
+                return self.reject(session, Rejection::new(handle, RejectCode::PermissionDenied, message));
+            }
             lock.lockspace = id;
             lockspace_name = self.lockspace_names.get(&id).cloned();
         }

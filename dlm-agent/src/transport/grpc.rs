@@ -4,6 +4,7 @@
 //! are one command each.
 
 use std::pin::Pin;
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
@@ -12,6 +13,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::access::Access;
+use crate::codes::{RejectCode, Right};
 use crate::command::{
     Command, Credentials, DriverHandle, DriverStopped, OpenError, OpenSession, SessionOutput, SessionSender,
 };
@@ -23,13 +26,23 @@ pub struct DlmService {
     driver: DriverHandle,
     node: String,
     session_queue_max: usize,
+    access: Arc<Access>,
 }
 
 impl DlmService {
-    /// A service that forwards to `driver`.
+    /// A service that forwards to `driver`, its admin calls and dumps
+    /// checked against `access` (lock requests are checked by the driver).
     #[must_use]
-    pub fn new(driver: DriverHandle, node: String, session_queue_max: usize) -> DlmService {
-        DlmService { driver, node, session_queue_max }
+    pub fn new(driver: DriverHandle, node: String, session_queue_max: usize, access: Arc<Access>) -> DlmService {
+        DlmService { driver, node, session_queue_max, access }
+    }
+
+    /// `Ok` if the caller of `request` has `right` in `lockspace`.
+    fn check<T>(&self, request: &Request<T>, right: Right, lockspace: &str) -> Result<(), Status> {
+        let who = credentials_of(request).identity;
+        self.access
+            .check(&who, right, lockspace)
+            .map_err(|message| crate::convert::rejection_status(RejectCode::PermissionDenied.as_str(), &message))
     }
 }
 
@@ -147,6 +160,7 @@ impl proto::dlm_server::Dlm for DlmService {
     }
 
     async fn dump(&self, request: Request<proto::DumpRequest>) -> Result<Response<proto::DumpReply>, Status> {
+        self.check(&request, Right::Dump, &request.get_ref().lockspace)?;
         let request = request.into_inner();
         let reply = self.driver.ask(|reply| Command::Dump { request, reply }).await.map_err(unavailable)?;
         reply.map(Response::new).map_err(rejected)
@@ -156,6 +170,7 @@ impl proto::dlm_server::Dlm for DlmService {
         &self,
         request: Request<proto::CreateLockspaceRequest>,
     ) -> Result<Response<proto::CreateLockspaceReply>, Status> {
+        self.check(&request, Right::Admin, "")?;
         let request = request.into_inner();
         let lvb_len = request.lvb_len as usize;
         let name = request.name;
@@ -168,6 +183,7 @@ impl proto::dlm_server::Dlm for DlmService {
         &self,
         request: Request<proto::ReleaseLockspaceRequest>,
     ) -> Result<Response<proto::ReleaseLockspaceReply>, Status> {
+        self.check(&request, Right::Admin, "")?;
         let request = request.into_inner();
         let (name, force) = (request.name, request.force);
         let reply =
@@ -179,6 +195,7 @@ impl proto::dlm_server::Dlm for DlmService {
         &self,
         request: Request<proto::FenceAckRequest>,
     ) -> Result<Response<proto::FenceAckReply>, Status> {
+        self.check(&request, Right::Admin, "")?;
         let node = u16::try_from(request.into_inner().node_id)
             .map_err(|_| Status::invalid_argument("node ids are 0 to 65535"))?;
         let node = dlm_core::cluster::NodeId(node);
