@@ -287,9 +287,11 @@ mod tests {
                 "empty_message",
                 "invalid_handle",
                 "invalid_page_token",
+                "permission_denied",
                 "shutting_down",
             ]
         );
+        assert_eq!(labels(Right::ALL, Right::as_str), ["lock", "dump", "admin"]);
         assert_eq!(labels(SessionEnd::ALL, SessionEnd::as_str), ["closed", "slow_reader", "shutdown"]);
         assert_eq!(labels(LinkReset::ALL, LinkReset::as_str), ["queue_full", "unacknowledged"]);
         assert_eq!(
