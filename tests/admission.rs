@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use dlm_agent::client::{Client, ClientError, LockOptions, Target};
+use dlm_agent::client::{Client, ClientError, ClientTls, LockOptions, Target};
 use dlm_core::Mode;
 use support::{Agent, http_get, under_ci};
 
@@ -122,12 +122,16 @@ fn a_connection_that_stops_mid_preface_is_closed_after_the_handshake_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_tcp_connections_from_one_address_hold_only_its_share() {
     let address = format!("127.0.0.1:{}", support::free_port());
+    let pki = support::TestPki::new("tcpstorm");
     let _agent = Agent::start(
         "tcpstorm",
-        &format!("tcp = \"{address}\"\nhandshake_timeout = \"1s\"\n[limits]\nconnections_per_client_max = 50\n"),
+        &format!(
+            "tcp = \"{address}\"\nhandshake_timeout = \"1s\"\n[limits]\nconnections_per_client_max = 50\n{}",
+            pki.tls_section("agent.test")
+        ),
     );
-    // 200 silent connections from 127.0.0.1: 50 are admitted (and closed
-    // after the timeout), the rest at once.
+    // 200 silent connections from 127.0.0.1 (not even a TLS hello): 50 are
+    // admitted (and closed after the timeout), the rest at once.
     let silent: Vec<std::net::TcpStream> =
         (0..200).map(|_| std::net::TcpStream::connect(&address).expect("connect")).collect();
     let closed_at_once = silent
@@ -140,7 +144,8 @@ async fn silent_tcp_connections_from_one_address_hold_only_its_share() {
     assert!(closed_at_once >= 140, "connections past the address's share closed at once: {closed_at_once} of 200");
     // Once the admitted ones have timed out, the address's slots are back.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let client = Client::connect(&Target::Tcp(address.clone())).await.expect("a TCP client gets in again");
+    let tls = ClientTls { ca: std::fs::read(pki.ca()).expect("ca"), identity: None, server_name: "agent.test".into() };
+    let client = Client::connect(&Target::Tls(address.clone(), tls)).await.expect("a TCP client gets in again");
     client.status().await.expect("status over TCP");
     drop(silent);
 }

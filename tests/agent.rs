@@ -425,11 +425,14 @@ async fn a_tcp_client_that_goes_silent_loses_its_session_after_the_keepalive() {
     let address = format!("127.0.0.1:{}", support::free_port());
     // 1 s, not less: the test's own connections must keep answering pings
     // while other tests load the machine.
-    let agent = Agent::start("keepalive", &format!("tcp = \"{address}\"\nkeepalive = \"1s\"\n"));
-    // A CLI client over TCP takes the lock, then stops answering (SIGSTOP):
-    // its connection stays open but its HTTP/2 pings go unanswered.
+    let pki = support::TestPki::new("keepalive");
+    let config = format!("tcp = \"{address}\"\nkeepalive = \"1s\"\n{}", pki.tls_section("agent.test"));
+    let agent = Agent::start("keepalive", &config);
+    // A CLI client over TCP (TLS) takes the lock, then stops answering
+    // (SIGSTOP): its connection stays open but its HTTP/2 pings go unanswered.
     let mut holder = Command::new(support::bin())
-        .args(["lock", "--connect", &address, "silent", "--", "sleep", "30"])
+        .args(["lock", "--connect", &address, "--tls-ca", support::path_str(&pki.ca()), "--tls-name", "agent.test"])
+        .args(["silent", "--", "sleep", "30"])
         .spawn()
         .expect("spawn");
     wait_for_holder(&agent, "silent");

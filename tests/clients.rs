@@ -1,5 +1,7 @@
 //! Clients in other languages, from their own packages, against the real
-//! agent, each on the Unix socket and on TCP with its library's defaults and the
+//! agent, each on the Unix socket and on TCP over TLS (with a client
+//! certificate, which the agent's policy makes an administrator) with its
+//! library's defaults and the
 //! service taken from the repository's `.proto` at test time: Python's
 //! grpcio (grpc-core's HTTP/2; it sends the socket path as the request
 //! authority, which the agent must accept) and Node's @grpc/grpc-js (an
@@ -15,7 +17,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use support::{Agent, free_port, path_str, under_ci, wait_with_timeout};
+use support::{Agent, TestPki, free_port, path_str, under_ci, wait_with_timeout};
 
 /// Whether `python3` can import every module named.
 fn python_has(modules: &[&str]) -> bool {
@@ -28,18 +30,38 @@ fn python_has(modules: &[&str]) -> bool {
 /// passed.
 fn run_client(tag: &str, program: &str, script: &str, python_path: Option<&Path>, min_checks: u32) {
     let tcp = format!("127.0.0.1:{}", free_port());
-    let mut agent = Agent::start(tag, &format!("tcp = \"{tcp}\"\n"));
+    let pki = TestPki::new(tag);
+    let (cert, key) = pki.issue("admin.client");
+    let config = format!(
+        "tcp = \"{tcp}\"\n[access]\nadmins = [\"uid:0\", \"cert:admin.client\"]\n{}",
+        pki.tls_section("agent.test")
+    );
+    let mut agent = Agent::start(tag, &config);
+    let tls = [
+        ("DLM_TLS_CA", path_str(&pki.ca()).to_string()),
+        ("DLM_TLS_CERT", path_str(&cert).to_string()),
+        ("DLM_TLS_KEY", path_str(&key).to_string()),
+        ("DLM_TLS_NAME", "agent.test".to_string()),
+    ];
     for target in [format!("unix:{}", path_str(&agent.socket)), tcp] {
-        run_script(&agent, tag, (program, script, python_path), &target, min_checks);
+        run_script(&agent, tag, (program, script, python_path), &target, &tls, min_checks);
     }
     assert!(agent.terminate().success());
 }
 
-fn run_script(agent: &Agent, tag: &str, client: (&str, &str, Option<&Path>), target: &str, min_checks: u32) {
+fn run_script(
+    agent: &Agent,
+    tag: &str,
+    client: (&str, &str, Option<&Path>),
+    target: &str,
+    tls: &[(&str, String)],
+    min_checks: u32,
+) {
     let (program, script, python_path) = client;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let proto = root.join("../dlm-agent/proto");
     let mut command = Command::new(program);
+    command.envs(tls.iter().map(|(k, v)| (*k, v.as_str())));
     if let Some(path) = python_path {
         command.env("PYTHONPATH", path);
     }

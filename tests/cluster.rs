@@ -217,14 +217,20 @@ fn dropped_after(address: &str, bytes: &[u8]) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_peer_input_is_refused_and_the_node_keeps_serving() {
-    // Node 1 of three, alone: the test plays the other two, badly.
+    // Node 1 of three, alone: the test plays the other two, badly, on plain
+    // TCP (`insecure = true`): the checks below TLS's, which a member with
+    // a valid certificate could still fail (tests/peer_tls.rs has TLS's).
     let peers: Vec<String> = support::free_ports(3).into_iter().map(|port| format!("127.0.0.1:{port}")).collect();
     let members: String = peers
         .iter()
         .enumerate()
         .map(|(i, a)| format!("[[cluster.member]]\nid = {}\naddress = \"{a}\"\n", i + 1))
         .collect();
-    let agent = support::Agent::start("badpeer", &format!("[cluster]\nname = \"badpeer\"\nnode_id = 1\n{members}"));
+    let config = format!("[tls]\ninsecure = true\n[cluster]\nname = \"badpeer\"\nnode_id = 1\n{members}");
+    let agent = support::Agent::start("badpeer", &config);
+    // Insecure, and loud about it: a warning at start, and a metric.
+    assert!(agent.log().contains("insecure = true"), "{}", agent.log());
+    assert_eq!(metric_value(&agent.metrics(), "dlm_tls_insecure"), 1.0);
     let port = &peers[0];
     assert!(dropped_after(port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"), "garbage");
     assert!(dropped_after(port, &hello("another-cluster", 2, wire::VERSION, 1)), "wrong cluster name");

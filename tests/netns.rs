@@ -25,11 +25,13 @@ async fn a_cut_link_fails_requests_that_need_the_node_and_healing_it_restores_th
     let members: String = (0..3)
         .map(|i| format!("[[cluster.member]]\nid = {}\naddress = \"{}\"\n", i + 1, hosts.address(i, 7400)))
         .collect();
+    let pki = support::TestPki::new("netns");
     let agents: Vec<Agent> = (0..3)
         .map(|i| {
             let config = format!(
-                "[cluster]\nname = \"netns\"\nnode_id = {}\npeer_timeout = \"500ms\"\ndeadlock_interval = \"100ms\"\n{members}",
-                i + 1
+                "[cluster]\nname = \"netns\"\nnode_id = {}\npeer_timeout = \"500ms\"\ndeadlock_interval = \"100ms\"\n{members}{}",
+                i + 1,
+                pki.tls_section(&format!("node{}", i + 1))
             );
             Agent::start_in_netns(&format!("netns-n{}", i + 1), &config, &hosts.namespaces[i], &hosts.address(i, 9420))
         })

@@ -258,6 +258,11 @@ impl Agent {
         command
     }
 
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Its `/metrics` text.
     pub fn metrics(&self) -> String {
         let (status, body) = http_get(&self.http, "/metrics").expect("metrics answer");
@@ -392,6 +397,50 @@ impl Drop for LowMemoryCgroup {
     }
 }
 
+/// A CA for a test cluster, in a directory of its own (removed on drop),
+/// issuing each member's certificate and its `[tls]` section.
+pub struct TestPki {
+    /// The CA's directory, where certificates are issued too.
+    pub dir: PathBuf,
+    ca: dlm_agent::pki::Authority,
+}
+
+impl TestPki {
+    /// A new CA.
+    pub fn new(tag: &str) -> TestPki {
+        let dir = temp_dir(&format!("{tag}-pki"));
+        let ca = dlm_agent::pki::Authority::open_or_create(&dir, &format!("{tag} CA")).expect("a CA");
+        TestPki { dir, ca }
+    }
+
+    /// The CA certificate's file.
+    pub fn ca(&self) -> PathBuf {
+        self.ca.certificate()
+    }
+
+    /// A certificate for `name`: (certificate, key) files.
+    pub fn issue(&self, name: &str) -> (PathBuf, PathBuf) {
+        self.ca.issue(name).expect("a certificate")
+    }
+
+    /// The `[tls]` section of an agent whose certificate names `name`.
+    pub fn tls_section(&self, name: &str) -> String {
+        let (cert, key) = self.issue(name);
+        format!(
+            "\n[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+            self.ca().display(),
+            cert.display(),
+            key.display()
+        )
+    }
+}
+
+impl Drop for TestPki {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Agents forming one cluster on loopback.
 pub struct Cluster {
     /// Node `i + 1`'s agent at index `i`.
@@ -402,12 +451,16 @@ pub struct Cluster {
     pub configs: Vec<String>,
     /// The cluster's name (and the agents' directory tag).
     pub tag: String,
+    /// The CA of the members' certificates.
+    pub pki: TestPki,
 }
 
 impl Cluster {
     /// Starts `n` agents (node ids 1..=n) with `extra` added to each
-    /// `[cluster]` section, and waits until every link is up.
+    /// `[cluster]` section, and waits until every link is up. The links are
+    /// TLS, each member with a certificate of the cluster's CA.
     pub fn start(tag: &str, n: usize, extra: &str) -> Cluster {
+        let pki = TestPki::new(tag);
         let peer_addresses: Vec<String> = free_ports(n).into_iter().map(|port| format!("127.0.0.1:{port}")).collect();
         let members: String = peer_addresses
             .iter()
@@ -418,14 +471,15 @@ impl Cluster {
             .map(|i| {
                 format!(
                     "[[lockspace]]\nname = \"default\"\n[[lockspace]]\nname = \"other\"\n\
-                     [cluster]\nname = \"{tag}\"\nnode_id = {}\n{extra}\n{members}",
-                    i + 1
+                     [cluster]\nname = \"{tag}\"\nnode_id = {}\n{extra}\n{members}{}",
+                    i + 1,
+                    pki.tls_section(&format!("node{}", i + 1))
                 )
             })
             .collect();
         let agents: Vec<Agent> =
             configs.iter().enumerate().map(|(i, config)| Agent::start(&format!("{tag}-n{}", i + 1), config)).collect();
-        let cluster = Cluster { agents, peer_addresses, configs, tag: tag.to_string() };
+        let cluster = Cluster { agents, peer_addresses, configs, tag: tag.to_string(), pki };
         cluster.wait_links_up();
         cluster
     }

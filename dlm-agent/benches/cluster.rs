@@ -6,7 +6,10 @@
 //!   resource mastered on another node;
 //! - a loopback TCP round trip (p50), the unit of the remote target;
 //! - uncontended pairs/s at concurrency 32, the clients spread over the nodes;
-//! - EX hand-offs/s between two clients on two nodes taking turns on one resource.
+//! - EX hand-offs/s between two clients on two nodes taking turns on one resource;
+//! - the cost of TLS on the peer links: a remote lock's p50 on the cluster
+//!   (TLS, the default) over the same on a second cluster with plain links
+//!   (`insecure = true`), the two measured in turns (issue 17: at most 1.10).
 //!
 //! Targets (issue 5): a locally mastered lock costs what it costs on a single
 //! node; a remote one at most 2 loopback round trips + 50 µs at p50.
@@ -250,18 +253,37 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
     // The single node stays up (idle) and is measured again at the end: the
     // first step alone runs on a machine still settling from the build.
 
-    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
-    let members: String = ports
-        .iter()
-        .enumerate()
-        .map(|(i, p)| format!("[[cluster.member]]\nid = {}\naddress = \"127.0.0.1:{p}\"\n", i + 1))
-        .collect();
+    // Two clusters side by side: the one measured throughout, its peer
+    // links TLS (the default), and one with plain links (`insecure = true`)
+    // for the cost of TLS on a remote lock, measured interleaved with it.
+    let pki = dlm_agent::pki::Authority::open_or_create(&dir.join("pki"), "bench CA")?;
     let mut agents = Vec::new();
-    for i in 1..=3 {
-        let config = format!("[cluster]\nname = \"bench\"\nnode_id = {i}\n{members}");
-        agents.push(start(&dir, &format!("node{i}"), &config)?);
+    let mut plain = Vec::new();
+    for (cluster, tls) in [("bench", true), ("plain", false)] {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
+        let members: String = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("[[cluster.member]]\nid = {}\naddress = \"127.0.0.1:{p}\"\n", i + 1))
+            .collect();
+        for i in 1..=3 {
+            let security = if tls {
+                let (cert, key) = pki.issue(&format!("node{i}"))?;
+                format!(
+                    "[tls]\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+                    pki.certificate().display(),
+                    cert.display(),
+                    key.display()
+                )
+            } else {
+                "[tls]\ninsecure = true\n".to_string()
+            };
+            let config = format!("{security}[cluster]\nname = \"{cluster}\"\nnode_id = {i}\n{members}");
+            let agent = start(&dir, &format!("{cluster}-node{i}"), &config)?;
+            if tls { agents.push(agent) } else { plain.push(agent) }
+        }
     }
-    for agent in &agents {
+    for agent in agents.iter().chain(&plain) {
         ready(agent).await?;
     }
     let membership =
@@ -282,7 +304,19 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
     let node2 = session(&agents[1]).await?;
     let _keeper = node2.lock("default", "remote", Mode::Nl, LockOptions::default()).await?;
     let remote_latency = latencies(&node1, "remote", plan).await?;
-    let remote_lock = lock_latencies(&node1, "remote", plan).await?;
+    let mut remote_lock = lock_latencies(&node1, "remote", plan).await?;
+
+    progress("cluster: lock alone, mastered remotely, TLS links and plain links taking turns");
+    let plain_node1 = session(&plain[0]).await?;
+    let plain_node2 = session(&plain[1]).await?;
+    let _plain_keeper = plain_node2.lock("default", "remote", Mode::Nl, LockOptions::default()).await?;
+    let mut plain_lock = Vec::new();
+    for _ in 0..3 {
+        plain_lock.extend(lock_latencies(&plain_node1, "remote", plan).await?);
+        remote_lock.extend(lock_latencies(&node1, "remote", plan).await?);
+    }
+    remote_lock.sort_by(f64::total_cmp);
+    plain_lock.sort_by(f64::total_cmp);
 
     progress("loopback TCP round trip");
     let rtt = loopback_round_trips(plan).await?;
@@ -313,6 +347,7 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
         ("lock alone p50, single node", quantile(&single_lock, 0.5), "µs"),
         ("lock alone p50, cluster, mastered remotely", quantile(&remote_lock, 0.5), "µs"),
         ("lock alone p99, cluster, mastered remotely", quantile(&remote_lock, 0.99), "µs"),
+        ("lock alone p50, mastered remotely, plain peer links", quantile(&plain_lock, 0.5), "µs"),
         ("loopback TCP round trip p50", rtt50, "µs"),
         ("remote target: 2 round trips + 50 µs", remote_target, "µs"),
         ("pairs/s, 32 clients over 3 nodes", spread, "pairs/s"),
@@ -338,6 +373,8 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
          (2 round trips + 50 µs): {:.2}x of it",
         remote_extra / remote_target
     );
+    let tls_cost = quantile(&remote_lock, 0.5) / quantile(&plain_lock, 0.5);
+    println!("remote lock alone p50, TLS peer links / plain: {tls_cost:.3}x (target: at most 1.10)");
     if measuring {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/cluster.json");
         let values: serde_json::Map<String, serde_json::Value> = rows
@@ -350,6 +387,7 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
             "remote_extra_per_request_us": remote_extra,
             "remote_extra_over_target": remote_extra / remote_target,
             "remote_lock_p50_over_target": quantile(&remote_lock, 0.5) / remote_target,
+            "remote_lock_p50_tls_over_plain": tls_cost,
         });
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
@@ -358,6 +396,7 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
         println!("written to {}", path.display());
     }
     drop(agents);
+    drop(plain);
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

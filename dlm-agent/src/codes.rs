@@ -195,6 +195,16 @@ codes! {
         BadFrame = "bad_frame",
         /// An envelope the lock engine refused.
         Protocol = "protocol",
+        /// The TLS handshake failed (no certificate, or one the cluster's
+        /// CA did not sign, or not TLS at all).
+        Tls = "tls",
+        /// The certificate is valid but does not name the member the hello
+        /// claims to be.
+        WrongCertificate = "wrong_certificate",
+        /// A newer connection from the same member (proven by its
+        /// certificate) replaced this one: one live connection per member
+        /// and direction.
+        Replaced = "replaced",
     }
 }
 
@@ -305,6 +315,9 @@ mod tests {
                 "restarted_peer",
                 "bad_frame",
                 "protocol",
+                "tls",
+                "wrong_certificate",
+                "replaced",
             ]
         );
         assert_eq!(labels(LockPhase::ALL, LockPhase::as_str), ["wait", "hold"]);

@@ -14,6 +14,7 @@ const LAYERS: &[&str] = &[
     "bounds",
     "codes",
     "access",
+    "pki",
     "telemetry",
     "config",
     "convert",

@@ -29,6 +29,7 @@
 //! | `bounds` | fixed bounds on messages, frames and queues, with their relations checked at compile time |
 //! | [`codes`] | typed labels (reject codes, session-end, link-reset and peer-reject reasons, eBPF families) with `ALL` and `as_str()` |
 //! | [`access`] | who may do what: identities of clients, rights per lockspace, the policy |
+//! | [`pki`] | a cluster's own CA and the certificates it signs (`dlm-agent certs`, tests, benchmarks) |
 //! | [`telemetry`] | logs, and one OpenTelemetry span per lock request when OTLP is configured |
 //! | [`config`] | the settings: embedded default, TOML file, `DLM_*` variables and flags, validated |
 //! | `convert` | wire (`proto`) ⇄ lock engine (`dlm_core`) types, and the rejection of a request |
@@ -80,6 +81,7 @@ pub mod codes;
 pub mod config;
 pub mod ebpf;
 pub mod framing;
+pub mod pki;
 pub mod proto;
 pub mod server;
 pub mod telemetry;

@@ -25,6 +25,8 @@ enum Command {
     Status(cli::inspect::StatusArgs),
     /// Acknowledge by hand that a lost node is fenced, so that its locks are recovered.
     FenceAck(cli::cluster::FenceAckArgs),
+    /// Make a CA and certificates for the peer links and TCP clients.
+    Certs(cli::certs::CertsArgs),
     /// List lockspaces.
     Ls(cli::inspect::LsArgs),
     /// Create or release a lockspace (administrators only).
@@ -69,6 +71,7 @@ fn main() -> ExitCode {
             Command::Lock(args) => cli::lock::run(args).await,
             Command::Status(args) => cli::inspect::status(args).await,
             Command::FenceAck(args) => cli::cluster::fence_ack(args).await,
+            Command::Certs(args) => cli::certs::run(&args),
             Command::Ls(args) => cli::inspect::ls(args).await,
             Command::Lockspace(command) => cli::lockspace::run(command).await,
             Command::Dump(args) => cli::inspect::dump(args).await,

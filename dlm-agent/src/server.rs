@@ -14,12 +14,13 @@ use crate::access::Access;
 use crate::bounds::{CLIENT_MESSAGE_LEN_MAX, HANDSHAKES_MAX, HANDSHAKES_PER_CLIENT_MAX};
 use crate::clock::Clock;
 use crate::command::{Command, PeerView};
-use crate::config::{Config, MembershipSource};
+use crate::config::{Config, MembershipSource, TlsSettings};
 use crate::driver;
 use crate::membership;
 use crate::metrics::Metrics;
 use crate::proto::dlm_server::DlmServer;
 use crate::transport::admission::{Admission, Quota};
+use crate::transport::tls::{self, Tls};
 use crate::transport::{framed, grpc::DlmService, http, peer, tcp};
 
 /// Why the agent could not start or run.
@@ -39,6 +40,9 @@ pub enum ServeError {
     /// The configuration was refused by the lock engine.
     #[error("{0}")]
     Config(String),
+    /// The TLS files could not be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The gRPC server failed.
     #[error("serving clients failed: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -74,6 +78,21 @@ async fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
     Ok(listener)
 }
 
+/// Reads the TLS files again on each SIGHUP: new connections get the new
+/// certificates, connections already made keep theirs.
+async fn reload_on_hangup(tls: &Tls) {
+    let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: the TLS files are read only at start");
+        return std::future::pending().await;
+    };
+    while hangups.recv().await.is_some() {
+        match tls.reload() {
+            Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+            Err(error) => tracing::error!(%error, "SIGHUP: TLS reload failed; the certificates in use stay"),
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` completes.
 ///
 /// # Errors
@@ -97,6 +116,18 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         }
         None => None,
     };
+    let tls = match &config.tls {
+        TlsSettings::Files(files) => Some(Arc::new(Tls::load(files, &metrics).map_err(ServeError::Tls)?)),
+        TlsSettings::Insecure | TlsSettings::Unset => None,
+    };
+    let insecure = config.tls == TlsSettings::Insecure && (config.tcp.is_some() || config.cluster.is_some());
+    tls::report_insecure(&metrics, insecure);
+    if insecure {
+        tracing::warn!(
+            "[tls] insecure = true: the peer links and the TCP client listener are plain TCP; \
+             anyone who can reach them can act as a member or a client"
+        );
+    }
     let ebpf = crate::ebpf::agent::start(&config);
     metrics.register(Box::new(ebpf.metrics));
     // Held until the agent stops: dropping it stops the map reader.
@@ -138,7 +169,23 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
             .collect();
         let peer_metrics = peer::PeerMetrics::new(&metrics, &ids);
         let core = cluster.cluster_config().map_err(ServeError::Config)?;
-        peer::spawn(Arc::new(core), listener, dialers, driver.clone(), peer_metrics, peer_view.clone());
+        let security = match &tls {
+            Some(tls) => peer::PeerSecurity::Tls {
+                tls: tls.clone(),
+                names: Arc::new(
+                    cluster.members.iter().map(|m| (dlm_core::cluster::NodeId(m.id), m.certificate_name())).collect(),
+                ),
+            },
+            None => peer::PeerSecurity::Insecure,
+        };
+        let context = peer::PeerContext {
+            cluster: Arc::new(core),
+            driver: driver.clone(),
+            metrics: peer_metrics,
+            view: peer_view.clone(),
+            security,
+        };
+        peer::spawn(context, listener, dialers);
         let membership_metrics = membership::MembershipMetrics::new(&metrics);
         if by_views {
             watchdog = membership::start(cluster, peer_view.own(), driver.clone(), fence_acks_rx, membership_metrics)
@@ -186,8 +233,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     });
     tasks.spawn(server().add_service(service()).serve_with_incoming_shutdown(grpc_incoming, stopped()));
     if let Some(tcp) = tcp {
-        tasks
-            .spawn(server().add_service(service()).serve_with_incoming_shutdown(tcp::spawn(tcp, admission), stopped()));
+        tasks.spawn(
+            server()
+                .add_service(service())
+                .serve_with_incoming_shutdown(tcp::spawn(tcp, admission, tls.clone()), stopped()),
+        );
     }
     if let Some(http) = http {
         let router = http::router(driver.clone(), metrics.clone());
@@ -200,6 +250,12 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
                     tracing::error!(error = %e, "http server failed");
                 })
                 .ok();
+            Ok(())
+        });
+    }
+    if let Some(tls) = tls.clone() {
+        tasks.spawn(async move {
+            reload_on_hangup(&tls).await;
             Ok(())
         });
     }

@@ -13,7 +13,15 @@ const definition = protoLoader.loadSync('dlm/v1/dlm.proto', {
   includeDirs: [protoDir], longs: Number, enums: String, defaults: true, oneofs: true,
 });
 const dlm = grpc.loadPackageDefinition(definition).dlm.v1;
-const client = new dlm.Dlm(target, grpc.credentials.createInsecure());
+const fs = require('fs');
+// TCP: TLS against the cluster's CA, with a client certificate (the
+// client's identity for the agent's access policy).
+const tls = !target.startsWith('unix:') && process.env.DLM_TLS_CA;
+const client = tls
+  ? new dlm.Dlm(target, grpc.credentials.createSsl(
+    fs.readFileSync(process.env.DLM_TLS_CA), fs.readFileSync(process.env.DLM_TLS_KEY),
+    fs.readFileSync(process.env.DLM_TLS_CERT)), { 'grpc.ssl_target_name_override': process.env.DLM_TLS_NAME })
+  : new dlm.Dlm(target, grpc.credentials.createInsecure());
 
 const WAIT_MS = 10000;
 const NOQUEUE = 1, VALBLK = 4, UNLOCK_VALBLK = 2;

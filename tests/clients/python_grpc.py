@@ -77,7 +77,17 @@ class Session:
         self.requests.put(None)
 
 
-channel = grpc.insecure_channel(TARGET)
+if TARGET.startswith("unix:") or "DLM_TLS_CA" not in os.environ:
+    channel = grpc.insecure_channel(TARGET)
+else:
+    # TCP: TLS against the cluster's CA, with a client certificate (the
+    # client's identity for the agent's access policy).
+    read = lambda var: open(os.environ[var], "rb").read()
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=read("DLM_TLS_CA"), private_key=read("DLM_TLS_KEY"),
+        certificate_chain=read("DLM_TLS_CERT"))
+    channel = grpc.secure_channel(TARGET, credentials,
+                                  options=[("grpc.ssl_target_name_override", os.environ["DLM_TLS_NAME"])])
 stub = rpc.DlmStub(channel)
 
 # Admin calls.

@@ -1,6 +1,9 @@
 """The repository's Python client (dlm-agent/clients/python, installed with
-pip by the test) against the agent. Usage: python_package.py TARGET"""
+pip by the test) against the agent. Usage: python_package.py TARGET; over
+TCP, TLS with the files named by DLM_TLS_CA, DLM_TLS_CERT, DLM_TLS_KEY and
+the name DLM_TLS_NAME."""
 
+import os
 import sys
 import threading
 
@@ -17,7 +20,15 @@ def check(condition, what):
     checks += 1
 
 
-with dlm_client.connect(TARGET) as client:
+def tls_options():
+    if TARGET.startswith("unix:") or "DLM_TLS_CA" not in os.environ:
+        return {}
+    read = lambda var: open(os.environ[var], "rb").read()
+    return {"ca": read("DLM_TLS_CA"), "cert": read("DLM_TLS_CERT"), "key": read("DLM_TLS_KEY"),
+            "server_name": os.environ["DLM_TLS_NAME"]}
+
+
+with dlm_client.connect(TARGET, **tls_options()) as client:
     client.create_lockspace("pkg", lvb_len=16)
     check(any(ls.name == "pkg" for ls in client.lockspaces()), "the lockspace is listed")
     a, b = client.session(), client.session()

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{Agent, bin, under_ci};
+use crate::{Agent, TestPki, bin, under_ci};
 
 /// The corosync configuration template (`@…@` fields), shared with `cargo xtask cluster up`.
 pub const COROSYNC_CONF: &str = include_str!("../corosync/corosync.conf.in");
@@ -140,6 +140,8 @@ pub struct CorosyncCluster {
     pub agents: Vec<Option<Agent>>,
     configs: Vec<String>,
     tag: String,
+    /// The CA of the members' certificates (their links are TLS).
+    pub pki: TestPki,
     /// Held for the cluster's life (dropped last).
     _turn: Turn,
 }
@@ -189,6 +191,7 @@ impl CorosyncCluster {
                 .replace("@LOGFILE@", &node.join("corosync.log").display().to_string());
             std::fs::write(node.join("corosync.conf"), conf).expect("corosync.conf");
         }
+        let pki = TestPki::new(tag);
         let configs = (0..n)
             .map(|i| {
                 let members: String = members_of(i)
@@ -197,10 +200,11 @@ impl CorosyncCluster {
                     .collect();
                 format!(
                     "[[lockspace]]\nname = \"default\"\n[cluster]\nname = \"{tag}\"\nnode_id = {}\n\
-                     membership = \"corosync\"\nlisten = \"{}\"\n{}\n{members}",
+                     membership = \"corosync\"\nlisten = \"{}\"\n{}\n{members}{}",
                     i + 1,
                     hosts.address(i, 7400),
-                    extra.replace("@NODE@", &(i + 1).to_string())
+                    extra.replace("@NODE@", &(i + 1).to_string()),
+                    pki.tls_section(&format!("node{}", i + 1))
                 )
             })
             .collect();
@@ -211,6 +215,7 @@ impl CorosyncCluster {
             agents: (0..n).map(|_| None).collect(),
             configs,
             tag: tag.to_string(),
+            pki,
             _turn: turn,
         };
         for i in 0..n {

@@ -106,6 +106,21 @@ fn up(options: &Options) -> Result<(), String> {
     let members: String = (1..=options.nodes)
         .map(|i| format!("[[cluster.member]]\nid = {i}\naddress = \"{}\"\n", addresses(options, i).0))
         .collect();
+    // The peer links are TLS: a CA of the cluster's own and a certificate
+    // per member (`dlm-agent certs`), kept with the cluster's files.
+    let pki = std::path::Path::new(DIR).join("pki");
+    let names: Vec<String> = (1..=options.nodes).map(|i| format!("node{i}")).collect();
+    let certs = Command::new(&binary)
+        .args(["certs", "--ca-name", "dlm local cluster CA", "--dir"])
+        .arg(&pki)
+        .args(&names)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .map_err(|e| format!("dlm-agent certs: {e}"))?;
+    if !certs.success() {
+        return Err("dlm-agent certs failed".into());
+    }
+    let pki = std::fs::canonicalize(&pki).map_err(|e| format!("{}: {e}", pki.display()))?;
     for i in 1..=options.nodes {
         let dir = node_dir(i);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
@@ -120,9 +135,11 @@ fn up(options: &Options) -> Result<(), String> {
         };
         let config = format!(
             "node = \"node{i}\"\nsocket = \"{}\"\nhttp = \"{http}\"\n\n[ebpf]\nenabled = {}\n\n\
+             [tls]\nca = \"{pki}/ca.pem\"\ncert = \"{pki}/node{i}.pem\"\nkey = \"{pki}/node{i}.key\"\n\n\
              [cluster]\nname = \"local\"\nnode_id = {i}\n{membership}\n{members}",
             dir.join("dlm.sock").display(),
             options.ebpf,
+            pki = pki.display(),
         );
         std::fs::write(dir.join("agent.toml"), config).map_err(|e| format!("config: {e}"))?;
         let log = std::fs::File::create(dir.join("agent.log")).map_err(|e| format!("log: {e}"))?;

@@ -3,8 +3,9 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use dlm_agent::client::{Client, Target};
+use dlm_agent::client::{Client, ClientTls, Target};
 
+pub mod certs;
 pub mod cluster;
 pub mod inspect;
 pub mod lock;
@@ -32,22 +33,47 @@ pub struct AgentAddress {
     /// The agent's Unix socket [default: $XDG_RUNTIME_DIR/dlm/dlm.sock, or /run/dlm/dlm.sock as root]
     #[arg(long, env = "DLM_SOCKET", global = true)]
     pub socket: Option<PathBuf>,
-    /// Reach the agent over TCP instead (HOST:PORT)
+    /// Reach the agent over TCP instead (HOST:PORT); over TLS with --tls-ca
     #[arg(long, env = "DLM_CONNECT", global = true, conflicts_with = "socket")]
     pub connect: Option<String>,
+    /// With --connect: the CA (PEM) that signed the agent's certificate; without it the connection is plain TCP
+    #[arg(long, env = "DLM_TLS_CA", global = true, requires = "connect")]
+    pub tls_ca: Option<PathBuf>,
+    /// With --tls-ca: this client's certificate (PEM), its identity for the agent's access policy
+    #[arg(long, env = "DLM_TLS_CERT", global = true, requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// With --tls-cert: its private key (PEM)
+    #[arg(long, env = "DLM_TLS_KEY", global = true, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// With --tls-ca: the name the agent's certificate must be valid for [default: the host of --connect]
+    #[arg(long, env = "DLM_TLS_NAME", global = true, requires = "tls_ca")]
+    pub tls_name: Option<String>,
 }
 
 impl AgentAddress {
-    pub fn target(&self) -> Target {
-        match &self.connect {
-            Some(address) => Target::Tcp(address.clone()),
-            None => Target::Unix(self.socket.clone().unwrap_or_else(dlm_agent::config::default_socket)),
-        }
+    /// Where to connect, reading the TLS files if any.
+    pub fn target(&self) -> Result<Target, String> {
+        let Some(address) = &self.connect else {
+            return Ok(Target::Unix(self.socket.clone().unwrap_or_else(dlm_agent::config::default_socket)));
+        };
+        let Some(ca) = &self.tls_ca else { return Ok(Target::Tcp(address.clone())) };
+        let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()));
+        let identity = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some((read(cert)?, read(key)?)),
+            _ => None,
+        };
+        let host = address.rsplit_once(':').map_or(address.as_str(), |(host, _)| host);
+        let server_name = self.tls_name.clone().unwrap_or_else(|| host.trim_matches(['[', ']']).to_string());
+        Ok(Target::Tls(address.clone(), ClientTls { ca: read(ca)?, identity, server_name }))
     }
 
     /// Connects, or says why not on stderr.
     pub async fn connect(&self) -> Result<Client, u8> {
-        Client::connect(&self.target()).await.map_err(|error| {
+        let target = self.target().map_err(|error| {
+            eprintln!("dlm-agent: {error}");
+            EXIT_USAGE
+        })?;
+        Client::connect(&target).await.map_err(|error| {
             eprintln!("dlm-agent: {error}");
             EXIT_UNREACHABLE
         })

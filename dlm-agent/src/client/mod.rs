@@ -52,8 +52,22 @@ use crate::proto::{self, dlm_client::DlmClient, server_message};
 pub enum Target {
     /// A Unix socket path.
     Unix(PathBuf),
-    /// A TCP address, `host:port`.
+    /// A TCP address, `host:port`, plain (an agent with `[tls] insecure = true`).
     Tcp(String),
+    /// A TCP address, `host:port`, over TLS.
+    Tls(String, ClientTls),
+}
+
+/// How a TCP client secures its connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClientTls {
+    /// PEM: the CA that signed the agent's certificate.
+    pub ca: Vec<u8>,
+    /// PEM: this client's certificate chain and key, its identity for the
+    /// agent's access policy (`cert:NAME`); `None`: anonymous.
+    pub identity: Option<(Vec<u8>, Vec<u8>)>,
+    /// The name the agent's certificate must be valid for.
+    pub server_name: String,
 }
 
 /// What went wrong talking to the agent.
@@ -162,6 +176,21 @@ impl Client {
                 .connect()
                 .await
                 .map_err(unreachable)?,
+            Target::Tls(address, tls) => {
+                let mut config = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca))
+                    .domain_name(tls.server_name.clone());
+                if let Some((cert, key)) = &tls.identity {
+                    config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+                }
+                Endpoint::from_shared(format!("https://{address}"))
+                    .map_err(unreachable)?
+                    .tls_config(config)
+                    .map_err(unreachable)?
+                    .connect()
+                    .await
+                    .map_err(unreachable)?
+            }
             Target::Unix(path) => {
                 let path = path.clone();
                 // The URI is a placeholder: the connector ignores it.
@@ -176,7 +205,7 @@ impl Client {
         };
         let framed = match target {
             Target::Unix(path) => Some(path.clone()),
-            Target::Tcp(_) => None,
+            Target::Tcp(_) | Target::Tls(..) => None,
         };
         Ok(Client { grpc: DlmClient::new(channel), framed, target: format!("{target:?}") })
     }

@@ -96,6 +96,18 @@ pub struct MemberEntry {
     /// Its share of directory entries (1 to 64).
     #[serde(default = "default_weight")]
     pub weight: u8,
+    /// The DNS name its TLS certificate must be valid for (a subjectAltName):
+    /// a peer is let in as this member only with a certificate naming it.
+    /// `node<ID>` by default.
+    pub tls_name: Option<String>,
+}
+
+impl MemberEntry {
+    /// The name its certificate must carry.
+    #[must_use]
+    pub fn certificate_name(&self) -> String {
+        self.tls_name.clone().unwrap_or_else(|| format!("node{}", self.id))
+    }
 }
 
 fn default_weight() -> u8 {

@@ -18,10 +18,12 @@ mod access;
 mod clients;
 mod cluster;
 pub mod memory;
+mod tls;
 
 pub use clients::ClientLimits;
 pub use cluster::{ClusterSettings, FencingSettings, MemberEntry, MembershipSource};
 use cluster::{FileCluster, cluster_settings};
+pub use tls::{ClientCertificates, TlsFiles, TlsSettings};
 
 /// Everything the agent runs with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +65,8 @@ pub struct Config {
     pub cluster: Option<ClusterSettings>,
     /// Who may do what (`[access]`).
     pub access: Policy,
+    /// TLS on the TCP listeners (`[tls]`).
+    pub tls: TlsSettings,
 }
 
 /// A lockspace the agent creates at start.
@@ -124,6 +128,7 @@ impl Default for Config {
             ebpf_families: Family::AGENT_DEFAULT.to_vec(),
             cluster: None,
             access: Policy::default(),
+            tls: TlsSettings::Unset,
         }
     }
 }
@@ -151,6 +156,7 @@ struct File {
     ebpf: Option<FileEbpf>,
     cluster: Option<FileCluster>,
     access: Option<access::FileAccess>,
+    tls: Option<tls::FileTls>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -355,6 +361,9 @@ impl Config {
         if let Some(cluster) = file.cluster {
             self.cluster = Some(cluster_settings(cluster)?);
         }
+        if let Some(file_tls) = file.tls {
+            self.tls = tls::tls_settings(file_tls)?;
+        }
         if let Some(file_access) = file.access {
             self.access = access::policy(file_access)?;
         }
@@ -404,6 +413,10 @@ impl Config {
         self.limits.validate().map_err(|m| invalid("limits", m))?;
         if let Some(cluster) = &self.cluster {
             cluster.membership().map_err(|m| invalid("cluster.member", m))?;
+            tls::check_listener(&self.tls, "the peer listener ([cluster] listen)")?;
+        }
+        if self.tcp.is_some() {
+            tls::check_listener(&self.tls, "the client listener (tcp)")?;
         }
         let mut names = std::collections::BTreeSet::new();
         for entry in &self.lockspaces {

@@ -13,13 +13,14 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::access::Access;
+use crate::access::{Access, Identity};
 use crate::codes::{RejectCode, Right};
 use crate::command::{
     Command, Credentials, DriverHandle, DriverStopped, OpenError, OpenSession, SessionOutput, SessionSender,
 };
 use crate::convert::Rejection;
 use crate::proto;
+use crate::transport::tcp::TcpClient;
 
 /// The `dlm.v1.Dlm` service.
 pub struct DlmService {
@@ -54,15 +55,15 @@ fn rejected(rejection: Rejection) -> Status {
     crate::convert::rejection_status(rejection.code.as_str(), &rejection.message)
 }
 
-/// The client's credentials, from the Unix socket (SO_PEERCRED); TCP
-/// clients have none.
+/// The client's credentials: from the Unix socket (SO_PEERCRED), or the
+/// certificate a TCP client presented; none for a TCP client without one.
 fn credentials_of<T>(request: &Request<T>) -> Credentials {
-    request
-        .extensions()
-        .get::<UdsConnectInfo>()
-        .and_then(|info| info.peer_cred)
-        .map(Credentials::of)
-        .unwrap_or_default()
+    let extensions = request.extensions();
+    if let Some(tcp) = extensions.get::<TcpClient>() {
+        let identity = Identity { certificate: tcp.certificate.clone(), ..Identity::default() };
+        return Credentials { pid: None, identity };
+    }
+    extensions.get::<UdsConnectInfo>().and_then(|info| info.peer_cred).map(Credentials::of).unwrap_or_default()
 }
 
 /// At shutdown, a session's requests still coming are refused as

@@ -1,7 +1,8 @@
 //! The transports: how clients, peers and scrapers reach the driver. Each
 //! turns its protocol into [`Command`](crate::command::Command)s sent
 //! through a [`DriverHandle`](crate::command::DriverHandle); none imports
-//! the driver itself, nor another transport.
+//! the driver itself, nor another transport (they share the helpers
+//! `admission`, `preface` and `tls`).
 //!
 //! | module | protocol |
 //! |---|---|
@@ -11,7 +12,8 @@
 //! | `framed` | the Unix socket: framed sessions served here, gRPC connections handed to tonic |
 //! | `tcp` | the TCP client listener: gRPC connections handed to tonic |
 //! | `grpc` | the `dlm.v1.Dlm` gRPC service (sessions and admin calls, Unix socket and TCP) |
-//! | `peer` | TCP links between the agents of a cluster: dialers, acceptor, handshake |
+//! | `tls` | TLS for the TCP listeners and the dials to peers, from `[tls]`, reloadable |
+//! | `peer` | TCP links between the agents of a cluster: dialers, acceptor, handshake (TLS below the hello) |
 //! | `http` | `/metrics`, `/healthz`, `/readyz` |
 
 pub mod admission;
@@ -22,3 +24,4 @@ pub mod http;
 pub mod peer;
 pub mod preface;
 pub mod tcp;
+pub mod tls;

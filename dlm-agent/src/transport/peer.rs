@@ -9,10 +9,21 @@
 //!  driver ──Vec<Envelope>──▶ dialer task (per peer) ──TCP──▶ peer's acceptor ──Command::Peer──▶ peer's driver
 //! ```
 //!
+//! - **TLS** (below the hello, [`super::tls`]): mutual, against the
+//!   cluster's CA. The dialer checks that the acceptor's certificate is
+//!   valid for the member it dialled (`tls_name`); the acceptor, that the
+//!   dialer's certificate names the member its hello claims to be. So a
+//!   member's id cannot be claimed without its key. `insecure = true`
+//!   leaves the links plain, and anyone who reaches the port can.
 //! - **Handshake**: the dialer sends a hello (magic, protocol version,
 //!   cluster name, node id, epoch); the acceptor checks every field against
 //!   its own configuration and answers with its hello, or closes. Only then
 //!   does the dialer tell its driver that the link is up.
+//! - **One live connection per member and direction**: a newer incoming
+//!   connection from a member, once its certificate has proven it is that
+//!   member, replaces the older one (which is closed and counted as
+//!   `replaced`). Messages of one member come on one connection at a time,
+//!   so their sequence numbers are only ever the member's own.
 //! - **Frames** are length-prefixed batches of envelopes, bounded by
 //!   `FRAME_LEN_MAX`; anything malformed, and any envelope the node
 //!   refuses, drops the connection. The node goes on serving its clients.
@@ -36,13 +47,15 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use dlm_core::cluster::wire::{self, Hello};
 use dlm_core::cluster::{ClusterConfig, Envelope, NodeId};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, mpsc};
 
@@ -51,6 +64,7 @@ use crate::codes::PeerReject;
 use crate::command::{Command, DriverHandle, PeerSender, PeerView};
 use crate::config::ClusterSettings;
 use crate::metrics::Metrics;
+use crate::transport::tls::Tls;
 
 /// How long a connection may take to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
@@ -58,6 +72,56 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The longest pause between two dials.
 const RETRY_MAX: Duration = Duration::from_secs(1);
+
+/// How peer connections are secured.
+#[derive(Clone)]
+pub enum PeerSecurity {
+    /// Plain TCP (`[tls] insecure = true`): anyone who reaches the port
+    /// and says the right hello is taken for a member.
+    Insecure,
+    /// Mutual TLS against the cluster's CA; each member's certificate must
+    /// be valid for its name here (`tls_name`).
+    Tls {
+        /// The configurations.
+        tls: Arc<Tls>,
+        /// The name each member's certificate must carry.
+        names: Arc<HashMap<NodeId, String>>,
+    },
+}
+
+/// A connection, TLS or plain.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+type Stream = Box<dyn Io>;
+
+/// The live incoming connection of each member: a newer one from the same
+/// member replaces it (one connection per member and direction).
+#[derive(Default)]
+struct Live {
+    next: AtomicU64,
+    by_member: Mutex<HashMap<NodeId, (u64, Arc<Notify>)>>,
+}
+
+impl Live {
+    /// Makes this connection `from`'s live one; the one it replaces is told
+    /// to close. Returns its number and what tells it to close.
+    fn register(&self, from: NodeId) -> (u64, Arc<Notify>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let close = Arc::new(Notify::new());
+        let mut live = self.by_member.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, previous)) = live.insert(from, (id, close.clone())) {
+            previous.notify_one();
+        }
+        (id, close)
+    }
+
+    fn unregister(&self, from: NodeId, id: u64) {
+        let mut live = self.by_member.lock().unwrap_or_else(PoisonError::into_inner);
+        if live.get(&from).is_some_and(|(live_id, _)| *live_id == id) {
+            live.remove(&from);
+        }
+    }
+}
 
 /// The dialer's end, until it is spawned.
 pub struct Dialer {
@@ -133,35 +197,38 @@ pub fn channels(settings: &ClusterSettings) -> (HashMap<NodeId, PeerSender>, Vec
     (senders, dialers)
 }
 
-/// Starts the dialers and the acceptor; they stop with the runtime.
-pub fn spawn(
-    cluster: Arc<ClusterConfig>,
-    listener: TcpListener,
-    dialers: Vec<Dialer>,
-    driver: DriverHandle,
-    metrics: PeerMetrics,
-    view: Arc<PeerView>,
-) {
-    for dialer in dialers {
-        tokio::spawn(dial(cluster.clone(), dialer, driver.clone(), metrics.clone(), view.clone()));
-    }
-    tokio::spawn(accept(cluster, listener, driver, metrics, view));
+/// What the dialers and the acceptor share.
+#[derive(Clone)]
+pub struct PeerContext {
+    /// The cluster's configuration (hello checks).
+    pub cluster: Arc<ClusterConfig>,
+    /// Where envelopes and link changes go.
+    pub driver: DriverHandle,
+    /// The transport's metrics.
+    pub metrics: PeerMetrics,
+    /// What the views say of each member's incarnation.
+    pub view: Arc<PeerView>,
+    /// TLS or not.
+    pub security: PeerSecurity,
 }
 
-async fn dial(
-    cluster: Arc<ClusterConfig>,
-    mut dialer: Dialer,
-    driver: DriverHandle,
-    metrics: PeerMetrics,
-    view: Arc<PeerView>,
-) {
+/// Starts the dialers and the acceptor; they stop with the runtime.
+pub fn spawn(context: PeerContext, listener: TcpListener, dialers: Vec<Dialer>) {
+    for dialer in dialers {
+        tokio::spawn(dial(context.clone(), dialer));
+    }
+    tokio::spawn(accept(context, listener));
+}
+
+async fn dial(context: PeerContext, mut dialer: Dialer) {
+    let PeerContext { cluster, driver, metrics, view, security } = context;
     let label = dialer.peer.0.to_string();
     let mut pause = Duration::from_millis(20);
     loop {
         // Whatever was queued while down is resent by the node when the
         // link comes up: drop it here rather than send it twice.
         while dialer.queue.try_recv().is_ok() {}
-        let stream = match connect(&cluster, &dialer, &view).await {
+        let stream = match connect(&cluster, &dialer, &view, &security).await {
             Ok(stream) => stream,
             Err(error) => {
                 tracing::debug!(peer = dialer.peer.0, address = %dialer.address, %error, "peer not reachable");
@@ -185,13 +252,32 @@ async fn dial(
     }
 }
 
-async fn connect(cluster: &ClusterConfig, dialer: &Dialer, view: &PeerView) -> Result<TcpStream, String> {
-    let mut stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dialer.address))
+async fn connect(
+    cluster: &ClusterConfig,
+    dialer: &Dialer,
+    view: &PeerView,
+    security: &PeerSecurity,
+) -> Result<Stream, String> {
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dialer.address))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut stream: Stream = match security {
+        PeerSecurity::Insecure => Box::new(tcp),
+        PeerSecurity::Tls { tls, names } => {
+            let name = names.get(&dialer.peer).ok_or("the peer has no certificate name")?;
+            let name = ServerName::try_from(name.clone()).map_err(|e| format!("tls_name {name:?}: {e}"))?;
+            let handshake = tls.peer_connector().connect(name, tcp);
+            let tls = tokio::time::timeout(HELLO_TIMEOUT, handshake)
+                .await
+                .map_err(|_| "no TLS handshake in time".to_string())?
+                .map_err(|e| format!("TLS: {e}"))?;
+            Box::new(tls)
+        }
+    };
     stream.write_all(&wire::encode_hello(&cluster.hello(view.epoch(), view.own()))).await.map_err(|e| e.to_string())?;
+    stream.flush().await.map_err(|e| e.to_string())?;
     let answer = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
         .map_err(|_| "no hello in time".to_string())??;
@@ -204,11 +290,11 @@ async fn connect(cluster: &ClusterConfig, dialer: &Dialer, view: &PeerView) -> R
     Ok(stream)
 }
 
-async fn write_frames(stream: TcpStream, dialer: &mut Dialer, sent: &prometheus::IntCounter) -> String {
+async fn write_frames(stream: Stream, dialer: &mut Dialer, sent: &prometheus::IntCounter) -> String {
     // The acceptor never writes after its hello: a read that returns means
     // the peer closed the connection (or went away), which a write alone
     // would only notice after losing what it wrote.
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let mut batch = Vec::with_capacity(PEER_WRITE_BATCHES_MAX);
     let mut bytes = Vec::new();
     let mut probe = [0u8; 64];
@@ -235,11 +321,15 @@ async fn write_frames(stream: TcpStream, dialer: &mut Dialer, sent: &prometheus:
         if let Err(error) = writer.write_all(&bytes).await {
             return error.to_string();
         }
+        // TLS may keep the last record until flushed.
+        if let Err(error) = writer.flush().await {
+            return error.to_string();
+        }
         sent.inc_by(bytes.len() as u64);
     }
 }
 
-async fn read_hello(stream: &mut TcpStream) -> Result<Hello, String> {
+async fn read_hello<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Hello, String> {
     let mut prefix = [0u8; 7];
     stream.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
     let len = wire::hello_len(&prefix).map_err(|e| e.to_string())?;
@@ -249,16 +339,11 @@ async fn read_hello(stream: &mut TcpStream) -> Result<Hello, String> {
     wire::decode_hello(&bytes).map_err(|e| e.to_string())
 }
 
-async fn accept(
-    cluster: Arc<ClusterConfig>,
-    listener: TcpListener,
-    driver: DriverHandle,
-    metrics: PeerMetrics,
-    view: Arc<PeerView>,
-) {
+async fn accept(context: PeerContext, listener: TcpListener) {
     // Every member may have a connection and one being re-made; more than
     // that is someone else's doing.
-    let slots = Arc::new(Semaphore::new(cluster.membership.members().len() * 2 + 2));
+    let slots = Arc::new(Semaphore::new(context.cluster.membership.members().len() * 2 + 2));
+    let live = Arc::new(Live::default());
     loop {
         let Ok((stream, address)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -268,31 +353,54 @@ async fn accept(
             tracing::warn!(%address, "too many peer connections; refusing one");
             continue;
         };
-        let (cluster, driver, metrics, view) = (cluster.clone(), driver.clone(), metrics.clone(), view.clone());
+        let (context, live) = (context.clone(), live.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            if let Err(reason) = serve_peer(&cluster, stream, &driver, &metrics, &view).await {
+            if let Err(reason) = serve_peer(&context, stream, &live).await {
                 tracing::warn!(%address, reason = reason.as_str(), "peer connection dropped");
-                metrics.rejected.with_label_values(&[reason.as_str()]).inc();
+                context.metrics.rejected.with_label_values(&[reason.as_str()]).inc();
             }
         });
     }
 }
 
+/// The TLS handshake of an incoming connection, if TLS is on: the
+/// connection, and the certificate the peer proved it holds.
+async fn accept_tls(
+    security: &PeerSecurity,
+    stream: TcpStream,
+) -> Result<(Stream, Option<CertificateDer<'static>>), PeerReject> {
+    match security {
+        PeerSecurity::Insecure => Ok((Box::new(stream), None)),
+        PeerSecurity::Tls { tls, .. } => {
+            let tls = tokio::time::timeout(HELLO_TIMEOUT, tls.peer_acceptor().accept(stream))
+                .await
+                .map_err(|_| PeerReject::Tls)?
+                .map_err(|_| PeerReject::Tls)?;
+            let certificate = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).cloned();
+            // The verifier requires one; without it the handshake failed.
+            let certificate = certificate.ok_or(PeerReject::Tls)?;
+            Ok((Box::new(tls), Some(certificate)))
+        }
+    }
+}
+
 /// Serves one incoming connection until it closes; the reason it was dropped, if dropped.
-async fn serve_peer(
-    cluster: &ClusterConfig,
-    mut stream: TcpStream,
-    driver: &DriverHandle,
-    metrics: &PeerMetrics,
-    view: &PeerView,
-) -> Result<(), PeerReject> {
+async fn serve_peer(context: &PeerContext, stream: TcpStream, live: &Live) -> Result<(), PeerReject> {
+    let PeerContext { cluster, driver, metrics, view, security } = context;
     let _ = stream.set_nodelay(true);
+    let (mut stream, certificate) = accept_tls(security, stream).await?;
     let hello_in = tokio::time::timeout(HELLO_TIMEOUT, read_hello(&mut stream))
         .await
         .map_err(|_| PeerReject::BadHello)?
         .map_err(|_| PeerReject::BadHello)?;
     let from = cluster.check_hello(&hello_in, None, view.epoch()).map_err(PeerReject::from)?;
+    if let (PeerSecurity::Tls { names, .. }, Some(certificate)) = (security, &certificate) {
+        let named = names.get(&from).is_some_and(|name| crate::access::names(certificate, name));
+        if !named {
+            return Err(PeerReject::WrongCertificate);
+        }
+    }
     if !view.accept(from, hello_in.incarnation) {
         return Err(PeerReject::RestartedPeer);
     }
@@ -300,6 +408,22 @@ async fn serve_peer(
         .write_all(&wire::encode_hello(&cluster.hello(view.epoch(), view.own())))
         .await
         .map_err(|_| PeerReject::BadHello)?;
+    stream.flush().await.map_err(|_| PeerReject::BadHello)?;
+    let (id, replaced) = live.register(from);
+    let served = read_frames(stream, from, driver, metrics, &replaced).await;
+    live.unregister(from, id);
+    served
+}
+
+/// Hands what `from` sends to the driver until the connection closes, the
+/// driver refuses an envelope, or a newer connection replaces this one.
+async fn read_frames(
+    stream: Stream,
+    from: NodeId,
+    driver: &DriverHandle,
+    metrics: &PeerMetrics,
+    replaced: &Notify,
+) -> Result<(), PeerReject> {
     let received = metrics.bytes_received.with_label_values(&[&from.0.to_string()]);
     let refused = Arc::new(Notify::new());
     // Buffered: a frame's length and body usually come in one read.
@@ -309,6 +433,7 @@ async fn serve_peer(
         tokio::select! {
             read = stream.read_exact(&mut prefix) => if read.is_err() { return Ok(()) },
             () = refused.notified() => return Err(PeerReject::Protocol),
+            () = replaced.notified() => return Err(PeerReject::Replaced),
         }
         let len = wire::frame_len(prefix).map_err(|_| PeerReject::BadFrame)?;
         let mut body = vec![0u8; len];

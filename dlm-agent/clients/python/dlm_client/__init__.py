@@ -94,15 +94,28 @@ def _mode(mode):
 
 
 def connect(target, **options):
-    """A client of the agent at `target` (`unix:PATH` or `HOST:PORT`)."""
+    """A client of the agent at `target` (`unix:PATH` or `HOST:PORT`).
+
+    Over TCP the agent speaks TLS: pass `ca` (the PEM bytes of the CA that
+    signed its certificate), and `cert` and `key` (this client's, its
+    identity for the agent's access policy) if it has them; `server_name`
+    is the name the agent's certificate must be valid for, when it is not
+    the host of `target`."""
     return Client(target, **options)
 
 
 class Client:
     """A channel to the agent, for sessions and the admin calls."""
 
-    def __init__(self, target, options=None):
-        self._channel = grpc.insecure_channel(target, options=options or [])
+    def __init__(self, target, options=None, ca=None, cert=None, key=None, server_name=None):
+        options = list(options or [])
+        if ca is None:
+            self._channel = grpc.insecure_channel(target, options=options)
+        else:
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            self._channel = grpc.secure_channel(target, credentials, options=options)
         unary = {
             "Status": (pb.StatusRequest, pb.StatusReply),
             "Lockspaces": (pb.LockspacesRequest, pb.LockspacesReply),
