@@ -201,7 +201,8 @@ async fn certificates_rotate_on_sighup_and_sessions_stay() {
     );
     let agent = Agent::start("rotate", &config);
     let trusting = |pki: &TestPki| {
-        let tls = ClientTls { ca: std::fs::read(pki.ca()).expect("ca"), identity: None, server_name: "agent.test".into() };
+        let tls =
+            ClientTls { ca: std::fs::read(pki.ca()).expect("ca"), identity: None, server_name: "agent.test".into() };
         Target::Tls(address.clone(), tls)
     };
     let client = Client::connect(&trusting(&old)).await.expect("connects with the old CA");
@@ -218,10 +219,9 @@ async fn certificates_rotate_on_sighup_and_sessions_stay() {
     // The session made before goes on; new connections get the new certificate.
     let again = session.lock("default", "after", Mode::Ex, LockOptions::default()).await.expect("the session goes on");
     assert!(Client::connect(&trusting(&new)).await.expect("the new CA").status().await.is_ok());
-    let stale = tokio::time::timeout(Duration::from_secs(5), async {
-        Client::connect(&trusting(&old)).await?.status().await
-    })
-    .await;
+    let stale =
+        tokio::time::timeout(Duration::from_secs(5), async { Client::connect(&trusting(&old)).await?.status().await })
+            .await;
     assert!(!matches!(stale, Ok(Ok(_))), "a client trusting only the old CA still got in");
 
     // A broken key: the reload fails, counted, and the certificates in use stay.

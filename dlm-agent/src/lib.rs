@@ -32,7 +32,7 @@
 //! | [`pki`] | a cluster's own CA and the certificates it signs (`dlm-agent certs`, tests, benchmarks) |
 //! | [`telemetry`] | logs, and one OpenTelemetry span per lock request when OTLP is configured |
 //! | [`config`] | the settings: embedded default, TOML file, `DLM_*` variables and flags, validated |
-//! | `convert` | wire (`proto`) ⇄ lock engine (`dlm_core`) types, and the rejection of a request |
+//! | [`convert`] | wire (`proto`) ⇄ lock engine (`dlm_core`) types, and the rejection of a request |
 //! | `metrics` | the Prometheus registry and the agent's lock and session metrics |
 //! | [`framing`] | the framed-session protocol both ends speak: frame codec and shared write side |
 //! | [`ebpf`] | loading the eBPF programs, reading their maps, attribution maps for the driver |
@@ -79,6 +79,7 @@ pub mod access;
 pub mod client;
 pub mod codes;
 pub mod config;
+pub mod convert;
 pub mod ebpf;
 pub mod framing;
 pub mod pki;
@@ -89,7 +90,6 @@ pub mod telemetry;
 mod bounds;
 mod clock;
 mod command;
-mod convert;
 mod driver;
 mod membership;
 mod metrics;

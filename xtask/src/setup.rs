@@ -105,8 +105,17 @@ fn ebpf_toolchain() -> Result<(), String> {
         eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF programs; about 2 minutes)");
         crate::run("cargo", &["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked"])?;
     }
+    let fuzz = Command::new("cargo").args(["fuzz", "--version"]).output();
+    let current = fuzz.as_ref().is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(CARGO_FUZZ_VERSION));
+    if !current {
+        eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (runs the fuzz targets; under a minute)");
+        crate::run("cargo", &["install", &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"), "--locked"])?;
+    }
     Ok(())
 }
+
+/// The cargo-fuzz that builds and runs `tests/fuzz` (with the nightly toolchain).
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn rustup_components() -> Result<(), String> {
     let installed = Command::new("rustup")

@@ -282,13 +282,30 @@ impl Config {
     /// # Errors
     /// The file is unreadable or invalid, or a value is out of range.
     pub fn load(path: Option<&std::path::Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(path) => {
+                Some(std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?)
+            }
+            None => None,
+        };
+        Config::from_text(path, text.as_deref(), overrides)
+    }
+
+    /// As [`Config::load`], the file's `text` given (`path` names it in errors).
+    ///
+    /// # Errors
+    /// The text is invalid, or a value is out of range.
+    pub fn from_text(
+        path: Option<&std::path::Path>,
+        text: Option<&str>,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
         let mut config = Config::default();
         let mut clients = clients::FileClients::default();
-        if let Some(path) = path {
-            let text =
-                std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        if let Some(text) = text {
+            let path = path.unwrap_or(std::path::Path::new("(configuration)"));
             let file: File =
-                toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
+                toml::from_str(text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })?;
             clients = config.apply_file(file)?;
         }
         if let Some(node) = &overrides.node {

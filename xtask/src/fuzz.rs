@@ -1,0 +1,104 @@
+//! `cargo xtask fuzz`: runs every cargo-fuzz target of `tests/fuzz` in
+//! turn (nightly toolchain, coverage-guided libFuzzer, debug assertions on
+//! so the engine's invariant checks run), from the seed corpus in the
+//! repository, and reports each target's executions and crashes. A crash
+//! leaves its input in `tests/fuzz/artifacts/<target>/`: replay it with
+//! `cargo +nightly fuzz run --fuzz-dir tests/fuzz -s none -a <target> <file>`
+//! and make it a regression test.
+
+use std::process::Command;
+
+/// Every target, in the order they run.
+pub const TARGETS: &[&str] = &["framed_frames", "client_messages", "peer_wire", "config_toml"];
+
+const FUZZ_DIR: &str = "tests/fuzz";
+
+/// What one target did.
+pub struct Outcome {
+    /// The target.
+    pub target: &'static str,
+    /// Inputs run.
+    pub executions: u64,
+    /// Whether it found a crash.
+    pub crashed: bool,
+}
+
+/// Parses `--time T` (seconds per target: `30`, `30s`, `10m`) and `--runs N`.
+fn options(args: &[String]) -> Result<(u64, Option<u64>), String> {
+    let (mut seconds, mut runs) = (60, None);
+    let mut args = args.iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--time" => seconds = crate::seconds_of("--time", args.next())?,
+            "--runs" => {
+                let text = args.next().ok_or("--runs needs a number")?;
+                runs = Some(text.parse().map_err(|_| format!("--runs {text}: not a number"))?);
+            }
+            other => return Err(format!("unknown option {other:?}; usage: cargo xtask fuzz [--time T] [--runs N]")),
+        }
+    }
+    Ok((seconds, runs))
+}
+
+/// Runs one target for `seconds` (or `runs` inputs, whichever ends first).
+pub fn run_target(target: &'static str, seconds: u64, runs: Option<u64>) -> Result<Outcome, String> {
+    let corpus = format!("{FUZZ_DIR}/corpus/{target}");
+    std::fs::create_dir_all(&corpus).map_err(|e| format!("{corpus}: {e}"))?;
+    let mut args = vec![
+        "+nightly".to_string(),
+        "fuzz".into(),
+        "run".into(),
+        "--fuzz-dir".into(),
+        FUZZ_DIR.into(),
+        "--sanitizer".into(),
+        "none".into(),
+        "--debug-assertions".into(),
+        target.into(),
+        "--".into(),
+        format!("-max_total_time={seconds}"),
+        "-print_final_stats=1".into(),
+        "-max_len=4096".into(),
+    ];
+    if let Some(runs) = runs {
+        args.push(format!("-runs={runs}"));
+    }
+    eprintln!("xtask: $ cargo {}", args.join(" "));
+    let output = Command::new("cargo").args(&args).output().map_err(|e| format!("cannot run cargo fuzz: {e}"))?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let executions = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0);
+    let crashed = !output.status.success();
+    if crashed {
+        let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
+        eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    }
+    Ok(Outcome { target, executions, crashed })
+}
+
+/// `cargo xtask fuzz [--time T] [--runs N]`.
+pub fn run(args: &[String]) -> Result<(), String> {
+    let (seconds, runs) = options(args)?;
+    let mut outcomes = Vec::new();
+    for target in TARGETS {
+        outcomes.push(run_target(target, seconds, runs)?);
+    }
+    report(&outcomes)
+}
+
+/// Prints a line per target; an error if any crashed or ran nothing.
+pub fn report(outcomes: &[Outcome]) -> Result<(), String> {
+    println!("{:<18} {:>14} crashes", "target", "executions");
+    for o in outcomes {
+        println!("{:<18} {:>14} {}", o.target, o.executions, u8::from(o.crashed));
+    }
+    let failed: Vec<&str> = outcomes.iter().filter(|o| o.crashed || o.executions == 0).map(|o| o.target).collect();
+    if failed.is_empty() {
+        println!("fuzz: {} targets, 0 crashes", outcomes.len());
+        Ok(())
+    } else {
+        Err(format!("fuzz targets crashed or ran nothing: {failed:?} (inputs in {FUZZ_DIR}/artifacts/)"))
+    }
+}
