@@ -432,6 +432,41 @@ async fn a_second_failure_while_a_change_waits_starts_it_over_and_loses_nothing_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_grow_through_a_restart_of_the_whole_cluster() {
+    if !can_run("tokens_grow_through_a_restart_of_the_whole_cluster", true) {
+        return;
+    }
+    let mut cluster = CorosyncCluster::start("wholerestart", 3, 500, "");
+    let before = {
+        let session = cluster.agent(0).client().await.session().await.expect("session");
+        let guard = session.lock("default", "r", Mode::Ex, LockOptions::default()).await.expect("granted");
+        guard.fencing_token()
+    };
+    // Everything stops: every agent, every corosync (epochs start again).
+    for i in 0..3 {
+        cluster.kill_agent(i);
+        cluster.kill_corosync(i);
+    }
+    for i in 0..3 {
+        cluster.start_corosync(i);
+    }
+    for i in 0..3 {
+        cluster.start_agent(i);
+    }
+    let all = serde_json::json!([1, 2, 3]);
+    for i in 0..3 {
+        cluster.wait_state(i, Duration::from_secs(30), |s| s["state"] == "running" && s["members"] == all);
+    }
+    for i in 0..3 {
+        let session = cluster.agent(i).client().await.session().await.expect("session");
+        let guard = session.lock("default", "r", Mode::Ex, LockOptions::default()).await.expect("granted");
+        let after = guard.fencing_token();
+        assert!(after > before, "node {}: token {after} after the whole cluster restarted, {before} before", i + 1);
+        guard.unlock().await.expect("unlock");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watchdog_is_fed_only_while_the_node_is_a_quorate_member_and_its_corosync_answers() {
     if !can_run("the_watchdog", true) {
         return;

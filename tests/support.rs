@@ -185,6 +185,13 @@ impl Agent {
         Agent::start_full(tag, config, env, &http, wrapper)
     }
 
+    /// Starts an agent keeping its generation in `state_dir` (by default
+    /// each agent has its own, in its directory).
+    pub fn start_with_state_dir(tag: &str, config: &str, state_dir: &Path) -> Agent {
+        let http = format!("127.0.0.1:{}", free_port());
+        Agent::start_full(tag, config, &[("DLM_STATE_DIR", path_str(state_dir).to_string())], &http, &[])
+    }
+
     fn start_full(tag: &str, config: &str, env: &[(&str, String)], http: &str, wrapper: &[&str]) -> Agent {
         let mut env = env.to_vec();
         if !env.iter().any(|(key, _)| *key == "DLM_NO_EBPF") {
@@ -200,6 +207,9 @@ impl Agent {
         let http = http.to_string();
         let config_path = dir.join("agent.toml");
         std::fs::write(&config_path, config).expect("write config");
+        if !env.iter().any(|(key, _)| *key == "DLM_STATE_DIR") && !config.contains("state_dir") {
+            env.push(("DLM_STATE_DIR", path_str(&dir.join("state")).to_string()));
+        }
         let log = std::fs::File::create(dir.join("agent.log")).expect("log file");
         let mut command = match wrapper.split_first() {
             Some((program, args)) => {

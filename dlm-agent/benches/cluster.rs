@@ -67,6 +67,8 @@ fn start(dir: &Path, name: &str, config: &str) -> Result<Agent> {
         .arg(&config_path)
         .arg("--socket")
         .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join(format!("{name}-state")))
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
     Ok(Agent { child, socket, http, log })

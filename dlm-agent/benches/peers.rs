@@ -198,6 +198,8 @@ async fn start_dlm(dir: &Path) -> Result<DlmAgent> {
         .arg(&config)
         .arg("--socket")
         .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.join("dlm-state"))
         .env("DLM_NO_EBPF", if ebpf { "false" } else { "true" })
         .stderr(std::fs::File::create(dir.join("dlm.log"))?)
         .spawn()?;

@@ -15,6 +15,7 @@ const LAYERS: &[&str] = &[
     "codes",
     "access",
     "pki",
+    "generation",
     "telemetry",
     "config",
     "convert",

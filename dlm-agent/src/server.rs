@@ -16,6 +16,7 @@ use crate::clock::Clock;
 use crate::command::{Command, PeerView};
 use crate::config::{Config, MembershipSource, TlsSettings};
 use crate::driver;
+use crate::generation;
 use crate::membership;
 use crate::metrics::Metrics;
 use crate::proto::dlm_server::DlmServer;
@@ -40,6 +41,9 @@ pub enum ServeError {
     /// The configuration was refused by the lock engine.
     #[error("{0}")]
     Config(String),
+    /// The state directory could not be used.
+    #[error("state: {0}")]
+    State(String),
     /// The TLS files could not be used.
     #[error("TLS: {0}")]
     Tls(String),
@@ -149,6 +153,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let peer_view = Arc::new(PeerView::new(node_id, if by_views { 0 } else { 1 }, by_views));
     let (fence_acks, fence_acks_rx) = tokio::sync::mpsc::channel(16);
     let access = Arc::new(Access::new(config.access.clone()));
+    // Before anything can be granted: this start's generation, on disk.
+    let generation = generation::advance(&config.state_dir).map_err(ServeError::State)?;
+    tracing::info!(generation, state_dir = %config.state_dir.display(), "fencing tokens start above generation {generation}'s floor");
     metrics.register(access.collector());
     let mut watchdog = None;
     let (driver, driver_task) = driver::start(
@@ -158,6 +165,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         ebpf.attribution,
         driver::Links { peers, peer_view: peer_view.clone(), fence_acks: by_views.then_some(fence_acks) },
         access.clone(),
+        generation::token_floor(generation),
     )
     .map_err(ServeError::Config)?;
     if let (Some(cluster), Some(listener)) = (&config.cluster, peer_listener) {
@@ -188,8 +196,15 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         peer::spawn(context, listener, dialers);
         let membership_metrics = membership::MembershipMetrics::new(&metrics);
         if by_views {
-            watchdog = membership::start(cluster, peer_view.own(), driver.clone(), fence_acks_rx, membership_metrics)
-                .map_err(ServeError::Config)?;
+            watchdog = membership::start(
+                cluster,
+                peer_view.own(),
+                (generation, config.state_dir.clone()),
+                driver.clone(),
+                fence_acks_rx,
+                membership_metrics,
+            )
+            .map_err(ServeError::Config)?;
         }
     }
 

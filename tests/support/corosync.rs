@@ -198,9 +198,13 @@ impl CorosyncCluster {
                     .iter()
                     .map(|&m| format!("[[cluster.member]]\nid = {m}\naddress = \"{}\"\n", hosts.address(m - 1, 7400)))
                     .collect();
+                // Each node keeps its state (its generation) across its
+                // agents' restarts, as a real node does.
+                let state = dir.join(format!("n{}/state", i + 1));
                 format!(
-                    "[[lockspace]]\nname = \"default\"\n[cluster]\nname = \"{tag}\"\nnode_id = {}\n\
+                    "state_dir = \"{}\"\n[[lockspace]]\nname = \"default\"\n[cluster]\nname = \"{tag}\"\nnode_id = {}\n\
                      membership = \"corosync\"\nlisten = \"{}\"\n{}\n{members}{}",
+                    state.display(),
                     i + 1,
                     hosts.address(i, 7400),
                     extra.replace("@NODE@", &(i + 1).to_string()),

@@ -150,7 +150,7 @@ fn up(options: &Options) -> Result<(), String> {
         } else {
             Command::new(&binary)
         };
-        command.args(["run", "--config"]).arg(dir.join("agent.toml"));
+        command.args(["run", "--config"]).arg(dir.join("agent.toml")).arg("--state-dir").arg(dir.join("state"));
         // Its own process group: it outlives this command and ^C here.
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command

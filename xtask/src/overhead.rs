@@ -185,6 +185,8 @@ impl AgentProcess {
             .arg(&config)
             .arg("--socket")
             .arg(dir.join("dlm.sock"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

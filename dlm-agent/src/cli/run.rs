@@ -9,7 +9,7 @@ use dlm_agent::config::{Config, Overrides};
 /// Options of `dlm-agent run`; each also has a `DLM_*` variable.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// A TOML configuration file (keys: node, socket, tcp, http, keepalive, session_queue_max, [limits], [[lockspace]], [ebpf])
+    /// A TOML configuration file (keys: node, socket, tcp, http, state_dir, keepalive, session_queue_max, [limits], [[lockspace]], [ebpf], [cluster], [tls], [access])
     #[arg(long, short, env = "DLM_CONFIG")]
     config: Option<PathBuf>,
     /// This node's name [default: the host name]
@@ -24,6 +24,9 @@ pub struct RunArgs {
     /// Serve /metrics, /healthz and /readyz on this address (HOST:PORT, or "off") [default: 127.0.0.1:9420]
     #[arg(long, env = "DLM_HTTP")]
     http: Option<String>,
+    /// Where the agent keeps its generation, which keeps fencing tokens growing across restarts [default: /var/lib/dlm as root, else $XDG_STATE_HOME/dlm]
+    #[arg(long, env = "DLM_STATE_DIR")]
+    state_dir: Option<PathBuf>,
     /// Do not load the eBPF programs (kernel metrics and attribution off)
     #[arg(long, env = "DLM_NO_EBPF")]
     no_ebpf: bool,
@@ -40,8 +43,14 @@ pub async fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(super::EXIT_USAGE);
         }
     };
-    let overrides =
-        Overrides { node: args.node, socket: args.socket, tcp: args.tcp, http: args.http, no_ebpf: args.no_ebpf };
+    let overrides = Overrides {
+        node: args.node,
+        socket: args.socket,
+        tcp: args.tcp,
+        http: args.http,
+        state_dir: args.state_dir,
+        no_ebpf: args.no_ebpf,
+    };
     let config = match Config::load(args.config.as_deref(), &overrides) {
         Ok(config) => Config { lock_spans: telemetry.spans_enabled(), ..config },
         Err(error) => {

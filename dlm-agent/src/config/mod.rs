@@ -36,6 +36,8 @@ pub struct Config {
     pub tcp: Option<SocketAddr>,
     /// The HTTP address of `/metrics`, `/healthz`, `/readyz`; off when `None`.
     pub http: Option<SocketAddr>,
+    /// Where the agent keeps its generation (fencing tokens across restarts).
+    pub state_dir: PathBuf,
     /// HTTP/2 ping interval on client connections; a connection that does not
     /// answer within the same time again is closed and its session ended.
     pub keepalive: Duration,
@@ -84,6 +86,19 @@ fn default_lvb_len() -> usize {
     dlm_core::LVB_LEN_DEFAULT
 }
 
+/// The default state directory: `/var/lib/dlm` for root (or when no
+/// home is known), `$XDG_STATE_HOME/dlm` or `~/.local/state/dlm` for a user.
+#[must_use]
+pub fn default_state_dir() -> PathBuf {
+    let is_root =
+        std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    let home = std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state"));
+    match std::env::var_os("XDG_STATE_HOME").map(PathBuf::from).or(home) {
+        Some(dir) if !is_root => dir.join("dlm"),
+        _ => PathBuf::from("/var/lib/dlm"),
+    }
+}
+
 /// The default socket: `$XDG_RUNTIME_DIR/dlm/dlm.sock` for a user,
 /// `/run/dlm/dlm.sock` for root (or when `XDG_RUNTIME_DIR` is unset).
 #[must_use]
@@ -103,6 +118,7 @@ impl Default for Config {
             socket: default_socket(),
             tcp: None,
             http: Some(SocketAddr::from(([127, 0, 0, 1], 9420))),
+            state_dir: default_state_dir(),
             keepalive: Duration::from_secs(10),
             session_queue_max: 4096,
             limits: Limits {
@@ -147,6 +163,7 @@ struct File {
     socket: Option<PathBuf>,
     tcp: Option<String>,
     http: Option<String>,
+    state_dir: Option<PathBuf>,
     keepalive: Option<String>,
     handshake_timeout: Option<String>,
     session_queue_max: Option<usize>,
@@ -272,6 +289,8 @@ pub struct Overrides {
     pub tcp: Option<String>,
     /// `--http` / `DLM_HTTP`.
     pub http: Option<String>,
+    /// `--state-dir` / `DLM_STATE_DIR`.
+    pub state_dir: Option<PathBuf>,
     /// `--no-ebpf` / `DLM_NO_EBPF`.
     pub no_ebpf: bool,
 }
@@ -320,6 +339,9 @@ impl Config {
         if let Some(http) = &overrides.http {
             config.http = parse_addr("http", http)?;
         }
+        if let Some(dir) = &overrides.state_dir {
+            config.state_dir.clone_from(dir);
+        }
         if overrides.no_ebpf {
             config.ebpf = false;
         }
@@ -343,6 +365,9 @@ impl Config {
         }
         if let Some(http) = file.http {
             self.http = parse_addr("http", &http)?;
+        }
+        if let Some(dir) = file.state_dir {
+            self.state_dir = dir;
         }
         if let Some(keepalive) = file.keepalive {
             self.keepalive = parse_duration(&keepalive).map_err(|m| invalid("keepalive", m))?;

@@ -152,9 +152,10 @@ pub fn start(
     attribution: Option<AttributionMaps>,
     links: Links,
     access: Arc<Access>,
+    token_floor: u64,
 ) -> Result<(DriverHandle, tokio::task::JoinHandle<()>), String> {
     let Links { peers, peer_view, fence_acks } = links;
-    let node_config = NodeConfig { limits: config.limits.clone(), ..NodeConfig::default() };
+    let node_config = NodeConfig { limits: config.limits.clone(), token_floor, ..NodeConfig::default() };
     let (node_id, cluster_config) = match &config.cluster {
         Some(cluster) => {
             let settings = cluster.cluster_config()?;

@@ -23,6 +23,7 @@ mod watchdog;
 pub use watchdog::Watchdog;
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use dlm_core::cluster::NodeId;
 use prometheus::{IntCounterVec, Opts};
@@ -33,6 +34,7 @@ use self::agree::{Agreement, Refusal, Step};
 use self::corosync::Event;
 use crate::command::{Command, DriverHandle, MembershipStatus};
 use crate::config::ClusterSettings;
+use crate::generation;
 use crate::metrics::Metrics;
 
 /// Events from corosync's threads queued at most for the membership task.
@@ -89,14 +91,17 @@ impl MembershipMetrics {
 pub fn start(
     settings: &ClusterSettings,
     incarnation: u64,
+    generation: (u64, PathBuf),
     driver: DriverHandle,
     fence_acks: mpsc::Receiver<NodeId>,
     metrics: MembershipMetrics,
 ) -> Result<Option<Watchdog>, String> {
+    let (generation, state_dir) = generation;
     let watchdog = settings.fencing.watchdog.as_deref().map(Watchdog::start).transpose()?;
     let (events, receiver) = mpsc::channel(EVENTS_MAX);
     corosync::spawn(settings.cpg_group(), events.clone())?;
-    let agreement = Agreement::new(settings.node_id, settings.members.iter().map(|m| (m.id, m.weight)), incarnation);
+    let agreement = Agreement::new(settings.node_id, settings.members.iter().map(|m| (m.id, m.weight)), incarnation)
+        .after_epoch(generation);
     let task = Membership {
         agreement,
         settings: settings.clone(),
@@ -109,6 +114,7 @@ pub fn start(
         lost_at: BTreeMap::new(),
         fencing: BTreeMap::new(),
         watchdog: watchdog.clone(),
+        state_dir,
     };
     tokio::spawn(task.run(receiver, fence_acks));
     Ok(watchdog)
@@ -132,6 +138,8 @@ struct Membership {
     lost_at: BTreeMap<u32, Instant>,
     /// The fencing this node runs, by node.
     fencing: BTreeMap<u32, tokio::task::AbortHandle>,
+    /// Where each view's epoch is recorded before the view is taken.
+    state_dir: PathBuf,
     /// Fed while this node is a quorate member.
     watchdog: Option<Watchdog>,
 }
@@ -233,6 +241,18 @@ impl Membership {
             }
             Step::View(view) => {
                 tracing::info!(epoch = view.epoch, quorate = view.quorate, "agreed on a view");
+                // A quorate view's epoch is on disk before any token of it is
+                // handed out (see `crate::generation`); a node that cannot
+                // record it stays in its older epoch, which its peers refuse.
+                // A view that fences grants nothing and never waits on a disk.
+                if view.quorate {
+                    let (dir, epoch) = (self.state_dir.clone(), view.epoch);
+                    let recorded = tokio::task::spawn_blocking(move || generation::record(&dir, epoch)).await;
+                    if let Err(error) = recorded.map_err(|e| e.to_string()).and_then(|r| r) {
+                        tracing::error!(%error, epoch, "cannot record the view's epoch; the view is not taken");
+                        return true;
+                    }
+                }
                 if let Some(watchdog) = &self.watchdog {
                     let me = NodeId(self.settings.node_id);
                     watchdog.member(view.quorate && view.members.iter().any(|m| m.id == me));

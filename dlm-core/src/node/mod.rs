@@ -29,6 +29,10 @@ pub struct NodeConfig {
     /// When a targeted deadlock search runs out of budget, a full scan runs
     /// this long after.
     pub deadlock_rescan_delay: Duration,
+    /// Every fencing token this node hands out is larger than this: the
+    /// agent raises it at each start (from a generation kept on disk), so
+    /// that tokens never go back across a restart.
+    pub token_floor: u64,
 }
 
 impl Default for NodeConfig {
@@ -37,6 +41,7 @@ impl Default for NodeConfig {
             limits: Limits::default(),
             deadlock_detection: true,
             deadlock_rescan_delay: Duration::from_secs(1),
+            token_floor: 0,
         }
     }
 }
@@ -98,12 +103,13 @@ impl Node {
     /// The limits are inconsistent (see [`Limits::validate`]).
     pub fn new(config: NodeConfig) -> Result<Node, String> {
         config.limits.validate()?;
+        let released_tokens = config.token_floor;
         Ok(Node {
             config,
             lockspaces: BTreeMap::new(),
             lockspace_names: BTreeMap::new(),
             next_lockspace: 0,
-            released_tokens: 0,
+            released_tokens,
             sessions: HashMap::new(),
             out: Outbox::default(),
             full_scan_at: None,

@@ -444,6 +444,16 @@ impl Agreement {
         steps.push(Step::View(view));
     }
 
+    /// This agent, as one that last agreed to `epoch`: the agent's
+    /// generation (`crate::generation`), so that the first view after a
+    /// restart, of this agent or of the whole cluster, is later than every
+    /// epoch it took before.
+    #[must_use]
+    pub fn after_epoch(mut self, epoch: u64) -> Agreement {
+        self.agreed = self.agreed.max(epoch);
+        self
+    }
+
     /// Fences this node alone: a view of itself, not quorate, at the odd
     /// epoch after the last agreed one.
     fn fence_alone(&mut self, steps: &mut Vec<Step>) {
