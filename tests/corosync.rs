@@ -377,13 +377,17 @@ async fn a_group_member_that_is_no_configured_node_and_a_peer_from_an_old_epoch_
     };
     let before = metric_value(&metrics, "dlm_cluster_peer_rejected_total{reason=\"wrong_epoch\"}");
     {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(cluster.hosts.address(0, 7400)).expect("connect");
-        stream.write_all(&dlm_core::cluster::wire::encode_hello(&hello)).expect("hello");
-        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
-        let mut answer = Vec::new();
-        let _ = stream.read_to_end(&mut answer);
-        assert!(answer.is_empty(), "an old epoch's hello gets no hello back");
+        // Over TLS as node 2 (its certificate): the refusal is the epoch's.
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (cert, key) = cluster.pki.issue("node2");
+        let address = cluster.hosts.address(0, 7400);
+        let mut stream =
+            support::tls_connect(&address, &cluster.pki.ca(), Some((&cert, &key)), "node1").await.expect("TLS");
+        stream.write_all(&dlm_core::cluster::wire::encode_hello(&hello)).await.expect("hello");
+        stream.flush().await.expect("flush");
+        let mut answer = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut answer)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "an old epoch's hello gets no hello back: {read:?}");
     }
     let deadline = Instant::now() + Duration::from_secs(5);
     while metric_value(&cluster.agent(0).metrics(), "dlm_cluster_peer_rejected_total{reason=\"wrong_epoch\"}") <= before

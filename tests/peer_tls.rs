@@ -5,8 +5,6 @@
 //! certificate has that identity; a TCP listener without `[tls]` does not
 //! start; certificates rotate on SIGHUP without dropping sessions.
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use dlm_agent::client::{Client, ClientTls, LockOptions, Target};
@@ -14,45 +12,13 @@ use dlm_agent::proto;
 use dlm_core::Mode;
 use dlm_core::cluster::NodeId;
 use dlm_core::cluster::wire::{self, Hello};
-use rustls::RootCertStore;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use support::{Agent, TestPki, metric_value, path_str};
+use support::{Agent, TestPki, metric_value, path_str, tls_connect};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 
 fn hello(cluster: &str, node: u16) -> Vec<u8> {
     let cluster = cluster.as_bytes().to_vec();
     wire::encode_hello(&Hello { version: wire::VERSION, cluster, node: NodeId(node), epoch: 1, incarnation: 7 })
-}
-
-/// A TLS connection to `address` trusting `ca`, as `identity` if given.
-async fn tls_connect(
-    address: &str,
-    ca: &Path,
-    identity: Option<(&Path, &Path)>,
-    name: &str,
-) -> std::io::Result<TlsStream<TcpStream>> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).expect("ca") {
-        roots.add(cert.expect("a certificate")).expect("a CA");
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots);
-    let config = match identity {
-        Some((cert, key)) => {
-            let chain = CertificateDer::pem_file_iter(cert).expect("cert").map(|c| c.expect("cert")).collect();
-            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key).expect("key")).expect("identity")
-        }
-        None => builder.with_no_client_auth(),
-    };
-    let tcp = TcpStream::connect(address).await?;
-    let name = ServerName::try_from(name.to_string()).expect("a name");
-    tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await
 }
 
 /// Whether the agent closes `stream` within 10 s (after a TLS alert, if

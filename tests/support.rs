@@ -451,6 +451,36 @@ impl Drop for TestPki {
     }
 }
 
+/// A TLS connection to `address` trusting `ca`, as `identity` if given.
+pub async fn tls_connect(
+    address: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+    name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).expect("ca") {
+        roots.add(cert.expect("a certificate")).expect("a CA");
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("versions")
+        .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_file_iter(cert).expect("cert").map(|c| c.expect("cert")).collect();
+            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key).expect("key")).expect("identity")
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(address).await?;
+    let name = ServerName::try_from(name.to_string()).expect("a name");
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await
+}
+
 /// Agents forming one cluster on loopback.
 pub struct Cluster {
     /// Node `i + 1`'s agent at index `i`.
