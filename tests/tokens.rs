@@ -37,6 +37,10 @@ async fn tokens_grow_through_a_lockspace_recreated_and_restarts_clean_or_killed(
     assert!(agent.terminate().success());
 
     let agent = Agent::start_with_state_dir("tokens-3", "", &state);
+    // A SIGHUP (which reloads TLS files) does not stop an agent without them.
+    let hangup = std::process::Command::new("kill").args(["-HUP", &agent.pid().to_string()]).status();
+    assert!(hangup.expect("kill").success());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     tokens.push(token_of(&agent, "r").await);
     assert!(tokens.windows(2).all(|pair| pair[0] < pair[1]), "tokens went back: {tokens:?}");
     let generation = std::fs::read_to_string(state.join("generation")).expect("the generation file");

@@ -83,18 +83,21 @@ async fn bind_unix(path: &Path) -> Result<UnixListener, ServeError> {
 }
 
 /// Reads the TLS files again on each SIGHUP: new connections get the new
-/// certificates, connections already made keep theirs.
-async fn reload_on_hangup(tls: &Tls) {
+/// certificates, connections already made keep theirs. Without TLS a
+/// SIGHUP is logged and ignored (it must not stop the agent).
+async fn reload_on_hangup(tls: Option<&Tls>) {
     let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
         tracing::warn!("cannot listen for SIGHUP: the TLS files are read only at start");
         return std::future::pending().await;
     };
     while hangups.recv().await.is_some() {
-        match tls.reload() {
-            Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
-            Err(error) => tracing::error!(%error, "SIGHUP: TLS reload failed; the certificates in use stay"),
+        match tls.map(Tls::reload) {
+            None => tracing::info!("SIGHUP: no TLS files to reload"),
+            Some(Ok(())) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+            Some(Err(error)) => tracing::error!(%error, "SIGHUP: TLS reload failed; the certificates in use stay"),
         }
     }
+    std::future::pending().await
 }
 
 /// Runs the agent until `shutdown` completes.
@@ -268,12 +271,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
             Ok(())
         });
     }
-    if let Some(tls) = tls.clone() {
-        tasks.spawn(async move {
-            reload_on_hangup(&tls).await;
-            Ok(())
-        });
-    }
+    let reloadable = tls.clone();
+    tasks.spawn(async move {
+        reload_on_hangup(reloadable.as_deref()).await;
+        Ok(())
+    });
     tracing::info!(
         node = %config.node,
         socket = %config.socket.display(),
