@@ -291,11 +291,14 @@ async fn every_panel_query_returns_data_from_a_real_prometheus() {
     // Every eBPF family is on: the Contention dashboard's futex and off-CPU
     // panels need the opt-in `futex` and `sched` families.
     let peers = support::free_ports(2);
+    let pki = support::TestPki::new("dashboards");
     let cluster = |id: u16| {
         format!(
             "[ebpf]\ninterval = \"1s\"\nfamilies = [\"locks\", \"futex\", \"sched\", \"holders\", \"memory\"]\n[cluster]\nname = \"dashboards\"\nnode_id = {id}\nrelease_delay = \"1s\"\n\
-             [[cluster.member]]\nid = 1\naddress = \"127.0.0.1:{}\"\n[[cluster.member]]\nid = 2\naddress = \"127.0.0.1:{}\"\n",
-            peers[0], peers[1]
+             [[cluster.member]]\nid = 1\naddress = \"127.0.0.1:{}\"\n[[cluster.member]]\nid = 2\naddress = \"127.0.0.1:{}\"\n{}",
+            peers[0],
+            peers[1],
+            pki.tls_section(&format!("node{id}"))
         )
     };
     let (config1, config2) = (cluster(1), cluster(2));
