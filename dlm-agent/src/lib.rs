@@ -2,7 +2,8 @@
 //!
 //! The dlm node service and its command line. One agent runs per node; the
 //! applications on the node take locks through it on a Unix socket (framed
-//! sessions, [`framing`], or gRPC) or over TCP (gRPC) when configured. The
+//! sessions, [`framing`], or gRPC) or over TCP (gRPC over TLS) when
+//! configured; what each client may do is the [`access`] policy's. The
 //! lock semantics are `dlm-core`'s; this crate owns the sockets, the
 //! sessions' lifetimes, the clock, the peer transport, metrics, the eBPF
 //! loader and the CLI.
