@@ -51,16 +51,21 @@ impl Drop for Agent {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// `n` distinct free ports: all bound at once, so that none is handed out
+/// twice (ports picked one at a time may repeat once released, and an
+/// agent's HTTP port could then be another's peer port).
+fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<std::io::Result<_>>()?;
+    listeners.iter().map(|l| Ok(l.local_addr()?.port())).collect()
 }
 
 /// Starts an agent; [`ready`] waits for it.
-fn start(dir: &Path, name: &str, config: &str) -> Result<Agent> {
+fn start(dir: &Path, name: &str, config: &str, http_port: u16) -> Result<Agent> {
     let socket = dir.join(format!("{name}.sock"));
     let config_path = dir.join(format!("{name}.toml"));
     std::fs::write(&config_path, config)?;
-    let http = format!("127.0.0.1:{}", free_port()?);
+    let http = format!("127.0.0.1:{http_port}");
     let log = dir.join(format!("{name}.log"));
     let child = Command::new(BIN)
         .args(["run", "--no-ebpf", "--log", "warn", "--http", &http, "--config"])
@@ -239,7 +244,7 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("dlm-bench-cluster-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let steps = 7;
+    let steps = 8;
     let mut step = 0;
     let mut progress = |what: &str| {
         step += 1;
@@ -247,7 +252,10 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
     };
 
     progress("single node: lock+unlock latency, 1 client");
-    let single = start(&dir, "single", "")?;
+    // Every port of the run: 7 agents' HTTP, 6 peer listeners, 1 spare.
+    let mut ports = free_ports(14)?.into_iter();
+    let mut port = move || ports.next().ok_or("out of ports");
+    let single = start(&dir, "single", "", port()?)?;
     ready(&single).await?;
     let single_session = session(&single).await?;
     let mut single_latency = latencies(&single_session, "bench", plan).await?;
@@ -262,7 +270,7 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
     let mut agents = Vec::new();
     let mut plain = Vec::new();
     for (cluster, tls) in [("bench", true), ("plain", false)] {
-        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
+        let ports: Vec<u16> = (0..3).map(|_| port()).collect::<std::result::Result<_, _>>()?;
         let members: String = ports
             .iter()
             .enumerate()
@@ -281,7 +289,7 @@ async fn run(plan: &Plan, measuring: bool) -> Result<()> {
                 "[tls]\ninsecure = true\n".to_string()
             };
             let config = format!("{security}[cluster]\nname = \"{cluster}\"\nnode_id = {i}\n{members}");
-            let agent = start(&dir, &format!("{cluster}-node{i}"), &config)?;
+            let agent = start(&dir, &format!("{cluster}-node{i}"), &config, port()?)?;
             if tls { agents.push(agent) } else { plain.push(agent) }
         }
     }

@@ -63,14 +63,29 @@ pub fn run_target(target: &'static str, seconds: u64, runs: Option<u64>) -> Resu
         args.push(format!("-runs={runs}"));
     }
     eprintln!("xtask: $ cargo {}", args.join(" "));
-    let output = Command::new("cargo").args(&args).output().map_err(|e| format!("cannot run cargo fuzz: {e}"))?;
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let mut child = Command::new("cargo")
+        .args(&args)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run cargo fuzz: {e}"))?;
+    // libFuzzer reports on stderr: its periodic lines are shown as
+    // progress, and everything is kept for the figures and a crash's report.
+    let mut stderr = String::new();
+    let reader = std::io::BufReader::new(child.stderr.take().expect("piped"));
+    for line in std::io::BufRead::lines(reader).map_while(Result::ok) {
+        if line.contains(" pulse ") || line.contains(" DONE ") {
+            eprintln!("xtask: {target}: {line}");
+        }
+        stderr.push_str(&line);
+        stderr.push('\n');
+    }
+    let status = child.wait().map_err(|e| format!("cargo fuzz: {e}"))?;
     let executions = stderr
         .lines()
         .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or(0);
-    let crashed = !output.status.success();
+    let crashed = !status.success();
     if crashed {
         let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
         eprintln!("{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
