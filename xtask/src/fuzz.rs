@@ -73,7 +73,9 @@ pub fn run_target(target: &'static str, seconds: u64, runs: Option<u64>) -> Resu
     let mut stderr = String::new();
     let reader = std::io::BufReader::new(child.stderr.take().expect("piped"));
     for line in std::io::BufRead::lines(reader).map_while(Result::ok) {
-        if line.contains(" pulse ") || line.contains(" DONE ") {
+        // libFuzzer's lines are "#<count>\t<event> …": pulse (at each power
+        // of two) and DONE are the progress worth showing.
+        if line.contains("\tpulse") || line.contains("\tDONE") {
             eprintln!("xtask: {target}: {line}");
         }
         stderr.push_str(&line);
