@@ -221,11 +221,7 @@ async fn bad_peer_input_is_refused_and_the_node_keeps_serving() {
     // TCP (`insecure = true`): the checks below TLS's, which a member with
     // a valid certificate could still fail (tests/peer_tls.rs has TLS's).
     let peers: Vec<String> = support::free_ports(3).into_iter().map(|port| format!("127.0.0.1:{port}")).collect();
-    let members: String = peers
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("[[cluster.member]]\nid = {}\naddress = \"{a}\"\n", i + 1))
-        .collect();
+    let members = support::members_section(&peers);
     let config = format!("[tls]\ninsecure = true\n[cluster]\nname = \"badpeer\"\nnode_id = 1\n{members}");
     let agent = support::Agent::start("badpeer", &config);
     // Insecure, and loud about it: a warning at start, and a metric.

@@ -53,11 +53,7 @@ async fn a_peer_needs_a_certificate_of_the_cluster_naming_the_member_it_claims()
     let pki = TestPki::new("peertls");
     let rogue = TestPki::new("peertls-rogue");
     let peers: Vec<String> = support::free_ports(3).into_iter().map(|port| format!("127.0.0.1:{port}")).collect();
-    let members: String = peers
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("[[cluster.member]]\nid = {}\naddress = \"{a}\"\n", i + 1))
-        .collect();
+    let members = support::members_section(&peers);
     let config = format!("[cluster]\nname = \"peertls\"\nnode_id = 1\n{members}{}", pki.tls_section("node1"));
     let agent = Agent::start("peertls", &config);
     assert_eq!(metric_value(&agent.metrics(), "dlm_tls_insecure"), 0.0);

@@ -481,6 +481,15 @@ pub async fn tls_connect(
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await
 }
 
+/// `[[cluster.member]]` entries: node `i + 1` at `addresses[i]`.
+pub fn members_section(addresses: &[String]) -> String {
+    addresses
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("[[cluster.member]]\nid = {}\naddress = \"{a}\"\n", i + 1))
+        .collect()
+}
+
 /// Agents forming one cluster on loopback.
 pub struct Cluster {
     /// Node `i + 1`'s agent at index `i`.
@@ -502,11 +511,7 @@ impl Cluster {
     pub fn start(tag: &str, n: usize, extra: &str) -> Cluster {
         let pki = TestPki::new(tag);
         let peer_addresses: Vec<String> = free_ports(n).into_iter().map(|port| format!("127.0.0.1:{port}")).collect();
-        let members: String = peer_addresses
-            .iter()
-            .enumerate()
-            .map(|(i, a)| format!("[[cluster.member]]\nid = {}\naddress = \"{a}\"\n", i + 1))
-            .collect();
+        let members = members_section(&peer_addresses);
         let configs: Vec<String> = (0..n)
             .map(|i| {
                 format!(
