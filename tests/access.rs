@@ -37,14 +37,22 @@ fn binary_for_nobody(agent: &Agent) -> PathBuf {
 }
 
 /// `dlm-agent ARGS…` as uid and gid 65534, no supplementary groups.
+///
+/// A binary just written can be "busy" for a moment: another test thread
+/// that forks while the copy's file is open hands its child that write
+/// descriptor until the child execs. So ETXTBSY is retried, briefly.
 fn as_nobody(binary: &PathBuf, agent: &Agent, args: &[&str]) -> Output {
-    Command::new(binary)
-        .args(args)
-        .env("DLM_SOCKET", &agent.socket)
-        .uid(NOBODY)
-        .gid(NOBODY)
-        .output()
-        .expect("run as nobody")
+    let mut tries = 0;
+    loop {
+        let run = Command::new(binary).args(args).env("DLM_SOCKET", &agent.socket).uid(NOBODY).gid(NOBODY).output();
+        match run {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            run => return run.expect("run as nobody"),
+        }
+    }
 }
 
 fn refused(output: &Output, what: &str) {
