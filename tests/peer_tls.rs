@@ -2,7 +2,8 @@
 //! without a certificate of the cluster's CA, or with one naming another
 //! member, is refused and counted; a second connection of a member replaces
 //! the first; a TCP client without TLS is refused and one with a
-//! certificate has that identity; a TCP listener without `[tls]` does not
+//! certificate has that identity, and with `client_certificates =
+//! "required"` one without is turned away; a TCP listener without `[tls]` does not
 //! start; certificates rotate on SIGHUP without dropping sessions.
 
 use std::time::Duration;
@@ -136,6 +137,39 @@ async fn tcp_clients_need_tls_and_their_certificate_is_their_identity() {
     assert_eq!(output.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("insecure = true") && stderr.contains("tls"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_client_certificates_turn_away_clients_without_one_of_the_ca() {
+    let (pki, other) = (TestPki::new("required"), TestPki::new("required-other"));
+    let address = format!("127.0.0.1:{}", support::free_port());
+    let config = format!(
+        "tcp = \"{address}\"\n[access.lockspace.default]\nlock = [\"*\"]\n{}client_certificates = \"required\"\n",
+        pki.tls_section("agent.test")
+    );
+    let agent = Agent::start("required", &config);
+    let ca = std::fs::read(pki.ca()).expect("ca");
+    let identity = |of: &TestPki, name: &str| {
+        let (cert, key) = of.issue(name);
+        Some((std::fs::read(cert).expect("cert"), std::fs::read(key).expect("key")))
+    };
+    let tls = |identity| ClientTls { ca: ca.clone(), identity, server_name: "agent.test".into() };
+    // Served within five seconds, or not at all.
+    let served = async |tls: ClientTls| {
+        let status = async { Client::connect(&Target::Tls(address.clone(), tls)).await?.status().await };
+        matches!(tokio::time::timeout(Duration::from_secs(5), status).await, Ok(Ok(_)))
+    };
+    assert!(!served(tls(None)).await, "a client without a certificate was served");
+    assert!(!served(tls(identity(&other, "app.client"))).await, "a certificate of another CA was accepted");
+    assert!(served(tls(identity(&pki, "app.client"))).await, "a certificate of the CA was refused");
+    let session = Client::connect(&Target::Tls(address.clone(), tls(identity(&pki, "app.client"))))
+        .await
+        .expect("TLS client")
+        .session()
+        .await
+        .expect("a session");
+    session.lock("default", "r", Mode::Ex, LockOptions::default()).await.expect("lock");
+    drop(agent);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,35 +68,28 @@ fn load(files: &TlsFiles) -> Result<Configs, String> {
     let chain = read_certificates(&files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| format!("{}: {e}", files.key.display()))?;
     let tls_error = |what: &str, e: rustls::Error| format!("{what}: {e}");
+    let verifier = |anonymous: bool| {
+        let builder = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider());
+        let builder = if anonymous { builder.allow_unauthenticated() } else { builder };
+        builder.build().map_err(|e| format!("{}: {e}", files.ca.display()))
+    };
+    let server = |verifier| {
+        ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls_error("protocol versions", e))?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(|e| tls_error("the certificate and key", e))
+    };
 
-    let required = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-        .build()
-        .map_err(|e| format!("{}: {e}", files.ca.display()))?;
-    let peer_server = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls_error("protocol versions", e))?
-        .with_client_cert_verifier(required.clone())
-        .with_single_cert(chain.clone(), key.clone_key())
-        .map_err(|e| tls_error("the certificate and key", e))?;
+    let peer_server = server(verifier(false)?)?;
     let peer_client = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error("protocol versions", e))?
         .with_root_certificates(roots.clone())
         .with_client_auth_cert(chain.clone(), key.clone_key())
         .map_err(|e| tls_error("the certificate and key", e))?;
-    let api_verifier = match files.client_certificates {
-        ClientCertificates::Required => required,
-        ClientCertificates::Optional => WebPkiClientVerifier::builder_with_provider(roots, provider())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| format!("{}: {e}", files.ca.display()))?,
-    };
-    let mut api_server = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| tls_error("protocol versions", e))?
-        .with_client_cert_verifier(api_verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| tls_error("the certificate and key", e))?;
+    let mut api_server = server(verifier(files.client_certificates == ClientCertificates::Optional)?)?;
     // gRPC clients insist on HTTP/2 being agreed in the handshake.
     api_server.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Configs {
