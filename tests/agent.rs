@@ -13,7 +13,6 @@ use support::{Agent, eventually};
 const EXIT_NOT_ACQUIRED: i32 = 75;
 const EXIT_UNREACHABLE: i32 = 69;
 const EXIT_USAGE: i32 = 64;
-const EXIT_CONFIG: i32 = 78;
 
 #[test]
 fn two_cli_lockers_of_the_same_name_serialize() {
@@ -295,60 +294,6 @@ async fn sigterm_answers_pending_requests_and_exits_cleanly() {
     assert!(!agent.socket.exists(), "the socket file is removed");
 }
 
-/// Runs the agent on a configuration file holding `config` (in `dir`, with
-/// its socket there too) and returns how it ended.
-fn run_with_config(dir: &std::path::Path, config: &str, extra: &[&str]) -> std::process::Output {
-    let path = dir.join("bad.toml");
-    std::fs::write(&path, config).expect("write");
-    Command::new(support::bin())
-        .arg("run")
-        .args(extra)
-        .arg("--config")
-        .arg(&path)
-        .arg("--socket")
-        .arg(dir.join("s"))
-        .output()
-        .expect("run")
-}
-
-#[test]
-fn a_bad_configuration_is_refused_with_a_clear_message() {
-    let dir = std::env::temp_dir().join(format!("dlm-test-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    for (config, expected) in [
-        ("keepalive = \"soon\"\n", "keepalive"),
-        ("colour = 1\n", "colour"),
-        ("[limits]\nsessions_max = 0\n", "sessions_max"),
-        ("http = \"not an address\"\n", "http"),
-    ] {
-        let output = run_with_config(&dir, config, &[]);
-        assert_eq!(output.status.code(), Some(EXIT_CONFIG), "{config}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(stderr.contains(expected), "{config}: {stderr}");
-    }
-    let output = Command::new(support::bin()).args(["run", "--config", "/nonexistent.toml"]).output().expect("run");
-    assert_eq!(output.status.code(), Some(EXIT_CONFIG));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent.toml"));
-    std::fs::remove_dir_all(&dir).expect("cleanup");
-}
-
-#[test]
-fn every_command_has_help() {
-    for command in [
-        &["--help"][..],
-        &["run", "--help"],
-        &["lock", "--help"],
-        &["status", "--help"],
-        &["ls", "--help"],
-        &["dump", "--help"],
-    ] {
-        let output = Command::new(support::bin()).args(command).output().expect("run");
-        assert!(output.status.success(), "{command:?}");
-        let text = String::from_utf8_lossy(&output.stdout);
-        assert!(text.contains("Usage"), "{command:?}: {text}");
-    }
-}
-
 /// A session driven with raw protocol messages.
 struct RawSession {
     requests: tokio::sync::mpsc::Sender<proto::ClientMessage>,
@@ -393,33 +338,6 @@ impl RawSession {
         }
     }
 }
-
-#[test]
-fn the_systemd_unit_verifies() {
-    let Ok(output) = Command::new("systemd-analyze").arg("--version").output() else {
-        assert!(std::env::var("CI").is_err(), "systemd-analyze is required under CI");
-        eprintln!("skipped: systemd-analyze is not installed");
-        return;
-    };
-    assert!(output.status.success());
-    let unit =
-        include_str!("../dlm-agent/systemd/dlm-agent.service").replace("/usr/local/bin/dlm-agent", support::bin());
-    let dir = std::env::temp_dir().join(format!("dlm-test-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let path = dir.join("dlm-agent.service");
-    std::fs::write(&path, unit).expect("write");
-    let verify = Command::new("systemd-analyze").arg("verify").arg(&path).output().expect("run");
-    let stderr = String::from_utf8_lossy(&verify.stderr);
-    assert!(verify.status.success() && stderr.trim().is_empty(), "{stderr}");
-    let security = Command::new("systemd-analyze")
-        .args(["security", "--offline=yes", "--threshold=30"])
-        .arg(&path)
-        .output()
-        .expect("run");
-    assert!(security.status.success(), "{}", String::from_utf8_lossy(&security.stdout));
-    std::fs::remove_dir_all(&dir).expect("cleanup");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_client_that_goes_silent_loses_its_session_after_the_keepalive() {
     let address = format!("127.0.0.1:{}", support::free_port());
@@ -568,38 +486,6 @@ async fn a_new_lock_with_handle_0_is_refused() {
         ..Default::default()
     });
     assert_eq!(raw.rejected(lock).await, "invalid_handle");
-}
-
-/// Settings that the agent used to take and then fail on, or silently
-/// change, are refused as configuration (exit 78, "configuration:"), and a
-/// failed start leaves no socket file behind.
-#[test]
-fn configurations_refused_at_load_leave_no_socket_behind() {
-    let dir = std::env::temp_dir().join(format!("dlm-test-config-2-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    for (config, expected) in [
-        ("[[lockspace]]\nname = \"\"\n", "lockspace"),
-        ("[[lockspace]]\nname = \"a\"\nlvb_len = 0\n", "value block length"),
-        ("[[lockspace]]\nname = \"a\"\nlvb_len = 12\n", "value block length"),
-        ("[limits]\nrequest_timeout_max = \"0s\"\n", "request_timeout_max"),
-        ("keepalive = \"4294967295h\"\n", "keepalive"),
-        ("keepalive = \"169h\"\n", "keepalive"),
-    ] {
-        let socket = dir.join("s");
-        let output = run_with_config(&dir, config, &[]);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(EXIT_CONFIG), "{config}: {stderr}");
-        assert!(stderr.contains("configuration:") && stderr.contains(expected), "{config}: {stderr}");
-        assert!(!socket.exists(), "{config}: a socket file was left behind");
-    }
-    // A start that fails after the socket is bound (the HTTP address is taken) removes it.
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let socket = dir.join("s");
-    let http = format!("http = \"{}\"\n", taken.local_addr().expect("address"));
-    let output = run_with_config(&dir, &http, &["--no-ebpf"]);
-    assert!(!output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(!socket.exists(), "a failed start left its socket file behind");
-    std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 
 /// A gRPC session message that does not decode ends the session, and its
