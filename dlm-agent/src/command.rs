@@ -106,6 +106,8 @@ pub enum Command {
     Membership(MembershipStatus),
     /// An operator says this lost node is fenced (`dlm-agent fence-ack`).
     FenceAck { node: NodeId, reply: oneshot::Sender<Result<(), String>> },
+    /// The node's highest fencing token (for `crate::generation::keep`).
+    HighestToken { reply: oneshot::Sender<u64> },
 }
 
 /// What the membership says of itself, for `status` and the metrics.

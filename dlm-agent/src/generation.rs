@@ -7,28 +7,46 @@
 //!
 //! With corosync membership, tokens of epoch `e` start above `e << 40`
 //! too, and the agreed epochs start again after a restart of the whole
-//! cluster. So the membership records each view's epoch here ([`record`])
+//! cluster. So the membership records each view's epoch here ([`raise`])
 //! before the view is taken, and the agent reports its generation as the
 //! epoch it last agreed to: the first view after any restart is later than
 //! every epoch a member of it took before. (Any two quorate views share a
 //! member, so the epoch of the last quorate view before the restart is
 //! known to the first one after it.)
 //!
-//! A generation has 2^40 tokens before the next one's floor: at 10^5
-//! grants a second, 127 days of uptime. The file is text (`generation N`);
-//! a file that does not parse stops the start rather than being reset,
-//! since a reset would let tokens go back.
+//! A generation has 2^40 tokens before the next one's floor (at 10^5
+//! grants a second, 127 days). An agent that runs longer moves on by itself:
+//! [`keep`] looks at the node's highest token every second and raises
+//! the generation on disk once that token is half-way through it, so the
+//! next start's floor is always above every token handed out.
+//!
+//! The file is text (`generation N`); a file that does not parse stops the
+//! start rather than being reset, since a reset would let tokens go back.
 
 use std::io::Write as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use dlm_core::cluster::{TOKEN_EPOCH_SHIFT, TOKEN_LIMIT};
+
+use crate::command::{Command, DriverHandle};
 
 /// The file's name in the state directory.
 pub const FILE: &str = "generation";
 
 /// The highest generation: its floor must leave the token space room.
 pub const GENERATION_MAX: u64 = (TOKEN_LIMIT >> TOKEN_EPOCH_SHIFT) - 1;
+
+/// How often [`keep`] looks at the node's highest token.
+const KEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// How far ahead of the highest token the generation on disk is kept: far
+/// more tokens than can be granted between two looks of [`keep`].
+const KEEP_AHEAD: u64 = 1 << (TOKEN_EPOCH_SHIFT - 1);
+
+/// One writer of the file at a time (the membership's epochs and [`keep`]).
+static WRITING: Mutex<()> = Mutex::new(());
 
 /// Every token of `generation` is above this.
 #[must_use]
@@ -66,19 +84,49 @@ pub fn advance(dir: &Path) -> Result<u64, String> {
     Ok(next)
 }
 
-/// Raises the generation in `dir` to `epoch` (if it is lower), durably:
-/// called before a view of that epoch is taken.
+/// Raises the generation in `dir` to `generation` (if it is lower),
+/// durably: before a view of that epoch is taken, or as tokens grow ([`keep`]).
 ///
 /// # Errors
 /// The file cannot be read, parsed or written.
-pub fn record(dir: &Path, epoch: u64) -> Result<(), String> {
+pub fn raise(dir: &Path, generation: u64) -> Result<(), String> {
+    let _writing = WRITING.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let path = dir.join(FILE);
     let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     let current = parse(&text).ok_or_else(|| format!("{}: not a generation", path.display()))?;
-    if epoch > current {
-        write(dir, epoch.min(GENERATION_MAX))?;
+    if generation > current {
+        write(dir, generation.min(GENERATION_MAX))?;
     }
     Ok(())
+}
+
+/// The generation the file must hold while the node's highest token is
+/// `highest`: the next start's floor ([`token_floor`] of one more) is then
+/// above `highest` with [`KEEP_AHEAD`] tokens to spare.
+#[must_use]
+pub fn needed(highest: u64) -> u64 {
+    highest.saturating_add(KEEP_AHEAD) >> TOKEN_EPOCH_SHIFT
+}
+
+/// Keeps the generation on disk ahead of the tokens the driver hands out,
+/// until the driver stops. A failed write is logged and tried again.
+pub async fn keep(dir: PathBuf, driver: DriverHandle) {
+    let mut kept = 0;
+    loop {
+        tokio::time::sleep(KEEP_EVERY).await;
+        let Ok(highest) = driver.ask(|reply| Command::HighestToken { reply }).await else { return };
+        let generation = needed(highest);
+        if generation <= kept {
+            continue;
+        }
+        let at = dir.clone();
+        match tokio::task::spawn_blocking(move || raise(&at, generation)).await.map_err(|e| e.to_string()) {
+            Ok(Ok(())) => kept = generation,
+            Ok(Err(error)) | Err(error) => {
+                tracing::error!(%error, highest, "cannot raise the generation: after a crash, tokens could go back");
+            }
+        }
+    }
 }
 
 /// Writes `generation` durably: a new file, synced, renamed over the old,
@@ -117,9 +165,25 @@ mod tests {
         assert!(token_floor(GENERATION_MAX) < TOKEN_LIMIT);
         // A view's epoch raises it; an older one does not lower it.
         std::fs::write(dir.join(FILE), "generation 3\n").expect("write");
-        record(&dir, 10).expect("recorded");
-        record(&dir, 4).expect("recorded");
+        raise(&dir, 10).expect("raised");
+        raise(&dir, 4).expect("raised");
         assert_eq!(advance(&dir), Ok(11));
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn the_generation_kept_puts_the_next_floor_above_every_token() {
+        let generation = 7;
+        let first = token_floor(generation) + 1;
+        // Early in a generation, nothing to raise.
+        assert_eq!(needed(first), generation);
+        // Half-way through it: the next one, and the next start's floor
+        // is above the highest token with room to spare.
+        for highest in [first + KEEP_AHEAD - 1, first + KEEP_AHEAD, token_floor(generation + 1) - 1] {
+            let kept = needed(highest);
+            assert!(token_floor(kept + 1) > highest + KEEP_AHEAD, "{highest}: {kept}");
+            assert!(kept <= generation + 1);
+        }
+        assert_eq!(needed(u64::MAX), u64::MAX >> TOKEN_EPOCH_SHIFT);
     }
 }

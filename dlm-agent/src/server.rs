@@ -171,6 +171,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         generation::token_floor(generation),
     )
     .map_err(ServeError::Config)?;
+    tokio::spawn(generation::keep(config.state_dir.clone(), driver.clone()));
     if let (Some(cluster), Some(listener)) = (&config.cluster, peer_listener) {
         let ids: Vec<dlm_core::cluster::NodeId> = cluster
             .members

@@ -292,6 +292,9 @@ impl Driver {
             Command::FenceAck { node, reply } => {
                 let _ = reply.send(self.fence_ack(node));
             }
+            Command::HighestToken { reply } => {
+                let _ = reply.send(self.node.engine().highest_token());
+            }
             Command::Shutdown { .. } => unreachable!("handled by run"),
         }
     }

@@ -247,7 +247,7 @@ impl Membership {
                 // A view that fences grants nothing and never waits on a disk.
                 if view.quorate {
                     let (dir, epoch) = (self.state_dir.clone(), view.epoch);
-                    let recorded = tokio::task::spawn_blocking(move || generation::record(&dir, epoch)).await;
+                    let recorded = tokio::task::spawn_blocking(move || generation::raise(&dir, epoch)).await;
                     if let Err(error) = recorded.map_err(|e| e.to_string()).and_then(|r| r) {
                         tracing::error!(%error, epoch, "cannot record the view's epoch; the view is not taken");
                         return true;
