@@ -119,6 +119,12 @@ async fn tcp_clients_need_tls_and_their_certificate_is_their_identity() {
     let anonymous = Client::connect(&Target::Tls(address.clone(), without_cert)).await.expect("TLS client");
     let refused = anonymous.dump(dump).await.expect_err("an anonymous TCP client may not dump");
     assert!(refused.to_string().contains("permission_denied"), "{refused}");
+    // Issue 17 filled `lockspaces_max` with junk lockspaces over TCP.
+    let refused = anonymous.create_lockspace("junk", 32).await.expect_err("an anonymous TCP client may not create");
+    assert!(refused.to_string().contains("permission_denied"), "{refused}");
+    let names: Vec<String> =
+        app.lockspaces().await.expect("lockspaces").lockspaces.into_iter().map(|l| l.name).collect();
+    assert_eq!(names, ["default"]);
     let session = anonymous.session().await.expect("a session over TLS");
     session.lock("default", "r", Mode::Ex, LockOptions::default()).await.expect("anyone may lock in default");
     drop(agent);
