@@ -30,8 +30,6 @@ use std::time::Duration;
 
 use dlm_core::cluster::{TOKEN_EPOCH_SHIFT, TOKEN_LIMIT};
 
-use crate::command::{Command, DriverHandle};
-
 /// The file's name in the state directory.
 pub const FILE: &str = "generation";
 
@@ -108,13 +106,15 @@ pub fn needed(highest: u64) -> u64 {
     highest.saturating_add(KEEP_AHEAD) >> TOKEN_EPOCH_SHIFT
 }
 
-/// Keeps the generation on disk ahead of the tokens the driver hands out,
-/// until the driver stops. A failed write is logged and tried again.
-pub async fn keep(dir: PathBuf, driver: DriverHandle) {
+/// Keeps the generation on disk ahead of the tokens the node hands out.
+/// Each second, `highest` tells the node's highest token (the server asks
+/// the driver: this module is a leaf), until it says `None` (the driver
+/// has stopped). A failed write is logged and tried again.
+pub async fn keep<F: Future<Output = Option<u64>>>(dir: PathBuf, mut highest: impl FnMut() -> F) {
     let mut kept = 0;
     loop {
         tokio::time::sleep(KEEP_EVERY).await;
-        let Ok(highest) = driver.ask(|reply| Command::HighestToken { reply }).await else { return };
+        let Some(highest) = highest().await else { return };
         let generation = needed(highest);
         if generation <= kept {
             continue;

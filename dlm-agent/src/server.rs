@@ -171,7 +171,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         generation::token_floor(generation),
     )
     .map_err(ServeError::Config)?;
-    tokio::spawn(generation::keep(config.state_dir.clone(), driver.clone()));
+    let highest_token = driver.clone();
+    tokio::spawn(generation::keep(config.state_dir.clone(), move || {
+        let driver = highest_token.clone();
+        async move { driver.ask(|reply| Command::HighestToken { reply }).await.ok() }
+    }));
     if let (Some(cluster), Some(listener)) = (&config.cluster, peer_listener) {
         let ids: Vec<dlm_core::cluster::NodeId> = cluster
             .members

@@ -4,6 +4,7 @@
 //! repository, and reports each target's executions and crashes. A crash
 //! leaves its input in `tests/fuzz/artifacts/<target>/`: replay it with
 //! `cargo +nightly fuzz run --fuzz-dir tests/fuzz -s none -a <target> <file>`
+//! (`-s address` if it was found with `--sanitizer address`)
 //! and make it a regression test.
 
 use std::process::Command;
@@ -23,25 +24,50 @@ pub struct Outcome {
     pub crashed: bool,
 }
 
-/// Parses `--time T` (seconds per target: `30`, `30s`, `10m`) and `--runs N`.
-fn options(args: &[String]) -> Result<(u64, Option<u64>), String> {
-    let (mut seconds, mut runs) = (60, None);
+/// How a run of the targets goes.
+pub struct Options {
+    /// Seconds per target.
+    pub seconds: u64,
+    /// Inputs per target, if fewer than the time allows.
+    pub runs: Option<u64>,
+    /// cargo-fuzz's sanitizer: `none` (fast; the workspace has no unsafe
+    /// code) or `address` (ASan: memory errors in dependencies' unsafe code).
+    pub sanitizer: &'static str,
+}
+
+/// The short run of each target in the test command.
+pub const SMOKE: Options = Options { seconds: 10, runs: None, sanitizer: "none" };
+
+const USAGE: &str = "usage: cargo xtask fuzz [--time T] [--runs N] [--sanitizer none|address]";
+
+/// Parses `--time T` (seconds per target: `30`, `30s`, `10m`), `--runs N`
+/// and `--sanitizer none|address`.
+fn options(args: &[String]) -> Result<Options, String> {
+    let mut options = Options { seconds: 60, runs: None, sanitizer: "none" };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "--time" => seconds = crate::seconds_of("--time", args.next())?,
+            "--time" => options.seconds = crate::seconds_of("--time", args.next())?,
             "--runs" => {
                 let text = args.next().ok_or("--runs needs a number")?;
-                runs = Some(text.parse().map_err(|_| format!("--runs {text}: not a number"))?);
+                options.runs = Some(text.parse().map_err(|_| format!("--runs {text}: not a number"))?);
             }
-            other => return Err(format!("unknown option {other:?}; usage: cargo xtask fuzz [--time T] [--runs N]")),
+            "--sanitizer" => {
+                options.sanitizer = match args.next().map(String::as_str) {
+                    Some("none") => "none",
+                    Some("address") => "address",
+                    other => return Err(format!("--sanitizer {other:?}: none or address; {USAGE}")),
+                };
+            }
+            other => return Err(format!("unknown option {other:?}; {USAGE}")),
         }
     }
-    Ok((seconds, runs))
+    Ok(options)
 }
 
-/// Runs one target for `seconds` (or `runs` inputs, whichever ends first).
-pub fn run_target(target: &'static str, seconds: u64, runs: Option<u64>) -> Result<Outcome, String> {
+/// Runs one target for `options.seconds` (or `options.runs` inputs,
+/// whichever ends first).
+pub fn run_target(target: &'static str, options: &Options) -> Result<Outcome, String> {
     let corpus = format!("{FUZZ_DIR}/corpus/{target}");
     std::fs::create_dir_all(&corpus).map_err(|e| format!("{corpus}: {e}"))?;
     let mut args = vec![
@@ -51,15 +77,15 @@ pub fn run_target(target: &'static str, seconds: u64, runs: Option<u64>) -> Resu
         "--fuzz-dir".into(),
         FUZZ_DIR.into(),
         "--sanitizer".into(),
-        "none".into(),
+        options.sanitizer.into(),
         "--debug-assertions".into(),
         target.into(),
         "--".into(),
-        format!("-max_total_time={seconds}"),
+        format!("-max_total_time={}", options.seconds),
         "-print_final_stats=1".into(),
         "-max_len=4096".into(),
     ];
-    if let Some(runs) = runs {
+    if let Some(runs) = options.runs {
         args.push(format!("-runs={runs}"));
     }
     eprintln!("xtask: $ cargo {}", args.join(" "));
@@ -95,12 +121,12 @@ pub fn run_target(target: &'static str, seconds: u64, runs: Option<u64>) -> Resu
     Ok(Outcome { target, executions, crashed })
 }
 
-/// `cargo xtask fuzz [--time T] [--runs N]`.
+/// `cargo xtask fuzz [--time T] [--runs N] [--sanitizer none|address]`.
 pub fn run(args: &[String]) -> Result<(), String> {
-    let (seconds, runs) = options(args)?;
+    let options = options(args)?;
     let mut outcomes = Vec::new();
     for target in TARGETS {
-        outcomes.push(run_target(target, seconds, runs)?);
+        outcomes.push(run_target(target, &options)?);
     }
     report(&outcomes)
 }

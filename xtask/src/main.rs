@@ -54,11 +54,12 @@ Commands:
                set up, then run the nemesis (tests/nemesis.rs) for D (90s, 30m, 2h; default 10m):
                clients on 3 corosync nodes while agents are killed, links cut, agents paused;
                prints what was injected and checked (needs root; the test command runs 60 s)
-  fuzz [--time T] [--runs N]
+  fuzz [--time T] [--runs N] [--sanitizer none|address]
                set up, then run each fuzz target of tests/fuzz (framed frames, client messages
                through to the engine, the peer wire format with its hello, the TOML configuration)
                for T (default 60s) or N inputs, from the seed corpus; prints executions and
-               crashes per target (the test command runs each for 10 s)
+               crashes per target (the test command runs each for 10 s). --sanitizer address:
+               with ASan (slower; default none)
   help         print this help
 
 Environment:
@@ -134,7 +135,7 @@ fn test() -> Result<(), String> {
     // A short smoke of every fuzz target: each decoder of untrusted input
     // takes 10 s of coverage-guided inputs without a crash.
     let smoke: Vec<fuzz::Outcome> =
-        fuzz::TARGETS.iter().map(|t| fuzz::run_target(t, 10, None)).collect::<Result<_, _>>()?;
+        fuzz::TARGETS.iter().map(|t| fuzz::run_target(t, &fuzz::SMOKE)).collect::<Result<_, _>>()?;
     fuzz::report(&smoke)?;
     // The crate docs must build without broken links.
     eprintln!("xtask: $ RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps --locked");
