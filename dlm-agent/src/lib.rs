@@ -30,7 +30,7 @@
 //! | `bounds` | fixed bounds on messages, frames and queues, with their relations checked at compile time |
 //! | [`codes`] | typed labels (reject codes, session-end, link-reset and peer-reject reasons, eBPF families) with `ALL` and `as_str()` |
 //! | [`access`] | who may do what: identities of clients, rights per lockspace, the policy |
-//! | `generation` | the generation kept on disk and raised at each start: fencing tokens never go back across restarts |
+//! | `generation` | the generation kept on disk, raised at each start and as tokens grow: fencing tokens never go back across restarts |
 //! | [`pki`] | a cluster's own CA and the certificates it signs (`dlm-agent certs`, tests, benchmarks) |
 //! | [`telemetry`] | logs, and one OpenTelemetry span per lock request when OTLP is configured |
 //! | [`config`] | the settings: embedded default, TOML file, `DLM_*` variables and flags, validated |
