@@ -68,6 +68,8 @@ struct Record {
     /// end then, whenever their clients noticed. (By agent, not by node: a
     /// grant sent just before the kill can reach its client just after it.)
     killed: BTreeMap<PathBuf, Instant>,
+    /// The logs of the killed agents, kept for a failure's report.
+    logs: Vec<(usize, String)>,
     requests: u64,
     granted: u64,
     failed: u64,
@@ -264,7 +266,8 @@ async fn a_nemesis_of_kills_cuts_and_pauses_breaks_no_lock() {
                 "kill" => {
                     let socket = c.agent(node).socket.clone();
                     lock(&r).killed.insert(socket, Instant::now());
-                    c.kill_agent(node);
+                    let log = c.kill_agent(node);
+                    lock(&r).logs.push((node, log));
                     std::thread::sleep(Duration::from_millis(300));
                     c.start_agent(node);
                     sockets.lock().unwrap_or_else(PoisonError::into_inner)[node] = c.agent(node).socket.clone();
@@ -310,8 +313,13 @@ async fn a_nemesis_of_kills_cuts_and_pauses_breaks_no_lock() {
             assert!(granted.is_ok(), "node {} cannot take r{resource} after healing: {:?}", node + 1, granted.err());
         }
     }
-    let record = lock(&record);
+    let mut record = lock(&record);
     let violations = check(&record);
+    if !violations.is_empty() {
+        let c = cluster.lock().unwrap_or_else(PoisonError::into_inner);
+        record.logs.extend((0..NODES).map(|node| (node, c.agent(node).log())));
+        keep_logs(seed, &record.logs);
+    }
     let heard_late =
         record.holds.iter().filter(|h| record.killed.get(&h.agent).is_some_and(|k| *k < h.granted)).count();
     eprintln!(
@@ -325,6 +333,26 @@ async fn a_nemesis_of_kills_cuts_and_pauses_breaks_no_lock() {
     );
     assert!(violations.is_empty(), "seed {seed}:\n{}", violations.join("\n"));
     assert!(record.granted > 100, "too little was granted to check anything: {}", record.granted);
+}
+
+/// Lines of each agent's log printed with a failure: the files are gone with
+/// a CI machine, its output is not.
+const LOG_TAIL: usize = 40;
+
+/// Writes every agent's log where a failure's report says, and prints the
+/// end of each.
+fn keep_logs(seed: u64, logs: &[(usize, String)]) {
+    let dir = std::env::temp_dir().join(format!("dlm-nemesis-{seed}"));
+    let _ = std::fs::create_dir_all(&dir);
+    for (i, (node, log)) in logs.iter().enumerate() {
+        let _ = std::fs::write(dir.join(format!("{i:02}-node{}.log", node + 1)), log);
+        let lines: Vec<&str> = log.lines().collect();
+        eprintln!("--- log {i:02}, node {}, its last {LOG_TAIL} lines ---", node + 1);
+        for line in &lines[lines.len().saturating_sub(LOG_TAIL)..] {
+            eprintln!("{line}");
+        }
+    }
+    eprintln!("nemesis: the agents' logs are in {} (killed ones first, in order)", dir.display());
 }
 
 #[test]
