@@ -382,6 +382,16 @@ impl LowMemoryCgroup {
         None
     }
 
+    /// The file whose writing moves a process into the cgroup.
+    pub fn procs(&self) -> PathBuf {
+        self.path.join("cgroup.procs")
+    }
+
+    /// A number the controller reports (`memory.failcnt`, …), 0 if unread.
+    pub fn value(&self, file: &str) -> u64 {
+        std::fs::read_to_string(self.path.join(file)).ok().and_then(|t| t.trim().parse().ok()).unwrap_or(0)
+    }
+
     /// Runs `script` with sh inside the cgroup and waits for it.
     pub fn run(&self, script: &str) -> std::process::ExitStatus {
         let procs = self.path.join("cgroup.procs");

@@ -16,6 +16,7 @@ const LAYERS: &[&str] = &[
     "access",
     "pki",
     "generation",
+    "resident",
     "telemetry",
     "config",
     "convert",

@@ -31,6 +31,7 @@
 //! | [`codes`] | typed labels (reject codes, session-end, link-reset and peer-reject reasons, eBPF families) with `ALL` and `as_str()` |
 //! | [`access`] | who may do what: identities of clients, rights per lockspace, the policy |
 //! | `generation` | the generation kept on disk, raised at each start and as tokens grow: fencing tokens never go back across restarts |
+//! | [`resident`] | keeps the agent's memory locked in RAM, so memory pressure on the node cannot stall it |
 //! | [`pki`] | a cluster's own CA and the certificates it signs (`dlm-agent certs`, tests, benchmarks) |
 //! | [`telemetry`] | logs, and one OpenTelemetry span per lock request when OTLP is configured |
 //! | [`config`] | the settings: embedded default, TOML file, `DLM_*` variables and flags, validated |
@@ -86,6 +87,7 @@ pub mod ebpf;
 pub mod framing;
 pub mod pki;
 pub mod proto;
+pub mod resident;
 pub mod server;
 pub mod telemetry;
 

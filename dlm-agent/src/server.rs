@@ -20,6 +20,7 @@ use crate::generation;
 use crate::membership;
 use crate::metrics::Metrics;
 use crate::proto::dlm_server::DlmServer;
+use crate::resident::{self, Outcome, ResidentMetrics};
 use crate::transport::admission::{Admission, Quota};
 use crate::transport::tls::{self, Tls};
 use crate::transport::{framed, grpc::DlmService, http, peer, tcp};
@@ -47,6 +48,9 @@ pub enum ServeError {
     /// The TLS files could not be used.
     #[error("TLS: {0}")]
     Tls(String),
+    /// `[memory] resident = "required"` and the memory could not be locked.
+    #[error("memory cannot be kept resident ([memory] resident = \"required\"): {0}")]
+    Resident(String),
     /// The gRPC server failed.
     #[error("serving clients failed: {0}")]
     Serve(#[from] tonic::transport::Error),
@@ -107,6 +111,16 @@ async fn reload_on_hangup(tls: Option<&Tls>) {
 pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::new(&config.node));
+    // First, so that everything the agent maps from here on is locked too.
+    let resident = resident::make_resident(config.resident).map_err(ServeError::Resident)?;
+    match &resident {
+        Outcome::Locked { locked } => tracing::info!(locked_mib = locked >> 20, "memory resident: locked in RAM"),
+        Outcome::NotLocked(why) => {
+            tracing::warn!("memory not resident: memory pressure on this node can stall the agent: {why}");
+        }
+        Outcome::Off => tracing::info!("memory not resident ([memory] resident = \"off\")"),
+    }
+    metrics.register(Box::new(ResidentMetrics::new(&resident)));
     let unix = bind_unix(&config.socket).await?;
     // From here on the socket file is this agent's: it goes when serving
     // ends, however it ends (a start that fails later leaves no stale file).

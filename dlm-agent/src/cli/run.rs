@@ -9,7 +9,7 @@ use dlm_agent::config::{Config, Overrides};
 /// Options of `dlm-agent run`; each also has a `DLM_*` variable.
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// A TOML configuration file (keys: node, socket, tcp, http, state_dir, keepalive, session_queue_max, [limits], [[lockspace]], [ebpf], [cluster], [tls], [access])
+    /// A TOML configuration file (keys: node, socket, tcp, http, state_dir, keepalive, session_queue_max, [limits], [[lockspace]], [ebpf], [cluster], [tls], [access], [memory])
     #[arg(long, short, env = "DLM_CONFIG")]
     config: Option<PathBuf>,
     /// This node's name [default: the host name]

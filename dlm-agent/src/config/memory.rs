@@ -2,6 +2,26 @@
 //! from it (`limits.locks_max` when the file does not set it): a node
 //! whose clients take locks until memory runs out gets `limit_exceeded`
 //! naming `locks_max`, not an OOM kill that ends every client's session.
+//! Also `[memory]`: whether that memory is kept resident (`crate::resident`).
+
+use serde::Deserialize;
+
+use super::{ConfigError, invalid};
+use crate::resident::Residency;
+
+/// `[memory]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct FileMemory {
+    resident: Option<String>,
+}
+
+/// `[memory] resident`: `auto` (the default), `required` or `off`.
+pub(super) fn residency(file: FileMemory) -> Result<Residency, ConfigError> {
+    let Some(name) = file.resident else { return Ok(Residency::default()) };
+    Residency::from_name(&name)
+        .ok_or_else(|| invalid("memory.resident", format!("{name:?} is not one of {}", Residency::NAMES.join(", "))))
+}
 
 /// What one held lock costs the agent, engine and records together, as
 /// measured at 1,048,576 locks (285 B; `tests/dump.rs` prints it), with room

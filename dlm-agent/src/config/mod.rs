@@ -1,7 +1,8 @@
 //! The agent's configuration: an embedded default, a TOML file, `DLM_*`
 //! environment variables and flags, in increasing precedence (the last two
 //! through clap). Validated as a whole, with a message that names the key.
-//! Imports only the leaves (`bounds`, `codes`): everything else reads it.
+//! Imports only leaves (`bounds`, `codes`, `access`, `resident`): everything
+//! else reads it.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use serde::Deserialize;
 use crate::access::Policy;
 use crate::bounds::SESSION_QUEUE_MAX_RANGE;
 use crate::codes::Family;
+use crate::resident::Residency;
 
 mod access;
 mod clients;
@@ -69,6 +71,8 @@ pub struct Config {
     pub access: Policy,
     /// TLS on the TCP listeners (`[tls]`).
     pub tls: TlsSettings,
+    /// Whether the agent's memory is locked in RAM (`[memory] resident`).
+    pub resident: Residency,
 }
 
 /// A lockspace the agent creates at start.
@@ -145,6 +149,7 @@ impl Default for Config {
             cluster: None,
             access: Policy::default(),
             tls: TlsSettings::Unset,
+            resident: Residency::Auto,
         }
     }
 }
@@ -174,6 +179,7 @@ struct File {
     cluster: Option<FileCluster>,
     access: Option<access::FileAccess>,
     tls: Option<tls::FileTls>,
+    memory: Option<memory::FileMemory>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -408,6 +414,9 @@ impl Config {
         }
         if let Some(file_access) = file.access {
             self.access = access::policy(file_access)?;
+        }
+        if let Some(file_memory) = file.memory {
+            self.resident = memory::residency(file_memory)?;
         }
         if let Some(ebpf) = file.ebpf {
             if let Some(enabled) = ebpf.enabled {

@@ -1,0 +1,198 @@
+//! Memory pressure on a node must not stall its agent (`[memory] resident`).
+//!
+//! Two agents run in one memory cgroup, each from its own copy of the binary
+//! (copied inside the cgroup, so that the copy's pages are charged to it and
+//! reclaimed under its limit): one resident (the default), one with
+//! `resident = "off"`. A client outside the cgroup locks and unlocks on both
+//! while a hog in the cgroup keeps it at its limit, so that the kernel has
+//! to reclaim file pages, the agents' code among them, again and again.
+//! The resident agent must take no major fault; the other one shows that
+//! the squeeze reached the agents' code (else the first check proves
+//! nothing). Latencies of both are printed: figures, not checks.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use dlm_agent::client::LockOptions;
+use dlm_core::Mode;
+use support::{Agent, LowMemoryCgroup, metric_value, under_ci};
+
+/// The cgroup's limit: room for both agents, the hog and a copy's pages.
+const LIMIT: u64 = 384 << 20;
+/// How long the hog squeezes.
+const SQUEEZE: Duration = Duration::from_secs(8);
+
+/// Takes memory, 1 MiB at a time, for as long as the cgroup has more than
+/// 1 MiB of file pages it could reclaim (`inactive_file + active_file`: the
+/// resident agent's pages are `unevictable`), and keeps checking: every page
+/// an agent reads back is then taken again. Nothing else can go without
+/// swap, so the agents' code is what the kernel reclaims. Its OOM score is
+/// the highest: if the cgroup runs out, the hog is the one killed.
+const HOG: &str = r"
+import os, sys, time
+open('/proc/self/oom_score_adj', 'w').write('1000')
+cgroup, seconds = sys.argv[1], float(sys.argv[2])
+MIB = 1 << 20
+def reclaimable():
+    stat = dict(line.split() for line in open(os.path.join(cgroup, 'memory.stat')))
+    return int(stat['inactive_file']) + int(stat['active_file'])
+held, end = [], time.time() + seconds
+while time.time() < end:
+    while reclaimable() > MIB:
+        held.append(b'\x01' * MIB)
+    time.sleep(0.005)
+";
+
+/// Starts an agent inside `cgroup` from a copy of the binary made there.
+fn start_in(cgroup: &LowMemoryCgroup, tag: &str, config: &str, copy: &Path) -> Agent {
+    let script = format!(
+        "echo $$ > {} && cp \"$0\" {} && exec {} \"$@\"",
+        cgroup.procs().display(),
+        copy.display(),
+        copy.display()
+    );
+    Agent::start_wrapped(tag, config, &[], &["sh", "-c", &script])
+}
+
+/// Major faults of a process so far (`/proc/PID/stat`, field 12).
+fn major_faults(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the agent's stat");
+    // The command name, in parentheses, may hold spaces: count after it.
+    let after_name = &stat[stat.rfind(')').expect("a stat line") + 2..];
+    after_name.split(' ').nth(9).and_then(|f| f.parse().ok()).expect("majflt")
+}
+
+/// Locks and unlocks on `agent` until `end`, returning each round trip.
+async fn lock_until(agent: &Agent, end: Instant) -> Vec<Duration> {
+    let session = agent.client().await.session().await.expect("session");
+    let mut times = Vec::new();
+    while Instant::now() < end {
+        let start = Instant::now();
+        let guard = session.lock("default", "r", Mode::Ex, LockOptions::default()).await.expect("granted");
+        guard.unlock().await.expect("unlocked");
+        times.push(start.elapsed());
+    }
+    times
+}
+
+fn summary(times: &mut [Duration]) -> String {
+    times.sort();
+    let at = |q: f64| times.get(((times.len() as f64 * q) as usize).min(times.len().saturating_sub(1)));
+    format!(
+        "{} round trips, p50 {:?}, p99 {:?}, p99.9 {:?}, max {:?}",
+        times.len(),
+        at(0.5).copied().unwrap_or_default(),
+        at(0.99).copied().unwrap_or_default(),
+        at(0.999).copied().unwrap_or_default(),
+        times.last().copied().unwrap_or_default()
+    )
+}
+
+/// A directory of a test's own (the tests of this file run at once).
+fn own_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("dlm-memory-{}-{tag}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("a directory for the copies");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resident_agent_takes_no_major_fault_while_its_cgroup_is_squeezed() {
+    let Some(cgroup) = LowMemoryCgroup::create("resident", LIMIT) else {
+        assert!(!under_ci(), "a memory cgroup is required under CI=true (run as root)");
+        eprintln!("skipping: needs root for a memory cgroup");
+        return;
+    };
+    let copies = own_dir("copies");
+    let mut resident = start_in(&cgroup, "memory-resident", "", &copies.join("resident"));
+    let mut reclaimable = start_in(&cgroup, "memory-off", "[memory]\nresident = \"off\"\n", &copies.join("off"));
+    assert_eq!(metric_value(&resident.metrics(), "dlm_memory_resident"), 1.0, "{}", resident.log());
+    assert!(metric_value(&resident.metrics(), "dlm_memory_locked_bytes") > f64::from(1 << 20));
+    assert_eq!(metric_value(&reclaimable.metrics(), "dlm_memory_resident"), 0.0);
+    // Warm both up, so that what follows measures the squeeze, not a start.
+    let warm = Instant::now() + Duration::from_millis(500);
+    let _ = tokio::join!(lock_until(&resident, warm), lock_until(&reclaimable, warm));
+
+    let faults = (major_faults(resident.pid()), major_faults(reclaimable.pid()));
+    let failures = cgroup.value("memory.failcnt");
+    let end = Instant::now() + SQUEEZE;
+    let procs = cgroup.procs();
+    let hogs = std::thread::spawn(move || squeeze_until(&procs, end));
+    let (mut on, mut off) = tokio::join!(lock_until(&resident, end), lock_until(&reclaimable, end));
+    let (hogs, killed) = hogs.join().expect("the hogs' waiter");
+    let resident_faults = major_faults(resident.pid()) - faults.0;
+    let reclaimable_faults = major_faults(reclaimable.pid()) - faults.1;
+    let failures = cgroup.value("memory.failcnt") - failures;
+    eprintln!("{hogs} hogs started, {killed} of them killed when the cgroup ran out");
+    eprintln!("squeeze of {SQUEEZE:?}: the limit was hit {failures} times");
+    eprintln!("resident: {resident_faults} major faults; {}", summary(&mut on));
+    eprintln!("resident = \"off\": {reclaimable_faults} major faults; {}", summary(&mut off));
+
+    assert!(resident.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))), "the resident agent died");
+    assert!(reclaimable.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))), "the other agent died");
+    assert!(failures > 0, "the hog never reached the limit: no squeeze");
+    assert!(reclaimable_faults > 0, "the squeeze never reached the agents' code, so it proves nothing");
+    assert_eq!(resident_faults, 0, "a resident agent waited for its own pages to be read back");
+    assert!(on.len() > 100 && off.len() > 10, "both agents kept serving: {} and {}", on.len(), off.len());
+    drop((resident, reclaimable));
+    let _ = std::fs::remove_dir_all(&copies);
+}
+
+/// Runs hogs in the cgroup, one after the other, until `end`: each fills
+/// the cgroup until the kernel has reclaimed all it can and kills the hog
+/// (the highest OOM score); the next one starts at once. Returns how many
+/// ran and how many were killed.
+fn squeeze_until(procs: &Path, end: Instant) -> (u32, u32) {
+    let dir = procs.parent().expect("the cgroup's directory");
+    let (mut started, mut killed) = (0, 0);
+    while Instant::now() < end {
+        let seconds = end.saturating_duration_since(Instant::now()).as_secs_f64();
+        let status = Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > {} && exec python3 -c \"$0\" \"$@\"", procs.display()))
+            .args([HOG, &dir.display().to_string(), &seconds.to_string()])
+            .stdout(Stdio::null())
+            .status()
+            .expect("python3 for the hog");
+        started += 1;
+        killed += u32::from(std::os::unix::process::ExitStatusExt::signal(&status) == Some(9));
+    }
+    (started, killed)
+}
+
+/// Without CAP_IPC_LOCK and with a finite `RLIMIT_MEMLOCK`, locking every
+/// future mapping could fail an allocation later: `required` refuses to
+/// start and says what to give; `auto` starts, warns and reports 0.
+#[test]
+fn without_the_capability_required_refuses_to_start_and_auto_warns() {
+    let root = std::fs::read_to_string("/proc/self/status")
+        .is_ok_and(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(2) == Some("0")));
+    if !root {
+        assert!(!under_ci(), "root is required under CI=true");
+        eprintln!("skipping: needs root to drop CAP_IPC_LOCK from the bounding set");
+        return;
+    }
+    let limited = "ulimit -l 64 && exec setpriv --inh-caps=-ipc_lock --bounding-set=-ipc_lock \"$0\" \"$@\"";
+    let dir = own_dir("required");
+    let output = Command::new("sh")
+        .args(["-c", limited, support::bin(), "run", "--http", "off", "--socket"])
+        .arg(dir.join("dlm.sock"))
+        .env("DLM_STATE_DIR", dir.join("state"))
+        .env("DLM_NO_EBPF", "true")
+        .env("DLM_CONFIG", {
+            let config = dir.join("required.toml");
+            std::fs::write(&config, "[memory]\nresident = \"required\"\n").expect("config");
+            config
+        })
+        .output()
+        .expect("run the agent");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "started without being able to lock: {stderr}");
+    assert!(stderr.contains("CAP_IPC_LOCK") && stderr.contains("65536 bytes"), "{stderr}");
+
+    let agent = Agent::start_wrapped("memory-auto", "", &[], &["sh", "-c", limited]);
+    assert_eq!(metric_value(&agent.metrics(), "dlm_memory_resident"), 0.0);
+    assert!(agent.log().contains("memory not resident"), "{}", agent.log());
+    drop(agent);
+    let _ = std::fs::remove_dir_all(&dir);
+}
