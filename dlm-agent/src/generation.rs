@@ -106,12 +106,14 @@ pub fn needed(highest: u64) -> u64 {
     highest.saturating_add(KEEP_AHEAD) >> TOKEN_EPOCH_SHIFT
 }
 
-/// Keeps the generation on disk ahead of the tokens the node hands out.
-/// Each second, `highest` tells the node's highest token (the server asks
-/// the driver: this module is a leaf), until it says `None` (the driver
-/// has stopped). A failed write is logged and tried again.
-pub async fn keep<F: Future<Output = Option<u64>>>(dir: PathBuf, mut highest: impl FnMut() -> F) {
-    let mut kept = 0;
+/// Keeps the generation on disk ahead of the tokens the node hands out,
+/// from `kept`, the one this start wrote. Each second, `highest` tells the
+/// node's highest token (the server asks the driver: this module is a
+/// leaf), until it says `None` (the driver has stopped). A failed write is
+/// logged and tried again. The file is touched only when it must grow:
+/// nothing is written, and no blocking thread started, while the tokens
+/// stay in the generation of the start.
+pub async fn keep<F: Future<Output = Option<u64>>>(dir: PathBuf, mut kept: u64, mut highest: impl FnMut() -> F) {
     loop {
         tokio::time::sleep(KEEP_EVERY).await;
         let Some(highest) = highest().await else { return };

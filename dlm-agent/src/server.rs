@@ -186,7 +186,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     )
     .map_err(ServeError::Config)?;
     let highest_token = driver.clone();
-    tokio::spawn(generation::keep(config.state_dir.clone(), move || {
+    tokio::spawn(generation::keep(config.state_dir.clone(), generation, move || {
         let driver = highest_token.clone();
         async move { driver.ask(|reply| Command::HighestToken { reply }).await.ok() }
     }));

@@ -16,7 +16,8 @@ pub mod trace_dlm;
 
 /// Exit status: the command line was wrong, or the agent refused the request (EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
-/// Exit status: the access policy refused the request (EX_NOPERM).
+/// Exit status: the access policy refused the request, or the agent lacks a
+/// privilege its configuration requires (EX_NOPERM).
 pub const EXIT_NO_PERMISSION: u8 = 77;
 /// Exit status: the agent could not be reached (EX_UNAVAILABLE).
 pub const EXIT_UNREACHABLE: u8 = 69;

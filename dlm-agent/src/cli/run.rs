@@ -68,7 +68,9 @@ pub async fn run(args: RunArgs) -> ExitCode {
         }
         Err(error) => {
             eprintln!("dlm-agent: {error}");
-            ExitCode::from(super::EXIT_UNREACHABLE)
+            // Refused a capability it was told to require: a permission, not an outage.
+            let resident = matches!(error, dlm_agent::server::ServeError::Resident(_));
+            ExitCode::from(if resident { super::EXIT_NO_PERMISSION } else { super::EXIT_UNREACHABLE })
         }
     }
 }
