@@ -9,6 +9,10 @@
 //! The resident agent must take no major fault; the other one shows that
 //! the squeeze reached the agents' code (else the first check proves
 //! nothing). Latencies of both are printed: figures, not checks.
+//!
+//! Then a whole node is squeezed, its corosync and its agent, in a
+//! three-node corosync cluster: it must stay in the view, its agent take no
+//! fault, and it must keep serving the resource it masters to node 1.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -16,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use dlm_agent::client::{LockOptions, Session};
 use dlm_core::Mode;
+use support::corosync::{CorosyncCluster, can_run};
 use support::{Agent, LowMemoryCgroup, metric_value, under_ci};
 
 /// The cgroup's limit: room for both agents, the hog and a copy's pages.
@@ -23,23 +28,27 @@ const LIMIT: u64 = 384 << 20;
 /// How long the hog squeezes.
 const SQUEEZE: Duration = Duration::from_secs(8);
 
-/// Takes memory, 1 MiB at a time, for as long as the cgroup has more than
-/// 1 MiB of file pages it could reclaim (`inactive_file + active_file`: the
-/// resident agent's pages are `unevictable`), and keeps checking: every page
-/// an agent reads back is then taken again. Nothing else can go without
-/// swap, so the agents' code is what the kernel reclaims. Its OOM score is
-/// the highest: if the cgroup runs out, the hog is the one killed.
+/// Takes memory, 1 MiB at a time, until the cgroup is at its limit and has
+/// at most 1 MiB of file pages it could reclaim (`inactive_file +
+/// active_file`: resident processes' pages are `unevictable`), and keeps
+/// checking: every page an agent reads back is then taken again. Nothing
+/// else can go without swap, so the agents' code is what the kernel
+/// reclaims. Its OOM score is the highest: when the cgroup runs out, the
+/// hog is the one killed.
 const HOG: &str = r"
 import os, sys, time
 open('/proc/self/oom_score_adj', 'w').write('1000')
 cgroup, seconds = sys.argv[1], float(sys.argv[2])
 MIB = 1 << 20
+def read(name):
+    return int(open(os.path.join(cgroup, name)).read())
+limit = read('memory.limit_in_bytes')
 def reclaimable():
     stat = dict(line.split() for line in open(os.path.join(cgroup, 'memory.stat')))
     return int(stat['inactive_file']) + int(stat['active_file'])
 held, end = [], time.time() + seconds
 while time.time() < end:
-    while reclaimable() > MIB:
+    while reclaimable() > MIB or read('memory.usage_in_bytes') < limit:
         held.append(b'\x01' * MIB)
     time.sleep(0.005)
 ";
@@ -123,15 +132,9 @@ async fn a_resident_agent_takes_no_major_fault_while_its_cgroup_is_squeezed() {
     let _ = tokio::join!(lock_until(&on, warm), lock_until(&off, warm));
 
     let before = (faults(resident.pid()), faults(reclaimable.pid()));
-    let failures = cgroup.value("memory.failcnt");
-    let end = Instant::now() + SQUEEZE;
-    let procs = cgroup.procs();
-    let hogs = std::thread::spawn(move || squeeze_until(&procs, end));
-    let (mut on, mut off) = tokio::join!(lock_until(&on, end), lock_until(&off, end));
-    let (hogs, killed) = hogs.join().expect("the hogs' waiter");
+    let Squeeze { first: mut on, second: mut off, hogs, killed, failures } = squeeze(&cgroup, &on, &off).await;
     let (resident_faults, resident_minor) = since(faults(resident.pid()), before.0);
     let (reclaimable_faults, reclaimable_minor) = since(faults(reclaimable.pid()), before.1);
-    let failures = cgroup.value("memory.failcnt") - failures;
     eprintln!("{hogs} hogs started, {killed} of them killed when the cgroup ran out");
     eprintln!("squeeze of {SQUEEZE:?}: the limit was hit {failures} times");
     eprintln!("resident: {resident_faults} major, {resident_minor} minor faults; {}", summary(&mut on));
@@ -148,6 +151,27 @@ async fn a_resident_agent_takes_no_major_fault_while_its_cgroup_is_squeezed() {
     assert!(on.len() > 100 && off.len() > 10, "both agents kept serving: {} and {}", on.len(), off.len());
     drop((resident, reclaimable));
     let _ = std::fs::remove_dir_all(&copies);
+}
+
+/// What a squeeze did: the round trips of two sessions locking while it
+/// ran, the hogs started and killed, the times the cgroup's limit was hit.
+struct Squeeze {
+    first: Vec<Duration>,
+    second: Vec<Duration>,
+    hogs: u32,
+    killed: u32,
+    failures: u64,
+}
+
+/// Squeezes `cgroup` for [`SQUEEZE`] while `first` and `second` lock.
+async fn squeeze(cgroup: &LowMemoryCgroup, first: &Session, second: &Session) -> Squeeze {
+    let failures = cgroup.value("memory.failcnt");
+    let end = Instant::now() + SQUEEZE;
+    let procs = cgroup.procs();
+    let hogs = std::thread::spawn(move || squeeze_until(&procs, end));
+    let (first, second) = tokio::join!(lock_until(first, end), lock_until(second, end));
+    let (hogs, killed) = hogs.join().expect("the hogs' waiter");
+    Squeeze { first, second, hogs, killed, failures: cgroup.value("memory.failcnt") - failures }
 }
 
 /// Runs hogs in the cgroup, one after the other, until `end`: each fills
@@ -207,4 +231,76 @@ fn without_the_capability_required_refuses_to_start_and_auto_warns() {
     assert!(agent.log().contains("memory not resident"), "{}", agent.log());
     drop(agent);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Node 2's `[memory]` in the cluster test (its default, spelled out; "off"
+/// shows what the default saves).
+const RESIDENCY_OF_NODE_2: &str = "[memory]\nresident = \"auto\"\n";
+
+/// A node whose memory is squeezed is still a healthy member: it stays in
+/// the view (corosync locks its own memory; the agent's, resident, takes no
+/// fault) and keeps serving the resources it masters to the other nodes.
+/// Node 2's corosync and agent are put in a memory cgroup, and hogs
+/// squeeze it as in the test above, while node 1 locks a resource node 2
+/// masters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_squeezed_node_stays_in_the_view_and_serves_what_it_masters() {
+    if !can_run("a_squeezed_node_stays_in_the_view", true) {
+        return;
+    }
+    // Made first, so that it goes last: after the processes in it.
+    let cgroup = LowMemoryCgroup::create("node2", LIMIT).expect("a memory cgroup (root)");
+    let mut cluster = CorosyncCluster::start("squeeze", 3, 1000, "");
+    // Node 2's agent again, from a copy of its own made in the cgroup: its
+    // pages are its own (the other agents map the shared binary's) and
+    // charged to the cgroup.
+    cluster.kill_agent(1);
+    let copies = own_dir("node2");
+    let copy = copies.join("node2");
+    // Run as `sh -c SCRIPT ip netns exec NS BIN ARGS…`: into the cgroup
+    // and the copy made outside the namespace, whose `/sys` is its own.
+    let script = format!(
+        "ns=$3; bin=$4; shift 4; echo $$ > {} && cp \"$bin\" {copy} && exec ip netns exec \"$ns\" {copy} \"$@\"",
+        cgroup.procs().display(),
+        copy = copy.display()
+    );
+    cluster.start_agent_through(1, RESIDENCY_OF_NODE_2, &["sh", "-c", &script]);
+    let all = serde_json::json!([1, 2, 3]);
+    for i in 0..3 {
+        cluster.wait_state(i, Duration::from_secs(30), |s| s["state"] == "running" && s["members"] == all);
+    }
+    let epochs = || (0..3).map(|i| cluster.status(i).0["epoch"].as_u64().expect("epoch")).collect::<Vec<_>>();
+    let before = epochs();
+    // Node 2 masters `r`: it locks it first.
+    let local = cluster.agent(1).client().await.session().await.expect("session");
+    let guard = local.lock("default", "r", Mode::Ex, LockOptions::default()).await.expect("granted");
+    guard.unlock().await.expect("unlocked");
+    let remote = cluster.agent(0).client().await.session().await.expect("session");
+    let _ = lock_until(&remote, Instant::now() + Duration::from_millis(500)).await;
+
+    let dir = cgroup.procs().parent().expect("the cgroup's directory").to_path_buf();
+    // Node 2's corosync joins it with its pages (cgroup v1's
+    // move_charge_at_immigrate: anonymous and mapped file pages).
+    let _ = std::fs::write(dir.join("memory.move_charge_at_immigrate"), "3");
+    std::fs::write(cgroup.procs(), cluster.corosync_pid(1).to_string()).expect("move node 2's corosync");
+    let agent = cluster.agent(1).pid();
+    let faults_before = faults(agent);
+    let Squeeze { first: mut from_node1, second: mut on_node2, hogs, killed, failures } =
+        squeeze(&cgroup, &remote, &local).await;
+    let (major, minor) = since(faults(agent), faults_before);
+    eprintln!("{hogs} hogs started, {killed} of them killed; the limit was hit {failures} times");
+    eprintln!("node 2's agent: {major} major, {minor} minor faults");
+    eprintln!("node 1 locking r (mastered on node 2): {}", summary(&mut from_node1));
+    eprintln!("node 2 locking r: {}", summary(&mut on_node2));
+
+    assert!(failures > 0 && killed > 0, "no squeeze: the limit was hit {failures} times, {killed} hogs killed");
+    assert_eq!(epochs(), before, "a view changed: the squeezed node was taken for lost");
+    for i in 0..3 {
+        let (status, code) = cluster.status(i);
+        assert_eq!((status["state"].as_str(), code), (Some("running"), 0), "node {}: {status:#}", i + 1);
+    }
+    assert_eq!(major, 0, "node 2's resident agent waited for its pages");
+    assert!(from_node1.len() > 100, "node 1 was served {} times in {SQUEEZE:?}", from_node1.len());
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&copies);
 }

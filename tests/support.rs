@@ -175,7 +175,15 @@ impl Agent {
     /// Starts an agent inside a network namespace (`ip netns exec NS`),
     /// serving HTTP on `http` (an address reachable from the test).
     pub fn start_in_netns(tag: &str, config: &str, netns: &str, http: &str) -> Agent {
-        Agent::start_full(tag, config, &[], http, &["ip", "netns", "exec", netns])
+        Agent::start_in_netns_through(tag, config, netns, http, &[])
+    }
+
+    /// As [`Agent::start_in_netns`], through `wrapper` (run outside the
+    /// namespace, where `/sys` is the host's; it execs the rest, which
+    /// begins with `ip netns exec NETNS`).
+    pub fn start_in_netns_through(tag: &str, config: &str, netns: &str, http: &str, wrapper: &[&str]) -> Agent {
+        let wrapper: Vec<&str> = wrapper.iter().copied().chain(["ip", "netns", "exec", netns]).collect();
+        Agent::start_full(tag, config, &[], http, &wrapper)
     }
 
     /// Starts an agent through `wrapper` (a command that execs the rest),

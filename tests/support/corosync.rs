@@ -257,6 +257,13 @@ impl CorosyncCluster {
         assert!(status.success(), "kill -{signal} {pid}");
     }
 
+    /// Node `i + 1`'s corosync process (`ip netns exec`, `unshare` and `sh`
+    /// each exec the next: the pid is corosync's).
+    #[must_use]
+    pub fn corosync_pid(&self, i: usize) -> u32 {
+        self.corosync[i].as_ref().expect("corosync running").id()
+    }
+
     /// Kills node `i + 1`'s corosync (SIGKILL).
     pub fn kill_corosync(&mut self, i: usize) {
         if let Some(mut child) = self.corosync[i].take() {
@@ -270,6 +277,15 @@ impl CorosyncCluster {
         let http = self.hosts.address(i, 9420);
         let tag = format!("{}-n{}", self.tag, i + 1);
         self.agents[i] = Some(Agent::start_in_netns(&tag, &self.configs[i], &self.hosts.namespaces[i], &http));
+    }
+
+    /// Starts node `i + 1`'s agent through `wrapper` (a command that execs
+    /// the rest) with `extra` added to its configuration.
+    pub fn start_agent_through(&mut self, i: usize, extra: &str, wrapper: &[&str]) {
+        let http = self.hosts.address(i, 9420);
+        let tag = format!("{}-n{}", self.tag, i + 1);
+        let config = format!("{}\n{extra}", self.configs[i]);
+        self.agents[i] = Some(Agent::start_in_netns_through(&tag, &config, &self.hosts.namespaces[i], &http, wrapper));
     }
 
     /// Kills node `i + 1`'s agent (SIGKILL); its log is kept in the returned text.
