@@ -402,7 +402,7 @@ impl LowMemoryCgroup {
 
     /// Runs `script` with sh inside the cgroup and waits for it.
     pub fn run(&self, script: &str) -> std::process::ExitStatus {
-        let procs = self.path.join("cgroup.procs");
+        let procs = self.procs();
         Command::new("sh")
             .arg("-c")
             .arg(format!("echo $$ > {} && {script}", procs.display()))

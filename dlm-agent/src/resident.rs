@@ -86,21 +86,15 @@ pub fn make_resident(mode: Residency) -> Result<Outcome, String> {
     if mode == Residency::Off {
         return Ok(Outcome::Off);
     }
+    let not_locked = |why: String| if mode == Residency::Required { Err(why) } else { Ok(Outcome::NotLocked(why)) };
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     if let Some(why) = unbounded_lock_refused(&status, memlock_limit()) {
-        return match mode {
-            Residency::Required => Err(why),
-            _ => Ok(Outcome::NotLocked(why)),
-        };
+        return not_locked(why);
     }
     keep_freed_memory();
     // SAFETY: mlockall takes flags only and changes no memory of ours.
     if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
-        let why = format!("mlockall: {}", std::io::Error::last_os_error());
-        return match mode {
-            Residency::Required => Err(why),
-            _ => Ok(Outcome::NotLocked(why)),
-        };
+        return not_locked(format!("mlockall: {}", std::io::Error::last_os_error()));
     }
     Ok(Outcome::Locked { locked: locked_bytes().unwrap_or(0) })
 }
