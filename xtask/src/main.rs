@@ -9,6 +9,7 @@ use std::process::{Command, ExitCode};
 mod cluster;
 mod fuzz;
 mod overhead;
+mod provenance;
 mod setup;
 
 const HELP: &str = "\
@@ -18,11 +19,13 @@ Commands:
   run [ARGS]   set up, build the agent (release) and run it: `dlm-agent run ARGS`
                (no ARGS: single node on the embedded default configuration)
   setup        install what the build, tests and benchmarks need (rustup components: rustfmt,
-               clippy, nightly rust-src; bpf-linker from crates.io; Debian packages:
-               protobuf-compiler, libprotobuf-dev, redis-server, etcd-server, prometheus,
-               bpftrace, linux-perf, corosync, libcpg-dev, libquorum-dev)
-  test         set up, then check formatting, run clippy, run every test of the workspace
-               and build the docs (warnings are errors)
+               clippy, nightly rust-src; bpf-linker and cargo-fuzz from crates.io; the Debian
+               packages listed below; grpcio from PyPI and @grpc/grpc-js from npm)
+  provenance   set up, build, and check that every library the build links and every program
+               the tests start comes from a Debian package the set-up installs (or pulls in) or
+               the machine image ships; fails naming the package otherwise
+  test         set up, then check formatting, run clippy, check provenance, run every test of
+               the workspace and build the docs (warnings are errors)
   bench [ARGS] set up, then run every benchmark: the engine's (criterion, memory) and dlm side
                by side with Redis and etcd (table on stdout, JSON in target/bench/peers.json), and
                a 3-node cluster against a single node (target/bench/cluster.json), and failover
@@ -66,6 +69,16 @@ Environment:
   CI=true      tests that need something this machine lacks fail instead of skipping
 ";
 
+/// The help text, with the Debian packages the set-up installs.
+fn help() -> String {
+    let mut text = HELP.to_string();
+    text.push_str("\nDebian packages the set-up installs:\n");
+    for (package, why) in setup::PACKAGES {
+        text.push_str(&format!("  {package:<19}{why}\n"));
+    }
+    text
+}
+
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
     let command = args.next().unwrap_or_else(|| "help".to_string());
@@ -81,11 +94,12 @@ fn main() -> ExitCode {
         "nemesis" => setup::run().and_then(|()| nemesis(&rest)),
         "fuzz" => setup::run().and_then(|()| fuzz::run(&rest)),
         "cluster" => cluster::run(&rest),
+        "provenance" => setup::run().and_then(|()| provenance()),
         "help" | "-h" | "--help" => {
-            print!("{HELP}");
+            print!("{}", help());
             Ok(())
         }
-        other => Err(format!("unknown command {other:?}\n\n{HELP}")),
+        other => Err(format!("unknown command {other:?}\n\n{}", help())),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -125,11 +139,41 @@ fn sim(args: &[String]) -> Result<(), String> {
 
 fn test() -> Result<(), String> {
     run("cargo", &["fmt", "--all", "--", "--check"])?;
-    run("cargo", &["clippy", "--workspace", "--all-targets", "--locked", "--", "-D", "warnings"])?;
+    let accounted = provenance::Accounted::read()?;
+    // clippy runs the build scripts, whose `-l` flags the guard checks
+    // before anything links: a missing library is named, not left to the
+    // linker.
+    let clippy = provenance::cargo_messages(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--message-format=json",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    let mut report = provenance::Report::default();
+    provenance::check_links(&clippy, &accounted, &mut report);
+    provenance::check_programs(&accounted, &mut report)?;
+    report.finish("build's libraries and the tests' programs")?;
     // Release mode: the property tests and the simulation run many cases,
     // and debug assertions stay on through the test profile below.
     // --all-targets also runs the benchmarks once each as tests (the memory
     // benchmark checks its target then); doc tests need their own run.
+    let built = provenance::cargo_messages(&[
+        "test",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--profile",
+        "ci-test",
+        "--no-run",
+        "--message-format=json",
+    ])?;
+    let mut report = provenance::Report::default();
+    provenance::check_binaries(&built, &accounted, &mut report)?;
+    report.finish("binaries' shared libraries")?;
     run("cargo", &["test", "--workspace", "--all-targets", "--locked", "--profile", "ci-test"])?;
     run("cargo", &["test", "--workspace", "--doc", "--locked", "--profile", "ci-test"])?;
     // A short smoke of every fuzz target: each decoder of untrusted input
@@ -145,6 +189,31 @@ fn test() -> Result<(), String> {
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
     if status.success() { Ok(()) } else { Err("cargo doc reported warnings".into()) }
+}
+
+/// `cargo xtask provenance`: the guard of the test command on its own,
+/// over a build of the agent and the tests.
+fn provenance() -> Result<(), String> {
+    let accounted = provenance::Accounted::read()?;
+    let checked =
+        provenance::cargo_messages(&["check", "--workspace", "--all-targets", "--locked", "--message-format=json"])?;
+    let mut report = provenance::Report::default();
+    provenance::check_links(&checked, &accounted, &mut report);
+    provenance::check_programs(&accounted, &mut report)?;
+    report.finish("build's libraries and the tests' programs")?;
+    let built = provenance::cargo_messages(&[
+        "test",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--profile",
+        "ci-test",
+        "--no-run",
+        "--message-format=json",
+    ])?;
+    let mut report = provenance::Report::default();
+    provenance::check_binaries(&built, &accounted, &mut report)?;
+    report.finish("binaries' shared libraries")
 }
 
 fn run_agent(args: &[String]) -> Result<(), String> {

@@ -8,8 +8,10 @@ use std::process::Command;
 /// Rustup components of the active toolchain that `cargo xtask test` uses.
 const COMPONENTS: &[&str] = &["rustfmt", "clippy"];
 
-/// Debian packages, and why each is needed.
-const PACKAGES: &[(&str, &str)] = &[
+/// Debian packages, and why each is needed. The README lists the same
+/// (a test checks it), and `cargo xtask provenance` checks that the build
+/// and the tests use nothing from any other package but the image's.
+pub(crate) const PACKAGES: &[(&str, &str)] = &[
     ("protobuf-compiler", "protoc, for the etcd client the peer benchmark uses"),
     ("libprotobuf-dev", "protobuf's well-known .proto files, for the same"),
     ("redis-server", "the peer benchmark's Redis"),
@@ -20,6 +22,9 @@ const PACKAGES: &[(&str, &str)] = &[
     ("corosync", "the cluster stack the agent takes membership from, for the cluster tests and `cluster up`"),
     ("libcpg-dev", "corosync's CPG library, which the agent links (membership)"),
     ("libquorum-dev", "corosync's quorum library, which the agent links (membership)"),
+    ("libvotequorum-dev", "corosync's votequorum library, which the agent links (quorum, expected votes)"),
+    ("libcmap-dev", "corosync's configuration map library, which the agent links (rust-corosync links it)"),
+    ("libcfg-dev", "corosync's configuration library, which the agent links (rust-corosync links it)"),
 ];
 
 /// PyPI packages (pinned), and why each is needed.
@@ -28,10 +33,15 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("grpcio-tools==1.85.1", "the same test generates its stubs from the .proto with it"),
 ];
 
-/// The bpf-linker that links the eBPF programs with the nightly rustc's own
-/// LLVM (see ../shared/design/TOOLCHAIN.md: 0.10.0 emits BTF the kernel
-/// rejects, 0.11+ wants a system LLVM).
-const BPF_LINKER_VERSION: &str = "0.10.4";
+/// The programs installed with `cargo install` (pinned), and why: the
+/// bpf-linker that links the eBPF programs with the nightly rustc's own LLVM
+/// (see ../shared/design/TOOLCHAIN.md: 0.10.0 emits BTF the kernel rejects,
+/// 0.11+ wants a system LLVM), and the cargo-fuzz that builds and runs
+/// `tests/fuzz` (with the nightly toolchain).
+pub(crate) const CARGO_TOOLS: &[(&str, &str, &str)] = &[
+    ("bpf-linker", "0.10.4", "links the eBPF programs; about 2 minutes"),
+    ("cargo-fuzz", "0.13.2", "runs the fuzz targets; under a minute"),
+];
 
 pub(crate) fn run() -> Result<(), String> {
     rustup_components()?;
@@ -85,7 +95,7 @@ fn python_packages() -> Result<(), String> {
 }
 
 /// What aya-build needs to build the eBPF programs: the nightly toolchain's
-/// `rust-src` (for `-Z build-std=core`) and bpf-linker.
+/// `rust-src` (for `-Z build-std=core`) and bpf-linker; and cargo-fuzz.
 fn ebpf_toolchain() -> Result<(), String> {
     let nightly = Command::new("rustup")
         .args(["component", "list", "--installed", "--toolchain", "nightly"])
@@ -99,23 +109,19 @@ fn ebpf_toolchain() -> Result<(), String> {
     if !String::from_utf8_lossy(&nightly.stdout).lines().any(|line| line.starts_with("rust-src")) {
         crate::run("rustup", &["component", "add", "rust-src", "--toolchain", "nightly"])?;
     }
-    let linker = Command::new("bpf-linker").arg("--version").output();
-    let current = linker.as_ref().is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(BPF_LINKER_VERSION));
-    if !current {
-        eprintln!("xtask: installing bpf-linker {BPF_LINKER_VERSION} (links the eBPF programs; about 2 minutes)");
-        crate::run("cargo", &["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked"])?;
-    }
-    let fuzz = Command::new("cargo").args(["fuzz", "--version"]).output();
-    let current = fuzz.as_ref().is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(CARGO_FUZZ_VERSION));
-    if !current {
-        eprintln!("xtask: installing cargo-fuzz {CARGO_FUZZ_VERSION} (runs the fuzz targets; under a minute)");
-        crate::run("cargo", &["install", &format!("cargo-fuzz@{CARGO_FUZZ_VERSION}"), "--locked"])?;
+    for (tool, version, why) in CARGO_TOOLS {
+        // cargo-fuzz answers `cargo fuzz --version`, bpf-linker its own.
+        let shown = match tool.strip_prefix("cargo-") {
+            Some(sub) => Command::new("cargo").args([sub, "--version"]).output(),
+            None => Command::new(tool).arg("--version").output(),
+        };
+        if !shown.as_ref().is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(version)) {
+            eprintln!("xtask: installing {tool} {version} from crates.io ({why})");
+            crate::run("cargo", &["install", &format!("{tool}@{version}"), "--locked"])?;
+        }
     }
     Ok(())
 }
-
-/// The cargo-fuzz that builds and runs `tests/fuzz` (with the nightly toolchain).
-const CARGO_FUZZ_VERSION: &str = "0.13.2";
 
 fn rustup_components() -> Result<(), String> {
     let installed = Command::new("rustup")
@@ -159,4 +165,38 @@ fn debian_packages() -> Result<(), String> {
     let mut install = vec!["install", "--no-install-recommends"];
     install.extend(&missing);
     apt(&install).map_err(|e| format!("{e}\n(the packages {missing:?} are needed; install them as root)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names in backquotes on the README's line that starts with `label`.
+    fn readme_names(label: &str) -> Vec<String> {
+        let readme = include_str!("../../README.md");
+        let line = readme.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no README line {label:?}"));
+        line.split('`').skip(1).step_by(2).map(str::to_string).collect()
+    }
+
+    #[test]
+    fn the_readme_lists_exactly_what_the_set_up_installs() {
+        let mut components: Vec<&str> = COMPONENTS.to_vec();
+        components.push("rust-src");
+        assert_eq!(readme_names("- rustup components:"), components);
+        let tools: Vec<&str> = CARGO_TOOLS.iter().map(|(name, ..)| *name).collect();
+        assert_eq!(readme_names("- from crates.io"), tools);
+        for (tool, version, _) in CARGO_TOOLS {
+            assert!(include_str!("../../README.md").contains(&format!("`{tool}` {version}")), "{tool} {version}");
+        }
+        let packages: Vec<&str> = PACKAGES.iter().map(|(p, _)| *p).collect();
+        assert_eq!(readme_names("- Debian packages:"), packages);
+        let python: Vec<&str> = PYTHON_PACKAGES.iter().map(|(p, _)| p.split("==").next().expect("name")).collect();
+        assert_eq!(readme_names("- from PyPI"), python);
+        let manifest = include_str!("../../tests/clients/package.json");
+        let npm: Vec<String> = readme_names("- from npm").into_iter().filter(|n| n.starts_with('@')).collect();
+        for name in &npm {
+            assert!(manifest.contains(&format!("\"{name}\"")), "{name} is not in tests/clients/package.json");
+        }
+        assert_eq!(npm.len(), manifest.matches("\"@").count(), "npm packages: README {npm:?}");
+    }
 }

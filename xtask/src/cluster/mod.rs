@@ -6,14 +6,26 @@
 //!
 //! State lives in `target/cluster/`: one directory per node with its
 //! configuration, socket, log and pids (and corosync's configuration, log
-//! and state), and `netns` when namespaces were made.
+//! and state). `down` does not trust those files: it finds the cluster's
+//! processes and network objects by what they are (`leftovers`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod leftovers;
+
+use leftovers::{Leftovers, Names};
+
 const DIR: &str = "target/cluster";
 const BRIDGE: &str = "dlmbr0";
+/// Node `i`'s namespace is `dlm-n<i>`, the host end of its veth `dlm-v<i>`.
+const NAMESPACE: &str = "dlm-n";
+const VETH: &str = "dlm-v";
+
+fn names() -> Names<'static> {
+    Names { dir: Path::new(DIR), namespace: NAMESPACE, veth: VETH, bridge: BRIDGE }
+}
 const SUBNET: &str = "10.77.0";
 const NODES_MAX: usize = 16;
 
@@ -21,7 +33,7 @@ const NODES_MAX: usize = 16;
 /// for a LAN (the README discusses the choice).
 const TOKEN_MS_DEFAULT: u32 = 1000;
 /// The corosync configuration template, shared with the cluster tests.
-const COROSYNC_CONF: &str = include_str!("../../tests/corosync/corosync.conf.in");
+const COROSYNC_CONF: &str = include_str!("../../../tests/corosync/corosync.conf.in");
 
 struct Options {
     nodes: usize,
@@ -87,8 +99,12 @@ fn addresses(options: &Options, i: usize) -> (String, String) {
 }
 
 fn up(options: &Options) -> Result<(), String> {
-    if Path::new(DIR).join("node1/pid").exists() {
-        return Err(format!("a cluster is already up (state in {DIR}); `cargo xtask cluster down` first"));
+    let found = Leftovers::find(&names());
+    if !found.is_empty() {
+        return Err(format!(
+            "a cluster, or what is left of one, is in the way:\n{}\n`cargo xtask cluster down` stops and removes it",
+            found.describe()
+        ));
     }
     if options.netns && !is_root() {
         return Err("a cluster with corosync needs root (network namespaces, one corosync daemon per node); \
@@ -145,7 +161,7 @@ fn up(options: &Options) -> Result<(), String> {
         let log = std::fs::File::create(dir.join("agent.log")).map_err(|e| format!("log: {e}"))?;
         let mut command = if options.netns {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", &format!("dlm-n{i}")]).arg(&binary);
+            c.args(["netns", "exec", &format!("{NAMESPACE}{i}")]).arg(&binary);
             c
         } else {
             Command::new(&binary)
@@ -236,7 +252,7 @@ fn start_corosync(options: &Options) -> Result<(), String> {
         );
         let mut command = Command::new("ip");
         command
-            .args(["netns", "exec", &format!("dlm-n{i}"), "unshare", "--mount", "--propagation", "private"])
+            .args(["netns", "exec", &format!("{NAMESPACE}{i}"), "unshare", "--mount", "--propagation", "private"])
             .args(["sh", "-c", &script]);
         std::os::unix::process::CommandExt::process_group(&mut command, 0);
         let child = command
@@ -255,7 +271,7 @@ fn start_corosync(options: &Options) -> Result<(), String> {
     for i in 1..=options.nodes {
         loop {
             let output = Command::new("ip")
-                .args(["netns", "exec", &format!("dlm-n{i}"), "corosync-quorumtool", "-s"])
+                .args(["netns", "exec", &format!("{NAMESPACE}{i}"), "corosync-quorumtool", "-s"])
                 .output()
                 .map_err(|e| format!("corosync-quorumtool: {e}"))?;
             let text = String::from_utf8_lossy(&output.stdout);
@@ -274,15 +290,12 @@ fn start_corosync(options: &Options) -> Result<(), String> {
 
 fn make_namespaces(nodes: usize) -> Result<(), String> {
     let ip = |args: &[&str]| crate::run("ip", args);
-    // Leftovers of an earlier run that was not taken down are removed first.
-    let _ = Command::new("ip").args(["link", "del", BRIDGE]).stderr(Stdio::null()).status();
     ip(&["link", "add", BRIDGE, "type", "bridge"])?;
     ip(&["addr", "add", &format!("{SUBNET}.254/24"), "dev", BRIDGE])?;
     ip(&["link", "set", BRIDGE, "up"])?;
     for i in 1..=nodes {
-        let ns = format!("dlm-n{i}");
+        let ns = format!("{NAMESPACE}{i}");
         let veth = format!("dlm-v{i}");
-        let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
         ip(&["netns", "add", &ns])?;
         ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
         ip(&["link", "set", &veth, "master", BRIDGE, "up"])?;
@@ -290,39 +303,31 @@ fn make_namespaces(nodes: usize) -> Result<(), String> {
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
     }
-    std::fs::write(Path::new(DIR).join("netns"), nodes.to_string()).map_err(|e| format!("netns state: {e}"))
+    Ok(())
 }
 
+/// Stops every process of the cluster and removes its network objects,
+/// whatever the state files say: they are found by what they are (see
+/// `leftovers`).
 fn down() -> Result<(), String> {
-    let mut stopped = 0;
+    let found = Leftovers::find(&names());
+    if found.is_empty() {
+        println!("no cluster is up: nothing to stop");
+    } else {
+        println!("stopping and removing:\n{}", found.describe());
+        found.remove()?;
+        println!(
+            "stopped {} processes, removed {} namespaces and {} links",
+            found.processes.len(),
+            found.namespaces.len(),
+            found.links.len()
+        );
+    }
     for i in 1..=NODES_MAX {
-        if let Ok(pid) = std::fs::read_to_string(node_dir(i).join("corosync.pid")) {
-            let _ = Command::new("kill").args(["-TERM", pid.trim()]).stderr(Stdio::null()).status();
-            let _ = std::fs::remove_file(node_dir(i).join("corosync.pid"));
+        for file in ["pid", "corosync.pid"] {
+            let _ = std::fs::remove_file(node_dir(i).join(file));
         }
-        let pid_file = node_dir(i).join("pid");
-        let Ok(pid) = std::fs::read_to_string(&pid_file) else { continue };
-        let pid = pid.trim().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).stderr(Stdio::null()).status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-        }
-        let _ = std::fs::remove_file(&pid_file);
-        stopped += 1;
     }
-    let netns = Path::new(DIR).join("netns");
-    if let Ok(count) = std::fs::read_to_string(&netns) {
-        for i in 1..=count.trim().parse::<usize>().unwrap_or(0) {
-            let _ = Command::new("ip").args(["netns", "del", &format!("dlm-n{i}")]).status();
-        }
-        let _ = Command::new("ip").args(["link", "del", BRIDGE]).status();
-        let _ = std::fs::remove_file(netns);
-    }
-    println!("stopped {stopped} nodes");
     Ok(())
 }
 
