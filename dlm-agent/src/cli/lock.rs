@@ -4,16 +4,22 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use dlm_agent::client::{LockError, LockOptions, SessionEvent};
+use dlm_agent::client::{LockError, LockOptions};
 use dlm_core::{LockFlags, Mode};
 
-use super::{AgentAddress, EXIT_NOT_ACQUIRED, EXIT_SOFTWARE, EXIT_UNREACHABLE, EXIT_USAGE};
+use super::{AgentAddress, EXIT_LOCK_LOST, EXIT_NOT_ACQUIRED, EXIT_SOFTWARE, EXIT_UNREACHABLE, EXIT_USAGE};
 
 /// Options of `dlm-agent lock`.
 ///
 /// Exit status: the command's; 75 when the lock was not acquired (held and
-/// --try, timed out, chosen as a deadlock victim); 69 when the agent cannot
-/// be reached; 64 when the request is refused (unknown lockspace, bad name).
+/// --try, timed out, chosen as a deadlock victim); 79 when the lock was lost
+/// while the command ran (revoked, or the agent went away) and the command
+/// was stopped; 69 when the agent cannot be reached; 64 when the request is
+/// refused (unknown lockspace, bad name).
+///
+/// A lost lock ends the command: SIGTERM, then SIGKILL after --kill-after
+/// (as `consul lock` does), since another client may hold the lock now. If
+/// this process itself dies, the command gets SIGTERM from the kernel.
 #[derive(Args, Debug)]
 pub struct LockArgs {
     #[command(flatten)]
@@ -30,6 +36,9 @@ pub struct LockArgs {
     /// The lockspace of the resource
     #[arg(long, short, default_value = "default")]
     lockspace: String,
+    /// When the lock is lost, how long the command has between SIGTERM and SIGKILL
+    #[arg(long, default_value = "5s", value_parser = dlm_agent::config::parse_duration)]
+    kill_after: Duration,
     /// The resource to lock
     name: String,
     /// The command to run while holding the lock; it gets DLM_FENCING_TOKEN
@@ -50,7 +59,6 @@ pub async fn run(args: LockArgs) -> ExitCode {
         Ok(session) => session,
         Err(error) => return ExitCode::from(super::call_failed(&error)),
     };
-    let mut events = session.events();
     let flags = if args.try_lock { LockFlags::NOQUEUE } else { LockFlags::EMPTY };
     let options = LockOptions { flags, timeout: args.timeout, traceparent: std::env::var("TRACEPARENT").ok() };
     let guard = match session.lock(&args.lockspace, args.name.as_bytes(), args.mode, options).await {
@@ -70,27 +78,29 @@ pub async fn run(args: LockArgs) -> ExitCode {
             return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
-    let mut child = match tokio::process::Command::new(&args.command[0])
+    let mut command = tokio::process::Command::new(&args.command[0]);
+    command
         .args(&args.command[1..])
         .env("DLM_FENCING_TOKEN", guard.fencing_token().to_string())
         .env("DLM_LOCK_NAME", &args.name)
-        .env("DLM_LOCKSPACE", &args.lockspace)
-        .spawn()
-    {
+        .env("DLM_LOCKSPACE", &args.lockspace);
+    super::child::end_with_parent(command.as_std_mut());
+    let mut child = match command.spawn() {
         Ok(child) => child,
         Err(error) => {
             eprintln!("dlm-agent: cannot run {:?}: {error}", args.command[0]);
             return ExitCode::from(127);
         }
     };
-    let status = loop {
-        tokio::select! {
-            status = child.wait() => break status,
-            event = events.recv() => {
-                if let Ok(SessionEvent::Revoked { reason, .. }) = event {
-                    eprintln!("dlm-agent: warning: the lock on {} was revoked ({reason}); the command runs on without it", args.name);
-                }
-            }
+    let status = tokio::select! {
+        status = child.wait() => status,
+        loss = guard.lost() => {
+            eprintln!(
+                "dlm-agent: the lock on {} was lost ({loss}); stopping the command (SIGTERM, SIGKILL after {:?})",
+                args.name, args.kill_after
+            );
+            super::child::terminate(&mut child, args.kill_after).await;
+            return ExitCode::from(EXIT_LOCK_LOST);
         }
     };
     let _ = guard.unlock().await;

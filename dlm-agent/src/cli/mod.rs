@@ -6,6 +6,7 @@ use clap::Args;
 use dlm_agent::client::{Client, ClientTls, Target};
 
 pub mod certs;
+mod child;
 pub mod cluster;
 pub mod inspect;
 pub mod lock;
@@ -27,6 +28,10 @@ pub const EXIT_SOFTWARE: u8 = 70;
 pub const EXIT_CONFIG: u8 = 78;
 /// Exit status: the lock was not acquired (held with --try, timed out, deadlock) (EX_TEMPFAIL).
 pub const EXIT_NOT_ACQUIRED: u8 = 75;
+/// Exit status of `lock -- CMD`: the lock was lost while the command ran,
+/// and the command was stopped. Not a sysexits code: none means "a lease
+/// was lost", and scripts must tell it from the command's own failures.
+pub const EXIT_LOCK_LOST: u8 = 79;
 
 /// How to reach the agent.
 #[derive(Args, Clone, Debug)]

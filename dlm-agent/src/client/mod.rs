@@ -138,6 +138,30 @@ pub enum SessionEvent {
     },
 }
 
+/// How a held lock was lost ([`LockGuard::lost`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Loss {
+    /// The agent revoked it (quorum lost, its node left the view, the
+    /// lockspace was released by force), with the agent's reason.
+    Revoked {
+        /// Why, as the agent says it.
+        reason: String,
+    },
+    /// The session ended: the agent closed it, exited or was killed. Its
+    /// locks are released by the agent or recovered by the cluster, so
+    /// another client may hold them now.
+    SessionEnded,
+}
+
+impl std::fmt::Display for Loss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Loss::Revoked { reason } => write!(f, "revoked by the agent ({reason})"),
+            Loss::SessionEnded => f.write_str("the session with the agent ended"),
+        }
+    }
+}
+
 /// How long the client waits for the agent to answer: to connect, to
 /// welcome a new session, or to answer an admin call. An agent that is up
 /// answers in milliseconds; one that does not (stopped, out of file

@@ -1,15 +1,15 @@
 //! A session's side of the client: its requests waiting for their
 //! answers, the events the agent sends it, and the guards of its locks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dlm_core::{Mode, StatusFlags, UnlockFlags};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use super::{LockError, LockOptions, SESSION_REQUESTS_MAX, SessionEvent};
+use super::{LockError, LockOptions, Loss, SESSION_REQUESTS_MAX, SessionEvent};
 use crate::convert::{mode_from_wire, mode_to_wire, status_flags};
 use crate::framing::{FrameKind, FrameSink};
 use crate::proto::{self, client_message, server_message};
@@ -30,6 +30,29 @@ pub(super) enum Requests {
     Framed(FrameSink),
 }
 
+/// What the session has lost, watched by its locks' guards: a holder is
+/// told at once, on the session's own reader, whatever it is doing.
+#[derive(Default)]
+struct Losses {
+    /// The session's stream ended (the agent closed it, exited or was
+    /// killed): every lock of the session is gone.
+    ended: bool,
+    /// Locks granted whose guard is alive; only these can be revoked, so
+    /// `revoked` stays as small as the locks held.
+    held: HashSet<u64>,
+    /// Locks the agent revoked, with why.
+    revoked: HashMap<u64, String>,
+}
+
+impl Losses {
+    fn of(&self, handle: u64) -> Option<Loss> {
+        if let Some(reason) = self.revoked.get(&handle) {
+            return Some(Loss::Revoked { reason: reason.clone() });
+        }
+        self.ended.then_some(Loss::SessionEnded)
+    }
+}
+
 enum Reply {
     Completion(proto::Completion),
     Rejected(proto::Rejected),
@@ -40,6 +63,7 @@ pub(super) struct SessionInner {
     requests: Requests,
     waiters: Mutex<Waiters>,
     events: broadcast::Sender<SessionEvent>,
+    losses: watch::Sender<Losses>,
     next_handle: AtomicU64,
 }
 
@@ -50,6 +74,7 @@ impl SessionInner {
             requests,
             waiters: Mutex::new(Waiters::default()),
             events: broadcast::channel(1024).0,
+            losses: watch::Sender::new(Losses::default()),
             next_handle: AtomicU64::new(1),
         }
     }
@@ -89,6 +114,10 @@ impl SessionInner {
                 }
             }
             Some(server_message::Body::Revoked(revoked)) => {
+                self.losses.send_if_modified(|losses| {
+                    losses.held.contains(&revoked.handle)
+                        && losses.revoked.insert(revoked.handle, revoked.reason.clone()).is_none()
+                });
                 let _ = self.events.send(SessionEvent::Revoked { handle: revoked.handle, reason: revoked.reason });
             }
             Some(server_message::Body::Welcome(_)) | None => {}
@@ -112,6 +141,8 @@ impl SessionInner {
         let mut waiters = self.waiters();
         waiters.closed = true;
         waiters.pending.clear();
+        drop(waiters);
+        self.losses.send_if_modified(|losses| !std::mem::replace(&mut losses.ended, true));
     }
 
     /// Answers the agent's ping (framed sessions; gRPC pings itself).
@@ -255,6 +286,9 @@ pub struct LockGuard {
 
 impl LockGuard {
     fn granted(inner: Arc<SessionInner>, handle: u64, completion: &proto::Completion, requested: Mode) -> LockGuard {
+        inner.losses.send_modify(|losses| {
+            losses.held.insert(handle);
+        });
         LockGuard {
             inner,
             handle,
@@ -294,6 +328,31 @@ impl LockGuard {
     #[must_use]
     pub fn status_flags(&self) -> StatusFlags {
         self.flags
+    }
+
+    /// Whether the lock is still held, as far as this client knows: false
+    /// once the agent revoked it or the session ended (the agent exited or
+    /// was killed, and the lock may already be someone else's).
+    #[must_use]
+    pub fn is_held(&self) -> bool {
+        self.inner.losses.borrow().of(self.handle).is_none()
+    }
+
+    /// Waits until the lock is lost, and says how: the agent revoked it, or
+    /// the session ended. It never completes for a lock that stays held;
+    /// select it against the work done under the lock, and stop that work
+    /// when it completes.
+    pub async fn lost(&self) -> Loss {
+        let mut losses = self.inner.losses.subscribe();
+        loop {
+            if let Some(loss) = losses.borrow_and_update().of(self.handle) {
+                return loss;
+            }
+            if losses.changed().await.is_err() {
+                // The session's state is gone with the session itself.
+                return Loss::SessionEnded;
+            }
+        }
     }
 
     /// Converts the lock to `mode`; on failure the lock keeps its mode.
@@ -349,6 +408,10 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        self.inner.losses.send_if_modified(|losses| {
+            losses.held.remove(&self.handle);
+            losses.revoked.remove(&self.handle).is_some()
+        });
         if !self.released {
             self.inner.send(unlock_message(self.handle, UnlockFlags::EMPTY, None));
         }

@@ -37,12 +37,13 @@ pub(crate) struct Leftovers {
 
 impl Leftovers {
     pub(crate) fn find(names: &Names) -> Leftovers {
-        let namespaces: Vec<String> = command_lines("ip", &["netns", "list"])
+        let mut namespaces: Vec<String> = command_lines("ip", &["netns", "list"])
             .iter()
             .filter_map(|line| line.split_whitespace().next())
             .filter(|ns| numbered(ns, names.namespace))
             .map(str::to_string)
             .collect();
+        namespaces.sort();
         let mut pids: Vec<u32> = namespaces
             .iter()
             .flat_map(|ns| command_lines("ip", &["netns", "pids", ns]))
