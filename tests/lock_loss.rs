@@ -16,6 +16,7 @@ const EXIT_LOCK_LOST: i32 = 79;
 
 /// Starts `dlm-agent lock EXTRA… NAME -- sh -c SCRIPT`; SCRIPT writes its
 /// shell's pid to `pidfile` first. Returns the CLI and CMD's pid.
+#[expect(clippy::zombie_processes, reason = "the CLI is returned: its caller waits for it")]
 fn lock_running(agent: &Agent, extra: &[&str], name: &str, script: &str, pidfile: &Path) -> (Child, u32) {
     let script = format!("echo $$ > {}; {script}", pidfile.display());
     let mut cli = agent
