@@ -266,7 +266,8 @@ async fn a_partitioned_node_fences_itself_the_majority_recovers_and_healing_brin
     if !can_run("a_partitioned_node", true) {
         return;
     }
-    let cluster = CorosyncCluster::start("partition", 3, 500, "[cluster.fencing]\nself_fence_grace = \"1s\"\n");
+    // The grace is computed from corosync's timeouts (1.79 s at token 500 ms).
+    let cluster = CorosyncCluster::start("partition", 3, 500, "");
     let s3 = cluster.agent(2).client().await.session().await.expect("session");
     let mut revocations = s3.events();
     let s1 = Arc::new(cluster.agent(0).client().await.session().await.expect("session"));
@@ -294,7 +295,7 @@ async fn a_partitioned_node_fences_itself_the_majority_recovers_and_healing_brin
         granted(waiters, Duration::from_secs(20)).await.into_iter().map(|(_, at)| at).min().expect("grants");
     assert!(first_grant > last_revoked, "the majority granted before the cut-off node had revoked");
     eprintln!(
-        "partition (token 500 ms, grace 1 s): minority revoked {:?} after the cut, majority granted {:?} after",
+        "partition (token 500 ms, grace computed): minority revoked {:?} after the cut, majority granted {:?} after",
         last_revoked.duration_since(cut).unwrap_or_default(),
         first_grant.duration_since(cut).unwrap_or_default()
     );
@@ -507,7 +508,7 @@ async fn the_watchdog_is_fed_only_while_the_node_is_a_quorate_member_and_its_cor
     for node in 1..=3 {
         std::fs::write(dir.join(format!("wd{node}")), b"").expect("device");
     }
-    let extra = format!("[cluster.fencing]\nself_fence_grace = \"1s\"\nwatchdog = \"{}/wd@NODE@\"\n", dir.display());
+    let extra = format!("[cluster.fencing]\nwatchdog = \"{}/wd@NODE@\"\n", dir.display());
     let mut cluster = CorosyncCluster::start("watchdog", 3, 500, &extra);
     let fed = |node: usize| std::fs::metadata(dir.join(format!("wd{node}"))).map_or(0, |m| m.len());
     let grows = |node: usize, over: Duration| {
@@ -540,4 +541,101 @@ async fn the_watchdog_is_fed_only_while_the_node_is_a_quorate_member_and_its_cor
     let written = std::fs::read(dir.join("wd1")).expect("device");
     assert_eq!(written.last(), Some(&b'V'), "a clean stop writes the magic V");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Stops (`STOP`) or continues (`CONT`) node `i + 1`'s agent.
+fn signal_agent(cluster: &CorosyncCluster, i: usize, signal: &str) {
+    let pid = cluster.agent(i).pid().to_string();
+    let status = std::process::Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_corosync_is_stopped_revokes_before_the_others_grant_and_comes_back_as_a_new_incarnation() {
+    if !can_run("corosync_stopped", true) {
+        return;
+    }
+    let cluster = CorosyncCluster::start("corostop", 3, 500, "");
+    let s2 = cluster.agent(1).client().await.session().await.expect("session");
+    let held = s2.lock("default", "frozen", Mode::Ex, LockOptions::default()).await.expect("granted");
+    let s1 = Arc::new(cluster.agent(0).client().await.session().await.expect("session"));
+    let waiter = wait_for(&s1, &["frozen".to_string()]);
+    let epoch = cluster.status(1).0["epoch"].as_u64().expect("epoch");
+
+    // Node 2's corosync freezes; its agent runs on and hears nothing more.
+    let stopped = SystemTime::now();
+    cluster.signal_corosync(1, "STOP");
+    let loss = tokio::time::timeout(Duration::from_secs(10), held.lost()).await;
+    let revoked = SystemTime::now();
+    assert!(
+        matches!(&loss, Ok(dlm_agent::client::Loss::Revoked { .. })),
+        "node 2's holder was not told while its corosync was stopped: {loss:?}\n{}",
+        cluster.agent(1).log()
+    );
+    let refused = s2.lock("default", "while-frozen", Mode::Ex, try_opts()).await.map(|g| g.fencing_token());
+    assert!(matches!(refused, Err(LockError::NotGranted(proto::Status::Fenced))), "{refused:?}");
+    let granted_at = granted(waiter, Duration::from_secs(20)).await[0].1;
+    assert!(granted_at > revoked, "node 1 was granted before node 2's holder was told");
+    eprintln!(
+        "corosync stopped (token 500 ms): node 2 revoked {:?} after, node 1 granted {:?} after",
+        revoked.duration_since(stopped).unwrap_or_default(),
+        granted_at.duration_since(stopped).unwrap_or_default()
+    );
+
+    // Continued, it comes back through a new round as a new incarnation.
+    cluster.signal_corosync(1, "CONT");
+    let back = cluster.wait_state(1, Duration::from_secs(30), |s| {
+        s["state"] == "running" && s["members"] == serde_json::json!([1, 2, 3])
+    });
+    assert!(back["epoch"].as_u64() > Some(epoch), "{back:#}");
+    let again = s2.lock("default", "after-thaw", Mode::Ex, LockOptions::default()).await;
+    assert!(again.is_ok(), "node 2 serves again without a restart: {:?}", again.err());
+    let lapses = metric_value(&cluster.agent(1).metrics(), "dlm_cluster_lease_lapses_total");
+    assert!(lapses >= 1.0, "lapses {lapses}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_node_paused_past_the_grace_grants_nothing_in_its_old_epoch_when_it_wakes() {
+    if !can_run("node_paused", true) {
+        return;
+    }
+    // Node 2 keeps mastering an idle resource for the whole test.
+    let cluster = CorosyncCluster::start("paused", 3, 500, "release_delay = \"120s\"");
+    let s2 = cluster.agent(1).client().await.session().await.expect("session");
+    s2.lock("default", "woken", Mode::Ex, LockOptions::default())
+        .await
+        .expect("granted")
+        .unlock()
+        .await
+        .expect("unlock");
+    let s1 = cluster.agent(0).client().await.session().await.expect("session");
+
+    // The whole node stops (a paused VM): its corosync and its agent.
+    cluster.signal_corosync(1, "STOP");
+    signal_agent(&cluster, 1, "STOP");
+    let held =
+        tokio::time::timeout(Duration::from_secs(30), s1.lock("default", "woken", Mode::Ex, LockOptions::default()))
+            .await
+            .expect("node 1 granted while node 2 is paused")
+            .expect("granted");
+    // It wakes: the first request it sees must not be granted in its old
+    // epoch, where it still masters the resource, free.
+    cluster.signal_corosync(1, "CONT");
+    signal_agent(&cluster, 1, "CONT");
+    let woken = s2.lock("default", "woken", Mode::Ex, try_opts()).await.map(|g| g.fencing_token());
+    assert!(
+        woken.is_err(),
+        "the woken node granted 'woken' (token {woken:?}) while node 1 holds it (token {})\n{}",
+        held.fencing_token(),
+        cluster.agent(1).log()
+    );
+    cluster.wait_state(1, Duration::from_secs(30), |s| {
+        s["state"] == "running" && s["members"] == serde_json::json!([1, 2, 3])
+    });
+    let lapses = metric_value(&cluster.agent(1).metrics(), "dlm_cluster_lease_lapses_total");
+    assert!(lapses >= 1.0, "lapses {lapses}\n{}", cluster.agent(1).log());
+    // Back in a new epoch: the resource is node 1's until it lets go.
+    let busy = s2.lock("default", "woken", Mode::Ex, try_opts()).await.map(|g| g.fencing_token());
+    assert!(matches!(busy, Err(LockError::NotGranted(_))), "{busy:?}");
+    drop(held);
 }

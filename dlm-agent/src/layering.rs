@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[&str] = &[
     "proto",
     "clock",
+    "lease",
     "bounds",
     "codes",
     "access",

@@ -96,6 +96,7 @@ mod clock;
 mod command;
 mod driver;
 mod generation;
+mod lease;
 mod membership;
 mod metrics;
 mod transport;

@@ -17,6 +17,7 @@ use crate::command::{Command, PeerView};
 use crate::config::{Config, MembershipSource, TlsSettings};
 use crate::driver;
 use crate::generation;
+use crate::lease::Lease;
 use crate::membership;
 use crate::metrics::Metrics;
 use crate::proto::dlm_server::DlmServer;
@@ -175,12 +176,19 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     tracing::info!(generation, state_dir = %config.state_dir.display(), "fencing tokens start above generation {generation}'s floor");
     metrics.register(access.collector());
     let mut watchdog = None;
+    // Armed by the membership once corosync's timeouts are known.
+    let lease = Lease::new();
     let (driver, driver_task) = driver::start(
         config.clone(),
         metrics.clone(),
         Clock::start(),
         ebpf.attribution,
-        driver::Links { peers, peer_view: peer_view.clone(), fence_acks: by_views.then_some(fence_acks) },
+        driver::Links {
+            peers,
+            peer_view: peer_view.clone(),
+            fence_acks: by_views.then_some(fence_acks),
+            lease: by_views.then(|| lease.clone()),
+        },
         access.clone(),
         generation::token_floor(generation),
     )
@@ -225,7 +233,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
                 driver.clone(),
                 fence_acks_rx,
                 membership_metrics,
+                lease,
             )
+            .await
             .map_err(ServeError::Config)?;
         }
     }

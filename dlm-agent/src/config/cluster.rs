@@ -63,9 +63,12 @@ pub struct FencingSettings {
     /// appended, until it exits 0 (as dlm_controld runs fence agents).
     pub command: Option<Vec<String>>,
     /// Without a command: how long after a node is lost the survivors take
-    /// it to have fenced itself (it has, if its corosync lost quorum or its
-    /// agent lost corosync: both revoke every lock it holds).
-    pub self_fence_grace: Duration,
+    /// it to have fenced itself (it has, if its corosync lost quorum, its
+    /// agent lost corosync, or its membership lease lapsed: each revokes
+    /// every lock it holds). `None`: computed at start from corosync's own
+    /// timeouts (`membership::lease::Timing::grace_floor`), which also
+    /// refuse a configured grace below that floor.
+    pub self_fence_grace: Option<Duration>,
     /// A watchdog device (softdog's `/dev/watchdog`) fed only while this
     /// node is a quorate member and its corosync answers: backs self-fencing
     /// for a node that cannot tell it was cut off (a frozen corosync).
@@ -79,11 +82,6 @@ pub(super) struct FileFencing {
     self_fence_grace: Option<String>,
     watchdog: Option<std::path::PathBuf>,
 }
-
-/// The default self-fencing grace: longer than corosync's default token
-/// and consensus timeouts (3 s and 3.6 s), the time a partitioned node
-/// takes to see that it lost quorum.
-pub const SELF_FENCE_GRACE_DEFAULT: Duration = Duration::from_secs(5);
 
 /// A `[[cluster.member]]`.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
@@ -163,11 +161,11 @@ pub(super) fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, Con
         peer_timeout: duration("cluster.peer_timeout", file.peer_timeout, Duration::from_secs(3))?,
         peer_queue_max: file.peer_queue_max.unwrap_or(PEER_QUEUE_MAX_DEFAULT),
         fencing: FencingSettings {
-            self_fence_grace: duration(
-                "cluster.fencing.self_fence_grace",
-                file.fencing.self_fence_grace,
-                SELF_FENCE_GRACE_DEFAULT,
-            )?,
+            self_fence_grace: file
+                .fencing
+                .self_fence_grace
+                .map(|text| duration("cluster.fencing.self_fence_grace", Some(text), Duration::ZERO))
+                .transpose()?,
             command: file.fencing.command,
             watchdog: file.fencing.watchdog,
         },

@@ -54,6 +54,7 @@ use crate::config::Config;
 use crate::convert::Rejection;
 use crate::ebpf::AttributionMaps;
 use crate::framing::FrameSink;
+use crate::lease::{LapseWatch, Lease};
 use crate::metrics::Metrics;
 
 use self::observe::{LockRecord, Observer};
@@ -110,6 +111,13 @@ struct Driver {
     fence_acks: Option<FenceAcks>,
     /// What the membership last said of itself (`views.rs`).
     membership: Option<MembershipStatus>,
+    /// The membership lease, checked before anything that may grant.
+    lease: Option<(Arc<Lease>, LapseWatch)>,
+    /// This node's incarnation in its quorate view (`views.rs`).
+    incarnation: Option<u64>,
+    /// The incarnation this node fenced itself in on a lapsed lease: views
+    /// with it again are stale (`views.rs`).
+    fenced_on_lapse: Option<u64>,
     clock: Clock,
     config: Arc<Config>,
     started: Instant,
@@ -139,6 +147,8 @@ pub struct Links {
     pub peer_view: Arc<PeerView>,
     /// Where `fence-ack` goes (membership from corosync only).
     pub fence_acks: Option<FenceAcks>,
+    /// The lease on corosync's answers (membership from corosync only).
+    pub lease: Option<Arc<Lease>>,
 }
 
 /// Creates the node and its lockspaces and starts the driver.
@@ -154,7 +164,7 @@ pub fn start(
     access: Arc<Access>,
     token_floor: u64,
 ) -> Result<(DriverHandle, tokio::task::JoinHandle<()>), String> {
-    let Links { peers, peer_view, fence_acks } = links;
+    let Links { peers, peer_view, fence_acks, lease } = links;
     let node_config = NodeConfig { limits: config.limits.clone(), token_floor, ..NodeConfig::default() };
     let (node_id, cluster_config) = match &config.cluster {
         Some(cluster) => {
@@ -181,6 +191,9 @@ pub fn start(
         peer_view,
         fence_acks,
         membership: None,
+        lease: lease.map(|lease| (lease, LapseWatch::default())),
+        incarnation: None,
+        fenced_on_lapse: None,
         clock,
         config: config.clone(),
         started: clock.now(),
@@ -210,6 +223,7 @@ impl Driver {
             tokio::select! {
                 command = commands.recv() => {
                     let Some(command) = command else { break };
+                    self.check_lease();
                     if let Some(reply) = self.handle_or_stop(command) {
                         return self.stop(&mut commands, reply);
                     }
@@ -223,6 +237,7 @@ impl Driver {
                     }
                 }
                 () = sleep_until(deadline), if deadline.is_some() => {
+                    self.check_lease();
                     self.node.handle_timeout(self.clock.engine_now());
                 }
             }

@@ -2,7 +2,7 @@
 //! and to the peer transport, which lets peers in by them; and the links to
 //! the peers, which the node starts anew in each epoch.
 
-use dlm_core::cluster::{NodeId, View};
+use dlm_core::cluster::{NodeId, View, ViewMember};
 
 use super::Driver;
 use crate::config::MembershipSource;
@@ -28,10 +28,22 @@ impl Driver {
     /// epoch carries the new one's messages, which are tagged with their epoch.)
     pub(super) fn take_view(&mut self, view: &View) {
         let now = self.clock.engine_now();
+        let me = self.node.id();
+        if view.quorate && self.fenced_on_lapse.is_some() && view.incarnation(me) == self.fenced_on_lapse {
+            // Agreed before the membership saw the lapse (queued across a
+            // pause): its clients' locks in that incarnation were revoked.
+            tracing::warn!(epoch = view.epoch, "a view of the incarnation fenced on a lapsed lease: not taken");
+            return;
+        }
+        if !view.quorate && self.node.is_fenced() && view.epoch == self.node.epoch() {
+            // The membership's own fence for the lapse this driver saw first.
+            return;
+        }
         if let Err(error) = self.node.handle_view(now, view) {
             tracing::error!(epoch = view.epoch, %error, "view refused by the lock engine");
             return;
         }
+        self.incarnation = if self.node.is_fenced() { None } else { view.incarnation(me) };
         self.peer_view.take(view);
         self.observer.view_taken(view, self.node.is_fenced());
         self.observer.update_recovery(&self.node);
@@ -39,10 +51,32 @@ impl Driver {
             tracing::warn!(epoch = view.epoch, "fenced: every lock revoked, requests fail until a quorate view");
             return;
         }
-        let me = self.node.id();
         for peer in view.members.iter().map(|m| m.id).filter(|&id| id != me) {
             self.node.handle_link(now, peer, self.connected.contains(&peer));
         }
+    }
+
+    /// Before anything that may grant: a node whose membership lease lapsed
+    /// (its corosync stopped answering, or the node was paused and has just
+    /// woken) fences itself at once, in the odd epoch after its view that
+    /// the agreement keeps for a node fencing itself alone; the membership
+    /// task, which sees the same lapse, hands the same fence after.
+    pub(super) fn check_lease(&mut self) {
+        let Some((lease, watch)) = &mut self.lease else { return };
+        if !watch.lapsed(lease, std::time::Instant::now()) || self.node.is_fenced() {
+            return;
+        }
+        let Some(incarnation) = self.incarnation else { return };
+        let me = self.node.id();
+        let weight = self.node.config().membership.members().iter().find(|m| m.id == me).map_or(1, |m| m.weight);
+        let view = View {
+            epoch: self.node.epoch() + 1,
+            members: vec![ViewMember { id: me, weight, incarnation }],
+            quorate: false,
+        };
+        tracing::error!(epoch = view.epoch, "the membership lease lapsed: fencing this node before anything else");
+        self.take_view(&view);
+        self.fenced_on_lapse = Some(incarnation);
     }
 
     /// An operator says `node` is fenced: passed to the membership, which

@@ -18,9 +18,11 @@ const RETRY_PAUSE_MAX: Duration = Duration::from_secs(30);
 /// How long one attempt may run before it counts as failed.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// Fences `nodeid` (peer address `address`) as `settings` say, then reports it.
+/// Fences `nodeid` (peer address `address`) as `settings` say, or waits
+/// `grace` without a command, then reports it.
 pub async fn fence(
     settings: FencingSettings,
+    grace: Duration,
     nodeid: u32,
     address: Option<SocketAddr>,
     events: mpsc::Sender<Event>,
@@ -31,10 +33,10 @@ pub async fn fence(
         None => {
             tracing::warn!(
                 node = nodeid,
-                grace = ?settings.self_fence_grace,
+                ?grace,
                 "node lost: recovering its locks after the self-fencing grace (no fencing command configured)"
             );
-            tokio::time::sleep(settings.self_fence_grace).await;
+            tokio::time::sleep(grace).await;
             attempts.with_label_values(&["grace"]).inc();
         }
         Some(command) => {

@@ -10,11 +10,16 @@
 //!      └────────── Round / Report / Fenced multicasts (message.rs) ─────┘    └── fencing.rs, fence-ack
 //! ```
 //!
+//! The agent grants only while its corosync answers ([`crate::lease`]): a corosync
+//! that stops answering, or a node that wakes from a pause, fences itself
+//! before the others can recover its locks.
+//!
 //! Lock traffic stays on the agents' own peer links; the group carries only
 //! the agreement's few small messages. A node's corosync node id is its dlm
 //! id, and only the configured `[[cluster.member]]` nodes are let in.
 
 pub mod agree;
+mod ask;
 mod corosync;
 mod fencing;
 mod message;
@@ -24,6 +29,8 @@ pub use watchdog::Watchdog;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use dlm_core::cluster::NodeId;
 use prometheus::{IntCounterVec, Opts};
@@ -35,6 +42,7 @@ use self::corosync::Event;
 use crate::command::{Command, DriverHandle, MembershipStatus};
 use crate::config::ClusterSettings;
 use crate::generation;
+use crate::lease::{LapseWatch, Lease, Timing};
 use crate::metrics::Metrics;
 
 /// Events from corosync's threads queued at most for the membership task.
@@ -45,6 +53,8 @@ const EVENTS_MAX: usize = 1024;
 pub struct MembershipMetrics {
     refused: IntCounterVec,
     fencing: IntCounterVec,
+    lease_lapses: prometheus::IntCounter,
+    lease_bound: prometheus::Gauge,
 }
 
 impl MembershipMetrics {
@@ -76,28 +86,63 @@ impl MembershipMetrics {
                 "outcome",
                 &["success", "failure", "grace", "manual"],
             ),
+            lease_lapses: {
+                let counter = prometheus::IntCounter::new(
+                    "dlm_cluster_lease_lapses_total",
+                    "Times this node's corosync did not answer within the membership lease (or the node was \
+                     paused): each fenced this node until a new round",
+                )
+                .expect("valid metric");
+                metrics.register(Box::new(counter.clone()));
+                counter
+            },
+            lease_bound: {
+                let gauge = prometheus::Gauge::new(
+                    "dlm_cluster_lease_bound_seconds",
+                    "The membership lease: the oldest answer of corosync this node grants on (0 without corosync)",
+                )
+                .expect("valid metric");
+                metrics.register(Box::new(gauge.clone()));
+                gauge
+            },
         }
     }
 }
 
 /// Starts the membership: corosync's dispatch threads and the task that
 /// agrees on views, fences lost nodes and hands views to the driver.
-/// `fence_acks` brings operators' acknowledgements from the driver. Returns
-/// the watchdog, when one is configured, for a clean stop to disarm.
+/// `fence_acks` brings operators' acknowledgements from the driver; `lease`
+/// is armed here and confirmed by a prober thread (the driver reads it
+/// too). Returns the watchdog, when one is configured, for a clean stop to
+/// disarm.
 ///
 /// # Errors
-/// Started twice in one process, the watchdog cannot be opened, or a thread
-/// cannot be made.
-pub fn start(
+/// corosync's timeouts cannot be read (it is not running), the configured
+/// self-fencing grace is below what they need, started twice in one
+/// process, the watchdog cannot be opened, or a thread cannot be made.
+pub async fn start(
     settings: &ClusterSettings,
     incarnation: u64,
     generation: (u64, PathBuf),
     driver: DriverHandle,
     fence_acks: mpsc::Receiver<NodeId>,
     metrics: MembershipMetrics,
+    lease: Arc<Lease>,
 ) -> Result<Option<Watchdog>, String> {
     let (generation, state_dir) = generation;
+    let timing = timing_at_start().await?;
+    let grace = self_fence_grace(settings, timing)?;
+    tracing::info!(
+        token = ?timing.token,
+        consensus = ?timing.consensus,
+        lease = ?timing.bound(),
+        self_fence_grace = ?grace,
+        "corosync's timeouts"
+    );
+    metrics.lease_bound.set(timing.bound().as_secs_f64());
     let watchdog = settings.fencing.watchdog.as_deref().map(Watchdog::start).transpose()?;
+    lease.arm(timing.bound(), std::time::Instant::now());
+    ask::spawn_prober(lease.clone(), timing)?;
     let (events, receiver) = mpsc::channel(EVENTS_MAX);
     corosync::spawn(settings.cpg_group(), events.clone())?;
     let agreement = Agreement::new(settings.node_id, settings.members.iter().map(|m| (m.id, m.weight)), incarnation)
@@ -115,9 +160,55 @@ pub fn start(
         fencing: BTreeMap::new(),
         watchdog: watchdog.clone(),
         state_dir,
+        lease,
+        lapse: LapseWatch::default(),
+        fenced_by_lease: false,
+        timing,
+        grace,
     };
     tokio::spawn(task.run(receiver, fence_acks));
     Ok(watchdog)
+}
+
+/// How long the agent waits at start for its corosync to answer: as long
+/// as a corosync started at the same moment takes to come up, with room.
+const COROSYNC_START_WAIT: Duration = Duration::from_secs(30);
+
+/// corosync's timeouts, waiting for a corosync started at the same time.
+async fn timing_at_start() -> Result<Timing, String> {
+    let deadline = tokio::time::Instant::now() + COROSYNC_START_WAIT;
+    let mut said = false;
+    loop {
+        match ask::read_timing() {
+            Ok(timing) => return Ok(timing),
+            Err(error) if tokio::time::Instant::now() < deadline => {
+                if !std::mem::replace(&mut said, true) {
+                    tracing::warn!(%error, "waiting for corosync (its timeouts decide the lease and the grace)");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(error) => return Err(format!("{error} (waited {COROSYNC_START_WAIT:?})")),
+        }
+    }
+}
+
+/// The survivors' self-fencing grace: as configured, but never below what
+/// corosync's timeouts need (see [`Timing::grace_floor`]); computed from
+/// them when not configured. With a fencing command the grace is not used.
+fn self_fence_grace(settings: &ClusterSettings, timing: Timing) -> Result<Duration, String> {
+    let floor = timing.grace_floor();
+    match settings.fencing.self_fence_grace {
+        Some(grace) if grace < floor && settings.fencing.command.is_none() => Err(format!(
+            "cluster.fencing.self_fence_grace = {grace:?} is below what this corosync needs: token {:?} + \
+             consensus {:?} (corosync removes a silent node after these) + {:?} (this agent stops granting \
+             within that of its corosync's last answer) = {floor:?}; raise it, or leave it out to use that",
+            timing.token,
+            timing.consensus,
+            timing.detection()
+        )),
+        Some(grace) => Ok(grace),
+        None => Ok(floor),
+    }
 }
 
 /// The membership task's state.
@@ -142,14 +233,32 @@ struct Membership {
     state_dir: PathBuf,
     /// Fed while this node is a quorate member.
     watchdog: Option<Watchdog>,
+    /// The lease on corosync's answers, and this task's look at it.
+    lease: Arc<Lease>,
+    lapse: LapseWatch,
+    /// This node fenced itself on a lapse: it rejoins once corosync answers.
+    fenced_by_lease: bool,
+    timing: Timing,
+    /// How long a lost node is waited for without a fencing command.
+    grace: Duration,
 }
 
 impl Membership {
     async fn run(mut self, mut events: mpsc::Receiver<Event>, mut fence_acks: mpsc::Receiver<NodeId>) {
+        let mut probe = tokio::time::interval(self.timing.probe());
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let steps = tokio::select! {
+            // The lease first, whatever woke this task: after a pause, an
+            // event queued before it must not be acted on in the old state.
+            let mut steps = self.check_lease();
+            steps.extend(tokio::select! {
+                _ = probe.tick() => self.check_lease(),
                 event = events.recv() => match event {
-                    Some(event) => self.event(event),
+                    Some(event) => {
+                        let mut steps = self.check_lease();
+                        steps.extend(self.event(event));
+                        steps
+                    }
                     None => return,
                 },
                 Some(node) = fence_acks.recv() => {
@@ -159,7 +268,7 @@ impl Membership {
                     }
                     self.agreement.fence_done(u32::from(node.0))
                 }
-            };
+            });
             for step in steps {
                 if !self.step(step).await {
                     return;
@@ -169,6 +278,29 @@ impl Membership {
                 return;
             }
         }
+    }
+
+    /// Fences this node when the lease lapsed; rejoins the group once
+    /// corosync answers again after such a fence.
+    fn check_lease(&mut self) -> Vec<Step> {
+        let now = std::time::Instant::now();
+        if self.lapse.lapsed(&self.lease, now) {
+            tracing::error!(
+                unanswered = ?self.lease.age(now),
+                lease = ?self.timing.bound(),
+                "corosync has not answered within the membership lease (stopped, or this node was paused): \
+                 fencing this node until it comes back through a new round"
+            );
+            self.metrics.lease_lapses.inc();
+            self.fenced_by_lease = true;
+            return self.agreement.lease_lapsed();
+        }
+        if self.fenced_by_lease && !self.lease.is_stale(now) {
+            self.fenced_by_lease = false;
+            tracing::warn!("corosync answers again: starting a round, to rejoin as a new incarnation");
+            return self.agreement.lease_renewed();
+        }
+        Vec::new()
     }
 
     fn event(&mut self, event: Event) -> Vec<Step> {
@@ -267,6 +399,7 @@ impl Membership {
                 let address = self.settings.members.iter().find(|m| u32::from(m.id) == nodeid).map(|m| m.address);
                 let task = tokio::spawn(fencing::fence(
                     self.settings.fencing.clone(),
+                    self.grace,
                     nodeid,
                     address,
                     self.events.clone(),

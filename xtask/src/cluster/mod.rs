@@ -144,8 +144,9 @@ fn up(options: &Options) -> Result<(), String> {
         let (_, http) = addresses(options, i);
         let membership = if options.netns {
             // Without a fencing command a lost node is taken to have fenced
-            // itself after the grace (it has: it lost quorum).
-            "membership = \"corosync\"\n\n[cluster.fencing]\nself_fence_grace = \"2s\"\n"
+            // itself after the grace (it has: it lost quorum, or its lease
+            // lapsed), which the agent computes from corosync's timeouts.
+            "membership = \"corosync\"\n"
         } else {
             ""
         };

@@ -42,6 +42,13 @@
 //! took its clients' sessions with it: nothing to fence. A group without
 //! quorum fences nobody; its views fence its own members instead.
 //!
+//! **The lease.** A corosync that stops answering sends no callback at
+//! all; the agent's own lease on its answers (`membership::lease`) lapses
+//! first, and this node fences itself as on quorum loss, dropping any round
+//! in progress ([`Agreement::lease_lapsed`]); when corosync answers again,
+//! it starts a round itself ([`Agreement::lease_renewed`]): the group may
+//! not have changed, and its leader would start none.
+//!
 //! **A fenced node comes back anew.** A node that fenced itself revoked its
 //! clients' locks, so when it comes back it reports a new incarnation: the
 //! others then purge what they still held for it, as for a restart.
@@ -347,6 +354,32 @@ impl Agreement {
             self.fence_alone(&mut steps);
         }
         steps
+    }
+
+    /// This node's membership lease lapsed (its corosync stopped answering,
+    /// or the whole node was paused; see `membership::lease`): it fences
+    /// itself as on quorum loss. A round in progress is dropped with what it
+    /// would hand: this node reported its old incarnation there, and comes
+    /// back only through a new round, as its new one.
+    pub fn lease_lapsed(&mut self) -> Vec<Step> {
+        self.round = None;
+        self.pending = None;
+        let mut steps = Vec::new();
+        if self.handed_quorate {
+            self.fence_alone(&mut steps);
+        }
+        steps
+    }
+
+    /// This node's corosync answers again after a lapse fenced it: it
+    /// starts a round itself (any member's `Round` is taken by all; the
+    /// leader's rule only avoids needless ones), so that it comes back, as
+    /// its new incarnation, though the group may not have changed.
+    pub fn lease_renewed(&mut self) -> Vec<Step> {
+        if self.me.is_none() || self.handed_quorate {
+            return Vec::new();
+        }
+        vec![self.start_round()]
     }
 
     /// The group's connection broke: this node fences itself.

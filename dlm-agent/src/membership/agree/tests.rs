@@ -313,3 +313,32 @@ fn a_round_says_whose_report_it_still_waits_for() {
     group.run();
     assert!(group.agents[&member(2)].waiting_for().is_empty());
 }
+
+#[test]
+fn a_lapsed_lease_fences_this_node_alone_and_it_comes_back_as_a_new_incarnation() {
+    let mut group = Group::new();
+    let all = [member(1), member(2), member(3)];
+    group.change(&all);
+    group.run();
+    let first = group.last_view(member(1)).cloned().expect("view");
+    let old = first.incarnation(NodeId(2)).expect("a member");
+    let steps = group.agents.get_mut(&member(2)).expect("member").lease_lapsed();
+    match steps.as_slice() {
+        [Step::View(view)] => {
+            assert_eq!((view.epoch, view.quorate, Group::ids(view)), (first.epoch + 1, false, vec![2]));
+        }
+        other => panic!("expected a fencing view, got {other:?}"),
+    }
+    assert!(group.agents.get_mut(&member(2)).expect("member").lease_lapsed().is_empty(), "once");
+    // Its corosync answers again: it starts a round itself, though the
+    // group did not change.
+    let steps = group.agents.get_mut(&member(2)).expect("member").lease_renewed();
+    group.apply(member(2), steps);
+    group.run();
+    for m in all {
+        let view = group.last_view(m).expect("view");
+        assert!(view.quorate && view.epoch > first.epoch + 1, "{view:?}");
+        let again = view.incarnation(NodeId(2)).expect("back in the view");
+        assert_ne!(again, old, "node 2 came back with the incarnation its clients' locks were revoked in");
+    }
+}

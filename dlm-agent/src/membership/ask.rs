@@ -1,0 +1,66 @@
+//! What the membership asks its corosync outside the callbacks: its
+//! timeouts, read once at start, and the lease's confirmations, asked on a
+//! thread of their own (see [`crate::lease`] for why and how they are used).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rust_corosync::{cmap, quorum};
+
+use crate::lease::{Lease, Timing};
+
+/// Reads the running corosync's token and consensus timeouts (cmap's
+/// `runtime.config.totem.*`, which include `token_coefficient`).
+///
+/// # Errors
+/// corosync cannot be reached, or does not say.
+pub fn read_timing() -> Result<Timing, String> {
+    let handle = cmap::initialize(cmap::Map::Icmap)
+        .map_err(|e| format!("cannot read corosync's timeouts from cmap ({e}); is corosync running?"))?;
+    let millis = |key: &str| match cmap::get(&handle, key) {
+        Ok(cmap::Data::UInt32(ms)) => Ok(Duration::from_millis(u64::from(ms))),
+        Ok(_) => Err(format!("corosync's {key} is not a number")),
+        Err(e) => Err(format!("cannot read corosync's {key}: {e}")),
+    };
+    let timing = millis("runtime.config.totem.token")
+        .and_then(|token| Ok(Timing { token, consensus: millis("runtime.config.totem.consensus")? }));
+    let _ = cmap::finalize(&handle);
+    timing
+}
+
+/// Asks corosync every `timing.probe()`, on a thread of its own, and
+/// confirms the lease with each answer. A question that blocks (a
+/// stopped corosync) confirms nothing until it returns, and then only as of
+/// when it was asked.
+///
+/// # Errors
+/// The thread cannot be made.
+pub fn spawn_prober(lease: Arc<Lease>, timing: Timing) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("dlm-lease".into())
+        .spawn(move || {
+            loop {
+                let model = quorum::ModelData::ModelV1(quorum::Model1Data {
+                    flags: quorum::Model1Flags::None,
+                    quorum_notification_fn: None,
+                    nodelist_notification_fn: None,
+                });
+                if let Ok((handle, _)) = quorum::initialize(&model, 0) {
+                    loop {
+                        let asked = Instant::now();
+                        // Any answer confirms: corosync runs. Whether it is
+                        // quorate is the quorum callbacks' to act on.
+                        if quorum::getquorate(&handle).is_err() {
+                            break;
+                        }
+                        lease.confirm(asked);
+                        std::thread::sleep(timing.probe());
+                    }
+                    let _ = quorum::finalize(&handle);
+                }
+                std::thread::sleep(timing.probe());
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the lease thread: {e}"))
+}
