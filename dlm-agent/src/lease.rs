@@ -118,10 +118,13 @@ impl Lease {
     pub fn confirm(&self, asked: Instant) {
         let bound = self.bound_ms.load(Ordering::Acquire);
         let asked = self.millis(asked);
-        let previous = self.confirmed_ms.fetch_max(asked, Ordering::AcqRel);
+        // The gap is counted before the lease is fresh again, so that a
+        // reader never sees it fresh without the count (one prober writes).
+        let previous = self.confirmed_ms.load(Ordering::Acquire);
         if bound > 0 && asked.saturating_sub(previous) > bound {
             self.lapses.fetch_add(1, Ordering::AcqRel);
         }
+        self.confirmed_ms.fetch_max(asked, Ordering::AcqRel);
     }
 
     /// The gaps counted so far, for readers to tell a new one.
