@@ -1,6 +1,9 @@
 //! A nemesis: clients on every node of a corosync cluster hammer a few
 //! resources while agents are killed and restarted, links are cut and
-//! healed, and agents are stopped (SIGSTOP) and continued, at random. A
+//! healed, agents are stopped (SIGSTOP) and continued, a node's corosync is
+//! stopped under its running agent past the survivors' grace, and a whole
+//! node (corosync and agent, a paused VM) is stopped past the grace and
+//! continued, at random. A
 //! checker then looks at every hold the clients saw:
 //! - no two incompatible holds of one resource overlap in time, counting a
 //!   hold until its client was told it was lost (its agent killed, or a
@@ -33,6 +36,15 @@ const TOKEN_MS: u32 = 300;
 /// fenced itself: well above the cut-off node's detection (token +
 /// consensus, under a second here).
 const GRACE: &str = "2s";
+
+/// The faults, one at a time: an agent killed and restarted, a link cut,
+/// an agent paused, a node's corosync frozen, a whole node frozen.
+const FAULTS: [&str; 5] = ["kill", "cut", "pause", "freeze-corosync", "freeze-node"];
+
+/// How long a frozen corosync or node stays stopped: past corosync's
+/// detection (token + consensus, 0.66 s) and the grace, so that the others
+/// have recovered its locks when it continues.
+const STOPPED_PAST_GRACE: Duration = Duration::from_millis(4000);
 
 /// One hold a client saw.
 #[derive(Clone, Debug)]
@@ -211,7 +223,7 @@ fn check(record: &Record) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_nemesis_of_kills_cuts_and_pauses_breaks_no_lock() {
+async fn a_nemesis_of_kills_cuts_pauses_and_freezes_breaks_no_lock() {
     if !can_run("the nemesis", true) {
         return;
     }
@@ -254,7 +266,7 @@ async fn a_nemesis_of_kills_cuts_and_pauses_breaks_no_lock() {
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500 + rng.below(1500))).await;
         let node = rng.below(NODES as u64) as usize;
-        let fault = ["kill", "cut", "pause"][rng.below(3) as usize];
+        let fault = FAULTS[rng.below(FAULTS.len() as u64) as usize];
         *injected.entry(fault).or_default() += 1;
         eprintln!("nemesis: {fault} node {}", node + 1);
         let c = cluster.clone();
@@ -276,6 +288,21 @@ async fn a_nemesis_of_kills_cuts_and_pauses_breaks_no_lock() {
                     c.hosts.link(node, false);
                     std::thread::sleep(Duration::from_millis(3000));
                     c.hosts.link(node, true);
+                }
+                "freeze-corosync" => {
+                    // Past detection and the grace: the others recover the
+                    // node's locks while its agent runs on.
+                    c.signal_corosync(node, "STOP");
+                    std::thread::sleep(STOPPED_PAST_GRACE);
+                    c.signal_corosync(node, "CONT");
+                }
+                "freeze-node" => {
+                    let pid = c.agent(node).child.as_ref().expect("running").id().to_string();
+                    c.signal_corosync(node, "STOP");
+                    let _ = std::process::Command::new("kill").args(["-STOP", &pid]).status();
+                    std::thread::sleep(STOPPED_PAST_GRACE);
+                    c.signal_corosync(node, "CONT");
+                    let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
                 }
                 _ => {
                     let pid = c.agent(node).child.as_ref().expect("running").id().to_string();
