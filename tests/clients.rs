@@ -128,6 +128,6 @@ fn the_repository_python_client_installs_with_pip_and_runs_a_session() {
         .output()
         .expect("pip runs");
     assert!(installed.status.success(), "pip install failed: {}", String::from_utf8_lossy(&installed.stderr));
-    run_client("python-package", "python3", "python_package.py", Some(&target), 12);
+    run_client("python-package", "python3", "python_package.py", Some(&target), 17);
     let _ = std::fs::remove_dir_all(&target);
 }

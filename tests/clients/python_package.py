@@ -90,6 +90,31 @@ with dlm_client.connect(TARGET, **tls_options()) as client:
     victims = [o for o in outcomes if isinstance(o, dlm_client.Deadlock)]
     check(len(outcomes) == 2 and len(victims) == 1, f"one deadlock victim, the other granted: {outcomes}")
 
+    # A lock lost without its unlock: the holder is told at once (wait_lost,
+    # on_lost) and a `with` block around it raises LockLost on exit.
+    client.create_lockspace("doomed")
+    told, told_once = [], threading.Event()
+
+    def on_lost(lock, reason):
+        told.append(reason)
+        told_once.set()
+
+    doomed = a.lock("d", lockspace="doomed", on_lost=on_lost)
+    try:
+        with doomed:
+            client.release_lockspace("doomed", force=True)
+            reason = doomed.wait_lost(5.0)
+            check(reason is not None and reason.startswith("revoked"), f"told of the revocation: {reason}")
+            check(not doomed.held, "a lost lock is not held")
+        check(False, "leaving the block of a lost lock raises")
+    except dlm_client.LockLost as error:
+        check("revoked" in str(error), f"LockLost says why: {error}")
+    check(told_once.wait(5.0) and len(told) == 1 and told[0].startswith("revoked"), f"on_lost ran once: {told}")
+    ending = client.session()
+    kept = ending.lock("k", lockspace="pkg")
+    ending.close()
+    check(kept.wait_lost(5.0) is not None and "session ended" in kept.lost, f"the session's end loses it: {kept.lost}")
+
     dump = client.dump("pkg")
     check({r.name for r in dump} >= {b"x", b"y"}, f"the dump shows the resources: {[r.name for r in dump]}")
     a.close()

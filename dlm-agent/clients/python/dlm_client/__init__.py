@@ -14,6 +14,13 @@ callback (another client waits for a lock this one holds) calls
 `on_blocking(lock, mode)` on a thread of its own, so the handler may
 unlock or convert. Failures raise `DlmError` subclasses that name what
 happened.
+
+A holder is told at once, on the session's reader thread, when its lock is
+lost without its unlock: the agent revoked it, or the session ended (the
+agent exited or was killed; someone else may hold the lock now).
+`lock.lost` then says why, `lock.wait_lost(timeout)` returns, the
+`on_lost(lock, reason)` callback runs, and a `with` block around the lock
+raises `LockLost` on exit: work done in it may not have been protected.
 """
 
 import itertools
@@ -26,7 +33,7 @@ from . import dlm_pb2 as pb
 
 __all__ = [
     "connect", "Client", "Session", "Lock", "DlmError", "WouldBlock", "TimedOut", "Deadlock", "Cancelled",
-    "Rejected", "Revoked", "Failed", "SessionClosed",
+    "Rejected", "Revoked", "Failed", "SessionClosed", "LockLost",
 ]
 
 _MODES = {"nl": pb.MODE_NL, "cr": pb.MODE_CR, "cw": pb.MODE_CW, "pr": pb.MODE_PR, "pw": pb.MODE_PW, "ex": pb.MODE_EX}
@@ -76,6 +83,10 @@ class Revoked(DlmError):
 
 class SessionClosed(DlmError):
     """The session's stream ended."""
+
+
+class LockLost(DlmError):
+    """A lock was lost while its `with` block ran: revoked, or its session ended."""
 
 
 _FAILURES = {
@@ -175,7 +186,7 @@ class Lock:
     """A lock held by a session: its mode, fencing token and value block.
     Leaving a `with` block unlocks it (writing `write_value` if set)."""
 
-    def __init__(self, session, handle, name, on_blocking):
+    def __init__(self, session, handle, name, on_blocking, on_lost):
         self._session = session
         self.handle = handle
         self.name = name
@@ -185,7 +196,11 @@ class Lock:
         self.value_valid = True
         self.write_value = None
         self.on_blocking = on_blocking
+        self.on_lost = on_lost
         self.held = False
+        # Why the lock was lost without an unlock (None while it was not).
+        self.lost = None
+        self._lost = threading.Event()
 
     def _granted(self, completion):
         self.mode = _MODE_NAMES[completion.mode]
@@ -204,6 +219,20 @@ class Lock:
         self._granted(completion)
         return self
 
+    def _lose(self, reason):
+        """Marks the lock lost; True if it was held (the reader thread calls this)."""
+        if not self.held:
+            return False
+        self.held = False
+        self.lost = reason
+        self._lost.set()
+        return True
+
+    def wait_lost(self, timeout=None):
+        """Waits until the lock is lost (or `timeout` seconds); returns why, or None."""
+        self._lost.wait(timeout)
+        return self.lost
+
     def unlock(self, value=None):
         """Unlocks; `value` (bytes) is written to the value block from PW or EX."""
         if not self.held:
@@ -218,7 +247,11 @@ class Lock:
     def __enter__(self):
         return self
 
-    def __exit__(self, *_):
+    def __exit__(self, kind, *_):
+        if self.lost is not None:
+            if kind is None or not issubclass(kind, LockLost):
+                raise LockLost(f"{self.name!r} was lost while held: {self.lost}")
+            return
         self.unlock(self.write_value)
 
     def __repr__(self):
@@ -247,22 +280,23 @@ class Session:
             raise SessionClosed("the agent did not welcome the session")
 
     def lock(self, name, mode="ex", lockspace="default", timeout=None, value_block=False, on_blocking=None,
-             flags=0):
+             flags=0, on_lost=None):
         """Waits for a lock on `name` in `mode` ("nl", "cr", "cw", "pr", "pw", "ex"); raises on failure.
-        `timeout` (seconds) bounds the wait; `value_block` reads the value block with the grant."""
-        return self._lock(name, mode, lockspace, timeout, value_block, on_blocking, flags)
+        `timeout` (seconds) bounds the wait; `value_block` reads the value block with the grant;
+        `on_lost(lock, reason)` runs when the lock is lost without an unlock."""
+        return self._lock(name, mode, lockspace, timeout, value_block, on_blocking, flags, on_lost)
 
-    def try_lock(self, name, mode="ex", lockspace="default", value_block=False, on_blocking=None):
+    def try_lock(self, name, mode="ex", lockspace="default", value_block=False, on_blocking=None, on_lost=None):
         """The lock if it can be granted at once, else None."""
         try:
-            return self._lock(name, mode, lockspace, None, value_block, on_blocking, pb.NOQUEUE)
+            return self._lock(name, mode, lockspace, None, value_block, on_blocking, pb.NOQUEUE, on_lost)
         except WouldBlock:
             return None
 
-    def _lock(self, name, mode, lockspace, timeout, value_block, on_blocking, flags):
+    def _lock(self, name, mode, lockspace, timeout, value_block, on_blocking, flags, on_lost):
         raw = name.encode() if isinstance(name, str) else bytes(name)
         handle = next(self._handles)
-        lock = Lock(self, handle, raw, on_blocking)
+        lock = Lock(self, handle, raw, on_blocking, on_lost)
         if value_block:
             flags |= pb.VALBLK
         with self._mutex:
@@ -317,27 +351,34 @@ class Session:
                     with self._mutex:
                         lock = self._locks.get(message.blocking.handle)
                     if lock is not None and lock.on_blocking is not None:
-                        self._callbacks.put((lock, _MODE_NAMES[message.blocking.mode]))
+                        self._callbacks.put((lock.on_blocking, lock, _MODE_NAMES[message.blocking.mode]))
                 elif kind == "revoked":
                     with self._mutex:
                         lock = self._locks.pop(message.revoked.handle, None)
                     if lock is not None:
-                        lock.held = False
+                        self._lost(lock, f"revoked by the agent ({message.revoked.reason})")
             reason = "the agent ended the session"
         except grpc.RpcError as error:
             reason = f"the session broke: {error.code().name} {error.details()}"
         self._end(reason)
 
+    def _lost(self, lock, reason):
+        if lock._lose(reason) and lock.on_lost is not None:
+            self._callbacks.put((lock.on_lost, lock, reason))
+
     def _run_callbacks(self):
-        for lock, mode in iter(self._callbacks.get, None):
-            lock.on_blocking(lock, mode)
+        for callback, lock, argument in iter(self._callbacks.get, None):
+            callback(lock, argument)
 
     def _end(self, reason):
         with self._mutex:
             self._closed = self._closed or reason
             waiting, self._waiting = self._waiting, {}
+            held, self._locks = list(self._locks.values()), {}
         for answer in waiting.values():
             answer.put(SessionClosed(reason))
+        for lock in held:
+            self._lost(lock, f"the session ended ({reason})")
         self._callbacks.put(None)
         self._welcome.set()
 
