@@ -646,3 +646,48 @@ async fn a_whole_node_paused_past_the_grace_grants_nothing_in_its_old_epoch_when
     assert!(matches!(busy, Err(LockError::NotGranted(_))), "{busy:?}");
     drop(held);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_agent_holds_up_a_change_only_until_its_node_is_fenced() {
+    if !can_run("a_stopped_agent_is_fenced", true) {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("dlm-stall-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let record = dir.join("calls");
+    // Fences as a power switch would: everything in the node's namespace
+    // (the one with the node's address) dies.
+    let script = dir.join("fence.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$1 $(date +%s.%N)\" >> {record}\n\
+             for ns in $(ip netns list | cut -d' ' -f1); do\n\
+               if ip -n \"$ns\" -4 addr | grep -q \"inet $2/\"; then kill -9 $(ip netns pids \"$ns\"); fi\n\
+             done\nexit 0\n",
+            record = record.display()
+        ),
+    )
+    .expect("script");
+    let _ = std::process::Command::new("chmod").arg("755").arg(&script).status();
+    let fencing = format!("[cluster.fencing]\ncommand = [\"{}\"]\nmember_stall_timeout = \"2s\"\n", script.display());
+    let mut cluster = CorosyncCluster::start("stall", 3, 500, &fencing);
+    let s3 = cluster.agent(2).client().await.session().await.expect("session");
+    let held = s3.lock("default", "stalled", Mode::Ex, LockOptions::default()).await.expect("granted");
+    let s1 = Arc::new(cluster.agent(0).client().await.session().await.expect("session"));
+    let waiter = wait_for(&s1, &["stalled".to_string()]);
+    // Node 3's agent stops: corosync still counts its process. Then a change
+    // (node 2's agent exits), whose round waits for node 3's report.
+    signal_agent(&cluster, 2, "STOP");
+    let stopped = Instant::now();
+    cluster.kill_agent(1);
+    let status = cluster
+        .wait_state(0, Duration::from_secs(30), |s| s["state"] == "running" && s["members"] == serde_json::json!([1]));
+    let went_on = stopped.elapsed();
+    let calls = std::fs::read_to_string(&record).unwrap_or_default();
+    assert!(calls.lines().any(|l| l.starts_with("3 ")), "node 3 was not fenced: {calls:?}\n{status:#}");
+    granted(waiter, Duration::from_secs(10)).await;
+    eprintln!("a stopped agent (stall timeout 2 s): its node fenced and the change done {went_on:?} after the stop");
+    std::mem::forget(held);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -57,7 +57,7 @@ pub struct ClusterSettings {
 }
 
 /// The `[cluster.fencing]` section.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FencingSettings {
     /// The command that fences a node: run with the node's id and address
     /// appended, until it exits 0 (as dlm_controld runs fence agents).
@@ -73,7 +73,16 @@ pub struct FencingSettings {
     /// node is a quorate member and its corosync answers: backs self-fencing
     /// for a node that cannot tell it was cut off (a frozen corosync).
     pub watchdog: Option<std::path::PathBuf>,
+    /// With a command: how long a member whose agent does not report in a
+    /// round (stopped, stuck) may hold up a membership change before its
+    /// node is fenced. Without a command the change waits, visibly.
+    pub member_stall_timeout: Duration,
 }
+
+/// The default `member_stall_timeout`: long enough for an agent that is
+/// only slow (a GC-free process, but a loaded node) to report, short enough
+/// that a stopped one does not keep the cluster's recovery waiting long.
+pub const MEMBER_STALL_TIMEOUT_DEFAULT: Duration = Duration::from_secs(20);
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -81,6 +90,7 @@ pub(super) struct FileFencing {
     command: Option<Vec<String>>,
     self_fence_grace: Option<String>,
     watchdog: Option<std::path::PathBuf>,
+    member_stall_timeout: Option<String>,
 }
 
 /// A `[[cluster.member]]`.
@@ -168,6 +178,11 @@ pub(super) fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, Con
                 .transpose()?,
             command: file.fencing.command,
             watchdog: file.fencing.watchdog,
+            member_stall_timeout: duration(
+                "cluster.fencing.member_stall_timeout",
+                file.fencing.member_stall_timeout,
+                MEMBER_STALL_TIMEOUT_DEFAULT,
+            )?,
         },
         members: file.member,
     };

@@ -252,7 +252,11 @@ impl Membership {
             // event queued before it must not be acted on in the old state.
             let mut steps = self.check_lease();
             steps.extend(tokio::select! {
-                _ = probe.tick() => self.check_lease(),
+                _ = probe.tick() => {
+                    let mut steps = self.check_lease();
+                    steps.extend(self.check_stall());
+                    steps
+                }
                 event = events.recv() => match event {
                     Some(event) => {
                         let mut steps = self.check_lease();
@@ -301,6 +305,26 @@ impl Membership {
             return self.agreement.lease_renewed();
         }
         Vec::new()
+    }
+
+    /// With a fencing command, fences the nodes of members that held up a
+    /// change for longer than `member_stall_timeout` without reporting.
+    /// Without one the change waits, visibly (`dlm-agent status`): a stopped
+    /// agent whose node cannot be fenced may still hold locks.
+    fn check_stall(&mut self) -> Vec<Step> {
+        let Some((awaited, since)) = &self.status.agreeing else { return Vec::new() };
+        let timeout = self.settings.fencing.member_stall_timeout;
+        if self.settings.fencing.command.is_none() || since.elapsed() < timeout {
+            return Vec::new();
+        }
+        let stalled: Vec<u32> = awaited.iter().map(|n| u32::from(n.0)).collect();
+        let steps = self.agreement.fence_stalled(&stalled);
+        for step in &steps {
+            if let Step::Fence(node) = step {
+                tracing::warn!(node, ?timeout, "a member has not reported in the round for too long: fencing its node");
+            }
+        }
+        steps
     }
 
     fn event(&mut self, event: Event) -> Vec<Step> {
@@ -418,8 +442,11 @@ impl Membership {
         let unfenced = self.agreement.unfenced();
         self.lost_at.retain(|nodeid, _| unfenced.contains(nodeid));
         // Fenced by someone else, acknowledged by hand, or back: stop trying.
+        // A member fenced because it stalled a round is no lost node: its
+        // fencing goes on while the round still waits for it.
+        let stalling = self.agreement.waiting_for();
         self.fencing.retain(|nodeid, task| {
-            let keep = unfenced.contains(nodeid);
+            let keep = unfenced.contains(nodeid) || stalling.contains(nodeid);
             if !keep {
                 task.abort();
             }

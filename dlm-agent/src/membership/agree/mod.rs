@@ -170,7 +170,8 @@ pub struct Agreement {
     handed: u64,
     /// Whether the last view handed was quorate (and included this node).
     handed_quorate: bool,
-    /// The members of the last view handed.
+    /// The members of the last quorate view handed: the nodes that may hold
+    /// locks, which must be fenced before a quorate view goes on without them.
     handed_members: BTreeSet<u32>,
     /// The group as of the last configuration change.
     members: Vec<CpgMember>,
@@ -223,6 +224,27 @@ impl Agreement {
         self.round.as_ref().map_or_else(Vec::new, |round| {
             round.expected.keys().filter(|n| !round.reports.contains_key(n)).copied().collect()
         })
+    }
+
+    /// Members of the round in progress that have not reported for longer
+    /// than the caller allows (their agent stopped or stuck: corosync still
+    /// counts the process): the leader of a quorate group is asked to fence
+    /// their nodes, once each. When a node is off, corosync reports it lost
+    /// and the change goes on without it.
+    pub fn fence_stalled(&mut self, stalled: &[u32]) -> Vec<Step> {
+        let valid = self.valid(&self.members.clone(), &mut Vec::new());
+        let quorate = self.quorum.is_some_and(|q| q.quorate && q.ring >= self.cpg_ring);
+        if !quorate || !self.is_leader(&valid) {
+            return Vec::new();
+        }
+        let me = self.me.map(|m| m.nodeid);
+        let waiting = self.waiting_for();
+        stalled
+            .iter()
+            .filter(|&&n| Some(n) != me && waiting.contains(&n))
+            .filter(|&&n| self.fencing.insert(n))
+            .map(|&n| Step::Fence(n))
+            .collect()
     }
 
     /// The nodes lost and not fenced yet.
@@ -470,7 +492,16 @@ impl Agreement {
         let fences_me = !view.quorate || !view.members.iter().any(|m| m.id == me);
         self.handed = view.epoch;
         self.handed_quorate = !fences_me;
-        self.handed_members = view.members.iter().map(|m| u32::from(m.id.0)).collect();
+        // The members that may hold locks are those of the last quorate
+        // view: a view that fences this node alone does not change who must
+        // be fenced before the others go on without them. (Its corosync may
+        // report quorum lost before the change that says who was lost: a
+        // node lost then must still be fenced by a quorate group formed
+        // right after, or that group grants while the lost node, slower to
+        // see it, still does too.)
+        if !fences_me {
+            self.handed_members = view.members.iter().map(|m| u32::from(m.id.0)).collect();
+        }
         if fences_me {
             self.incarnation = self.incarnation.wrapping_add(1);
         }

@@ -342,3 +342,66 @@ fn a_lapsed_lease_fences_this_node_alone_and_it_comes_back_as_a_new_incarnation(
         assert_ne!(again, old, "node 2 came back with the incarnation its clients' locks were revoked in");
     }
 }
+
+#[test]
+fn a_member_that_never_reports_is_fenced_by_the_leader_once_when_asked() {
+    let mut group = Group::new();
+    let all = [member(1), member(2), member(3)];
+    group.change(&all);
+    group.run();
+    // A change, and member 3 never reports (its agent is stopped): deliver
+    // the round and the reports of 1 and 2 only.
+    group.change(&all);
+    let queued: Vec<(CpgMember, Message)> = group.queue.drain(..).collect();
+    for (from, message) in queued {
+        group.deliver(from, message);
+    }
+    let mut reports: Vec<(CpgMember, Message)> = group.queue.drain(..).filter(|(from, _)| *from != member(3)).collect();
+    for (from, message) in reports.drain(..) {
+        group.deliver(from, message);
+    }
+    let leader = group.agents.get_mut(&member(1)).expect("member");
+    assert_eq!(leader.waiting_for(), vec![3]);
+    assert_eq!(leader.fence_stalled(&[3]), vec![Step::Fence(3)]);
+    assert!(leader.fence_stalled(&[3]).is_empty(), "once");
+    assert!(leader.fence_stalled(&[2]).is_empty(), "not a member that reported");
+    let other = group.agents.get_mut(&member(2)).expect("member");
+    assert!(other.fence_stalled(&[3]).is_empty(), "only the leader fences");
+}
+
+#[test]
+fn a_node_lost_while_this_node_had_lost_quorum_is_fenced_before_a_quorate_view_without_it() {
+    // Seen in the nemesis: node 3's corosync said quorum was lost before it
+    // said node 1 was lost; node 3 fenced itself alone, then formed a quorate
+    // group with node 2 and took a view without node 1 at once, while node
+    // 1, slower to see the split, still granted in the old view.
+    let mut group = Group::new();
+    let all = [member(1), member(2), member(3)];
+    group.change(&all);
+    group.run();
+    let before = group.last_view(member(3)).expect("view").epoch;
+    for m in [member(2), member(3)] {
+        let steps = group.agents.get_mut(&m).expect("member").quorum(false, 0);
+        group.apply(m, steps);
+    }
+    assert!(group.last_view(member(3)).is_some_and(|v| !v.quorate), "fenced alone");
+    group.change_losing(&[member(2), member(3)], &[1]);
+    for m in [member(2), member(3)] {
+        let steps = group.agents.get_mut(&m).expect("member").quorum(true, 0);
+        group.apply(m, steps);
+    }
+    group.run();
+    for m in [member(2), member(3)] {
+        let last = group.last_view(m).expect("view");
+        assert!(!last.quorate || last.epoch <= before, "a quorate view without node 1 before it was fenced: {last:?}");
+    }
+    assert!(group.fence_asked.contains(&(member(2), 1)), "the leader fences node 1: {:?}", group.fence_asked);
+    // Fenced: the view goes on without it.
+    let steps = group.agents.get_mut(&member(2)).expect("member").fence_done(1);
+    group.apply(member(2), steps);
+    group.run();
+    for m in [member(2), member(3)] {
+        let last = group.last_view(m).expect("view");
+        assert!(last.quorate && Group::ids(last) == vec![2, 3], "{last:?}");
+    }
+}
