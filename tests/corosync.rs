@@ -124,6 +124,15 @@ async fn granted(
     grants
 }
 
+/// A fencing command for the agents: a shell script in `dir` running
+/// `body` with the node's id and address as `$1` and `$2`.
+fn fence_script(dir: &Path, body: &str) -> std::path::PathBuf {
+    let script = dir.join("fence.sh");
+    std::fs::write(&script, format!("#!/bin/sh\n{body}")).expect("script");
+    let _ = std::process::Command::new("chmod").arg("755").arg(&script).status();
+    script
+}
+
 fn names(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
@@ -206,19 +215,16 @@ async fn a_lost_node_is_fenced_before_any_of_its_locks_is_recovered() {
     let dir = std::env::temp_dir().join(format!("dlm-fence-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let record = dir.join("calls");
-    let script = dir.join("fence.sh");
     // Fails its first call, as fence agents do when a device does not
     // answer; each call is recorded with the time it ended.
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\nsleep 0.3\nif [ ! -e {record}.first ]; then touch {record}.first; exit 1; fi\n\
+    let script = fence_script(
+        &dir,
+        &format!(
+            "sleep 0.3\nif [ ! -e {record}.first ]; then touch {record}.first; exit 1; fi\n\
              echo \"$1 $2 $(date +%s.%N)\" >> {record}\n",
             record = record.display()
         ),
-    )
-    .expect("script");
-    let _ = std::process::Command::new("chmod").arg("755").arg(&script).status();
+    );
     let fencing = format!("[cluster.fencing]\ncommand = [\"{}\"]\n", script.display());
     let mut cluster = CorosyncCluster::start("nodelost", 3, 500, &fencing);
     let s3 = cluster.agent(2).client().await.session().await.expect("session");
@@ -657,19 +663,16 @@ async fn a_stopped_agent_holds_up_a_change_only_until_its_node_is_fenced() {
     let record = dir.join("calls");
     // Fences as a power switch would: everything in the node's namespace
     // (the one with the node's address) dies.
-    let script = dir.join("fence.sh");
-    std::fs::write(
-        &script,
-        format!(
-            "#!/bin/sh\necho \"$1 $(date +%s.%N)\" >> {record}\n\
+    let script = fence_script(
+        &dir,
+        &format!(
+            "echo \"$1 $(date +%s.%N)\" >> {record}\n\
              for ns in $(ip netns list | cut -d' ' -f1); do\n\
                if ip -n \"$ns\" -4 addr | grep -q \"inet $2/\"; then kill -9 $(ip netns pids \"$ns\"); fi\n\
              done\nexit 0\n",
             record = record.display()
         ),
-    )
-    .expect("script");
-    let _ = std::process::Command::new("chmod").arg("755").arg(&script).status();
+    );
     let fencing = format!("[cluster.fencing]\ncommand = [\"{}\"]\nmember_stall_timeout = \"2s\"\n", script.display());
     let mut cluster = CorosyncCluster::start("stall", 3, 500, &fencing);
     let s3 = cluster.agent(2).client().await.session().await.expect("session");

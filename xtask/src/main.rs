@@ -153,27 +153,12 @@ fn test() -> Result<(), String> {
         "-D",
         "warnings",
     ])?;
-    let mut report = provenance::Report::default();
-    provenance::check_links(&clippy, &accounted, &mut report);
-    provenance::check_programs(&accounted, &mut report)?;
-    report.finish("build's libraries and the tests' programs")?;
+    provenance::guard_sources(&clippy, &accounted)?;
     // Release mode: the property tests and the simulation run many cases,
     // and debug assertions stay on through the test profile below.
     // --all-targets also runs the benchmarks once each as tests (the memory
     // benchmark checks its target then); doc tests need their own run.
-    let built = provenance::cargo_messages(&[
-        "test",
-        "--workspace",
-        "--all-targets",
-        "--locked",
-        "--profile",
-        "ci-test",
-        "--no-run",
-        "--message-format=json",
-    ])?;
-    let mut report = provenance::Report::default();
-    provenance::check_binaries(&built, &accounted, &mut report)?;
-    report.finish("binaries' shared libraries")?;
+    provenance::guard_binaries(&accounted)?;
     run("cargo", &["test", "--workspace", "--all-targets", "--locked", "--profile", "ci-test"])?;
     run("cargo", &["test", "--workspace", "--doc", "--locked", "--profile", "ci-test"])?;
     // A short smoke of every fuzz target: each decoder of untrusted input
@@ -197,23 +182,8 @@ fn provenance() -> Result<(), String> {
     let accounted = provenance::Accounted::read()?;
     let checked =
         provenance::cargo_messages(&["check", "--workspace", "--all-targets", "--locked", "--message-format=json"])?;
-    let mut report = provenance::Report::default();
-    provenance::check_links(&checked, &accounted, &mut report);
-    provenance::check_programs(&accounted, &mut report)?;
-    report.finish("build's libraries and the tests' programs")?;
-    let built = provenance::cargo_messages(&[
-        "test",
-        "--workspace",
-        "--all-targets",
-        "--locked",
-        "--profile",
-        "ci-test",
-        "--no-run",
-        "--message-format=json",
-    ])?;
-    let mut report = provenance::Report::default();
-    provenance::check_binaries(&built, &accounted, &mut report)?;
-    report.finish("binaries' shared libraries")
+    provenance::guard_sources(&checked, &accounted)?;
+    provenance::guard_binaries(&accounted)
 }
 
 fn run_agent(args: &[String]) -> Result<(), String> {

@@ -81,14 +81,14 @@ fn strip_arch(name: &str) -> &str {
 
 /// What the guard found wrong, one line each, and what it checked.
 #[derive(Default)]
-pub(crate) struct Report {
+struct Report {
     problems: Vec<String>,
     checked: Vec<String>,
 }
 
 impl Report {
     /// Prints what was checked and fails with every problem found.
-    pub(crate) fn finish(self, what: &str) -> Result<(), String> {
+    fn finish(self, what: &str) -> Result<(), String> {
         for line in &self.checked {
             eprintln!("xtask: provenance: {line}");
         }
@@ -135,6 +135,33 @@ pub(crate) fn cargo_messages(args: &[&str]) -> Result<Vec<Value>, String> {
     if status.success() { Ok(messages) } else { Err(format!("`cargo {}` failed ({status})", args.join(" "))) }
 }
 
+/// The guard before anything links: the `-l` flags of the build scripts in
+/// `messages` and the programs the test sources name.
+pub(crate) fn guard_sources(messages: &[Value], accounted: &Accounted) -> Result<(), String> {
+    let mut report = Report::default();
+    check_links(messages, accounted, &mut report);
+    check_programs(accounted, &mut report)?;
+    report.finish("build's libraries and the tests' programs")
+}
+
+/// Builds the tests (the test command's profile) and checks the shared
+/// libraries their binaries and the agent's need.
+pub(crate) fn guard_binaries(accounted: &Accounted) -> Result<(), String> {
+    let built = cargo_messages(&[
+        "test",
+        "--workspace",
+        "--all-targets",
+        "--locked",
+        "--profile",
+        "ci-test",
+        "--no-run",
+        "--message-format=json",
+    ])?;
+    let mut report = Report::default();
+    check_binaries(&built, accounted, &mut report)?;
+    report.finish("binaries' shared libraries")
+}
+
 /// One `-l` flag a build script asked for.
 struct Linked {
     name: String,
@@ -176,7 +203,7 @@ fn linked_libraries(messages: &[Value]) -> Vec<Linked> {
 /// check`, `clippy` or `build` with `--message-format=json`): run before
 /// the build links, so a missing library is named rather than failing in
 /// the linker.
-pub(crate) fn check_links(messages: &[Value], accounted: &Accounted, report: &mut Report) {
+fn check_links(messages: &[Value], accounted: &Accounted, report: &mut Report) {
     let target = std::fs::canonicalize("target").unwrap_or_else(|_| PathBuf::from("target"));
     let mut seen = BTreeSet::new();
     let mut owners = Owners::default();
@@ -350,7 +377,7 @@ impl Owners {
 
 /// Checks the `NEEDED` entries of every executable in `messages` (of a
 /// `cargo build` or `test --no-run` with `--message-format=json`).
-pub(crate) fn check_binaries(messages: &[Value], accounted: &Accounted, report: &mut Report) -> Result<(), String> {
+fn check_binaries(messages: &[Value], accounted: &Accounted, report: &mut Report) -> Result<(), String> {
     let loader: BTreeMap<String, PathBuf> = loader_paths().into_iter().rev().collect();
     let mut needed: BTreeMap<String, usize> = BTreeMap::new();
     let executables: BTreeSet<&str> = messages
@@ -396,7 +423,7 @@ fn needed_of(file: &Path) -> Result<Vec<String>, String> {
 
 /// Checks every program the test, benchmark and xtask sources name (a
 /// string literal that is the name of a program on the PATH).
-pub(crate) fn check_programs(accounted: &Accounted, report: &mut Report) -> Result<(), String> {
+fn check_programs(accounted: &Accounted, report: &mut Report) -> Result<(), String> {
     let mut names = BTreeSet::new();
     for dir in PROGRAM_SOURCES {
         for file in rust_files(Path::new(dir)) {
