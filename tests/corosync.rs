@@ -1,54 +1,20 @@
 //! Clusters with membership from real corosync daemons, one per network
 //! namespace, and real faults: an agent killed, a node lost (its corosync
 //! and agent killed), a node cut off by its link, corosync killed under a
-//! running agent, and membership input that must be refused. Needs root;
+//! running agent, and membership input that must be refused. Freezes
+//! (corosync, a whole node, an agent stopped) are in `freeze.rs`. Needs root;
 //! elsewhere it says so and skips, and under `CI=true` a skip is a failure.
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use dlm_agent::client::{LockError, LockGuard, LockOptions, Session, SessionEvent};
+use dlm_agent::client::{LockError, LockGuard, LockOptions, SessionEvent};
 use dlm_agent::proto;
-use dlm_core::{LockFlags, Mode};
+use dlm_core::Mode;
+use support::cluster_clients::{fence_script, granted, hold, names, try_opts, wait_for};
 use support::corosync::{CorosyncCluster, can_run};
 use support::metric_value;
-
-fn try_opts() -> LockOptions {
-    LockOptions { flags: LockFlags::NOQUEUE, ..LockOptions::default() }
-}
-
-/// Takes EX on each of `names` from `session`.
-async fn hold(session: &Session, names: &[String]) -> Vec<LockGuard> {
-    let mut guards = Vec::new();
-    for name in names {
-        guards.push(session.lock("default", name.as_str(), Mode::Ex, LockOptions::default()).await.expect("granted"));
-    }
-    guards
-}
-
-/// Waits on node `session`'s side for EX on each of `names`, each in its own
-/// task; each answer comes with the wall-clock time it came.
-fn wait_for(
-    session: &Arc<Session>,
-    names: &[String],
-) -> Vec<tokio::task::JoinHandle<(Result<u64, LockError>, SystemTime)>> {
-    names
-        .iter()
-        .map(|name| {
-            let (session, name) = (session.clone(), name.clone());
-            tokio::spawn(async move {
-                let granted = session.lock("default", name.as_str(), Mode::Ex, LockOptions::default()).await;
-                let token = granted.map(|guard| {
-                    let token = guard.fencing_token();
-                    std::mem::forget(guard);
-                    token
-                });
-                (token, SystemTime::now())
-            })
-        })
-        .collect()
-}
 
 /// bpftrace on the recovery probe points of every agent process, until dropped.
 struct RecoveryTracer {
@@ -108,33 +74,6 @@ impl Drop for RecoveryTracer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The waiters' grants, in order: each token with when it came; fails the
-/// test if one is not granted within `limit`.
-async fn granted(
-    waiters: Vec<tokio::task::JoinHandle<(Result<u64, LockError>, SystemTime)>>,
-    limit: Duration,
-) -> Vec<(u64, SystemTime)> {
-    let mut grants = Vec::new();
-    for waiter in waiters {
-        let (token, at) = tokio::time::timeout(limit, waiter).await.expect("granted in time").expect("task");
-        grants.push((token.expect("granted"), at));
-    }
-    grants
-}
-
-/// A fencing command for the agents: a shell script in `dir` running
-/// `body` with the node's id and address as `$1` and `$2`.
-fn fence_script(dir: &Path, body: &str) -> std::path::PathBuf {
-    let script = dir.join("fence.sh");
-    std::fs::write(&script, format!("#!/bin/sh\n{body}")).expect("script");
-    let _ = std::process::Command::new("chmod").arg("755").arg(&script).status();
-    script
-}
-
-fn names(prefix: &str, n: usize) -> Vec<String> {
-    (0..n).map(|i| format!("{prefix}-{i}")).collect()
 }
 
 /// The fencing token each live agent's dump shows for a granted lock on `name`.
@@ -546,151 +485,5 @@ async fn the_watchdog_is_fed_only_while_the_node_is_a_quorate_member_and_its_cor
     assert!(agent.terminate().success());
     let written = std::fs::read(dir.join("wd1")).expect("device");
     assert_eq!(written.last(), Some(&b'V'), "a clean stop writes the magic V");
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// Stops (`STOP`) or continues (`CONT`) node `i + 1`'s agent.
-fn signal_agent(cluster: &CorosyncCluster, i: usize, signal: &str) {
-    let pid = cluster.agent(i).pid().to_string();
-    let status = std::process::Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("kill");
-    assert!(status.success(), "kill -{signal} {pid}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_whose_corosync_is_stopped_revokes_before_the_others_grant_and_comes_back_as_a_new_incarnation() {
-    if !can_run("corosync_stopped", true) {
-        return;
-    }
-    let cluster = CorosyncCluster::start("corostop", 3, 500, "");
-    let s2 = cluster.agent(1).client().await.session().await.expect("session");
-    let held = s2.lock("default", "frozen", Mode::Ex, LockOptions::default()).await.expect("granted");
-    let s1 = Arc::new(cluster.agent(0).client().await.session().await.expect("session"));
-    let waiter = wait_for(&s1, &["frozen".to_string()]);
-    let epoch = cluster.status(1).0["epoch"].as_u64().expect("epoch");
-
-    // Node 2's corosync freezes; its agent runs on and hears nothing more.
-    let stopped = SystemTime::now();
-    cluster.signal_corosync(1, "STOP");
-    let loss = tokio::time::timeout(Duration::from_secs(10), held.lost()).await;
-    let revoked = SystemTime::now();
-    assert!(
-        matches!(&loss, Ok(dlm_agent::client::Loss::Revoked { .. })),
-        "node 2's holder was not told while its corosync was stopped: {loss:?}\n{}",
-        cluster.agent(1).log()
-    );
-    let refused = s2.lock("default", "while-frozen", Mode::Ex, try_opts()).await.map(|g| g.fencing_token());
-    assert!(matches!(refused, Err(LockError::NotGranted(proto::Status::Fenced))), "{refused:?}");
-    let granted_at = granted(waiter, Duration::from_secs(20)).await[0].1;
-    assert!(granted_at > revoked, "node 1 was granted before node 2's holder was told");
-    eprintln!(
-        "corosync stopped (token 500 ms): node 2 revoked {:?} after, node 1 granted {:?} after",
-        revoked.duration_since(stopped).unwrap_or_default(),
-        granted_at.duration_since(stopped).unwrap_or_default()
-    );
-
-    // Continued, it comes back through a new round as a new incarnation.
-    cluster.signal_corosync(1, "CONT");
-    let back = cluster.wait_state(1, Duration::from_secs(30), |s| {
-        s["state"] == "running" && s["members"] == serde_json::json!([1, 2, 3])
-    });
-    assert!(back["epoch"].as_u64() > Some(epoch), "{back:#}");
-    let again = s2.lock("default", "after-thaw", Mode::Ex, LockOptions::default()).await;
-    assert!(again.is_ok(), "node 2 serves again without a restart: {:?}", again.err());
-    let lapses = metric_value(&cluster.agent(1).metrics(), "dlm_cluster_lease_lapses_total");
-    assert!(lapses >= 1.0, "lapses {lapses}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_whole_node_paused_past_the_grace_grants_nothing_in_its_old_epoch_when_it_wakes() {
-    if !can_run("node_paused", true) {
-        return;
-    }
-    // Node 2 keeps mastering an idle resource for the whole test.
-    let cluster = CorosyncCluster::start("paused", 3, 500, "release_delay = \"120s\"");
-    let s2 = cluster.agent(1).client().await.session().await.expect("session");
-    s2.lock("default", "woken", Mode::Ex, LockOptions::default())
-        .await
-        .expect("granted")
-        .unlock()
-        .await
-        .expect("unlock");
-    let s1 = cluster.agent(0).client().await.session().await.expect("session");
-
-    // The whole node stops (a paused VM): its corosync and its agent.
-    cluster.signal_corosync(1, "STOP");
-    signal_agent(&cluster, 1, "STOP");
-    let paused = Instant::now();
-    let held =
-        tokio::time::timeout(Duration::from_secs(30), s1.lock("default", "woken", Mode::Ex, LockOptions::default()))
-            .await
-            .expect("node 1 granted while node 2 is paused")
-            .expect("granted");
-    // It wakes: the first request it sees must not be granted in its old
-    // epoch, where it still masters the resource, free.
-    let paused = paused.elapsed();
-    cluster.signal_corosync(1, "CONT");
-    signal_agent(&cluster, 1, "CONT");
-    let woken = s2.lock("default", "woken", Mode::Ex, try_opts()).await.map(|g| g.fencing_token());
-    eprintln!("node 2 paused {paused:?}; its first request after: {woken:?}");
-    assert!(
-        woken.is_err(),
-        "the woken node granted 'woken' (token {woken:?}) while node 1 holds it (token {})\n{}",
-        held.fencing_token(),
-        cluster.agent(1).log()
-    );
-    cluster.wait_state(1, Duration::from_secs(30), |s| {
-        s["state"] == "running" && s["members"] == serde_json::json!([1, 2, 3])
-    });
-    // The membership counts the lapse too (it may see it after the driver).
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while metric_value(&cluster.agent(1).metrics(), "dlm_cluster_lease_lapses_total") < 1.0 {
-        assert!(Instant::now() < deadline, "no lapse counted\n{}", cluster.agent(1).log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    // Back in a new epoch: the resource is node 1's until it lets go.
-    let busy = s2.lock("default", "woken", Mode::Ex, try_opts()).await.map(|g| g.fencing_token());
-    assert!(matches!(busy, Err(LockError::NotGranted(_))), "{busy:?}");
-    drop(held);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_agent_holds_up_a_change_only_until_its_node_is_fenced() {
-    if !can_run("a_stopped_agent_is_fenced", true) {
-        return;
-    }
-    let dir = std::env::temp_dir().join(format!("dlm-stall-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let record = dir.join("calls");
-    // Fences as a power switch would: everything in the node's namespace
-    // (the one with the node's address) dies.
-    let script = fence_script(
-        &dir,
-        &format!(
-            "echo \"$1 $(date +%s.%N)\" >> {record}\n\
-             for ns in $(ip netns list | cut -d' ' -f1); do\n\
-               if ip -n \"$ns\" -4 addr | grep -q \"inet $2/\"; then kill -9 $(ip netns pids \"$ns\"); fi\n\
-             done\nexit 0\n",
-            record = record.display()
-        ),
-    );
-    let fencing = format!("[cluster.fencing]\ncommand = [\"{}\"]\nmember_stall_timeout = \"2s\"\n", script.display());
-    let mut cluster = CorosyncCluster::start("stall", 3, 500, &fencing);
-    let s3 = cluster.agent(2).client().await.session().await.expect("session");
-    let held = s3.lock("default", "stalled", Mode::Ex, LockOptions::default()).await.expect("granted");
-    let s1 = Arc::new(cluster.agent(0).client().await.session().await.expect("session"));
-    let waiter = wait_for(&s1, &["stalled".to_string()]);
-    // Node 3's agent stops: corosync still counts its process. Then a change
-    // (node 2's agent exits), whose round waits for node 3's report.
-    signal_agent(&cluster, 2, "STOP");
-    let stopped = Instant::now();
-    cluster.kill_agent(1);
-    let status = cluster
-        .wait_state(0, Duration::from_secs(30), |s| s["state"] == "running" && s["members"] == serde_json::json!([1]));
-    let went_on = stopped.elapsed();
-    let calls = std::fs::read_to_string(&record).unwrap_or_default();
-    assert!(calls.lines().any(|l| l.starts_with("3 ")), "node 3 was not fenced: {calls:?}\n{status:#}");
-    granted(waiter, Duration::from_secs(10)).await;
-    eprintln!("a stopped agent (stall timeout 2 s): its node fenced and the change done {went_on:?} after the stop");
-    std::mem::forget(held);
     let _ = std::fs::remove_dir_all(&dir);
 }

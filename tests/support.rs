@@ -12,6 +12,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use dlm_agent::client::{Client, Target};
 
+#[path = "support/cluster_clients.rs"]
+pub mod cluster_clients;
 #[path = "support/corosync.rs"]
 pub mod corosync;
 

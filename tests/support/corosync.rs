@@ -257,6 +257,13 @@ impl CorosyncCluster {
         assert!(status.success(), "kill -{signal} {pid}");
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, …) to node `i + 1`'s agent.
+    pub fn signal_agent(&self, i: usize, signal: &str) {
+        let pid = self.agent(i).pid().to_string();
+        let status = Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     /// Node `i + 1`'s corosync process (`ip netns exec`, `unshare` and `sh`
     /// each exec the next: the pid is corosync's).
     #[must_use]
