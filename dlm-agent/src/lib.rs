@@ -62,6 +62,10 @@
 //!   agreement on views (`membership::agree`) → `Command::View` →
 //!   `driver::views` → `ClusterNode::handle_view`; fencing in
 //!   `membership::fencing`.
+//! - The membership lease (grant only while corosync answers): `lease` (the
+//!   bound, lapses), `membership::ask` (the thread asking corosync, and its
+//!   timeouts read at start), `driver::views` (fencing on a lapse before
+//!   anything is handled).
 //! - A metric's name or label: `metrics`, `driver::observe`, the peer
 //!   transport's `PeerMetrics`, [`ebpf::kernel_metrics`]; label values in
 //!   [`codes`].
