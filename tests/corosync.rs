@@ -487,3 +487,27 @@ async fn the_watchdog_is_fed_only_while_the_node_is_a_quorate_member_and_its_cor
     assert_eq!(written.last(), Some(&b'V'), "a clean stop writes the magic V");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_self_fencing_grace_below_what_corosync_needs_is_refused_at_start() {
+    if !can_run("a_grace_below_corosync", true) {
+        return;
+    }
+    let mut cluster = CorosyncCluster::start("lowgrace", 1, 500, "");
+    cluster.kill_agent(0);
+    // token 500 ms, consensus 600 ms: the floor is 1.1 s + 0.6875 s.
+    let config = format!("{}\n[cluster.fencing]\nself_fence_grace = \"1s\"\n", cluster.config(0));
+    let file = std::env::temp_dir().join(format!("dlm-lowgrace-{}.toml", std::process::id()));
+    std::fs::write(&file, config).expect("config");
+    let output = std::process::Command::new("timeout")
+        .arg("40")
+        .args(["ip", "netns", "exec", &cluster.hosts.namespaces[0], support::bin(), "run", "--no-ebpf", "--config"])
+        .arg(&file)
+        .output()
+        .expect("run");
+    let _ = std::fs::remove_file(&file);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(78), "{stderr}");
+    assert!(stderr.contains("self_fence_grace = 1s is below what this corosync needs"), "{stderr}");
+    assert!(stderr.contains("= 1.7875s"), "the message gives the sum: {stderr}");
+}

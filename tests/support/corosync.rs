@@ -257,6 +257,12 @@ impl CorosyncCluster {
         assert!(status.success(), "kill -{signal} {pid}");
     }
 
+    /// Node `i + 1`'s agent configuration.
+    #[must_use]
+    pub fn config(&self, i: usize) -> &str {
+        &self.configs[i]
+    }
+
     /// Sends `signal` (`STOP`, `CONT`, …) to node `i + 1`'s agent.
     pub fn signal_agent(&self, i: usize, signal: &str) {
         let pid = self.agent(i).pid().to_string();

@@ -68,9 +68,14 @@ pub async fn run(args: RunArgs) -> ExitCode {
         }
         Err(error) => {
             eprintln!("dlm-agent: {error}");
-            // Refused a capability it was told to require: a permission, not an outage.
-            let resident = matches!(error, dlm_agent::server::ServeError::Resident(_));
-            ExitCode::from(if resident { super::EXIT_NO_PERMISSION } else { super::EXIT_UNREACHABLE })
+            // Refused a capability it was told to require: a permission, not
+            // an outage; a setting the engine or the cluster refused (a grace
+            // below what corosync needs): the configuration.
+            ExitCode::from(match error {
+                dlm_agent::server::ServeError::Resident(_) => super::EXIT_NO_PERMISSION,
+                dlm_agent::server::ServeError::Config(_) => super::EXIT_CONFIG,
+                _ => super::EXIT_UNREACHABLE,
+            })
         }
     }
 }
