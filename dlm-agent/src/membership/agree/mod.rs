@@ -371,26 +371,18 @@ impl Agreement {
     /// until votequorum's word comes again.
     pub fn quorum_lost(&mut self) -> Vec<Step> {
         self.quorum = None;
-        let mut steps = Vec::new();
-        if self.handed_quorate {
-            self.fence_alone(&mut steps);
-        }
-        steps
+        self.fence_alone_if_quorate()
     }
 
     /// This node's membership lease lapsed (its corosync stopped answering,
-    /// or the whole node was paused; see `membership::lease`): it fences
+    /// or the whole node was paused; see `crate::lease`): it fences
     /// itself as on quorum loss. A round in progress is dropped with what it
     /// would hand: this node reported its old incarnation there, and comes
     /// back only through a new round, as its new one.
     pub fn lease_lapsed(&mut self) -> Vec<Step> {
         self.round = None;
         self.pending = None;
-        let mut steps = Vec::new();
-        if self.handed_quorate {
-            self.fence_alone(&mut steps);
-        }
-        steps
+        self.fence_alone_if_quorate()
     }
 
     /// This node's corosync answers again after a lapse fenced it: it
@@ -411,11 +403,7 @@ impl Agreement {
         self.round = None;
         self.pending = None;
         self.quorum = None;
-        let mut steps = Vec::new();
-        if self.handed_quorate {
-            self.fence_alone(&mut steps);
-        }
-        steps
+        self.fence_alone_if_quorate()
     }
 
     /// The configured members of `members`, one process per node (a node
@@ -516,6 +504,16 @@ impl Agreement {
     pub fn after_epoch(mut self, epoch: u64) -> Agreement {
         self.agreed = self.agreed.max(epoch);
         self
+    }
+
+    /// Fences this node alone if it is in a quorate view (else it grants
+    /// nothing already).
+    fn fence_alone_if_quorate(&mut self) -> Vec<Step> {
+        let mut steps = Vec::new();
+        if self.handed_quorate {
+            self.fence_alone(&mut steps);
+        }
+        steps
     }
 
     /// Fences this node alone: a view of itself, not quorate, at the odd
