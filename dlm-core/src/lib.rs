@@ -76,8 +76,8 @@ pub use ids::{FencingToken, LockHandle, LockspaceId, SessionId};
 pub use limits::{
     LOCKSPACE_NAME_LEN_MAX, LVB_LEN_DEFAULT, LVB_LEN_MAX, LVB_LEN_MULTIPLE, Limit, Limits, RESOURCE_NAME_LEN_MAX,
 };
-pub use lockspace::LockspaceConfig;
-pub use mode::{ALL_MODES, LvbAction, Mode, ModeCounts};
+pub use lockspace::{LOCK_DELAY_DEFAULT, LockspaceConfig};
+pub use mode::{ALL_MODES, LvbAction, Mode, ModeCounts, ModeSet};
 pub use node::{Node, NodeConfig};
 pub use request::{ClientRequest, ConvertRequest, LockRequest, RequestError, UnlockRequest};
 pub use time::Instant;

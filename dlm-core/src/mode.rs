@@ -162,6 +162,62 @@ impl fmt::Display for Mode {
     }
 }
 
+/// A set of modes (one bit each, in [`Mode::index`] order).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ModeSet(u8);
+
+impl ModeSet {
+    /// No mode.
+    pub const EMPTY: ModeSet = ModeSet(0);
+
+    /// The set of these modes.
+    #[must_use]
+    pub fn of(modes: &[Mode]) -> ModeSet {
+        modes.iter().fold(ModeSet::EMPTY, |set, &m| set.with(m))
+    }
+
+    /// This set and `mode`.
+    #[must_use]
+    pub const fn with(self, mode: Mode) -> ModeSet {
+        ModeSet(self.0 | 1 << mode as u8)
+    }
+
+    /// This set without `mode`.
+    #[must_use]
+    pub const fn without(self, mode: Mode) -> ModeSet {
+        ModeSet(self.0 & !(1 << mode as u8))
+    }
+
+    /// Whether `mode` is in the set.
+    #[must_use]
+    pub const fn contains(self, mode: Mode) -> bool {
+        self.0 & 1 << mode as u8 != 0
+    }
+
+    /// Whether the set is empty.
+    #[must_use]
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The modes in the set, strongest first.
+    pub fn strongest_first(self) -> impl Iterator<Item = Mode> {
+        ALL_MODES.into_iter().rev().filter(move |&m| self.contains(m))
+    }
+
+    /// Its bits (bit `i` for the mode of index `i`), for the wire.
+    #[must_use]
+    pub const fn bits(self) -> u8 {
+        self.0
+    }
+
+    /// The set of these bits, if each names a mode.
+    #[must_use]
+    pub const fn from_bits(bits: u8) -> Option<ModeSet> {
+        if bits >> ALL_MODES.len() == 0 { Some(ModeSet(bits)) } else { None }
+    }
+}
+
 /// A small set of modes, used to summarise which modes are granted or blocked on a resource.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ModeCounts([u32; 6]);

@@ -794,11 +794,13 @@ fn lockspaces_are_validated_and_released() {
     assert_eq!(node.create_lockspace(b"test", LockspaceConfig::default()), Err(RequestError::LockspaceExists));
     for len in [0, 12, 264] {
         assert_eq!(
-            node.create_lockspace(b"lvb", LockspaceConfig { lvb_len: len }),
+            node.create_lockspace(b"lvb", LockspaceConfig { lvb_len: len, ..LockspaceConfig::default() }),
             Err(RequestError::InvalidLvbLen { len })
         );
     }
-    let wide = node.create_lockspace(b"lvb", LockspaceConfig { lvb_len: 64 }).expect("64-byte value blocks");
+    let wide = node
+        .create_lockspace(b"lvb", LockspaceConfig { lvb_len: 64, ..LockspaceConfig::default() })
+        .expect("64-byte value blocks");
     assert_eq!(node.lockspace_id(b"lvb"), Some(wide));
     assert_eq!(node.release_lockspace(wide, false), Ok(()));
     assert_eq!(node.lockspace_id(b"lvb"), None);

@@ -118,7 +118,7 @@ proptest! {
         let limits = Limits { waiters_per_resource_max: 3, locks_per_session_max: 4, ..Limits::default() };
         let mut node = Node::new(NodeConfig { limits, ..NodeConfig::default() }).expect("config");
         node.create_lockspace(b"a", LockspaceConfig::default()).expect("lockspace");
-        node.create_lockspace(b"b", LockspaceConfig { lvb_len: 8 }).expect("lockspace");
+        node.create_lockspace(b"b", LockspaceConfig { lvb_len: 8, ..LockspaceConfig::default() }).expect("lockspace");
         for s in 1..4 {
             node.open_session(SessionId(s)).expect("session");
         }

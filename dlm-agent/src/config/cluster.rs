@@ -54,6 +54,10 @@ pub struct ClusterSettings {
     pub peer_queue_max: usize,
     /// How a lost node is fenced before its locks are recovered (corosync membership).
     pub fencing: FencingSettings,
+    /// Every lockspace's lock-delay unless its `[[lockspace]]` entry says
+    /// otherwise: how long a lock taken from a lost node stays in the way of
+    /// conflicting requests (see the README's "Lock-delay").
+    pub lock_delay: Duration,
 }
 
 /// The `[cluster.fencing]` section.
@@ -136,6 +140,7 @@ pub(super) struct FileCluster {
     deadlock_interval: Option<String>,
     peer_timeout: Option<String>,
     peer_queue_max: Option<usize>,
+    lock_delay: Option<String>,
     #[serde(default)]
     fencing: FileFencing,
 }
@@ -185,7 +190,11 @@ pub(super) fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, Con
             )?,
         },
         members: file.member,
+        lock_delay: duration("cluster.lock_delay", file.lock_delay, dlm_core::LOCK_DELAY_DEFAULT)?,
     };
+    if settings.lock_delay > super::LOCK_DELAY_MAX {
+        return Err(invalid("cluster.lock_delay", "must be at most 10m"));
+    }
     if settings.fencing.command.as_ref().is_some_and(|c| c.is_empty() || c[0].is_empty()) {
         return Err(invalid("cluster.fencing.command", "must name a program"));
     }

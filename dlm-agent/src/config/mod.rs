@@ -84,7 +84,20 @@ pub struct LockspaceEntry {
     /// Its value block length in bytes.
     #[serde(default = "default_lvb_len")]
     pub lvb_len: usize,
+    /// Its lock-delay, if not `[cluster] lock_delay` (a duration: "500ms").
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub lock_delay: Option<Duration>,
 }
+
+/// A duration written as in the rest of the file ("1s", "500ms").
+fn optional_duration<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_duration(&text).map(Some).map_err(serde::de::Error::custom)
+}
+
+/// The longest lock-delay accepted: a lock taken from a lost node stays
+/// unavailable this long at most.
+pub const LOCK_DELAY_MAX: Duration = Duration::from_secs(600);
 
 fn default_lvb_len() -> usize {
     dlm_core::LVB_LEN_DEFAULT
@@ -140,7 +153,7 @@ impl Default for Config {
                 sessions_per_uid_max: Limits::default().sessions_max / 4,
                 handshake_timeout: Duration::from_secs(2),
             }),
-            lockspaces: vec![LockspaceEntry { name: "default".into(), lvb_len: default_lvb_len() }],
+            lockspaces: vec![LockspaceEntry { name: "default".into(), lvb_len: default_lvb_len(), lock_delay: None }],
             lock_spans: false,
             ebpf: true,
             ebpf_interval: Duration::from_secs(5),
@@ -448,6 +461,15 @@ impl Config {
         Ok(clients)
     }
 
+    /// The engine's settings of a lockspace: its own lock-delay, else the
+    /// cluster's, else the default.
+    #[must_use]
+    pub fn lockspace_config(&self, entry: &LockspaceEntry) -> dlm_core::LockspaceConfig {
+        let cluster = self.cluster.as_ref().map(|c| c.lock_delay);
+        let lock_delay = entry.lock_delay.or(cluster).unwrap_or(dlm_core::LOCK_DELAY_DEFAULT);
+        dlm_core::LockspaceConfig { lvb_len: entry.lvb_len, lock_delay }
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         if self.node.is_empty() || self.node.len() > 64 {
             return Err(invalid("node", "must be 1 to 64 characters"));
@@ -475,9 +497,12 @@ impl Config {
                 return Err(invalid("lockspace", format!("{:?} is listed twice", entry.name)));
             }
             // What the lock engine would refuse at start is refused here, as configuration.
-            dlm_core::LockspaceConfig { lvb_len: entry.lvb_len }
+            self.lockspace_config(entry)
                 .validate(entry.name.as_bytes())
                 .map_err(|e| invalid("lockspace", format!("{:?}: {e}", entry.name)))?;
+            if entry.lock_delay.is_some_and(|d| d > LOCK_DELAY_MAX) {
+                return Err(invalid("lockspace", format!("{:?}: lock_delay must be at most 10m", entry.name)));
+            }
         }
         if self.lockspaces.len() > self.limits.lockspaces_max as usize {
             return Err(invalid(
@@ -517,7 +542,7 @@ mod tests {
         assert_eq!(config.node, "n1");
         assert_eq!(config.keepalive, Duration::from_secs(2));
         assert_eq!(config.limits.waiters_per_resource_max, 9);
-        assert_eq!(config.lockspaces, vec![LockspaceEntry { name: "a".into(), lvb_len: 32 }]);
+        assert_eq!(config.lockspaces, vec![LockspaceEntry { name: "a".into(), lvb_len: 32, lock_delay: None }]);
 
         std::fs::write(&path, "keepalive = \"soon\"\n").expect("write");
         let error = Config::load(Some(&path), &Overrides::default()).expect_err("invalid").to_string();

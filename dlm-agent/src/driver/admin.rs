@@ -179,12 +179,11 @@ impl Driver {
         })
     }
 
-    pub(super) fn create_lockspace(&mut self, name: &str, lvb_len: usize) -> Result<(), Rejection> {
-        let lvb_len = if lvb_len == 0 { dlm_core::LVB_LEN_DEFAULT } else { lvb_len };
-        let id = self
-            .node
-            .create_lockspace(name.as_bytes(), LockspaceConfig { lvb_len })
-            .map_err(|e| Rejection::from_engine(0, &e))?;
+    pub(super) fn create_lockspace(&mut self, name: &str, mut config: LockspaceConfig) -> Result<(), Rejection> {
+        if config.lvb_len == 0 {
+            config.lvb_len = dlm_core::LVB_LEN_DEFAULT;
+        }
+        let id = self.node.create_lockspace(name.as_bytes(), config).map_err(|e| Rejection::from_engine(0, &e))?;
         self.lockspace_names.insert(id, LockspaceName::new(name));
         self.observer.metrics.add_lockspace(name);
         Ok(())

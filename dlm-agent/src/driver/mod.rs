@@ -208,7 +208,7 @@ pub fn start(
     };
     for entry in &config.lockspaces {
         driver
-            .create_lockspace(&entry.name, entry.lvb_len)
+            .create_lockspace(&entry.name, config.lockspace_config(entry))
             .map_err(|r| format!("lockspace {:?}: {}", entry.name, r.message))?;
     }
     let (commands, receiver) = mpsc::channel(COMMAND_QUEUE_MAX);
@@ -283,7 +283,8 @@ impl Driver {
                 let _ = reply.send(self.dump(&request));
             }
             Command::CreateLockspace { name, lvb_len, reply } => {
-                let _ = reply.send(self.create_lockspace(&name, lvb_len));
+                let entry = crate::config::LockspaceEntry { name: name.clone(), lvb_len, lock_delay: None };
+                let _ = reply.send(self.create_lockspace(&name, self.config.lockspace_config(&entry)));
             }
             Command::ReleaseLockspace { name, force, reply } => {
                 let _ = reply.send(self.release_lockspace(&name, force));

@@ -12,6 +12,7 @@ use crate::cluster::message::{NodeId, PeerMessage};
 use crate::cluster::{ClusterNode, Key, ended};
 use crate::effect::{Effect, Op, Status};
 use crate::ids::{LockHandle, LockspaceId, SessionId};
+use crate::mode::Mode;
 use crate::request::{ClientRequest, ConvertRequest, LockRequest, RequestError, UnlockRequest};
 use crate::time::Instant;
 
@@ -118,10 +119,19 @@ impl ClusterNode {
     }
 
     /// Takes mastership of a resource (the directory recorded this node),
-    /// with fencing tokens above any handed out for it before.
-    pub(super) fn become_master(&mut self, key: Key, generation: u64) {
+    /// with fencing tokens above any handed out for it before. A resource
+    /// newly mastered here within the lock-delay after a member departed
+    /// may have been held on that member, which nobody can tell now: its
+    /// grants wait as if an EX hold had been taken from it then.
+    pub(super) fn become_master(&mut self, now: Instant, key: Key, generation: u64) {
         let floor = self.token_floor(key.0);
         self.engine.raise_token_floor(key.0, floor);
+        if let Some(since) = self.views.departure_at
+            && !self.masters.contains(&key)
+            && self.engine.lock_delay(key.0).is_some_and(|delay| since.saturating_add(delay) > now)
+        {
+            self.engine.delay_grants(key.0, &key.1, Mode::Ex, since);
+        }
         self.masters.mastered.entry(key).and_modify(|mastered| mastered.generation = generation).or_insert(Mastered {
             idle_since: None,
             queued: false,

@@ -14,7 +14,7 @@ use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::Completion;
 use crate::flags::{LockFlags, UnlockFlags};
 use crate::ids::{LockHandle, SessionId};
-use crate::mode::Mode;
+use crate::mode::{Mode, ModeSet};
 
 /// A cluster member's id (0 to 65 535). A session id carries its node's id
 /// in its top 16 bits, so every node can tell whose a session is.
@@ -251,6 +251,11 @@ pub struct RecoveredLock {
     /// the value block: the master cannot tell whether it did, and marks it
     /// not valid.
     pub lvb_unsure: bool,
+    /// Other modes a conversion in flight may have left the lock in that
+    /// `mode` does not stand for (a conversion between CW and PR): once
+    /// every lock is back, the master takes one of them if `mode` conflicts
+    /// with a lock granted beside it.
+    pub or_modes: ModeSet,
 }
 
 /// Wait-for edges one report carries at most.

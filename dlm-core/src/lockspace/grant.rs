@@ -23,6 +23,9 @@ impl Lockspace {
         if lock.flags.contains(LockFlags::EXPEDITE) && !converting {
             return true;
         }
+        if self.delays.blocks(&resource.name, mode) {
+            return false;
+        }
         if !resource.held.compatible_with(mode, lock.granted) {
             return false;
         }

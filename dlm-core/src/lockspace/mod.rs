@@ -16,9 +16,11 @@
 //! | `blocking` | blocking callbacks to holders in the way |
 //! | `wait_for` | the wait-for edges deadlock detection searches |
 //! | `recover` | a cluster's recovery on this master: purging, re-adding and settling locks |
+//! | `delay` | lock-delay: holds taken without an unlock, kept in the way for a while |
 //! | `validate` | request validation (names, flags, timeouts, value blocks) |
 
 mod blocking;
+mod delay;
 mod grant;
 mod queues;
 mod recover;
@@ -27,6 +29,7 @@ mod wait_for;
 
 use std::collections::BTreeSet;
 use std::hash::BuildHasher;
+use std::time::Duration;
 
 use hashbrown::{DefaultHashBuilder, HashTable};
 
@@ -48,11 +51,19 @@ use crate::time::Instant;
 pub struct LockspaceConfig {
     /// Value block length in bytes: a multiple of 8 from 8 to 256.
     pub lvb_len: usize,
+    /// How long a hold taken from its holder without an unlock (its node
+    /// lost) stays in the way of conflicting requests (lock-delay, see
+    /// `lockspace/delay.rs`). Zero turns it off.
+    pub lock_delay: Duration,
 }
+
+/// The lock-delay of a lockspace unless configured: see the README's
+/// "Lock-delay" for the measurement it was chosen from and its cost.
+pub const LOCK_DELAY_DEFAULT: Duration = Duration::from_millis(500);
 
 impl Default for LockspaceConfig {
     fn default() -> Self {
-        LockspaceConfig { lvb_len: crate::limits::LVB_LEN_DEFAULT }
+        LockspaceConfig { lvb_len: crate::limits::LVB_LEN_DEFAULT, lock_delay: LOCK_DELAY_DEFAULT }
     }
 }
 
@@ -91,6 +102,8 @@ pub(crate) struct Lockspace {
     pub(crate) deadlines: BTreeSet<(Instant, u32)>,
     /// Pending requests by session: the out-edges of the wait-for graph.
     pub(crate) waiting_by_session: BTreeSet<(SessionId, u32)>,
+    /// Holds taken without an unlock, still in the way (lock-delay).
+    pub(crate) delays: delay::Delays,
 }
 
 /// How a grant changes a lock, decided before it is applied.
@@ -113,6 +126,7 @@ impl Lockspace {
             last_token: 0,
             deadlines: BTreeSet::new(),
             waiting_by_session: BTreeSet::new(),
+            delays: delay::Delays::default(),
         }
     }
 
@@ -401,13 +415,38 @@ impl Lockspace {
         self.settle(out, r, false);
     }
 
-    /// Times out every pending request whose deadline is at or before `now`.
+    /// Times out every pending request whose deadline is at or before `now`,
+    /// and settles the resources whose lock-delay has ended.
     pub(crate) fn expire(&mut self, out: &mut Outbox, now: Instant) {
         while let Some(&(deadline, l)) = self.deadlines.first() {
             if deadline > now {
                 break;
             }
             self.abort_pending(out, l, Status::TimedOut);
+        }
+        for name in self.delays.take_ended(now) {
+            if let Some(r) = self.find_resource(&name) {
+                out.touched.push((self.id, r));
+                self.settle(out, r, true);
+            }
+        }
+    }
+
+    /// Keeps `mode` in the way of conflicting requests on `name` for the
+    /// lockspace's lock-delay from `since` (a hold taken without an unlock).
+    pub(crate) fn delay_grants(&mut self, name: &[u8], mode: Mode, since: Instant) {
+        if self.config.lock_delay.is_zero() {
+            return;
+        }
+        self.delays.add(name, mode, since.saturating_add(self.config.lock_delay));
+    }
+
+    /// When the next timeout or lock-delay ends.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        let timeout = self.deadlines.first().map(|&(at, _)| at);
+        match (timeout, self.delays.next_end()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
     }
 

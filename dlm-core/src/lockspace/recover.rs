@@ -13,20 +13,24 @@ use crate::flags::LockFlags;
 use crate::ids::{LockHandle, SessionId};
 use crate::lock::{Lock, LockState};
 use crate::lockspace::Lockspace;
-use crate::mode::Mode;
+use crate::mode::{Mode, ModeSet};
 use crate::outbox::Outbox;
+use crate::time::Instant;
 
 impl Lockspace {
     /// Removes every lock (orphans excepted) whose session `purge` selects,
     /// granting nothing and freeing no resource, so that a resource keeps its
     /// value block while its locks are away. A PW or EX holder removed for
     /// which `suspect` says true invalidates the value block: it may have
-    /// been written and the new value lost with its node. The PW and EX
+    /// been written and the new value lost with its node; and every holder
+    /// `suspect` says true of stays in the way of conflicting requests for
+    /// the lock-delay from `now` (its client may not have stopped yet). The PW and EX
     /// holders removed that `suspect` spared are pushed to `spared`
     /// (session, handle, resource name): they are expected back.
     pub(crate) fn recovery_purge(
         &mut self,
         out: &mut Outbox,
+        now: Instant,
         purge: &dyn Fn(SessionId) -> bool,
         suspect: &dyn Fn(SessionId) -> bool,
         spared: &mut Vec<(SessionId, LockHandle, Box<[u8]>)>,
@@ -34,8 +38,14 @@ impl Lockspace {
         let doomed: Vec<u32> =
             self.locks.iter().filter(|(_, lock)| !lock.orphan && purge(lock.session)).map(|(l, _)| l).collect();
         for &l in &doomed {
+            let (r, session, granted) = (self.locks[l].resource, self.locks[l].session, self.locks[l].granted);
+            if let Some(mode) = granted
+                && suspect(session)
+            {
+                let name = self.resources[r].name.clone();
+                self.delay_grants(&name, mode, now);
+            }
             let lock = &self.locks[l];
-            let (r, session, granted) = (lock.resource, lock.session, lock.granted);
             if granted.is_some_and(Mode::unlock_writes_lvb) {
                 if suspect(session) {
                     self.resources[r].lvb_invalid = true;
@@ -93,6 +103,30 @@ impl Lockspace {
         resource.last_token = resource.last_token.max(token);
         self.last_token = self.last_token.max(token);
         l
+    }
+
+    /// Decides the mode of a lock added back in doubt (see
+    /// [`crate::Node::recovery_decide_mode`]).
+    pub(crate) fn recovery_decide_mode(&mut self, l: u32, or_modes: ModeSet) {
+        let Some(mode) = self.locks[l].granted else { return };
+        let r = self.locks[l].resource;
+        let others: Vec<Mode> = self.resources[r]
+            .granted
+            .iter(&self.locks)
+            .chain(self.resources[r].converting.iter(&self.locks))
+            .filter(|&o| o != l)
+            .filter_map(|o| self.locks[o].granted)
+            .collect();
+        let fits = |m: Mode| others.iter().all(|&o| o.compatible(m));
+        if fits(mode) {
+            return;
+        }
+        let Some(decided) = or_modes.strongest_first().find(|&m| fits(m)) else { return };
+        let resource = &mut self.resources[r];
+        resource.held.remove(mode);
+        resource.held.add(decided);
+        self.locks[l].granted = Some(decided);
+        self.locks[l].requested = decided;
     }
 
     /// Sets a resource's value block as recovery found it: the bytes a

@@ -8,6 +8,7 @@ use crate::deadlock::{Edge, WaitRef};
 use crate::effect::Status;
 use crate::ids::{LockHandle, LockspaceId, SessionId};
 use crate::lockspace::Lockspace;
+use crate::mode::Mode;
 use crate::request::RequestError;
 use crate::time::Instant;
 
@@ -43,6 +44,27 @@ impl Node {
         if let Some(lockspace) = self.lockspaces.get_mut(&id) {
             lockspace.raise_token_floor(floor);
         }
+    }
+
+    /// Keeps `mode` in the way of conflicting requests on a resource for
+    /// its lockspace's lock-delay from `since`: a cluster node does this for
+    /// holds its recovery took without an unlock (see `lockspace/delay.rs`).
+    pub fn delay_grants(&mut self, id: LockspaceId, name: &[u8], mode: Mode, since: Instant) {
+        if let Some(lockspace) = self.lockspaces.get_mut(&id) {
+            lockspace.delay_grants(name, mode, since);
+        }
+    }
+
+    /// How many resources are held by a lock-delay, in every lockspace.
+    #[must_use]
+    pub fn delayed_resources(&self) -> usize {
+        self.lockspaces.values().map(|ls| ls.delays.len()).sum()
+    }
+
+    /// The lock-delay of a lockspace.
+    #[must_use]
+    pub fn lock_delay(&self, id: LockspaceId) -> Option<std::time::Duration> {
+        self.lockspaces.get(&id).map(|ls| ls.config.lock_delay)
     }
 
     /// Every wait-for edge on this node, with the session each leaves (for

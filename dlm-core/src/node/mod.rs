@@ -289,7 +289,8 @@ impl Node {
     }
 
     /// Time has passed: requests whose timeout is due complete as
-    /// [`Status::TimedOut`], and a due deadlock scan runs.
+    /// [`Status::TimedOut`], resources whose lock-delay ended grant what
+    /// they can, and a due deadlock scan runs.
     pub fn handle_timeout(&mut self, now: Instant) {
         for lockspace in self.lockspaces.values_mut() {
             lockspace.expire(&mut self.out, now);
@@ -313,7 +314,7 @@ impl Node {
     /// When [`Node::handle_timeout`] should be called next, if ever.
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let deadlines = self.lockspaces.values().filter_map(|ls| ls.deadlines.first().map(|&(at, _)| at));
+        let deadlines = self.lockspaces.values().filter_map(Lockspace::next_deadline);
         deadlines.chain(self.full_scan_at).min()
     }
 

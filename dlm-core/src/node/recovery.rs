@@ -6,7 +6,7 @@ use crate::effect::{RevokeReason, Status};
 use crate::flags::LockFlags;
 use crate::ids::{LockHandle, LockspaceId, SessionId};
 use crate::lockspace::Lockspace;
-use crate::mode::Mode;
+use crate::mode::{Mode, ModeSet};
 use crate::node::{LockRef, Node};
 use crate::request::RequestError;
 use crate::time::Instant;
@@ -15,19 +15,22 @@ impl Node {
     /// Removes every lock (orphans excepted) of the sessions `purge` selects,
     /// in every lockspace, granting nothing and freeing no resource until
     /// [`Node::recovery_settle`]. A PW or EX holder removed for which
-    /// `suspect` says true marks its resource's value block not valid.
+    /// `suspect` says true marks its resource's value block not valid, and
+    /// every holder it says true of stays in the way of conflicting requests
+    /// for its lockspace's lock-delay from `now`.
     /// Returns the PW and EX holders removed that `suspect` spared, as
     /// (session, handle, lockspace, resource name): if one of them does not
     /// come back and its node departs, its value block is suspect too.
     pub fn recovery_purge(
         &mut self,
+        now: Instant,
         purge: impl Fn(SessionId) -> bool,
         suspect: impl Fn(SessionId) -> bool,
     ) -> Vec<(SessionId, LockHandle, LockspaceId, Box<[u8]>)> {
         let mut spared = Vec::new();
         for (&id, lockspace) in &mut self.lockspaces {
             let mut here = Vec::new();
-            lockspace.recovery_purge(&mut self.out, &purge, &suspect, &mut here);
+            lockspace.recovery_purge(&mut self.out, now, &purge, &suspect, &mut here);
             spared.extend(here.into_iter().map(|(session, handle, name)| (session, handle, id, name)));
         }
         self.apply_freed();
@@ -59,6 +62,22 @@ impl Node {
         let lock = lockspace.recover_granted(&mut self.out, session, handle, name, mode, token, flags);
         owner.locks.insert(handle, LockRef { lockspace: id, lock });
         Ok(())
+    }
+
+    /// Decides the mode of a lock added back whose conversion in flight may
+    /// have left it in one of `or_modes` instead: it keeps its mode unless
+    /// that conflicts with a lock granted beside it (which says the
+    /// conversion was made), and then takes the strongest of `or_modes`
+    /// compatible with them all.
+    pub fn recovery_decide_mode(&mut self, id: LockspaceId, session: SessionId, handle: LockHandle, or_modes: ModeSet) {
+        let Some(lock) = self.sessions.get(&session).and_then(|owner| owner.locks.get(&handle)).copied() else {
+            return;
+        };
+        if let Some(lockspace) = self.lockspaces.get_mut(&id)
+            && lock.lockspace == id
+        {
+            lockspace.recovery_decide_mode(lock.lock, or_modes);
+        }
     }
 
     /// Sets a recovered resource's value block: the bytes a holder read, or

@@ -114,7 +114,7 @@ impl Sim {
             Slot::Granted(held) => {
                 let handle = self.handle_of(c, s);
                 if self.draining || self.rng.chance(60) {
-                    self.clients[c].slots[s].0 = Slot::Busy { held, unlocking: true };
+                    self.clients[c].slots[s].0 = Slot::Busy { held, to: Mode::Nl, unlocking: true, demotable: false };
                     let writes = matches!(held, Mode::Pw | Mode::Ex);
                     let (flags, lvb) = if writes && self.rng.chance(50) {
                         (UnlockFlags::VALBLK, Some(self.rng.next_u64().to_le_bytes().to_vec()))
@@ -131,7 +131,8 @@ impl Sim {
                         flags.insert(LockFlags::CONVDEADLK);
                     }
                     let timeout = self.rng.chance(20).then(|| Duration::from_micros(100 + self.rng.below(5000)));
-                    self.clients[c].slots[s].0 = Slot::Busy { held, unlocking: false };
+                    let demotable = flags.contains(LockFlags::CONVDEADLK);
+                    self.clients[c].slots[s].0 = Slot::Busy { held, to: mode, unlocking: false, demotable };
                     ClientRequest::Convert(ConvertRequest { handle, mode, flags, lvb: None, timeout })
                 }
             }

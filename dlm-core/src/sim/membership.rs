@@ -16,11 +16,10 @@ use std::collections::{BTreeSet, VecDeque};
 use std::time::Duration;
 
 use crate::cluster::{ClusterNode, Membership, NodeId, View, ViewMember};
-use crate::lockspace::LockspaceConfig;
 use crate::mode::Mode;
 use crate::time::Instant;
 
-use crate::sim::{Client, LOCKSPACE, Sim, Slot};
+use crate::sim::{Belief, Client, LOCKSPACE, Sim, Slot, belief};
 
 /// Membership events a run may have (after them, it settles).
 const EVENTS_MAX: u32 = 8;
@@ -201,9 +200,13 @@ impl Sim {
         self.members.due[x].clear();
         for c in 0..self.clients.len() {
             if self.clients[c].node == x {
+                let until = self.now.saturating_add(self.lockspace.lock_delay);
                 for &(slot, resource) in &self.clients[c].slots {
                     if matches!(slot, Slot::Granted(Mode::Pw | Mode::Ex)) {
                         self.value_blocks.writer_died(resource, self.now);
+                    }
+                    if let Some(held) = belief(slot).filter(|_| until > self.now) {
+                        self.ghosts.push((resource, held, until));
                     }
                 }
                 self.kill_client(c);
@@ -236,7 +239,7 @@ impl Sim {
         let members = self.members.view(&self.members.members, &self.weights(), true).membership()?;
         config.membership = Membership::new(members.members().to_vec(), 0)?;
         let mut node = ClusterNode::new(config)?;
-        node.create_lockspace(LOCKSPACE, LockspaceConfig { lvb_len: 8 }).map_err(|e| e.to_string())?;
+        node.create_lockspace(LOCKSPACE, self.lockspace).map_err(|e| e.to_string())?;
         for c in 0..self.clients.len() {
             if self.clients[c].node != x {
                 continue;
@@ -344,26 +347,36 @@ impl Sim {
 
     /// What clients believe they hold never conflicts: two clients granted
     /// incompatible modes on one resource at once is the failure a lock
-    /// manager exists to prevent. (A client of a crashed node holds nothing;
-    /// one of a node cut off holds what it was granted until its node fences.)
-    pub(super) fn check_beliefs(&self) -> Result<(), String> {
-        let mut held: Vec<(u32, Mode, usize)> = Vec::new();
+    /// manager exists to prevent. A lock being converted holds its granted
+    /// mode (see [`Belief`]). A client of a crashed node holds nothing, but
+    /// for the lock-delay after the crash nobody may be granted what
+    /// conflicts with what it held; one of a node cut off holds what it was
+    /// granted until its node fences and revokes it.
+    pub(super) fn check_beliefs(&mut self) -> Result<(), String> {
+        let now = self.now;
+        self.ghosts.retain(|&(_, _, until)| until > now);
+        let mut held: Vec<(u32, Belief, Option<usize>)> = Vec::new();
         for (c, client) in self.clients.iter().enumerate() {
             for &(slot, resource) in &client.slots {
-                if let Slot::Granted(mode) = slot {
-                    held.push((resource, mode, c));
+                if let Some(belief) = belief(slot) {
+                    held.push((resource, belief, Some(c)));
                 }
             }
         }
+        held.extend(self.ghosts.iter().map(|&(resource, belief, _)| (resource, belief, None)));
         held.sort_unstable_by_key(|&(r, _, c)| (r, c));
-        for (i, &(r, mode, c)) in held.iter().enumerate() {
-            for &(r2, mode2, c2) in &held[i + 1..] {
-                if r2 == r && !mode.compatible(mode2) {
+        let holder = |c: Option<usize>| match c {
+            Some(c) => format!("a client of node {}", self.clients[c].node + 1),
+            None => "a crashed node's client (within the lock-delay)".to_owned(),
+        };
+        for (i, &(r, a, c)) in held.iter().enumerate() {
+            for &(r2, b, c2) in &held[i + 1..] {
+                if r2 == r && (c.is_some() || c2.is_some()) && a.conflicts(b) {
                     return Err(format!(
-                        "at {:?}: r{r} held {mode:?} by a client of node {} and {mode2:?} by one of node {}",
+                        "at {:?}: r{r} held {a:?} by {} and {b:?} by {}",
                         self.elapsed(),
-                        self.clients[c].node + 1,
-                        self.clients[c2].node + 1
+                        holder(c),
+                        holder(c2)
                     ));
                 }
             }

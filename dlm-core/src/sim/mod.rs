@@ -27,8 +27,13 @@
 //! What is checked, after every step:
 //! - what clients believe they hold never conflicts: no two clients, on any
 //!   nodes, are granted incompatible modes of one resource at once (a client
-//!   of a crashed node holds nothing; one of a node cut off holds its locks
-//!   until its node fences itself and revokes them);
+//!   of a crashed node holds nothing, but for the lock-delay after the crash
+//!   nobody may be granted what conflicts with what it held; one of a node
+//!   cut off holds its locks until its node fences itself and revokes them;
+//!   a lock being converted holds what its granted and requested modes both
+//!   keep out, unless CONVDEADLK lets its master demote it). Each seed draws
+//!   its lock-delay from the seed alone: off on one seed in four, else up to
+//!   4 ms;
 //! - a lock is revoked only by a node that fenced itself;
 //! - once every node is done recovering, every lock a client believes it
 //!   holds is in its master's queues in that mode under the token it was told;
@@ -257,10 +262,13 @@ enum Slot {
     /// A new lock's request is out.
     Requested,
     Granted(Mode),
-    /// A conversion (or, with `unlocking`, an unlock) is out.
+    /// A conversion to `to` (or, with `unlocking`, an unlock) is out; with
+    /// `demotable` (CONVDEADLK) the master may take `held` down to NL.
     Busy {
         held: Mode,
+        to: Mode,
         unlocking: bool,
+        demotable: bool,
     },
     /// A new lock's request is out and the client force-unlocked it: the
     /// request ends (however) and then the unlock.
@@ -333,6 +341,12 @@ pub struct Sim {
     members: membership::MembershipLayer,
     /// Each node's settings, to start it again after a crash.
     configs: Vec<ClusterConfig>,
+    /// The lockspace's settings on every node.
+    lockspace: LockspaceConfig,
+    /// What crashed nodes' clients held, by resource, with the end of the
+    /// lock-delay from the crash: nobody may be granted a conflicting mode
+    /// before then.
+    ghosts: Vec<(u32, Belief, Instant)>,
     /// The token of each granted lock, as its client was told.
     tokens: HashMap<(SessionId, LockHandle), u64>,
     /// What clients wrote to value blocks and when they asked to read them.
@@ -340,6 +354,41 @@ pub struct Sim {
     /// How much to print as the run goes (`DLM_SIM_LOG`: 1 the clients'
     /// requests, effects, grants and views; 2 also every envelope).
     verbosity: u8,
+}
+
+/// What a client may rely on while it has a lock: the modes it was granted
+/// and asked for. While a conversion is out, its master may already have
+/// granted `to` (its answer on the way), so a mode counts as in its way only
+/// when it conflicts with both.
+#[derive(Clone, Copy, Debug)]
+struct Belief {
+    held: Mode,
+    to: Mode,
+}
+
+impl Belief {
+    fn conflicts(self, other: Belief) -> bool {
+        [self.held, self.to].iter().all(|&a| [other.held, other.to].iter().all(|&b| !a.compatible(b)))
+    }
+}
+
+/// What a client in this state relies on: a granted lock, and one being
+/// converted (unless CONVDEADLK lets its master demote it). An unlock that
+/// is out is already let go of.
+fn belief(slot: Slot) -> Option<Belief> {
+    match slot {
+        Slot::Granted(mode) => Some(Belief { held: mode, to: mode }),
+        Slot::Busy { held, to, unlocking: false, demotable: false } => Some(Belief { held, to }),
+        _ => None,
+    }
+}
+
+/// The lock-delay of a seed's run: off on one seed in four (so runs without
+/// it stay covered), else up to 4 ms, drawn from the seed alone so that no
+/// other draw of the run changes with it.
+fn lock_delay_of(seed: u64) -> Duration {
+    let mut rng = Rng::new(seed ^ 0x6c6f_636b_6465_6c79);
+    if rng.chance(25) { Duration::ZERO } else { Duration::from_micros(rng.below(4_000)) }
 }
 
 /// How often the network is looked at for faults to start or heal.
@@ -353,6 +402,7 @@ impl Sim {
     #[must_use]
     pub fn new(seed: u64, config: SimConfig) -> Sim {
         let mut rng = Rng::new(seed);
+        let lockspace = LockspaceConfig { lvb_len: 8, lock_delay: lock_delay_of(seed) };
         let members: Vec<Member> =
             (1..=config.nodes).map(|id| Member { id: NodeId(id), weight: 1 + rng.below(2) as u8 }).collect();
         let membership = Membership::new(members, 1).expect("valid members");
@@ -372,7 +422,7 @@ impl Sim {
             cluster.requests_wait_for_views = config.membership_faults;
             configs.push(cluster.clone());
             let mut node = ClusterNode::new(cluster).expect("valid cluster");
-            node.create_lockspace(LOCKSPACE, LockspaceConfig { lvb_len: 8 }).expect("lockspace");
+            node.create_lockspace(LOCKSPACE, lockspace).expect("lockspace");
             for c in 0..config.clients_per_node {
                 let session = NodeId(n + 1).session(u64::from(c) + 1);
                 node.open_session(session).expect("session");
@@ -408,6 +458,8 @@ impl Sim {
             candidates: HashMap::new(),
             members: membership::MembershipLayer::new(node_count),
             configs,
+            lockspace,
+            ghosts: Vec::new(),
             tokens: HashMap::new(),
             value_blocks: value_blocks::ValueBlocks::default(),
             verbosity: std::env::var("DLM_SIM_LOG").ok().and_then(|v| v.parse().ok()).unwrap_or(0),

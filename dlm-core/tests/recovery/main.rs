@@ -4,6 +4,7 @@
 //! which completions each client got, with which tokens, and where the
 //! resource is mastered afterwards.
 
+mod lock_delay;
 mod net;
 
 use std::time::Duration;

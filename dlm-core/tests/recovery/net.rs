@@ -23,16 +23,24 @@ pub struct Net {
     pub effects: Vec<(u16, Effect)>,
     pub epoch: u64,
     pub incarnations: Vec<u64>,
+    pub lockspace: LockspaceConfig,
 }
 
 impl Net {
+    /// Five nodes without lock-delay: the race tests look at what recovery
+    /// rebuilds, and lock-delay (tested on its own) would only postpone grants.
     pub fn new() -> Net {
+        Net::with_lock_delay(Duration::ZERO)
+    }
+
+    pub fn with_lock_delay(lock_delay: Duration) -> Net {
+        let lockspace = LockspaceConfig { lvb_len: LVB_LEN, lock_delay };
         let members = (1..=NODES).map(|id| Member { id: NodeId(id), weight: 1 }).collect();
         let membership = Membership::new(members, 1).expect("members");
         let nodes = (1..=NODES)
             .map(|id| {
                 let mut node = ClusterNode::new(ClusterConfig::new(NodeId(id), membership.clone())).expect("node");
-                node.create_lockspace(b"ls", LockspaceConfig { lvb_len: LVB_LEN }).expect("lockspace");
+                node.create_lockspace(b"ls", lockspace).expect("lockspace");
                 node.open_session(NodeId(id).session(1)).expect("session");
                 node
             })
@@ -45,6 +53,7 @@ impl Net {
             effects: Vec::new(),
             epoch: 1,
             incarnations: vec![1; usize::from(NODES)],
+            lockspace,
         }
     }
 
@@ -160,7 +169,7 @@ impl Net {
         let members = (1..=NODES).map(|id| Member { id: NodeId(id), weight: 1 }).collect();
         let config = ClusterConfig::new(NodeId(id), Membership::new(members, 0).expect("members"));
         let mut node = ClusterNode::new(config).expect("node");
-        node.create_lockspace(b"ls", LockspaceConfig { lvb_len: LVB_LEN }).expect("lockspace");
+        node.create_lockspace(b"ls", self.lockspace).expect("lockspace");
         node.open_session(NodeId(id).session(1)).expect("session");
         self.nodes[usize::from(id) - 1] = node;
         self.alive[usize::from(id) - 1] = true;

@@ -14,8 +14,8 @@ fuzz_target!(|data: &[u8]| {
     let membership = Membership::new(vec![Member { id: NodeId(0), weight: 1 }], 1).expect("one member");
     let mut node = ClusterNode::new(ClusterConfig::new(NodeId(0), membership)).expect("a node");
     let lockspaces = [
-        node.create_lockspace(b"default", LockspaceConfig { lvb_len: 32 }).expect("lockspace"),
-        node.create_lockspace(b"other", LockspaceConfig { lvb_len: 8 }).expect("lockspace"),
+        node.create_lockspace(b"default", LockspaceConfig { lvb_len: 32, ..LockspaceConfig::default() }).expect("lockspace"),
+        node.create_lockspace(b"other", LockspaceConfig { lvb_len: 8, ..LockspaceConfig::default() }).expect("lockspace"),
     ];
     for session in [SessionId(1), SessionId(2)] {
         node.open_session(session).expect("session");

@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
     let members = (1..=3).map(|id| Member { id: NodeId(id), weight: 1 }).collect();
     let membership = Membership::new(members, 1).expect("members");
     let mut node = ClusterNode::new(ClusterConfig::new(NodeId(1), membership)).expect("a node");
-    node.create_lockspace(b"default", LockspaceConfig { lvb_len: 32 }).expect("lockspace");
+    node.create_lockspace(b"default", LockspaceConfig { lvb_len: 32, ..LockspaceConfig::default() }).expect("lockspace");
     // Then frames: a length prefix and a body, until one is refused.
     let mut rest = data;
     let mut now = 0u64;

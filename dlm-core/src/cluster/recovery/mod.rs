@@ -14,7 +14,8 @@ use crate::cluster::message::{Envelope, NodeId, PeerMessage, RecoveredLock};
 use crate::cluster::view::{View, ViewError};
 use crate::cluster::{ClusterNode, Key};
 use crate::effect::{RevokeReason, Status};
-use crate::ids::{LockHandle, SessionId};
+use crate::ids::{LockHandle, LockspaceId, SessionId};
+use crate::mode::{Mode, ModeSet};
 use crate::request::ClientRequest;
 use crate::time::Instant;
 
@@ -120,6 +121,9 @@ pub(super) struct Recovery {
     pub(super) lvb_votes: BTreeMap<Key, Vec<u8>>,
     /// Resources mastered here whose value block a lost request may have written.
     pub(super) lvb_unsure: BTreeSet<Key>,
+    /// Locks added back here whose mode is in doubt (see `recovery_form`),
+    /// with the other modes they may be in.
+    pub(super) undecided: Vec<(LockspaceId, SessionId, LockHandle, ModeSet)>,
     /// This node's copies of remote locks by resource, sorted, taken once
     /// the directory is whole (client requests are held until the end, so
     /// no copy is added meanwhile).
@@ -153,6 +157,10 @@ pub(super) struct ViewState {
     incarnations: BTreeMap<NodeId, u64>,
     /// Envelopes of a later epoch than this node's, kept until it has that view.
     future: Vec<(NodeId, Envelope)>,
+    /// When this node last saw a member depart (or joined): a resource it
+    /// becomes master of within the lock-delay after that may have been
+    /// held on the departed node, so its grants wait (see `become_master`).
+    pub(super) departure_at: Option<Instant>,
     /// PW and EX locks of other nodes' clients purged here and not back yet
     /// (a newer view may abandon the recovery that was to bring them back):
     /// should such a node depart, the value block it may have written is
@@ -223,6 +231,11 @@ impl ClusterNode {
             return Ok(());
         }
         self.views.fenced = false;
+        // A node joining cannot know whom the cluster lost just before, so
+        // its first view counts as a departure for lock-delay.
+        if !departed.is_empty() || self.views.joining {
+            self.views.departure_at = Some(now);
+        }
         self.views.joining = false;
         self.begin_recovery(now, departed);
         for (from, envelope) in ready {
@@ -293,9 +306,18 @@ impl ClusterNode {
         self.coordinator.reset();
         self.directory.clear_entries();
         self.requester.start_recovery();
+        // A recovery abandoned before every lock came back purged locks as
+        // spared that may now belong to a departed node: what they held is
+        // unknown here, so every resource mastered here waits the lock-delay.
+        let abandoned = self.views.recovery.as_ref().is_some_and(|r| r.phase <= RecoveryPhase::Locks);
+        if abandoned && !departed.is_empty() {
+            for (key, _) in self.masters.sorted() {
+                self.engine.delay_grants(key.0, &key.1, Mode::Ex, now);
+            }
+        }
         let gone = departed.clone();
         let spared =
-            self.engine.recovery_purge(|s| NodeId::of_session(s) != me, |s| gone.contains(&NodeId::of_session(s)));
+            self.engine.recovery_purge(now, |s| NodeId::of_session(s) != me, |s| gone.contains(&NodeId::of_session(s)));
         // A writer purged by a recovery that a newer view abandoned never came
         // back, so this purge did not see it: its departure counts all the same.
         let lost: Vec<Key> = self
@@ -328,6 +350,7 @@ impl ClusterNode {
             new_masters: BTreeSet::new(),
             lvb_votes: BTreeMap::new(),
             lvb_unsure: BTreeSet::new(),
+            undecided: Vec::new(),
             copies: BTreeMap::new(),
             started: now,
             phase_started: now,
@@ -362,7 +385,7 @@ impl ClusterNode {
                 let master = master.map(|m| (m, generation));
                 self.on_recovery_lookup_reply(now, &lockspace, name, master, token_floor);
             }
-            PeerMessage::RecoverLock(lock) => self.on_recover_lock(from, lock),
+            PeerMessage::RecoverLock(lock) => self.on_recover_lock(now, from, lock),
             _ => {}
         }
     }

@@ -10,8 +10,8 @@ use crate::cluster::requester::RemoteLock;
 use crate::cluster::{ClusterNode, Key, ended};
 use crate::effect::{Effect, Op, RevokeReason, Status};
 use crate::flags::{LockFlags, UnlockFlags};
-use crate::ids::{LockHandle, SessionId};
-use crate::mode::Mode;
+use crate::ids::{LockHandle, LockspaceId, SessionId};
+use crate::mode::{Mode, ModeSet};
 use crate::request::ClientRequest;
 use crate::time::Instant;
 
@@ -152,7 +152,7 @@ impl ClusterNode {
         if master == me {
             self.engine.raise_token_floor(key.0, floor);
             let new = !self.masters.contains(&key);
-            self.become_master(key.clone(), generation);
+            self.become_master(now, key.clone(), generation);
             if new && let Some(recovery) = self.views.recovery.as_mut() {
                 recovery.new_masters.insert(key.clone());
             }
@@ -188,6 +188,7 @@ impl ClusterNode {
                         lvb: None,
                         unlocking: true,
                         lvb_unsure: true,
+                        or_modes: ModeSet::EMPTY,
                     };
                     self.views.unsure_unlocks.entry(key.clone()).or_default().push(lock.clone());
                     if master != me {
@@ -211,6 +212,7 @@ impl ClusterNode {
                     lvb,
                     unlocking: false,
                     lvb_unsure: form.lvb_unsure,
+                    or_modes: form.or_modes,
                 };
                 self.send(now, master, PeerMessage::RecoverLock(lock));
                 continue;
@@ -221,6 +223,7 @@ impl ClusterNode {
             if self.engine.recover_lock(session, handle, key.0, &key.1, mode, token.0, copy.flags).is_err() {
                 continue;
             }
+            self.note_undecided(key.0, session, handle, form.or_modes);
             self.vote_lvb(&key, mode, lvb);
             if form.lvb_unsure {
                 self.note_lvb_unsure(&key);
@@ -280,7 +283,7 @@ impl ClusterNode {
     }
 
     /// A lock of another node's client comes back to this master.
-    pub(in crate::cluster) fn on_recover_lock(&mut self, from: NodeId, lock: RecoveredLock) {
+    pub(in crate::cluster) fn on_recover_lock(&mut self, now: Instant, from: NodeId, lock: RecoveredLock) {
         let Some(id) = self.engine.lockspace_id(&lock.lockspace) else { return };
         if !self.masters.is_remote_session(lock.session) {
             if self.engine.open_session(lock.session).is_err() {
@@ -288,14 +291,15 @@ impl ClusterNode {
             }
             self.masters.add_remote_session(lock.session);
         }
-        let RecoveredLock { name, session, handle, mode, token, flags, lvb, unlocking, lvb_unsure, .. } = lock;
+        let RecoveredLock { name, session, handle, mode, token, flags, lvb, unlocking, lvb_unsure, or_modes, .. } =
+            lock;
         let key: Key = (id, name.into_boxed_slice());
         self.views.spared_writers.remove(&(session, handle));
         if !self.masters.contains(&key) {
             // The directory named this node master, and its own answer is
             // on its way (with the generation): it masters the resource from
             // now, even if a newer view comes first.
-            self.become_master(key.clone(), 0);
+            self.become_master(now, key.clone(), 0);
             if let Some(recovery) = self.views.recovery.as_mut() {
                 recovery.new_masters.insert(key.clone());
             }
@@ -310,14 +314,30 @@ impl ClusterNode {
             debug_assert!(false, "{from} sent back a lock twice: {session} {handle}");
             return;
         }
+        self.note_undecided(id, session, handle, or_modes);
         self.vote_lvb(&key, mode, lvb);
     }
 
-    /// Every lock is back where it belongs: value blocks of the new masters
-    /// are set, every resource settles, and this node is done.
+    /// A lock added back here whose conversion in flight may have left it
+    /// in one of `or_modes` instead: decided once every lock is back.
+    fn note_undecided(&mut self, id: LockspaceId, session: SessionId, handle: LockHandle, or_modes: ModeSet) {
+        if let Some(recovery) = self.views.recovery.as_mut()
+            && !or_modes.is_empty()
+        {
+            recovery.undecided.push((id, session, handle, or_modes));
+        }
+    }
+
+    /// Every lock is back where it belongs: the modes of conversions in
+    /// doubt are decided from the locks beside them, value blocks of the new
+    /// masters are set, every resource settles, and this node is done.
     pub(in crate::cluster) fn settle_recovered(&mut self, now: Instant) {
         // Every copy that was to come back has.
         self.views.spared_writers.clear();
+        let Some(recovery) = self.views.recovery.as_mut() else { return };
+        for (id, session, handle, or_modes) in std::mem::take(&mut recovery.undecided) {
+            self.engine.recovery_decide_mode(id, session, handle, or_modes);
+        }
         let Some(recovery) = self.views.recovery.as_mut() else { return };
         let new_masters = std::mem::take(&mut recovery.new_masters);
         let votes = std::mem::take(&mut recovery.lvb_votes);
@@ -435,43 +455,67 @@ struct Form {
     /// The mode it is added back in; none when its unlock was in flight
     /// (the unlock counts as done, as the Linux DLM fakes its reply).
     mode: Option<Mode>,
+    /// Other modes its old master may have left it in, which `mode` does
+    /// not stand for: its new master picks among them once every lock is
+    /// back (see `settle_recovered`).
+    or_modes: ModeSet,
     /// What it had in flight may have written the value block.
     lvb_unsure: bool,
 }
 
 /// The form of a granted copy whose request in flight may or may not have
-/// reached its master before the view voided it. A conversion adds the lock
-/// back in the strongest mode compatible with all that any mode the master
-/// may have left it in allows (its requested mode when converting down, its
-/// granted mode when converting up, CR between CW and PR, NL when a
-/// conversion deadlock could have demoted it): whichever the master had,
-/// the locks granted beside it stay compatible. The conversion is then sent
-/// again.
+/// reached its master before the view voided it. A conversion may have left
+/// the lock in any of a few modes (its granted mode, its requested mode, an
+/// alternate mode, NL when a conversion deadlock could have demoted it).
+/// Most often one mode stands for them all: the strongest mode compatible
+/// with whatever any of them allows, which also conflicts with whatever
+/// all of them conflict with (its requested mode when converting down, its
+/// granted mode when converting up): whichever the master had, the locks
+/// granted beside it stay compatible, and nothing the client may still rely
+/// on is granted to another. When the modes include both CW and PR (a
+/// conversion between them), no mode does both (CR lets PW through, which
+/// neither allows): the lock comes back in its granted mode, the one its
+/// client relies on, with the others as `or_modes` for its master to
+/// choose from should a lock granted beside it say the conversion was made
+/// (the Linux DLM's `recover_conversion`). The conversion is then sent again.
 fn recovery_form(copy: &RemoteLock) -> Option<Form> {
     let granted = copy.granted?;
     let writes = granted.unlock_writes_lvb();
     let form = match (copy.pending, &copy.resend) {
         (Some(Op::Convert), Some(ClientRequest::Convert(req))) => {
-            // A conversion deadlock may have demoted the lock to NL
-            // (`CONVDEADLK`), and an alternate mode may have been granted.
             let from = if req.flags.contains(LockFlags::CONVDEADLK) { Mode::Nl } else { granted };
-            let mut mode = common_floor(from, req.mode);
+            let mut possible = ModeSet::of(&[from, req.mode]);
             if req.flags.contains(LockFlags::ALTPR) {
-                mode = common_floor(mode, Mode::Pr);
+                possible = possible.with(Mode::Pr);
             }
             if req.flags.contains(LockFlags::ALTCW) {
-                mode = common_floor(mode, Mode::Cw);
+                possible = possible.with(Mode::Cw);
             }
+            let floor = possible.strongest_first().fold(Mode::Ex, common_floor);
             let lvb_flags = req.flags.contains(LockFlags::VALBLK) || req.flags.contains(LockFlags::IVVALBLK);
-            Form { mode: Some(mode), lvb_unsure: writes && mode != granted && lvb_flags }
+            if stands_for(floor, possible) {
+                Form {
+                    mode: Some(floor),
+                    or_modes: ModeSet::EMPTY,
+                    lvb_unsure: writes && floor != granted && lvb_flags,
+                }
+            } else {
+                Form { mode: Some(from), or_modes: possible.without(from), lvb_unsure: writes && lvb_flags }
+            }
         }
         (Some(Op::Unlock), Some(ClientRequest::Unlock(req))) => {
             let lvb_flags = req.flags.contains(UnlockFlags::VALBLK) || req.flags.contains(UnlockFlags::IVVALBLK);
-            Form { mode: None, lvb_unsure: writes && lvb_flags }
+            Form { mode: None, or_modes: ModeSet::EMPTY, lvb_unsure: writes && lvb_flags }
         }
-        _ => Form { mode: Some(granted), lvb_unsure: false },
+        _ => Form { mode: Some(granted), or_modes: ModeSet::EMPTY, lvb_unsure: false },
     };
     Some(form)
+}
+
+/// Whether `mode` conflicts with exactly what every mode of `possible`
+/// conflicts with.
+fn stands_for(mode: Mode, possible: ModeSet) -> bool {
+    Mode::ALL.iter().all(|&m| mode.compatible(m) != possible.strongest_first().all(|p| !p.compatible(m)))
 }
 
 /// The strongest mode compatible with every mode that `a` or `b` is.
@@ -497,5 +541,17 @@ mod tests {
         assert_eq!(common_floor(Mode::Cw, Mode::Pr), Mode::Cr, "neither contains the other");
         assert_eq!(common_floor(Mode::Pr, Mode::Cw), Mode::Cr);
         assert_eq!(common_floor(Mode::Ex, Mode::Ex), Mode::Ex);
+    }
+
+    #[test]
+    fn only_a_conversion_between_cw_and_pr_has_no_mode_that_stands_for_both_ends() {
+        for from in Mode::ALL {
+            for to in Mode::ALL {
+                let possible = ModeSet::of(&[from, to]);
+                let floor = common_floor(from, to);
+                let middle = possible.contains(Mode::Cw) && possible.contains(Mode::Pr);
+                assert_eq!(stands_for(floor, possible), !middle, "{from:?} to {to:?}: floor {floor:?}");
+            }
+        }
     }
 }

@@ -46,7 +46,7 @@ impl ClusterNode {
         if directory == self.config.node {
             let master = self.directory.claim(key.clone(), self.config.node);
             if master.0 == self.config.node {
-                self.become_master(key, master.1);
+                self.become_master(now, key, master.1);
                 return self.lock_here(now, session, req);
             }
             self.requester.cache_master(key.clone(), master, self.config.master_cache_max);
@@ -291,7 +291,7 @@ impl ClusterNode {
                 // The directory recorded this node as master: take it even
                 // if nobody waits any more (it is released when idle).
                 self.engine.raise_token_floor(id, floor);
-                self.become_master(key.clone(), generation);
+                self.become_master(now, key.clone(), generation);
                 for (session, handle) in waiting {
                     if !self.requester.awaits_lookup(session, handle, &key) {
                         continue;
@@ -371,7 +371,7 @@ impl ClusterNode {
                 self.requester.lookups.entry(key).or_default().push((session, handle));
             }
             Answer::Master(master) if master.0 == self.config.node => {
-                self.become_master(key, master.1);
+                self.become_master(now, key, master.1);
                 self.run_here(now, session, handle);
             }
             Answer::Master(master) => {

@@ -14,7 +14,7 @@ use crate::effect::Completion;
 use crate::flags::{LockFlags, StatusFlags, UnlockFlags};
 use crate::ids::{FencingToken, LockHandle, LockspaceId, SessionId};
 use crate::limits::{LOCKSPACE_NAME_LEN_MAX, LVB_LEN_MAX, RESOURCE_NAME_LEN_MAX};
-use crate::mode::Mode;
+use crate::mode::{Mode, ModeSet};
 
 pub(super) struct Reader<'a>(pub(super) &'a [u8]);
 
@@ -246,8 +246,20 @@ impl<'a> Reader<'a> {
                     return Err(WireError::Invalid("recovered lock state"));
                 }
                 let (unlocking, lvb_unsure) = (state & 1 != 0, state & 2 != 0);
-                let lock =
-                    RecoveredLock { lockspace, name, session, handle, mode, token, flags, lvb, unlocking, lvb_unsure };
+                let or_modes = ModeSet::from_bits(self.u8()?).ok_or(WireError::Invalid("recovered lock modes"))?;
+                let lock = RecoveredLock {
+                    lockspace,
+                    name,
+                    session,
+                    handle,
+                    mode,
+                    token,
+                    flags,
+                    lvb,
+                    unlocking,
+                    lvb_unsure,
+                    or_modes,
+                };
                 PeerMessage::RecoverLock(lock)
             }
             _ => return Err(WireError::Invalid("message tag")),

@@ -200,6 +200,7 @@ pub(super) fn put_message(out: &mut Vec<u8>, message: &PeerMessage) {
             put_u32(out, lock.flags.bits());
             put_opt_bytes16(out, lock.lvb.as_deref());
             out.push(u8::from(lock.unlocking) | u8::from(lock.lvb_unsure) << 1);
+            out.push(lock.or_modes.bits());
         }
     }
 }

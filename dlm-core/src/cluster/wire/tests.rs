@@ -6,7 +6,7 @@ use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::{Completion, Op, Status};
 use crate::flags::{LockFlags, StatusFlags, UnlockFlags};
 use crate::ids::{FencingToken, LockHandle, LockspaceId, SessionId};
-use crate::mode::Mode;
+use crate::mode::{Mode, ModeSet};
 
 fn samples() -> Vec<PeerMessage> {
     let (session, handle) = (NodeId(2).session(7), LockHandle(9));
@@ -68,6 +68,7 @@ fn samples() -> Vec<PeerMessage> {
             lvb: Some(vec![1; 4]),
             unlocking: false,
             lvb_unsure: true,
+            or_modes: ModeSet::of(&[Mode::Pr]),
         }),
         PeerMessage::Heartbeat,
     ]
