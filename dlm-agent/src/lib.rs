@@ -59,7 +59,7 @@
 //!   `transport::peer`'s dialers; the acceptor hands incoming ones to the
 //!   driver as `Command::Peer`.
 //! - Membership: corosync's callbacks (`membership::corosync`) → the
-//!   agreement on views (`membership::agree`) → `Command::View` →
+//!   agreement on views (`dlm_core::cluster::agree`, driven by `membership`) → `Command::View` →
 //!   `driver::views` → `ClusterNode::handle_view`; fencing in
 //!   `membership::fencing`.
 //! - The membership lease (grant only while corosync answers): `lease` (the

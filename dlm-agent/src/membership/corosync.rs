@@ -16,7 +16,7 @@ use std::time::Duration;
 use rust_corosync::{DispatchFlags, TrackFlags, cpg, quorum};
 use tokio::sync::mpsc;
 
-use super::agree::CpgMember;
+use dlm_core::cluster::agree::CpgMember;
 
 /// What corosync said, in the order it said it.
 pub enum Event {

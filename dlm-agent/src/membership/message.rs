@@ -7,7 +7,7 @@
 //!  "DLMv" version(1) kind(3: fenced) nodeid(u32)
 //! ```
 
-use super::agree::{CpgMember, Message, RoundId};
+use dlm_core::cluster::agree::{CpgMember, Message, RoundId};
 
 const MAGIC: &[u8; 4] = b"DLMv";
 const VERSION: u8 = 1;

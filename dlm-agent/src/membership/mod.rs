@@ -1,6 +1,6 @@
 //! Membership from the node's cluster stack: with `[cluster] membership =
 //! "corosync"` the agent joins a CPG group of its cluster, agrees with the
-//! other agents on each view (`agree`), fences lost nodes before views
+//! other agents on each view (`dlm_core::cluster::agree`), fences lost nodes before views
 //! without them are taken (`fencing`), and hands every view to the driver
 //! as [`Command::View`], where the lock engine recovers from it.
 //!
@@ -18,7 +18,6 @@
 //! the agreement's few small messages. A node's corosync node id is its dlm
 //! id, and only the configured `[[cluster.member]]` nodes are let in.
 
-pub mod agree;
 mod ask;
 mod corosync;
 mod fencing;
@@ -37,13 +36,13 @@ use prometheus::{IntCounterVec, Opts};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use self::agree::{Agreement, Refusal, Step};
 use self::corosync::Event;
 use crate::command::{Command, DriverHandle, MembershipStatus};
 use crate::config::ClusterSettings;
 use crate::generation;
 use crate::lease::{LapseWatch, Lease, Timing};
 use crate::metrics::Metrics;
+use dlm_core::cluster::agree::{Agreement, Refusal, Step};
 
 /// Events from corosync's threads queued at most for the membership task.
 const EVENTS_MAX: usize = 1024;

@@ -46,6 +46,7 @@
 //! | `handshake` | the hello a node sends and the hellos it accepts |
 //! | `recovery` (`rebuild`, `fence`) | a new view: the barriers, the directory and masters rebuilt, a node fenced (see [Recovery](#recovery)) |
 //! | `view` | the views the membership layer hands in |
+//! | [`agree`] | how the nodes of one CPG group agree on each view, from corosync's events (the agent drives it with corosync, the simulator with a model of it) |
 //! | `config` | settings and the protocol's timing defaults |
 //! | `members`, `message`, [`wire`] | membership and directory hashing, the messages, their encoding |
 //!
@@ -60,6 +61,7 @@
 //!
 #![doc = include_str!("recovery/README.md")]
 
+pub mod agree;
 mod config;
 mod coordinator;
 mod directory;

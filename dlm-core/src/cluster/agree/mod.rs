@@ -1,6 +1,7 @@
 //! How the agents of one CPG group agree on each view, sans-IO: events from
 //! corosync go in, messages to multicast and views for the lock engine come
-//! out.
+//! out. The agent drives it with corosync (`dlm-agent`'s `membership`), the
+//! simulator with a model of corosync.
 //!
 //! CPG delivers configuration changes and messages to every member in one
 //! total order (virtual synchrony), so a member that decides from what it
@@ -59,7 +60,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use dlm_core::cluster::{NodeId, View, ViewMember};
+use crate::cluster::{NodeId, View, ViewMember};
 
 /// A member of the CPG group: a process on a node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
