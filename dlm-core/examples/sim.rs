@@ -33,10 +33,11 @@ fn main() {
     // Everything that shapes a run, so that any failure replays from this line.
     eprintln!(
         "sim: seeds {start}..{} ({seeds}); seed 0's shape: {:?}; link faults on odd seeds, membership \
-         faults with five nodes on seeds 2 and 3 modulo 4 (seed 2's shape: {:?})",
+         faults with five nodes on seeds 2 and 3 modulo 4, from the real agreement over a model of corosync on \
+         seeds 3 modulo 4 (seed 3's shape: {:?})",
         start.saturating_add(seeds),
         dlm_core::sim::seed_config(0),
-        dlm_core::sim::seed_config(2)
+        dlm_core::sim::seed_config(3)
     );
     let began = Instant::now();
     let (mut grants, mut deadlocks, mut messages, mut unavailable, mut lost) = (0u64, 0u64, 0u64, 0u64, 0u64);

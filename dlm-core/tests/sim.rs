@@ -63,6 +63,7 @@ fn a_thousand_seeds_of_a_simulated_cluster_keep_every_invariant_and_replay_their
             ("joins (restarts)", faults.joins),
             ("partitions", faults.partitions),
             ("pauses", faults.pauses),
+            ("corosyncs frozen under their agents", faults.freezes),
             ("failures during recovery", faults.during_recovery),
             ("nodes fencing themselves", faults.fenced),
         ];

@@ -217,7 +217,7 @@ impl Sim {
         for r in 0..self.config.resources {
             let name = format!("r{r}");
             let masters: Vec<usize> = (0..self.nodes.len())
-                .filter(|&n| self.members.alive[n])
+                .filter(|&n| self.members.alive[n] && !self.frozen_out(n))
                 .filter(|&n| {
                     let node = &self.nodes[n];
                     node.lockspace_id(LOCKSPACE).is_some_and(|ls| node.engine().resource_exists(ls, name.as_bytes()))

@@ -57,6 +57,7 @@ impl Sim {
             self.clients[c].next_action = Instant::from_nanos(u64::MAX);
             return Ok(());
         }
+        self.check_lease(node)?;
         if self.members.paused(node, self.now) {
             self.clients[c].next_action = self.members.paused_until[node];
             return Ok(());

@@ -19,7 +19,7 @@ use crate::cluster::{ClusterNode, Membership, NodeId, View, ViewMember};
 use crate::mode::Mode;
 use crate::time::Instant;
 
-use crate::sim::{Belief, Client, LOCKSPACE, Sim, Slot, belief};
+use crate::sim::{Belief, Client, LOCKSPACE, Sim, Slot, belief, cpg};
 
 /// Membership events a run may have (after them, it settles).
 const EVENTS_MAX: u32 = 8;
@@ -31,7 +31,9 @@ const FENCE_DELAY: Duration = Duration::from_millis(2);
 pub(super) struct MembershipLayer {
     pub(super) alive: Vec<bool>,
     pub(super) paused_until: Vec<Instant>,
-    incarnations: Vec<u64>,
+    /// When each node's last pause began.
+    pub(super) paused_from: Vec<Instant>,
+    pub(super) incarnations: Vec<u64>,
     /// The members of the majority's current view (0-based).
     members: BTreeSet<usize>,
     epoch: u64,
@@ -53,6 +55,7 @@ impl MembershipLayer {
         MembershipLayer {
             alive: vec![true; nodes],
             paused_until: vec![Instant::ZERO; nodes],
+            paused_from: vec![Instant::ZERO; nodes],
             incarnations: vec![1; nodes],
             members: (0..nodes).collect(),
             epoch: 1,
@@ -92,7 +95,7 @@ impl Sim {
         Some(at.max(self.members.paused_until[n]))
     }
 
-    fn weights(&self) -> Vec<u8> {
+    pub(super) fn weights(&self) -> Vec<u8> {
         let all = self.configs[0].membership.members();
         (0..self.nodes.len()).map(|n| all.get(n).map_or(1, |m| m.weight)).collect()
     }
@@ -138,6 +141,9 @@ impl Sim {
         }
         if self.draining || !self.config.membership_faults {
             return Ok(());
+        }
+        if self.cpg.is_some() {
+            return self.cpg_tick();
         }
         let n = self.nodes.len();
         let dead: Vec<usize> = (0..n).filter(|&x| !self.members.alive[x]).collect();
@@ -191,8 +197,78 @@ impl Sim {
         }
     }
 
+    /// The faults of the CPG model, now and then: an agent killed, a node
+    /// crashed, a restart, a partition, a corosync frozen, a node paused
+    /// (each stop either shorter than the lease's bound or past detection
+    /// and the grace).
+    fn cpg_tick(&mut self) -> Result<(), String> {
+        let n = self.nodes.len();
+        let dead: Vec<usize> = (0..n).filter(|&x| !self.members.alive[x]).collect();
+        let restartable = dead
+            .first()
+            .copied()
+            .filter(|&x| self.members.dead_since[x].saturating_add(Duration::from_millis(3)) <= self.now);
+        if self.members.events >= EVENTS_MAX {
+            if let Some(x) = restartable {
+                return self.restart(x);
+            }
+            return Ok(());
+        }
+        let during = self.recovering_anywhere();
+        if !self.rng.chance(if during { 8 } else { 2 }) {
+            return Ok(());
+        }
+        self.members.events += 1;
+        if let Some(x) = restartable
+            && (dead.len() > 1 || self.rng.chance(50))
+        {
+            return self.restart(x);
+        }
+        let live: Vec<usize> = (0..n).filter(|&x| self.members.alive[x] && !self.members.paused(x, self.now)).collect();
+        if live.len() <= 1 {
+            return Ok(());
+        }
+        let x = live[self.rng.below(live.len() as u64) as usize];
+        if during {
+            self.report.faults.during_recovery += 1;
+        }
+        // A stop shorter than the lease's bound, or longer than detection
+        // and the grace: a node that wakes into a newer view.
+        let stop = if self.rng.chance(50) {
+            Duration::from_micros(100 + self.rng.below(800))
+        } else {
+            Duration::from_micros(4_000 + self.rng.below(6_000))
+        };
+        match self.rng.below(12) {
+            0..=1 => self.crash_as(x, false),
+            2..=3 => self.crash_as(x, true),
+            4..=6 => {
+                if self.cpg.as_ref().is_some_and(|c| c.partition_heals.is_none()) {
+                    self.cpg_partition();
+                }
+                Ok(())
+            }
+            7..=8 => {
+                self.report.faults.freezes += 1;
+                self.cpg_freeze(x, stop);
+                Ok(())
+            }
+            _ => {
+                self.report.faults.pauses += 1;
+                self.cpg_pause(x, stop);
+                Ok(())
+            }
+        }
+    }
+
     /// Node `x` dies with everything it had; its clients die with it.
     fn crash(&mut self, x: usize) -> Result<(), String> {
+        self.crash_as(x, true)
+    }
+
+    /// Node `x`'s agent dies (with its whole node when `node_down`), with
+    /// everything it had; its clients die with it.
+    fn crash_as(&mut self, x: usize, node_down: bool) -> Result<(), String> {
         self.report.faults.crashes += 1;
         self.members.alive[x] = false;
         self.members.recovering[x] = false;
@@ -212,7 +288,9 @@ impl Sim {
                 self.kill_client(c);
             }
         }
-        if self.members.members.remove(&x) {
+        if self.cpg.is_some() {
+            self.cpg_gone(x, node_down);
+        } else if self.members.members.remove(&x) {
             self.announce(Duration::ZERO);
         }
         Ok(())
@@ -236,8 +314,12 @@ impl Sim {
         self.members.paused_until[x] = Instant::ZERO;
         self.members.members.insert(x);
         let mut config = self.configs[x].clone();
-        let members = self.members.view(&self.members.members, &self.weights(), true).membership()?;
-        config.membership = Membership::new(members.members().to_vec(), 0)?;
+        config.membership = if self.cpg.is_some() {
+            self.cpg_restart(x)
+        } else {
+            let members = self.members.view(&self.members.members, &self.weights(), true).membership()?;
+            Membership::new(members.members().to_vec(), 0)?
+        };
         let mut node = ClusterNode::new(config)?;
         node.create_lockspace(LOCKSPACE, self.lockspace).map_err(|e| e.to_string())?;
         for c in 0..self.clients.len() {
@@ -258,7 +340,9 @@ impl Sim {
             };
         }
         self.nodes[x] = node;
-        self.announce(Duration::ZERO);
+        if self.cpg.is_none() {
+            self.announce(Duration::ZERO);
+        }
         Ok(())
     }
 
@@ -323,6 +407,9 @@ impl Sim {
         if !self.config.membership_faults {
             return Ok(());
         }
+        if self.cpg.is_some() {
+            self.cpg_end_faults();
+        }
         if let Some((x, _)) = self.members.partition.take() {
             self.cuts.retain(|&(a, b, _)| a != x && b != x);
             self.members.members.insert(x);
@@ -338,7 +425,8 @@ impl Sim {
 
     /// No view is on its way, no cut is open, no node recovers or is fenced.
     pub(super) fn membership_settled(&self) -> bool {
-        self.members.next_view_at().is_none()
+        self.cpg.as_ref().is_none_or(cpg::CpgLayer::settled)
+            && self.members.next_view_at().is_none()
             && self.members.partition.is_none()
             && (0..self.nodes.len()).all(|n| {
                 !self.members.alive[n] || (self.nodes[n].recovery_status().is_none() && !self.nodes[n].is_fenced())
@@ -357,6 +445,16 @@ impl Sim {
         self.ghosts.retain(|&(_, _, until)| until > now);
         let mut held: Vec<(u32, Belief, Option<usize>)> = Vec::new();
         for (c, client) in self.clients.iter().enumerate() {
+            // A client on a node paused longer than the lock-delay cannot
+            // act until it runs again, and its agent, whose lease lapsed,
+            // revokes its locks before anything else then: beyond the
+            // lock-delay only its fencing tokens protect what it writes.
+            let node = client.node;
+            if self.members.paused(node, now)
+                && now.saturating_duration_since(self.members.paused_from[node]) > self.lockspace.lock_delay
+            {
+                continue;
+            }
             for &(slot, resource) in &client.slots {
                 if let Some(belief) = belief(slot) {
                     held.push((resource, belief, Some(c)));

@@ -10,9 +10,16 @@
 //! flight between them are lost; links come back after the cut and resend.
 //! Requests that needed a cut-off node may then end as `Unavailable`.
 //!
-//! With membership faults on (seeds 2 and 3 modulo 4, five nodes), a
-//! simulated membership layer with corosync's guarantees hands out views
-//! (see `membership`): nodes crash (all state lost, their clients die with
+//! With membership faults on (seeds 2 and 3 modulo 4, five nodes), views
+//! come on seeds 3 modulo 4 from the real view agreement
+//! ([`crate::cluster::agree`], as the agent runs it) over a model of
+//! corosync (see `cpg`: the ring and its detection delay, agreed-order
+//! multicast, votequorum, fencing with a grace, the membership lease), with
+//! agents and nodes crashed, partitions into two sides of any size, a
+//! corosync frozen under its running agent and whole nodes paused, either
+//! briefly or past detection and the grace (a node that wakes into a newer
+//! view). On seeds 2 modulo 4 a scripted membership layer with corosync's
+//! guarantees hands out views instead (see `membership`): nodes crash (all state lost, their clients die with
 //! them) and restart with a new incarnation, join, are cut off from the
 //! others (the minority fences itself first, then the majority recovers
 //! without it, and it rejoins when the cut heals), pause, and fail again
@@ -31,13 +38,19 @@
 //!   nobody may be granted what conflicts with what it held; one of a node
 //!   cut off holds its locks until its node fences itself and revokes them;
 //!   a lock being converted holds what its granted and requested modes both
-//!   keep out, unless CONVDEADLK lets its master demote it). Each seed draws
+//!   keep out, unless CONVDEADLK lets its master demote it; a client of a
+//!   node paused longer than the lock-delay is not counted while paused: it
+//!   cannot act, and its agent revokes its locks before anything else when
+//!   it wakes, so beyond the lock-delay only fencing tokens protect its
+//!   writes). Each seed draws
 //!   its lock-delay from the seed alone: off on one seed in four, else up to
 //!   4 ms;
 //! - a lock is revoked only by a node that fenced itself;
 //! - once every node is done recovering, every lock a client believes it
 //!   holds is in its master's queues in that mode under the token it was told;
-//! - no resource is mastered by two nodes at once, and each master's queues
+//! - no resource is mastered by two nodes at once (a node paused past the
+//!   lease's bound, or whose lapse is due, is not counted: its state is
+//!   stale and dropped before it acts), and each master's queues
 //!   hold only compatible granted modes (the engine's own invariant checks);
 //! - fencing tokens of one resource only grow, across masters;
 //! - a value block read as valid holds zeros or a value a client wrote to
@@ -62,9 +75,14 @@
 
 mod checks;
 mod clients;
+mod cpg;
 mod membership;
 mod network;
+mod report;
 mod value_blocks;
+
+use report::Digest;
+pub use report::{Faults, SimReport};
 
 use std::collections::{BinaryHeap, HashMap};
 use std::time::Duration;
@@ -129,6 +147,10 @@ pub struct SimConfig {
     pub membership_faults: bool,
     /// How long the drain may take before a request counts as hung.
     pub drain_limit: Duration,
+    /// With membership faults: views come from the real agreement
+    /// ([`crate::cluster::agree`]) over a model of corosync (see `cpg`),
+    /// not from the scripted layer.
+    pub cpg: bool,
 }
 
 impl Default for SimConfig {
@@ -143,114 +165,8 @@ impl Default for SimConfig {
             link_faults: false,
             membership_faults: false,
             drain_limit: Duration::from_secs(120),
+            cpg: false,
         }
-    }
-}
-
-/// What a run did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct SimReport {
-    /// Requests made.
-    pub requests: u32,
-    /// Grants seen by clients.
-    pub grants: u32,
-    /// Requests that ended as deadlock victims.
-    pub deadlocks: u32,
-    /// Requests that ended as unavailable (a node they needed was cut off).
-    pub unavailable: u32,
-    /// Messages lost to cut links.
-    pub lost: u64,
-    /// Membership faults and views (see [`Faults`]).
-    pub faults: Faults,
-    /// Messages delivered (duplicates included).
-    pub messages: u64,
-    /// Simulated time at the end.
-    pub elapsed: Duration,
-    /// A digest of everything the nodes produced, in order: every effect
-    /// for a client and every envelope for the network. Two runs of one
-    /// seed with the same digest behaved the same, step for step.
-    pub trace: u64,
-}
-
-impl std::fmt::Display for SimReport {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let SimReport { requests, grants, deadlocks, unavailable, lost, faults, messages, elapsed, trace } = self;
-        write!(
-            f,
-            "requests {requests} grants {grants} deadlocks {deadlocks} unavailable {unavailable} lost {lost} \
-             {faults}messages {messages} elapsed_ns {} trace {trace:016x}",
-            elapsed.as_nanos()
-        )
-    }
-}
-
-/// What the simulated membership layer did in a run.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Faults {
-    /// Views handed to nodes (one per node per view).
-    pub views: u32,
-    /// Nodes that crashed (lost all state; their clients died with them).
-    pub crashes: u32,
-    /// Nodes that joined: restarts with a new incarnation, and first starts.
-    pub joins: u32,
-    /// Nodes cut off from all others (the minority fences itself, the
-    /// majority recovers without it, it rejoins when the cut heals).
-    pub partitions: u32,
-    /// Nodes paused for a while (shorter than failure detection).
-    pub pauses: u32,
-    /// Failures (crashes and partitions) while some node was recovering.
-    pub during_recovery: u32,
-    /// Nodes that fenced themselves (a view without quorum or without them).
-    pub fenced: u32,
-    /// Recoveries completed (per node).
-    pub recoveries: u32,
-}
-
-impl std::ops::AddAssign for Faults {
-    /// Totals over runs (saturating: a count is a count, not a wrap).
-    fn add_assign(&mut self, other: Faults) {
-        let Faults { views, crashes, joins, partitions, pauses, during_recovery, fenced, recoveries } = other;
-        self.views = self.views.saturating_add(views);
-        self.crashes = self.crashes.saturating_add(crashes);
-        self.joins = self.joins.saturating_add(joins);
-        self.partitions = self.partitions.saturating_add(partitions);
-        self.pauses = self.pauses.saturating_add(pauses);
-        self.during_recovery = self.during_recovery.saturating_add(during_recovery);
-        self.fenced = self.fenced.saturating_add(fenced);
-        self.recoveries = self.recoveries.saturating_add(recoveries);
-    }
-}
-
-impl std::fmt::Display for Faults {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if *self == Faults::default() {
-            return Ok(());
-        }
-        let Faults { views, crashes, joins, partitions, pauses, during_recovery, fenced, recoveries } = self;
-        write!(
-            f,
-            "views {views} crashes {crashes} joins {joins} partitions {partitions} pauses {pauses} \
-             during_recovery {during_recovery} fenced {fenced} recoveries {recoveries} "
-        )
-    }
-}
-
-/// FNV-1a over text: a digest that depends on nothing but the bytes fed to
-/// it (not on a process's random hasher keys, nor on the Rust release).
-struct Digest(u64);
-
-impl Digest {
-    fn new() -> Digest {
-        Digest(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl std::fmt::Write for Digest {
-    fn write_str(&mut self, text: &str) -> std::fmt::Result {
-        for byte in text.bytes() {
-            self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        Ok(())
     }
 }
 
@@ -339,6 +255,8 @@ pub struct Sim {
     candidates: HashMap<(usize, u64), bool>,
     /// The simulated membership layer.
     members: membership::MembershipLayer,
+    /// The model of corosync driving the real agreement, when the run uses it.
+    cpg: Option<cpg::CpgLayer>,
     /// Each node's settings, to start it again after a crash.
     configs: Vec<ClusterConfig>,
     /// The lockspace's settings on every node.
@@ -405,6 +323,7 @@ impl Sim {
         let lockspace = LockspaceConfig { lvb_len: 8, lock_delay: lock_delay_of(seed) };
         let members: Vec<Member> =
             (1..=config.nodes).map(|id| Member { id: NodeId(id), weight: 1 + rng.below(2) as u8 }).collect();
+        let weights: Vec<u8> = members.iter().map(|m| m.weight).collect();
         let membership = Membership::new(members, 1).expect("valid members");
         let mut nodes = Vec::new();
         let mut clients = Vec::new();
@@ -437,6 +356,7 @@ impl Sim {
             }
             nodes.push(node);
         }
+        let cpg = (config.membership_faults && config.cpg).then(|| cpg::CpgLayer::new(node_count, &weights));
         Sim {
             config,
             rng,
@@ -457,6 +377,7 @@ impl Sim {
             trace: Digest::new(),
             candidates: HashMap::new(),
             members: membership::MembershipLayer::new(node_count),
+            cpg,
             configs,
             lockspace,
             ghosts: Vec::new(),
@@ -486,7 +407,9 @@ impl Sim {
             let faults = self.config.link_faults || self.config.membership_faults;
             let next_fault = faults.then_some(self.next_fault_tick);
             let next_view = self.members.next_view_at();
-            let Some(at) = [next_net, next_client, next_timer, next_fault, next_view].into_iter().flatten().min()
+            let next_cpg = self.cpg.as_ref().and_then(|c| c.next_at(&self.members.paused_until));
+            let Some(at) =
+                [next_net, next_client, next_timer, next_fault, next_view, next_cpg].into_iter().flatten().min()
             else {
                 break;
             };
@@ -506,6 +429,8 @@ impl Sim {
                 self.fault_tick()?;
             } else if next_view == Some(at) {
                 self.deliver_views()?;
+            } else if next_cpg == Some(at) {
+                self.deliver_cpg()?;
             } else if next_net == Some(at) {
                 let m = self.network.pop().expect("peeked");
                 let to = usize::from(m.to.0 - 1);
@@ -521,6 +446,7 @@ impl Sim {
                     continue;
                 }
                 self.report.messages += 1;
+                self.check_lease(to)?;
                 let epoch = m.envelope.epoch;
                 self.nodes[to].handle_peer(self.now, m.from, m.envelope).map_err(|e| {
                     format!(
@@ -537,6 +463,7 @@ impl Sim {
             } else {
                 for n in 0..self.nodes.len() {
                     if self.timer_of(n).is_some_and(|t| t <= self.now) {
+                        self.check_lease(n)?;
                         self.nodes[n].handle_timeout(self.now);
                         self.after(n)?;
                     }
@@ -600,11 +527,13 @@ fn is_waiting(slot: Slot) -> bool {
 /// The shape of a seed's run: link faults on odd seeds; membership faults
 /// (crashes, restarts, partitions, pauses, joins) on seeds 2 and 3 modulo
 /// 4, with five nodes (so that a cluster that lost two still has quorum)
-/// and more requests.
+/// and more requests; on seeds 3 modulo 4 from the real agreement over the
+/// model of corosync (frozen corosyncs too).
 #[must_use]
 pub fn seed_config(seed: u64) -> SimConfig {
     let membership_faults = seed % 4 >= 2;
-    let mut config = SimConfig { link_faults: seed % 2 == 1, membership_faults, ..SimConfig::default() };
+    let cpg = seed % 4 == 3;
+    let mut config = SimConfig { link_faults: seed % 2 == 1, membership_faults, cpg, ..SimConfig::default() };
     if membership_faults {
         config.nodes = 5;
         config.clients_per_node = 2;

@@ -230,12 +230,13 @@ impl ClusterNode {
             self.views.fenced = true;
             return Ok(());
         }
-        self.views.fenced = false;
-        // A node joining cannot know whom the cluster lost just before, so
-        // its first view counts as a departure for lock-delay.
-        if !departed.is_empty() || self.views.joining {
+        // A node joining, or coming back after it fenced itself, cannot know
+        // whom the cluster lost meanwhile, so its view counts as a departure
+        // for lock-delay.
+        if !departed.is_empty() || self.views.joining || self.views.fenced {
             self.views.departure_at = Some(now);
         }
+        self.views.fenced = false;
         self.views.joining = false;
         self.begin_recovery(now, departed);
         for (from, envelope) in ready {
