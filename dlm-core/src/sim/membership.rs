@@ -145,12 +145,7 @@ impl Sim {
         if self.cpg.is_some() {
             return self.cpg_tick();
         }
-        let n = self.nodes.len();
-        let dead: Vec<usize> = (0..n).filter(|&x| !self.members.alive[x]).collect();
-        let restartable = dead
-            .first()
-            .copied()
-            .filter(|&x| self.members.dead_since[x].saturating_add(Duration::from_millis(3)) <= self.now);
+        let (dead, restartable) = self.dead_and_restartable();
         if self.members.events >= EVENTS_MAX {
             // The faults are over: the dead come back, one at a time.
             if let Some(x) = restartable
@@ -197,17 +192,24 @@ impl Sim {
         }
     }
 
+    /// The dead nodes, and the first of them if it has been dead long
+    /// enough to start again.
+    fn dead_and_restartable(&self) -> (Vec<usize>, Option<usize>) {
+        let dead: Vec<usize> = (0..self.nodes.len()).filter(|&x| !self.members.alive[x]).collect();
+        let restartable = dead
+            .first()
+            .copied()
+            .filter(|&x| self.members.dead_since[x].saturating_add(Duration::from_millis(3)) <= self.now);
+        (dead, restartable)
+    }
+
     /// The faults of the CPG model, now and then: an agent killed, a node
     /// crashed, a restart, a partition, a corosync frozen, a node paused
     /// (each stop either shorter than the lease's bound or past detection
     /// and the grace).
     fn cpg_tick(&mut self) -> Result<(), String> {
         let n = self.nodes.len();
-        let dead: Vec<usize> = (0..n).filter(|&x| !self.members.alive[x]).collect();
-        let restartable = dead
-            .first()
-            .copied()
-            .filter(|&x| self.members.dead_since[x].saturating_add(Duration::from_millis(3)) <= self.now);
+        let (dead, restartable) = self.dead_and_restartable();
         if self.members.events >= EVENTS_MAX {
             if let Some(x) = restartable {
                 return self.restart(x);

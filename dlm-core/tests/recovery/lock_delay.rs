@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use dlm_core::cluster::{NodeId, View, ViewMember};
 use dlm_core::{LockFlags, Mode, Status};
 
 use crate::net::{Net, mastered_by_2};
@@ -120,5 +121,29 @@ fn without_lock_delay_a_departed_holders_lock_is_let_go_at_once() {
     net.deliver_all();
     net.crash(2);
     net.recover();
+    assert_eq!(net.completion(3, 1).status, Status::Granted);
+}
+
+#[test]
+fn a_node_back_after_fencing_itself_waits_the_lock_delay_before_its_first_grants() {
+    let mut net = Net::with_lock_delay(DELAY);
+    // Node 3 alone loses quorum and fences itself (the others may have
+    // recovered without it meanwhile: it cannot know what they lost).
+    net.epoch += 1;
+    let alone = View {
+        epoch: net.epoch,
+        members: vec![ViewMember { id: NodeId(3), weight: 1, incarnation: 1 }],
+        quorate: false,
+    };
+    net.hand_view(&alone);
+    assert!(net.node(3).is_fenced());
+    net.advance(DELAY * 2);
+    net.recover();
+    let name = net.name_with_directory(3);
+    net.lock(3, 1, &name, Mode::Ex);
+    net.deliver_all();
+    assert!(net.completions(3, 1).is_empty(), "granted at once by a node back from fencing itself");
+    net.advance(DELAY);
+    net.deliver_all();
     assert_eq!(net.completion(3, 1).status, Status::Granted);
 }
