@@ -3,21 +3,21 @@
 //! members are trusted only as far as corosync's own authentication goes).
 //!
 //! ```text
-//!  "DLMv" version(1) kind(1: round, 2: report) by.nodeid(u32) by.pid(u32) seq(u64) [epoch(u64) incarnation(u64)]
+//!  "DLMv" version(2) kind(1: round, 2: report) by.nodeid(u32) by.pid(u32) seq(u64) [epoch(u64) incarnation(u64) quorate(u8: 0 or 1)]
 //!  "DLMv" version(1) kind(3: fenced) nodeid(u32)
 //! ```
 
 use dlm_core::cluster::agree::{CpgMember, Message, RoundId};
 
 const MAGIC: &[u8; 4] = b"DLMv";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const KIND_ROUND: u8 = 1;
 const KIND_REPORT: u8 = 2;
 const KIND_FENCED: u8 = 3;
 const FENCED_LEN: usize = 4 + 1 + 1 + 4;
 /// Magic, version, kind and the round's id.
 const HEAD_LEN: usize = 4 + 1 + 1 + 4 + 4 + 8;
-const REPORT_LEN: usize = HEAD_LEN + 8 + 8;
+const REPORT_LEN: usize = HEAD_LEN + 8 + 8 + 1;
 
 /// The bytes of `message`.
 #[must_use]
@@ -37,9 +37,10 @@ pub fn encode(message: &Message) -> Vec<u8> {
     bytes.extend_from_slice(&round.by.nodeid.to_le_bytes());
     bytes.extend_from_slice(&round.by.pid.to_le_bytes());
     bytes.extend_from_slice(&round.seq.to_le_bytes());
-    if let Message::Report { epoch, incarnation, .. } = message {
+    if let Message::Report { epoch, incarnation, quorate, .. } = message {
         bytes.extend_from_slice(&epoch.to_le_bytes());
         bytes.extend_from_slice(&incarnation.to_le_bytes());
+        bytes.push(u8::from(*quorate));
     }
     bytes
 }
@@ -62,7 +63,12 @@ pub fn decode(bytes: &[u8]) -> Option<Message> {
     match (bytes[5], bytes.len()) {
         (KIND_ROUND, HEAD_LEN) => Some(Message::Round(round)),
         (KIND_REPORT, REPORT_LEN) => {
-            Some(Message::Report { round, epoch: u64_at(HEAD_LEN), incarnation: u64_at(HEAD_LEN + 8) })
+            let quorate = match bytes[HEAD_LEN + 16] {
+                0 => false,
+                1 => true,
+                _ => return None,
+            };
+            Some(Message::Report { round, epoch: u64_at(HEAD_LEN), incarnation: u64_at(HEAD_LEN + 8), quorate })
         }
         _ => None,
     }
@@ -77,7 +83,7 @@ mod tests {
         let round = RoundId { by: CpgMember { nodeid: 3, pid: 4242 }, seq: 7 };
         let messages = [
             Message::Round(round),
-            Message::Report { round, epoch: 12, incarnation: u64::MAX - 1 },
+            Message::Report { round, epoch: 12, incarnation: u64::MAX - 1, quorate: true },
             Message::Fenced { nodeid: 9 },
         ];
         for message in messages {
@@ -95,5 +101,8 @@ mod tests {
                 assert_eq!(decode(&bad), None, "byte {at} changed");
             }
         }
+        let mut report = encode(&Message::Report { round, epoch: 1, incarnation: 1, quorate: false });
+        *report.last_mut().expect("not empty") = 2;
+        assert_eq!(decode(&report), None, "a quorate flag is 0 or 1");
     }
 }

@@ -149,6 +149,8 @@ pub struct ClusterStats {
 /// [`ClusterNode::poll_effect`], [`ClusterNode::poll_transmit`] and
 /// [`ClusterNode::poll_reset`], then ask [`ClusterNode::poll_timeout`].
 pub struct ClusterNode {
+    /// Made as the only member: no view ever brings another (see `single`).
+    standalone: bool,
     engine: Node,
     config: ClusterConfig,
     links: Links,
@@ -191,8 +193,10 @@ impl ClusterNode {
         let joining = config_epoch == 0;
         let peers = config.membership.members().iter().map(|m| m.id).filter(|&id| id != config.node && !joining);
         let links = Links::new(peers.collect::<Vec<_>>().into_iter());
-        engine.track_released(config.membership.members().len() > 1);
+        let standalone = config.membership.members().len() == 1;
+        engine.track_released(!standalone);
         Ok(ClusterNode {
+            standalone,
             engine,
             config,
             links,
@@ -207,9 +211,12 @@ impl ClusterNode {
         })
     }
 
-    /// Whether this node is the only member (it is then exactly a [`Node`]).
-    fn single(&self) -> bool {
-        self.config.membership.members().len() == 1
+    /// Whether this node is made alone (it is then exactly a [`Node`]). A
+    /// node made with others stays a cluster node when views leave it
+    /// alone for a while: what it masters then must be found by the
+    /// members that come back, and its sessions' ids must name it.
+    pub(in crate::cluster) fn single(&self) -> bool {
+        self.standalone
     }
 
     // ----- lockspaces and sessions (local) -----

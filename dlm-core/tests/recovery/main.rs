@@ -441,3 +441,27 @@ fn a_lost_value_is_reported_again_when_the_message_that_reported_it_dies_with_it
     assert_eq!(c.status, Status::Granted);
     assert!(c.flags.contains(StatusFlags::VALNOTVALID), "\"old\" read as valid after \"new\" was lost: {c:?}");
 }
+
+#[test]
+fn what_a_node_masters_while_alone_in_a_quorate_view_is_found_when_others_come_back() {
+    // corosync keeps quorum with nodes whose agents are gone: one agent can
+    // be alone in a quorate view, and lock as the only member.
+    let mut net = Net::new();
+    let name = net.name_with_directory(2);
+    for id in 2..=5 {
+        net.crash(id);
+    }
+    net.recover();
+    net.lock(1, 1, &name, Mode::Ex);
+    net.deliver_all();
+    assert_eq!(net.completion(1, 1).status, Status::Granted);
+    net.restart(2);
+    net.recover();
+    net.lock(2, 1, &name, Mode::Ex);
+    net.deliver_all();
+    assert!(net.completions(2, 1).is_empty(), "EX granted on node 2 while node 1 holds EX");
+    assert_eq!(net.masters(&name), vec![1]);
+    net.unlock(1, 1);
+    net.deliver_all();
+    assert_eq!(net.completion(2, 1).status, Status::Granted);
+}

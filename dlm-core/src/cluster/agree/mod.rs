@@ -12,9 +12,10 @@
 //!    with the lowest node id, then pid) multicasts `Round(id)`; a change
 //!    also ends any round in progress.
 //! 2. Every member that is delivered `Round(id)` starts that round over the
-//!    members it has now, and multicasts `Report(id, epoch, incarnation)`:
-//!    the epoch of the last view it agreed to and the incarnation of its
-//!    process. A later `Round` replaces an earlier one.
+//!    members it has now, and multicasts `Report(id, epoch, incarnation,
+//!    quorate)`: the epoch of the last view it agreed to, the incarnation of
+//!    its process, and whether its last view was quorate with it in it. A
+//!    later `Round` replaces an earlier one.
 //! 3. When a report of the round has come from every member, each takes the
 //!    view: the members with their incarnations, at epoch
 //!    `max(reported) + 2`. It is later than every member's own epoch, and
@@ -52,7 +53,11 @@
 //!
 //! **A fenced node comes back anew.** A node that fenced itself revoked its
 //! clients' locks, so when it comes back it reports a new incarnation: the
-//! others then purge what they still held for it, as for a restart.
+//! others then purge what they still held for it, as for a restart. A node
+//! that finds in a round that the others agreed to views it did not (it
+//! was left out of them) while it still holds a quorate view fences itself
+//! before it takes the round's view: no node merges back with state the
+//! others may have recovered.
 //!
 //! **Who may be a member.** Only configured dlm nodes, each at most once (its
 //! corosync node id is its dlm id): any other member of the group is left
@@ -99,6 +104,10 @@ pub enum Message {
         epoch: u64,
         /// The member's incarnation.
         incarnation: u64,
+        /// Whether the last view the member took was quorate and had it
+        /// in it (it may hold locks): a member that finds a later one among
+        /// the reports was left out of a view that others held.
+        quorate: bool,
     },
 }
 
@@ -153,7 +162,15 @@ struct Round {
     id: RoundId,
     /// The members that must report, by node.
     expected: BTreeMap<u32, CpgMember>,
-    reports: BTreeMap<u32, (u64, u64)>,
+    reports: BTreeMap<u32, Report>,
+}
+
+/// One member's answer in a round.
+#[derive(Clone, Copy)]
+struct Report {
+    epoch: u64,
+    incarnation: u64,
+    quorate: bool,
 }
 
 /// One agent's side of the agreement.
@@ -343,6 +360,7 @@ impl Agreement {
                         round: id,
                         epoch: self.agreed,
                         incarnation: self.incarnation,
+                        quorate: self.handed_quorate,
                     }));
                 }
             }
@@ -352,14 +370,15 @@ impl Agreement {
                     self.try_hand(&mut steps);
                 }
             }
-            Message::Report { round, epoch, incarnation } => {
+            Message::Report { round, epoch, incarnation, quorate } => {
                 let Some(current) = self.round.as_mut() else { return steps };
                 if current.id != round || current.expected.get(&from.nodeid) != Some(&from) {
                     return steps;
                 }
-                current.reports.insert(from.nodeid, (epoch, incarnation));
+                current.reports.insert(from.nodeid, Report { epoch, incarnation, quorate });
                 if current.reports.len() == current.expected.len() {
                     let round = self.round.take().expect("checked above");
+                    self.fence_if_views_missed(&round, &mut steps);
                     self.agree(&round);
                     self.try_hand(&mut steps);
                 }
@@ -438,18 +457,33 @@ impl Agreement {
         Step::Send(Message::Round(RoundId { by, seq: self.rounds_started }))
     }
 
+    /// No stateful merge: a member that reports a quorate view later than
+    /// any this node agreed to means this node missed that view, which a
+    /// member of it would have agreed to as well (virtual synchrony): it was
+    /// left out, and the others may have recovered its locks. (Views that
+    /// fenced their members, as a minority's, leave nothing to miss.) If it still holds a
+    /// quorate view (its lease should have lapsed: this is the defence
+    /// behind it), it fences itself before it takes the new view, and comes
+    /// back holding nothing; its later views carry a new incarnation.
+    fn fence_if_views_missed(&mut self, round: &Round, steps: &mut Vec<Step>) {
+        let missed = round.reports.values().any(|r| r.quorate && r.epoch > self.agreed);
+        if missed && self.handed_quorate {
+            self.fence_alone(steps);
+        }
+    }
+
     /// Every member reported: the view of the round becomes pending.
     fn agree(&mut self, round: &Round) {
         // From the reports alone, so every member reaches the same epoch. This
         // node's report carried its `agreed`, and `handed` is at most one
         // more, so the new epoch is later than both. Agreed epochs are even:
         // the odd one after each is for a node fencing itself alone.
-        let highest = round.reports.values().map(|(epoch, _)| *epoch).max().unwrap_or(0);
+        let highest = round.reports.values().map(|r| r.epoch).max().unwrap_or(0);
         self.agreed = (highest + 2) & !1;
         let members = round
             .reports
             .iter()
-            .map(|(&nodeid, &(_, incarnation))| {
+            .map(|(&nodeid, &Report { incarnation, .. })| {
                 let id = u16::try_from(nodeid).expect("configured ids are u16");
                 ViewMember { id: NodeId(id), weight: self.configured[&id], incarnation }
             })

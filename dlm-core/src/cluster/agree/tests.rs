@@ -192,7 +192,7 @@ fn a_view_waits_for_quorum_to_see_its_ring_and_takes_quorums_word() {
         other => panic!("expected a round, got {other:?}"),
     };
     let _ = agent.deliver(me, Message::Round(round));
-    let steps = agent.deliver(me, Message::Report { round, epoch: 0, incarnation: 7 });
+    let steps = agent.deliver(me, Message::Report { round, epoch: 0, incarnation: 7, quorate: false });
     assert!(steps.is_empty(), "no quorum word yet: {steps:?}");
     assert!(agent.quorum(true, 4).is_empty(), "quorum has not seen ring 5");
     match agent.quorum(false, 5).as_slice() {
@@ -404,4 +404,28 @@ fn a_node_lost_while_this_node_had_lost_quorum_is_fenced_before_a_quorate_view_w
         let last = group.last_view(m).expect("view");
         assert!(last.quorate && Group::ids(last) == vec![2, 3], "{last:?}");
     }
+}
+
+#[test]
+fn a_member_left_out_of_a_view_fences_itself_before_it_takes_the_next() {
+    let mut group = Group::new();
+    let (a, b, c) = (member(1), member(2), member(3));
+    group.change(&[a, b, c]);
+    group.run();
+    // c is left out without hearing of it (stopped, and its lease did not
+    // lapse: the defence behind the lease), while a and b agree without it.
+    let stale = group.agents.remove(&c).expect("c is a member");
+    group.change(&[a, b]);
+    group.run();
+    let seen = group.views[&c].len();
+    group.agents.insert(c, stale);
+    group.change(&[a, b, c]);
+    group.run();
+    let after: Vec<&View> = group.views[&c][seen..].iter().collect();
+    assert_eq!(after.len(), 2, "c fences itself, then takes the merged view: {after:?}");
+    assert!(!after[0].quorate && after[0].members.len() == 1, "first it fences itself: {after:?}");
+    assert!(after[1].quorate && after[1].members.len() == 3);
+    assert_eq!(group.views[&a].last(), Some(after[1]), "every member takes the same view");
+    // A member that missed nothing takes the view at once.
+    assert_eq!(group.views[&a].iter().filter(|v| !v.quorate).count(), 0);
 }

@@ -303,7 +303,7 @@ impl ClusterNode {
         let me = self.config.node;
         let epoch = self.config.membership.epoch;
         self.links = Links::new(self.member_ids().filter(|&id| id != me).collect::<Vec<_>>().into_iter());
-        self.engine.track_released(!self.links.is_empty());
+        self.engine.track_released(!self.single());
         self.coordinator.reset();
         self.directory.clear_entries();
         self.requester.start_recovery();
