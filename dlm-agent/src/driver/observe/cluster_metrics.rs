@@ -25,6 +25,7 @@ pub struct ClusterMetrics {
     mastered: IntGauge,
     directory: IntGauge,
     remote_locks: IntGauge,
+    lock_delayed: IntGauge,
     messages: IntCounterVec,
     lookups: IntCounter,
     remote_requests: IntCounter,
@@ -119,6 +120,10 @@ impl ClusterMetrics {
             mastered: gauge("dlm_cluster_mastered_resources", "Resources mastered on this node (in use or idle)."),
             directory: gauge("dlm_cluster_directory_entries", "Directory entries kept on this node."),
             remote_locks: gauge("dlm_cluster_remote_locks", "Locks of this node's clients mastered on other nodes."),
+            lock_delayed: gauge(
+                "dlm_cluster_lock_delayed_resources",
+                "Resources mastered here whose conflicting requests wait out a lock-delay (a lost node's hold).",
+            ),
             messages,
             lookups: counter("dlm_cluster_lookups_total", "Directory lookups sent to other nodes."),
             remote_requests: counter(
@@ -183,7 +188,8 @@ impl ClusterMetrics {
     }
 
     /// Brings the metrics up to date with the engine's counts.
-    pub fn update(&mut self, stats: ClusterStats, mastered: usize, directory: usize, remote_locks: usize) {
+    pub fn update(&mut self, stats: ClusterStats, counts: Counts) {
+        let Counts { mastered, directory, remote_locks, lock_delayed } = counts;
         let delta = |now: u64, before: u64| now.saturating_sub(before);
         let last = self.last;
         self.messages.with_label_values(&["sent"]).inc_by(delta(stats.messages_sent, last.messages_sent));
@@ -199,5 +205,18 @@ impl ClusterMetrics {
         self.mastered.set(gauge(mastered));
         self.directory.set(gauge(directory));
         self.remote_locks.set(gauge(remote_locks));
+        self.lock_delayed.set(gauge(lock_delayed));
     }
+}
+
+/// What the node holds now, for the gauges.
+pub struct Counts {
+    /// Resources mastered here.
+    pub mastered: usize,
+    /// Directory entries kept here.
+    pub directory: usize,
+    /// This node's clients' locks mastered elsewhere.
+    pub remote_locks: usize,
+    /// Resources held by a lock-delay.
+    pub lock_delayed: usize,
 }

@@ -212,7 +212,13 @@ impl Observer {
     /// Brings the cluster metrics up to date with the node's counts.
     pub(super) fn update_cluster(&mut self, node: &ClusterNode) {
         if let Some(cluster) = &mut self.cluster {
-            cluster.update(node.stats(), node.mastered_count(), node.directory_count(), node.remote_lock_count());
+            let counts = cluster_metrics::Counts {
+                mastered: node.mastered_count(),
+                directory: node.directory_count(),
+                remote_locks: node.remote_lock_count(),
+                lock_delayed: node.engine().delayed_resources(),
+            };
+            cluster.update(node.stats(), counts);
         }
     }
 
