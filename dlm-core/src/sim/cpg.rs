@@ -96,6 +96,8 @@ pub(super) struct CpgLayer {
     frozen_until: Vec<Option<Instant>>,
     /// The lease lapsed and corosync has not answered since.
     lapsed: Vec<bool>,
+    /// What each agent multicast while its corosync did not answer.
+    unsent: Vec<Vec<Message>>,
     /// The agents each agent was last told make up its group.
     told: Vec<Vec<CpgMember>>,
     /// The nodes of each node's component as last announced.
@@ -127,6 +129,7 @@ impl CpgLayer {
             stopped_since: vec![None; nodes],
             frozen_until: vec![None; nodes],
             lapsed: vec![false; nodes],
+            unsent: vec![Vec::new(); nodes],
             told: vec![Vec::new(); nodes],
             component: vec![BTreeSet::new(); nodes],
             ring: 0,
@@ -263,28 +266,34 @@ impl Sim {
         }
     }
 
+    /// Node `n`'s agent multicasts `message` to its group as its corosync
+    /// knows it now.
+    fn multicast(&mut self, n: usize, message: Message) {
+        let cpg = self.cpg.as_ref().expect("the CPG model runs");
+        let from = member(n, self.members.incarnations[n]);
+        // Back from outside the ring and not told its group yet, it is
+        // alone in a ring of its own.
+        let mut to: Vec<usize> = cpg.component[n].iter().copied().filter(|&y| cpg.agreements[y].is_some()).collect();
+        if to.is_empty() {
+            to.push(n);
+        }
+        for y in to {
+            self.enqueue(y, Event::Deliver { from, message });
+        }
+    }
+
     /// Carries out what node `n`'s agreement asked for.
     fn apply_steps(&mut self, n: usize, steps: Vec<Step>) -> Result<(), String> {
         for step in steps {
             match step {
                 Step::Send(message) => {
-                    let cpg = self.cpg.as_ref().expect("the CPG model runs");
-                    if cpg.stopped_since[n].is_some() {
+                    if self.cpg().stopped_since[n].is_some() {
                         // Its corosync does not answer: the message waits
-                        // in vain (a change or a renewal starts a round).
+                        // in the agent's connection until it does.
+                        self.cpg().unsent[n].push(message);
                         continue;
                     }
-                    let from = member(n, self.members.incarnations[n]);
-                    // Back from outside the ring and not told its group
-                    // yet, it is alone in a ring of its own.
-                    let mut to: Vec<usize> =
-                        cpg.component[n].iter().copied().filter(|&y| cpg.agreements[y].is_some()).collect();
-                    if to.is_empty() {
-                        to.push(n);
-                    }
-                    for y in to {
-                        self.enqueue(y, Event::Deliver { from, message });
-                    }
+                    self.multicast(n, message);
                 }
                 Step::View(view) => {
                     self.report.faults.views += 1;
@@ -354,6 +363,9 @@ impl Sim {
             let cpg = self.cpg();
             cpg.told[n] = vec![me];
             cpg.component[n] = BTreeSet::from([n]);
+        }
+        for message in std::mem::take(&mut self.cpg().unsent[n]) {
+            self.multicast(n, message);
         }
         let cpg = self.cpg();
         if cpg.lapsed[n] {
@@ -429,6 +441,7 @@ impl Sim {
         cpg.told[x].clear();
         cpg.component[x].clear();
         cpg.lapsed[x] = false;
+        cpg.unsent[x].clear();
         if node_down {
             cpg.node_up[x] = false;
             cpg.stopped_since[x] = None;

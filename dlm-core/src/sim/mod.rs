@@ -324,7 +324,10 @@ impl Sim {
         let members: Vec<Member> =
             (1..=config.nodes).map(|id| Member { id: NodeId(id), weight: 1 + rng.below(2) as u8 }).collect();
         let weights: Vec<u8> = members.iter().map(|m| m.weight).collect();
-        let membership = Membership::new(members, 1).expect("valid members");
+        // With the model of corosync, nodes start as the agent's do: joining,
+        // granting nothing before their first view.
+        let first_epoch = u64::from(!(config.membership_faults && config.cpg));
+        let membership = Membership::new(members, first_epoch).expect("valid members");
         let mut nodes = Vec::new();
         let mut clients = Vec::new();
         let mut configs = Vec::new();
