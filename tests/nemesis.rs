@@ -6,7 +6,9 @@
 //! continued, at random. A
 //! checker then looks at every hold the clients saw:
 //! - no two incompatible holds of one resource overlap in time, counting a
-//!   hold until its client released it or was told it was lost (a
+//!   hold until its client released it or was told it was lost (half the
+//!   clients watch for the loss while they hold; the others look only
+//!   after their work, as most programs do, and are told then) (a
 //!   revocation, or its session ending with its agent) — not until the
 //!   fault itself: with lock-delay, what a lost holder held stays in the
 //!   way long enough for its client to hear;
@@ -131,13 +133,22 @@ async fn client(
                 // lost the lock (a revocation, or its session ending with
                 // its agent): not a moment earlier, whatever happened to
                 // the agent or the node.
+                // Half the clients watch for the loss while they work; the
+                // others, as most programs do, work and look only after
+                // (they are told when they look), which is what lock-delay
+                // is for.
                 let hold_for = Duration::from_millis(rng.below(20));
-                let lost = tokio::time::timeout(hold_for, guard.lost()).await;
-                lock(&record).holds[index].ended = Some(Instant::now());
-                if lost.is_err() {
-                    let _ = guard.unlock().await;
+                let lost = if id % 2 == 0 {
+                    tokio::time::timeout(hold_for, guard.lost()).await.is_ok()
                 } else {
+                    tokio::time::sleep(hold_for).await;
+                    !guard.is_held()
+                };
+                lock(&record).holds[index].ended = Some(Instant::now());
+                if lost {
                     std::mem::forget(guard);
+                } else {
+                    let _ = guard.unlock().await;
                 }
             }
             Err(LockError::SessionClosed) => {
