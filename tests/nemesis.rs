@@ -138,7 +138,7 @@ async fn client(
                 // (they are told when they look), which is what lock-delay
                 // is for.
                 let hold_for = Duration::from_millis(rng.below(20));
-                let lost = if id % 2 == 0 {
+                let lost = if id.is_multiple_of(2) {
                     tokio::time::timeout(hold_for, guard.lost()).await.is_ok()
                 } else {
                     tokio::time::sleep(hold_for).await;

@@ -529,6 +529,30 @@ mod tests {
     }
 
     #[test]
+    fn a_lock_delay_comes_from_its_lockspace_then_the_cluster_then_the_default() {
+        let text = |cluster_delay: &str, lockspace_delay: &str| {
+            format!(
+                "[[lockspace]]\nname = \"a\"\n{lockspace_delay}[[lockspace]]\nname = \"b\"\n[tls]\ninsecure = true\n\
+                 [cluster]\nname = \"c\"\nnode_id = 1\n{cluster_delay}[[cluster.member]]\nid = 1\naddress = \"127.0.0.1:7400\"\n"
+            )
+        };
+        let load = |text: &str| Config::from_text(None, Some(text), &Overrides::default());
+        let delays = |config: &Config| -> Vec<Duration> {
+            config.lockspaces.iter().map(|entry| config.lockspace_config(entry).lock_delay).collect()
+        };
+        let config = load(&text("", "")).expect("valid");
+        assert_eq!(delays(&config), vec![dlm_core::LOCK_DELAY_DEFAULT; 2]);
+        let config = load(&text("lock_delay = \"2s\"\n", "lock_delay = \"0s\"\n")).expect("valid");
+        assert_eq!(delays(&config), vec![Duration::ZERO, Duration::from_secs(2)]);
+        let error = load(&text("lock_delay = \"11m\"\n", "")).expect_err("too long").to_string();
+        assert!(error.contains("cluster.lock_delay"), "{error}");
+        let error = load(&text("", "lock_delay = \"1h\"\n")).expect_err("too long").to_string();
+        assert!(error.contains("lock_delay"), "{error}");
+        let error = load(&text("", "lock_delay = \"soon\"\n")).expect_err("not a duration").to_string();
+        assert!(error.contains("lock_delay") || error.contains("unit"), "{error}");
+    }
+
+    #[test]
     fn a_file_overrides_defaults_and_bad_values_name_their_key() {
         let dir = std::env::temp_dir().join(format!("dlm-config-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
