@@ -140,12 +140,15 @@ async fn a_stopped_agent_holds_up_a_change_only_until_its_node_is_fenced() {
     let s1 = Arc::new(cluster.agent(0).client().await.session().await.expect("session"));
     let waiter = wait_for(&s1, &["stalled".to_string()]);
     // Node 3's agent stops: corosync still counts its process. Then a change
-    // (node 2's agent exits), whose round waits for node 3's report.
+    // (node 2's agent restarts), whose rounds wait for node 3's report.
+    // (Node 1 alone would be one agent of three: no quorate view.)
     cluster.signal_agent(2, "STOP");
     let stopped = Instant::now();
     cluster.kill_agent(1);
-    let status = cluster
-        .wait_state(0, Duration::from_secs(30), |s| s["state"] == "running" && s["members"] == serde_json::json!([1]));
+    cluster.start_agent(1);
+    let status = cluster.wait_state(0, Duration::from_secs(30), |s| {
+        s["state"] == "running" && s["members"] == serde_json::json!([1, 2])
+    });
     let went_on = stopped.elapsed();
     let calls = std::fs::read_to_string(&record).unwrap_or_default();
     assert!(calls.lines().any(|l| l.starts_with("3 ")), "node 3 was not fenced: {calls:?}\n{status:#}");

@@ -396,6 +396,14 @@ impl Membership {
             }
             Step::View(view) => {
                 tracing::info!(epoch = view.epoch, quorate = view.quorate, "agreed on a view");
+                if !self.agreement.agents_are_a_majority(&view) {
+                    tracing::warn!(
+                        epoch = view.epoch,
+                        agents = view.members.len(),
+                        configured = self.settings.members.len(),
+                        "the view's agents are not a majority of the configured nodes: nothing is granted until more join"
+                    );
+                }
                 // A quorate view's epoch is on disk before any token of it is
                 // handed out (see `crate::generation`); a node that cannot
                 // record it stays in its older epoch, which its peers refuse.

@@ -33,6 +33,14 @@
 //! the group fences this node at `agreed + 1`; quorum regained makes the
 //! leader start a round.
 //!
+//! **A majority of agents.** Votequorum counts nodes, and a node whose
+//! agent died still has its vote. A view is quorate only when quorum says so
+//! *and* its agents carry more than half the configured weight (with more
+//! than two nodes configured): any two such views share an agent, so the
+//! later one's epoch is above every epoch granted in before, and fencing
+//! tokens never go back. A cluster with a majority of corosyncs but a
+//! minority of agents grants nothing until more agents join.
+//!
 //! **Fencing.** A node that left because its corosync was lost (CPG's
 //! reason `NODEDOWN`, as every member is told in the same change) may still
 //! be running and holding locks, so a quorate view without it is handed only
@@ -504,8 +512,26 @@ impl Agreement {
             return;
         }
         let mut view = self.pending.take().expect("checked above");
-        view.quorate = quorum.quorate;
+        view.quorate = quorum.quorate && self.agents_are_a_majority(&view);
         self.hand(view, steps);
+    }
+
+    /// Whether the agents of `view` carry more than half the configured
+    /// weight (always, with two nodes or fewer configured: corosync's
+    /// `two_node` and fencing decide there). Votequorum counts a node whose
+    /// corosync runs even when its agent is dead, so a partition can be
+    /// quorate while none of its agents saw the last quorate view: its view
+    /// would then take an epoch below the one the others granted in, and
+    /// fencing tokens would go back. Two majorities of agents share one, and
+    /// that one reports the later epoch.
+    #[must_use]
+    pub fn agents_are_a_majority(&self, view: &View) -> bool {
+        if self.configured.len() <= 2 {
+            return true;
+        }
+        let total: u32 = self.configured.values().map(|&w| u32::from(w)).sum();
+        let present: u32 = view.members.iter().map(|m| u32::from(m.weight)).sum();
+        present * 2 > total
     }
 
     /// Hands `view` to the lock engine. A view that fences this node gives
