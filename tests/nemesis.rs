@@ -3,17 +3,29 @@
 //! healed, agents are stopped (SIGSTOP) and continued, a node's corosync is
 //! stopped under its running agent past the survivors' grace, and a whole
 //! node (corosync and agent, a paused VM) is stopped past the grace and
-//! continued, at random. A
-//! checker then looks at every hold the clients saw:
+//! continued, at random. Clients pause too: now and then one stops for
+//! longer than the lock-delay while it holds a lock (a garbage collector,
+//! a stopped process), and cannot hear of anything meanwhile.
+//!
+//! Each EX holder reads a register of a store that honours fencing tokens
+//! (`support::fenced_store`, after Jepsen's lock tests) and writes it plus
+//! one. A checker then looks at every hold the clients saw and at the store:
 //! - no two incompatible holds of one resource overlap in time, counting a
 //!   hold until its client released it or was told it was lost (half the
 //!   clients watch for the loss while they hold; the others look only
 //!   after their work, as most programs do, and are told then) (a
 //!   revocation, or its session ending with its agent) — not until the
 //!   fault itself: with lock-delay, what a lost holder held stays in the
-//!   way long enough for its client to hear;
+//!   way long enough for its client to hear. The one exception is a hold
+//!   taken from a client while it was paused past the lock-delay: no lock
+//!   service can tell a stopped process anything, which is what fencing
+//!   tokens are for; such overlaps are counted, and the store shows
+//!   whether the tokens kept it right;
 //! - fencing tokens of one resource only grow: of two incompatible holds,
 //!   the later one has the larger token;
+//! - the store lost no update (every accepted write read the value it
+//!   replaced) and its writes were not reordered (it refuses a token below
+//!   the highest it saw);
 //! - after healing, every client's requests complete and each client takes
 //!   every resource once more.
 //!
@@ -31,6 +43,7 @@ use std::time::{Duration, Instant};
 use dlm_agent::client::{LockError, LockOptions, Session};
 use dlm_core::Mode;
 use support::corosync::{CorosyncCluster, can_run};
+use support::fenced_store::FencedStore;
 
 const NODES: usize = 3;
 const CLIENTS_PER_NODE: usize = 2;
@@ -51,6 +64,18 @@ const FAULTS: [&str; 5] = ["kill", "cut", "pause", "freeze-corosync", "freeze-no
 /// have recovered its locks when it continues.
 const STOPPED_PAST_GRACE: Duration = Duration::from_millis(4000);
 
+/// One EX hold in this many, of a client that looks for a loss only after
+/// its work, pauses in the middle of it.
+const PAUSE_ONE_IN: u64 = 40;
+/// How long a paused client stops: half the pauses within what lock-delay
+/// covers (so that without it they show), half well past it.
+const SHORT_PAUSE_MS: std::ops::Range<u64> = 100..400;
+const LONG_PAUSE_MS: std::ops::Range<u64> = 700..1600;
+/// The pause that lock-delay covers: the agents' default lock-delay (the
+/// checker judges by it even when `DLM_NEMESIS_LOCK_DELAY` sets another,
+/// so that a shorter one shows what it lets through).
+const COVERED_PAUSE: Duration = Duration::from_millis(500);
+
 /// One hold a client saw.
 #[derive(Clone, Debug)]
 struct Hold {
@@ -63,6 +88,8 @@ struct Hold {
     granted: Instant,
     /// Released, or told it was lost (whichever came first); open while held.
     ended: Option<Instant>,
+    /// When its client paused while holding it, and for how long, if it did.
+    paused: Option<(Instant, Duration)>,
 }
 
 /// A tiny deterministic generator (the run's seed is printed).
@@ -90,6 +117,11 @@ struct Record {
     requests: u64,
     granted: u64,
     failed: u64,
+    /// Client pauses made.
+    pauses: u64,
+    /// When a client of each node last paused, while one is: a kill goes to
+    /// a node whose client has just paused, to take its lock from it.
+    paused_nodes: BTreeMap<usize, Instant>,
 }
 
 type Shared = Arc<Mutex<Record>>;
@@ -104,6 +136,7 @@ async fn client(
     id: usize,
     (mut session, mut agent): (Session, PathBuf),
     record: Shared,
+    store: Arc<FencedStore>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     connect: impl Fn() -> Option<PathBuf>,
 ) {
@@ -126,9 +159,14 @@ async fn client(
                         agent: agent.clone(),
                         granted: Instant::now(),
                         ended: None,
+                        paused: None,
                     });
                     r.holds.len() - 1
                 };
+                // An EX holder reads its register (a PR holder only holds:
+                // readers at once would refuse each other's tokens).
+                let token = guard.fencing_token();
+                let read = if mode == Mode::Ex { store.read(resource, token).ok() } else { None };
                 // The hold lasts until the client lets go or is told it
                 // lost the lock (a revocation, or its session ending with
                 // its agent): not a moment earlier, whatever happened to
@@ -136,14 +174,34 @@ async fn client(
                 // Half the clients watch for the loss while they work; the
                 // others, as most programs do, work and look only after
                 // (they are told when they look), which is what lock-delay
-                // is for.
+                // is for; now and then one of those pauses mid-work for
+                // longer than the lock-delay, which only fencing tokens cover.
                 let hold_for = Duration::from_millis(rng.below(20));
                 let lost = if id.is_multiple_of(2) {
                     tokio::time::timeout(hold_for, guard.lost()).await.is_ok()
                 } else {
                     tokio::time::sleep(hold_for).await;
-                    !guard.is_held()
+                    if mode == Mode::Ex && rng.below(PAUSE_ONE_IN) == 0 {
+                        let range = if rng.below(2) == 0 { SHORT_PAUSE_MS } else { LONG_PAUSE_MS };
+                        let pause = Duration::from_millis(range.start + rng.below(range.end - range.start));
+                        let node = id / CLIENTS_PER_NODE;
+                        {
+                            let mut r = lock(&record);
+                            r.holds[index].paused = Some((Instant::now(), pause));
+                            r.pauses += 1;
+                            r.paused_nodes.insert(node, Instant::now());
+                        }
+                        tokio::time::sleep(pause).await;
+                        lock(&record).paused_nodes.remove(&node);
+                    }
+                    false
                 };
+                // The write, by a holder that was not told of a loss: the
+                // store decides by its token.
+                if let (false, Some(read)) = (lost, read) {
+                    let _ = store.increment(resource, token, read);
+                }
+                let lost = lost || !guard.is_held();
                 lock(&record).holds[index].ended = Some(Instant::now());
                 if lost {
                     std::mem::forget(guard);
@@ -183,41 +241,60 @@ fn compatible(a: Mode, b: Mode) -> bool {
     a == Mode::Pr && b == Mode::Pr
 }
 
-/// The checker: overlapping incompatible holds, and tokens going backwards.
-fn check(record: &Record) -> Vec<String> {
-    let mut violations = Vec::new();
-    let end_of = |hold: &Hold| hold.ended;
+/// What the checker found.
+#[derive(Debug, Default)]
+struct Findings {
+    violations: Vec<String>,
+    /// Holds taken from clients paused past the lock-delay (granted to
+    /// another while the first was stopped and could hear nothing).
+    taken_while_paused: usize,
+    /// Of the violations, holds taken from clients paused within it.
+    taken_within_covered_pause: usize,
+}
+
+/// The checker: overlapping incompatible holds (but for holds taken while
+/// their client was paused, counted), and tokens going backwards.
+fn check(record: &Record) -> Findings {
+    let mut found = Findings::default();
     for resource in 0..RESOURCES {
         let mut holds: Vec<&Hold> = record.holds.iter().filter(|h| h.resource == resource).collect();
         holds.sort_by_key(|h| h.granted);
         for (i, a) in holds.iter().enumerate() {
-            let a_end = end_of(a);
             for b in &holds[i + 1..] {
                 if compatible(a.mode, b.mode) {
                     continue;
                 }
-                let overlap = a_end.is_none_or(|end| end > b.granted);
-                if overlap {
-                    violations.push(format!(
-                        "r{resource}: {:?} token {} (client {}) still held when {:?} token {} (client {}) was granted {:?} later",
-                        a.mode,
-                        a.token,
-                        a.client,
-                        b.mode,
-                        b.token,
-                        b.client,
-                        b.granted - a.granted
-                    ));
-                } else if b.token <= a.token {
-                    violations.push(format!(
+                if b.token <= a.token {
+                    found.violations.push(format!(
                         "r{resource}: token went backwards: {:?} token {} after {:?} token {}",
                         b.mode, b.token, a.mode, a.token
                     ));
                 }
+                if !a.ended.is_none_or(|end| end > b.granted) {
+                    continue;
+                }
+                match a.paused {
+                    Some((at, pause)) if at <= b.granted && pause > COVERED_PAUSE => {
+                        found.taken_while_paused += 1;
+                        continue;
+                    }
+                    Some((at, _)) if at <= b.granted => found.taken_within_covered_pause += 1,
+                    _ => {}
+                }
+                found.violations.push(format!(
+                    "r{resource}: {:?} token {} (client {}) still held when {:?} token {} (client {}) was granted {:?} later",
+                    a.mode,
+                    a.token,
+                    a.client,
+                    b.mode,
+                    b.token,
+                    b.client,
+                    b.granted - a.granted
+                ));
             }
         }
     }
-    violations
+    found
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -236,6 +313,7 @@ async fn a_nemesis_of_kills_cuts_pauses_and_freezes_breaks_no_lock() {
     let extra = format!("{}[cluster.fencing]\nself_fence_grace = \"{GRACE}\"\n", lock_delay.unwrap_or_default());
     let cluster = Arc::new(Mutex::new(CorosyncCluster::start("nemesis", NODES, TOKEN_MS, &extra)));
     let record: Shared = Arc::default();
+    let store = Arc::new(FencedStore::new(RESOURCES));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Each node's agent's socket now (a restarted agent has a new one).
     let sockets: Arc<Mutex<Vec<std::path::PathBuf>>> = {
@@ -256,7 +334,8 @@ async fn a_nemesis_of_kills_cuts_pauses_and_freezes_breaks_no_lock() {
                 socket.exists().then_some(socket)
             };
             let agent = socket_of(node);
-            clients.push(tokio::spawn(client(id, (session, agent), record.clone(), stop.clone(), connect)));
+            let (record, store, stop) = (record.clone(), store.clone(), stop.clone());
+            clients.push(tokio::spawn(client(id, (session, agent), record, store, stop, connect)));
         }
     }
 
@@ -266,8 +345,26 @@ async fn a_nemesis_of_kills_cuts_pauses_and_freezes_breaks_no_lock() {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(500 + rng.below(1500))).await;
-        let node = rng.below(NODES as u64) as usize;
+        let mut node = rng.below(NODES as u64) as usize;
         let fault = FAULTS[rng.below(FAULTS.len() as u64) as usize];
+        if fault == "kill" {
+            // Where a client has just paused holding a lock, if one does
+            // within a few seconds: its lock is then taken while it cannot
+            // hear (what fencing tokens are for).
+            let looking = Instant::now();
+            while looking.elapsed() < Duration::from_secs(3) {
+                let fresh = lock(&record)
+                    .paused_nodes
+                    .iter()
+                    .find(|(_, at)| at.elapsed() < Duration::from_millis(50))
+                    .map(|(&n, _)| n);
+                if let Some(paused) = fresh {
+                    node = paused;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
         *injected.entry(fault).or_default() += 1;
         eprintln!("nemesis: {fault} node {}", node + 1);
         let c = cluster.clone();
@@ -342,7 +439,9 @@ async fn a_nemesis_of_kills_cuts_pauses_and_freezes_breaks_no_lock() {
         }
     }
     let mut record = lock(&record);
-    let violations = check(&record);
+    let Findings { mut violations, taken_while_paused, taken_within_covered_pause } = check(&record);
+    let lost_updates = store.check();
+    violations.extend(lost_updates.iter().cloned());
     if !violations.is_empty() {
         let c = cluster.lock().unwrap_or_else(PoisonError::into_inner);
         record.logs.extend((0..NODES).map(|node| (node, c.agent(node).log())));
@@ -350,17 +449,26 @@ async fn a_nemesis_of_kills_cuts_pauses_and_freezes_breaks_no_lock() {
     }
     let heard_late =
         record.holds.iter().filter(|h| record.killed.get(&h.agent).is_some_and(|k| *k < h.granted)).count();
+    let tally = store.tally();
     eprintln!(
-        "nemesis: injected {injected:?}; {} requests, {} granted, {} failed (timeouts, fenced, sessions lost); \
-         {} holds checked over {RESOURCES} resources ({heard_late} heard of after their agent's kill): {} violations",
+        "nemesis: injected {injected:?}, client pauses {}; {} requests, {} granted, {} failed (timeouts, fenced, \
+         sessions lost); {} holds checked over {RESOURCES} resources ({heard_late} heard of after their agent's kill, \
+         {taken_while_paused} taken from a client paused past {COVERED_PAUSE:?}); store: {} writes accepted, {} operations refused for a \
+         stale token, {} lost updates; {} violations ({taken_within_covered_pause} of them holds taken from a \
+         client paused within {COVERED_PAUSE:?})",
+        record.pauses,
         record.requests,
         record.granted,
         record.failed,
         record.holds.len(),
+        tally.writes,
+        tally.rejected,
+        lost_updates.len(),
         violations.len()
     );
     assert!(violations.is_empty(), "seed {seed}:\n{}", violations.join("\n"));
     assert!(record.granted > 100, "too little was granted to check anything: {}", record.granted);
+    assert!(tally.writes > 50, "too little was written to check the store: {tally:?}");
 }
 
 /// Lines of each agent's log printed with a failure: the files are gone with
@@ -395,6 +503,7 @@ fn the_checker_finds_overlapping_incompatible_holds_and_tokens_going_backwards()
         agent: PathBuf::from(format!("agent-of-client-{client}")),
         granted,
         ended,
+        paused: None,
     };
     // Fine: one after the other with growing tokens; two readers together.
     let mut record = Record {
@@ -406,12 +515,12 @@ fn the_checker_finds_overlapping_incompatible_holds_and_tokens_going_backwards()
         ],
         ..Record::default()
     };
-    assert!(check(&record).is_empty());
+    assert!(check(&record).violations.is_empty());
     // An EX granted while another is held; a later grant with a smaller token.
     record.holds.push(hold(0, Mode::Ex, 5, 2, at(25), Some(at(40))));
     record.holds.push(hold(1, Mode::Ex, 9, 0, at(0), Some(at(5))));
     record.holds.push(hold(1, Mode::Ex, 8, 1, at(6), Some(at(7))));
-    let found = check(&record);
+    let found = check(&record).violations;
     assert_eq!(found.len(), 3, "{found:#?}");
     assert!(found.iter().filter(|v| v.contains("still held")).count() == 2, "{found:#?}");
     assert!(found.iter().any(|v| v.contains("backwards")), "{found:#?}");
@@ -421,7 +530,19 @@ fn the_checker_finds_overlapping_incompatible_holds_and_tokens_going_backwards()
         holds: vec![hold(2, Mode::Ex, 1, 2, at(0), Some(at(50))), hold(2, Mode::Ex, 2, 0, at(20), Some(at(30)))],
         ..Record::default()
     };
-    assert_eq!(check(&record).len(), 1);
+    assert_eq!(check(&record).violations.len(), 1);
     record.killed.insert(PathBuf::from("agent-of-client-2"), at(10));
-    assert_eq!(check(&record).len(), 1, "the kill does not end the hold: the client was told at 50 ms");
+    assert_eq!(check(&record).violations.len(), 1, "the kill does not end the hold: the client was told at 50 ms");
+    // Taken while its client was paused past the lock-delay (from 15 ms):
+    // counted, not a violation (the store's tokens must cover it); paused
+    // only after the other grant, it is one.
+    record.holds[0].paused = Some((at(15), Duration::from_millis(600)));
+    let found = check(&record);
+    assert_eq!((found.violations.len(), found.taken_while_paused), (0, 1), "{found:?}");
+    record.holds[0].paused = Some((at(25), Duration::from_millis(600)));
+    assert_eq!(check(&record).violations.len(), 1);
+    // Paused for less than lock-delay covers: a violation.
+    record.holds[0].paused = Some((at(15), Duration::from_millis(300)));
+    let found = check(&record);
+    assert_eq!((found.violations.len(), found.taken_within_covered_pause), (1, 1), "{found:?}");
 }

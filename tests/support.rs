@@ -16,6 +16,8 @@ use dlm_agent::client::{Client, Target};
 pub mod cluster_clients;
 #[path = "support/corosync.rs"]
 pub mod corosync;
+#[path = "support/fenced_store.rs"]
+pub mod fenced_store;
 
 /// The agent binary the tests run: `DLM_AGENT_BIN` when set, else the
 /// `dlm-agent` that cargo built for this test run, in this test
