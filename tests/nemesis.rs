@@ -270,7 +270,7 @@ fn check(record: &Record) -> Findings {
                         b.mode, b.token, a.mode, a.token
                     ));
                 }
-                if !a.ended.is_none_or(|end| end > b.granted) {
+                if a.ended.is_some_and(|end| end <= b.granted) {
                     continue;
                 }
                 match a.paused {
