@@ -75,6 +75,8 @@ async fn a_whole_node_paused_past_the_grace_grants_nothing_in_its_old_epoch_when
         .await
         .expect("unlock");
     let s1 = cluster.agent(0).client().await.session().await.expect("session");
+    // And it holds a lock when it stops: no stateful merge may bring it back.
+    let kept = s2.lock("default", "kept", Mode::Ex, LockOptions::default()).await.expect("granted");
 
     // The whole node stops (a paused VM): its corosync and its agent.
     cluster.signal_corosync(1, "STOP");
@@ -111,6 +113,19 @@ async fn a_whole_node_paused_past_the_grace_grants_nothing_in_its_old_epoch_when
     let busy = s2.lock("default", "woken", Mode::Ex, try_opts()).await.map(|g| g.fencing_token());
     assert!(matches!(busy, Err(LockError::NotGranted(_))), "{busy:?}");
     drop(held);
+    // No stateful merge: the lock node 2 held when it stopped was revoked
+    // (its client told), and it came back as a new incarnation with nothing
+    // of it: no agent has it, and node 1 takes the resource.
+    let told = tokio::time::timeout(Duration::from_secs(5), kept.lost()).await;
+    assert!(matches!(told, Ok(Loss::Revoked { .. })), "node 2's holder was not told: {told:?}");
+    for i in 0..3 {
+        let resources =
+            cluster.agent(i).client().await.dump_all("default", Some(b"kept"), 0, |_| {}).await.expect("dump");
+        let granted: Vec<_> = resources.iter().flat_map(|r| r.granted.iter()).collect();
+        assert!(granted.is_empty(), "node {} still has the old incarnation's lock: {granted:?}", i + 1);
+    }
+    let taken = s1.lock("default", "kept", Mode::Ex, try_opts()).await.map(|g| g.fencing_token());
+    assert!(taken.is_ok(), "node 1 cannot take what node 2's old incarnation held: {taken:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
