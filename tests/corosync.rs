@@ -518,3 +518,29 @@ async fn a_self_fencing_grace_below_what_corosync_needs_is_refused_at_start() {
     assert!(stderr.contains("self_fence_grace = 1s is below what this corosync needs"), "{stderr}");
     assert!(stderr.contains("= 1.7875s"), "the message gives the sum: {stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_and_the_grace_follow_corosyncs_timeouts_when_its_configuration_is_reloaded() {
+    if !can_run("timeouts_reloaded", true) {
+        return;
+    }
+    // A grace of 2 s covers token 500 ms (floor 1.7875 s), not 1,000 ms.
+    let cluster = CorosyncCluster::start("reload", 1, 500, "[cluster.fencing]\nself_fence_grace = \"2s\"\n");
+    let bound = || metric_value(&cluster.agent(0).metrics(), "dlm_cluster_lease_bound_seconds");
+    assert!((bound() - 0.55).abs() < 1e-9, "token 500 ms + consensus 600 ms, halved: {}", bound());
+    cluster.reload_token(0, 1000);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (bound() - 1.1).abs() > 1e-9 {
+        assert!(Instant::now() < deadline, "the lease kept its bound: {}\n{}", bound(), cluster.agent(0).log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = cluster.agent(0).log();
+    assert!(log.contains("corosync's timeouts changed"), "{log}");
+    assert!(
+        log.contains("self_fence_grace = 2s is below what this corosync needs") && log.contains("using the floor"),
+        "a grace below the new floor is replaced by it, and said: {log}"
+    );
+    // Still a quorate member that grants.
+    let session = cluster.agent(0).client().await.session().await.expect("session");
+    session.lock("default", "after-reload", Mode::Ex, LockOptions::default()).await.expect("granted");
+}

@@ -114,6 +114,11 @@ impl Lease {
         self.bound_ms.store(u64::try_from(bound.as_millis()).unwrap_or(u64::MAX).max(1), Ordering::Release);
     }
 
+    /// Takes a new bound (corosync's timeouts changed while it ran).
+    pub fn set_bound(&self, bound: Duration) {
+        self.bound_ms.store(u64::try_from(bound.as_millis()).unwrap_or(u64::MAX).max(1), Ordering::Release);
+    }
+
     /// corosync answered a question asked at `asked`.
     pub fn confirm(&self, asked: Instant) {
         let bound = self.bound_ms.load(Ordering::Acquire);

@@ -250,6 +250,34 @@ impl CorosyncCluster {
         self.corosync[i] = Some(child);
     }
 
+    /// Sets corosync's token to `token_ms` in every node's corosync.conf and
+    /// has every running corosync reload it (`corosync-cfgtool -R`, run on
+    /// node `i + 1`, reloads the whole cluster).
+    pub fn reload_token(&self, i: usize, token_ms: u32) {
+        for node in 0..self.corosync.len() {
+            let path = self.dir.join(format!("n{}/corosync.conf", node + 1));
+            let conf = std::fs::read_to_string(&path).expect("corosync.conf");
+            let conf: String = conf
+                .lines()
+                .map(|line| {
+                    if line.trim_start().starts_with("token:") {
+                        format!("    token: {token_ms}")
+                    } else {
+                        line.to_string()
+                    }
+                })
+                .map(|line| line + "\n")
+                .collect();
+            std::fs::write(&path, conf).expect("corosync.conf");
+        }
+        let status = Command::new("ip")
+            .args(["netns", "exec", &self.hosts.namespaces[i], "corosync-cfgtool", "-R"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("corosync-cfgtool");
+        assert!(status.success(), "corosync-cfgtool -R on node {}", i + 1);
+    }
+
     /// Sends `signal` (`STOP`, `CONT`, …) to node `i + 1`'s corosync.
     pub fn signal_corosync(&self, i: usize, signal: &str) {
         let pid = self.corosync[i].as_ref().expect("corosync running").id().to_string();

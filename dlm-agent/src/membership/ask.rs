@@ -1,6 +1,7 @@
 //! What the membership asks its corosync outside the callbacks: its
-//! timeouts, read once at start, and the lease's confirmations, asked on a
-//! thread of their own (see [`crate::lease`] for why and how they are used).
+//! timeouts, read at start and again while it runs (a reload of
+//! corosync.conf may change them), and the lease's confirmations, asked on
+//! a thread of their own (see [`crate::lease`] for why and how they are used).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,17 +29,28 @@ pub fn read_timing() -> Result<Timing, String> {
     timing
 }
 
+/// How often the prober reads corosync's timeouts again: a reload of
+/// corosync.conf (`corosync-cfgtool -R`) changes them with no callback.
+const TIMING_RECHECK: Duration = Duration::from_secs(1);
+
 /// Asks corosync every `timing.probe()`, on a thread of its own, and
 /// confirms the lease with each answer. A question that blocks (a
 /// stopped corosync) confirms nothing until it returns, and then only as of
-/// when it was asked.
+/// when it was asked. Every [`TIMING_RECHECK`] it also reads corosync's
+/// timeouts; when they changed, the lease takes its new bound at once and
+/// `changed` is told (the membership recomputes the grace).
 ///
 /// # Errors
 /// The thread cannot be made.
-pub fn spawn_prober(lease: Arc<Lease>, timing: Timing) -> Result<(), String> {
+pub fn spawn_prober(
+    lease: Arc<Lease>,
+    mut timing: Timing,
+    changed: impl Fn(Timing) + Send + 'static,
+) -> Result<(), String> {
     std::thread::Builder::new()
         .name("dlm-lease".into())
         .spawn(move || {
+            let mut read = Instant::now();
             loop {
                 let model = quorum::ModelData::ModelV1(quorum::Model1Data {
                     flags: quorum::Model1Flags::None,
@@ -54,6 +66,16 @@ pub fn spawn_prober(lease: Arc<Lease>, timing: Timing) -> Result<(), String> {
                             break;
                         }
                         lease.confirm(asked);
+                        if read.elapsed() >= TIMING_RECHECK {
+                            read = Instant::now();
+                            if let Ok(now) = read_timing()
+                                && now != timing
+                            {
+                                timing = now;
+                                lease.set_bound(timing.bound());
+                                changed(timing);
+                            }
+                        }
                         std::thread::sleep(timing.probe());
                     }
                     let _ = quorum::finalize(&handle);

@@ -18,6 +18,8 @@ use tokio::sync::mpsc;
 
 use dlm_core::cluster::agree::CpgMember;
 
+use crate::lease::Timing;
+
 /// What corosync said, in the order it said it.
 pub enum Event {
     /// This process joined the group as `me`; `handle` multicasts to it.
@@ -37,6 +39,9 @@ pub enum Event {
     CpgLost(String),
     /// The quorum connection broke (or could not be made): why.
     QuorumLost(String),
+    /// corosync's timeouts changed while it ran (a reload of its
+    /// configuration), as the lease's prober read them.
+    Timing(Timing),
 }
 
 /// Where the callbacks put what corosync says.

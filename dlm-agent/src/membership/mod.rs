@@ -141,8 +141,11 @@ pub async fn start(
     metrics.lease_bound.set(timing.bound().as_secs_f64());
     let watchdog = settings.fencing.watchdog.as_deref().map(Watchdog::start).transpose()?;
     lease.arm(timing.bound(), std::time::Instant::now());
-    ask::spawn_prober(lease.clone(), timing)?;
     let (events, receiver) = mpsc::channel(EVENTS_MAX);
+    let told = events.clone();
+    ask::spawn_prober(lease.clone(), timing, move |timing| {
+        let _ = told.blocking_send(Event::Timing(timing));
+    })?;
     corosync::spawn(settings.cpg_group(), events.clone())?;
     let agreement = Agreement::new(settings.node_id, settings.members.iter().map(|m| (m.id, m.weight)), incarnation)
         .after_epoch(generation);
@@ -280,6 +283,10 @@ impl Membership {
             if !self.report_status().await {
                 return;
             }
+            if probe.period() != self.timing.probe() {
+                probe = tokio::time::interval(self.timing.probe());
+                probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
         }
     }
 
@@ -381,7 +388,31 @@ impl Membership {
                 self.status.quorate = None;
                 self.agreement.quorum_lost()
             }
+            Event::Timing(timing) => {
+                self.timing_changed(timing);
+                Vec::new()
+            }
         }
+    }
+
+    /// corosync's timeouts changed while it ran: the lease already took its
+    /// bound; the grace follows. A configured grace that is now below what
+    /// corosync needs cannot be refused as at start: the floor is used
+    /// instead (waiting longer is safe, less is not), and the log says so.
+    fn timing_changed(&mut self, timing: Timing) {
+        self.timing = timing;
+        self.grace = self_fence_grace(&self.settings, timing).unwrap_or_else(|error| {
+            tracing::error!(%error, "using the floor until the configuration is fixed");
+            timing.grace_floor()
+        });
+        self.metrics.lease_bound.set(timing.bound().as_secs_f64());
+        tracing::warn!(
+            token = ?timing.token,
+            consensus = ?timing.consensus,
+            lease = ?timing.bound(),
+            self_fence_grace = ?self.grace,
+            "corosync's timeouts changed"
+        );
     }
 
     /// Carries out one step; false when the driver has stopped.
