@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use dlm_core::sim::run_seed;
+use dlm_core::sim::{run_seed, run_static_seed};
 
 /// The recorded reports, by seed.
 fn recorded() -> BTreeMap<u64, String> {
@@ -52,10 +52,12 @@ fn a_thousand_seeds_of_a_simulated_cluster_keep_every_invariant_and_replay_their
     // The workload must actually contend: grants and deadlock victims both occur.
     assert!(grants > seeds * 100, "{grants} grants over {seeds} seeds");
     assert!(deadlocks > 0, "no deadlock victim in {seeds} seeds: the workload no longer makes cycles");
-    // Odd seeds cut links: messages are lost and requests fail over it.
-    assert!(lost > 0 && unavailable > 0, "link faults had no effect: {lost} lost, {unavailable} unavailable");
-    // Seeds 2 and 3 modulo 4 have membership faults: each kind happens, and
-    // recovery runs many times.
+    // Odd seeds cut links: messages are lost (requests wait for the link or
+    // the view: `unavailable` {unavailable} is what static membership shows,
+    // below).
+    assert!(lost > 0, "link faults had no effect: {lost} messages lost");
+    // Every seed has membership faults: each kind happens, and recovery
+    // runs many times.
     if seeds >= 1000 {
         assert!(requests >= 1_000_000, "{requests} client requests over {seeds} seeds: fewer than 10^6");
         let kinds = [
@@ -93,4 +95,23 @@ fn a_seed_run_twice_with_other_hasher_keys_behaves_the_same_step_for_step() {
         let second = run_seed(seed).expect("the seed passes");
         assert_eq!(first, second, "seed {seed} behaved differently on its second run");
     }
+}
+
+/// Static membership (the agent's default) has no views: a request that
+/// needs a cut-off peer fails `Unavailable` instead of waiting. Its seeds
+/// cut links on every one.
+#[test]
+fn seeds_with_static_membership_and_cut_links_keep_every_invariant_and_fail_requests_over_cuts() {
+    let seeds: u64 = std::env::var("DLM_SIM_STATIC_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(250);
+    let (mut grants, mut unavailable, mut lost) = (0u64, 0u64, 0u64);
+    for seed in 0..seeds {
+        let report =
+            run_static_seed(seed).unwrap_or_else(|e| panic!("{e}\nreplay: cargo xtask sim --static --seed {seed}"));
+        grants += u64::from(report.grants);
+        unavailable += u64::from(report.unavailable);
+        lost += report.lost;
+    }
+    println!("{seeds} static seeds: {grants} grants, {unavailable} unavailable, {lost} messages lost");
+    assert!(grants > seeds * 100, "{grants} grants over {seeds} seeds");
+    assert!(lost > 0 && unavailable > 0, "link faults had no effect: {lost} lost, {unavailable} unavailable");
 }

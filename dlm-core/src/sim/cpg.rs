@@ -1,6 +1,6 @@
 //! A model of corosync driving the real view agreement
 //! ([`crate::cluster::agree`]) on every node, as the agent drives it with
-//! corosync itself (seeds 3 modulo 4).
+//! corosync itself (seeds 0 and 3 modulo 4).
 //!
 //! What is modelled is what the agreement relies on:
 //! - **the ring**: the nodes whose corosync runs and can reach each other
@@ -188,6 +188,21 @@ impl Sim {
         // Woken, or its corosync stopped, and its lapse not handled yet.
         let lapse_due = cpg.stopped_since[n].is_some_and(past_bound) && !cpg.lapsed[n];
         paused || lapse_due
+    }
+}
+
+impl Sim {
+    /// Whether node `n` has just woken from a pause of agent and corosync
+    /// together past the lease's bound, and not run yet: its agent fences
+    /// itself (revoking its clients' locks) before anything else when it
+    /// does, so until then it is still as good as paused.
+    pub(super) fn woken_before_its_lapse(&self, n: usize) -> bool {
+        let Some(cpg) = self.cpg.as_ref() else { return false };
+        let from = self.members.paused_from[n];
+        !self.members.paused(n, self.now)
+            && cpg.stopped_since[n] == Some(from)
+            && !cpg.lapsed[n]
+            && self.members.paused_until[n].saturating_duration_since(from) >= LEASE_BOUND
     }
 }
 

@@ -451,10 +451,12 @@ impl Sim {
             // act until it runs again, and its agent, whose lease lapsed,
             // revokes its locks before anything else then: beyond the
             // lock-delay only its fencing tokens protect what it writes.
+            // (Woken and not run yet, it is still as good as paused.)
             let node = client.node;
-            if self.members.paused(node, now)
-                && now.saturating_duration_since(self.members.paused_from[node]) > self.lockspace.lock_delay
-            {
+            let asleep = self.members.paused(node, now) || self.woken_before_its_lapse(node);
+            let slept =
+                now.min(self.members.paused_until[node]).saturating_duration_since(self.members.paused_from[node]);
+            if asleep && slept > self.lockspace.lock_delay {
                 continue;
             }
             for &(slot, resource) in &client.slots {

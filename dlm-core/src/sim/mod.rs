@@ -10,15 +10,15 @@
 //! flight between them are lost; links come back after the cut and resend.
 //! Requests that needed a cut-off node may then end as `Unavailable`.
 //!
-//! With membership faults on (seeds 2 and 3 modulo 4, five nodes), views
-//! come on seeds 3 modulo 4 from the real view agreement
+//! Every seed has membership faults (three nodes on seeds 0 and 1 modulo 4,
+//! five on 2 and 3). Views come on seeds 0 and 3 modulo 4 from the real view agreement
 //! ([`crate::cluster::agree`], as the agent runs it) over a model of
 //! corosync (see `cpg`: the ring and its detection delay, agreed-order
 //! multicast, votequorum, fencing with a grace, the membership lease), with
 //! agents and nodes crashed, partitions into two sides of any size, a
 //! corosync frozen under its running agent and whole nodes paused, either
 //! briefly or past detection and the grace (a node that wakes into a newer
-//! view). On seeds 2 modulo 4 a scripted membership layer with corosync's
+//! view). On seeds 1 and 2 modulo 4 a scripted membership layer with corosync's
 //! guarantees hands out views instead (see `membership`): nodes crash (all state lost, their clients die with
 //! them) and restart with a new incarnation, join, are cut off from the
 //! others (the minority fences itself first, then the majority recovers
@@ -527,20 +527,21 @@ fn is_waiting(slot: Slot) -> bool {
     matches!(slot, Slot::Requested | Slot::Busy { unlocking: false, .. })
 }
 
-/// The shape of a seed's run: link faults on odd seeds; membership faults
-/// (crashes, restarts, partitions, pauses, joins) on seeds 2 and 3 modulo
-/// 4, with five nodes (so that a cluster that lost two still has quorum)
-/// and more requests; on seeds 3 modulo 4 from the real agreement over the
-/// model of corosync (frozen corosyncs too).
+/// The shape of a seed's run: membership faults (crashes, restarts,
+/// partitions, pauses, joins) on every seed, link faults on odd seeds. Seeds
+/// 0 and 1 modulo 4 have three nodes, 2 and 3 five (a cluster that lost two
+/// still has quorum); seeds 0 and 3 modulo 4 run the real agreement over the
+/// model of corosync (frozen corosyncs too), 1 and 2 the scripted views.
 #[must_use]
 pub fn seed_config(seed: u64) -> SimConfig {
-    let membership_faults = seed % 4 >= 2;
-    let cpg = seed % 4 == 3;
-    let mut config = SimConfig { link_faults: seed % 2 == 1, membership_faults, cpg, ..SimConfig::default() };
-    if membership_faults {
+    let cpg = matches!(seed % 4, 0 | 3);
+    let mut config = SimConfig { link_faults: seed % 2 == 1, membership_faults: true, cpg, ..SimConfig::default() };
+    if seed % 4 >= 2 {
         config.nodes = 5;
         config.clients_per_node = 2;
         config.requests = 2000;
+    } else {
+        config.requests = 1000;
     }
     config
 }
@@ -551,4 +552,20 @@ pub fn seed_config(seed: u64) -> SimConfig {
 /// The violation found, naming the seed.
 pub fn run_seed(seed: u64) -> Result<SimReport, String> {
     Sim::new(seed, seed_config(seed)).run().map_err(|e| format!("seed {seed}: {e}"))
+}
+
+/// The shape of a seed's run with static membership (the agent's default:
+/// no views, so a request that needs a cut-off peer fails `Unavailable`
+/// rather than waiting for a view): three nodes, links cut on every seed.
+#[must_use]
+pub fn static_seed_config(_seed: u64) -> SimConfig {
+    SimConfig { link_faults: true, ..SimConfig::default() }
+}
+
+/// Runs one seed with static membership ([`static_seed_config`]).
+///
+/// # Errors
+/// The violation found, naming the seed.
+pub fn run_static_seed(seed: u64) -> Result<SimReport, String> {
+    Sim::new(seed, static_seed_config(seed)).run().map_err(|e| format!("static seed {seed}: {e}"))
 }
