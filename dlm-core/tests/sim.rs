@@ -113,3 +113,14 @@ fn seeds_with_static_membership_and_cut_links_keep_every_invariant_and_fail_requ
     assert!(grants > seeds * 100, "{grants} grants over {seeds} seeds");
     assert!(lost > 0 && unavailable > 0, "link faults had no effect: {lost} lost, {unavailable} unavailable");
 }
+
+/// Liveness counts from the heal: a seed whose drain outlasts the limit
+/// fails, naming what is still pending (so a hang cannot pass as slow).
+#[test]
+fn a_drain_longer_than_the_limit_after_the_heal_fails_the_seed() {
+    let config =
+        dlm_core::sim::SimConfig { drain_limit: std::time::Duration::from_micros(1), ..dlm_core::sim::seed_config(2) };
+    let error = dlm_core::sim::Sim::new(2, config).run().expect_err("no drain takes a microsecond");
+    assert!(error.contains("after the heal"), "{error}");
+    assert!(dlm_core::sim::Sim::new(2, dlm_core::sim::seed_config(2)).run().is_ok());
+}

@@ -162,9 +162,21 @@ async function main() {
   // The dump sees the locks; a forced release ends them.
   const dump = await unary('Dump', { lockspace: 'js' });
   check(dump.resources.some((r) => ['x', 'y'].includes(r.name.toString())), 'the dump shows the resources');
+  // A forced release takes the locks from their holders: each is told at
+  // once, on its own stream, which lock it lost and why.
+  await unary('ReleaseLockspace', { name: 'js', force: true });
+  const told = [];
+  const until = Date.now() + WAIT_MS;
+  while (Date.now() < until && told.length < 2) {
+    for (const session of [a, b]) {
+      const message = await session.next(50);
+      if (message && message.body === 'revoked') told.push(message.revoked);
+    }
+  }
+  check(told.length >= 2 && told.every((r) => r.reason.length > 0),
+    `each holder is told its lock was revoked: ${JSON.stringify(told)}`);
   a.stream.end();
   b.stream.end();
-  await unary('ReleaseLockspace', { name: 'js', force: true });
   try {
     await unary('Dump', { lockspace: 'js' });
     check(false, 'a released lockspace is gone');
