@@ -64,6 +64,7 @@ fn a_thousand_seeds_of_a_simulated_cluster_keep_every_invariant_and_replay_their
             ("partitions", faults.partitions),
             ("pauses", faults.pauses),
             ("corosyncs frozen under their agents", faults.freezes),
+            ("client processes paused", faults.client_pauses),
             ("failures during recovery", faults.during_recovery),
             ("nodes fencing themselves", faults.fenced),
         ];

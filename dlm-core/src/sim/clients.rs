@@ -1,5 +1,13 @@
 //! The simulated clients: random requests, conversions, unlocks, cancels
-//! and forced unlocks, and sessions that go away and come back.
+//! and forced unlocks, sessions that go away and come back, and pauses.
+//!
+//! A client process may stop while its node runs on (a garbage collector,
+//! SIGSTOP): it does nothing and hears nothing until it runs again, so what
+//! it held when it stopped it goes on believing it holds, whatever its
+//! agent was told meanwhile. Half the pauses are shorter than the
+//! lock-delay (which must cover them: no conflicting grant meanwhile), half
+//! longer (only fencing tokens cover those: the checker does not count such
+//! a client while it is paused, as the nemesis does not).
 
 use std::time::Duration;
 
@@ -10,7 +18,18 @@ use crate::mode::{ALL_MODES, Mode};
 use crate::request::{ClientRequest, ConvertRequest, LockRequest, UnlockRequest};
 use crate::time::Instant;
 
-use crate::sim::{LOCKSPACE, Sim, Slot, is_waiting};
+use crate::sim::{Belief, LOCKSPACE, Sim, Slot, belief, is_waiting};
+
+/// One chance in this many, at each of a client's steps, that it pauses.
+const PAUSE_ONE_IN: u64 = 200;
+
+/// A client process stopped for a while.
+pub(super) struct Pause {
+    pub(super) from: Instant,
+    pub(super) until: Instant,
+    /// What it believed it held when it stopped.
+    pub(super) held: Vec<(u32, Belief)>,
+}
 
 impl Sim {
     pub(super) fn pending_summary(&self) -> String {
@@ -61,6 +80,17 @@ impl Sim {
         if self.members.paused(node, self.now) {
             self.clients[c].next_action = self.members.paused_until[node];
             return Ok(());
+        }
+        if let Some(until) = self.clients[c].pause.as_ref().map(|p| p.until) {
+            if until > self.now {
+                self.clients[c].next_action = until;
+                return Ok(());
+            }
+            // It runs again and hears what happened meanwhile.
+            self.clients[c].pause = None;
+        }
+        if !self.draining && self.pause_rng.below(PAUSE_ONE_IN) == 0 {
+            return self.pause_client(c);
         }
         if !self.draining && self.rng.chance(2) {
             return self.restart_session(c);
@@ -175,6 +205,24 @@ impl Sim {
             }
         }
         self.after(node)
+    }
+
+    /// Client `c` stops for a while, half the time within the lock-delay.
+    fn pause_client(&mut self, c: usize) -> Result<(), String> {
+        let delay = self.lockspace.lock_delay.as_micros() as u64;
+        let length = if delay > 0 && self.pause_rng.chance(50) {
+            Duration::from_micros(self.pause_rng.below(delay))
+        } else {
+            Duration::from_micros(delay + 1 + self.pause_rng.below(4_000))
+        };
+        let held = self.clients[c].slots.iter().filter_map(|&(slot, r)| belief(slot).map(|b| (r, b))).collect();
+        let until = self.now.saturating_add(length);
+        self.clients[c].pause = Some(Pause { from: self.now, until, held });
+        self.clients[c].next_action = until;
+        self.report.faults.client_pauses += 1;
+        let session = self.clients[c].session;
+        self.log(1, || format!("client {session} paused for {length:?}"));
+        Ok(())
     }
 
     /// The client goes away (its session ends, with whatever it held or

@@ -306,6 +306,8 @@ impl Sim {
         client.slots.iter_mut().for_each(|slot| *slot = (Slot::Empty, 0));
         client.handles.clear();
         client.next_action = Instant::from_nanos(u64::MAX);
+        // Dead, it believes nothing (the crash's ghosts stand for it).
+        client.pause = None;
     }
 
     /// Node `x` starts again (a new incarnation, nothing of the old one) and joins.
@@ -339,6 +341,7 @@ impl Sim {
                 next_handle: 1,
                 handles: std::collections::HashMap::new(),
                 next_action: start,
+                pause: None,
             };
         }
         self.nodes[x] = node;
@@ -459,6 +462,14 @@ impl Sim {
             if asleep && slept > self.lockspace.lock_delay {
                 continue;
             }
+            // A paused client still believes what it held when it stopped;
+            // past the lock-delay, as above, only fencing tokens cover it.
+            if let Some(pause) = client.pause.as_ref().filter(|p| p.until >= now) {
+                if now.saturating_duration_since(pause.from) > self.lockspace.lock_delay {
+                    continue;
+                }
+                held.extend(pause.held.iter().map(|&(resource, belief)| (resource, belief, Some(c))));
+            }
             for &(slot, resource) in &client.slots {
                 if let Some(belief) = belief(slot) {
                     held.push((resource, belief, Some(c)));
@@ -473,7 +484,8 @@ impl Sim {
         };
         for (i, &(r, a, c)) in held.iter().enumerate() {
             for &(r2, b, c2) in &held[i + 1..] {
-                if r2 == r && (c.is_some() || c2.is_some()) && a.conflicts(b) {
+                // (A paused client's belief and its lock now are one lock.)
+                if r2 == r && (c.is_some() || c2.is_some()) && c != c2 && a.conflicts(b) {
                     return Err(format!(
                         "at {:?}: r{r} held {a:?} by {} and {b:?} by {}",
                         self.elapsed(),

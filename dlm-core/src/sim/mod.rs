@@ -11,7 +11,8 @@
 //! Requests that needed a cut-off node may then end as `Unavailable`.
 //!
 //! Every seed has membership faults (three nodes on seeds 0 and 1 modulo 4,
-//! five on 2 and 3). Views come on seeds 0 and 3 modulo 4 from the real view agreement
+//! five on 2 and 3), and client processes that pause while their nodes run
+//! (see `clients`). Views come on seeds 0 and 3 modulo 4 from the real view agreement
 //! ([`crate::cluster::agree`], as the agent runs it) over a model of
 //! corosync (see `cpg`: the ring and its detection delay, agreed-order
 //! multicast, votequorum, fencing with a grace, the membership lease), with
@@ -203,6 +204,8 @@ struct Client {
     /// Handle → slot index.
     handles: HashMap<u64, usize>,
     next_action: Instant,
+    /// While the client process is paused (see `clients`).
+    pause: Option<clients::Pause>,
 }
 
 #[derive(PartialEq, Eq)]
@@ -231,6 +234,8 @@ impl PartialOrd for InFlight {
 pub struct Sim {
     config: SimConfig,
     rng: Rng,
+    /// Draws for client pauses alone (see `clients`).
+    pause_rng: Rng,
     now: Instant,
     nodes: Vec<ClusterNode>,
     clients: Vec<Client>,
@@ -362,6 +367,7 @@ impl Sim {
                     next_handle: 1,
                     handles: HashMap::new(),
                     next_action: Instant::from_nanos(rng.below(1_000_000)),
+                    pause: None,
                 });
             }
             nodes.push(node);
@@ -370,6 +376,7 @@ impl Sim {
         Sim {
             config,
             rng,
+            pause_rng: Rng::new(seed ^ 0x7061_7573_6573),
             now: Instant::ZERO,
             nodes,
             clients,

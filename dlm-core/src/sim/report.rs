@@ -57,6 +57,8 @@ pub struct Faults {
     pub pauses: u32,
     /// Corosyncs frozen under their running agents (CPG model).
     pub freezes: u32,
+    /// Client processes paused while their node runs (see `clients`).
+    pub client_pauses: u32,
     /// Failures (crashes and partitions) while some node was recovering.
     pub during_recovery: u32,
     /// Nodes that fenced themselves (a view without quorum or without them).
@@ -68,7 +70,19 @@ pub struct Faults {
 impl std::ops::AddAssign for Faults {
     /// Totals over runs (saturating: a count is a count, not a wrap).
     fn add_assign(&mut self, other: Faults) {
-        let Faults { views, crashes, joins, partitions, pauses, freezes, during_recovery, fenced, recoveries } = other;
+        let Faults {
+            views,
+            crashes,
+            joins,
+            partitions,
+            pauses,
+            freezes,
+            client_pauses,
+            during_recovery,
+            fenced,
+            recoveries,
+        } = other;
+        self.client_pauses = self.client_pauses.saturating_add(client_pauses);
         self.views = self.views.saturating_add(views);
         self.crashes = self.crashes.saturating_add(crashes);
         self.joins = self.joins.saturating_add(joins);
@@ -86,12 +100,24 @@ impl std::fmt::Display for Faults {
         if *self == Faults::default() {
             return Ok(());
         }
-        let Faults { views, crashes, joins, partitions, pauses, freezes, during_recovery, fenced, recoveries } = self;
+        let Faults {
+            views,
+            crashes,
+            joins,
+            partitions,
+            pauses,
+            freezes,
+            client_pauses,
+            during_recovery,
+            fenced,
+            recoveries,
+        } = self;
         write!(f, "views {views} crashes {crashes} joins {joins} partitions {partitions} pauses {pauses} ")?;
         // Only the CPG model freezes corosync: the scripted layer's reports read as before.
         if *freezes > 0 {
             write!(f, "freezes {freezes} ")?;
         }
+        write!(f, "client_pauses {client_pauses} ")?;
         write!(f, "during_recovery {during_recovery} fenced {fenced} recoveries {recoveries} ")
     }
 }
