@@ -58,7 +58,7 @@ impl Timing {
     /// How often corosync is asked.
     #[must_use]
     pub fn probe(self) -> Duration {
-        self.bound() / 4
+        probe_for(self.bound())
     }
 
     /// The longest a node whose corosync stopped answering may go on
@@ -76,6 +76,12 @@ impl Timing {
     pub fn grace_floor(self) -> Duration {
         self.removal() + self.detection()
     }
+}
+
+/// How often corosync is asked for a lease of `bound`: four times per
+/// bound, so one slow answer does not lapse it.
+fn probe_for(bound: Duration) -> Duration {
+    bound / 4
 }
 
 /// The lease, shared by its prober, the membership task and the driver.
@@ -117,6 +123,16 @@ impl Lease {
     /// Takes a new bound (corosync's timeouts changed while it ran).
     pub fn set_bound(&self, bound: Duration) {
         self.bound_ms.store(u64::try_from(bound.as_millis()).unwrap_or(u64::MAX).max(1), Ordering::Release);
+    }
+
+    /// How often its prober asks corosync now (the bound may change while
+    /// the agent runs; before it is armed, every 100 ms).
+    #[must_use]
+    pub fn probe(&self) -> Duration {
+        match self.bound_ms.load(Ordering::Acquire) {
+            0 => Duration::from_millis(100),
+            ms => probe_for(Duration::from_millis(ms)),
+        }
     }
 
     /// corosync answered a question asked at `asked`.

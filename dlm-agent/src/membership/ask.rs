@@ -29,28 +29,23 @@ pub fn read_timing() -> Result<Timing, String> {
     timing
 }
 
-/// How often the prober reads corosync's timeouts again: a reload of
-/// corosync.conf (`corosync-cfgtool -R`) changes them with no callback.
+/// How often corosync's timeouts are read again: a reload of corosync.conf
+/// (`corosync-cfgtool -R`) changes them with no callback.
 const TIMING_RECHECK: Duration = Duration::from_secs(1);
 
-/// Asks corosync every `timing.probe()`, on a thread of its own, and
-/// confirms the lease with each answer. A question that blocks (a
+/// Asks corosync every quarter of the lease's bound, on a thread of its
+/// own, and confirms the lease with each answer. A question that blocks (a
 /// stopped corosync) confirms nothing until it returns, and then only as of
-/// when it was asked. Every [`TIMING_RECHECK`] it also reads corosync's
-/// timeouts; when they changed, the lease takes its new bound at once and
-/// `changed` is told (the membership recomputes the grace).
+/// when it was asked. Nothing else runs on this thread: whatever else may
+/// block (reading cmap, telling the membership) would delay confirmations
+/// and lapse the lease of a healthy node.
 ///
 /// # Errors
 /// The thread cannot be made.
-pub fn spawn_prober(
-    lease: Arc<Lease>,
-    mut timing: Timing,
-    changed: impl Fn(Timing) + Send + 'static,
-) -> Result<(), String> {
+pub fn spawn_prober(lease: Arc<Lease>) -> Result<(), String> {
     std::thread::Builder::new()
         .name("dlm-lease".into())
         .spawn(move || {
-            let mut read = Instant::now();
             loop {
                 let model = quorum::ModelData::ModelV1(quorum::Model1Data {
                     flags: quorum::Model1Flags::None,
@@ -66,23 +61,43 @@ pub fn spawn_prober(
                             break;
                         }
                         lease.confirm(asked);
-                        if read.elapsed() >= TIMING_RECHECK {
-                            read = Instant::now();
-                            if let Ok(now) = read_timing()
-                                && now != timing
-                            {
-                                timing = now;
-                                lease.set_bound(timing.bound());
-                                changed(timing);
-                            }
-                        }
-                        std::thread::sleep(timing.probe());
+                        std::thread::sleep(lease.probe());
                     }
                     let _ = quorum::finalize(&handle);
                 }
-                std::thread::sleep(timing.probe());
+                std::thread::sleep(lease.probe());
             }
         })
         .map(drop)
         .map_err(|e| format!("cannot start the lease thread: {e}"))
+}
+
+/// Reads corosync's timeouts every [`TIMING_RECHECK`], on a thread of its
+/// own (a read may block while corosync is busy); when they changed, the
+/// lease takes its new bound at once and `changed` is told (the membership
+/// recomputes the grace).
+///
+/// # Errors
+/// The thread cannot be made.
+pub fn spawn_timing_watch(
+    lease: Arc<Lease>,
+    mut timing: Timing,
+    changed: impl Fn(Timing) + Send + 'static,
+) -> Result<(), String> {
+    std::thread::Builder::new()
+        .name("dlm-timing".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(TIMING_RECHECK);
+                if let Ok(now) = read_timing()
+                    && now != timing
+                {
+                    timing = now;
+                    lease.set_bound(timing.bound());
+                    changed(timing);
+                }
+            }
+        })
+        .map(drop)
+        .map_err(|e| format!("cannot start the timing thread: {e}"))
 }

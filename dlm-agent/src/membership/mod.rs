@@ -142,8 +142,9 @@ pub async fn start(
     let watchdog = settings.fencing.watchdog.as_deref().map(Watchdog::start).transpose()?;
     lease.arm(timing.bound(), std::time::Instant::now());
     let (events, receiver) = mpsc::channel(EVENTS_MAX);
+    ask::spawn_prober(lease.clone())?;
     let told = events.clone();
-    ask::spawn_prober(lease.clone(), timing, move |timing| {
+    ask::spawn_timing_watch(lease.clone(), timing, move |timing| {
         let _ = told.blocking_send(Event::Timing(timing));
     })?;
     corosync::spawn(settings.cpg_group(), events.clone())?;
