@@ -395,18 +395,16 @@ async fn a_nemesis_of_kills_cuts_pauses_and_freezes_breaks_no_lock() {
                     c.signal_corosync(node, "CONT");
                 }
                 "freeze-node" => {
-                    let pid = c.agent(node).child.as_ref().expect("running").id().to_string();
                     c.signal_corosync(node, "STOP");
-                    let _ = std::process::Command::new("kill").args(["-STOP", &pid]).status();
+                    c.signal_agent(node, "STOP");
                     std::thread::sleep(STOPPED_PAST_GRACE);
                     c.signal_corosync(node, "CONT");
-                    let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+                    c.signal_agent(node, "CONT");
                 }
                 _ => {
-                    let pid = c.agent(node).child.as_ref().expect("running").id().to_string();
-                    let _ = std::process::Command::new("kill").args(["-STOP", &pid]).status();
+                    c.signal_agent(node, "STOP");
                     std::thread::sleep(Duration::from_millis(1000));
-                    let _ = std::process::Command::new("kill").args(["-CONT", &pid]).status();
+                    c.signal_agent(node, "CONT");
                 }
             }
             // Healed: wait until every node runs in a view of all.

@@ -280,9 +280,7 @@ impl CorosyncCluster {
 
     /// Sends `signal` (`STOP`, `CONT`, …) to node `i + 1`'s corosync.
     pub fn signal_corosync(&self, i: usize, signal: &str) {
-        let pid = self.corosync[i].as_ref().expect("corosync running").id().to_string();
-        let status = Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("kill");
-        assert!(status.success(), "kill -{signal} {pid}");
+        signal_process(self.corosync[i].as_ref().expect("corosync running").id(), signal);
     }
 
     /// Node `i + 1`'s agent configuration.
@@ -293,9 +291,7 @@ impl CorosyncCluster {
 
     /// Sends `signal` (`STOP`, `CONT`, …) to node `i + 1`'s agent.
     pub fn signal_agent(&self, i: usize, signal: &str) {
-        let pid = self.agent(i).pid().to_string();
-        let status = Command::new("kill").args([&format!("-{signal}"), &pid]).status().expect("kill");
-        assert!(status.success(), "kill -{signal} {pid}");
+        signal_process(self.agent(i).pid(), signal);
     }
 
     /// Node `i + 1`'s corosync process (`ip netns exec`, `unshare` and `sh`
@@ -385,5 +381,31 @@ impl Drop for CorosyncCluster {
             self.kill_corosync(i);
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Sends `signal` to `pid`; for `STOP`, returns only once every thread of
+/// it has stopped (a signal is delivered asynchronously: a process told to
+/// stop may still answer a request sent right after `kill` returns).
+pub fn signal_process(pid: u32, signal: &str) {
+    let status = Command::new("kill").args([&format!("-{signal}"), &pid.to_string()]).status().expect("kill");
+    assert!(status.success(), "kill -{signal} {pid}");
+    if signal != "STOP" {
+        return;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let stopped = || {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return true };
+        tasks.flatten().all(|task| {
+            // `pid (comm) S …`: the state follows the last `)`.
+            std::fs::read_to_string(task.path().join("stat"))
+                .ok()
+                .and_then(|stat| stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with(['T', 't'])))
+                .unwrap_or(true)
+        })
+    };
+    while !stopped() {
+        assert!(std::time::Instant::now() < deadline, "process {pid} did not stop within 5 s of SIGSTOP");
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
