@@ -59,7 +59,7 @@ fn run_script(
 ) {
     let (program, script, python_path) = client;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let proto = root.join("../dlm-agent/proto");
+    let proto = root.join("../dlm-proto/proto");
     let mut command = Command::new(program);
     command.envs(tls.iter().map(|(k, v)| (*k, v.as_str())));
     if let Some(path) = python_path {
@@ -130,4 +130,30 @@ fn the_repository_python_client_installs_with_pip_and_runs_a_session() {
     assert!(installed.status.success(), "pip install failed: {}", String::from_utf8_lossy(&installed.stderr));
     run_client("python-package", "python3", "python_package.py", Some(&target), 17);
     let _ = std::fs::remove_dir_all(&target);
+}
+
+/// The Rust client crate's example (`dlm-client/examples/lock.rs`), built by
+/// the test command (`--all-targets`), against a real agent.
+#[test]
+fn the_rust_client_crates_example_takes_a_lock_on_a_real_agent() {
+    let exe = std::env::current_exe().expect("the test executable's path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("the test runs from target/<profile>/deps");
+    let example = profile_dir.join("examples").join("lock");
+    assert!(
+        example.exists(),
+        "{} is not built: the test command builds every target (`cargo test --workspace --all-targets`), \
+         or `cargo build -p dlm-client --examples` with this profile",
+        example.display()
+    );
+    let mut agent = Agent::start("rust-example", "");
+    let output = Command::new(&example).arg(&agent.socket).arg("orders/42").output().expect("run the example");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    let token: u64 = stdout
+        .trim()
+        .strip_prefix("holding orders/42 with token ")
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output: {stdout}"));
+    assert!(token > 0, "{stdout}");
+    assert!(agent.terminate().success());
 }

@@ -4,16 +4,13 @@
 //! [`crate::config`]; the lock engine's are `dlm_core::Limits`.) A leaf: it
 //! imports nothing from the crate.
 
-/// Largest client message accepted, over gRPC or in a frame: names are 64
-/// bytes and value blocks 256, so anything near this is garbage.
-pub const CLIENT_MESSAGE_LEN_MAX: usize = 64 * 1024;
-
-/// Largest frame body of a framed session: the same bound as a gRPC client
-/// message, so both protocols accept exactly the same requests.
-pub const FRAME_BODY_LEN_MAX: usize = CLIENT_MESSAGE_LEN_MAX;
+/// Largest client message accepted, over gRPC or in a frame (the wire's
+/// bound, `dlm_proto`'s: clients know it too).
+pub use dlm_proto::CLIENT_MESSAGE_LEN_MAX;
+/// Largest frame body of a framed session.
+pub use dlm_proto::framing::FRAME_BODY_LEN_MAX;
 
 const _: () = assert!(FRAME_BODY_LEN_MAX == CLIENT_MESSAGE_LEN_MAX, "framed and gRPC sessions take the same messages");
-const _: () = assert!(FRAME_BODY_LEN_MAX <= u32::MAX as usize, "a frame's length prefix is a u32");
 
 /// Commands queued to the driver at most; senders wait beyond that
 /// (back-pressure on every transport at once).

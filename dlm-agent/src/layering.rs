@@ -9,28 +9,27 @@ use std::path::{Path, PathBuf};
 /// The top-level modules from the bottom up: a module may import only the
 /// modules before it.
 const LAYERS: &[&str] = &[
-    "proto",
     "clock",
     "lease",
     "bounds",
-    "codes",
     "access",
     "pki",
     "generation",
     "resident",
     "telemetry",
     "config",
-    "convert",
     "metrics",
-    "framing",
     "ebpf",
     "command",
     "driver",
     "transport",
     "membership",
-    "client",
     "server",
 ];
+
+/// The wire, re-exported from `dlm-proto` at the crate root: below every
+/// module (it imports nothing of the agent), with no source file here.
+const WIRE: &[&str] = &["proto", "codes", "convert", "framing"];
 
 /// Longer files do more than one job: split them.
 const FILE_LINES_MAX: usize = 600;
@@ -122,7 +121,7 @@ fn modules_import_only_modules_below_them() {
         let Some(own) = rank(module) else {
             panic!("module {module} is not in LAYERS: place it in the layering (and the crate docs' table)")
         };
-        for (import, file) in imports {
+        for (import, file) in imports.iter().filter(|(import, _)| !WIRE.contains(&import.as_str())) {
             let theirs =
                 rank(import).unwrap_or_else(|| panic!("{} names crate::{import}, not in LAYERS", file.display()));
             assert!(

@@ -23,27 +23,27 @@
 //! sources). Public modules are what applications, the CLI and the
 //! workspace's tests use; the rest are the agent's own.
 //!
+//! The wire — [`proto`], [`framing`], [`codes`], [`convert`] — is the
+//! `dlm-proto` crate's, and the Rust client library, [`client`], is
+//! `dlm-client`: both are re-exported here under their old names, and
+//! neither depends on the agent, eBPF or corosync.
+//!
 //! | module | its one job |
 //! |---|---|
-//! | [`proto`] | the generated gRPC types and services of `proto/dlm/v1/dlm.proto` |
 //! | `clock` | the agent's one clock: tokio's, mapped to the lock engine's `Instant` |
 //! | `bounds` | fixed bounds on messages, frames and queues, with their relations checked at compile time |
-//! | [`codes`] | typed labels (reject codes, session-end, link-reset and peer-reject reasons, eBPF families) with `ALL` and `as_str()` |
 //! | [`access`] | who may do what: identities of clients, rights per lockspace, the policy |
 //! | `generation` | the generation kept on disk, raised at each start and as tokens grow: fencing tokens never go back across restarts |
 //! | [`resident`] | keeps the agent's memory locked in RAM, so memory pressure on the node cannot stall it |
 //! | [`pki`] | a cluster's own CA and the certificates it signs (`dlm-agent certs`, tests, benchmarks) |
 //! | [`telemetry`] | logs, and one OpenTelemetry span per lock request when OTLP is configured |
 //! | [`config`] | the settings: embedded default, TOML file, `DLM_*` variables and flags, validated |
-//! | [`convert`] | wire (`proto`) ⇄ lock engine (`dlm_core`) types, and the rejection of a request |
 //! | `metrics` | the Prometheus registry and the agent's lock and session metrics |
-//! | [`framing`] | the framed-session protocol both ends speak: frame codec and shared write side |
 //! | [`ebpf`] | loading the eBPF programs, reading their maps, attribution maps for the driver |
 //! | `command` | what transports share with the driver: commands, the driver's handle, session and peer outputs |
 //! | `driver` | the task that owns the `ClusterNode`: dispatch, session output, peer batching, observation, admin |
 //! | `transport` | framed sessions and gRPC on the Unix socket, gRPC on TCP, peer links, HTTP |
 //! | `membership` | views from corosync (CPG and votequorum), agreed among the agents, handed to the driver |
-//! | [`client`] | the Rust client library |
 //! | [`server`] | `dlm-agent run`: the one module that wires everything |
 //!
 //! The command line (`src/cli/`, in the binary) uses only the public
@@ -82,15 +82,13 @@
 //! `membership` module turns corosync's view of the cluster into the views
 //! the node recovers from, fencing lost nodes first.
 
+pub use dlm_client as client;
+pub use dlm_proto::{codes, convert, framing, proto};
+
 pub mod access;
-pub mod client;
-pub mod codes;
 pub mod config;
-pub mod convert;
 pub mod ebpf;
-pub mod framing;
 pub mod pki;
-pub mod proto;
 pub mod resident;
 pub mod server;
 pub mod telemetry;

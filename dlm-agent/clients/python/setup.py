@@ -1,5 +1,6 @@
 """Builds dlm_client with its message classes generated from the agent's
-.proto (../../proto/dlm/v1/dlm.proto) by grpc_tools' protoc."""
+.proto (dlm-proto/proto/dlm/v1/dlm.proto, from the repository's root) by
+grpc_tools' protoc."""
 
 import os
 
@@ -7,7 +8,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROTO_DIR = os.path.join(HERE, "..", "..", "proto", "dlm", "v1")
+PROTO_DIR = os.path.join(HERE, "..", "..", "..", "dlm-proto", "proto", "dlm", "v1")
 
 
 class BuildWithMessages(build_py):

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Args;
-use dlm_agent::proto;
+use dlm_proto::proto;
 use serde_json::{Value, json};
 
 use super::AgentAddress;

@@ -5,8 +5,8 @@ use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
 use clap::Args;
-use dlm_agent::proto;
 use dlm_core::{LockFlags, Mode};
+use dlm_proto::proto;
 use serde_json::{Value, json};
 
 use super::AgentAddress;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use dlm_agent::client::{LockError, LockOptions};
+use dlm_client::{LockError, LockOptions};
 use dlm_core::{LockFlags, Mode};
 
 use super::{AgentAddress, EXIT_LOCK_LOST, EXIT_NOT_ACQUIRED, EXIT_SOFTWARE, EXIT_UNREACHABLE, EXIT_USAGE};
@@ -70,7 +70,7 @@ pub async fn run(args: LockArgs) -> ExitCode {
         }
         Err(LockError::Rejected { code, message }) => {
             eprintln!("dlm-agent: refused ({code}): {message}");
-            let no_permission = code == dlm_agent::codes::RejectCode::PermissionDenied.as_str();
+            let no_permission = code == dlm_proto::codes::RejectCode::PermissionDenied.as_str();
             return ExitCode::from(if no_permission { super::EXIT_NO_PERMISSION } else { EXIT_USAGE });
         }
         Err(LockError::SessionClosed) => {

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use dlm_agent::client::{Client, ClientTls, Target};
+use dlm_client::{Client, ClientTls, Target};
 
 pub mod certs;
 mod child;
@@ -87,10 +87,10 @@ impl AgentAddress {
 }
 
 /// Prints a call's error and picks the exit status.
-pub fn call_failed(error: &dlm_agent::client::ClientError) -> u8 {
+pub fn call_failed(error: &dlm_client::ClientError) -> u8 {
     eprintln!("dlm-agent: {error}");
     match error {
-        dlm_agent::client::ClientError::Call(status)
+        dlm_client::ClientError::Call(status)
             if matches!(
                 status.code(),
                 tonic::Code::NotFound | tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition
@@ -98,9 +98,7 @@ pub fn call_failed(error: &dlm_agent::client::ClientError) -> u8 {
         {
             EXIT_USAGE
         }
-        dlm_agent::client::ClientError::Call(status) if status.code() == tonic::Code::PermissionDenied => {
-            EXIT_NO_PERMISSION
-        }
+        dlm_client::ClientError::Call(status) if status.code() == tonic::Code::PermissionDenied => EXIT_NO_PERMISSION,
         _ => EXIT_UNREACHABLE,
     }
 }

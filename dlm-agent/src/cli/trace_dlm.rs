@@ -47,7 +47,7 @@ struct Row {
     info: proto::LockInfo,
 }
 
-async fn snapshot(client: &dlm_agent::client::Client, args: &TraceDlmArgs) -> Result<Vec<Row>, u8> {
+async fn snapshot(client: &dlm_client::Client, args: &TraceDlmArgs) -> Result<Vec<Row>, u8> {
     let lockspaces = match &args.lockspace {
         Some(name) => vec![name.clone()],
         None => {

@@ -42,7 +42,9 @@ pub fn rejection_status(code: &str, message: &str) -> tonic::Status {
 }
 
 impl Rejection {
-    pub(crate) fn new(handle: u64, code: RejectCode, message: impl Into<String>) -> Rejection {
+    /// The rejection of request `handle` (0: of the session) for `code`.
+    #[must_use]
+    pub fn new(handle: u64, code: RejectCode, message: impl Into<String>) -> Rejection {
         Rejection { handle, code, message: message.into() }
     }
 
@@ -52,7 +54,9 @@ impl Rejection {
         Rejection::new(handle, RejectCode::of(error), error.to_string())
     }
 
-    pub(crate) fn into_message(self) -> proto::ServerMessage {
+    /// The `Rejected` message that tells the client.
+    #[must_use]
+    pub fn into_message(self) -> proto::ServerMessage {
         proto::ServerMessage {
             body: Some(proto::server_message::Body::Rejected(proto::Rejected {
                 handle: self.handle,
@@ -96,7 +100,11 @@ pub struct Decoded {
     pub traceparent: Option<String>,
 }
 
-pub(crate) fn mode_from_wire(handle: u64, value: i32) -> Result<Mode, Rejection> {
+/// A mode from the wire, or the rejection of request `handle` that carried it.
+///
+/// # Errors
+/// The value names no mode.
+pub fn mode_from_wire(handle: u64, value: i32) -> Result<Mode, Rejection> {
     usize::try_from(value).ok().and_then(Mode::from_index).ok_or_else(|| {
         Rejection::new(
             handle,
@@ -106,7 +114,9 @@ pub(crate) fn mode_from_wire(handle: u64, value: i32) -> Result<Mode, Rejection>
     })
 }
 
-pub(crate) fn mode_to_wire(mode: Mode) -> i32 {
+/// A mode's wire value.
+#[must_use]
+pub fn mode_to_wire(mode: Mode) -> i32 {
     mode.index() as i32
 }
 
@@ -219,7 +229,9 @@ pub fn status_to_wire(status: Status) -> proto::Status {
     }
 }
 
-pub(crate) fn completion_to_wire(completion: Completion) -> proto::ServerMessage {
+/// The wire form of a completion.
+#[must_use]
+pub fn completion_to_wire(completion: Completion) -> proto::ServerMessage {
     proto::ServerMessage {
         body: Some(proto::server_message::Body::Completion(proto::Completion {
             handle: completion.handle.0,
@@ -234,7 +246,8 @@ pub(crate) fn completion_to_wire(completion: Completion) -> proto::ServerMessage
 }
 
 /// The wire form of an effect (the session it goes to is the caller's business).
-pub(crate) fn effect_to_wire(effect: Effect) -> proto::ServerMessage {
+#[must_use]
+pub fn effect_to_wire(effect: Effect) -> proto::ServerMessage {
     use proto::server_message::Body;
     match effect {
         Effect::Complete(completion) => completion_to_wire(completion),

@@ -53,7 +53,11 @@ pub const HTTP2_FIRST_BYTE: u8 = b'P';
 const _: () = assert!(PREFACE[0] != HTTP2_FIRST_BYTE, "the preface must not look like HTTP/2");
 
 /// Largest frame body: the same bound as a gRPC client message.
-pub use crate::bounds::FRAME_BODY_LEN_MAX;
+/// Largest frame body of a framed session: the same bound as a gRPC client
+/// message, so both protocols accept exactly the same requests.
+pub const FRAME_BODY_LEN_MAX: usize = crate::CLIENT_MESSAGE_LEN_MAX;
+
+const _: () = assert!(FRAME_BODY_LEN_MAX <= u32::MAX as usize, "a frame's length prefix is a u32");
 
 /// Bytes before a frame's body.
 pub const FRAME_HEADER_LEN: usize = 5;

@@ -1,10 +1,10 @@
 //! The Rust client library: async sessions and lock guards over the agent's
 //! API. On the Unix socket a session is a framed session
-//! ([`crate::framing`]: the gRPC messages without HTTP/2, fewer hops and
+//! ([`dlm_proto::framing`]: the gRPC messages without HTTP/2, fewer hops and
 //! bytes per lock); over TCP, and for the admin calls, it is gRPC.
 //!
 //! ```no_run
-//! use dlm_agent::client::{Client, LockOptions, Target};
+//! use dlm_client::{Client, LockOptions, Target};
 //! use dlm_core::Mode;
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -18,6 +18,10 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! `examples/lock.rs` is this program, runnable
+//! (`cargo run -p dlm-client --example lock -- SOCKET NAME`); the test
+//! command runs it against a real agent.
 //!
 //! A session ends when the [`Session`] and every guard from it are dropped
 //! (or the process exits): the agent then releases its locks.
@@ -44,8 +48,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use self::session::{LockGuard, Session};
 use self::session::{Requests, SessionInner};
-use crate::framing::{self, Frame, FrameSink};
-use crate::proto::{self, dlm_client::DlmClient, server_message};
+use dlm_proto::framing::{self, Frame, FrameSink};
+use dlm_proto::proto::{self, dlm_client::DlmClient, server_message};
 
 /// Where the agent listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -414,7 +418,7 @@ async fn framed_session(path: &Path) -> Result<Session, ClientError> {
             welcome.session
         }
         Ok(Frame::Message(proto::ServerMessage { body: Some(server_message::Body::Rejected(refused)) })) => {
-            return Err(ClientError::Call(crate::convert::rejection_status(&refused.code, &refused.message)));
+            return Err(ClientError::Call(dlm_proto::convert::rejection_status(&refused.code, &refused.message)));
         }
         _ => return Err(ClientError::SessionClosed),
     };

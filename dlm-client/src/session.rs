@@ -10,9 +10,9 @@ use dlm_core::{Mode, StatusFlags, UnlockFlags};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::{LockError, LockOptions, Loss, SESSION_REQUESTS_MAX, SessionEvent};
-use crate::convert::{mode_from_wire, mode_to_wire, status_flags};
-use crate::framing::{FrameKind, FrameSink};
-use crate::proto::{self, client_message, server_message};
+use dlm_proto::convert::{mode_from_wire, mode_to_wire, status_flags};
+use dlm_proto::framing::{FrameKind, FrameSink};
+use dlm_proto::proto::{self, client_message, server_message};
 
 /// The requests of a session waiting for their completion.
 #[derive(Default)]

@@ -1,0 +1,22 @@
+//! Takes a lock through the local agent, prints its fencing token and lets
+//! it go: `cargo run -p dlm-client --example lock -- [SOCKET] [NAME]`
+//! (`/run/dlm/dlm.sock` and `orders/42` by default). The test command runs
+//! it against a real agent (`tests/clients.rs`).
+
+use dlm_client::{Client, LockOptions, Target};
+use dlm_core::Mode;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let socket = args.next().unwrap_or_else(|| "/run/dlm/dlm.sock".into());
+    let name = args.next().unwrap_or_else(|| "orders/42".into());
+    let client = Client::connect(&Target::Unix(socket.into())).await?;
+    let session = client.session().await?;
+    let guard = session.lock("default", name.as_str(), Mode::Ex, LockOptions::default()).await?;
+    // Pass the fencing token to the storage you write to, so it can refuse a
+    // writer that has lost the lock since.
+    println!("holding {name} with token {}", guard.fencing_token());
+    guard.unlock().await?;
+    Ok(())
+}
