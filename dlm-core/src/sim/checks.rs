@@ -76,24 +76,29 @@ impl Sim {
         }
         // A grant is seen when its master sends it; one sent while the link
         // was down goes out later, after younger grants of the same master.
-        // So: a token below the largest seen is wrong only from another node
-        // (a new master must start above every token handed out before; the
-        // old one cannot have let the resource go while a grant of it was
-        // still undelivered).
+        // So: a token below the largest seen is wrong only from another
+        // master — another node, or the same node restarted (a new master
+        // must start above every token handed out before; the old one cannot
+        // have let the resource go while a grant of it was still
+        // undelivered, and a restarted node's old outbox died with it).
+        let me = (n, self.members.incarnations[n]);
         for (resource, tokens) in by_resource {
-            let (last, issuer) = self.last_token.get(&resource).copied().unwrap_or((0, n));
+            let (last, issuer) = self.last_token.get(&resource).copied().unwrap_or((0, me));
             let min = tokens.iter().copied().min().expect("non-empty");
-            if min <= last && issuer != n {
+            if min <= last && issuer != me {
                 return Err(format!(
-                    "at {:?}: r{resource} granted token {min} by node {} after token {last} by node {}",
+                    "at {:?}: r{resource} granted token {min} by node {} (incarnation {}) after token {last} by \
+                     node {} (incarnation {})",
                     self.elapsed(),
                     n + 1,
-                    issuer + 1
+                    me.1,
+                    issuer.0 + 1,
+                    issuer.1
                 ));
             }
             let max = tokens.into_iter().max().expect("non-empty");
             if max > last {
-                self.last_token.insert(resource, (max, n));
+                self.last_token.insert(resource, (max, me));
             }
         }
         Ok(())

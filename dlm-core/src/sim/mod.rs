@@ -241,8 +241,8 @@ pub struct Sim {
     clients: Vec<Client>,
     network: BinaryHeap<InFlight>,
     order: u64,
-    /// The largest fencing token seen per resource, and the node that issued it.
-    last_token: HashMap<u32, (u64, usize)>,
+    /// The largest token seen per resource, and its master (node, incarnation).
+    last_token: HashMap<u32, (u64, (usize, u64))>,
     /// Each (resource, token) granted, and to which lock: a token is never handed out twice.
     seen_grants: HashMap<(u32, u64), (SessionId, LockHandle)>,
     /// (session, handle) → client and resource.
