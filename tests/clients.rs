@@ -132,28 +132,17 @@ fn the_repository_python_client_installs_with_pip_and_runs_a_session() {
     let _ = std::fs::remove_dir_all(&target);
 }
 
-/// The Rust client crate's example (`dlm-client/examples/lock.rs`), built by
-/// the test command (`--all-targets`), against a real agent.
-#[test]
-fn the_rust_client_crates_example_takes_a_lock_on_a_real_agent() {
-    let exe = std::env::current_exe().expect("the test executable's path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("the test runs from target/<profile>/deps");
-    let example = profile_dir.join("examples").join("lock");
-    assert!(
-        example.exists(),
-        "{} is not built: the test command builds every target (`cargo test --workspace --all-targets`), \
-         or `cargo build -p dlm-client --examples` with this profile",
-        example.display()
-    );
+/// The Rust client crate's example (`dlm-client/examples/lock.rs`), its
+/// code compiled into this test (an example `cargo test` builds is a test
+/// harness, not the program), against a real agent.
+#[path = "../dlm-client/examples/lock.rs"]
+#[expect(dead_code, reason = "the example's `main` is the program's, not the test's")]
+mod lock_example;
+
+#[tokio::test]
+async fn the_rust_client_crates_example_takes_a_lock_on_a_real_agent() {
     let mut agent = Agent::start("rust-example", "");
-    let output = Command::new(&example).arg(&agent.socket).arg("orders/42").output().expect("run the example");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
-    let token: u64 = stdout
-        .trim()
-        .strip_prefix("holding orders/42 with token ")
-        .and_then(|t| t.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected output: {stdout}"));
-    assert!(token > 0, "{stdout}");
+    let token = lock_example::take_lock(path_str(&agent.socket), "orders/42").await.expect("the example's lock");
+    assert!(token > 0, "token {token}");
     assert!(agent.terminate().success());
 }

@@ -21,7 +21,7 @@
 //!
 //! `examples/lock.rs` is this program, runnable
 //! (`cargo run -p dlm-client --example lock -- SOCKET NAME`); the test
-//! command runs it against a real agent.
+//! command runs its code against a real agent.
 //!
 //! A session ends when the [`Session`] and every guard from it are dropped
 //! (or the process exits): the agent then releases its locks.

@@ -428,7 +428,11 @@ impl Membership {
             }
             Step::View(view) => {
                 tracing::info!(epoch = view.epoch, quorate = view.quorate, "agreed on a view");
-                if !self.agreement.agents_are_a_majority(&view) {
+                // Said only where the minority is why: an agreed view (even
+                // epoch; a node fencing itself alone takes the odd one) while
+                // corosync says quorate.
+                let agreed = view.epoch.is_multiple_of(2);
+                if agreed && self.status.quorate == Some(true) && !self.agreement.agents_are_a_majority(&view) {
                     tracing::warn!(
                         epoch = view.epoch,
                         agents = view.members.len(),
