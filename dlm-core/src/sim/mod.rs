@@ -149,8 +149,9 @@ pub struct SimConfig {
     pub membership_faults: bool,
     /// How long after the heal every request must have completed (and
     /// every lock gone): past it a request counts as hung. Every timer of
-    /// the model is a few milliseconds; over seeds 0–999 the drain took
-    /// 6 ms at the median and 21 ms at most.
+    /// the model is a few milliseconds; over seeds 0–999 (before client
+    /// pauses, which add at most a few ms) the drain took 6 ms at the
+    /// median and 21 ms at most.
     pub drain_limit: Duration,
     /// With membership faults: views come from the real agreement
     /// ([`crate::cluster::agree`]) over a model of corosync (see `cpg`),
