@@ -186,6 +186,79 @@ async fn one_uid_cannot_open_every_session() {
     assert!(guard.fencing_token() > 0);
 }
 
+/// `opened`, or an error when it takes more than 5 s.
+async fn within<T>(opened: impl Future<Output = T>) -> Result<T, tokio::time::error::Elapsed> {
+    tokio::time::timeout(Duration::from_secs(5), opened).await
+}
+
+/// From the Rust client: sessions multiplexed on one gRPC connection go past
+/// HTTP/2's stream limit of old (1,024, where the 1,025th waited for ever,
+/// neither welcomed nor refused) up to the uid's quota, then are refused at
+/// once; a framed session past the connection quota is told why in place
+/// of its welcome, and so is a gRPC connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_a_quota_a_client_is_refused_at_once_naming_the_limit() {
+    const SESSIONS: usize = 1100;
+    const CONNECTIONS: usize = 8;
+    let agent = Agent::start(
+        "quotas",
+        &format!("[limits]\nsessions_per_uid_max = {SESSIONS}\nconnections_per_client_max = {CONNECTIONS}\n"),
+    );
+    let refused_within = |what: &str, opened: Result<Result<_, ClientError>, tokio::time::error::Elapsed>| {
+        let refusal = match opened {
+            Ok(Err(refusal)) => refusal,
+            Ok(Ok(_)) => panic!("{what}: opened past its quota"),
+            Err(_) => panic!("{what}: neither opened nor refused within 5 s"),
+        };
+        assert!(
+            matches!(&refusal, ClientError::Call(status) if status.code() == tonic::Code::ResourceExhausted),
+            "{what}: {refusal:?}"
+        );
+        refusal.to_string()
+    };
+
+    let grpc = agent.client().await.with_grpc_sessions();
+    let mut sessions = Vec::new();
+    for n in 0..SESSIONS {
+        let session = within(grpc.session()).await.unwrap_or_else(|_| panic!("session {} hangs", n + 1));
+        sessions.push(session.unwrap_or_else(|e| panic!("session {} of {SESSIONS}: {e}", n + 1)));
+    }
+    let text = refused_within("a session past the uid's quota", within(grpc.session()).await);
+    assert!(text.contains("limits.sessions_per_uid_max = 1100") && text.contains("raise"), "{text}");
+    drop((sessions, grpc));
+
+    // One connection is the client's own (its admin calls); framed
+    // sessions are one each.
+    let framed = agent.client().await;
+    let mut held = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while held.len() < CONNECTIONS - 1 {
+        match framed.session().await {
+            Ok(session) => held.push(session),
+            // The gRPC sessions just dropped end as the agent sees them go.
+            Err(error) => assert!(Instant::now() < deadline, "no room after the sessions ended: {error}"),
+        }
+    }
+    let logged = agent.log().len();
+    let text = refused_within("a framed session past the connection quota", within(framed.session()).await);
+    assert!(text.contains("limits.connections_per_client_max = 8") && text.contains("raise"), "{text}");
+    let another = within(agent.client()).await.expect("a new connection is accepted, then told why");
+    let text = refused_within("a gRPC connection past the quota", within(another.with_grpc_sessions().session()).await);
+    assert!(text.contains("limits.connections_per_client_max"), "{text}");
+
+    let (_, metrics) = http_get(&agent.http, "/metrics").expect("metrics");
+    assert!(metrics.contains("dlm_client_refused_total{limit=\"sessions_per_uid_max\"} 1"), "{metrics}");
+    let connections_refused = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dlm_client_refused_total{limit=\"connections_per_client_max\"} "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(connections_refused >= Some(2), "both refused connections counted:\n{metrics}");
+    // (The loop above may have met the quota before the gRPC client's
+    // connection was gone: an episode of its own.)
+    let log = &agent.log()[logged..];
+    assert_eq!(log.matches("refusing new client connections").count(), 1, "one episode, one warning:\n{log}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_past_the_node_wide_ceiling_are_refused_with_a_typed_error() {
     // Two lockspaces, one ceiling for the node: what bounds its memory.

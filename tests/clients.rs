@@ -25,6 +25,13 @@ fn python_has(modules: &[&str]) -> bool {
     Command::new("python3").args(["-c", &import]).output().is_ok_and(|out| out.status.success())
 }
 
+/// Whether `node` runs and the npm packages of `tests/clients` are installed.
+fn node_has_grpc_js() -> bool {
+    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/node_modules/@grpc/grpc-js");
+    let node = Command::new("node").arg("--version").output().is_ok_and(|out| out.status.success());
+    node && modules.exists()
+}
+
 /// Runs a client script against a fresh agent, on its Unix socket and then
 /// on its TCP listener; the script's closing line counts the checks that
 /// passed.
@@ -102,9 +109,7 @@ fn python_grpcio_runs_a_whole_session_on_the_unix_socket_and_tcp() {
 
 #[test]
 fn node_grpc_js_runs_a_whole_session_on_the_unix_socket_and_tcp() {
-    let modules = Path::new(env!("CARGO_MANIFEST_DIR")).join("clients/node_modules/@grpc/grpc-js");
-    let node = Command::new("node").arg("--version").output().is_ok_and(|out| out.status.success());
-    if available("node with @grpc/grpc-js", node && modules.exists()) {
+    if available("node with @grpc/grpc-js", node_has_grpc_js()) {
         run_client("node-grpc-js", "node", "node_grpc.js", None, 25);
     }
 }
@@ -130,6 +135,66 @@ fn the_repository_python_client_installs_with_pip_and_runs_a_session() {
     assert!(installed.status.success(), "pip install failed: {}", String::from_utf8_lossy(&installed.stderr));
     run_client("python-package", "python3", "python_package.py", Some(&target), 17);
     let _ = std::fs::remove_dir_all(&target);
+}
+
+/// The quotas a client meets, from a client in another language
+/// (`python_quota.py`, `node_quota.js`): connections past
+/// `connections_per_client_max` and sessions past `sessions_per_uid_max`
+/// are refused at once, typed, naming the limit; sessions multiplexed on
+/// one connection go past HTTP/2's stream limit of old (1,024, where the
+/// 1,025th waited for ever). Each refusal is counted; each episode logged
+/// once.
+fn run_quota_script(tag: &str, program: &str, script: &str) {
+    const SESSIONS: u32 = 1100;
+    const CONNECTIONS: u32 = 12;
+    let config = format!("[limits]\nsessions_per_uid_max = {SESSIONS}\nconnections_per_client_max = {CONNECTIONS}\n");
+    let mut agent = Agent::start(tag, &config);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut child = Command::new(program)
+        .arg(root.join("clients").join(script))
+        .arg(format!("unix:{}", path_str(&agent.socket)))
+        .arg(root.join("../dlm-proto/proto"))
+        .args([SESSIONS.to_string(), CONNECTIONS.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{program} runs: {e}"));
+    let status = wait_with_timeout(&mut child, Duration::from_secs(120)).expect("the client finishes in 2 minutes");
+    let output = child.wait_with_output().expect("output");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(status.success(), "the {tag} client failed:\n{stdout}\n{stderr}\nagent log:\n{}", agent.log());
+    assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+    let (_, metrics) = support::http_get(&agent.http, "/metrics").expect("metrics");
+    let refused = |limit: &str| {
+        let line = format!("dlm_client_refused_total{{limit=\"{limit}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(line.as_str())).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+    };
+    let connections_refused = refused("connections_per_client_max");
+    assert!(connections_refused >= 4, "every refused connection counted:\n{metrics}");
+    assert_eq!(refused("sessions_per_uid_max"), 3, "every refused session counted");
+    let log = agent.log();
+    assert_eq!(log.matches("refusing new sessions of a uid").count(), 1, "one episode, one warning:\n{log}");
+    // One episode while the 16 connect; the second part may start one
+    // more while the first part's connections close.
+    let warned = log.matches("refusing new client connections").count() as u64;
+    assert!((1..=2).contains(&warned) && warned < connections_refused, "{warned} warnings:\n{log}");
+    println!("{tag}: {}", stdout.trim());
+    assert!(agent.terminate().success());
+}
+
+#[test]
+fn python_grpcio_is_told_at_once_when_it_goes_past_a_session_or_connection_quota() {
+    if available("python3 with grpcio and grpcio-tools", python_has(&["grpc", "grpc_tools"])) {
+        run_quota_script("python-quota", "python3", "python_quota.py");
+    }
+}
+
+#[test]
+fn node_grpc_js_is_told_at_once_when_it_goes_past_a_session_or_connection_quota() {
+    if available("node with @grpc/grpc-js", node_has_grpc_js()) {
+        run_quota_script("node-quota", "node", "node_quota.js");
+    }
 }
 
 /// The Rust client crate's example (`dlm-client/examples/lock.rs`), its

@@ -33,6 +33,25 @@ pub const HANDSHAKES_PER_CLIENT_MAX: usize = 64;
 
 const _: () = assert!(HANDSHAKES_PER_CLIENT_MAX * 4 <= HANDSHAKES_MAX, "one client gets a small share");
 
+/// HTTP/2 streams one gRPC connection may have open beyond its sessions:
+/// room for unary calls beside them. A connection's stream limit is
+/// `limits.sessions_max` plus this, so that a client multiplexing every
+/// session on one connection (grpcio shares one connection between the
+/// channels of a process) meets the agent's session quotas, which answer
+/// with a typed refusal, and never HTTP/2's own limit, which makes the
+/// client queue the stream silently.
+pub const CALL_STREAMS_MAX: u32 = 1024;
+
+/// Connections refused by a quota that are being told why, at most
+/// (`transport::refuse`); more are closed at once. Each lasts at most
+/// `transport::refuse::ANSWER_LIFETIME`.
+pub const ANSWERING_MAX: usize = 64;
+
+/// Of those, the most for one client.
+pub const ANSWERING_PER_CLIENT_MAX: usize = 8;
+
+const _: () = assert!(ANSWERING_PER_CLIENT_MAX * 4 <= ANSWERING_MAX, "one client gets a small share");
+
 /// Resources a dump page gives when the request does not say.
 pub const DUMP_RESOURCES_DEFAULT: usize = 1000;
 

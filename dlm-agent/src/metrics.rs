@@ -37,7 +37,14 @@ pub struct Metrics {
     pub sessions_ended: IntCounterVec,
     /// Kernel-measured time of lock holders and waiters, by phase and state.
     pub attributed: CounterVec,
+    /// Connections and sessions refused, by the limit that refused them.
+    pub refused: IntCounterVec,
 }
+
+/// The limits that refuse clients, as their configuration keys: the `limit`
+/// label of `dlm_client_refused_total`.
+pub const CLIENT_LIMITS: &[&str] =
+    &["connections_max", "connections_per_client_max", "handshakes", "sessions_max", "sessions_per_uid_max"];
 
 /// Where attributed time went, in the order of the attribution's fields.
 pub const ATTRIBUTION_STATES: &[&str] = &["oncpu", "runqueue", "blocked", "reclaim", "kernel_lock", "futex"];
@@ -131,6 +138,11 @@ impl Metrics {
                 registry.register(Box::new(metric.clone())).expect("unique metric");
                 metric
             },
+            refused: counter(
+                "dlm_client_refused_total",
+                "Client connections and sessions refused, by the limit that refused them.",
+                &["limit"],
+            ),
             registry,
         };
         let info =
@@ -145,6 +157,9 @@ impl Metrics {
             .expect("unique metric");
         for code in RejectCode::ALL.iter().filter(|code| code.counted()) {
             metrics.rejected.with_label_values(&[code.as_str()]);
+        }
+        for limit in CLIENT_LIMITS {
+            metrics.refused.with_label_values(&[limit]);
         }
         for reason in SessionEnd::ALL {
             metrics.sessions_ended.with_label_values(&[reason.as_str()]);

@@ -11,7 +11,10 @@ use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::access::Access;
-use crate::bounds::{CLIENT_MESSAGE_LEN_MAX, HANDSHAKES_MAX, HANDSHAKES_PER_CLIENT_MAX};
+use crate::bounds::{
+    ANSWERING_MAX, ANSWERING_PER_CLIENT_MAX, CALL_STREAMS_MAX, CLIENT_MESSAGE_LEN_MAX, HANDSHAKES_MAX,
+    HANDSHAKES_PER_CLIENT_MAX,
+};
 use crate::clock::Clock;
 use crate::command::{Command, PeerView};
 use crate::config::{Config, MembershipSource, TlsSettings};
@@ -256,7 +259,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(config.keepalive))
             .http2_keepalive_timeout(Some(config.keepalive))
-            .max_concurrent_streams(Some(1024))
+            .max_concurrent_streams(Some(config.limits.sessions_max.saturating_add(CALL_STREAMS_MAX)))
     };
     let mut tasks = tokio::task::JoinSet::new();
     // One socket, two protocols: gRPC and framed sessions (`framing`).
@@ -265,7 +268,9 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let admission = Admission {
         connections: Quota::new(config.clients.connections_max, config.clients.connections_per_client_max),
         handshakes: Quota::new(HANDSHAKES_MAX, HANDSHAKES_PER_CLIENT_MAX),
+        answering: Quota::new(ANSWERING_MAX, ANSWERING_PER_CLIENT_MAX),
         handshake_timeout: config.clients.handshake_timeout,
+        refused: metrics.refused.clone(),
     };
     let framed_settings = framed::FramedSettings {
         node: config.node.clone(),

@@ -18,6 +18,7 @@
 //! | `mod.rs` | the driver's state, start, the run loop and command dispatch |
 //! | `requests.rs` | a client's request: decoded, resolved, handed to the node, or rejected |
 //! | `output.rs` | session output: effects routed to sessions, writes batched per pass, slow readers ended |
+//! | `quota.rs` | the session quotas: per uid and in all, refused with a message that says how to raise them |
 //! | `peers.rs` | peer batching: the node's envelopes to the peers' dialers, stalled links reset |
 //! | `observe/` | observation: metrics, lock spans, USDT probe points, kernel evidence |
 //! | `admin.rs` | status, lockspaces, dump, lockspace creation and release, shutdown |
@@ -31,6 +32,7 @@ mod admin;
 mod observe;
 mod output;
 mod peers;
+mod quota;
 mod requests;
 mod views;
 
@@ -39,14 +41,14 @@ use std::ffi::{CStr, CString};
 use std::sync::Arc;
 
 use dlm_core::cluster::{ClusterConfig, ClusterNode, Member, Membership, NodeId};
-use dlm_core::{LockspaceId, NodeConfig, SessionId};
+use dlm_core::{Limit, LockspaceId, NodeConfig, RequestError, SessionId};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::access::Access;
 use crate::bounds::{COMMAND_BATCH_MAX, COMMAND_QUEUE_MAX};
 use crate::clock::Clock;
-use crate::codes::{RejectCode, SessionEnd};
+use crate::codes::SessionEnd;
 use crate::command::{
     Command, Credentials, DriverHandle, FenceAcks, MembershipStatus, PeerSender, PeerView, SessionOutput,
 };
@@ -58,6 +60,7 @@ use crate::lease::{LapseWatch, Lease};
 use crate::metrics::Metrics;
 
 use self::observe::{LockRecord, Observer};
+use self::quota::{SessionLimit, SessionQuota};
 
 /// One open session.
 struct SessionState {
@@ -122,8 +125,8 @@ struct Driver {
     config: Arc<Config>,
     started: Instant,
     sessions: HashMap<SessionId, SessionState>,
-    /// Sessions open per uid (Unix socket clients), for `sessions_per_uid_max`.
-    sessions_by_uid: HashMap<u32, u32>,
+    /// Sessions open per uid, and the refusals already logged (`quota.rs`).
+    quota: SessionQuota,
     lockspace_names: HashMap<LockspaceId, LockspaceName>,
     /// Sessions found not reading during routing, ended after it (`output.rs`).
     slow: Vec<SessionId>,
@@ -198,7 +201,7 @@ pub fn start(
         config: config.clone(),
         started: clock.now(),
         sessions: HashMap::new(),
-        sessions_by_uid: HashMap::new(),
+        quota: SessionQuota::new(config.clients.sessions_per_uid_max),
         lockspace_names: HashMap::new(),
         slow: Vec::new(),
         unflushed: Vec::new(),
@@ -321,20 +324,19 @@ impl Driver {
         events: SessionOutput,
         ended: oneshot::Sender<()>,
     ) -> Result<SessionId, Rejection> {
-        let uid_max = self.config.clients.sessions_per_uid_max;
-        if let Some(uid) = credentials.uid()
-            && self.sessions_by_uid.get(&uid).is_some_and(|&open| open >= uid_max)
-        {
-            return Err(Rejection::new(
-                0,
-                RejectCode::LimitExceeded,
-                format!("uid {uid} has limits.sessions_per_uid_max ({uid_max}) sessions open"),
-            ));
+        let uid = credentials.uid();
+        if let Err(refusal) = self.quota.check(uid) {
+            self.observer.session_refused(SessionLimit::PerUid);
+            return Err(refusal);
         }
-        let session = self.node.open_next_session().map_err(|error| Rejection::from_engine(0, &error))?;
-        if let Some(uid) = credentials.uid() {
-            *self.sessions_by_uid.entry(uid).or_insert(0) += 1;
-        }
+        let session = self.node.open_next_session().map_err(|error| match error {
+            RequestError::LimitExceeded(Limit::Sessions) => {
+                self.observer.session_refused(SessionLimit::Total);
+                self.quota.full(self.config.limits.sessions_max)
+            }
+            error => Rejection::from_engine(0, &error),
+        })?;
+        self.quota.opened(uid);
         let state = SessionState { events, _ended: ended, credentials, locks: HashMap::new() };
         self.observer.session_opened(state.pid());
         self.sessions.insert(session, state);

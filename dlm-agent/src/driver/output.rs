@@ -74,14 +74,7 @@ impl Driver {
             return;
         };
         let _ = self.node.end_session(self.clock.engine_now(), session);
-        if let Some(uid) = state.credentials.uid()
-            && let std::collections::hash_map::Entry::Occupied(mut open) = self.sessions_by_uid.entry(uid)
-        {
-            *open.get_mut() -= 1;
-            if *open.get() == 0 {
-                open.remove();
-            }
-        }
+        self.quota.closed(state.credentials.uid(), self.sessions.len(), self.config.limits.sessions_max);
         self.observer.session_ended(state.pid(), reason);
     }
 }

@@ -7,8 +7,15 @@
 //! it is dropped, however the connection ends. The client transports keep
 //! two quotas: connections still reading their first bytes (a short-lived
 //! state, bounded tightly), and connections open at all.
+//!
+//! A connection over a quota is refused with a reason ([`Refused`]) that
+//! names the limit and how to raise it: counted
+//! (`dlm_client_refused_total`), logged as a warning once per episode (the
+//! first refusal of a key, not again until it has had room), and answered
+//! on the connection when a slot of a third, small quota allows
+//! (`transport::refuse`); past that, closed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
@@ -54,6 +61,19 @@ pub struct Quota {
 struct Open {
     total: usize,
     by_key: HashMap<Key, usize>,
+    /// Keys refused since they last had room (logged once per episode).
+    told: HashSet<Key>,
+    /// Every slot was taken and a refusal was logged.
+    told_full: bool,
+}
+
+/// A refusal, and whether it is the first of its episode (to be logged).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusing {
+    /// Why.
+    pub refusal: Refusal,
+    /// No refusal of this key (or of everyone, when full) since it had room.
+    pub first: bool,
 }
 
 impl Quota {
@@ -67,18 +87,32 @@ impl Quota {
     ///
     /// # Errors
     /// Every slot is taken, or `key`'s share is.
-    pub fn admit(self: &Arc<Self>, key: Key) -> Result<Ticket, Refusal> {
+    pub fn admit(self: &Arc<Self>, key: Key) -> Result<Ticket, Refusing> {
         let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if open.total >= self.total_max {
-            return Err(Refusal::Full);
+            let first = !std::mem::replace(&mut open.told_full, true);
+            return Err(Refusing { refusal: Refusal::Full, first });
         }
-        let held = open.by_key.entry(key).or_insert(0);
-        if *held >= self.per_key_max {
-            return Err(Refusal::KeyFull);
+        let held = open.by_key.get(&key).copied().unwrap_or(0);
+        if held >= self.per_key_max {
+            let first = open.told.insert(key);
+            return Err(Refusing { refusal: Refusal::KeyFull, first });
         }
-        *held += 1;
+        *open.by_key.entry(key).or_insert(0) += 1;
         open.total += 1;
         Ok(Ticket { quota: self.clone(), key })
+    }
+
+    /// The most open at once.
+    #[must_use]
+    pub fn total_max(&self) -> usize {
+        self.total_max
+    }
+
+    /// The most open at once for one key.
+    #[must_use]
+    pub fn per_key_max(&self) -> usize {
+        self.per_key_max
     }
 
     /// How many are open in all.
@@ -90,6 +124,9 @@ impl Quota {
     fn release(&self, key: Key) {
         let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         open.total = open.total.saturating_sub(1);
+        // Room again: the next refusal starts an episode, logged.
+        open.told_full = false;
+        open.told.remove(&key);
         if let Some(held) = open.by_key.get_mut(&key) {
             *held -= 1;
             if *held == 0 {
@@ -123,24 +160,77 @@ pub struct Admission {
     /// Connections that have not yet sent their first bytes (the HTTP/2
     /// preface and SETTINGS, or a framed session's preface).
     pub handshakes: Arc<Quota>,
+    /// Refused connections being told why (`transport::refuse`).
+    pub answering: Arc<Quota>,
     /// How long a new connection may take to send its first bytes.
     pub handshake_timeout: std::time::Duration,
+    /// `dlm_client_refused_total`, by limit.
+    pub refused: prometheus::IntCounterVec,
+}
+
+/// A connection refused by a quota.
+#[derive(Debug)]
+pub struct Refused {
+    /// What the client is told: the limit, its value, how to raise it.
+    pub message: String,
+    /// A slot to answer the client in, if one was free: without it the
+    /// connection is closed at once.
+    pub answer: Option<Ticket>,
 }
 
 impl Admission {
-    /// A connection from `key`'s two tickets (open, and handshaking), or
-    /// `None` when it must be closed at once.
-    #[must_use]
-    pub fn admit(&self, key: Key) -> Option<(Ticket, Ticket)> {
-        let refused = |what: &str, refusal: Refusal| match refusal {
-            Refusal::Full => tracing::debug!(%key, "every {what} slot is taken; closing a new connection"),
-            Refusal::KeyFull => {
-                tracing::debug!(%key, "{key} holds its share of {what} slots; closing its new connection")
-            }
+    /// A connection from `key`'s two tickets (open, and handshaking).
+    ///
+    /// # Errors
+    /// A quota is full: the refusal, counted and (once per episode) logged.
+    pub fn admit(&self, key: Key) -> Result<(Ticket, Ticket), Refused> {
+        let open = self.connections.admit(key).map_err(|r| self.refused(key, &self.connections, r, false))?;
+        let handshake = self.handshakes.admit(key).map_err(|r| self.refused(key, &self.handshakes, r, true))?;
+        Ok((open, handshake))
+    }
+
+    fn refused(&self, key: Key, quota: &Quota, refusing: Refusing, handshake: bool) -> Refused {
+        let (limit, message) = match (handshake, refusing.refusal) {
+            (true, Refusal::Full) => (
+                "handshakes",
+                format!(
+                    "the agent has {} connections that have not sent their first bytes yet, its fixed bound; \
+                     try again",
+                    quota.total_max()
+                ),
+            ),
+            (true, Refusal::KeyFull) => (
+                "handshakes",
+                format!(
+                    "{key} has {} connections that have not sent their first bytes yet, its fixed bound; a client \
+                     must speak as soon as it connects",
+                    quota.per_key_max()
+                ),
+            ),
+            (false, Refusal::Full) => (
+                "connections_max",
+                format!(
+                    "the agent has {0} client connections open, its limit (limits.connections_max = {0}); close \
+                     connections, or raise connections_max in the [limits] section of the agent's \
+                     configuration (at most the descriptor limit, LimitNOFILE, less 256)",
+                    quota.total_max()
+                ),
+            ),
+            (false, Refusal::KeyFull) => (
+                "connections_per_client_max",
+                format!(
+                    "{key} has {0} connections open, its limit (limits.connections_per_client_max = {0}); close \
+                     connections, or raise connections_per_client_max in the [limits] section of the agent's \
+                     configuration",
+                    quota.per_key_max()
+                ),
+            ),
         };
-        let open = self.connections.admit(key).map_err(|r| refused("connection", r)).ok()?;
-        let handshake = self.handshakes.admit(key).map_err(|r| refused("handshake", r)).ok()?;
-        Some((open, handshake))
+        self.refused.with_label_values(&[limit]).inc();
+        if refusing.first {
+            tracing::warn!(%key, limit, "refusing new client connections over a limit: {message}");
+        }
+        Refused { message, answer: self.answering.admit(key).ok() }
     }
 }
 
@@ -154,7 +244,8 @@ mod tests {
         let a = Key::Uid(1);
         let b = Key::Uid(2);
         let held: Vec<Ticket> = (0..2).map(|_| quota.admit(a).expect("within a's share")).collect();
-        assert_eq!(quota.admit(a).unwrap_err(), Refusal::KeyFull);
+        assert_eq!(quota.admit(a).unwrap_err(), Refusing { refusal: Refusal::KeyFull, first: true });
+        assert!(!quota.admit(a).unwrap_err().first, "logged once per episode");
         let other = quota.admit(b).expect("b has its own share");
         assert_eq!(quota.open(), 3);
         drop(held);
@@ -168,7 +259,7 @@ mod tests {
         let quota = Quota::new(3, 2);
         let _held: Vec<Ticket> =
             [Key::Uid(1), Key::Uid(2), Key::Unknown].into_iter().map(|k| quota.admit(k).expect("room")).collect();
-        assert_eq!(quota.admit(Key::Uid(3)).unwrap_err(), Refusal::Full);
+        assert_eq!(quota.admit(Key::Uid(3)).unwrap_err().refusal, Refusal::Full);
         assert_eq!(quota.open(), 3);
     }
 

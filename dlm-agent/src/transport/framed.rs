@@ -34,9 +34,10 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::admission::{Admission, Key, Ticket};
+use super::admission::{Admission, Key, Refused, Ticket};
 use super::authority::AuthorityFixed;
 use super::preface::{Replayed, read_http2_start};
+use super::refuse;
 
 use crate::codes::RejectCode;
 use crate::command::{Command, Credentials, DriverHandle, OpenError, OpenSession, SessionOutput};
@@ -78,6 +79,12 @@ pub fn spawn(
 ) -> (GrpcIncoming, tokio::task::JoinHandle<()>) {
     let (grpc, incoming) = mpsc::channel(64);
     let settings = Arc::new(settings);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let refusing_stopped = async move {
+        let mut stop_rx = stop_rx;
+        let _ = stop_rx.wait_for(|stop| *stop).await;
+    };
+    let (refusing, refusing_task) = refuse::spawn_grpc(refusing_stopped);
     let task = tokio::spawn(async move {
         let mut connections = JoinSet::new();
         tokio::pin!(stop);
@@ -96,7 +103,15 @@ pub fn spawn(
                         }
                     };
                     let key = stream.peer_cred().map_or(Key::Unknown, |c| Key::Uid(c.uid()));
-                    let Some((open, handshake)) = settings.admission.admit(key) else { continue };
+                    let (open, handshake) = match settings.admission.admit(key) {
+                        Ok(tickets) => tickets,
+                        Err(mut refused) => {
+                            if let Some(answer) = refused.answer.take() {
+                                connections.spawn(answer_refused(stream, refused, answer, refusing.clone()));
+                            }
+                            continue;
+                        }
+                    };
                     let (grpc, driver, settings) = (grpc.clone(), driver.clone(), settings.clone());
                     connections.spawn(async move {
                         let classified = classify(stream, settings.admission.handshake_timeout).await;
@@ -114,12 +129,32 @@ pub fn spawn(
             }
         }
         drop(grpc);
+        let _ = stop_tx.send(true);
         let drain = async { while connections.join_next().await.is_some() {} };
         if tokio::time::timeout(SHUTDOWN_DRAIN_TIMEOUT, drain).await.is_err() {
             tracing::warn!("framed sessions still open at shutdown; closing them");
         }
+        let _ = refusing_task.await;
     });
     (ReceiverStream::new(incoming), task)
+}
+
+/// Tells a connection refused by a quota why, in its own protocol (see
+/// [`refuse`]).
+async fn answer_refused(
+    stream: UnixStream,
+    refused: Refused,
+    answer: Ticket,
+    refusing: mpsc::Sender<io::Result<refuse::RefusedGrpc>>,
+) {
+    match classify(stream, refuse::ANSWER_LIFETIME).await {
+        Some(Protocol::Framed(stream)) => refuse::answer_framed(stream, &refused).await,
+        Some(Protocol::Grpc(start, stream)) => {
+            let stream = Replayed::new(start, AuthorityFixed::new(stream), answer);
+            let _ = refusing.send(Ok(refuse::Expiring::new(stream, &refused.message))).await;
+        }
+        None => {}
+    }
 }
 
 enum Protocol {

@@ -8,6 +8,7 @@
 //! |---|---|
 //! | `admission` | how many client connections may be open, in all and per uid or address |
 //! | `preface` | a client connection's first bytes, read under a deadline and replayed to tonic |
+//! | `refuse` | a Unix socket connection over a quota told why: a framed `Rejected`, or gRPC calls failing `RESOURCE_EXHAUSTED` |
 //! | `authority` | gRPC requests on the Unix socket given a valid `:authority` (grpc-core sends the socket path) |
 //! | `framed` | the Unix socket: framed sessions served here, gRPC connections handed to tonic |
 //! | `tcp` | the TCP client listener: gRPC connections handed to tonic |
@@ -23,5 +24,6 @@ pub mod grpc;
 pub mod http;
 pub mod peer;
 pub mod preface;
+pub mod refuse;
 pub mod tcp;
 pub mod tls;

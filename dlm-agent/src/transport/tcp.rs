@@ -60,7 +60,9 @@ pub fn spawn(listener: TcpListener, admission: Admission, tls: Option<Arc<Tls>>)
                     continue;
                 }
             };
-            let Some((open, handshake)) = admission.admit(Key::Address(address.ip())) else { continue };
+            // Refused connections are counted and logged, and closed: a TCP
+            // client would need TLS before it could be told why.
+            let Ok((open, handshake)) = admission.admit(Key::Address(address.ip())) else { continue };
             let (grpc, deadline, tls) = (grpc.clone(), admission.handshake_timeout, tls.clone());
             tokio::spawn(async move {
                 let start = async {

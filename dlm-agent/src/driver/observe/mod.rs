@@ -193,6 +193,11 @@ impl Observer {
         self.metrics.sessions_opened.inc();
     }
 
+    /// A session refused by one of the session quotas.
+    pub(super) fn session_refused(&mut self, limit: super::quota::SessionLimit) {
+        self.metrics.refused.with_label_values(&[limit.key()]).inc();
+    }
+
     pub(super) fn session_ended(&mut self, pid: Option<u32>, reason: SessionEnd) {
         self.evidence.session_ended(pid);
         self.metrics.sessions.dec();
