@@ -399,6 +399,19 @@ async fn answered<T>(
     })
 }
 
+/// Where the agent's Unix socket is by default: `$XDG_RUNTIME_DIR/dlm/dlm.sock`
+/// for a user, `/run/dlm/dlm.sock` for root (or when `XDG_RUNTIME_DIR` is
+/// unset). The agent makes its socket there unless told otherwise.
+#[must_use]
+pub fn default_socket() -> PathBuf {
+    let is_root =
+        std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(dir) if !is_root => PathBuf::from(dir).join("dlm/dlm.sock"),
+        _ => PathBuf::from("/run/dlm/dlm.sock"),
+    }
+}
+
 /// Requests a session queues unsent before `lock` and friends wait for room.
 pub(crate) const SESSION_REQUESTS_MAX: usize = 256;
 

@@ -242,3 +242,49 @@ fn a_lookup_answer_is_not_taken_by_a_reused_handle() {
     assert_eq!(net.completion(3, 1).status, Status::Granted);
     assert_eq!(net.masters(&b), vec![2]);
 }
+
+/// A lockspace made only on the members whose clients use it (as libdlm's
+/// `dlm_new_lockspace` makes one): node 2, never asked to make it, is the
+/// directory of a resource in it and makes it when asked; nodes 1 and 3
+/// coordinate through it as in any lockspace.
+#[test]
+fn a_lockspace_made_on_some_members_works_when_its_directory_is_another() {
+    let mut net = Net::new();
+    for node in [0, 2] {
+        net.nodes[node].create_lockspace(b"vg", LockspaceConfig::default()).expect("vg");
+    }
+    assert!(net.nodes[1].lockspace_id(b"vg").is_none(), "node 2 never made it");
+    let membership = net.nodes[0].config().membership.clone();
+    let name = (0..)
+        .map(|i| format!("lv{i}").into_bytes())
+        .find(|n| membership.directory(b"vg", n) == NodeId(2))
+        .expect("a name");
+    let lock = |net: &mut Net, node: u16, handle: u64, mode: Mode| {
+        let n = &mut net.nodes[usize::from(node) - 1];
+        let lockspace = n.lockspace_id(b"vg").expect("vg");
+        let request = LockRequest {
+            handle: LockHandle(handle),
+            lockspace,
+            name: name.clone(),
+            mode,
+            flags: LockFlags::EMPTY,
+            timeout: None,
+        };
+        n.handle_client(net.now, NodeId(node).session(1), ClientRequest::Lock(request)).expect("accepted");
+        net.collect();
+    };
+    lock(&mut net, 1, 10, Mode::Ex);
+    net.deliver_all();
+    assert_eq!(net.completion(1, 10).status, Status::Granted);
+    assert!(net.nodes[1].lockspace_id(b"vg").is_some(), "node 2 made it when asked as the directory");
+    lock(&mut net, 3, 30, Mode::Pr);
+    net.deliver_all();
+    assert!(
+        !net.effects.iter().any(|(n, e)| *n == 3 && matches!(e, Effect::Complete(_))),
+        "node 3 waits for node 1's EX: {:?}",
+        net.effects
+    );
+    net.unlock(1, 10);
+    net.deliver_all();
+    assert_eq!(net.completion(3, 30).status, Status::Granted);
+}

@@ -25,6 +25,10 @@ pub(crate) const PACKAGES: &[(&str, &str)] = &[
     ("libvotequorum-dev", "corosync's votequorum library, which the agent links (quorum, expected votes)"),
     ("libcmap-dev", "corosync's configuration map library, which the agent links (rust-corosync links it)"),
     ("libcfg-dev", "corosync's configuration library, which the agent links (rust-corosync links it)"),
+    (
+        "libdlm-dev",
+        "libdlm's header (libdlm.h), for programs built against dlm's libdlm, and Debian's libdlm3 to check its exports",
+    ),
 ];
 
 /// PyPI packages (pinned), and why each is needed.
@@ -48,7 +52,56 @@ pub(crate) fn run() -> Result<(), String> {
     ebpf_toolchain()?;
     debian_packages()?;
     python_packages()?;
-    node_packages()
+    node_packages()?;
+    libdlm()
+}
+
+/// Builds dlm's libdlm-compatible libraries (release) and installs them as
+/// shared libraries under their sonames in a directory of their own
+/// (`/usr/local/lib/dlm`, or `~/.local/lib/dlm` for a user), with a
+/// pkg-config file each (`dlm-libdlm`, `dlm-libdlm_lt`): a program built
+/// with `pkg-config --libs dlm-libdlm` uses dlm's library; the others keep
+/// the system's (the kernel DLM's) unless pointed at it by `LD_LIBRARY_PATH`.
+fn libdlm() -> Result<(), String> {
+    crate::run("cargo", &["build", "--release", "--locked", "-p", "dlm-libdlm-threaded", "-p", "dlm-libdlm-lite"])?;
+    let target =
+        std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
+    let root =
+        Command::new("id").arg("-u").output().is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0");
+    let prefix = if root {
+        std::path::PathBuf::from("/usr/local")
+    } else {
+        std::path::PathBuf::from(std::env::var("HOME").map_err(|_| "HOME is not set")?).join(".local")
+    };
+    let libdir = prefix.join("lib/dlm");
+    let pkgconfig = prefix.join("lib/pkgconfig");
+    for dir in [&libdir, &pkgconfig] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    for (library, what) in [("dlm", "threaded"), ("dlm_lt", "without threads")] {
+        let built = std::path::Path::new(&target).join(format!("release/lib{library}.so"));
+        let soname = format!("lib{library}.so.3");
+        let installed = libdir.join(&soname);
+        let new = std::fs::read(&built).map_err(|e| format!("{}: {e}", built.display()))?;
+        if std::fs::read(&installed).ok().as_deref() != Some(new.as_slice()) {
+            // A new file, then renamed: programs running on the old one keep it.
+            let next = libdir.join(format!(".{soname}.new"));
+            std::fs::write(&next, &new).map_err(|e| format!("{}: {e}", next.display()))?;
+            std::fs::rename(&next, &installed).map_err(|e| format!("{}: {e}", installed.display()))?;
+            eprintln!("xtask: installed {}", installed.display());
+        }
+        let link = libdir.join(format!("lib{library}.so"));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&soname, &link).map_err(|e| format!("{}: {e}", link.display()))?;
+        let pc = format!(
+            "libdir={}\n\nName: dlm-lib{library}\nDescription: dlm's libdlm-compatible library ({what}), over the local dlm agent\n\
+             Version: 4.2.0\nCflags:\nLibs: -L${{libdir}} -Wl,-rpath,${{libdir}} -l{library} -lpthread\n",
+            libdir.display()
+        );
+        let file = pkgconfig.join(format!("dlm-lib{library}.pc"));
+        std::fs::write(&file, pc).map_err(|e| format!("{}: {e}", file.display()))?;
+    }
+    Ok(())
 }
 
 /// Installs the npm packages of the Node client test, as its lock file pins

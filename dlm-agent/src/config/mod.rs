@@ -116,17 +116,8 @@ pub fn default_state_dir() -> PathBuf {
     }
 }
 
-/// The default socket: `$XDG_RUNTIME_DIR/dlm/dlm.sock` for a user,
-/// `/run/dlm/dlm.sock` for root (or when `XDG_RUNTIME_DIR` is unset).
-#[must_use]
-pub fn default_socket() -> PathBuf {
-    let is_root =
-        std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false);
-    match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if !is_root => PathBuf::from(dir).join("dlm/dlm.sock"),
-        _ => PathBuf::from("/run/dlm/dlm.sock"),
-    }
-}
+/// The default socket (the clients' rule, so that both agree).
+pub use dlm_client::default_socket;
 
 impl Default for Config {
     fn default() -> Self {

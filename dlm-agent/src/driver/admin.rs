@@ -183,7 +183,12 @@ impl Driver {
         if config.lvb_len == 0 {
             config.lvb_len = dlm_core::LVB_LEN_DEFAULT;
         }
-        let id = self.node.create_lockspace(name.as_bytes(), config).map_err(|e| Rejection::from_engine(0, &e))?;
+        let id = match self.node.lockspace_id(name.as_bytes()) {
+            // Made when a peer asked this node about it (as its resources'
+            // directory or master): this node's clients make it theirs now.
+            Some(id) if !self.lockspace_names.contains_key(&id) => id,
+            _ => self.node.create_lockspace(name.as_bytes(), config).map_err(|e| Rejection::from_engine(0, &e))?,
+        };
         self.lockspace_names.insert(id, LockspaceName::new(name));
         self.observer.metrics.add_lockspace(name);
         Ok(())

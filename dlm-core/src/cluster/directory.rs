@@ -157,7 +157,7 @@ impl ClusterNode {
         name: Vec<u8>,
         stale: Option<Mastership>,
     ) {
-        let Some(id) = self.engine.lockspace_id(&lockspace) else {
+        let Some(id) = self.peer_lockspace(&lockspace) else {
             self.send(
                 now,
                 from,

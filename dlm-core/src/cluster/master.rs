@@ -143,7 +143,7 @@ impl ClusterNode {
         let PeerMessage::Request { lockspace, session, handle, name, mode, flags, timeout } = request else {
             return;
         };
-        let Some(id) = self.engine.lockspace_id(&lockspace) else {
+        let Some(id) = self.peer_lockspace(&lockspace) else {
             self.reject_remote(now, from, session, handle, Op::Lock);
             return;
         };

@@ -221,7 +221,13 @@ impl ClusterNode {
 
     // ----- lockspaces and sessions (local) -----
 
-    /// Creates a lockspace (every member must create the same ones).
+    /// Creates a lockspace. A lockspace needs to be made only on the
+    /// members whose clients use it (as `dlm_new_lockspace` makes the
+    /// Linux DLM's): a member asked about it by a peer (as its resources'
+    /// directory or master) makes it then, with the default configuration
+    /// ([`ClusterNode::peer_lockspace`]). Lockspaces with another
+    /// configuration (value block length, lock-delay) must be made alike on
+    /// every member.
     ///
     /// # Errors
     /// As [`Node::create_lockspace`].
@@ -233,6 +239,19 @@ impl ClusterNode {
     #[must_use]
     pub fn lockspace_id(&self, name: &[u8]) -> Option<LockspaceId> {
         self.engine.lockspace_id(name)
+    }
+
+    /// The lockspace a peer's message names, made here with the default
+    /// configuration if this member has not got it: the directory and the
+    /// masters of a lockspace's resources are wherever the hash puts them,
+    /// on members whose clients never made it too. `None` if it cannot be
+    /// made (an invalid name, or `lockspaces_max` reached): the peer's
+    /// request is refused.
+    pub(in crate::cluster) fn peer_lockspace(&mut self, name: &[u8]) -> Option<LockspaceId> {
+        if let Some(id) = self.engine.lockspace_id(name) {
+            return Some(id);
+        }
+        self.engine.create_lockspace(name, LockspaceConfig::default()).ok()
     }
 
     /// Releases a lockspace (see [`Node::release_lockspace`]). In a cluster

@@ -86,6 +86,33 @@ pub async fn read_frame<M: Message + Default>(
 ) -> Result<Frame<M>, FrameError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     reader.read_exact(&mut header).await?;
+    let (kind, len) = parse_header(header)?;
+    body.clear();
+    body.resize(len, 0);
+    reader.read_exact(body).await?;
+    decode_body(kind, body)
+}
+
+/// [`read_frame`] for a blocking reader (a client without an async runtime,
+/// such as the libdlm-compatible library).
+///
+/// # Errors
+/// The connection failed or ended, or the frame breaks the format.
+pub fn read_frame_blocking<M: Message + Default>(
+    reader: &mut impl std::io::Read,
+    body: &mut Vec<u8>,
+) -> Result<Frame<M>, FrameError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    reader.read_exact(&mut header)?;
+    let (kind, len) = parse_header(header)?;
+    body.clear();
+    body.resize(len, 0);
+    reader.read_exact(body)?;
+    decode_body(kind, body)
+}
+
+/// A frame header's kind and body length, checked.
+fn parse_header(header: [u8; FRAME_HEADER_LEN]) -> Result<(FrameKind, usize), FrameError> {
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     if len > FRAME_BODY_LEN_MAX {
         return Err(FrameError::TooLong(len));
@@ -94,11 +121,12 @@ pub async fn read_frame<M: Message + Default>(
     if kind != FrameKind::Message && len != 0 {
         return Err(FrameError::UnexpectedBody(kind));
     }
-    body.clear();
-    body.resize(len, 0);
-    reader.read_exact(body).await?;
+    Ok((kind, len))
+}
+
+fn decode_body<M: Message + Default>(kind: FrameKind, body: &[u8]) -> Result<Frame<M>, FrameError> {
     Ok(match kind {
-        FrameKind::Message => Frame::Message(M::decode(body.as_slice())?),
+        FrameKind::Message => Frame::Message(M::decode(body)?),
         FrameKind::Ping => Frame::Ping,
         FrameKind::Pong => Frame::Pong,
     })
@@ -124,10 +152,13 @@ mod tests {
         encode_control(FrameKind::Pong, &mut out);
         let mut reader = out.as_slice();
         let mut body = Vec::new();
-        assert_eq!(read_frame(&mut reader, &mut body).await.unwrap(), Frame::Message(message));
+        assert_eq!(read_frame(&mut reader, &mut body).await.unwrap(), Frame::Message(message.clone()));
         assert_eq!(read_frame::<proto::ClientMessage>(&mut reader, &mut body).await.unwrap(), Frame::Ping);
         assert_eq!(read_frame::<proto::ClientMessage>(&mut reader, &mut body).await.unwrap(), Frame::Pong);
         assert!(matches!(read_frame::<proto::ClientMessage>(&mut reader, &mut body).await, Err(FrameError::Io(_))));
+        let mut blocking = out.as_slice();
+        assert_eq!(read_frame_blocking(&mut blocking, &mut body).unwrap(), Frame::Message(message));
+        assert_eq!(read_frame_blocking::<proto::ClientMessage>(&mut blocking, &mut body).unwrap(), Frame::Ping);
     }
 
     #[tokio::test]

@@ -41,7 +41,7 @@ mod sink;
 
 use std::time::Duration;
 
-pub use self::codec::{Frame, FrameError, FrameKind, encode_control, encode_message, read_frame};
+pub use self::codec::{Frame, FrameError, FrameKind, encode_control, encode_message, read_frame, read_frame_blocking};
 pub use self::sink::{FrameSink, Pushed, SinkClosed};
 
 /// Opens a framed session: `DLMS` and the protocol version (1, little-endian).

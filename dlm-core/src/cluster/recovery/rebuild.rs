@@ -34,7 +34,7 @@ impl ClusterNode {
 
     /// A master's report to this directory node.
     pub(in crate::cluster) fn on_mastered(&mut self, from: NodeId, lockspace: &[u8], name: Vec<u8>, generation: u64) {
-        let Some(id) = self.engine.lockspace_id(lockspace) else { return };
+        let Some(id) = self.peer_lockspace(lockspace) else { return };
         self.directory.record((id, name.into_boxed_slice()), from, generation);
     }
 
@@ -284,7 +284,7 @@ impl ClusterNode {
 
     /// A lock of another node's client comes back to this master.
     pub(in crate::cluster) fn on_recover_lock(&mut self, now: Instant, from: NodeId, lock: RecoveredLock) {
-        let Some(id) = self.engine.lockspace_id(&lock.lockspace) else { return };
+        let Some(id) = self.peer_lockspace(&lock.lockspace) else { return };
         if !self.masters.is_remote_session(lock.session) {
             if self.engine.open_session(lock.session).is_err() {
                 return;
