@@ -137,6 +137,70 @@ fn the_repository_python_client_installs_with_pip_and_runs_a_session() {
     let _ = std::fs::remove_dir_all(&target);
 }
 
+/// The Python package's asyncio API (`dlm_client.aio`), installed with pip
+/// from a wheel built from the repository (as a user would ship it), on
+/// the Unix socket and TCP; then its example (`examples/asyncio_lock.py`).
+#[test]
+fn the_python_clients_asyncio_api_runs_from_a_built_wheel() {
+    if !available("python3 with grpcio and grpcio-tools", python_has(&["grpc", "grpc_tools", "setuptools"])) {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let package = root.join("../dlm-agent/clients/python");
+    let scratch = std::env::temp_dir().join(format!("dlm-python-wheel-{}", std::process::id()));
+    let (wheels, target) = (scratch.join("wheels"), scratch.join("site"));
+    let _ = std::fs::remove_dir_all(&scratch);
+    let pip = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new("python3")
+            .args(["-m", "pip", "--disable-pip-version-check", "--quiet"])
+            .args(args)
+            .output()
+            .expect("pip runs");
+        assert!(out.status.success(), "pip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    pip(&[
+        "wheel".as_ref(),
+        "--no-deps".as_ref(),
+        "--no-build-isolation".as_ref(),
+        "-w".as_ref(),
+        wheels.as_os_str(),
+        package.as_os_str(),
+    ]);
+    let wheel = std::fs::read_dir(&wheels)
+        .expect("the wheel directory")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| path.extension().is_some_and(|e| e == "whl"))
+        .expect("a wheel was built");
+    pip(&[
+        "install".as_ref(),
+        "--no-deps".as_ref(),
+        "--root-user-action=ignore".as_ref(),
+        "--target".as_ref(),
+        target.as_os_str(),
+        wheel.as_os_str(),
+    ]);
+    assert!(target.join("dlm_client/py.typed").exists(), "the wheel ships its type hints");
+    run_client("python-asyncio", "python3", "python_asyncio.py", Some(&target), 16);
+
+    let mut agent = Agent::start("python-example", "");
+    let example = Command::new("python3")
+        .arg(package.join("examples/asyncio_lock.py"))
+        .arg(format!("unix:{}", path_str(&agent.socket)))
+        .env("PYTHONPATH", &target)
+        .output()
+        .expect("the example runs");
+    let printed = String::from_utf8_lossy(&example.stdout);
+    assert!(example.status.success(), "{printed}{}", String::from_utf8_lossy(&example.stderr));
+    for line in
+        ["held orders/42 under fencing token", "a try-lock meanwhile gets None", "raises TimedOut", "holds it in pr"]
+    {
+        assert!(printed.contains(line), "the example prints {line:?}:\n{printed}");
+    }
+    assert!(agent.terminate().success());
+    let _ = std::fs::remove_dir_all(&scratch);
+}
+
 /// The quotas a client meets, from a client in another language
 /// (`python_quota.py`, `node_quota.js`): connections past
 /// `connections_per_client_max` and sessions past `sessions_per_uid_max`

@@ -182,9 +182,9 @@ class Client:
         self.close()
 
 
-class Lock:
-    """A lock held by a session: its mode, fencing token and value block.
-    Leaving a `with` block unlocks it (writing `write_value` if set)."""
+class _Held:
+    """What a lock of either API knows: its name, mode, fencing token and
+    value block, and whether (and why) it was lost."""
 
     def __init__(self, session, handle, name, on_blocking, on_lost):
         self._session = session
@@ -200,7 +200,6 @@ class Lock:
         self.held = False
         # Why the lock was lost without an unlock (None while it was not).
         self.lost = None
-        self._lost = threading.Event()
 
     def _granted(self, completion):
         self.mode = _MODE_NAMES[completion.mode]
@@ -210,6 +209,46 @@ class Lock:
         self.value_valid = not completion.status_flags & pb.VALNOTVALID
         self.held = True
 
+    def _lose(self, reason):
+        """Marks the lock lost; True if it was held."""
+        if not self.held:
+            return False
+        self.held = False
+        self.lost = reason
+        self._lost.set()
+        return True
+
+    def _leaving(self, kind):
+        """On leaving a `with` block: raises LockLost if the lock was lost
+        in it; True if there is an unlock to do."""
+        if self.lost is not None:
+            if kind is None or not issubclass(kind, LockLost):
+                raise LockLost(f"{self.name!r} was lost while held: {self.lost}")
+            return False
+        return True
+
+    def __repr__(self):
+        return f"Lock({self.name!r}, mode={self.mode}, token={self.token})"
+
+
+def _outcome(result):
+    """A request's completion if it succeeded; else raises what it means."""
+    if isinstance(result, Exception):
+        raise result
+    if result.status in (pb.STATUS_GRANTED, pb.STATUS_UNLOCKED):
+        return result
+    failure = _FAILURES.get(result.status)
+    raise failure(pb.Status.Name(result.status)) if failure else Failed(result.status)
+
+
+class Lock(_Held):
+    """A lock held by a session: its mode, fencing token and value block.
+    Leaving a `with` block unlocks it (writing `write_value` if set)."""
+
+    def __init__(self, session, handle, name, on_blocking, on_lost):
+        super().__init__(session, handle, name, on_blocking, on_lost)
+        self._lost = threading.Event()
+
     def convert(self, mode, timeout=None, nowait=False):
         """Converts to `mode`, waiting for the grant (or raising)."""
         flags = pb.NOQUEUE if nowait else 0
@@ -218,15 +257,6 @@ class Lock:
         completion = self._session._request(self.handle, message)
         self._granted(completion)
         return self
-
-    def _lose(self, reason):
-        """Marks the lock lost; True if it was held (the reader thread calls this)."""
-        if not self.held:
-            return False
-        self.held = False
-        self.lost = reason
-        self._lost.set()
-        return True
 
     def wait_lost(self, timeout=None):
         """Waits until the lock is lost (or `timeout` seconds); returns why, or None."""
@@ -248,14 +278,8 @@ class Lock:
         return self
 
     def __exit__(self, kind, *_):
-        if self.lost is not None:
-            if kind is None or not issubclass(kind, LockLost):
-                raise LockLost(f"{self.name!r} was lost while held: {self.lost}")
-            return
-        self.unlock(self.write_value)
-
-    def __repr__(self):
-        return f"Lock({self.name!r}, mode={self.mode}, token={self.token})"
+        if self._leaving(kind):
+            self.unlock(self.write_value)
 
 
 class Session:
@@ -319,16 +343,11 @@ class Session:
                 raise SessionClosed(self._closed)
             self._waiting[handle] = answer
         self._requests.put(message)
-        result = answer.get()
-        if isinstance(result, Exception):
-            raise result
-        if result.status in (pb.STATUS_GRANTED, pb.STATUS_UNLOCKED):
-            if result.status == pb.STATUS_UNLOCKED:
-                with self._mutex:
-                    self._locks.pop(handle, None)
-            return result
-        failure = _FAILURES.get(result.status)
-        raise failure(pb.Status.Name(result.status)) if failure else Failed(result.status)
+        result = _outcome(answer.get())
+        if result.status == pb.STATUS_UNLOCKED:
+            with self._mutex:
+                self._locks.pop(handle, None)
+        return result
 
     def _answer(self, handle, result):
         with self._mutex:
