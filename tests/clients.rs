@@ -119,20 +119,8 @@ fn the_repository_python_client_installs_with_pip_and_runs_a_session() {
     if !available("python3 with grpcio and grpcio-tools", python_has(&["grpc", "grpc_tools", "setuptools"])) {
         return;
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let package = root.join("../dlm-agent/clients/python");
     let target = std::env::temp_dir().join(format!("dlm-python-client-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&target);
-    // As a user would from a checkout (without build isolation: the build
-    // needs grpcio-tools, which setup installed, and nothing is fetched).
-    let installed = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"])
-        .args(["--disable-pip-version-check", "--root-user-action=ignore", "--target"])
-        .arg(&target)
-        .arg(&package)
-        .output()
-        .expect("pip runs");
-    assert!(installed.status.success(), "pip install failed: {}", String::from_utf8_lossy(&installed.stderr));
+    support::install_python_package(&target);
     run_client("python-package", "python3", "python_package.py", Some(&target), 17);
     let _ = std::fs::remove_dir_all(&target);
 }

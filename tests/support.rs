@@ -18,6 +18,8 @@ pub mod cluster_clients;
 pub mod corosync;
 #[path = "support/fenced_store.rs"]
 pub mod fenced_store;
+#[path = "support/libdlm.rs"]
+pub mod libdlm;
 
 /// The agent binary the tests run: `DLM_AGENT_BIN` when set, else the
 /// `dlm-agent` that cargo built for this test run, in this test
@@ -355,6 +357,23 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 /// `path` as text (the tests' paths are UTF-8).
 pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
+}
+
+/// Installs the repository's Python client package (`dlm-agent/clients/python`)
+/// into `target` with pip, as a user would from a checkout (without build
+/// isolation: the build needs grpcio-tools, which the set-up installed, and
+/// nothing is fetched).
+pub fn install_python_package(target: &Path) {
+    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dlm-agent/clients/python");
+    let _ = std::fs::remove_dir_all(target);
+    let installed = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"])
+        .args(["--disable-pip-version-check", "--root-user-action=ignore", "--target"])
+        .arg(target)
+        .arg(&package)
+        .output()
+        .expect("pip runs");
+    assert!(installed.status.success(), "pip install failed: {}", String::from_utf8_lossy(&installed.stderr));
 }
 
 /// Whether this runs under CI (`CI=true`), where a skip is a failure.

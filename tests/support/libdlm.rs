@@ -1,0 +1,77 @@
+//! dlm's libdlm for the programs of `tests/libdlm/`: the shared libraries
+//! under their sonames, and C programs built as libdlm's users build them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use crate::under_ci;
+
+/// Whether the header and a C compiler are here (else skip, or fail under CI).
+pub fn available() -> bool {
+    let present = Path::new("/usr/include/libdlm.h").exists()
+        && Command::new("cc").arg("--version").output().is_ok_and(|out| out.status.success());
+    if !present {
+        assert!(!under_ci(), "libdlm-dev and cc are required under CI=true (cargo xtask setup installs them)");
+        eprintln!("skipping: libdlm-dev (libdlm.h) or cc is not installed (cargo xtask setup installs them)");
+    }
+    present
+}
+
+/// A directory holding dlm's two libraries under their sonames, built for
+/// this test's profile.
+pub fn library_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("the test executable's path");
+        let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_path_buf();
+        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev".to_string(),
+            Some(other) => other.to_string(),
+        };
+        // The shared libraries are no test's dependency: build them (at
+        // once when they are up to date).
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args(["build", "--locked", "--profile", &profile, "-p", "dlm-libdlm-threaded", "-p", "dlm-libdlm-lite"]);
+        // Without the variables cargo gives a test, which some build
+        // scripts watch: the libraries' dependencies are then as built before.
+        for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("CARGO_") && key != "CARGO_HOME") {
+            if key != "CARGO_TARGET_DIR" {
+                cargo.env_remove(key);
+            }
+        }
+        let built = cargo.status().expect("cargo runs");
+        assert!(built.success(), "building dlm's libdlm failed");
+        let dir = std::env::temp_dir().join(format!("dlm-libdlm-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("library dir");
+        for (file, soname) in [("libdlm.so", "libdlm.so.3"), ("libdlm_lt.so", "libdlm_lt.so.3")] {
+            let link = dir.join(soname);
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(profile_dir.join(file), &link).expect("symlink");
+        }
+        dir
+    })
+}
+
+/// Compiles `tests/libdlm/<name>.c` against Debian's header, linked with
+/// `library` (`dlm` or `dlm_lt`) as Debian installs it.
+pub fn compile(name: &str, library: &str) -> PathBuf {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("libdlm").join(format!("{name}.c"));
+    let out = std::env::temp_dir().join(format!("dlm-libdlm-{name}-{}", std::process::id()));
+    let compiled = Command::new("cc")
+        .args(["-Wall", "-Wextra", "-Werror", "-O1", "-o"])
+        .arg(&out)
+        .arg(&source)
+        .arg(format!("-l{library}"))
+        .arg("-lpthread")
+        .output()
+        .expect("cc runs");
+    assert!(compiled.status.success(), "{name}.c: {}", String::from_utf8_lossy(&compiled.stderr));
+    let needed = Command::new("objdump").arg("-p").arg(&out).output().expect("objdump runs");
+    let soname = format!("lib{library}.so.3");
+    assert!(
+        String::from_utf8_lossy(&needed.stdout).lines().any(|l| l.contains("NEEDED") && l.ends_with(&soname)),
+        "{name} links {soname}, as a program built for libdlm does"
+    );
+    out
+}
