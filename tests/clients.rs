@@ -146,6 +146,7 @@ fn the_python_clients_asyncio_api_runs_from_a_built_wheel() {
             .expect("pip runs");
         assert!(out.status.success(), "pip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
+    let one_build = support::python_package_build();
     pip(&[
         "wheel".as_ref(),
         "--no-deps".as_ref(),
@@ -160,6 +161,7 @@ fn the_python_clients_asyncio_api_runs_from_a_built_wheel() {
         .map(|entry| entry.path())
         .find(|path| path.extension().is_some_and(|e| e == "whl"))
         .expect("a wheel was built");
+    drop(one_build);
     pip(&[
         "install".as_ref(),
         "--no-deps".as_ref(),

@@ -69,20 +69,7 @@ fn modified(path: &Path) -> Option<SystemTime> {
 
 /// The most recently changed of the files the agent binary is built from.
 fn newest_agent_source() -> Option<(PathBuf, SystemTime)> {
-    fn walk(path: &Path, newest: &mut Option<(PathBuf, SystemTime)>) {
-        if path.is_dir() {
-            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
-                walk(&entry.path(), newest);
-            }
-        } else if let Some(changed) = modified(path)
-            && newest.as_ref().is_none_or(|(_, before)| changed > *before)
-        {
-            *newest = Some((path.to_path_buf(), changed));
-        }
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
-    let mut newest = None;
-    for source in [
+    newest_source(&[
         "Cargo.lock",
         "dlm-agent/Cargo.toml",
         "dlm-agent/build.rs",
@@ -98,7 +85,26 @@ fn newest_agent_source() -> Option<(PathBuf, SystemTime)> {
         "dlm-ebpf/Cargo.toml",
         "dlm-ebpf/src",
         "dlm-ebpf/common",
-    ] {
+    ])
+}
+
+/// The most recently changed file under `sources` (paths from the
+/// workspace's root), and when.
+pub fn newest_source(sources: &[&str]) -> Option<(PathBuf, SystemTime)> {
+    fn walk(path: &Path, newest: &mut Option<(PathBuf, SystemTime)>) {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+                walk(&entry.path(), newest);
+            }
+        } else if let Some(changed) = modified(path)
+            && newest.as_ref().is_none_or(|(_, before)| changed > *before)
+        {
+            *newest = Some((path.to_path_buf(), changed));
+        }
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let mut newest = None;
+    for source in sources {
         walk(&root.join(source), &mut newest);
     }
     newest
@@ -359,11 +365,19 @@ pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
+/// Builds of the Python package one at a time: a build writes its
+/// generated messages and `build/` into the package's directory.
+pub fn python_package_build() -> std::sync::MutexGuard<'static, ()> {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    BUILD.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Installs the repository's Python client package (`dlm-agent/clients/python`)
 /// into `target` with pip, as a user would from a checkout (without build
 /// isolation: the build needs grpcio-tools, which the set-up installed, and
 /// nothing is fetched).
 pub fn install_python_package(target: &Path) {
+    let _one_build = python_package_build();
     let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dlm-agent/clients/python");
     let _ = std::fs::remove_dir_all(target);
     let installed = Command::new("python3")

@@ -3,8 +3,7 @@
 //! (`/run/dlm/dlm.sock` and `orders/42` by default). The test command runs
 //! [`take_lock`] against a real agent (`tests/clients.rs`).
 
-use dlm_client::{Client, LockOptions, Target};
-use dlm_core::Mode;
+use dlm_client::{Client, LockOptions, Mode, Target};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -4,8 +4,7 @@
 //! bytes per lock); over TCP, and for the admin calls, it is gRPC.
 //!
 //! ```no_run
-//! use dlm_client::{Client, LockOptions, Target};
-//! use dlm_core::Mode;
+//! use dlm_client::{Client, LockOptions, Mode, Target};
 //!
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
 //! let client = Client::connect(&Target::Unix("/run/dlm/dlm.sock".into())).await?;
@@ -38,7 +37,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use dlm_core::{LockFlags, Mode};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -48,6 +46,9 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use self::session::{LockGuard, Session};
 use self::session::{Requests, SessionInner};
+/// The lock engine's words a client uses (modes, flags), so that an
+/// application depends on this crate alone.
+pub use dlm_core::{LockFlags, Mode, StatusFlags, UnlockFlags};
 use dlm_proto::framing::{self, Frame, FrameSink};
 use dlm_proto::proto::{self, dlm_client::DlmClient, server_message};
 

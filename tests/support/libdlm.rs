@@ -18,8 +18,9 @@ pub fn available() -> bool {
     present
 }
 
-/// A directory holding dlm's two libraries under their sonames, built for
-/// this test's profile.
+/// A directory holding dlm's two libraries under their sonames, as cargo
+/// built them for this test's profile (`cargo xtask test` builds them
+/// first; no test depends on a shared library, so `cargo test` does not).
 pub fn library_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -29,25 +30,25 @@ pub fn library_dir() -> &'static Path {
             Some("debug") | None => "dev".to_string(),
             Some(other) => other.to_string(),
         };
-        // The shared libraries are no test's dependency: build them (at
-        // once when they are up to date).
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args(["build", "--locked", "--profile", &profile, "-p", "dlm-libdlm-threaded", "-p", "dlm-libdlm-lite"]);
-        // Without the variables cargo gives a test, which some build
-        // scripts watch: the libraries' dependencies are then as built before.
-        for (key, _) in std::env::vars().filter(|(key, _)| key.starts_with("CARGO_") && key != "CARGO_HOME") {
-            if key != "CARGO_TARGET_DIR" {
-                cargo.env_remove(key);
-            }
-        }
-        let built = cargo.status().expect("cargo runs");
-        assert!(built.success(), "building dlm's libdlm failed");
+        let build = format!(
+            "build them first: `cargo build -p dlm-libdlm-threaded -p dlm-libdlm-lite --profile {profile}` \
+             (`cargo xtask test` does)"
+        );
+        let sources = ["Cargo.lock", "libdlm", "dlm-client/src", "dlm-proto/src", "dlm-proto/proto", "dlm-core/src"];
+        let newest = crate::newest_source(&sources);
         let dir = std::env::temp_dir().join(format!("dlm-libdlm-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("library dir");
         for (file, soname) in [("libdlm.so", "libdlm.so.3"), ("libdlm_lt.so", "libdlm_lt.so.3")] {
+            let built = profile_dir.join(file);
+            let Some(when) = std::fs::metadata(&built).and_then(|m| m.modified()).ok() else {
+                panic!("dlm's {} is missing: {build}", built.display());
+            };
+            if let Some((source, _)) = newest.as_ref().filter(|(_, changed)| *changed > when) {
+                panic!("dlm's {} is older than {}: {build}", built.display(), source.display());
+            }
             let link = dir.join(soname);
             let _ = std::fs::remove_file(&link);
-            std::os::unix::fs::symlink(profile_dir.join(file), &link).expect("symlink");
+            std::os::unix::fs::symlink(&built, &link).expect("symlink");
         }
         dir
     })

@@ -86,7 +86,7 @@ fn main() -> ExitCode {
     let result = match command.as_str() {
         "setup" => setup::run(),
         "run" => setup::run().and_then(|()| run_agent(&rest)),
-        "test" => setup::run().and_then(|()| test()),
+        "test" => setup::run_with("ci-test").and_then(|()| test()),
         "bench" => setup::run().and_then(|()| bench(&rest)),
         "dashboards" => setup::run().and_then(|()| dashboards()),
         "overhead" => setup::run().and_then(|()| overhead::run(&rest)),

@@ -47,23 +47,34 @@ pub(crate) const CARGO_TOOLS: &[(&str, &str, &str)] = &[
     ("cargo-fuzz", "0.13.2", "runs the fuzz targets; under a minute"),
 ];
 
+/// Sets up, with dlm's libdlm built in release.
 pub(crate) fn run() -> Result<(), String> {
+    run_with("release")
+}
+
+/// Sets up, building dlm's libdlm with cargo profile `profile` (the test
+/// command builds it with its own, whose artifacts its tests load).
+pub(crate) fn run_with(profile: &str) -> Result<(), String> {
     rustup_components()?;
     ebpf_toolchain()?;
     debian_packages()?;
     python_packages()?;
     node_packages()?;
-    libdlm()
+    libdlm(profile)
 }
 
-/// Builds dlm's libdlm-compatible libraries (release) and installs them as
+/// Builds dlm's libdlm-compatible libraries (with `profile`) and installs them as
 /// shared libraries under their sonames in a directory of their own
 /// (`/usr/local/lib/dlm`, or `~/.local/lib/dlm` for a user), with a
 /// pkg-config file each (`dlm-libdlm`, `dlm-libdlm_lt`): a program built
 /// with `pkg-config --libs dlm-libdlm` uses dlm's library; the others keep
 /// the system's (the kernel DLM's) unless pointed at it by `LD_LIBRARY_PATH`.
-fn libdlm() -> Result<(), String> {
-    crate::run("cargo", &["build", "--release", "--locked", "-p", "dlm-libdlm-threaded", "-p", "dlm-libdlm-lite"])?;
+fn libdlm(profile: &str) -> Result<(), String> {
+    crate::run(
+        "cargo",
+        &["build", "--profile", profile, "--locked", "-p", "dlm-libdlm-threaded", "-p", "dlm-libdlm-lite"],
+    )?;
+    let profile_dir = if profile == "dev" { "debug" } else { profile };
     let target =
         std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").into());
     let root =
@@ -79,7 +90,7 @@ fn libdlm() -> Result<(), String> {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     for (library, what) in [("dlm", "threaded"), ("dlm_lt", "without threads")] {
-        let built = std::path::Path::new(&target).join(format!("release/lib{library}.so"));
+        let built = std::path::Path::new(&target).join(format!("{profile_dir}/lib{library}.so"));
         let soname = format!("lib{library}.so.3");
         let installed = libdir.join(&soname);
         let new = std::fs::read(&built).map_err(|e| format!("{}: {e}", built.display()))?;
