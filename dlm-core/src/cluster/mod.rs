@@ -225,7 +225,7 @@ impl ClusterNode {
     /// members whose clients use it (as `dlm_new_lockspace` makes the
     /// Linux DLM's): a member asked about it by a peer (as its resources'
     /// directory or master) makes it then, with the default configuration
-    /// ([`ClusterNode::peer_lockspace`]). Lockspaces with another
+    /// (`ClusterNode::peer_lockspace`). Lockspaces with another
     /// configuration (value block length, lock-delay) must be made alike on
     /// every member.
     ///
