@@ -29,7 +29,9 @@ Commands:
   bench [ARGS] set up, then run every benchmark: the engine's (criterion, memory) and dlm side
                by side with Redis and etcd (table on stdout, JSON in target/bench/peers.json), and
                a 3-node cluster against a single node (target/bench/cluster.json), and failover
-               with corosync beside Redis and etcd (target/bench/failover.json; needs root);
+               with corosync beside Redis and etcd (target/bench/failover.json; needs root), and
+               lock+unlock pairs through each client: Rust, dlm's libdlm, Python sync and
+               asyncio (target/bench/clients.json);
                ARGS go to `cargo bench`
   dashboards   set up, run the dashboard check against a live Prometheus with a longer workload,
                and plot each dashboard from the real results to dashboards/pictures/<uid>.png
