@@ -4,6 +4,8 @@
 //! [`crate::config`]; the lock engine's are `dlm_core::Limits`.) A leaf: it
 //! imports nothing from the crate.
 
+use std::time::Duration;
+
 /// Largest client message accepted, over gRPC or in a frame (the wire's
 /// bound, `dlm_proto`'s: clients know it too).
 pub use dlm_proto::CLIENT_MESSAGE_LEN_MAX;
@@ -51,6 +53,21 @@ pub const ANSWERING_MAX: usize = 64;
 pub const ANSWERING_PER_CLIENT_MAX: usize = 8;
 
 const _: () = assert!(ANSWERING_PER_CLIENT_MAX * 4 <= ANSWERING_MAX, "one client gets a small share");
+
+/// At shutdown, how long a session's requests still coming are answered
+/// (refused as `shutting_down`) before its stream or connection is closed:
+/// long enough for a client that pipelines to hear about what it sent,
+/// short enough not to hold a restart up. Framed and gRPC sessions alike.
+pub const SHUTDOWN_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// At shutdown, how long the agent waits for its connections (framed
+/// sessions, the gRPC servers) to drain before it closes them: what was
+/// queued to a client that reads goes out.
+pub const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Fence acknowledgements (`dlm-agent fence-ack`) queued to the membership
+/// at most: an operator types them one by one; more wait for room.
+pub const FENCE_ACKS_QUEUED_MAX: usize = 16;
 
 /// Resources a dump page gives when the request does not say.
 pub const DUMP_RESOURCES_DEFAULT: usize = 1000;

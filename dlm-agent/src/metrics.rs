@@ -49,19 +49,6 @@ pub const CLIENT_LIMITS: &[&str] =
 /// Where attributed time went, in the order of the attribution's fields.
 pub const ATTRIBUTION_STATES: &[&str] = &["oncpu", "runqueue", "blocked", "reclaim", "kernel_lock", "futex"];
 
-const OPS: &[&str] = &["lock", "convert", "unlock"];
-const OUTCOMES: &[&str] = &[
-    "granted",
-    "unlocked",
-    "cancelled",
-    "would_block",
-    "deadlock",
-    "timed_out",
-    "not_found",
-    "unavailable",
-    "rejected",
-];
-
 /// Bucket bounds of the time histograms: 10 µs to about 42 s, ×4 apart.
 pub fn time_buckets() -> Vec<f64> {
     prometheus::exponential_buckets(0.000_01, 4.0, 12).expect("valid bucket parameters")
@@ -195,10 +182,10 @@ impl Metrics {
     /// Every series of one lockspace, with its labels: the one list that
     /// creating and removing them both follow.
     fn each_lockspace_series(&self, lockspace: &str, mut each: impl FnMut(SeriesOf<'_>, &[&str])) {
-        for op in OPS {
+        for op in dlm_core::Op::ALL {
             for mode in dlm_core::Mode::ALL {
-                for outcome in OUTCOMES {
-                    each(SeriesOf::Counter(&self.requests), &[lockspace, op, mode.name(), outcome]);
+                for outcome in dlm_core::Status::ALL {
+                    each(SeriesOf::Counter(&self.requests), &[lockspace, op.name(), mode.name(), outcome.name()]);
                 }
             }
         }

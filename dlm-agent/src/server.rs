@@ -6,14 +6,13 @@
 use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::access::Access;
 use crate::bounds::{
-    ANSWERING_MAX, ANSWERING_PER_CLIENT_MAX, CALL_STREAMS_MAX, CLIENT_MESSAGE_LEN_MAX, HANDSHAKES_MAX,
-    HANDSHAKES_PER_CLIENT_MAX,
+    ANSWERING_MAX, ANSWERING_PER_CLIENT_MAX, CALL_STREAMS_MAX, CLIENT_MESSAGE_LEN_MAX, FENCE_ACKS_QUEUED_MAX,
+    HANDSHAKES_MAX, HANDSHAKES_PER_CLIENT_MAX, SHUTDOWN_DRAIN_TIMEOUT,
 };
 use crate::clock::Clock;
 use crate::command::{Command, PeerView};
@@ -172,7 +171,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     let by_views = config.cluster.as_ref().is_some_and(|c| c.membership == MembershipSource::Corosync);
     let node_id = dlm_core::cluster::NodeId(config.cluster.as_ref().map_or(0, |c| c.node_id));
     let peer_view = Arc::new(PeerView::new(node_id, if by_views { 0 } else { 1 }, by_views));
-    let (fence_acks, fence_acks_rx) = tokio::sync::mpsc::channel(16);
+    let (fence_acks, fence_acks_rx) = tokio::sync::mpsc::channel(FENCE_ACKS_QUEUED_MAX);
     let access = Arc::new(Access::new(config.access.clone()));
     // Before anything can be granted: this start's generation, on disk.
     let generation = generation::advance(&config.state_dir).map_err(ServeError::State)?;
@@ -336,8 +335,8 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     }
     let _ = stop_tx.send(true);
     let drain = async { while tasks.join_next().await.is_some() {} };
-    if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
-        tracing::warn!("connections still open after 5s; closing them");
+    if tokio::time::timeout(SHUTDOWN_DRAIN_TIMEOUT, drain).await.is_err() {
+        tracing::warn!("connections still open after {SHUTDOWN_DRAIN_TIMEOUT:?}; closing them");
     }
     drop(driver);
     let _ = driver_task.await;

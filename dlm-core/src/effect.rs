@@ -16,6 +16,21 @@ pub enum Op {
     Unlock,
 }
 
+impl Op {
+    /// Every request kind.
+    pub const ALL: [Op; 3] = [Op::Lock, Op::Convert, Op::Unlock];
+
+    /// The lower-case name used in metrics and logs.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Op::Lock => "lock",
+            Op::Convert => "convert",
+            Op::Unlock => "unlock",
+        }
+    }
+}
+
 /// How a request ended (the DLM's `sb_status`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Status {
@@ -46,6 +61,20 @@ pub enum Status {
 }
 
 impl Status {
+    /// Every status, so that lists of them (metric labels) cannot miss one.
+    pub const ALL: [Status; 10] = [
+        Status::Granted,
+        Status::Unlocked,
+        Status::Cancelled,
+        Status::WouldBlock,
+        Status::Deadlock,
+        Status::TimedOut,
+        Status::NotFound,
+        Status::Unavailable,
+        Status::Rejected,
+        Status::Fenced,
+    ];
+
     /// The lower-case name used in metrics and logs.
     #[must_use]
     pub const fn name(self) -> &'static str {
@@ -133,5 +162,19 @@ impl Effect {
             Effect::Complete(c) => c.session,
             Effect::Blocking { session, .. } | Effect::Revoked { session, .. } => *session,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_and_op_is_listed_once_under_its_own_name() {
+        let names: std::collections::BTreeSet<&str> = Status::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(names.len(), Status::ALL.len());
+        assert!(names.contains("fenced"), "the status the metrics' hand-written list missed");
+        let ops: std::collections::BTreeSet<&str> = Op::ALL.iter().map(|op| op.name()).collect();
+        assert_eq!(ops.len(), Op::ALL.len());
     }
 }

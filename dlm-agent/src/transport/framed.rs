@@ -39,17 +39,12 @@ use super::authority::AuthorityFixed;
 use super::preface::{Replayed, read_http2_start};
 use super::refuse;
 
+use crate::bounds::{SHUTDOWN_ANSWER_TIMEOUT, SHUTDOWN_DRAIN_TIMEOUT};
 use crate::codes::RejectCode;
 use crate::command::{Command, Credentials, DriverHandle, OpenError, OpenSession, SessionOutput};
 use crate::convert;
 use crate::framing::{self, Frame, FrameKind, FrameSink};
 use crate::proto;
-
-/// How long, at shutdown, a session's requests still coming are answered
-/// (refused as `shutting_down`) before its connection is closed.
-const SHUTDOWN_ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long the agent waits at shutdown for framed connections to drain.
-const SHUTDOWN_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a framed session needs to know of the agent.
 #[derive(Clone, Debug)]

@@ -14,6 +14,7 @@ use tonic::transport::server::UdsConnectInfo;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::access::{Access, Identity};
+use crate::bounds::SHUTDOWN_ANSWER_TIMEOUT;
 use crate::codes::{RejectCode, Right};
 use crate::command::{
     Command, Credentials, DriverHandle, DriverStopped, OpenError, OpenSession, SessionOutput, SessionSender,
@@ -65,10 +66,6 @@ fn credentials_of<T>(request: &Request<T>) -> Credentials {
     }
     extensions.get::<UdsConnectInfo>().and_then(|info| info.peer_cred).map(Credentials::of).unwrap_or_default()
 }
-
-/// At shutdown, a session's requests still coming are refused as
-/// `shutting_down` until the client ends its stream, or for at most this long.
-const SHUTDOWN_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Answers what a stopping agent's client still sends, then lets the
 /// stream end.

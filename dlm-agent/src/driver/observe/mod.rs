@@ -335,11 +335,7 @@ impl Observer {
                 let pid = state.pid();
                 let handle = completion.handle.0;
                 let Some(known) = state.locks.get_mut(&handle) else { return };
-                let op = match completion.op {
-                    Op::Lock => "lock",
-                    Op::Convert => "convert",
-                    Op::Unlock => "unlock",
-                };
+                let op = completion.op.name();
                 let mode = completion.mode.unwrap_or(known.mode);
                 let lockspace = known.lockspace.clone();
                 let lockspace = lockspace.text();
