@@ -24,6 +24,8 @@ const DEBIAN_LIBS: &str = "/usr/lib/x86_64-linux-gnu";
 const TIMINGS: &str = "deadlock_interval = \"50ms\"\nrelease_delay = \"300ms\"";
 /// `EAGAIN` on Linux: a NOQUEUE refusal's `sb_status`.
 const EAGAIN: i32 = 11;
+/// libdlm's `ECANCEL`: a cancelled request's `sb_status`.
+const ECANCEL: i32 = 0x10001;
 /// How long one command of a program may take.
 const ANSWER_WITHIN: Duration = Duration::from_secs(20);
 
@@ -93,6 +95,15 @@ impl Program {
         drop(self.stdin.take());
         let status = support::wait_with_timeout(&mut self.child, ANSWER_WITHIN).expect("the program exits");
         assert!(status.success(), "{} exited {status}; it printed:\n{}", self.name, self.seen.join("\n"));
+    }
+}
+
+impl Drop for Program {
+    /// A program still running when its test ends (it failed) is killed,
+    /// not left holding the test's output open.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -261,6 +272,30 @@ fn a_polling_program_gets_its_callbacks_through_dlm_dispatch() {
     assert_eq!(second.line(), "done");
     first.finish();
     second.finish();
+}
+
+/// A waiting lock call cancelled from another thread (`cancel_wait.c`,
+/// `-ldlm`) while node 1 holds the resource: the wait returns, with
+/// `ECANCEL` in the status block (the threaded library's waiting calls
+/// return 0 and leave the outcome there).
+#[test]
+fn a_waiting_lock_call_cancelled_from_another_thread_returns_ecancel() {
+    if !available() {
+        return;
+    }
+    let holder_binary = compile("poll_fd", "dlm_lt");
+    let binary = compile("cancel_wait", "dlm");
+    let cluster = Cluster::start("libdlm-cancel", 3, TIMINGS);
+    let mut holder = Program::start(&holder_binary, &["contended", "first"], &cluster.agents[0]);
+    assert_eq!(holder.line(), "ast try status=0");
+    assert_eq!(holder.line(), "holding");
+    let mut waiter = Program::start(&binary, &["default", "contended"], &cluster.agents[1]);
+    assert_eq!(waiter.line(), "cancel sent rv=0");
+    assert_eq!(waiter.line(), format!("wait returned rv=0 status={ECANCEL}"));
+    waiter.finish();
+    holder.send("go");
+    assert_eq!(holder.line(), "ast unlock status=65538");
+    holder.finish();
 }
 
 /// The set-up installs dlm's library with a pkg-config file: a program

@@ -61,8 +61,9 @@ struct Entry {
     pending: bool,
     /// Granted (in some mode): a refused conversion leaves it held.
     held: bool,
-    /// A synchronous call waiting for this request.
-    waiter: Option<Arc<Waiter>>,
+    /// The synchronous calls waiting for this request's outcome: its own,
+    /// and a waiting cancel of it (made on another thread).
+    waiters: Vec<Arc<Waiter>>,
     /// A cancel that completes as something else (`dlm_ls_deadlock_cancel`).
     cancel_status: Option<c_int>,
 }
@@ -254,7 +255,7 @@ impl Lockspace {
             valblk,
             pending: true,
             held: convert,
-            waiter: waiter.clone(),
+            waiters: waiter.iter().cloned().collect(),
             cancel_status: None,
         };
         let lkid = if convert {
@@ -298,7 +299,7 @@ impl Lockspace {
             if convert {
                 if let Some(held) = table.locks.get_mut(&lkid) {
                     held.pending = false;
-                    held.waiter = None;
+                    held.waiters.clear();
                 }
             } else {
                 table.locks.remove(&lkid);
@@ -338,7 +339,13 @@ impl Lockspace {
         if !request.astarg.0.is_null() {
             entry.completion.arg = request.astarg;
         }
-        entry.waiter.clone_from(&waiter);
+        // A cancel completes the pending request: whoever waits for that
+        // request (a waiting lock call on another thread) still wakes, and a
+        // waiting cancel with it. An unlock's outcome is its own.
+        if !cancel {
+            entry.waiters.clear();
+        }
+        entry.waiters.extend(waiter.iter().cloned());
         let handle = u64::from(request.lkid);
         let body = if cancel {
             client_message::Body::Cancel(proto::Cancel { handle })
@@ -471,18 +478,21 @@ impl Lockspace {
             flags: status_flags(wire_flags),
             lvb: if entry.valblk { lvb } else { None },
         };
-        let (call, waiter) = (entry.completion, entry.waiter.take());
+        let (call, waiters) = (entry.completion, std::mem::take(&mut entry.waiters));
         if !alive {
             table.locks.remove(&lkid);
         }
         drop(table);
-        match waiter {
-            Some(waiter) => {
-                update.apply();
-                waiter.finish(status);
+        if waiters.is_empty() {
+            if !closing {
+                self.deliver(Pending { update: Some(update), call });
             }
-            None if !closing => self.deliver(Pending { update: Some(update), call }),
-            None => {}
+            return;
+        }
+        // The waiting calls are blocked: the status block is theirs to read.
+        update.apply();
+        for waiter in waiters {
+            waiter.finish(status);
         }
     }
 

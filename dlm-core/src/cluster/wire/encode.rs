@@ -218,6 +218,9 @@ fn put_edges(out: &mut Vec<u8>, edges: &[RemoteEdge]) {
     }
 }
 
+// The wire's numbering of ops and statuses (a code is the index): the
+// format's own tables, kept apart from `Op::ALL` and `Status::ALL` on
+// purpose, so that reordering those lists cannot change the wire.
 pub(super) const OPS: [Op; 3] = [Op::Lock, Op::Convert, Op::Unlock];
 pub(super) const STATUSES: [Status; 10] = [
     Status::Granted,
