@@ -120,7 +120,7 @@ fn the_repository_python_client_installs_with_pip_and_runs_a_session() {
         return;
     }
     let target = std::env::temp_dir().join(format!("dlm-python-client-{}", std::process::id()));
-    support::install_python_package(&target);
+    support::python::install_package(&target);
     run_client("python-package", "python3", "python_package.py", Some(&target), 17);
     let _ = std::fs::remove_dir_all(&target);
 }
@@ -146,7 +146,7 @@ fn the_python_clients_asyncio_api_runs_from_a_built_wheel() {
             .expect("pip runs");
         assert!(out.status.success(), "pip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     };
-    let one_build = support::python_package_build();
+    let one_build = support::python::one_build();
     pip(&[
         "wheel".as_ref(),
         "--no-deps".as_ref(),

@@ -20,6 +20,8 @@ pub mod corosync;
 pub mod fenced_store;
 #[path = "support/libdlm.rs"]
 pub mod libdlm;
+#[path = "support/python.rs"]
+pub mod python;
 
 /// The agent binary the tests run: `DLM_AGENT_BIN` when set, else the
 /// `dlm-agent` that cargo built for this test run, in this test
@@ -363,31 +365,6 @@ pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
 /// `path` as text (the tests' paths are UTF-8).
 pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
-}
-
-/// Builds of the Python package one at a time: a build writes its
-/// generated messages and `build/` into the package's directory.
-pub fn python_package_build() -> std::sync::MutexGuard<'static, ()> {
-    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    BUILD.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Installs the repository's Python client package (`dlm-agent/clients/python`)
-/// into `target` with pip, as a user would from a checkout (without build
-/// isolation: the build needs grpcio-tools, which the set-up installed, and
-/// nothing is fetched).
-pub fn install_python_package(target: &Path) {
-    let _one_build = python_package_build();
-    let package = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dlm-agent/clients/python");
-    let _ = std::fs::remove_dir_all(target);
-    let installed = Command::new("python3")
-        .args(["-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"])
-        .args(["--disable-pip-version-check", "--root-user-action=ignore", "--target"])
-        .arg(target)
-        .arg(&package)
-        .output()
-        .expect("pip runs");
-    assert!(installed.status.success(), "pip install failed: {}", String::from_utf8_lossy(&installed.stderr));
 }
 
 /// Whether this runs under CI (`CI=true`), where a skip is a failure.

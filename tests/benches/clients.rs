@@ -93,7 +93,7 @@ fn main() {
     }
     let pairs_c = support::libdlm::compile("pairs", "dlm_lt");
     let python = std::env::temp_dir().join(format!("dlm-bench-python-{}", std::process::id()));
-    support::install_python_package(&python);
+    support::python::install_package(&python);
     let agent = Agent::start("bench-clients", "");
     let target = format!("unix:{}", agent.socket.display());
     let seconds = plan.seconds.to_string();
