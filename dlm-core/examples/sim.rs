@@ -49,6 +49,7 @@ fn main() {
     let began = Instant::now();
     let (mut grants, mut deadlocks, mut messages, mut unavailable, mut lost) = (0u64, 0u64, 0u64, 0u64, 0u64);
     let (mut requests, mut faults) = (0u64, dlm_core::sim::Faults::default());
+    let mut paths = dlm_core::sim::RecoveryPaths::default();
     let mut lines = String::new();
     for (i, seed) in (start..start.saturating_add(seeds)).enumerate() {
         let run = if fixed { dlm_core::sim::run_static_seed } else { dlm_core::sim::run_seed };
@@ -61,6 +62,7 @@ fn main() {
                 lost += report.lost;
                 requests += u64::from(report.requests);
                 faults += report.faults;
+                paths += report.paths;
                 if record.is_some() {
                     let _ = writeln!(lines, "{}seed {seed}: {report}", if fixed { "static " } else { "" });
                 }
@@ -85,7 +87,7 @@ fn main() {
     println!(
         "{seeds} seeds from {start} passed in {:.1}s: {requests} client requests, {grants} grants, \
          {deadlocks} deadlock victims, {unavailable} unavailable, {lost} messages lost to cut links, \
-         {messages} messages; membership faults: {faults}",
+         {messages} messages; membership faults: {faults}; recovery: {paths}",
         began.elapsed().as_secs_f64()
     );
 }

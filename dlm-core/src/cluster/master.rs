@@ -25,6 +25,13 @@ struct Mastered {
     generation: u64,
 }
 
+/// A mastership as its directory node is to hear of it in recovery.
+pub(super) struct Report<'a> {
+    pub(super) directory: NodeId,
+    pub(super) key: &'a Key,
+    pub(super) generation: u64,
+}
+
 #[derive(Default)]
 pub(super) struct Masters {
     mastered: HashMap<Key, Mastered>,
@@ -68,6 +75,27 @@ impl Masters {
         self.mastered.retain(|key, _| key.0 != id);
     }
 
+    /// The masterships whose resource `exists` says is gone, sorted.
+    pub(super) fn sorted_without(&self, exists: impl Fn(&Key) -> bool) -> Vec<Key> {
+        let mut gone: Vec<Key> = self.mastered.keys().filter(|k| !exists(k)).cloned().collect();
+        gone.sort_unstable();
+        gone
+    }
+
+    /// Each mastership's report for its directory node (the node
+    /// `directory` names), sorted by resource: those for other nodes, and
+    /// those for `me`.
+    pub(super) fn reports(&self, me: NodeId, directory: impl Fn(&Key) -> NodeId) -> (Vec<Report<'_>>, Vec<Report<'_>>) {
+        let (mut remote, mut here): (Vec<Report<'_>>, Vec<Report<'_>>) = self
+            .mastered
+            .iter()
+            .map(|(key, mastered)| Report { directory: directory(key), key, generation: mastered.generation })
+            .partition(|report| report.directory != me);
+        remote.sort_unstable_by(|a, b| a.key.cmp(b.key));
+        here.sort_unstable_by(|a, b| a.key.cmp(b.key));
+        (remote, here)
+    }
+
     /// The masterships, sorted, with their generations.
     pub(super) fn sorted(&self) -> Vec<(Key, u64)> {
         let mut all: Vec<(Key, u64)> = self.mastered.iter().map(|(k, m)| (k.clone(), m.generation)).collect();
@@ -76,10 +104,23 @@ impl Masters {
     }
 
     /// Forgets the requests held for lookups of the last epoch, and hands
-    /// over the other nodes' sessions open in the engine (sorted), to be ended.
-    pub(super) fn start_recovery(&mut self) -> Vec<SessionId> {
+    /// over the sessions open in the engine of the nodes `gone` says are
+    /// (sorted), to be ended.
+    pub(super) fn start_recovery(&mut self, gone: impl Fn(NodeId) -> bool) -> Vec<SessionId> {
         self.early_requests.clear();
-        let mut sessions: Vec<SessionId> = self.remote_sessions.drain().collect();
+        let mut sessions: Vec<SessionId> =
+            self.remote_sessions.iter().copied().filter(|&s| gone(NodeId::of_session(s))).collect();
+        for session in &sessions {
+            self.remote_sessions.remove(session);
+        }
+        sessions.sort_unstable();
+        sessions
+    }
+
+    /// The sessions of a node's clients open in the engine, sorted.
+    pub(super) fn remote_sessions_of(&self, node: NodeId) -> Vec<SessionId> {
+        let mut sessions: Vec<SessionId> =
+            self.remote_sessions.iter().copied().filter(|&s| NodeId::of_session(s) == node).collect();
         sessions.sort_unstable();
         sessions
     }
@@ -256,6 +297,17 @@ impl ClusterNode {
         let mode = if op == Op::Lock { None } else { mode };
         self.send(now, to, PeerMessage::Complete(ended(session, handle, op, Status::Rejected, mode)));
         self.close_if_empty(now, session);
+    }
+
+    /// Ends every remote client's session left with no lock here (recovery
+    /// keeps the sessions of nodes that stayed, and may have taken their
+    /// locks since).
+    pub(super) fn close_empty_remote_sessions(&mut self, now: Instant) {
+        let mut sessions: Vec<SessionId> = self.masters.remote_sessions.iter().copied().collect();
+        sessions.sort_unstable();
+        for session in sessions {
+            self.close_if_empty(now, session);
+        }
     }
 
     /// Ends a remote client's session in the engine once it has no lock here.

@@ -220,8 +220,38 @@ pub enum PeerMessage {
         generation: u64,
     },
     /// Recovery, to a resource's master: a lock of a client of the sender,
-    /// to be added back to the queues.
+    /// to be added back to the queues (in place of the one there, if any).
     RecoverLock(RecoveredLock),
+    /// Recovery, to a member that masters resources the sender's clients
+    /// hold locks of (every member, so that one can drop what the sender no
+    /// longer has): how many locks the receiver should hold for the sender's
+    /// clients, and a digest of them, as the sender's copies say once the
+    /// `RecoverLock`s ahead of this are in. If the receiver's own count and
+    /// digest are the same, its locks stay as they are and none travels.
+    RecoverDigest {
+        /// The locks.
+        locks: u64,
+        /// The digest (see `recovery::survivors`).
+        digest: u128,
+    },
+    /// Recovery, after a digest that did not match: every lock of the
+    /// sender's clients that the receiver masters is ahead of this.
+    RecoverListed,
+    /// Recovery, a master's answer to a digest or a listing (any refusal
+    /// is ahead of it).
+    RecoverChecked {
+        /// The digest matched (a listing is always taken as it is).
+        matched: bool,
+    },
+    /// Recovery, a node's answer to a lock sent straight to it
+    /// ([`RecoveredLock::direct`]) for a resource it does not master: the
+    /// sender must ask the directory.
+    RecoverRefused {
+        /// Lockspace name.
+        lockspace: Vec<u8>,
+        /// Resource name.
+        name: Vec<u8>,
+    },
 }
 
 /// A lock a node sends its resource's master during recovery (its copy).
@@ -256,6 +286,11 @@ pub struct RecoveredLock {
     /// every lock is back, the master takes one of them if `mode` conflicts
     /// with a lock granted beside it.
     pub or_modes: ModeSet,
+    /// Sent straight to the master the sender knew, not to one the
+    /// directory named in this recovery: the receiver takes it only if it
+    /// masters the resource already, and else refuses it
+    /// ([`PeerMessage::RecoverRefused`]).
+    pub direct: bool,
 }
 
 /// Wait-for edges one report carries at most.

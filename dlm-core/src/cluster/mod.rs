@@ -132,6 +132,18 @@ pub struct ClusterStats {
     pub messages_sent: u64,
     /// Messages received.
     pub messages_received: u64,
+    /// Recovery: locks of this node's clients sent to a master (or told to
+    /// drop them there).
+    pub recovery_locks_sent: u64,
+    /// Recovery, as master: locks of other nodes' clients kept as they were
+    /// (their node's digest matched).
+    pub recovery_locks_kept: u64,
+    /// Recovery, as master: digests of other nodes that did not match (their
+    /// locks here went, and came back one by one).
+    pub recovery_digest_mismatches: u64,
+    /// Recovery: resources whose old master, which stayed, refused this
+    /// node's copies (it masters them no more): looked up instead.
+    pub recovery_refused: u64,
 }
 
 /// One node of a cluster: lockspaces, sessions of local clients, the
@@ -516,7 +528,12 @@ impl ClusterNode {
             }
             PeerMessage::Barrier { phase } => self.on_barrier(now, from, phase),
             // Recovery's, which is over here (or never began).
-            PeerMessage::Mastered { .. } | PeerMessage::RecoverLock(_) => {}
+            PeerMessage::Mastered { .. }
+            | PeerMessage::RecoverLock(_)
+            | PeerMessage::RecoverDigest { .. }
+            | PeerMessage::RecoverListed
+            | PeerMessage::RecoverChecked { .. }
+            | PeerMessage::RecoverRefused { .. } => {}
             // Its acknowledgement is the point.
             PeerMessage::Heartbeat => {}
         }

@@ -18,7 +18,7 @@
 //! than the delay (the new master cannot know what the departed node held).
 //! Fencing tokens stay the guarantee for a holder that pauses longer.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 
 use crate::mode::Mode;
 use crate::time::Instant;
@@ -27,7 +27,12 @@ use crate::time::Instant;
 #[derive(Default)]
 pub(crate) struct Delays {
     by_name: HashMap<Box<[u8]>, Ghost>,
-    by_end: BTreeSet<(Instant, Box<[u8]>)>,
+    /// Names by the end they had when added. A ghost joined later to a later
+    /// end stays listed under its old end too: an entry counts only if the
+    /// ghost still ends then (a recovery adds thousands of ghosts with one
+    /// end; keeping them apart by end alone, not sorted by name, is what
+    /// makes that cheap).
+    by_end: BTreeMap<Instant, Vec<Box<[u8]>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -43,15 +48,22 @@ impl Delays {
         if mode == Mode::Nl {
             return;
         }
-        let ghost = match self.by_name.get(name) {
+        let ghost = match self.by_name.get_mut(name) {
             Some(old) => {
-                self.by_end.remove(&(old.until, name.into()));
-                Ghost { mode: join(old.mode, mode), until: old.until.max(until) }
+                let moved = until > old.until;
+                *old = Ghost { mode: join(old.mode, mode), until: old.until.max(until) };
+                if !moved {
+                    return;
+                }
+                *old
             }
-            None => Ghost { mode, until },
+            None => {
+                let ghost = Ghost { mode, until };
+                self.by_name.insert(name.into(), ghost);
+                ghost
+            }
         };
-        self.by_name.insert(name.into(), ghost);
-        self.by_end.insert((ghost.until, name.into()));
+        self.by_end.entry(ghost.until).or_default().push(name.into());
     }
 
     /// Whether a ghost on `name` conflicts with `mode`.
@@ -59,21 +71,26 @@ impl Delays {
         !self.by_name.is_empty() && self.by_name.get(name).is_some_and(|ghost| !ghost.mode.compatible(mode))
     }
 
-    /// When the first ghost ends.
+    /// When the first ghost ends (or a little before: an entry left behind
+    /// by a ghost that was made longer, which [`Delays::take_ended`] drops).
     pub(crate) fn next_end(&self) -> Option<Instant> {
-        self.by_end.first().map(|(at, _)| *at)
+        self.by_end.first_key_value().map(|(at, _)| *at)
     }
 
     /// Removes the ghosts ended at `now` and returns their names.
     pub(crate) fn take_ended(&mut self, now: Instant) -> Vec<Box<[u8]>> {
         let mut ended = Vec::new();
-        while let Some((at, _)) = self.by_end.first() {
-            if *at > now {
+        while let Some(entry) = self.by_end.first_entry() {
+            if *entry.key() > now {
                 break;
             }
-            let (_, name) = self.by_end.pop_first().expect("checked above");
-            self.by_name.remove(&name);
-            ended.push(name);
+            let (at, names) = entry.remove_entry();
+            for name in names {
+                if self.by_name.get(&name).is_some_and(|ghost| ghost.until == at) {
+                    self.by_name.remove(&name);
+                    ended.push(name);
+                }
+            }
         }
         ended
     }

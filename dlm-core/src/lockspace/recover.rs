@@ -37,32 +37,50 @@ impl Lockspace {
     ) {
         let doomed: Vec<u32> =
             self.locks.iter().filter(|(_, lock)| !lock.orphan && purge(lock.session)).map(|(l, _)| l).collect();
-        for &l in &doomed {
-            let (r, session, granted) = (self.locks[l].resource, self.locks[l].session, self.locks[l].granted);
-            if let Some(mode) = granted
-                && suspect(session)
-            {
-                let name = self.resources[r].name.clone();
-                self.delay_grants(&name, mode, now);
-            }
-            let lock = &self.locks[l];
-            if granted.is_some_and(Mode::unlock_writes_lvb) {
-                if suspect(session) {
-                    self.resources[r].lvb_invalid = true;
-                } else {
-                    spared.push((session, lock.handle, self.resources[r].name.clone()));
-                }
-            }
-            match lock.state {
-                LockState::Converting | LockState::Waiting => self.stop_wait(l),
-                LockState::Granted => self.resources[r].granted.remove(&mut self.locks, l),
-                LockState::New => {}
-            }
-            if let Some(mode) = granted {
-                self.resources[r].held.remove(mode);
-            }
-            self.destroy(out, l);
+        for l in doomed {
+            self.recovery_remove(out, now, l, suspect, spared);
         }
+    }
+
+    /// Removes one lock as [`Lockspace::recovery_purge`] does (granting
+    /// nothing, freeing no resource).
+    pub(crate) fn recovery_remove(
+        &mut self,
+        out: &mut Outbox,
+        now: Instant,
+        l: u32,
+        suspect: &dyn Fn(SessionId) -> bool,
+        spared: &mut Vec<(SessionId, LockHandle, Box<[u8]>)>,
+    ) {
+        let (r, session, granted) = (self.locks[l].resource, self.locks[l].session, self.locks[l].granted);
+        if let Some(mode) = granted
+            && suspect(session)
+        {
+            let name = self.resources[r].name.clone();
+            self.delay_grants(&name, mode, now);
+        }
+        let lock = &self.locks[l];
+        if granted.is_some_and(Mode::unlock_writes_lvb) {
+            if suspect(session) {
+                self.resources[r].lvb_invalid = true;
+            } else {
+                spared.push((session, lock.handle, self.resources[r].name.clone()));
+            }
+        }
+        match lock.state {
+            LockState::Converting | LockState::Waiting => self.stop_wait(l),
+            LockState::Granted => self.resources[r].granted.remove(&mut self.locks, l),
+            LockState::New => {}
+        }
+        if let Some(mode) = granted {
+            self.resources[r].held.remove(mode);
+        }
+        self.destroy(out, l);
+    }
+
+    /// The resource name of a lock.
+    pub(crate) fn resource_name_of(&self, l: u32) -> &[u8] {
+        &self.resources[self.locks[l].resource].name
     }
 
     /// Adds back a lock that another node's client holds (or this node's,

@@ -37,6 +37,43 @@ impl Node {
         spared
     }
 
+    /// Removes one lock of an open session as [`Node::recovery_purge`]
+    /// removes the locks it selects, its node not suspect (a lock about to
+    /// come back in another form, or one its node no longer has). Returns
+    /// it, as it was, if there was one; a PW or EX holder is returned in
+    /// `spared` too (see [`Node::recovery_purge`]).
+    pub fn recovery_remove_lock(
+        &mut self,
+        now: Instant,
+        session: SessionId,
+        handle: LockHandle,
+        spared: &mut Vec<(SessionId, LockHandle, LockspaceId, Box<[u8]>)>,
+    ) -> Option<crate::LockInfo> {
+        let lock = *self.sessions.get(&session)?.locks.get(&handle)?;
+        let lockspace = self.lockspaces.get_mut(&lock.lockspace)?;
+        let info = lockspace.lock_info(lock.lock)?;
+        let mut here = Vec::new();
+        lockspace.recovery_remove(&mut self.out, now, lock.lock, &|_| false, &mut here);
+        spared.extend(here.into_iter().map(|(session, handle, name)| (session, handle, lock.lockspace, name)));
+        self.apply_freed();
+        Some(info)
+    }
+
+    /// Every lock of an open session (an orphan is no longer its session's),
+    /// with its lockspace and resource name, handed to `each`.
+    pub fn for_each_session_lock(
+        &self,
+        session: SessionId,
+        mut each: impl FnMut(LockspaceId, &[u8], &crate::LockInfo),
+    ) {
+        let Some(owner) = self.sessions.get(&session) else { return };
+        for lock in owner.locks.values() {
+            let Some(lockspace) = self.lockspaces.get(&lock.lockspace) else { continue };
+            let Some(info) = lockspace.lock_info(lock.lock) else { continue };
+            each(lock.lockspace, lockspace.resource_name_of(lock.lock), &info);
+        }
+    }
+
     /// Adds back a granted lock of an open session (see
     /// [`Node::recovery_purge`]): granted `mode` under fencing `token`, with
     /// nothing granted to anyone until [`Node::recovery_settle`].

@@ -344,6 +344,7 @@ impl Sim {
                 pause: None,
             };
         }
+        self.report.paths.add(&self.nodes[x].stats());
         self.nodes[x] = node;
         if self.cpg.is_none() {
             self.announce(Duration::ZERO);

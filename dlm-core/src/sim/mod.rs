@@ -84,7 +84,7 @@ mod report;
 mod value_blocks;
 
 use report::Digest;
-pub use report::{Faults, SimReport};
+pub use report::{Faults, RecoveryPaths, SimReport};
 
 use std::collections::{BinaryHeap, HashMap};
 use std::time::Duration;
@@ -515,6 +515,9 @@ impl Sim {
         }
         self.report.elapsed = self.elapsed();
         self.report.trace = self.trace.0;
+        for node in &self.nodes {
+            self.report.paths.add(&node.stats());
+        }
         Ok(self.report)
     }
 

@@ -26,11 +26,54 @@ pub struct SimReport {
     /// for a client and every envelope for the network. Two runs of one
     /// seed with the same digest behaved the same, step for step.
     pub trace: u64,
+    /// Which ways recovery took (not part of the recorded line: how often
+    /// each path ran, so that a reader can see the simulator reached them).
+    pub paths: RecoveryPaths,
+}
+
+/// How often recovery took each of its ways, over every node of a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryPaths {
+    /// Locks sent to a master (or told to drop there).
+    pub sent: u64,
+    /// Locks kept at a master that stayed, its node's digest matching.
+    pub kept: u64,
+    /// Digests that did not match (the node's locks went, and came back).
+    pub mismatches: u64,
+    /// Copies sent straight to an old master that no longer masters them.
+    pub refused: u64,
+}
+
+impl RecoveryPaths {
+    /// Adds a node's counts.
+    pub fn add(&mut self, stats: &crate::cluster::ClusterStats) {
+        self.sent += stats.recovery_locks_sent;
+        self.kept += stats.recovery_locks_kept;
+        self.mismatches += stats.recovery_digest_mismatches;
+        self.refused += stats.recovery_refused;
+    }
+}
+
+impl std::ops::AddAssign for RecoveryPaths {
+    fn add_assign(&mut self, other: RecoveryPaths) {
+        self.sent += other.sent;
+        self.kept += other.kept;
+        self.mismatches += other.mismatches;
+        self.refused += other.refused;
+    }
+}
+
+impl std::fmt::Display for RecoveryPaths {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let RecoveryPaths { sent, kept, mismatches, refused } = self;
+        write!(f, "locks sent {sent}, kept by a digest {kept}, digests not matching {mismatches}, refused {refused}")
+    }
 }
 
 impl std::fmt::Display for SimReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let SimReport { requests, grants, deadlocks, unavailable, lost, faults, messages, elapsed, trace } = self;
+        let SimReport { requests, grants, deadlocks, unavailable, lost, faults, messages, elapsed, trace, paths: _ } =
+            self;
         write!(
             f,
             "requests {requests} grants {grants} deadlocks {deadlocks} unavailable {unavailable} lost {lost} \

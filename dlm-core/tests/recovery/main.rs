@@ -6,6 +6,7 @@
 
 mod lock_delay;
 mod net;
+mod survivors;
 
 use std::time::Duration;
 
@@ -401,7 +402,8 @@ fn a_writer_whose_copy_was_lost_with_an_abandoned_recovery_still_invalidates_whe
     net.lock_with(3, 2, &name, Mode::Ex, LockFlags::VALBLK);
     net.deliver_all();
     net.completion(3, 2);
-    // A view: node 2 purges node 3's EX, which is to come back...
+    // A view: node 3's EX stays at node 2 only on node 3's word (its
+    // digest), which is on its way...
     net.crash(5);
     let view = net.view(true);
     net.hand_view(&view);

@@ -256,12 +256,14 @@ pub fn old_value_written(net: &mut Net, name: &[u8]) {
     net.completion(3, 1);
 }
 
-/// Delivers in order until node 3 sends a `RecoverLock`, which is then
-/// delivered (`deliver`) or lost with its epoch.
+/// Delivers in order until node 3 sends its first word on its locks in
+/// recovery (a `RecoverLock`, or the digest of the locks its masters keep),
+/// which is then delivered (`deliver`) or lost with its epoch.
 pub fn run_until_node_3_recovers_a_lock(net: &mut Net, deliver: bool) {
     loop {
         let (from, to, envelope) = net.wire.remove(0);
-        let recovers = from.0 == 3 && matches!(envelope.message, Some(PeerMessage::RecoverLock(_)));
+        let recovers = from.0 == 3
+            && matches!(envelope.message, Some(PeerMessage::RecoverLock(_) | PeerMessage::RecoverDigest { .. }));
         if !recovers || deliver {
             net.deliver(from, to, envelope);
         }

@@ -6,8 +6,9 @@
 
 mod fence;
 mod rebuild;
+mod survivors;
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 
 use crate::cluster::links::Links;
 use crate::cluster::message::{Envelope, NodeId, PeerMessage, RecoveredLock};
@@ -74,7 +75,8 @@ pub struct RecoveryStatus {
     pub started: Instant,
     /// When it reached this phase.
     pub phase_started: Instant,
-    /// Its own lookups still unanswered (phase `Locks`).
+    /// Its own questions still unanswered (phase `Locks`): lookups, and
+    /// digests of kept locks that a member has not checked yet.
     pub lookups: usize,
     /// The members of the previous view found gone (or restarted), whose
     /// locks were purged.
@@ -111,7 +113,7 @@ pub(super) struct Recovery {
     /// once it has sent its own).
     arrived: [BTreeSet<NodeId>; 4],
     /// This node's lookups not answered yet.
-    pub(super) lookups: BTreeSet<Key>,
+    pub(super) lookups: HashSet<Key>,
     /// Lookups from peers that came before this node passed the directory
     /// barrier (its entries were not all in yet).
     pub(super) early_lookups: Vec<(NodeId, Vec<u8>, Vec<u8>)>,
@@ -127,7 +129,15 @@ pub(super) struct Recovery {
     /// This node's copies of remote locks by resource, sorted, taken once
     /// the directory is whole (client requests are held until the end, so
     /// no copy is added meanwhile).
-    pub(super) copies: BTreeMap<Key, Vec<(SessionId, LockHandle)>>,
+    pub(super) copies: HashMap<Key, Vec<(SessionId, LockHandle)>>,
+    /// This node's copies whose master stayed, by resource: they stay there
+    /// (see `survivors`), unless that master refuses them.
+    pub(super) kept: HashMap<Key, Vec<(SessionId, LockHandle)>>,
+    /// Copies voided by the view, with the master they had been sent to,
+    /// which drops them if it stayed.
+    pub(super) voided: Vec<(NodeId, SessionId, LockHandle, Key)>,
+    /// Members whose check of this node's digest (or listing) is awaited.
+    pub(super) checks: BTreeSet<NodeId>,
     started: Instant,
     phase_started: Instant,
 }
@@ -258,7 +268,7 @@ impl ClusterNode {
             waiting_for: self.member_ids().filter(|id| !arrived.contains(id)).collect(),
             started: recovery.started,
             phase_started: recovery.phase_started,
-            lookups: recovery.lookups.len(),
+            lookups: recovery.lookups.len() + recovery.checks.len(),
             departed: recovery.departed.iter().copied().collect(),
         })
     }
@@ -298,7 +308,7 @@ impl ClusterNode {
     }
 
     /// Starts recovery into the view just taken: voids what the old epoch
-    /// had in flight, purges other nodes' locks, and says it has stopped.
+    /// had in flight, purges the departed nodes' locks, and says it has stopped.
     fn begin_recovery(&mut self, now: Instant, departed: BTreeSet<NodeId>) {
         let me = self.config.node;
         let epoch = self.config.membership.epoch;
@@ -306,7 +316,7 @@ impl ClusterNode {
         self.engine.track_released(!self.single());
         self.coordinator.reset();
         self.directory.clear_entries();
-        self.requester.start_recovery();
+        let voided = self.requester.start_recovery();
         // A recovery abandoned before every lock came back purged locks as
         // spared that may now belong to a departed node: what they held is
         // unknown here, so every resource mastered here waits the lock-delay.
@@ -316,9 +326,10 @@ impl ClusterNode {
                 self.engine.delay_grants(key.0, &key.1, Mode::Ex, now);
             }
         }
-        let gone = departed.clone();
-        let spared =
-            self.engine.recovery_purge(now, |s| NodeId::of_session(s) != me, |s| gone.contains(&NodeId::of_session(s)));
+        // Only the departed nodes' locks go: the other members' stay where
+        // they are, each checked against its node's copies (`survivors`).
+        let gone = |s: SessionId| departed.contains(&NodeId::of_session(s));
+        let spared = self.engine.recovery_purge(now, gone, gone);
         // A writer purged by a recovery that a newer view abandoned never came
         // back, so this purge did not see it: its departure counts all the same.
         let lost: Vec<Key> = self
@@ -335,7 +346,7 @@ impl ClusterNode {
         for (session, handle, lockspace, name) in spared {
             self.views.spared_writers.insert((session, handle), (lockspace, name));
         }
-        for session in self.masters.start_recovery() {
+        for session in self.masters.start_recovery(|node| departed.contains(&node)) {
             let _ = self.engine.end_session(now, session);
         }
         for lockspace in self.engine.lockspaces() {
@@ -346,13 +357,16 @@ impl ClusterNode {
             phase: RecoveryPhase::Stop,
             departed,
             arrived: Default::default(),
-            lookups: BTreeSet::new(),
+            lookups: HashSet::new(),
             early_lookups: Vec::new(),
             new_masters: BTreeSet::new(),
             lvb_votes: BTreeMap::new(),
             lvb_unsure: BTreeSet::new(),
             undecided: Vec::new(),
-            copies: BTreeMap::new(),
+            copies: HashMap::new(),
+            kept: HashMap::new(),
+            voided,
+            checks: BTreeSet::new(),
             started: now,
             phase_started: now,
         });
@@ -387,6 +401,10 @@ impl ClusterNode {
                 self.on_recovery_lookup_reply(now, &lockspace, name, master, token_floor);
             }
             PeerMessage::RecoverLock(lock) => self.on_recover_lock(now, from, lock),
+            PeerMessage::RecoverDigest { locks, digest } => self.on_recover_digest(now, from, locks, digest),
+            PeerMessage::RecoverListed => self.send(now, from, PeerMessage::RecoverChecked { matched: true }),
+            PeerMessage::RecoverChecked { matched } => self.on_recover_checked(now, from, matched),
+            PeerMessage::RecoverRefused { lockspace, name } => self.on_recover_refused(now, from, &lockspace, name),
             _ => {}
         }
     }

@@ -1,8 +1,9 @@
 //! The steps of recovery after the stop: the directory rebuilt from the
-//! masters, every granted copy sent back to its (possibly new) master, the
+//! masters, every granted copy whose master departed sent to its new master
+//! (those whose master stayed are checked in `survivors`), the
 //! queues settled, and what was in flight sent again.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use crate::cluster::message::{NodeId, PeerMessage, RecoveredLock};
 use crate::cluster::recovery::{Held, RecoveryPhase};
@@ -20,14 +21,21 @@ impl ClusterNode {
     /// this node masters it.
     pub(in crate::cluster) fn rebuild_directory(&mut self, now: Instant) {
         let me = self.config.node;
-        for (key, generation) in self.masters.sorted() {
-            let directory = self.directory_of(&key);
-            if directory == me {
-                self.directory.record(key, me, generation);
-                continue;
-            }
-            let lockspace = self.lockspace_name(key.0);
-            self.send(now, directory, PeerMessage::Mastered { lockspace, name: key.1.into_vec(), generation });
+        let (remote, here) = self.masters.reports(me, |key| self.directory_of(key));
+        let here: Vec<(Key, u64)> = here.into_iter().map(|report| (report.key.clone(), report.generation)).collect();
+        let reports: Vec<(NodeId, PeerMessage)> = remote
+            .into_iter()
+            .map(|report| {
+                let lockspace = self.lockspace_name(report.key.0);
+                let name = report.key.1.to_vec();
+                (report.directory, PeerMessage::Mastered { lockspace, name, generation: report.generation })
+            })
+            .collect();
+        for (key, generation) in here {
+            self.directory.record(key, me, generation);
+        }
+        for (to, report) in reports {
+            self.send(now, to, report);
         }
         self.reach_barrier(now, RecoveryPhase::Directory);
     }
@@ -38,19 +46,27 @@ impl ClusterNode {
         self.directory.record((id, name.into_boxed_slice()), from, generation);
     }
 
-    /// The directory is whole again: answers the lookups held for it, and
-    /// looks up the master of every resource this node holds a granted copy of.
+    /// The directory is whole again: answers the lookups held for it; the
+    /// copies whose master stayed are checked with it (`survivors`), and the
+    /// master of every other resource this node holds a granted copy of is
+    /// looked up.
     pub(in crate::cluster) fn recover_masters(&mut self, now: Instant) {
         let early = self.views.recovery.as_mut().map(|r| std::mem::take(&mut r.early_lookups)).unwrap_or_default();
         for (from, lockspace, name) in early {
             self.on_lookup(now, from, lockspace, name, None);
         }
-        // Each resource this node holds a granted copy of, with its copies.
-        let mut copies: BTreeMap<Key, Vec<(SessionId, LockHandle)>> = BTreeMap::new();
+        // Each resource this node holds a copy of, with its copies: those
+        // granted by a master that stayed, and the others.
+        let mut kept: HashMap<Key, Vec<(SessionId, LockHandle)>> = HashMap::new();
+        let mut copies: HashMap<Key, Vec<(SessionId, LockHandle)>> = HashMap::new();
         let mut keys = Vec::new();
         for (session, handle) in self.requester.sorted_keys() {
             let Some(copy) = self.requester.get(session, handle) else { continue };
             let key: Key = (copy.lockspace, copy.name.clone());
+            if copy.granted.is_some() && copy.master.is_some_and(|m| self.stayed(m)) {
+                kept.entry(key).or_default().push((session, handle));
+                continue;
+            }
             if copy.granted.is_some() {
                 keys.push(key.clone());
             }
@@ -62,24 +78,43 @@ impl ClusterNode {
         keys.dedup();
         if let Some(recovery) = self.views.recovery.as_mut() {
             recovery.copies = copies;
+            recovery.kept = kept;
         }
-        let me = self.config.node;
+        // The members that stayed hear first: whatever goes to a new master
+        // below must come after this node's digest on the link.
+        self.check_with_survivors(now);
         for key in keys {
-            if self.directory_of(&key) == me {
-                let (master, generation) = self.directory.claim(key.clone(), me);
-                let floor = self.token_floor(key.0);
-                self.on_recovered_master(now, key, master, generation, floor);
-                continue;
-            }
-            if let Some(recovery) = self.views.recovery.as_mut() {
-                recovery.lookups.insert(key.clone());
-            }
-            let directory = self.directory_of(&key);
-            let lockspace = self.lockspace_name(key.0);
-            self.stats.lookups += 1;
-            self.send(now, directory, PeerMessage::Lookup { lockspace, name: key.1.into_vec(), stale: None });
+            self.look_up_in_recovery(now, key);
         }
         self.locks_sent_if_answered(now);
+    }
+
+    /// Whether `node` is another member that was one before this view too
+    /// (its locks, and what it masters, stayed).
+    pub(super) fn stayed(&self, node: NodeId) -> bool {
+        node != self.config.node
+            && self.config.membership.contains(node)
+            && self.views.recovery.as_ref().is_some_and(|r| !r.departed.contains(&node))
+    }
+
+    /// Finds the master of a resource this node holds copies of, in
+    /// recovery: at the directory, or here if this node is the directory.
+    pub(super) fn look_up_in_recovery(&mut self, now: Instant, key: Key) {
+        let me = self.config.node;
+        if self.directory_of(&key) == me {
+            let (master, generation) = self.directory.claim(key.clone(), me);
+            let floor = self.token_floor(key.0);
+            self.on_recovered_master(now, key, master, generation, floor);
+            return;
+        }
+        let Some(recovery) = self.views.recovery.as_mut() else { return };
+        if !recovery.lookups.insert(key.clone()) {
+            return;
+        }
+        let directory = self.directory_of(&key);
+        let lockspace = self.lockspace_name(key.0);
+        self.stats.lookups += 1;
+        self.send(now, directory, PeerMessage::Lookup { lockspace, name: key.1.into_vec(), stale: None });
     }
 
     /// A lookup from a peer while this node rebuilds: held until the
@@ -130,13 +165,15 @@ impl ClusterNode {
         self.locks_sent_if_answered(now);
     }
 
-    /// Once every lookup of this node is answered, its copies are all on
-    /// their way: it reaches the locks barrier.
-    fn locks_sent_if_answered(&mut self, now: Instant) {
+    /// Once every lookup of this node is answered, and every member that
+    /// stayed has checked its digest, its copies are all on their way: it
+    /// reaches the locks barrier.
+    pub(super) fn locks_sent_if_answered(&mut self, now: Instant) {
         let me = self.config.node;
         let done = self.views.recovery.as_ref().is_some_and(|r| {
             r.phase == RecoveryPhase::Locks
                 && r.lookups.is_empty()
+                && r.checks.is_empty()
                 && !r.arrived[usize::from(RecoveryPhase::Locks.index())].contains(&me)
         });
         if done {
@@ -166,9 +203,12 @@ impl ClusterNode {
                 self.send(now, master, PeerMessage::RecoverLock(notice));
             }
         }
-        let lockspace = self.lockspace_name(key.0);
         let mut reissue = Vec::new();
         for (session, handle) in self.take_copies(&key) {
+            if master != me {
+                self.send_copy(now, master, &key, session, handle, false);
+                continue;
+            }
             let Some(copy) = self.requester.get(session, handle) else { continue };
             let (Some(form), Some(token)) = (recovery_form(copy), copy.token) else { continue };
             let lvb = if form.lvb_unsure { None } else { copy.lvb.as_deref().map(<[u8]>::to_vec) };
@@ -176,47 +216,10 @@ impl ClusterNode {
                 let held = copy.granted.unwrap_or(Mode::Nl);
                 self.unlocked_in_recovery(session, handle);
                 if form.lvb_unsure {
-                    self.note_lvb_unsure(&key);
-                    let lock = RecoveredLock {
-                        lockspace: lockspace.clone(),
-                        name: key.1.to_vec(),
-                        session,
-                        handle,
-                        mode: held,
-                        token: token.0,
-                        flags: LockFlags::EMPTY,
-                        lvb: None,
-                        unlocking: true,
-                        lvb_unsure: true,
-                        or_modes: ModeSet::EMPTY,
-                    };
-                    self.views.unsure_unlocks.entry(key.clone()).or_default().push(lock.clone());
-                    if master != me {
-                        self.send(now, master, PeerMessage::RecoverLock(lock));
-                    }
+                    self.note_unsure_unlock(&key, session, handle, held, token.0);
                 }
                 continue;
             };
-            if master != me {
-                let Some(copy) = self.requester.get_mut(session, handle) else { continue };
-                copy.granted = Some(mode);
-                copy.master = Some(master);
-                let lock = RecoveredLock {
-                    lockspace: lockspace.clone(),
-                    name: key.1.to_vec(),
-                    session,
-                    handle,
-                    mode,
-                    token: token.0,
-                    flags: copy.flags,
-                    lvb,
-                    unlocking: false,
-                    lvb_unsure: form.lvb_unsure,
-                    or_modes: form.or_modes,
-                };
-                self.send(now, master, PeerMessage::RecoverLock(lock));
-                continue;
-            }
             // This node's own copy comes home: its lock goes into the engine,
             // and what it had in flight runs here once recovery is over.
             let Some(copy) = self.requester.remove(session, handle) else { continue };
@@ -238,6 +241,104 @@ impl ClusterNode {
         // They were made before anything held during recovery.
         for held in reissue.into_iter().rev() {
             self.views.held.push_front(held);
+        }
+    }
+
+    /// Sends a granted copy to its master (another node) in the form
+    /// [`recovery_form`] gives it: to be added back, or, if its unlock was
+    /// in flight, to be dropped there if it is there (`direct`: the master
+    /// it had, which stayed; always told) or to say its value block may be
+    /// lost (a new master: told only then).
+    pub(super) fn send_copy(
+        &mut self,
+        now: Instant,
+        master: NodeId,
+        key: &Key,
+        session: SessionId,
+        handle: LockHandle,
+        direct: bool,
+    ) {
+        let Some(copy) = self.requester.get(session, handle) else { return };
+        let (Some(form), Some(token)) = (recovery_form(copy), copy.token) else { return };
+        let lvb = if form.lvb_unsure { None } else { copy.lvb.as_deref().map(<[u8]>::to_vec) };
+        let held = copy.granted.unwrap_or(Mode::Nl);
+        let flags = copy.flags;
+        let Some(mode) = form.mode else {
+            self.unlocked_in_recovery(session, handle);
+            let mut lock = if form.lvb_unsure {
+                self.note_unsure_unlock(key, session, handle, held, token.0)
+            } else if direct {
+                self.unsure_notice(key, session, handle, held, token.0, false)
+            } else {
+                return;
+            };
+            lock.direct = direct;
+            self.stats.recovery_locks_sent += 1;
+            self.send(now, master, PeerMessage::RecoverLock(lock));
+            return;
+        };
+        let Some(copy) = self.requester.get_mut(session, handle) else { return };
+        copy.granted = Some(mode);
+        copy.master = Some(master);
+        let lock = RecoveredLock {
+            lockspace: self.lockspace_name(key.0),
+            name: key.1.to_vec(),
+            session,
+            handle,
+            mode,
+            token: token.0,
+            flags,
+            lvb,
+            unlocking: false,
+            lvb_unsure: form.lvb_unsure,
+            or_modes: form.or_modes,
+            direct,
+        };
+        self.stats.recovery_locks_sent += 1;
+        self.send(now, master, PeerMessage::RecoverLock(lock));
+    }
+
+    /// An unlock that counts as done in recovery although it may have
+    /// written the value block: noted, and kept to tell the resource's
+    /// master in every recovery until one is done everywhere. Returns the notice.
+    fn note_unsure_unlock(
+        &mut self,
+        key: &Key,
+        session: SessionId,
+        handle: LockHandle,
+        held: Mode,
+        token: u64,
+    ) -> RecoveredLock {
+        self.note_lvb_unsure(key);
+        let lock = self.unsure_notice(key, session, handle, held, token, true);
+        self.views.unsure_unlocks.entry(key.clone()).or_default().push(lock.clone());
+        lock
+    }
+
+    /// A lock that is not to be added back: only, if `lvb_unsure`, that the
+    /// value block may be lost.
+    fn unsure_notice(
+        &self,
+        key: &Key,
+        session: SessionId,
+        handle: LockHandle,
+        held: Mode,
+        token: u64,
+        lvb_unsure: bool,
+    ) -> RecoveredLock {
+        RecoveredLock {
+            lockspace: self.lockspace_name(key.0),
+            name: key.1.to_vec(),
+            session,
+            handle,
+            mode: held,
+            token,
+            flags: LockFlags::EMPTY,
+            lvb: None,
+            unlocking: true,
+            lvb_unsure,
+            or_modes: ModeSet::EMPTY,
+            direct: false,
         }
     }
 
@@ -282,8 +383,23 @@ impl ClusterNode {
         }
     }
 
-    /// A lock of another node's client comes back to this master.
+    /// A lock of another node's client comes back to this master, in place
+    /// of the one here if there is one (a node that stayed sends again what
+    /// it had in flight).
     pub(in crate::cluster) fn on_recover_lock(&mut self, now: Instant, from: NodeId, lock: RecoveredLock) {
+        if lock.direct {
+            // Sent to the master its node knew: only a master takes it (the
+            // directory may have no entry, or another master, for it).
+            let mastered = self
+                .engine
+                .lockspace_id(&lock.lockspace)
+                .is_some_and(|id| self.masters.contains(&(id, lock.name.clone().into_boxed_slice())));
+            if !mastered {
+                let RecoveredLock { lockspace, name, .. } = lock;
+                self.send(now, from, PeerMessage::RecoverRefused { lockspace, name });
+                return;
+            }
+        }
         let Some(id) = self.peer_lockspace(&lock.lockspace) else { return };
         if !self.masters.is_remote_session(lock.session) {
             if self.engine.open_session(lock.session).is_err() {
@@ -295,6 +411,9 @@ impl ClusterNode {
             lock;
         let key: Key = (id, name.into_boxed_slice());
         self.views.spared_writers.remove(&(session, handle));
+        // What was here for it goes: this is its node's word on it. (It
+        // comes straight back, or its unlock counts as done.)
+        self.engine.recovery_remove_lock(now, session, handle, &mut Vec::new());
         if !self.masters.contains(&key) {
             // The directory named this node master, and its own answer is
             // on its way (with the generation): it masters the resource from
@@ -311,7 +430,7 @@ impl ClusterNode {
             return;
         }
         if self.engine.recover_lock(session, handle, id, &key.1, mode, token, flags).is_err() {
-            debug_assert!(false, "{from} sent back a lock twice: {session} {handle}");
+            debug_assert!(false, "{from} sent back a lock the engine refused: {session} {handle}");
             return;
         }
         self.note_undecided(id, session, handle, or_modes);
@@ -350,10 +469,9 @@ impl ClusterNode {
         }
         self.engine.recovery_settle(now);
         self.pump(now);
-        for (key, _) in self.masters.sorted() {
-            if !self.engine.resource_exists(key.0, &key.1) {
-                self.mark_idle(now, key);
-            }
+        self.close_empty_remote_sessions(now);
+        for key in self.masters.sorted_without(|key| self.engine.resource_exists(key.0, &key.1)) {
+            self.mark_idle(now, key);
         }
         self.reach_barrier(now, RecoveryPhase::Done);
     }

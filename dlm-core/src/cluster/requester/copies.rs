@@ -158,26 +158,30 @@ impl Requester {
 
     /// A new view voids what was in flight: outstanding lookups and the
     /// cache go, copies the clients were told had failed go, and new locks
-    /// sent to a master wait to be sent again. Returns the resources of
-    /// granted copies, sorted: their masters are looked up in recovery.
-    pub(in crate::cluster) fn start_recovery(&mut self) -> Vec<Key> {
+    /// sent to a master wait to be sent again. Returns the copies that went
+    /// or wait with the master they had been sent to (sorted): that master
+    /// may hold them, and must drop them if it stays.
+    pub(in crate::cluster) fn start_recovery(&mut self) -> Vec<(NodeId, SessionId, LockHandle, Key)> {
         self.lookups.clear();
         self.cache.clear();
+        let mut sent = Vec::new();
         let abandoned: Vec<LockKey> = self.locks.iter().filter(|(_, l)| l.abandoned).map(|(&k, _)| k).collect();
         for (session, handle) in abandoned {
-            self.remove(session, handle);
-        }
-        let mut keys: Vec<Key> = Vec::new();
-        for lock in self.locks.values_mut() {
-            if lock.granted.is_some() {
-                keys.push((lock.lockspace, lock.name.clone()));
-            } else {
-                lock.master = None;
+            if let Some(lock) = self.remove(session, handle)
+                && let Some(master) = lock.master
+            {
+                sent.push((master, session, handle, (lock.lockspace, lock.name)));
             }
         }
-        keys.sort_unstable();
-        keys.dedup();
-        keys
+        for (&(session, handle), lock) in &mut self.locks {
+            if lock.granted.is_none()
+                && let Some(master) = lock.master.take()
+            {
+                sent.push((master, session, handle, (lock.lockspace, lock.name.clone())));
+            }
+        }
+        sent.sort_unstable();
+        sent
     }
 
     /// Forgets everything (the node fenced itself).

@@ -242,10 +242,10 @@ impl<'a> Reader<'a> {
                 let flags = self.lock_flags()?;
                 let lvb = self.opt_bytes16("value block", LVB_LEN_MAX)?;
                 let state = self.u8()?;
-                if state > 3 {
+                if state > 7 {
                     return Err(WireError::Invalid("recovered lock state"));
                 }
-                let (unlocking, lvb_unsure) = (state & 1 != 0, state & 2 != 0);
+                let (unlocking, lvb_unsure, direct) = (state & 1 != 0, state & 2 != 0, state & 4 != 0);
                 let or_modes = ModeSet::from_bits(self.u8()?).ok_or(WireError::Invalid("recovered lock modes"))?;
                 let lock = RecoveredLock {
                     lockspace,
@@ -259,8 +259,28 @@ impl<'a> Reader<'a> {
                     unlocking,
                     lvb_unsure,
                     or_modes,
+                    direct,
                 };
                 PeerMessage::RecoverLock(lock)
+            }
+            20 => {
+                let locks = self.u64()?;
+                let digest = (u128::from(self.u64()?) << 64) | u128::from(self.u64()?);
+                PeerMessage::RecoverDigest { locks, digest }
+            }
+            21 => PeerMessage::RecoverListed,
+            22 => {
+                let matched = match self.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(WireError::Invalid("recover checked")),
+                };
+                PeerMessage::RecoverChecked { matched }
+            }
+            23 => {
+                let lockspace = self.lockspace()?;
+                let name = self.resource()?;
+                PeerMessage::RecoverRefused { lockspace, name }
             }
             _ => return Err(WireError::Invalid("message tag")),
         };

@@ -199,8 +199,20 @@ pub(super) fn put_message(out: &mut Vec<u8>, message: &PeerMessage) {
             put_u64(out, lock.token);
             put_u32(out, lock.flags.bits());
             put_opt_bytes16(out, lock.lvb.as_deref());
-            out.push(u8::from(lock.unlocking) | u8::from(lock.lvb_unsure) << 1);
+            out.push(u8::from(lock.unlocking) | u8::from(lock.lvb_unsure) << 1 | u8::from(lock.direct) << 2);
             out.push(lock.or_modes.bits());
+        }
+        PeerMessage::RecoverDigest { locks, digest } => {
+            out.push(20);
+            put_u64(out, *locks);
+            out.extend_from_slice(&digest.to_be_bytes());
+        }
+        PeerMessage::RecoverListed => out.push(21),
+        PeerMessage::RecoverChecked { matched } => out.extend_from_slice(&[22, u8::from(*matched)]),
+        PeerMessage::RecoverRefused { lockspace, name } => {
+            out.push(23);
+            put_name8(out, lockspace);
+            put_name8(out, name);
         }
     }
 }

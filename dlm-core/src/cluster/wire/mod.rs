@@ -35,7 +35,11 @@
 //! | 16 | EdgesConfirmed | probe:u64, confirmed:u8 (0 or 1) |
 //! | 17 | Barrier | phase:u8 (0 stop, 1 directory, 2 locks, 3 done) |
 //! | 18 | Mastered | lockspace:name8, name:name8, generation:u64 |
-//! | 19 | RecoverLock | `lockspace:name8, name:name8, session:u64, handle:u64, mode:u8, token:u64, flags:u32, lvb:opt<name16>, state:u8 (1 unlocking, 2 value block unsure), or_modes:u8 (bit i: mode i)` |
+//! | 19 | RecoverLock | `lockspace:name8, name:name8, session:u64, handle:u64, mode:u8, token:u64, flags:u32, lvb:opt<name16>, state:u8 (1 unlocking, 2 value block unsure, 4 direct), or_modes:u8 (bit i: mode i)` |
+//! | 20 | RecoverDigest | locks:u64, digest:u128 (big-endian) |
+//! | 21 | RecoverListed | (none) |
+//! | 22 | RecoverChecked | matched:u8 (0 or 1) |
+//! | 23 | RecoverRefused | lockspace:name8, name:name8 |
 //!
 //! `edges` = `count:u32, (from:u64, to:u64, lockspace:u32, lock:u32, seq:u64,
 //! blocker_lock:u32, blocker_token:u64, blocker_seq:u64){count}`, at most
@@ -57,7 +61,7 @@ use encode::{put_envelope, put_name8};
 use crate::cluster::message::{Envelope, NodeId};
 
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The first bytes of a hello.
 pub const MAGIC: [u8; 4] = *b"DLMP";
 /// The largest frame, after its length field.
