@@ -99,6 +99,11 @@ async fn an_agent_killed_loses_only_its_clients_locks_and_their_waiters_are_gran
     let s2 = Arc::new(cluster.agent(1).client().await.session().await.expect("session"));
     let (kept_names, lost_names) = (names("kept", 8), names("lost", 8));
     let kept = hold(&s1, &kept_names).await;
+    // A resource mastered on node 1 (its first locker) that node 2 holds
+    // too: node 2's lock stays there through the recovery, checked by its
+    // digest, not sent again.
+    let shared_1 = s1.lock("default", "shared", Mode::Pr, LockOptions::default()).await.expect("granted");
+    let shared_2 = s2.lock("default", "shared", Mode::Pr, LockOptions::default()).await.expect("granted");
     let lost = hold(&s3, &lost_names).await;
     let lost_tokens: Vec<u64> = lost.iter().map(LockGuard::fencing_token).collect();
     let waiters = wait_for(&s2, &lost_names);
@@ -136,6 +141,16 @@ async fn an_agent_killed_loses_only_its_clients_locks_and_their_waiters_are_gran
     }
     assert_eq!(metric_value(&cluster.agent(0).metrics(), "dlm_cluster_fencing_total"), 0.0, "nothing to fence");
     assert!(metric_value(&cluster.agent(0).metrics(), "dlm_cluster_recoveries_total") >= 1.0);
+    let kept_here = |text: &str| {
+        let line = text.lines().find(|l| l.starts_with("dlm_cluster_recovered_locks_total{how=\"kept\"}"));
+        line.and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    assert!(kept_here(&cluster.agent(0).metrics()) >= 1.0, "node 2's lock on node 1 was not kept by its digest");
+    let mut shared = tokens_in_dumps(&cluster, "shared").await;
+    shared.sort_unstable();
+    let mut held = vec![shared_1.fencing_token(), shared_2.fencing_token()];
+    held.sort_unstable();
+    assert_eq!(shared, held, "the shared resource's locks, with their tokens");
 
     // The agent comes back as a new process: a member again, in a new epoch.
     let before = status["epoch"].as_u64().expect("epoch");

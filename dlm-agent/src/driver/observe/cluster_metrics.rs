@@ -33,6 +33,9 @@ pub struct ClusterMetrics {
     stale_masters: IntCounter,
     released: IntCounter,
     deadlock_victims: IntCounter,
+    recovered_locks: IntCounterVec,
+    recovery_mismatches: IntCounter,
+    recovery_refused: IntCounter,
     /// Peer links reset by this node, by reason ([`LinkReset`]).
     pub link_resets: IntCounterVec,
     /// Time from a lock or convert request to its grant, for locks mastered on another node.
@@ -57,6 +60,16 @@ impl ClusterMetrics {
             metrics.register(Box::new(metric.clone()));
             metric
         };
+        let recovered_locks = IntCounterVec::new(
+            Opts::new(
+                "dlm_cluster_recovered_locks_total",
+                "Recovery: locks of this node's clients sent to a master (how=\"sent\"), and locks of other \
+                 nodes' clients kept here as they were, checked by their node's digest (how=\"kept\").",
+            ),
+            &["how"],
+        )
+        .expect("valid metric");
+        metrics.register(Box::new(recovered_locks.clone()));
         let messages = IntCounterVec::new(
             Opts::new("dlm_cluster_messages_total", "Peer messages sent and received (acknowledgements excluded)."),
             &["direction"],
@@ -146,6 +159,16 @@ impl ClusterMetrics {
                 "dlm_cluster_deadlock_victims_total",
                 "Deadlocks across nodes broken by this node as coordinator.",
             ),
+            recovered_locks,
+            recovery_mismatches: counter(
+                "dlm_cluster_recovery_digest_mismatches_total",
+                "Recovery: other nodes whose digest of the locks kept here did not match (their locks here \
+                 went and came back one by one).",
+            ),
+            recovery_refused: counter(
+                "dlm_cluster_recovery_refused_total",
+                "Recovery: resources whose old master refused this node's copies (it masters them no more).",
+            ),
             remote_grant_wait,
             link_resets,
             last: ClusterStats::default(),
@@ -158,6 +181,8 @@ impl ClusterMetrics {
         }
         m.messages.with_label_values(&["sent"]);
         m.messages.with_label_values(&["received"]);
+        m.recovered_locks.with_label_values(&["sent"]);
+        m.recovered_locks.with_label_values(&["kept"]);
         m
     }
 
@@ -200,6 +225,11 @@ impl ClusterMetrics {
         self.stale_masters.inc_by(delta(stats.stale_masters, last.stale_masters));
         self.released.inc_by(delta(stats.released, last.released));
         self.deadlock_victims.inc_by(delta(stats.deadlock_victims, last.deadlock_victims));
+        let recovered = |how: &str| self.recovered_locks.with_label_values(&[how]);
+        recovered("sent").inc_by(delta(stats.recovery_locks_sent, last.recovery_locks_sent));
+        recovered("kept").inc_by(delta(stats.recovery_locks_kept, last.recovery_locks_kept));
+        self.recovery_mismatches.inc_by(delta(stats.recovery_digest_mismatches, last.recovery_digest_mismatches));
+        self.recovery_refused.inc_by(delta(stats.recovery_refused, last.recovery_refused));
         self.last = stats;
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.mastered.set(gauge(mastered));
