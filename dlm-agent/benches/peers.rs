@@ -2,14 +2,29 @@
 //!
 //! `cargo xtask bench` (or `cargo bench -p dlm-agent --bench peers`) starts a
 //! dlm agent, a Redis server and an etcd server on loopback, then measures
-//! each on the same workloads:
+//! each on the same workloads, in two placements of the threads:
+//! - **unpinned**: every process (servers and the clients, which run in this
+//!   process) may run on every CPU, where the scheduler puts it;
+//! - **one CPU**: the servers and the clients all on CPU 0, so that a reply
+//!   never waits for another CPU to wake (on this kind of VM a cross-CPU
+//!   wake-up costs tens of µs, a same-CPU switch a few).
+//!
+//! In each placement, and repeated (interleaved, `DLM_BENCH_REPS`, default 3):
 //! - uncontended lock+unlock pairs/s at concurrency 1, 8, 32, 128 (each
 //!   client its own connection and its own resource);
 //! - latency p50/p99 of a lock+unlock pair at concurrency 1;
-//! - 8 clients on one resource (dlm and etcd queue; Redis clients retry, at
-//!   once, and again with a 1 ms pause between attempts);
-//! - a holder that dies: how long until the waiter has the lock;
-//! - for scale, the floor: a Unix-socket round trip between two processes.
+//! - 8 clients on one resource (dlm and etcd queue; Redis clients retry at
+//!   once, and again with a 1 ms pause between attempts): hand-offs/s, the
+//!   hand-offs per CPU-second of every process involved (the server and
+//!   this process, whose only busy threads are the clients), how far the
+//!   client with the most or fewest grants is from the mean, and p99 of a
+//!   pair (its wait included);
+//! - the floor: a 16-byte Unix-socket ping-pong between two processes.
+//!
+//! Each cell is reported as the median of its runs with the lowest and
+//! highest, and each ratio against a peer as the ratio of medians with the
+//! worst ratio the spread allows beside it. Then, once, a holder that dies:
+//! how long until the waiter has the lock.
 //!
 //! dlm is measured three ways: `dlm-unix` (the client library's default on
 //! the Unix socket, framed sessions), `dlm-unix-grpc` (gRPC session streams
@@ -23,12 +38,14 @@
 //! The agent runs without its eBPF programs (they would slow every process on
 //! the machine, the peers' too); `DLM_BENCH_EBPF=1` measures with them.
 //!
-//! Without `--bench` (as `cargo test --benches` runs it) every cell is short:
-//! a check that the harness and the peers work, not a measurement.
+//! Without `--bench` (as `cargo test --benches` runs it) every cell is short
+//! and runs once: a check that the harness, the placements and the peers
+//! work, not a measurement.
 
 #[path = "common/services.rs"]
 mod services;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -41,11 +58,15 @@ use services::{
     wait_for_port,
 };
 
-/// How long each cell runs.
+/// How long each cell runs, and how often.
 struct Plan {
     warmup: Duration,
     measure: Duration,
     concurrency: Vec<usize>,
+    /// Runs of every cell in each placement.
+    reps: usize,
+    /// Round trips of the floor's ping-pong per run.
+    trips: usize,
     /// TTL of the Redis key and the etcd lease: how long a dead holder blocks.
     ttl: Duration,
 }
@@ -79,17 +100,94 @@ impl LockSystem for Dlm {
     }
 }
 
+// ----- where threads run -----
+
+/// Where the servers and the clients run.
+#[derive(Clone, Copy)]
+enum Placement {
+    Unpinned,
+    OneCpu,
+}
+
+impl Placement {
+    fn name(self) -> &'static str {
+        match self {
+            Placement::Unpinned => "unpinned",
+            Placement::OneCpu => "one CPU",
+        }
+    }
+
+    fn cpus(self) -> Vec<usize> {
+        match self {
+            Placement::Unpinned => (0..online_cpus()).collect(),
+            Placement::OneCpu => vec![0],
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Placement::Unpinned => {
+                format!("every process may run on every CPU (0-{}), where the scheduler puts it", online_cpus() - 1)
+            }
+            Placement::OneCpu => "the servers and every client thread on CPU 0".into(),
+        }
+    }
+}
+
+fn online_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+/// Sets the CPUs every thread of process `pid` may run on (threads made
+/// later inherit it from the thread that makes them), with util-linux's
+/// `taskset`.
+fn place(pid: u32, cpus: &[usize]) -> Result<()> {
+    let list = cpus.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
+    let status = Command::new("taskset")
+        .args(["--all-tasks", "--pid", "--cpu-list", &list, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        return Err(format!("taskset could not place process {pid} on CPUs {list}").into());
+    }
+    Ok(())
+}
+
+/// CPU time (user and system, every thread's, the ended ones' too) process
+/// `pid` has used, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    // utime and stime are fields 14 and 15 of the line (12 and 13 here), in
+    // USER_HZ, which Linux fixes at 100 for user space.
+    (ticks(11) + ticks(12)) as f64 / 100.0
+}
+
 // ----- the workloads -----
 
 struct Cell {
     pairs_per_s: f64,
     p50_us: f64,
     p99_us: f64,
+    /// CPU of the server and of this process over the measured time.
+    cpu_s: f64,
+    /// How far the client with the most or the fewest pairs is from the
+    /// mean, in per cent.
+    share_off_pct: f64,
 }
 
 /// `clients` clients lock and unlock for the plan's time; all on `shared_key`
-/// if given, else each on its own key.
-async fn pairs<S: LockSystem>(system: &Arc<S>, plan: &Plan, clients: usize, shared_key: Option<&str>) -> Result<Cell> {
+/// if given, else each on its own key. `server` is the server's pid, whose
+/// CPU is counted with this process's.
+async fn pairs<S: LockSystem>(
+    system: &Arc<S>,
+    plan: &Plan,
+    clients: usize,
+    shared_key: Option<&str>,
+    server: u32,
+) -> Result<Cell> {
     let start = Instant::now() + plan.warmup;
     let end = start + plan.measure;
     let mut tasks = tokio::task::JoinSet::new();
@@ -113,17 +211,29 @@ async fn pairs<S: LockSystem>(system: &Arc<S>, plan: &Plan, clients: usize, shar
             Ok::<_, BoxError>(latencies)
         });
     }
+    let cpu = |_: ()| cpu_seconds(server) + cpu_seconds(std::process::id());
+    tokio::time::sleep_until(start.into()).await;
+    let cpu_before = cpu(());
+    tokio::time::sleep_until(end.into()).await;
+    let cpu_after = cpu(());
     let mut latencies = Vec::new();
+    let mut counts = Vec::new();
     while let Some(done) = tasks.join_next().await {
-        latencies.extend(done??);
+        let mine = done??;
+        counts.push(mine.len() as f64);
+        latencies.extend(mine);
     }
     latencies.sort_by(f64::total_cmp);
     let quantile =
         |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN);
+    let mean = counts.iter().sum::<f64>() / counts.len().max(1) as f64;
+    let share_off_pct = counts.iter().map(|c| (c - mean).abs() / mean.max(1.0) * 100.0).fold(0.0, f64::max);
     Ok(Cell {
         pairs_per_s: latencies.len() as f64 / plan.measure.as_secs_f64(),
         p50_us: quantile(0.5),
         p99_us: quantile(0.99),
+        cpu_s: cpu_after - cpu_before,
+        share_off_pct,
     })
 }
 
@@ -177,6 +287,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_dlm-agent");
 
 struct DlmAgent {
     _server: Server,
+    pid: u32,
     socket: PathBuf,
     tcp: String,
 }
@@ -203,75 +314,228 @@ async fn start_dlm(dir: &Path) -> Result<DlmAgent> {
         .env("DLM_NO_EBPF", if ebpf { "false" } else { "true" })
         .stderr(std::fs::File::create(dir.join("dlm.log"))?)
         .spawn()?;
+    let pid = child.id();
     let server = Server { child };
     wait_for_port(port, "dlm-agent").await?;
-    Ok(DlmAgent { _server: server, socket, tcp })
+    Ok(DlmAgent { _server: server, pid, socket, tcp })
 }
 
 // ----- the report -----
 
+/// One row: a measure of every system, each measured several times.
 #[derive(Default)]
 struct Row {
     label: String,
     unit: &'static str,
     /// Larger is better (throughput) or smaller is (latency, time to grant).
     higher_is_better: bool,
-    values: Vec<(String, f64)>,
+    runs: BTreeMap<&'static str, Vec<f64>>,
 }
 
-fn print_table(rows: &[Row], systems: &[&str]) {
-    print!("{:<52}", "workload");
-    for system in systems {
-        print!("{system:>15}");
+impl Row {
+    fn new(label: impl Into<String>, unit: &'static str, higher_is_better: bool) -> Row {
+        Row { label: label.into(), unit, higher_is_better, runs: BTreeMap::new() }
     }
-    // Every other system against dlm's default (framed sessions, Unix socket).
-    for peer in &systems[1..] {
-        print!("{:>22}", format!("dlm vs {peer}"));
+
+    fn add(&mut self, system: &'static str, value: f64) {
+        self.runs.entry(system).or_default().push(value);
+    }
+
+    /// Median, lowest and highest of a system's runs.
+    fn spread(&self, system: &str) -> Option<(f64, f64, f64)> {
+        let mut runs = self.runs.get(system)?.clone();
+        runs.retain(|v| v.is_finite());
+        if runs.is_empty() {
+            return None;
+        }
+        runs.sort_by(f64::total_cmp);
+        let median = if runs.len() % 2 == 1 {
+            runs[runs.len() / 2]
+        } else {
+            f64::midpoint(runs[runs.len() / 2 - 1], runs[runs.len() / 2])
+        };
+        Some((median, runs[0], runs[runs.len() - 1]))
+    }
+
+    /// How many times better dlm-unix is than `peer`: of the medians, and
+    /// the worst the spread allows (dlm's worst run against the peer's best).
+    fn ratio(&self, peer: &str) -> Option<(f64, f64)> {
+        let (dlm, dlm_low, dlm_high) = self.spread(DLM)?;
+        let (other, other_low, other_high) = self.spread(peer)?;
+        if dlm <= 0.0 || other <= 0.0 {
+            return None;
+        }
+        Some(if self.higher_is_better {
+            (dlm / other, dlm_low / other_high)
+        } else {
+            (other / dlm, other_low / dlm_high)
+        })
+    }
+}
+
+/// The system the ratios are of.
+const DLM: &str = "dlm-unix";
+const SYSTEMS: [&str; 5] = ["dlm-unix", "dlm-unix-grpc", "dlm-tcp", "redis", "etcd"];
+const PEERS: [&str; 2] = ["redis", "etcd"];
+
+fn short(v: f64) -> String {
+    if v >= 10_000.0 {
+        format!("{:.1}k", v / 1000.0)
+    } else if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+/// What one placement measured.
+struct Measured {
+    placement: Placement,
+    rows: Vec<Row>,
+    /// The Unix-socket round trip's p50 of each run, µs.
+    floor_us: Vec<f64>,
+}
+
+impl Measured {
+    fn row(&self, label: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.label == label)
+    }
+}
+
+fn print_table(measured: &Measured) {
+    println!("\n== {}: {}", measured.placement.name(), measured.placement.describe());
+    print!("{:<48}", "workload: median (lowest-highest)");
+    for system in SYSTEMS {
+        print!("{system:>22}");
+    }
+    for peer in PEERS {
+        print!("{:>24}", format!("dlm vs {peer}"));
     }
     println!();
-    for row in rows {
-        print!("{:<52}", format!("{} ({})", row.label, row.unit));
-        let value = |name: &str| row.values.iter().find(|(s, _)| s == name).map(|(_, v)| *v);
-        for system in systems {
-            match value(system) {
-                Some(v) if v >= 100.0 => print!("{v:>15.0}"),
-                Some(v) => print!("{v:>15.2}"),
-                None => print!("{:>15}", "-"),
+    for row in &measured.rows {
+        print!("{:<48}", format!("{} ({})", row.label, row.unit));
+        for system in SYSTEMS {
+            match row.spread(system) {
+                Some((median, low, high)) => {
+                    print!("{:>22}", format!("{} ({}-{})", short(median), short(low), short(high)));
+                }
+                None => print!("{:>22}", "-"),
             }
         }
-        let dlm = value("dlm-unix");
-        for peer in &systems[1..] {
-            match (dlm, value(peer)) {
-                (Some(dlm), Some(peer)) if dlm > 0.0 && peer > 0.0 => {
-                    let ratio = if row.higher_is_better { dlm / peer } else { peer / dlm };
-                    print!("{:>22}", format!("{ratio:.2}x"));
-                }
-                _ => print!("{:>22}", "-"),
+        for peer in PEERS {
+            match row.ratio(peer) {
+                Some((median, worst)) => print!("{:>24}", format!("{median:.2}x (worst {worst:.2}x)")),
+                None => print!("{:>24}", "-"),
             }
         }
         println!();
     }
+    let (floor, floor_low, floor_high) = median_of(&measured.floor_us);
     println!(
-        "(ratios: how many times better dlm-unix (framed sessions on the Unix socket) is; above 1 means it is ahead)"
+        "floor: a 16-byte Unix-socket round trip between two processes, p50 {floor:.1} µs ({floor_low:.1}-{floor_high:.1}); \
+         a lock+unlock pair needs two, a queued hand-off one"
     );
+    if let Some((p50, _, _)) = measured.row(P50).and_then(|r| r.spread(DLM)) {
+        println!("dlm-unix's pair p50 at 1 client is {:.1}x this placement's round trip", p50 / floor);
+    }
 }
 
-fn write_json(rows: &[Row], floor_us: f64, path: &Path) -> Result<()> {
-    let rows: Vec<serde_json::Value> = rows
+fn median_of(values: &[f64]) -> (f64, f64, f64) {
+    let mut row = Row::new("", "", true);
+    for &v in values {
+        row.add(DLM, v);
+    }
+    row.spread(DLM).unwrap_or((f64::NAN, f64::NAN, f64::NAN))
+}
+
+const P50: &str = "lock+unlock latency p50, 1 client";
+const CONTENDED: &str = "contended hand-offs/s, 8 clients, 1 resource";
+const PER_CPU: &str = "contended hand-offs per CPU-second";
+const SHARE: &str = "contended: a client's grants off the mean";
+
+/// The issue's targets, met or not, with the spread counted against dlm.
+fn print_targets(all: &[Measured]) {
+    println!("\ntargets (worst ratio the spread allows; `met` only if it is):");
+    for measured in all {
+        let name = measured.placement.name();
+        let check = |label: &str, peer: &str, target: f64| {
+            let Some((median, worst)) = measured.row(label).and_then(|r| r.ratio(peer)) else { return };
+            let met = if worst >= target { "met" } else { "NOT met" };
+            println!("  [{name}] {label} vs {peer} >= {target:.2}x: {median:.2}x median, {worst:.2}x worst: {met}");
+        };
+        for row in &measured.rows {
+            if row.label.starts_with("uncontended") {
+                check(&row.label, "redis", 1.5);
+                check(&row.label, "etcd", 20.0);
+            }
+        }
+        check(P50, "redis", 1.0 / 0.67);
+        check(CONTENDED, "redis", 1.5);
+        check(PER_CPU, "redis", 5.0);
+        if let Some((off, _, high)) = measured.row(SHARE).and_then(|r| r.spread(DLM)) {
+            let redis = measured.row(SHARE).and_then(|r| r.spread("redis")).map_or(f64::NAN, |s| s.0);
+            let met = if high <= 20.0 { "met" } else { "NOT met" };
+            println!(
+                "  [{name}] contended: every client within 20% of the mean share: dlm {off:.1}% median, {high:.1}% \
+                 worst (redis {redis:.1}%): {met}"
+            );
+        }
+        if let Some((p50, _, high)) = measured.row(P50).and_then(|r| r.spread(DLM)) {
+            let (floor, floor_low, _) = median_of(&measured.floor_us);
+            let worst = high / floor_low;
+            let met = if worst <= 10.0 { "met" } else { "NOT met" };
+            println!(
+                "  [{name}] a locally mastered pair within 10x of this placement's round trip: {:.1}x median, \
+                 {worst:.1}x worst: {met}",
+                p50 / floor
+            );
+        }
+    }
+}
+
+fn write_json(all: &[Measured], killed: &Row, path: &Path) -> Result<()> {
+    let values = |row: &Row| -> serde_json::Value {
+        row.runs
+            .keys()
+            .filter_map(|system| {
+                let (median, low, high) = row.spread(system)?;
+                Some((
+                    (*system).to_string(),
+                    serde_json::json!({ "median": median, "min": low, "max": high, "runs": row.runs[system] }),
+                ))
+            })
+            .collect::<serde_json::Map<_, _>>()
+            .into()
+    };
+    let placements: Vec<serde_json::Value> = all
         .iter()
-        .map(|row| {
+        .map(|measured| {
+            let (floor, floor_low, floor_high) = median_of(&measured.floor_us);
             serde_json::json!({
-                "workload": row.label,
-                "unit": row.unit,
-                "higher_is_better": row.higher_is_better,
-                "values": row.values.iter().map(|(s, v)| (s.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+                "placement": measured.placement.name(),
+                "threads": measured.placement.describe(),
+                "unix_round_trip_p50_us": { "median": floor, "min": floor_low, "max": floor_high },
+                "rows": measured.rows.iter().map(|row| serde_json::json!({
+                    "workload": row.label,
+                    "unit": row.unit,
+                    "higher_is_better": row.higher_is_better,
+                    "values": values(row),
+                    "ratios": PEERS.iter().filter_map(|peer| {
+                        let (median, worst) = row.ratio(peer)?;
+                        Some(((*peer).to_string(), serde_json::json!({ "median": median, "worst": worst })))
+                    }).collect::<serde_json::Map<_, _>>(),
+                })).collect::<Vec<_>>(),
             })
         })
         .collect();
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let json = serde_json::json!({ "rows": rows, "unix_round_trip_p50_us": floor_us });
+    let json = serde_json::json!({
+        "cpus": online_cpus(),
+        "placements": placements,
+        "dead_holder_ms": values(killed),
+    });
     std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     Ok(())
 }
@@ -279,13 +543,16 @@ fn write_json(rows: &[Row], floor_us: f64, path: &Path) -> Result<()> {
 // ----- the floor -----
 
 /// A Unix-socket ping-pong of 16 bytes between this process and a child
-/// (this binary again, as an echo server): round trips in µs, sorted. No
-/// lock service can answer faster than this on the machine; a queued
-/// hand-off costs at least one (grant to the waiter, its unlock back).
-async fn unix_round_trips(dir: &Path, count: usize) -> Result<Vec<f64>> {
+/// (this binary again, as an echo server) placed on `cpus`: round trips'
+/// p50 in µs. No lock service can answer faster than this in that
+/// placement; a queued hand-off costs at least one (grant to the waiter, its
+/// unlock back).
+async fn unix_round_trip_p50(dir: &Path, count: usize, cpus: &[usize]) -> Result<f64> {
     let path = dir.join("echo.sock");
+    let _ = std::fs::remove_file(&path);
     let mut child = Command::new(std::env::current_exe()?).arg(ECHO_SERVER).arg(&path).spawn()?;
-    let result = tokio::task::spawn_blocking(move || -> Result<Vec<f64>> {
+    place(child.id(), cpus)?;
+    let result = tokio::task::spawn_blocking(move || -> Result<f64> {
         use std::io::{Read, Write};
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut stream = loop {
@@ -304,7 +571,7 @@ async fn unix_round_trips(dir: &Path, count: usize) -> Result<Vec<f64>> {
             trips.push(start.elapsed().as_secs_f64() * 1e6);
         }
         trips.sort_by(f64::total_cmp);
-        Ok(trips)
+        Ok(trips[trips.len() / 2])
     })
     .await?;
     let _ = child.kill();
@@ -335,11 +602,14 @@ fn main() {
         std::process::exit(i32::from(echo_server(&path).is_err()));
     }
     let measuring = std::env::args().any(|a| a == "--bench");
+    let reps = std::env::var("DLM_BENCH_REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(3usize).max(1);
     let plan = if measuring {
         Plan {
-            warmup: Duration::from_millis(500),
-            measure: Duration::from_secs(3),
+            warmup: Duration::from_millis(300),
+            measure: Duration::from_secs(2),
             concurrency: vec![1, 8, 32, 128],
+            reps,
+            trips: 20_000,
             ttl: Duration::from_secs(2),
         }
     } else {
@@ -347,6 +617,8 @@ fn main() {
             warmup: Duration::ZERO,
             measure: Duration::from_millis(200),
             concurrency: vec![1, 8],
+            reps: 1,
+            trips: 1_000,
             ttl: Duration::from_secs(2),
         }
     };
@@ -357,139 +629,192 @@ fn main() {
     }
 }
 
+/// The servers and the systems measured on them.
+struct Bench {
+    plan: Plan,
+    agent: DlmAgent,
+    redis_pid: u32,
+    etcd_pid: u32,
+    dlm_unix: Arc<Dlm>,
+    dlm_unix_grpc: Arc<Dlm>,
+    dlm_tcp: Arc<Dlm>,
+    redis: Arc<Redis>,
+    redis_polite: Arc<Redis>,
+    etcd: Arc<Etcd>,
+    /// The systems to measure (`DLM_BENCH_SYSTEMS=dlm-unix,redis` for quick
+    /// comparisons while tuning).
+    only: Option<String>,
+}
+
+impl Bench {
+    fn wanted(&self, name: &str) -> bool {
+        self.only.as_deref().is_none_or(|list| list.split(',').any(|s| s.trim() == name))
+    }
+
+    /// Every cell of one placement, `plan.reps` times (interleaved).
+    async fn measure(&self, placement: Placement, dir: &Path, progress: &mut impl FnMut(&str)) -> Result<Measured> {
+        let cpus = placement.cpus();
+        for pid in [self.agent.pid, self.redis_pid, self.etcd_pid, std::process::id()] {
+            place(pid, &cpus)?;
+        }
+        let mut rows: Vec<Row> = Vec::new();
+        let mut floor_us = Vec::new();
+        let label = |clients: usize| format!("uncontended pairs/s, {clients} clients");
+        for &clients in &self.plan.concurrency {
+            rows.push(Row::new(label(clients), "pairs/s", true));
+        }
+        rows.push(Row::new(P50, "µs", false));
+        rows.push(Row::new("lock+unlock latency p99, 1 client", "µs", false));
+        rows.push(Row::new(CONTENDED, "pairs/s", true));
+        rows.push(Row::new(PER_CPU, "pairs/CPU-s", true));
+        rows.push(Row::new(SHARE, "%", false));
+        rows.push(Row::new("contended: pair p99, wait included", "µs", false));
+        rows.push(Row::new("contended, Redis retrying after 1 ms", "pairs/s", true));
+        let index = |rows: &[Row], label: &str| rows.iter().position(|r| r.label == label).expect("a row");
+        for rep in 1..=self.plan.reps {
+            let what = |cell: &str| format!("[{} {rep}/{}] {cell}", placement.name(), self.plan.reps);
+            progress(&what("floor: Unix socket round trip between two processes"));
+            floor_us.push(unix_round_trip_p50(dir, self.plan.trips, &cpus).await?);
+            for &clients in &self.plan.concurrency {
+                let row = index(&rows, &label(clients));
+                macro_rules! uncontended {
+                    ($system:expr, $pid:expr) => {{
+                        let system = $system.name();
+                        if self.wanted(system) {
+                            progress(&what(&format!("{system} uncontended, {clients} clients")));
+                            let cell = pairs(&$system, &self.plan, clients, None, $pid).await?;
+                            rows[row].add(system, cell.pairs_per_s);
+                            if clients == 1 {
+                                let p50 = index(&rows, P50);
+                                rows[p50].add(system, cell.p50_us);
+                                rows[p50 + 1].add(system, cell.p99_us);
+                            }
+                        }
+                    }};
+                }
+                uncontended!(self.dlm_unix, self.agent.pid);
+                uncontended!(self.dlm_unix_grpc, self.agent.pid);
+                uncontended!(self.dlm_tcp, self.agent.pid);
+                uncontended!(self.redis, self.redis_pid);
+                uncontended!(self.etcd, self.etcd_pid);
+            }
+            let contended = index(&rows, CONTENDED);
+            macro_rules! contend {
+                ($system:expr, $pid:expr) => {{
+                    let system = $system.name();
+                    if self.wanted(system) {
+                        progress(&what(&format!("{system} contended, 8 clients on one resource")));
+                        let cell = pairs(&$system, &self.plan, 8, Some("hot"), $pid).await?;
+                        rows[contended].add(system, cell.pairs_per_s);
+                        let per_cpu = cell.pairs_per_s * self.plan.measure.as_secs_f64() / cell.cpu_s.max(1e-3);
+                        rows[contended + 1].add(system, per_cpu);
+                        rows[contended + 2].add(system, cell.share_off_pct);
+                        rows[contended + 3].add(system, cell.p99_us);
+                    }
+                }};
+            }
+            contend!(self.dlm_unix, self.agent.pid);
+            contend!(self.dlm_unix_grpc, self.agent.pid);
+            contend!(self.dlm_tcp, self.agent.pid);
+            contend!(self.redis, self.redis_pid);
+            contend!(self.etcd, self.etcd_pid);
+            if self.wanted("redis") {
+                // Redis clients pausing 1 ms between attempts, as real
+                // clients do (and more briefly than their defaults); dlm's
+                // contended figure beside it.
+                progress(&what("redis contended, clients retrying every 1 ms"));
+                let cell = pairs(&self.redis_polite, &self.plan, 8, Some("hot-polite"), self.redis_pid).await?;
+                let polite = index(&rows, "contended, Redis retrying after 1 ms");
+                rows[polite].add("redis", cell.pairs_per_s);
+                if let Some(&dlm) = rows[contended].runs.get(DLM).and_then(|runs| runs.last()) {
+                    rows[polite].add(DLM, dlm);
+                }
+            }
+        }
+        Ok(Measured { placement, rows, floor_us })
+    }
+}
+
 async fn run(plan: Plan, measuring: bool) -> Result<()> {
     let dir = std::env::temp_dir().join(format!("dlm-bench-peers-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let agent = start_dlm(&dir).await?;
-    let (_redis_server, redis_address) = start_redis(&dir).await?;
-    let (_etcd_server, etcd_endpoint) = start_etcd(&dir).await?;
+    let (redis_server, redis_address) = start_redis(&dir).await?;
+    let (etcd_server, etcd_endpoint) = start_etcd(&dir).await?;
 
     let unix = Target::Unix(agent.socket.clone());
-    let dlm_unix = Arc::new(Dlm { name: "dlm-unix", target: unix.clone(), grpc_sessions: false });
-    let dlm_unix_grpc = Arc::new(Dlm { name: "dlm-unix-grpc", target: unix, grpc_sessions: true });
-    let dlm_tcp = Arc::new(Dlm { name: "dlm-tcp", target: Target::Tcp(agent.tcp.clone()), grpc_sessions: false });
     let ttl_ms = plan.ttl.as_millis().to_string();
-    let redis = Arc::new(Redis { address: redis_address.clone(), ttl_ms: ttl_ms.clone(), retry_delay: None });
-    let redis_polite = Arc::new(Redis { address: redis_address, ttl_ms, retry_delay: Some(Duration::from_millis(1)) });
-    // The throughput cells run longer than a short lease: their clients get
-    // a long one; only the dead-holder cell uses the short TTL.
-    let etcd = Arc::new(Etcd { endpoint: etcd_endpoint.clone(), ttl_s: 600 });
-    let etcd_short_lease =
-        Arc::new(Etcd { endpoint: etcd_endpoint, ttl_s: i64::try_from(plan.ttl.as_secs()).unwrap_or(2).max(1) });
-    let systems = ["dlm-unix", "dlm-unix-grpc", "dlm-tcp", "redis", "etcd"];
-    // DLM_BENCH_SYSTEMS=dlm-unix,redis runs only those (for quick comparisons while tuning).
-    let only = std::env::var("DLM_BENCH_SYSTEMS").ok();
-    let wanted = |name: &str| only.as_deref().is_none_or(|list| list.split(',').any(|s| s.trim() == name));
-
-    let mut rows = Vec::new();
-    let cells = plan.concurrency.len() * systems.len() + systems.len() + 5;
+    let bench = Bench {
+        dlm_unix: Arc::new(Dlm { name: "dlm-unix", target: unix.clone(), grpc_sessions: false }),
+        dlm_unix_grpc: Arc::new(Dlm { name: "dlm-unix-grpc", target: unix, grpc_sessions: true }),
+        dlm_tcp: Arc::new(Dlm { name: "dlm-tcp", target: Target::Tcp(agent.tcp.clone()), grpc_sessions: false }),
+        redis: Arc::new(Redis { address: redis_address.clone(), ttl_ms: ttl_ms.clone(), retry_delay: None }),
+        redis_polite: Arc::new(Redis { address: redis_address, ttl_ms, retry_delay: Some(Duration::from_millis(1)) }),
+        // The throughput cells run longer than a short lease: their clients
+        // get a long one; only the dead-holder cell uses the short TTL.
+        etcd: Arc::new(Etcd { endpoint: etcd_endpoint.clone(), ttl_s: 600 }),
+        redis_pid: redis_server.child.id(),
+        etcd_pid: etcd_server.child.id(),
+        agent,
+        only: std::env::var("DLM_BENCH_SYSTEMS").ok(),
+        plan,
+    };
+    let placements = [Placement::Unpinned, Placement::OneCpu];
+    let per_placement = bench.plan.reps * (bench.plan.concurrency.len() * SYSTEMS.len() + SYSTEMS.len() + 2);
+    let cells = placements.len() * per_placement + 3;
     let mut done = 0usize;
     let mut progress = |what: &str| {
         done += 1;
-        eprintln!("[{done:>2}/{cells}] {what}");
+        eprintln!("[{done:>3}/{cells}] {what}");
     };
-
-    let mut latency_p50 = Row { label: "lock+unlock latency p50, 1 client".into(), unit: "µs", ..Row::default() };
-    let mut latency_p99 = Row { label: "lock+unlock latency p99, 1 client".into(), unit: "µs", ..Row::default() };
-    for &clients in &plan.concurrency {
-        let mut row = Row {
-            label: format!("uncontended pairs/s, {clients} clients"),
-            unit: "pairs/s",
-            higher_is_better: true,
-            ..Row::default()
-        };
-        macro_rules! measure {
-            ($system:expr) => {{
-                if wanted($system.name()) {
-                    progress(&format!("{} uncontended, {clients} clients", $system.name()));
-                    let cell = pairs(&$system, &plan, clients, None).await?;
-                    row.values.push(($system.name().to_string(), cell.pairs_per_s));
-                    if clients == 1 {
-                        latency_p50.values.push(($system.name().to_string(), cell.p50_us));
-                        latency_p99.values.push(($system.name().to_string(), cell.p99_us));
-                    }
-                }
-            }};
-        }
-        measure!(dlm_unix);
-        measure!(dlm_unix_grpc);
-        measure!(dlm_tcp);
-        measure!(redis);
-        measure!(etcd);
-        rows.push(row);
+    let mut all = Vec::new();
+    for placement in placements {
+        all.push(bench.measure(placement, &dir, &mut progress).await?);
     }
-    rows.push(latency_p50);
-    rows.push(latency_p99);
-
-    let mut contended = Row {
-        label: "contended pairs/s, 8 clients, 1 resource".into(),
-        unit: "pairs/s",
-        higher_is_better: true,
-        ..Row::default()
-    };
-    macro_rules! contend {
-        ($system:expr) => {{
-            if wanted($system.name()) {
-                progress(&format!("{} contended, 8 clients on one resource", $system.name()));
-                let cell = pairs(&$system, &plan, 8, Some("hot")).await?;
-                contended.values.push(($system.name().to_string(), cell.pairs_per_s));
-            }
-        }};
+    // Back to every CPU for the dead holder.
+    for pid in [bench.agent.pid, bench.redis_pid, bench.etcd_pid, std::process::id()] {
+        place(pid, &Placement::Unpinned.cpus())?;
     }
-    contend!(dlm_unix);
-    contend!(dlm_unix_grpc);
-    contend!(dlm_tcp);
-    contend!(redis);
-    contend!(etcd);
-    let dlm_contended = contended.values.iter().find(|(s, _)| s == "dlm-unix").cloned();
-    rows.push(contended);
-    if wanted("redis") {
-        // The same with Redis clients pausing 1 ms between attempts, as real
-        // clients do (and more briefly than their defaults).
-        progress("redis contended, clients retrying every 1 ms");
-        let cell = pairs(&redis_polite, &plan, 8, Some("hot-polite")).await?;
-        let mut row = Row {
-            label: "contended, Redis retry after 1 ms".into(),
-            unit: "pairs/s",
-            higher_is_better: true,
-            ..Row::default()
-        };
-        row.values.extend(dlm_contended);
-        row.values.push(("redis".into(), cell.pairs_per_s));
-        rows.push(row);
-    }
-
-    let mut killed = Row { label: "dead holder -> waiter granted".into(), unit: "ms", ..Row::default() };
-    if wanted("dlm-unix") {
+    let mut killed = Row::new("dead holder -> waiter granted (unpinned, once)", "ms", false);
+    if bench.wanted(DLM) {
         progress("dlm: holder process killed with SIGKILL");
-        killed.values.push(("dlm-unix".into(), dlm_killed_holder(&agent).await?.as_secs_f64() * 1e3));
+        killed.add(DLM, dlm_killed_holder(&bench.agent).await?.as_secs_f64() * 1e3);
     }
-    if wanted("redis") {
-        progress(&format!("redis: holder gone, key TTL {} ms", plan.ttl.as_millis()));
-        killed.values.push(("redis".into(), abandoned_holder(&redis).await?.as_secs_f64() * 1e3));
+    if bench.wanted("redis") {
+        progress(&format!("redis: holder gone, key TTL {} ms", bench.plan.ttl.as_millis()));
+        killed.add("redis", abandoned_holder(&bench.redis).await?.as_secs_f64() * 1e3);
     }
-    if wanted("etcd") {
-        progress(&format!("etcd: holder gone, lease TTL {} s", etcd_short_lease.ttl_s));
-        killed.values.push(("etcd".into(), abandoned_holder(&etcd_short_lease).await?.as_secs_f64() * 1e3));
+    if bench.wanted("etcd") {
+        let short_lease = Arc::new(Etcd {
+            endpoint: etcd_endpoint,
+            ttl_s: i64::try_from(bench.plan.ttl.as_secs()).unwrap_or(2).max(1),
+        });
+        progress(&format!("etcd: holder gone, lease TTL {} s", short_lease.ttl_s));
+        killed.add("etcd", abandoned_holder(&short_lease).await?.as_secs_f64() * 1e3);
     }
-    rows.push(killed);
 
-    progress("floor: Unix socket round trip between two processes");
-    let trips = unix_round_trips(&dir, if measuring { 20_000 } else { 1_000 }).await?;
-    let floor_us = trips[trips.len() / 2];
-
-    println!();
-    print_table(&rows, &systems);
+    for measured in &all {
+        print_table(measured);
+    }
+    println!("\n{}:", killed.label);
+    for system in [DLM, "redis", "etcd"] {
+        if let Some((ms, _, _)) = killed.spread(system) {
+            println!("  {system:<10} {ms:>8.1} ms");
+        }
+    }
     println!(
-        "floor: a Unix socket round trip between two processes, p50 {floor_us:.1} µs \
-         (a lock+unlock pair needs two, a queued hand-off one)"
+        "\n(ratios: how many times better dlm-unix (framed sessions on the Unix socket) is, of the medians, with \
+         the worst its spread allows; above 1 means it is ahead. {} runs of each cell per placement, {:?} each)",
+        bench.plan.reps, bench.plan.measure
     );
+    print_targets(&all);
     if measuring {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench/peers.json");
-        write_json(&rows, floor_us, &path)?;
+        write_json(&all, &killed, &path)?;
         println!("written to {}", path.display());
     }
+    drop((redis_server, etcd_server));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
