@@ -12,7 +12,9 @@
 //! In each placement, and repeated (interleaved, `DLM_BENCH_REPS`, default 3):
 //! - uncontended lock+unlock pairs/s at concurrency 1, 8, 32, 128 (each
 //!   client its own connection and its own resource);
-//! - latency p50/p99 of a lock+unlock pair at concurrency 1;
+//! - latency p50/p99 of a lock+unlock pair at concurrency 1, and the CPU
+//!   each side used per pair (the server's, and this process's: the
+//!   client's);
 //! - 8 clients on one resource (dlm and etcd queue; Redis clients retry at
 //!   once, and again with a 1 ms pause between attempts): hand-offs/s, the
 //!   hand-offs per CPU-second of every process involved (the server and
@@ -134,8 +136,11 @@ impl Placement {
     }
 }
 
+/// The CPUs this process could use when it started (before any placement
+/// narrowed them).
 fn online_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
 }
 
 /// Sets the CPUs every thread of process `pid` may run on (threads made
@@ -171,8 +176,10 @@ struct Cell {
     pairs_per_s: f64,
     p50_us: f64,
     p99_us: f64,
-    /// CPU of the server and of this process over the measured time.
-    cpu_s: f64,
+    /// CPU of the server and of this process (the clients) over the
+    /// measured time.
+    server_cpu_s: f64,
+    client_cpu_s: f64,
     /// How far the client with the most or the fewest pairs is from the
     /// mean, in per cent.
     share_off_pct: f64,
@@ -211,7 +218,7 @@ async fn pairs<S: LockSystem>(
             Ok::<_, BoxError>(latencies)
         });
     }
-    let cpu = |_: ()| cpu_seconds(server) + cpu_seconds(std::process::id());
+    let cpu = |_: ()| (cpu_seconds(server), cpu_seconds(std::process::id()));
     tokio::time::sleep_until(start.into()).await;
     let cpu_before = cpu(());
     tokio::time::sleep_until(end.into()).await;
@@ -232,7 +239,8 @@ async fn pairs<S: LockSystem>(
         pairs_per_s: latencies.len() as f64 / plan.measure.as_secs_f64(),
         p50_us: quantile(0.5),
         p99_us: quantile(0.99),
-        cpu_s: cpu_after - cpu_before,
+        server_cpu_s: cpu_after.0 - cpu_before.0,
+        client_cpu_s: cpu_after.1 - cpu_before.1,
         share_off_pct,
     })
 }
@@ -602,6 +610,8 @@ fn main() {
         std::process::exit(i32::from(echo_server(&path).is_err()));
     }
     let measuring = std::env::args().any(|a| a == "--bench");
+    // Taken before any placement narrows this process's CPUs.
+    let _ = online_cpus();
     let reps = std::env::var("DLM_BENCH_REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(3usize).max(1);
     let plan = if measuring {
         Plan {
@@ -665,6 +675,8 @@ impl Bench {
         }
         rows.push(Row::new(P50, "µs", false));
         rows.push(Row::new("lock+unlock latency p99, 1 client", "µs", false));
+        rows.push(Row::new("1 client: the server's CPU per pair", "µs", false));
+        rows.push(Row::new("1 client: the client's CPU per pair", "µs", false));
         rows.push(Row::new(CONTENDED, "pairs/s", true));
         rows.push(Row::new(PER_CPU, "pairs/CPU-s", true));
         rows.push(Row::new(SHARE, "%", false));
@@ -688,6 +700,10 @@ impl Bench {
                                 let p50 = index(&rows, P50);
                                 rows[p50].add(system, cell.p50_us);
                                 rows[p50 + 1].add(system, cell.p99_us);
+                                // CPU per pair, each side's: where the time goes.
+                                let pairs = (cell.pairs_per_s * self.plan.measure.as_secs_f64()).max(1.0);
+                                rows[p50 + 2].add(system, cell.server_cpu_s / pairs * 1e6);
+                                rows[p50 + 3].add(system, cell.client_cpu_s / pairs * 1e6);
                             }
                         }
                     }};
@@ -706,7 +722,8 @@ impl Bench {
                         progress(&what(&format!("{system} contended, 8 clients on one resource")));
                         let cell = pairs(&$system, &self.plan, 8, Some("hot"), $pid).await?;
                         rows[contended].add(system, cell.pairs_per_s);
-                        let per_cpu = cell.pairs_per_s * self.plan.measure.as_secs_f64() / cell.cpu_s.max(1e-3);
+                        let cpu = cell.server_cpu_s + cell.client_cpu_s;
+                        let per_cpu = cell.pairs_per_s * self.plan.measure.as_secs_f64() / cpu.max(1e-3);
                         rows[contended + 1].add(system, per_cpu);
                         rows[contended + 2].add(system, cell.share_off_pct);
                         rows[contended + 3].add(system, cell.p99_us);

@@ -91,6 +91,7 @@ pub mod ebpf;
 pub mod pki;
 pub mod resident;
 pub mod server;
+pub mod spin;
 pub mod telemetry;
 
 mod bounds;

@@ -58,6 +58,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(worker_threads());
+    builder.on_thread_park(dlm_agent::spin::before_park).on_thread_unpark(dlm_agent::spin::after_unpark);
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -65,6 +66,11 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_SOFTWARE);
         }
     };
+    if matches!(args.command, Command::Run(_)) {
+        // Now, while the runtime's epoll instance is the only one. Why it
+        // stays off, if it does, is in the agent's log at start.
+        let _ = dlm_agent::spin::enable(dlm_agent::spin::configured());
+    }
     runtime.block_on(async {
         match args.command {
             Command::Run(args) => cli::run::run(args).await,

@@ -176,6 +176,7 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
     // Before anything can be granted: this start's generation, on disk.
     let generation = generation::advance(&config.state_dir).map_err(ServeError::State)?;
     tracing::info!(generation, state_dir = %config.state_dir.display(), "fencing tokens start above generation {generation}'s floor");
+    tracing::info!("workers spin before parking: {}", crate::spin::state());
     metrics.register(access.collector());
     let mut watchdog = None;
     // Armed by the membership once corosync's timeouts are known.

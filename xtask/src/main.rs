@@ -26,12 +26,14 @@ Commands:
                the machine image ships; fails naming the package otherwise
   test         set up, then check formatting, run clippy, check provenance, run every test of
                the workspace and build the docs (warnings are errors)
-  bench [ARGS] set up, then run every benchmark: the engine's (criterion, memory) and dlm side
-               by side with Redis and etcd (table on stdout, JSON in target/bench/peers.json), and
-               a 3-node cluster against a single node (target/bench/cluster.json), and failover
-               with corosync beside Redis and etcd (target/bench/failover.json; needs root), and
-               lock+unlock pairs through each client: Rust, dlm's libdlm, Python sync and
-               asyncio (target/bench/clients.json);
+  bench [ARGS] set up, then run every benchmark: the engine's (criterion, memory; recovery
+               of 100,000 and 1,000,000 locks) and dlm side by side with Redis and etcd, unpinned
+               and on one CPU, each cell 3 times (table on stdout, JSON in
+               target/bench/peers.json), and a 3-node cluster against a single node
+               (target/bench/cluster.json), and failover with corosync beside Redis and etcd
+               (target/bench/failover.json; needs root), and 3, 5 and 8 nodes with corosync
+               (target/bench/scale.json; needs root), and lock+unlock pairs through each client:
+               Rust, dlm's libdlm, Python sync and asyncio (target/bench/clients.json);
                ARGS go to `cargo bench`
   dashboards   set up, run the dashboard check against a live Prometheus with a longer workload,
                and plot each dashboard from the real results to dashboards/pictures/<uid>.png
