@@ -55,7 +55,13 @@ struct Plan {
     locks: usize,
 }
 
-fn spread(values: &mut [f64]) -> (f64, f64, f64) {
+/// Median, lowest and highest.
+type Spread = (f64, f64, f64);
+
+/// A row of the table: its label, and its figure at each size.
+type Row = (String, Vec<(usize, Spread)>);
+
+fn spread(values: &mut [f64]) -> Spread {
     values.sort_by(f64::total_cmp);
     (values[values.len() / 2], values[0], values[values.len() - 1])
 }
@@ -206,7 +212,7 @@ async fn recovery(cluster: &mut CorosyncCluster, n: usize, plan: &Plan) -> Resul
 }
 
 async fn run(plan: &Plan) -> Result<()> {
-    let mut table: Vec<(String, Vec<(usize, (f64, f64, f64))>)> = vec![
+    let mut table: Vec<Row> = vec![
         ("remote lock+unlock pair p50 (µs)".into(), Vec::new()),
         ("remote lock+unlock pair p99 (µs)".into(), Vec::new()),
         (format!("pairs/s, {CLIENTS} clients on every node, own resources"), Vec::new()),
