@@ -16,6 +16,7 @@ const LAYERS: &[&str] = &[
     "pki",
     "generation",
     "resident",
+    "spin",
     "telemetry",
     "config",
     "metrics",

@@ -35,6 +35,7 @@
 //! | [`access`] | who may do what: identities of clients, rights per lockspace, the policy |
 //! | `generation` | the generation kept on disk, raised at each start and as tokens grow: fencing tokens never go back across restarts |
 //! | [`resident`] | keeps the agent's memory locked in RAM, so memory pressure on the node cannot stall it |
+//! | [`spin`] | the runtime's park hooks: a worker may spin briefly before it sleeps while requests flow (`DLM_SPIN_US`) |
 //! | [`pki`] | a cluster's own CA and the certificates it signs (`dlm-agent certs`, tests, benchmarks) |
 //! | [`telemetry`] | logs, and one OpenTelemetry span per lock request when OTLP is configured |
 //! | [`config`] | the settings: embedded default, TOML file, `DLM_*` variables and flags, validated |
