@@ -172,9 +172,10 @@ pub(super) struct ViewState {
     /// held on the departed node, so its grants wait (see `become_master`).
     pub(super) departure_at: Option<Instant>,
     /// PW and EX locks of other nodes' clients purged here and not back yet
-    /// (a newer view may abandon the recovery that was to bring them back):
-    /// should such a node depart, the value block it may have written is
-    /// not valid. Emptied when a recovery settles.
+    /// (a node whose digest did not match: its locks come back one by one,
+    /// and a newer view may abandon the recovery that was to bring them
+    /// back): should such a node depart, the value block it may have
+    /// written is not valid. Emptied when a recovery settles.
     pub(super) spared_writers: BTreeMap<(SessionId, LockHandle), Key>,
     /// This node's unlocks that counted as done in a recovery although their
     /// value block may be lost, by resource: the master is told again in
@@ -329,7 +330,9 @@ impl ClusterNode {
         // Only the departed nodes' locks go: the other members' stay where
         // they are, each checked against its node's copies (`survivors`).
         let gone = |s: SessionId| departed.contains(&NodeId::of_session(s));
+        // Every lock purged here is suspect, so none is spared.
         let spared = self.engine.recovery_purge(now, gone, gone);
+        debug_assert!(spared.is_empty(), "a departed node's lock spared");
         // A writer purged by a recovery that a newer view abandoned never came
         // back, so this purge did not see it: its departure counts all the same.
         let lost: Vec<Key> = self
@@ -342,9 +345,6 @@ impl ClusterNode {
         self.views.spared_writers.retain(|(session, _), _| !departed.contains(&NodeId::of_session(*session)));
         for key in lost {
             self.engine.recovery_set_lvb(key.0, &key.1, None);
-        }
-        for (session, handle, lockspace, name) in spared {
-            self.views.spared_writers.insert((session, handle), (lockspace, name));
         }
         for session in self.masters.start_recovery(|node| departed.contains(&node)) {
             let _ = self.engine.end_session(now, session);
