@@ -5,6 +5,7 @@
 //! and masters rebuilt, in `fence` a node that is no longer a member.
 
 mod fence;
+mod form;
 mod rebuild;
 mod survivors;
 
