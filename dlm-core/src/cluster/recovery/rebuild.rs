@@ -317,7 +317,7 @@ impl ClusterNode {
 
     /// A lock that is not to be added back: only, if `lvb_unsure`, that the
     /// value block may be lost.
-    fn unsure_notice(
+    pub(super) fn unsure_notice(
         &self,
         key: &Key,
         session: SessionId,

@@ -49,7 +49,10 @@ impl ClusterNode {
         let voided = self.views.recovery.as_mut().map(|r| std::mem::take(&mut r.voided)).unwrap_or_default();
         for (master, session, handle, key) in voided {
             if self.stayed(master) {
-                let lock = self.forget_notice(&key, session, handle);
+                // A lock that was on its way to it (a new lock, sent again
+                // after recovery; or one its client gave up): dropped there.
+                let mut lock = self.unsure_notice(&key, session, handle, Mode::Nl, 0, false);
+                lock.direct = true;
                 self.stats.recovery_locks_sent += 1;
                 self.send(now, master, PeerMessage::RecoverLock(lock));
             }
@@ -194,25 +197,6 @@ impl ClusterNode {
             });
         }
         sum
-    }
-
-    /// Tells a master that stayed to drop a lock that was on its way to it
-    /// (a new lock, sent again after recovery; or one its client gave up).
-    fn forget_notice(&self, key: &Key, session: SessionId, handle: LockHandle) -> crate::cluster::RecoveredLock {
-        crate::cluster::RecoveredLock {
-            lockspace: self.lockspace_name(key.0),
-            name: key.1.to_vec(),
-            session,
-            handle,
-            mode: Mode::Nl,
-            token: 0,
-            flags: LockFlags::EMPTY,
-            lvb: None,
-            unlocking: true,
-            lvb_unsure: false,
-            or_modes: crate::mode::ModeSet::EMPTY,
-            direct: true,
-        }
     }
 }
 
