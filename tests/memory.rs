@@ -10,9 +10,16 @@
 //! the squeeze reached the agents' code (else the first check proves
 //! nothing). Latencies of both are printed: figures, not checks.
 //!
-//! Then a whole node is squeezed, its corosync and its agent, in a
-//! three-node corosync cluster: it must stay in the view, its agent take no
-//! fault, and it must keep serving the resource it masters to node 1.
+//! Then a node's agent is squeezed for a minute with the node's workload,
+//! in a three-node corosync cluster whose corosync runs in a cgroup of its
+//! own (as `corosync.service` does): the node must stay in the view, its
+//! agent take no fault, and every lock request, node 1's on the resource
+//! it masters and its own, must be served.
+//!
+//! By hand (figures, not checks): `DLM_SQUEEZE_SECS` (60), `DLM_SQUEEZE_TOKEN_MS`
+//! (1000), `DLM_SQUEEZE_COROSYNC=1` to squeeze node 2's corosync with its
+//! agent, `DLM_SQUEEZE_HOGS=0` for the same run without the hogs. What
+//! they showed is in the README's "Memory pressure".
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -25,8 +32,27 @@ use support::{Agent, LowMemoryCgroup, metric_value, under_ci};
 
 /// The cgroup's limit: room for both agents, the hog and a copy's pages.
 const LIMIT: u64 = 384 << 20;
-/// How long the hog squeezes.
+/// How long the hog squeezes the two agents' cgroup.
 const SQUEEZE: Duration = Duration::from_secs(8);
+
+/// How long the hogs squeeze the cluster's node (issue 31 asks for a
+/// minute at least); `DLM_SQUEEZE_SECS` by hand.
+fn node_squeeze() -> Duration {
+    const NODE_SQUEEZE: Duration = Duration::from_secs(60);
+    std::env::var("DLM_SQUEEZE_SECS").ok().and_then(|s| s.parse().ok()).map_or(NODE_SQUEEZE, Duration::from_secs)
+}
+
+/// Whether node 2's corosync is squeezed with its agent
+/// (`DLM_SQUEEZE_COROSYNC=1` by hand): a node where corosync shares the
+/// workload's memory cgroup, against the README's advice.
+fn squeeze_corosync() -> bool {
+    std::env::var("DLM_SQUEEZE_COROSYNC").is_ok_and(|v| v == "1")
+}
+
+/// The cluster's corosync token: `DLM_SQUEEZE_TOKEN_MS` by hand.
+fn node_token() -> u32 {
+    std::env::var("DLM_SQUEEZE_TOKEN_MS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000)
+}
 
 /// Takes memory, 1 MiB at a time, until the cgroup is at its limit and has
 /// at most 1 MiB of file pages it could reclaim (`inactive_file +
@@ -79,16 +105,28 @@ fn since(now: (u64, u64), before: (u64, u64)) -> (u64, u64) {
     (now.0 - before.0, now.1 - before.1)
 }
 
-/// Locks and unlocks in `session` until `end`, returning each round trip.
-async fn lock_until(session: &Session, end: Instant) -> Vec<Duration> {
-    let mut times = Vec::new();
+/// Locks and unlocks in `session` until `end`, returning each round trip
+/// and each request that failed (with when, since the start): a failure
+/// does not end the run, so that the test says how many there were.
+async fn lock_until(session: &Session, end: Instant) -> (Vec<Duration>, Vec<String>) {
+    let (mut times, mut failed) = (Vec::new(), Vec::new());
+    let began = Instant::now();
     while Instant::now() < end {
         let start = Instant::now();
-        let guard = session.lock("default", "r", Mode::Ex, LockOptions::default()).await.expect("granted");
-        guard.unlock().await.expect("unlocked");
-        times.push(start.elapsed());
+        let outcome = match session.lock("default", "r", Mode::Ex, LockOptions::default()).await {
+            Ok(guard) => guard.unlock().await.map_err(|e| format!("unlock: {e:?}")),
+            Err(e) => Err(format!("lock: {e:?}")),
+        };
+        match outcome {
+            Ok(()) => times.push(start.elapsed()),
+            Err(e) => {
+                failed.push(format!("{e} at {:?}", began.elapsed()));
+                // A node that fenced itself refuses at once: no hot loop.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
-    times
+    (times, failed)
 }
 
 fn summary(times: &mut [Duration]) -> String {
@@ -132,7 +170,8 @@ async fn a_resident_agent_takes_no_major_fault_while_its_cgroup_is_squeezed() {
     let _ = tokio::join!(lock_until(&on, warm), lock_until(&off, warm));
 
     let before = (faults(resident.pid()), faults(reclaimable.pid()));
-    let Squeeze { first: mut on, second: mut off, hogs, killed, failures } = squeeze(&cgroup, &on, &off).await;
+    let Squeeze { first: mut on, second: mut off, failed, hogs, killed, failures, .. } =
+        squeeze(&cgroup, &on, &off, SQUEEZE).await;
     let (resident_faults, resident_minor) = since(faults(resident.pid()), before.0);
     let (reclaimable_faults, reclaimable_minor) = since(faults(reclaimable.pid()), before.1);
     eprintln!("{hogs} hogs started, {killed} of them killed when the cgroup ran out");
@@ -146,6 +185,7 @@ async fn a_resident_agent_takes_no_major_fault_while_its_cgroup_is_squeezed() {
     assert!(resident.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))), "the resident agent died");
     assert!(reclaimable.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None))), "the other agent died");
     assert!(failures > 0, "the hog never reached the limit: no squeeze");
+    assert!(failed.is_empty(), "requests failed during the squeeze: {failed:?}");
     assert!(reclaimable_faults > 0, "the squeeze never reached the agents' code, so it proves nothing");
     assert_eq!(resident_faults, 0, "a resident agent waited for its own pages to be read back");
     assert!(on.len() > 100 && off.len() > 10, "both agents kept serving: {} and {}", on.len(), off.len());
@@ -154,24 +194,62 @@ async fn a_resident_agent_takes_no_major_fault_while_its_cgroup_is_squeezed() {
 }
 
 /// What a squeeze did: the round trips of two sessions locking while it
-/// ran, the hogs started and killed, the times the cgroup's limit was hit.
+/// ran and their requests that failed, the hogs started and killed, the
+/// times the cgroup's limit was hit, and the machine's pressure stalls.
 struct Squeeze {
     first: Vec<Duration>,
     second: Vec<Duration>,
+    failed: Vec<String>,
     hogs: u32,
     killed: u32,
     failures: u64,
+    pressure: Pressure,
 }
 
-/// Squeezes `cgroup` for [`SQUEEZE`] while `first` and `second` lock.
-async fn squeeze(cgroup: &LowMemoryCgroup, first: &Session, second: &Session) -> Squeeze {
+/// The share of a squeeze's time that some or all tasks stalled on memory
+/// (`/proc/pressure/memory`'s totals, taken before and after). cgroup v1
+/// has no pressure file per cgroup, so these are the machine's: every node
+/// of the cluster tests shares it.
+#[derive(Debug, Default)]
+struct Pressure {
+    some: f64,
+    full: f64,
+}
+
+/// `/proc/pressure/memory`'s `some` and `full` totals (µs), if the kernel has PSI.
+fn memory_stalls() -> Option<(u64, u64)> {
+    let text = std::fs::read_to_string("/proc/pressure/memory").ok()?;
+    let total = |kind: &str| {
+        text.lines()
+            .find(|l| l.starts_with(kind))?
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("total=")?.parse::<u64>().ok())
+    };
+    Some((total("some")?, total("full")?))
+}
+
+/// Squeezes `cgroup` for `time` while `first` and `second` lock.
+async fn squeeze(cgroup: &LowMemoryCgroup, first: &Session, second: &Session, time: Duration) -> Squeeze {
     let failures = cgroup.value("memory.failcnt");
-    let end = Instant::now() + SQUEEZE;
+    let stalls = memory_stalls();
+    let began = Instant::now();
+    let end = began + time;
     let procs = cgroup.procs();
-    let hogs = std::thread::spawn(move || squeeze_until(&procs, end));
-    let (first, second) = tokio::join!(lock_until(first, end), lock_until(second, end));
+    // `DLM_SQUEEZE_HOGS=0` by hand: the same run with no hog, to tell
+    // what the squeeze does from what the load does.
+    let hogs_on = std::env::var("DLM_SQUEEZE_HOGS").map_or(true, |v| v != "0");
+    let hogs = std::thread::spawn(move || if hogs_on { squeeze_until(&procs, end) } else { (0, 0) });
+    let ((first, mut failed), (second, failed_too)) = tokio::join!(lock_until(first, end), lock_until(second, end));
+    failed.extend(failed_too);
     let (hogs, killed) = hogs.join().expect("the hogs' waiter");
-    Squeeze { first, second, hogs, killed, failures: cgroup.value("memory.failcnt") - failures }
+    let elapsed = began.elapsed().as_micros() as f64;
+    let pressure = match (stalls, memory_stalls()) {
+        (Some(before), Some(after)) => {
+            Pressure { some: (after.0 - before.0) as f64 / elapsed, full: (after.1 - before.1) as f64 / elapsed }
+        }
+        _ => Pressure::default(),
+    };
+    Squeeze { first, second, failed, hogs, killed, failures: cgroup.value("memory.failcnt") - failures, pressure }
 }
 
 /// Runs hogs in the cgroup, one after the other, until `end`: each fills
@@ -238,11 +316,19 @@ fn without_the_capability_required_refuses_to_start_and_auto_warns() {
 const RESIDENCY_OF_NODE_2: &str = "[memory]\nresident = \"auto\"\n";
 
 /// A node whose memory is squeezed is still a healthy member: it stays in
-/// the view (corosync locks its own memory; the agent's, resident, takes no
-/// fault) and keeps serving the resources it masters to the other nodes.
-/// Node 2's corosync and agent are put in a memory cgroup, and hogs
-/// squeeze it as in the test above, while node 1 locks a resource node 2
-/// masters.
+/// the view (its agent, resident, takes no fault) and keeps serving the
+/// resources it masters to the other nodes. Node 2's agent is put in a
+/// memory cgroup with the hogs, which squeeze it as in the test above for
+/// a minute, while node 1 and node 2 lock a resource node 2 masters.
+///
+/// Node 2's corosync stays in its own cgroup, where a node's service
+/// manager puts it: squeezed with the hogs here, where it cannot lock its
+/// memory (no CAP_SYS_RESOURCE: "Could not increase RLIMIT_MEMLOCK, not
+/// locking memory"), its real-time threads reclaim for the cgroup at
+/// priority 99 and starve every other task of the machine, the OOM-killed
+/// hog that would free the memory among them, for about a second: every
+/// node's token and lease lapse (the README's "Memory pressure" has the
+/// trace).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_squeezed_node_stays_in_the_view_and_serves_what_it_masters() {
     if !can_run("a_squeezed_node_stays_in_the_view", true) {
@@ -250,7 +336,7 @@ async fn a_squeezed_node_stays_in_the_view_and_serves_what_it_masters() {
     }
     // Made first, so that it goes last: after the processes in it.
     let cgroup = LowMemoryCgroup::create("node2", LIMIT).expect("a memory cgroup (root)");
-    let mut cluster = CorosyncCluster::start("squeeze", 3, 1000, "");
+    let mut cluster = CorosyncCluster::start("squeeze", 3, node_token(), "");
     // Node 2's agent again, from a copy of its own made in the cgroup: its
     // pages are its own (the other agents map the shared binary's) and
     // charged to the cgroup.
@@ -278,29 +364,44 @@ async fn a_squeezed_node_stays_in_the_view_and_serves_what_it_masters() {
     let remote = cluster.agent(0).client().await.session().await.expect("session");
     let _ = lock_until(&remote, Instant::now() + Duration::from_millis(500)).await;
 
-    let dir = cgroup.procs().parent().expect("the cgroup's directory").to_path_buf();
-    // Node 2's corosync joins it with its pages (cgroup v1's
-    // move_charge_at_immigrate: anonymous and mapped file pages).
-    let _ = std::fs::write(dir.join("memory.move_charge_at_immigrate"), "3");
-    std::fs::write(cgroup.procs(), cluster.corosync_pid(1).to_string()).expect("move node 2's corosync");
+    if squeeze_corosync() {
+        // By hand: node 2's corosync joins the cgroup with its pages (cgroup
+        // v1's move_charge_at_immigrate: anonymous and mapped file pages).
+        let dir = cgroup.procs().parent().expect("the cgroup's directory").to_path_buf();
+        let _ = std::fs::write(dir.join("memory.move_charge_at_immigrate"), "3");
+        std::fs::write(cgroup.procs(), cluster.corosync_pid(1).to_string()).expect("move node 2's corosync");
+    }
     let agent = cluster.agent(1).pid();
-    let faults_before = faults(agent);
-    let Squeeze { first: mut from_node1, second: mut on_node2, hogs, killed, failures } =
-        squeeze(&cgroup, &remote, &local).await;
-    let (major, minor) = since(faults(agent), faults_before);
+    let corosync = cluster.corosync_pid(1);
+    let faults_before = (faults(agent), faults(corosync));
+    let time = node_squeeze();
+    let Squeeze { first: mut from_node1, second: mut on_node2, failed, hogs, killed, failures, pressure } =
+        squeeze(&cgroup, &remote, &local, time).await;
+    let (major, minor) = since(faults(agent), faults_before.0);
+    let (corosync_major, corosync_minor) = since(faults(corosync), faults_before.1);
+    let token = node_token();
+    let where_corosync = if squeeze_corosync() { "squeezed with the agent" } else { "in its own cgroup" };
+    eprintln!("squeeze of {time:?}, token {token} ms, node 2's corosync {where_corosync}");
     eprintln!("{hogs} hogs started, {killed} of them killed; the limit was hit {failures} times");
+    eprintln!(
+        "memory pressure (the machine's): some {:.1} %, full {:.1} % of the time",
+        pressure.some * 100.0,
+        pressure.full * 100.0
+    );
     eprintln!("node 2's agent: {major} major, {minor} minor faults");
+    eprintln!("node 2's corosync: {corosync_major} major, {corosync_minor} minor faults");
     eprintln!("node 1 locking r (mastered on node 2): {}", summary(&mut from_node1));
     eprintln!("node 2 locking r: {}", summary(&mut on_node2));
 
     assert!(failures > 0 && killed > 0, "no squeeze: the limit was hit {failures} times, {killed} hogs killed");
+    assert!(failed.is_empty(), "{} requests failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);
     assert_eq!(epochs(), before, "a view changed: the squeezed node was taken for lost");
     for i in 0..3 {
         let (status, code) = cluster.status(i);
         assert_eq!((status["state"].as_str(), code), (Some("running"), 0), "node {}: {status:#}", i + 1);
     }
     assert_eq!(major, 0, "node 2's resident agent waited for its pages");
-    assert!(from_node1.len() > 100, "node 1 was served {} times in {SQUEEZE:?}", from_node1.len());
+    assert!(from_node1.len() > 100, "node 1 was served {} times in {time:?}", from_node1.len());
     drop(cluster);
     let _ = std::fs::remove_dir_all(&copies);
 }

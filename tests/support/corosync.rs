@@ -376,6 +376,9 @@ impl CorosyncCluster {
 
 impl Drop for CorosyncCluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+        }
         for agent in &mut self.agents {
             drop(agent.take());
         }
@@ -385,6 +388,31 @@ impl Drop for CorosyncCluster {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+impl CorosyncCluster {
+    /// Prints the end of every node's agent and corosync logs: what a
+    /// failed test leaves to read once its directory is gone.
+    fn print_logs(&self) {
+        let tail = |text: String| {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(LOG_TAIL)..].join("\n")
+        };
+        for i in 0..self.corosync.len() {
+            if let Some(agent) = &self.agents[i] {
+                eprintln!("--- node {} agent log (last {LOG_TAIL} lines) ---\n{}", i + 1, tail(agent.log()));
+            }
+            let corosync = std::fs::read_to_string(self.dir.join(format!("n{}/corosync.log", i + 1)));
+            eprintln!(
+                "--- node {} corosync log (last {LOG_TAIL} lines) ---\n{}",
+                i + 1,
+                tail(corosync.unwrap_or_default())
+            );
+        }
+    }
+}
+
+/// How many lines of each log a failed cluster test prints.
+const LOG_TAIL: usize = 40;
 
 /// Removes what a killed corosync leaves in `/dev/shm`: libqb's flight
 /// recorder (`qb-corosync-PID-blackbox-*`, 8 MiB each) and its IPC
