@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use crate::cluster::pressure::NodePressure;
 use crate::cluster::recovery::RecoveryPhase;
 use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::Completion;
@@ -204,6 +205,9 @@ pub enum PeerMessage {
     /// Nothing to say: sent on a quiet link so that its acknowledgement
     /// shows the peer is still there.
     Heartbeat,
+    /// The sender's node pressure figures (see [`crate::cluster::pressure`]):
+    /// kept by the receiver, which decides nothing on them.
+    Pressure(NodePressure),
     /// Recovery: the sender has passed this step of the epoch's recovery
     /// (everything it sent for the step is ahead of this on the link).
     Barrier {

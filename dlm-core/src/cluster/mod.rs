@@ -72,6 +72,7 @@ mod links;
 mod master;
 mod members;
 mod message;
+mod pressure;
 mod recovery;
 mod requester;
 mod sessions;
@@ -104,6 +105,7 @@ pub use members::{MEMBERS_MAX, Member, Membership, WEIGHT_MAX};
 pub use message::{
     Envelope, NodeId, PeerError, PeerMessage, RecoveredLock, RemoteEdge, SESSION_NODE_SHIFT, WAIT_EDGES_MAX,
 };
+pub use pressure::{NodePressure, Pressures};
 use recovery::ViewState;
 pub use recovery::{RecoveryPhase, RecoveryStatus, TOKEN_EPOCH_SHIFT, TOKEN_LIMIT, epoch_token_floor};
 use requester::Requester;
@@ -177,6 +179,8 @@ pub struct ClusterNode {
     next_session: u64,
     /// Views: the recovery in progress, requests held meanwhile, fencing.
     views: ViewState,
+    /// The last pressure report of each peer.
+    pressures: Pressures,
 }
 
 /// What became of an accepted request.
@@ -220,6 +224,7 @@ impl ClusterNode {
             stats: ClusterStats::default(),
             next_session: 1,
             views: ViewState::new(joining),
+            pressures: Pressures::default(),
         })
     }
 
@@ -438,6 +443,30 @@ impl ClusterNode {
         self.links.poll_reset()
     }
 
+    /// Tells every peer whose link is up this node's pressure figures (the
+    /// driver reads them and calls this at its own pace).
+    pub fn report_pressure(&mut self, now: Instant, pressure: NodePressure) {
+        let me = self.config.node;
+        let peers: Vec<NodeId> = self
+            .config
+            .membership
+            .members()
+            .iter()
+            .map(|m| m.id)
+            .filter(|&id| id != me && self.links.is_up(id))
+            .collect();
+        for peer in peers {
+            self.send(now, peer, PeerMessage::Pressure(pressure));
+        }
+    }
+
+    /// `node`'s last pressure report and when it arrived, also after the
+    /// node left the view (what a lost node said before it went).
+    #[must_use]
+    pub fn peer_pressure(&self, node: NodeId) -> Option<(NodePressure, Instant)> {
+        self.pressures.last(node)
+    }
+
     /// The next envelope to send, and to which peer.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<(NodeId, Envelope)> {
@@ -493,6 +522,11 @@ impl ClusterNode {
 
     /// Hands a peer's message to the role it is for.
     fn on_message(&mut self, now: Instant, from: NodeId, message: PeerMessage) {
+        if let PeerMessage::Pressure(pressure) = message {
+            // Whatever the phase: it is news of the peer, not of a lock.
+            self.pressures.record(from, pressure, now);
+            return;
+        }
         if self.rebuilding() {
             self.on_recovery_message(now, from, message);
             return;
@@ -534,8 +568,8 @@ impl ClusterNode {
             | PeerMessage::RecoverListed
             | PeerMessage::RecoverChecked { .. }
             | PeerMessage::RecoverRefused { .. } => {}
-            // Its acknowledgement is the point.
-            PeerMessage::Heartbeat => {}
+            // Its acknowledgement is the point; pressure is taken above.
+            PeerMessage::Heartbeat | PeerMessage::Pressure(_) => {}
         }
     }
 

@@ -6,6 +6,7 @@
 
 mod lock_delay;
 mod net;
+mod pressure;
 mod survivors;
 
 use std::time::Duration;

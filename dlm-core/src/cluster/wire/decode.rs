@@ -8,6 +8,7 @@ use super::encode::{OPS, STATUSES};
 const EDGE_LEN: usize = 8 + 8 + 16 + 20;
 use super::*;
 use crate::cluster::message::{Envelope, NodeId, PeerMessage, RecoveredLock, RemoteEdge, WAIT_EDGES_MAX};
+use crate::cluster::pressure::NodePressure;
 use crate::cluster::recovery::{RecoveryPhase, TOKEN_LIMIT};
 use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::Completion;
@@ -224,6 +225,14 @@ impl<'a> Reader<'a> {
             }
             13 => PeerMessage::AbortWait { wait: self.wait()? },
             14 => PeerMessage::Heartbeat,
+            24 => {
+                let pressure =
+                    NodePressure { memory_some: self.u16()?, memory_full: self.u16()?, cpu_some: self.u16()? };
+                if !pressure.is_valid() {
+                    return Err(WireError::Invalid("pressure over 1000 per mille"));
+                }
+                PeerMessage::Pressure(pressure)
+            }
             17 => {
                 let phase = RecoveryPhase::from_index(self.u8()?).ok_or(WireError::Invalid("recovery phase"))?;
                 PeerMessage::Barrier { phase }

@@ -182,6 +182,12 @@ pub(super) fn put_message(out: &mut Vec<u8>, message: &PeerMessage) {
             put_wait(out, wait);
         }
         PeerMessage::Heartbeat => out.push(14),
+        PeerMessage::Pressure(pressure) => {
+            out.push(24);
+            for figure in [pressure.memory_some, pressure.memory_full, pressure.cpu_some] {
+                out.extend_from_slice(&figure.to_be_bytes());
+            }
+        }
         PeerMessage::Barrier { phase } => out.extend_from_slice(&[17, phase.index()]),
         PeerMessage::Mastered { lockspace, name, generation } => {
             out.push(18);

@@ -1,4 +1,4 @@
-//! The peer protocol on the wire, version 1: how [`Envelope`]s travel
+//! The peer protocol on the wire ([`VERSION`]): how [`Envelope`]s travel
 //! between agents over TCP. Sans-IO: the agent reads and writes bytes, this
 //! module turns them into values and back, and refuses anything malformed.
 //!
@@ -40,6 +40,7 @@
 //! | 21 | RecoverListed | (none) |
 //! | 22 | RecoverChecked | matched:u8 (0 or 1) |
 //! | 23 | RecoverRefused | lockspace:name8, name:name8 |
+//! | 24 | Pressure | memory_some:u16, memory_full:u16, cpu_some:u16 (‰ of the last 10 s, at most 1000) |
 //!
 //! `edges` = `count:u32, (from:u64, to:u64, lockspace:u32, lock:u32, seq:u64,
 //! blocker_lock:u32, blocker_token:u64, blocker_seq:u64){count}`, at most
@@ -61,7 +62,7 @@ use encode::{put_envelope, put_name8};
 use crate::cluster::message::{Envelope, NodeId};
 
 /// The protocol version this build speaks.
-pub const VERSION: u16 = 3;
+pub const VERSION: u16 = 4;
 /// The first bytes of a hello.
 pub const MAGIC: [u8; 4] = *b"DLMP";
 /// The largest frame, after its length field.

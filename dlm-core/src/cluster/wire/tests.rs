@@ -2,6 +2,7 @@ use std::time::Duration;
 
 use super::*;
 use crate::cluster::message::{Envelope, NodeId, PeerMessage, RecoveredLock, RemoteEdge};
+use crate::cluster::pressure::NodePressure;
 use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::{Completion, Op, Status};
 use crate::flags::{LockFlags, StatusFlags, UnlockFlags};
@@ -92,6 +93,7 @@ fn samples() -> Vec<PeerMessage> {
         PeerMessage::RecoverChecked { matched: false },
         PeerMessage::RecoverRefused { lockspace: b"ls".to_vec(), name: b"r".to_vec() },
         PeerMessage::Heartbeat,
+        PeerMessage::Pressure(NodePressure { memory_some: 1000, memory_full: 312, cpu_some: 0 }),
     ]
 }
 
@@ -168,6 +170,11 @@ fn malformed_frames_are_refused() {
     body.extend_from_slice(&[0; 24]);
     body.extend_from_slice(&[1, 12, 0, 0, 0x3f, 0xff]);
     assert_eq!(decode_frame(&body), Err(WireError::Truncated));
+    // A pressure over the whole time.
+    let mut body = vec![0, 1];
+    body.extend_from_slice(&[0; 24]);
+    body.extend_from_slice(&[1, 24, 0, 0, 0x03, 0xe9, 0, 0]);
+    assert_eq!(decode_frame(&body), Err(WireError::Invalid("pressure over 1000 per mille")));
     // Trailing bytes.
     let mut bytes = Vec::new();
     encode_frames(&[Envelope { epoch: 1, seq: 0, ack: 0, message: None }], &mut bytes);
