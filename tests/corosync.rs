@@ -218,6 +218,13 @@ async fn a_lost_node_is_fenced_before_any_of_its_locks_is_recovered() {
     let metrics = cluster.agent(0).metrics();
     assert_eq!(metric_value(&metrics, "dlm_cluster_fencing_total{outcome=\"failure\"}"), 1.0, "{metrics}");
     assert_eq!(metric_value(&metrics, "dlm_cluster_fencing_total{outcome=\"success\"}"), 1.0);
+    // Node 3 had told node 1 its pressure (every second) before it went, and
+    // its loss is counted once, as under pressure or not by what it said.
+    assert!(
+        metrics.contains("dlm_cluster_peer_pressure_ratio{kind=\"some\",peer=\"3\",resource=\"memory\"}"),
+        "{metrics}"
+    );
+    assert_eq!(metric_value(&metrics, "dlm_cluster_nodes_lost_total"), 1.0, "{metrics}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

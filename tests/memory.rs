@@ -401,6 +401,14 @@ async fn a_squeezed_node_stays_in_the_view_and_serves_what_it_masters() {
         assert_eq!((status["state"].as_str(), code), (Some("running"), 0), "node {}: {status:#}", i + 1);
     }
     assert_eq!(major, 0, "node 2's resident agent waited for its pages");
+    // Node 1 hears node 2's pressure every second (what it would log if it
+    // lost node 2 now), and node 2 shows its own.
+    let (status, _) = cluster.status(0);
+    let peer2 = status["peers"].as_array().and_then(|p| p.iter().find(|p| p["node_id"] == 2)).cloned();
+    let reported = peer2.as_ref().map(|p| &p["pressure"]).filter(|p| p.is_object()).cloned();
+    assert!(reported.as_ref().is_some_and(|p| p["age_ms"].as_u64() < Some(3000)), "node 1's status: {status:#}");
+    eprintln!("node 1's status of node 2: {}", peer2.unwrap_or_default());
+    assert!(cluster.status(1).0["pressure"].is_object(), "node 2's status: {:#}", cluster.status(1).0);
     assert!(from_node1.len() > 100, "node 1 was served {} times in {time:?}", from_node1.len());
     drop(cluster);
     let _ = std::fs::remove_dir_all(&copies);

@@ -17,6 +17,7 @@ const LAYERS: &[&str] = &[
     "generation",
     "resident",
     "spin",
+    "psi",
     "telemetry",
     "config",
     "metrics",

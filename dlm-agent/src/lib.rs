@@ -36,6 +36,7 @@
 //! | `generation` | the generation kept on disk, raised at each start and as tokens grow: fencing tokens never go back across restarts |
 //! | [`resident`] | keeps the agent's memory locked in RAM, so memory pressure on the node cannot stall it |
 //! | [`spin`] | the runtime's park hooks: a worker may spin briefly before it sleeps while requests flow (`DLM_SPIN_US`) |
+//! | [`psi`] | the node's pressure stall figures (`/proc/pressure`) and the agent's own scheduling delay |
 //! | [`pki`] | a cluster's own CA and the certificates it signs (`dlm-agent certs`, tests, benchmarks) |
 //! | [`telemetry`] | logs, and one OpenTelemetry span per lock request when OTLP is configured |
 //! | [`config`] | the settings: embedded default, TOML file, `DLM_*` variables and flags, validated |
@@ -90,6 +91,7 @@ pub mod access;
 pub mod config;
 pub mod ebpf;
 pub mod pki;
+pub mod psi;
 pub mod resident;
 pub mod server;
 pub mod spin;

@@ -58,6 +58,24 @@ fn print(json: bool, value: &Value, text: impl FnOnce() -> String) {
     }
 }
 
+/// A node's pressure figures, as `status --json` gives them (ratios).
+fn pressure_json(p: &proto::Pressure) -> Value {
+    let ratio = |permille: u32| f64::from(permille) / 1000.0;
+    json!({"memory_some": ratio(p.memory_some_permille), "memory_full": ratio(p.memory_full_permille),
+           "cpu_some": ratio(p.cpu_some_permille), "age_ms": p.age_ms})
+}
+
+/// A node's pressure figures in a line (percent of the last 10 s).
+fn pressure_text(p: &proto::Pressure) -> String {
+    let pct = |permille: u32| f64::from(permille) / 10.0;
+    format!(
+        "memory some {:.1}% full {:.1}%, cpu some {:.1}% (of the last 10 s)",
+        pct(p.memory_some_permille),
+        pct(p.memory_full_permille),
+        pct(p.cpu_some_permille)
+    )
+}
+
 pub async fn status(args: StatusArgs) -> ExitCode {
     let client = match args.agent.connect().await {
         Ok(client) => client,
@@ -68,13 +86,17 @@ pub async fn status(args: StatusArgs) -> ExitCode {
             let peers: Vec<_> = s
                 .peers
                 .iter()
-                .map(|p| json!({"node_id": p.node_id, "address": p.address, "up": p.up, "unacked": p.unacked}))
+                .map(|p| {
+                    json!({"node_id": p.node_id, "address": p.address, "up": p.up, "unacked": p.unacked,
+                           "pressure": p.pressure.as_ref().map(pressure_json)})
+                })
                 .collect();
             let mut value = json!({
                 "node": s.node, "version": s.version, "uptime_ms": s.uptime_ms, "sessions": s.sessions,
                 "lockspaces": s.lockspaces, "locks": s.locks, "waiting": s.waiting, "ebpf": s.ebpf,
                 "cluster": s.cluster, "node_id": s.node_id, "peers": peers, "mastered": s.mastered,
                 "directory_entries": s.directory_entries, "remote_locks": s.remote_locks,
+                "pressure": s.pressure.as_ref().map(pressure_json), "run_delay_ms": s.run_delay_ms,
             });
             if !s.cluster.is_empty()
                 && let (Some(object), Value::Object(cluster)) = (value.as_object_mut(), super::cluster::json(&s))
@@ -93,6 +115,10 @@ pub async fn status(args: StatusArgs) -> ExitCode {
                     s.waiting,
                     if s.ebpf { "on" } else { "off" }
                 );
+                if let Some(p) = &s.pressure {
+                    text += &format!("pressure {}\n", pressure_text(p));
+                }
+                text += &format!("agent waited for a CPU {:.3}s in all\n", s.run_delay_ms as f64 / 1000.0);
                 if !s.cluster.is_empty() {
                     text += &format!(
                         "cluster {} (node id {})\nmastered here {}, directory entries {}, locks mastered elsewhere {}\n",
@@ -101,7 +127,12 @@ pub async fn status(args: StatusArgs) -> ExitCode {
                     text += &super::cluster::text(&s);
                     for p in &s.peers {
                         let state = if p.up { "up" } else { "down" };
-                        text += &format!("peer {} {} {state} ({} unacknowledged)\n", p.node_id, p.address, p.unacked);
+                        text += &format!("peer {} {} {state} ({} unacknowledged)", p.node_id, p.address, p.unacked);
+                        if let Some(pressure) = &p.pressure {
+                            let age = pressure.age_ms as f64 / 1000.0;
+                            text += &format!(", reported {} {age:.1}s ago", pressure_text(pressure));
+                        }
+                        text += "\n";
                     }
                 }
                 text

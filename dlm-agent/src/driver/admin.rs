@@ -72,6 +72,7 @@ impl Driver {
                         address: m.address.to_string(),
                         up,
                         unacked: unacked as u64,
+                        pressure: None,
                     }
                 })
                 .collect(),
@@ -81,6 +82,7 @@ impl Driver {
             ..proto::StatusReply::default()
         };
         self.membership_status(&mut reply);
+        self.pressure_status(&mut reply);
         reply
     }
 

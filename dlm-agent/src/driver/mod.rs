@@ -23,6 +23,7 @@
 //! | `observe/` | observation: metrics, lock spans, USDT probe points, kernel evidence |
 //! | `admin.rs` | status, lockspaces, dump, lockspace creation and release, shutdown |
 //! | `views.rs` | views from the membership handed to the node, peer links raised in each epoch |
+//! | `pressure.rs` | this node's pressure read and sent to the peers each second; nodes lost under pressure told apart |
 //!
 //! Each session's outgoing queue is bounded (`session_queue_max`); a client
 //! that does not read its stream until the queue is full has its session
@@ -32,6 +33,7 @@ mod admin;
 mod observe;
 mod output;
 mod peers;
+mod pressure;
 mod quota;
 mod requests;
 mod views;
@@ -139,6 +141,8 @@ struct Driver {
     observer: Observer,
     /// Who may lock where (`requests.rs`).
     access: Arc<Access>,
+    /// This node's pressure as last read (`pressure.rs`).
+    own_pressure: Option<dlm_core::cluster::NodePressure>,
 }
 
 /// What the driver is linked to besides its clients: the peers' dialers,
@@ -208,6 +212,7 @@ pub fn start(
         stopping: false,
         observer,
         access,
+        own_pressure: None,
     };
     for entry in &config.lockspaces {
         driver
@@ -221,6 +226,8 @@ pub fn start(
 
 impl Driver {
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut pressure = tokio::time::interval(pressure::REPORT_EVERY);
+        pressure.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.node.poll_timeout().map(|at| self.clock.to_tokio(at));
             tokio::select! {
@@ -243,6 +250,7 @@ impl Driver {
                     self.check_lease();
                     self.node.handle_timeout(self.clock.engine_now());
                 }
+                _ = pressure.tick() => self.report_pressure(),
             }
             self.route_effects();
             if self.observer.recovering() {

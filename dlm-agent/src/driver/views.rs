@@ -39,6 +39,7 @@ impl Driver {
             // The membership's own fence for the lapse this driver saw first.
             return;
         }
+        let before: Vec<NodeId> = self.node.config().membership.members().iter().map(|m| m.id).collect();
         if let Err(error) = self.node.handle_view(now, view) {
             tracing::error!(epoch = view.epoch, %error, "view refused by the lock engine");
             return;
@@ -50,6 +51,9 @@ impl Driver {
         if self.node.is_fenced() {
             tracing::warn!(epoch = view.epoch, "fenced: every lock revoked, requests fail until a quorate view");
             return;
+        }
+        for lost in before.into_iter().filter(|&id| id != me && view.incarnation(id).is_none()) {
+            self.node_lost(lost);
         }
         for peer in view.members.iter().map(|m| m.id).filter(|&id| id != me) {
             self.node.handle_link(now, peer, self.connected.contains(&peer));

@@ -263,23 +263,11 @@ pub fn stall_rows(probes: &Probes, filter: &Filter) -> Result<Vec<StallRow>, Pro
 /// `/proc/pressure/{cpu,memory,io}`.
 pub fn pressure() -> Vec<(&'static str, &'static str, u64)> {
     let mut out = Vec::new();
-    for resource in ["cpu", "memory", "io"] {
-        let Ok(text) = std::fs::read_to_string(format!("/proc/pressure/{resource}")) else {
-            continue;
-        };
-        for line in text.lines() {
-            let kind = if line.starts_with("some") {
-                "some"
-            } else if line.starts_with("full") {
-                "full"
-            } else {
-                continue;
-            };
-            if let Some(total) =
-                line.split_whitespace().find_map(|field| field.strip_prefix("total=")?.parse::<u64>().ok())
-            {
-                out.push((resource, kind, total));
-            }
+    for resource in crate::psi::RESOURCES {
+        let Some(pressure) = crate::psi::read(resource) else { continue };
+        out.push((resource, "some", pressure.some.total_us));
+        if let Some(full) = pressure.full {
+            out.push((resource, "full", full.total_us));
         }
     }
     out

@@ -7,6 +7,7 @@
 
 mod cluster_metrics;
 mod evidence;
+mod pressure;
 mod recovery;
 mod usdt;
 
@@ -15,6 +16,7 @@ use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
+use self::pressure::PressureMetrics;
 use dlm_core::cluster::{ClusterNode, View};
 use dlm_core::{Effect, LockRequest, Mode, Op, SessionId, Status};
 use dlm_ebpf_common::Attribution;
@@ -165,6 +167,8 @@ pub(super) struct Observer {
     recovery: RecoveryWatch,
     /// Kernel attribution of lock phases (a no-op without eBPF).
     pub(super) evidence: KernelEvidence,
+    /// The agent's run delay, the peers' pressure, nodes lost under it.
+    pub(super) pressure: PressureMetrics,
     clock: Clock,
 }
 
@@ -178,9 +182,11 @@ impl Observer {
         let cluster = config.cluster.as_ref().map(|c| {
             ClusterMetrics::new(&metrics, c.members.len(), c.membership == crate::config::MembershipSource::Corosync)
         });
+        let pressure = PressureMetrics::new(&metrics, config.cluster.is_some());
         Observer {
             metrics,
             cluster,
+            pressure,
             recovery: RecoveryWatch::default(),
             evidence: KernelEvidence::new(attribution),
             clock,
