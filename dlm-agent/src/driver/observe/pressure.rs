@@ -56,6 +56,10 @@ impl PressureMetrics {
             .expect("valid metric");
             metrics.register(Box::new(reported.clone()));
             metrics.register(Box::new(lost.clone()));
+            // Both series from the start: a count that is 0 is shown as 0.
+            for pressure in ["reported", "none"] {
+                lost.with_label_values(&[pressure]);
+            }
             PeerPressureMetrics { reported, lost }
         });
         PressureMetrics { run_delay, counted: Duration::ZERO, peers }
