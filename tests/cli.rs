@@ -73,6 +73,15 @@ fn the_systemd_unit_verifies() {
         let stderr = String::from_utf8_lossy(&verify.stderr);
         assert!(verify.status.success() && stderr.trim().is_empty(), "with {name:?}: {stderr}");
     }
+    // The drop-in for corosync, on a service of its shape (its own unit is
+    // corosync's package's).
+    let corosync = dir.join("corosync.service");
+    let drop_in = include_str!("../dlm-agent/systemd/corosync.service.d/memory.conf");
+    std::fs::write(&corosync, format!("[Unit]\nDescription=corosync\n[Service]\nExecStart=/bin/true\n{drop_in}"))
+        .expect("write");
+    let verify = Command::new("systemd-analyze").arg("verify").arg(&corosync).output().expect("run");
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success() && stderr.trim().is_empty(), "corosync's drop-in: {stderr}");
     std::fs::write(&path, &unit).expect("write");
     let security = Command::new("systemd-analyze")
         .args(["security", "--offline=yes", "--threshold=30"])

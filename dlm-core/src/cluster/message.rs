@@ -205,7 +205,7 @@ pub enum PeerMessage {
     /// Nothing to say: sent on a quiet link so that its acknowledgement
     /// shows the peer is still there.
     Heartbeat,
-    /// The sender's node pressure figures (see [`crate::cluster::pressure`]):
+    /// The sender's node pressure figures ([`crate::cluster::NodePressure`]):
     /// kept by the receiver, which decides nothing on them.
     Pressure(NodePressure),
     /// Recovery: the sender has passed this step of the epoch's recovery

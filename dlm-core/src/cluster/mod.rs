@@ -41,6 +41,7 @@
 //! | `master` | resources mastered here: other nodes' requests, requests held for a lookup, routing the engine's effects, idle release |
 //! | `coordinator` | deadlock search across masters |
 //! | `links` (and `link`, one peer's) | numbering, acknowledgements, resending, heartbeats, silent peers |
+//! | `pressure` | peers' pressure reports (PSI), kept per node to tell a lost node that stalled from one that died |
 //! | `timer` | the closed set of timers and their table; [`ClusterNode::poll_timeout`] is its minimum |
 //! | `sessions` | this node's clients' sessions: their ids, their end, the node's shutdown |
 //! | `handshake` | the hello a node sends and the hellos it accepts |
