@@ -16,17 +16,55 @@ use crate::lease::{Lease, Timing};
 /// # Errors
 /// corosync cannot be reached, or does not say.
 pub fn read_timing() -> Result<Timing, String> {
-    let handle = cmap::initialize(cmap::Map::Icmap)
-        .map_err(|e| format!("cannot read corosync's timeouts from cmap ({e}); is corosync running?"))?;
-    let millis = |key: &str| match cmap::get(&handle, key) {
-        Ok(cmap::Data::UInt32(ms)) => Ok(Duration::from_millis(u64::from(ms))),
-        Ok(_) => Err(format!("corosync's {key} is not a number")),
-        Err(e) => Err(format!("cannot read corosync's {key}: {e}")),
-    };
-    let timing = millis("runtime.config.totem.token")
-        .and_then(|token| Ok(Timing { token, consensus: millis("runtime.config.totem.consensus")? }));
-    let _ = cmap::finalize(&handle);
-    timing
+    TimingReader::default().read()
+}
+
+/// A connection to cmap kept for reading the timeouts again and again.
+///
+/// Why kept: each connection to corosync maps libqb's shared-memory rings
+/// (3 MiB here), and the agent locks every new mapping as it is made
+/// (`[memory] resident`), so one connection a second made the agent take
+/// about 770 pages a second, each charged to its memory cgroup: under
+/// memory pressure, reclaim on the membership path (seen with bpftrace on
+/// `mmap`, issue 31). Made again only after an error (corosync restarted).
+#[derive(Default)]
+struct TimingReader {
+    handle: Option<cmap::Handle>,
+}
+
+impl TimingReader {
+    fn read(&mut self) -> Result<Timing, String> {
+        let handle = match &mut self.handle {
+            Some(handle) => handle,
+            empty @ None => empty.insert(
+                cmap::initialize(cmap::Map::Icmap)
+                    .map_err(|e| format!("cannot read corosync's timeouts from cmap ({e}); is corosync running?"))?,
+            ),
+        };
+        let millis = |key: &str| match cmap::get(handle, key) {
+            Ok(cmap::Data::UInt32(ms)) => Ok(Duration::from_millis(u64::from(ms))),
+            Ok(_) => Err(format!("corosync's {key} is not a number")),
+            Err(e) => Err(format!("cannot read corosync's {key}: {e}")),
+        };
+        let timing = millis("runtime.config.totem.token")
+            .and_then(|token| Ok(Timing { token, consensus: millis("runtime.config.totem.consensus")? }));
+        if timing.is_err() {
+            self.close();
+        }
+        timing
+    }
+
+    fn close(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            let _ = cmap::finalize(&handle);
+        }
+    }
+}
+
+impl Drop for TimingReader {
+    fn drop(&mut self) {
+        self.close();
+    }
 }
 
 /// How often corosync's timeouts are read again: a reload of corosync.conf
@@ -87,9 +125,10 @@ pub fn spawn_timing_watch(
     std::thread::Builder::new()
         .name("dlm-timing".into())
         .spawn(move || {
+            let mut reader = TimingReader::default();
             loop {
                 std::thread::sleep(TIMING_RECHECK);
-                if let Ok(now) = read_timing()
+                if let Ok(now) = reader.read()
                     && now != timing
                 {
                     timing = now;
