@@ -10,10 +10,12 @@
 //! of `/proc/PID/io`); the other one, which does, shows that the squeeze
 //! reached the agents' code (else the first check proves nothing).
 //! Latencies and fault counts of both are printed: figures, not checks.
-//! Why not "no major fault": the kernel also counts as major a fault it
-//! retried after waiting for a page (`FAULT_FLAG_TRIED`), with no read;
-//! a resident agent took 0 to 7 of those per run once the machine's RAM
-//! was full of page cache (free memory 660 MiB of 24 GiB), never a read.
+//! Why reads, not major faults: a read is what stalls an agent on storage,
+//! while the kernel also counts as major a fault it retried after waiting
+//! for a page. Once the machine's RAM was full of page cache (660 MiB free
+//! of 24 GiB) the resident agent here took 1–3 major faults in some runs
+//! where it had taken none; whether those read anything was not measured
+//! then, and in the runs measured since it read nothing.
 //!
 //! Then a node's agent is squeezed for a minute with the node's workload,
 //! in a three-node corosync cluster whose corosync runs in a cgroup of its
