@@ -9,14 +9,20 @@ use crate::config::MembershipSource;
 use crate::proto;
 
 impl Driver {
-    /// A peer's dialer connected or lost its connection.
+    /// A peer's dialer connected or lost its connection. A peer just
+    /// reached hears this node's pressure at once, not at the next report:
+    /// a node lost soon after must have said how it was.
     pub(super) fn link(&mut self, peer: NodeId, up: bool) {
         if up {
             self.connected.insert(peer);
         } else {
             self.connected.remove(&peer);
         }
-        self.node.handle_link(self.clock.engine_now(), peer, up);
+        let now = self.clock.engine_now();
+        self.node.handle_link(now, peer, up);
+        if let Some(pressure) = self.own_pressure.filter(|_| up) {
+            self.node.report_pressure(now, pressure);
+        }
     }
 
     /// Takes a view: the node recovers from it (or fences itself), the peer
@@ -57,6 +63,11 @@ impl Driver {
         }
         for peer in view.members.iter().map(|m| m.id).filter(|&id| id != me) {
             self.node.handle_link(now, peer, self.connected.contains(&peer));
+        }
+        // The links start anew in each epoch: the members hear this node's
+        // pressure in it at once (see `link`).
+        if let Some(pressure) = self.own_pressure {
+            self.node.report_pressure(now, pressure);
         }
     }
 
