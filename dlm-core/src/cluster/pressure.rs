@@ -16,7 +16,8 @@
 
 use std::collections::BTreeMap;
 
-use crate::cluster::message::NodeId;
+use crate::cluster::ClusterNode;
+use crate::cluster::message::{NodeId, PeerMessage};
 use crate::time::Instant;
 
 /// A node's pressure stall figures, each the share of the last 10 seconds
@@ -68,6 +69,32 @@ impl Pressures {
     #[must_use]
     pub fn last(&self, node: NodeId) -> Option<(NodePressure, Instant)> {
         self.last.get(&node).copied()
+    }
+}
+
+impl ClusterNode {
+    /// Tells every peer whose link is up this node's pressure figures (the
+    /// driver reads them and calls this at its own pace).
+    pub fn report_pressure(&mut self, now: Instant, pressure: NodePressure) {
+        let me = self.config.node;
+        let peers: Vec<NodeId> = self
+            .config
+            .membership
+            .members()
+            .iter()
+            .map(|m| m.id)
+            .filter(|&id| id != me && self.links.is_up(id))
+            .collect();
+        for peer in peers {
+            self.send(now, peer, PeerMessage::Pressure(pressure));
+        }
+    }
+
+    /// `node`'s last pressure report and when it arrived, also after the
+    /// node left the view (what a lost node said before it went).
+    #[must_use]
+    pub fn peer_pressure(&self, node: NodeId) -> Option<(NodePressure, Instant)> {
+        self.pressures.last(node)
     }
 }
 
