@@ -22,6 +22,9 @@
 //!
 //! The file is text (`generation N`); a file that does not parse stops the
 //! start rather than being reset, since a reset would let tokens go back.
+//!
+//! This is part 3 (and, for epochs, part of 6) of the story of why fencing
+//! tokens never go back, told whole in [`dlm_core::tokens`].
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};

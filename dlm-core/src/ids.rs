@@ -23,7 +23,8 @@ pub struct LockspaceId(pub u32);
 
 /// The fencing token of a grant: strictly increasing across the grants of one
 /// resource, so that storage behind the lock can reject a stale holder
-/// (Chubby's sequencers).
+/// (Chubby's sequencers). How that holds across restarts, releases and
+/// views: [`crate::tokens`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FencingToken(pub u64);
 

@@ -67,6 +67,7 @@ mod resource;
 pub mod sim;
 mod slab;
 mod time;
+pub mod tokens;
 
 pub use deadlock::{Blocker, Edge, Search, WaitForGraph, WaitRef, find_cycle, victim};
 pub use dump::{DumpCursor, DumpPage, LockInfo, LockspaceInfo, PageBounds, ResourceInfo, SLOTS_PER_PAGE_MAX};

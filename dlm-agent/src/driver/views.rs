@@ -25,13 +25,13 @@ impl Driver {
         }
     }
 
-    /// Takes a view: the node recovers from it (or fences itself), the peer
-    /// transport lets in the members it names, and the node is told which
-    /// links are connected: it starts its links anew in each epoch, as up,
-    /// so a member whose dialer is not connected must be marked down, or
-    /// what the node sends it meanwhile would be dropped with no resend
-    /// until the acknowledgement timeout. (A connection made in an older
-    /// epoch carries the new one's messages, which are tagged with their epoch.)
+    /// Takes a view: the node recovers from it (or fences itself), told
+    /// which members' dialers are connected (it starts its links anew in
+    /// each epoch: one whose dialer is not connected starts down, so that
+    /// what the node sends it waits for the connection instead of being
+    /// dropped until the acknowledgement timeout), and the peer transport
+    /// lets in the members it names. (A connection made in an older epoch
+    /// carries the new one's messages, which are tagged with their epoch.)
     pub(super) fn take_view(&mut self, view: &View) {
         let now = self.clock.engine_now();
         let me = self.node.id();
@@ -46,7 +46,7 @@ impl Driver {
             return;
         }
         let before: Vec<NodeId> = self.node.config().membership.members().iter().map(|m| m.id).collect();
-        if let Err(error) = self.node.handle_view(now, view) {
+        if let Err(error) = self.node.handle_view(now, view, |peer| self.connected.contains(&peer)) {
             tracing::error!(epoch = view.epoch, %error, "view refused by the lock engine");
             return;
         }
@@ -60,9 +60,6 @@ impl Driver {
         }
         for lost in before.into_iter().filter(|&id| id != me && view.incarnation(id).is_none()) {
             self.node_lost(lost);
-        }
-        for peer in view.members.iter().map(|m| m.id).filter(|&id| id != me) {
-            self.node.handle_link(now, peer, self.connected.contains(&peer));
         }
         // The links start anew in each epoch: the members hear this node's
         // pressure in it at once (see `link`).

@@ -9,7 +9,7 @@
 //! [`Directory::remove`] ends a mastership. The `ClusterNode` methods at the
 //! bottom carry the messages.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
 use crate::cluster::message::{NodeId, PeerMessage};
 use crate::cluster::{ClusterNode, Key};
@@ -41,7 +41,9 @@ pub(super) enum Answer {
 #[derive(Default)]
 pub(super) struct Directory {
     entries: HashMap<Key, Entry>,
-    /// The largest fencing token heard of, per lockspace.
+    /// The largest fencing token heard of, per lockspace: handed with each
+    /// lookup answer, so a new master starts above it (part 4 of
+    /// [`crate::tokens`]).
     token_clock: HashMap<LockspaceId, u64>,
     /// The last mastership generation handed out.
     last_generation: u64,

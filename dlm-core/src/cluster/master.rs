@@ -6,7 +6,9 @@
 //!
 //! [`Masters`] is the state; the `ClusterNode` methods below are the handlers.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use hashbrown::{HashMap, HashSet};
 
 use crate::cluster::message::{NodeId, PeerMessage};
 use crate::cluster::{ClusterNode, Key, ended};

@@ -9,8 +9,8 @@
 
 use std::time::Duration;
 
+use crate::cluster::phase::RecoveryPhase;
 use crate::cluster::pressure::NodePressure;
-use crate::cluster::recovery::RecoveryPhase;
 use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::Completion;
 use crate::flags::{LockFlags, UnlockFlags};

@@ -73,6 +73,7 @@ mod links;
 mod master;
 mod members;
 mod message;
+mod phase;
 mod pressure;
 mod recovery;
 mod requester;
@@ -94,6 +95,7 @@ use crate::node::Node;
 use crate::request::{ClientRequest, ConvertRequest, RequestError, UnlockRequest};
 use crate::time::Instant;
 
+pub use crate::tokens::{TOKEN_EPOCH_SHIFT, TOKEN_LIMIT, epoch_token_floor};
 pub use config::ClusterConfig;
 use coordinator::Coordinator;
 #[cfg(feature = "sim")]
@@ -106,9 +108,10 @@ pub use members::{MEMBERS_MAX, Member, Membership, WEIGHT_MAX};
 pub use message::{
     Envelope, NodeId, PeerError, PeerMessage, RecoveredLock, RemoteEdge, SESSION_NODE_SHIFT, WAIT_EDGES_MAX,
 };
+pub use phase::RecoveryPhase;
 pub use pressure::{NodePressure, Pressures};
+pub use recovery::RecoveryStatus;
 use recovery::ViewState;
-pub use recovery::{RecoveryPhase, RecoveryStatus, TOKEN_EPOCH_SHIFT, TOKEN_LIMIT, epoch_token_floor};
 use requester::Requester;
 pub use timer::{Timer, TimerTable};
 pub use view::{View, ViewError, ViewMember};

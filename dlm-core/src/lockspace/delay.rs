@@ -18,7 +18,10 @@
 //! than the delay (the new master cannot know what the departed node held).
 //! Fencing tokens stay the guarantee for a holder that pauses longer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use hashbrown::HashMap;
 
 use crate::mode::Mode;
 use crate::time::Instant;
@@ -26,13 +29,13 @@ use crate::time::Instant;
 /// The ghosts of one lockspace.
 #[derive(Default)]
 pub(crate) struct Delays {
-    by_name: HashMap<Box<[u8]>, Ghost>,
+    by_name: HashMap<Arc<[u8]>, Ghost>,
     /// Names by the end they had when added. A ghost joined later to a later
     /// end stays listed under its old end too: an entry counts only if the
     /// ghost still ends then (a recovery adds thousands of ghosts with one
     /// end; keeping them apart by end alone, not sorted by name, is what
-    /// makes that cheap).
-    by_end: BTreeMap<Instant, Vec<Box<[u8]>>>,
+    /// makes that cheap, as is one copy of each name shared by both maps).
+    by_end: BTreeMap<Instant, Vec<Arc<[u8]>>>,
 }
 
 #[derive(Clone, Copy)]
@@ -48,22 +51,23 @@ impl Delays {
         if mode == Mode::Nl {
             return;
         }
-        let ghost = match self.by_name.get_mut(name) {
-            Some(old) => {
+        let (name, ghost) = match self.by_name.get_key_value_mut(name) {
+            Some((name, old)) => {
                 let moved = until > old.until;
                 *old = Ghost { mode: join(old.mode, mode), until: old.until.max(until) };
                 if !moved {
                     return;
                 }
-                *old
+                (Arc::clone(name), *old)
             }
             None => {
                 let ghost = Ghost { mode, until };
-                self.by_name.insert(name.into(), ghost);
-                ghost
+                let name: Arc<[u8]> = name.into();
+                self.by_name.insert(Arc::clone(&name), ghost);
+                (name, ghost)
             }
         };
-        self.by_end.entry(ghost.until).or_default().push(name.into());
+        self.by_end.entry(ghost.until).or_default().push(name);
     }
 
     /// Whether a ghost on `name` conflicts with `mode`.
@@ -78,7 +82,7 @@ impl Delays {
     }
 
     /// Removes the ghosts ended at `now` and returns their names.
-    pub(crate) fn take_ended(&mut self, now: Instant) -> Vec<Box<[u8]>> {
+    pub(crate) fn take_ended(&mut self, now: Instant) -> Vec<Arc<[u8]>> {
         let mut ended = Vec::new();
         while let Some(entry) = self.by_end.first_entry() {
             if *entry.key() > now {
@@ -132,7 +136,7 @@ mod tests {
         assert!(!delays.blocks(b"other", Mode::Ex));
         assert_eq!(delays.next_end(), Some(at(10)));
         assert!(delays.take_ended(at(9)).is_empty());
-        assert_eq!(delays.take_ended(at(10)), vec![Box::<[u8]>::from(&b"r"[..])]);
+        assert_eq!(delays.take_ended(at(10)), vec![Arc::<[u8]>::from(&b"r"[..])]);
         assert!(!delays.blocks(b"r", Mode::Ex));
         assert_eq!(delays.len(), 0);
     }

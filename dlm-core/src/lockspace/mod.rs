@@ -96,7 +96,7 @@ pub(crate) struct Lockspace {
     pub(crate) locks: Slab<Lock>,
     /// The last fencing token issued. One counter per lockspace makes tokens
     /// strictly increasing per resource even when a resource is freed and
-    /// created again.
+    /// created again (part 1 of [`crate::tokens`]).
     last_token: u64,
     /// Pending requests with a timeout, by deadline.
     pub(crate) deadlines: BTreeSet<(Instant, u32)>,
@@ -435,10 +435,21 @@ impl Lockspace {
     /// Keeps `mode` in the way of conflicting requests on `name` for the
     /// lockspace's lock-delay from `since` (a hold taken without an unlock).
     pub(crate) fn delay_grants(&mut self, name: &[u8], mode: Mode, since: Instant) {
-        if self.config.lock_delay.is_zero() {
-            return;
+        if let Some(until) = self.delay_end(since) {
+            self.delays.add(name, mode, until);
         }
-        self.delays.add(name, mode, since.saturating_add(self.config.lock_delay));
+    }
+
+    /// [`Lockspace::delay_grants`] on resource `r`'s name.
+    pub(crate) fn delay_grants_on(&mut self, r: u32, mode: Mode, since: Instant) {
+        if let Some(until) = self.delay_end(since) {
+            self.delays.add(&self.resources[r].name, mode, until);
+        }
+    }
+
+    /// When a lock-delay from `since` ends (none if the lockspace has none).
+    fn delay_end(&self, since: Instant) -> Option<Instant> {
+        (!self.config.lock_delay.is_zero()).then(|| since.saturating_add(self.config.lock_delay))
     }
 
     /// When the next timeout or lock-delay ends.

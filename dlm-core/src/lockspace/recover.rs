@@ -56,8 +56,7 @@ impl Lockspace {
         if let Some(mode) = granted
             && suspect(session)
         {
-            let name = self.resources[r].name.clone();
-            self.delay_grants(&name, mode, now);
+            self.delay_grants_on(r, mode, now);
         }
         let lock = &self.locks[l];
         if granted.is_some_and(Mode::unlock_writes_lvb) {
@@ -162,13 +161,15 @@ impl Lockspace {
     /// been lost with the old epoch's messages), and unused resources go.
     pub(crate) fn recovery_settle(&mut self, out: &mut Outbox) {
         let resources: Vec<u32> = self.resources.iter().map(|(r, _)| r).collect();
+        // One buffer for every resource's holders (a recovery settles tens
+        // of thousands of resources).
+        let mut holders: Vec<u32> = Vec::new();
         for r in resources {
-            let holders: Vec<u32> = self.resources[r]
-                .granted
-                .iter(&self.locks)
-                .chain(self.resources[r].converting.iter(&self.locks))
-                .collect();
-            for l in holders {
+            holders.clear();
+            holders.extend(
+                self.resources[r].granted.iter(&self.locks).chain(self.resources[r].converting.iter(&self.locks)),
+            );
+            for &l in &holders {
                 self.locks[l].bast_level = None;
             }
             out.touched.push((self.id, r));

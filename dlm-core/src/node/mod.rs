@@ -32,7 +32,7 @@ pub struct NodeConfig {
     pub deadlock_rescan_delay: Duration,
     /// Every fencing token this node hands out is larger than this: the
     /// agent raises it at each start (from a generation kept on disk), so
-    /// that tokens never go back across a restart.
+    /// that tokens never go back across a restart (part 3 of [`crate::tokens`]).
     pub token_floor: u64,
 }
 
@@ -92,7 +92,8 @@ pub struct Node {
     next_lockspace: u32,
     /// The highest fencing token any released lockspace handed out: a
     /// lockspace created later starts above it, so tokens never go back on
-    /// this node across a release and a re-creation (of that name or another).
+    /// this node across a release and a re-creation (of that name or
+    /// another; part 2 of [`crate::tokens`]).
     released_tokens: u64,
     sessions: HashMap<SessionId, Session>,
     out: Outbox,

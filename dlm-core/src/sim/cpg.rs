@@ -313,7 +313,7 @@ impl Sim {
                 Step::View(view) => {
                     self.report.faults.views += 1;
                     self.log(1, || format!("node {} view {view:?}", n + 1));
-                    self.nodes[n].handle_view(self.now, &view).map_err(|e| {
+                    self.nodes[n].handle_view(self.now, &view, |_| true).map_err(|e| {
                         format!("at {:?}: node {} refused view {}: {e}", self.elapsed(), n + 1, view.epoch)
                     })?;
                     if self.nodes[n].is_fenced() {

@@ -396,7 +396,7 @@ impl Sim {
                 self.report.faults.views += 1;
                 self.log(1, || format!("node {} view {view:?}", n + 1));
                 self.nodes[n]
-                    .handle_view(self.now, &view)
+                    .handle_view(self.now, &view, |_| true)
                     .map_err(|e| format!("at {:?}: node {} refused view {}: {e}", self.elapsed(), n + 1, view.epoch))?;
                 if self.nodes[n].is_fenced() {
                     self.report.faults.fenced += 1;

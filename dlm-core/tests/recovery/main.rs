@@ -256,7 +256,7 @@ fn a_node_without_quorum_fences_itself_revoking_locks_and_failing_requests() {
     net.wire.clear();
     net.epoch = 2;
     let now = net.now;
-    net.node(1).handle_view(now, &alone).expect("a later view");
+    net.node(1).handle_view(now, &alone, |_| true).expect("a later view");
     net.collect();
     assert!(net.node(1).is_fenced());
     let revoked: Vec<u64> = net

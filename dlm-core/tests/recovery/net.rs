@@ -189,7 +189,7 @@ impl Net {
     pub fn hand_view(&mut self, view: &View) {
         let now = self.now;
         for id in view.members.iter().map(|m| m.id.0).collect::<Vec<_>>() {
-            self.node(id).handle_view(now, view).expect("a later view");
+            self.node(id).handle_view(now, view, |_| true).expect("a later view");
         }
         self.collect();
     }

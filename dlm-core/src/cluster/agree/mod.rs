@@ -38,7 +38,7 @@
 //! *and* its agents carry more than half the configured weight (with more
 //! than two nodes configured): any two such views share an agent, so the
 //! later one's epoch is above every epoch granted in before, and fencing
-//! tokens never go back. A cluster with a majority of corosyncs but a
+//! tokens never go back (part 6 of [`crate::tokens`]). A cluster with a majority of corosyncs but a
 //! minority of agents grants nothing until more agents join.
 //!
 //! **Fencing.** A node that left because its corosync was lost (CPG's

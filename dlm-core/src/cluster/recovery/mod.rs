@@ -9,10 +9,13 @@ mod form;
 mod rebuild;
 mod survivors;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use hashbrown::{HashMap, HashSet};
 
 use crate::cluster::links::Links;
 use crate::cluster::message::{Envelope, NodeId, PeerMessage, RecoveredLock};
+use crate::cluster::phase::RecoveryPhase;
 use crate::cluster::view::{View, ViewError};
 use crate::cluster::{ClusterNode, Key};
 use crate::effect::{RevokeReason, Status};
@@ -20,48 +23,7 @@ use crate::ids::{LockHandle, LockspaceId, SessionId};
 use crate::mode::{Mode, ModeSet};
 use crate::request::ClientRequest;
 use crate::time::Instant;
-
-/// The steps of recovery, in order; each ends at a barrier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum RecoveryPhase {
-    /// Waiting for every member to stop.
-    Stop,
-    /// Waiting for every member to have sent its masterships to the directory.
-    Directory,
-    /// Waiting for every member to have sent its locks to their masters.
-    Locks,
-    /// Waiting for every member to have settled its resources.
-    Done,
-}
-
-impl RecoveryPhase {
-    /// Every phase, in order.
-    pub const ALL: [RecoveryPhase; 4] =
-        [RecoveryPhase::Stop, RecoveryPhase::Directory, RecoveryPhase::Locks, RecoveryPhase::Done];
-
-    /// Its number on the wire.
-    #[must_use]
-    pub const fn index(self) -> u8 {
-        self as u8
-    }
-
-    /// The phase with this number.
-    #[must_use]
-    pub fn from_index(index: u8) -> Option<RecoveryPhase> {
-        Self::ALL.get(usize::from(index)).copied()
-    }
-
-    /// Its lower-case name, for status and metrics.
-    #[must_use]
-    pub const fn name(self) -> &'static str {
-        match self {
-            RecoveryPhase::Stop => "stop",
-            RecoveryPhase::Directory => "directory",
-            RecoveryPhase::Locks => "locks",
-            RecoveryPhase::Done => "done",
-        }
-    }
-}
+use crate::tokens::epoch_token_floor;
 
 /// Where this node's recovery stands.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -86,23 +48,6 @@ pub struct RecoveryStatus {
 
 /// The most envelopes of a later epoch kept until this node has that view.
 const FUTURE_ENVELOPES_MAX: usize = 4096;
-
-/// Bits of a fencing token below the epoch's part (see the module docs).
-pub const TOKEN_EPOCH_SHIFT: u32 = 40;
-
-/// Fencing tokens stay below this: epochs' floors stop at
-/// `(2^23 - 1) << 40`, and an epoch hands out fewer than 2^40 tokens. A
-/// peer's token or floor at or above it is refused as malformed (a forged
-/// floor near 2^64 would otherwise make the next token wrap to 0).
-pub const TOKEN_LIMIT: u64 = 1 << 63;
-
-/// The fencing token every lockspace's counter is raised to in an epoch.
-#[must_use]
-pub const fn epoch_token_floor(epoch: u64) -> u64 {
-    let max_epoch = (TOKEN_LIMIT >> TOKEN_EPOCH_SHIFT) - 1;
-    let epoch = if epoch < max_epoch { epoch } else { max_epoch };
-    epoch << TOKEN_EPOCH_SHIFT
-}
 
 /// A recovery in progress.
 pub(super) struct Recovery {
@@ -132,8 +77,9 @@ pub(super) struct Recovery {
     /// no copy is added meanwhile).
     pub(super) copies: HashMap<Key, Vec<(SessionId, LockHandle)>>,
     /// This node's copies whose master stayed, by resource: they stay there
-    /// (see `survivors`), unless that master refuses them.
-    pub(super) kept: HashMap<Key, Vec<(SessionId, LockHandle)>>,
+    /// (see `survivors`), unless that master refuses them. Made at the
+    /// first refusal.
+    pub(super) kept: Option<HashMap<Key, Vec<(SessionId, LockHandle)>>>,
     /// Copies voided by the view, with the master they had been sent to,
     /// which drops them if it stayed.
     pub(super) voided: Vec<(NodeId, SessionId, LockHandle, Key)>,
@@ -206,10 +152,20 @@ impl ClusterNode {
     /// requests, as if recovering), creates its lockspaces, and is then
     /// handed the view.
     ///
+    /// The links to the members start anew in each epoch; `connected` says
+    /// which peers' connections are up now (the others' links start down,
+    /// and what is sent to them waits until [`ClusterNode::handle_link`]
+    /// says they are back).
+    ///
     /// # Errors
     /// The epoch is not after this node's, or the members are not valid;
     /// nothing changed.
-    pub fn handle_view(&mut self, now: Instant, view: &View) -> Result<(), ViewError> {
+    pub fn handle_view(
+        &mut self,
+        now: Instant,
+        view: &View,
+        connected: impl Fn(NodeId) -> bool,
+    ) -> Result<(), ViewError> {
         let current = self.config.membership.epoch;
         if view.epoch <= current {
             return Err(ViewError::StaleEpoch { got: view.epoch, current });
@@ -250,7 +206,7 @@ impl ClusterNode {
         }
         self.views.fenced = false;
         self.views.joining = false;
-        self.begin_recovery(now, departed);
+        self.begin_recovery(now, departed, connected);
         for (from, envelope) in ready {
             // A peer that broke the protocol in an envelope it sent early
             // is heard of again when it resends on a new connection.
@@ -311,10 +267,14 @@ impl ClusterNode {
 
     /// Starts recovery into the view just taken: voids what the old epoch
     /// had in flight, purges the departed nodes' locks, and says it has stopped.
-    fn begin_recovery(&mut self, now: Instant, departed: BTreeSet<NodeId>) {
+    fn begin_recovery(&mut self, now: Instant, departed: BTreeSet<NodeId>, connected: impl Fn(NodeId) -> bool) {
         let me = self.config.node;
         let epoch = self.config.membership.epoch;
-        self.links = Links::new(self.member_ids().filter(|&id| id != me).collect::<Vec<_>>().into_iter());
+        let peers: Vec<NodeId> = self.member_ids().filter(|&id| id != me).collect();
+        self.links = Links::new(peers.iter().copied());
+        for &peer in peers.iter().filter(|&&peer| !connected(peer)) {
+            self.links.set_up(now, epoch, peer, false);
+        }
         self.engine.track_released(!self.single());
         self.coordinator.reset();
         self.directory.clear_entries();
@@ -365,7 +325,7 @@ impl ClusterNode {
             lvb_unsure: BTreeSet::new(),
             undecided: Vec::new(),
             copies: HashMap::new(),
-            kept: HashMap::new(),
+            kept: None,
             voided,
             checks: BTreeSet::new(),
             started: now,

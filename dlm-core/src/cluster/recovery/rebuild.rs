@@ -3,11 +3,12 @@
 //! (those whose master stayed are checked in `survivors`), the
 //! queues settled, and what was in flight sent again.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
 use crate::cluster::message::{NodeId, PeerMessage, RecoveredLock};
+use crate::cluster::phase::RecoveryPhase;
+use crate::cluster::recovery::Held;
 use crate::cluster::recovery::form::recovery_form;
-use crate::cluster::recovery::{Held, RecoveryPhase};
 use crate::cluster::{ClusterNode, Key, ended};
 use crate::effect::{Effect, Op, RevokeReason, Status};
 use crate::flags::LockFlags;
@@ -55,30 +56,29 @@ impl ClusterNode {
         for (from, lockspace, name) in early {
             self.on_lookup(now, from, lockspace, name, None);
         }
-        // Each resource this node holds a copy of, with its copies: those
-        // granted by a master that stayed, and the others.
-        let mut kept: HashMap<Key, Vec<(SessionId, LockHandle)>> = HashMap::new();
+        // Each resource this node holds a copy of whose master departed (or
+        // is not known), with its copies; those granted by a master that
+        // stayed are checked with it by digest (`survivors`).
         let mut copies: HashMap<Key, Vec<(SessionId, LockHandle)>> = HashMap::new();
         let mut keys = Vec::new();
-        for (session, handle) in self.requester.sorted_keys() {
-            let Some(copy) = self.requester.get(session, handle) else { continue };
-            let key: Key = (copy.lockspace, copy.name.clone());
+        for ((session, handle), copy) in self.requester.iter() {
             if copy.granted.is_some() && copy.master.is_some_and(|m| self.stayed(m)) {
-                kept.entry(key).or_default().push((session, handle));
                 continue;
             }
+            let key: Key = (copy.lockspace, copy.name.clone());
             if copy.granted.is_some() {
                 keys.push(key.clone());
             }
             copies.entry(key).or_default().push((session, handle));
         }
+        // Each resource's copies go in order (the walk above has none).
+        copies.values_mut().for_each(|locks| locks.sort_unstable());
         // And each resource whose master must hear again that a value may be lost.
         keys.extend(self.views.unsure_unlocks.keys().cloned());
         keys.sort_unstable();
         keys.dedup();
         if let Some(recovery) = self.views.recovery.as_mut() {
             recovery.copies = copies;
-            recovery.kept = kept;
         }
         // The members that stayed hear first: whatever goes to a new master
         // below must come after this node's digest on the link.
@@ -490,7 +490,7 @@ impl ClusterNode {
         }
         // What ending one granted to another of them is not said either.
         self.effects.retain(|effect| !ended_sessions.contains(&effect.session()));
-        for (session, handle) in self.requester.sorted_keys() {
+        for (session, handle) in self.requester.sorted_keys_where(|copy| copy.pending.is_some()) {
             self.resend_in_flight(now, session, handle);
         }
         while let Some(held) = self.views.held.pop_front() {

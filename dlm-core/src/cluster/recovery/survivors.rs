@@ -33,7 +33,7 @@
 //! over 128 bits, each half then mixed) is fixed, so nodes of different
 //! builds agree on it.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
 use crate::cluster::message::{NodeId, PeerMessage};
 use crate::cluster::{ClusterNode, Key};
@@ -58,7 +58,8 @@ impl ClusterNode {
             }
         }
         // Copies with a request in flight go again, in order.
-        for (session, handle) in self.requester.sorted_keys() {
+        let in_flight = self.requester.sorted_keys_where(|copy| copy.granted.is_some() && copy.pending.is_some());
+        for (session, handle) in in_flight {
             let Some(copy) = self.requester.get(session, handle) else { continue };
             let (Some(master), Some(_), Some(_)) = (copy.master, copy.granted, copy.pending) else { continue };
             if self.stayed(master) {
@@ -104,11 +105,10 @@ impl ClusterNode {
         if !matched {
             // It dropped them all: every copy it masters goes again.
             recovery.checks.insert(from);
-            for (session, handle) in self.requester.sorted_keys() {
+            for (session, handle) in
+                self.requester.sorted_keys_where(|copy| copy.master == Some(from) && copy.granted.is_some())
+            {
                 let Some(copy) = self.requester.get(session, handle) else { continue };
-                if copy.master != Some(from) || copy.granted.is_none() {
-                    continue;
-                }
                 let key: Key = (copy.lockspace, copy.name.clone());
                 self.send_copy(now, from, &key, session, handle, true);
             }
@@ -123,8 +123,14 @@ impl ClusterNode {
     pub(super) fn on_recover_refused(&mut self, now: Instant, from: NodeId, lockspace: &[u8], name: Vec<u8>) {
         let Some(id) = self.engine.lockspace_id(lockspace) else { return };
         let key: Key = (id, name.into_boxed_slice());
+        if self.views.recovery.as_ref().is_some_and(|r| r.kept.is_none()) {
+            let kept = self.kept_by_resource();
+            if let Some(recovery) = self.views.recovery.as_mut() {
+                recovery.kept = Some(kept);
+            }
+        }
         let Some(recovery) = self.views.recovery.as_mut() else { return };
-        let kept = recovery.kept.get(&key).cloned().unwrap_or_default();
+        let kept = recovery.kept.as_ref().and_then(|kept| kept.get(&key)).cloned().unwrap_or_default();
         let mut refused = Vec::new();
         for (session, handle) in kept {
             if let Some(copy) = self.requester.get_mut(session, handle)
@@ -146,31 +152,43 @@ impl ClusterNode {
         self.look_up_in_recovery(now, key);
     }
 
+    /// This node's granted copies whose master stayed, by resource, sorted:
+    /// made at the first refusal (most recoveries have none).
+    fn kept_by_resource(&self) -> HashMap<Key, Vec<(SessionId, LockHandle)>> {
+        let mut kept: HashMap<Key, Vec<(SessionId, LockHandle)>> = HashMap::new();
+        for ((session, handle), copy) in self.requester.iter() {
+            if copy.granted.is_some() && copy.master.is_some_and(|m| self.stayed(m)) {
+                kept.entry((copy.lockspace, copy.name.clone())).or_default().push((session, handle));
+            }
+        }
+        kept.values_mut().for_each(|locks| locks.sort_unstable());
+        kept
+    }
+
     /// What this node says each member that stayed should hold for its
     /// clients: the granted copies naming it as master.
     fn digests_of_copies(&self) -> HashMap<NodeId, (u64, u128)> {
         let mut sums: HashMap<NodeId, (u64, u128)> = HashMap::new();
-        let Some(recovery) = self.views.recovery.as_ref() else { return sums };
         let mut names: HashMap<LockspaceId, Vec<u8>> = HashMap::new();
-        for (key, locks) in &recovery.kept {
-            let lockspace = names.entry(key.0).or_insert_with(|| self.lockspace_name(key.0));
-            for &(session, handle) in locks {
-                let Some(copy) = self.requester.get(session, handle) else { continue };
-                let (Some(master), Some(mode), Some(token)) = (copy.master, copy.granted, copy.token) else { continue };
-                let entry = LockEntry {
-                    lockspace,
-                    name: &key.1,
-                    session,
-                    handle,
-                    mode: Some(mode),
-                    pending: false,
-                    token: token.0,
-                    persistent: copy.flags.contains(LockFlags::PERSISTENT),
-                };
-                let sum = sums.entry(master).or_default();
-                sum.0 += 1;
-                sum.1 ^= entry.hash();
+        for ((session, handle), copy) in self.requester.iter() {
+            let (Some(master), Some(mode), Some(token)) = (copy.master, copy.granted, copy.token) else { continue };
+            if !self.stayed(master) {
+                continue;
             }
+            let lockspace = names.entry(copy.lockspace).or_insert_with(|| self.lockspace_name(copy.lockspace));
+            let entry = LockEntry {
+                lockspace,
+                name: &copy.name,
+                session,
+                handle,
+                mode: Some(mode),
+                pending: false,
+                token: token.0,
+                persistent: copy.flags.contains(LockFlags::PERSISTENT),
+            };
+            let sum = sums.entry(master).or_default();
+            sum.0 += 1;
+            sum.1 ^= entry.hash();
         }
         sums
     }

@@ -1,7 +1,7 @@
 //! The requester's state: this node's copies of its clients' locks
 //! mastered elsewhere, the lookups outstanding and the cache of masters.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
 use crate::cluster::Key;
 use crate::cluster::directory::Mastership;
@@ -147,9 +147,20 @@ impl Requester {
 
     /// Every copy, sorted by session and handle.
     pub(in crate::cluster) fn sorted_keys(&self) -> Vec<LockKey> {
-        let mut keys: Vec<LockKey> = self.locks.keys().copied().collect();
+        self.sorted_keys_where(|_| true)
+    }
+
+    /// The copies `pick` picks, sorted (filtered first: recovery walks tens
+    /// of thousands of copies for the few with a request in flight).
+    pub(in crate::cluster) fn sorted_keys_where(&self, pick: impl Fn(&RemoteLock) -> bool) -> Vec<LockKey> {
+        let mut keys: Vec<LockKey> = self.locks.iter().filter(|(_, copy)| pick(copy)).map(|(&key, _)| key).collect();
         keys.sort_unstable();
         keys
+    }
+
+    /// Every copy, in no particular order (for what does not depend on it).
+    pub(in crate::cluster) fn iter(&self) -> impl Iterator<Item = (LockKey, &RemoteLock)> {
+        self.locks.iter().map(|(&key, copy)| (key, copy))
     }
 
     pub(in crate::cluster) fn get_mut(&mut self, session: SessionId, handle: LockHandle) -> Option<&mut RemoteLock> {

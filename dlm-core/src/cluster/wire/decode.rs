@@ -8,14 +8,15 @@ use super::encode::{OPS, STATUSES};
 const EDGE_LEN: usize = 8 + 8 + 16 + 20;
 use super::*;
 use crate::cluster::message::{Envelope, NodeId, PeerMessage, RecoveredLock, RemoteEdge, WAIT_EDGES_MAX};
+use crate::cluster::phase::RecoveryPhase;
 use crate::cluster::pressure::NodePressure;
-use crate::cluster::recovery::{RecoveryPhase, TOKEN_LIMIT};
 use crate::deadlock::{Blocker, WaitRef};
 use crate::effect::Completion;
 use crate::flags::{LockFlags, StatusFlags, UnlockFlags};
 use crate::ids::{FencingToken, LockHandle, LockspaceId, SessionId};
 use crate::limits::{LOCKSPACE_NAME_LEN_MAX, LVB_LEN_MAX, RESOURCE_NAME_LEN_MAX};
 use crate::mode::{Mode, ModeSet};
+use crate::tokens::TOKEN_LIMIT;
 
 pub(super) struct Reader<'a>(pub(super) &'a [u8]);
 
