@@ -22,6 +22,7 @@ const LAYERS: &[&str] = &[
     "config",
     "metrics",
     "ebpf",
+    "peer_view",
     "command",
     "driver",
     "transport",

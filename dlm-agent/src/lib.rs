@@ -42,6 +42,7 @@
 //! | [`config`] | the settings: embedded default, TOML file, `DLM_*` variables and flags, validated |
 //! | `metrics` | the Prometheus registry and the agent's lock and session metrics |
 //! | [`ebpf`] | loading the eBPF programs, reading their maps, attribution maps for the driver |
+//! | `peer_view` | what the peer transport must know of the views to let a peer in: updated by the driver, read at each hello |
 //! | `command` | what transports share with the driver: commands, the driver's handle, session and peer outputs |
 //! | `driver` | the task that owns the `ClusterNode`: dispatch, session output, peer batching, observation, admin |
 //! | `transport` | framed sessions and gRPC on the Unix socket, gRPC on TCP, peer links, HTTP |
@@ -105,6 +106,7 @@ mod generation;
 mod lease;
 mod membership;
 mod metrics;
+mod peer_view;
 mod transport;
 
 #[cfg(test)]

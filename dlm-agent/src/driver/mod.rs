@@ -51,15 +51,14 @@ use crate::access::Access;
 use crate::bounds::{COMMAND_BATCH_MAX, COMMAND_QUEUE_MAX};
 use crate::clock::Clock;
 use crate::codes::SessionEnd;
-use crate::command::{
-    Command, Credentials, DriverHandle, FenceAcks, MembershipStatus, PeerSender, PeerView, SessionOutput,
-};
+use crate::command::{Command, Credentials, DriverHandle, FenceAcks, MembershipStatus, PeerSender, SessionOutput};
 use crate::config::Config;
 use crate::convert::Rejection;
 use crate::ebpf::AttributionMaps;
 use crate::framing::FrameSink;
 use crate::lease::{LapseWatch, Lease};
 use crate::metrics::Metrics;
+use crate::peer_view::PeerView;
 
 use self::observe::{LockRecord, Observer};
 use self::quota::{SessionLimit, SessionQuota};
@@ -145,9 +144,11 @@ struct Driver {
     own_pressure: Option<dlm_core::cluster::NodePressure>,
 }
 
-/// What the driver is linked to besides its clients: the peers' dialers,
-/// the peer transport's view, and the membership (operators' fence acknowledgements).
-pub struct Links {
+/// What the driver is wired to besides its clients: the peers' dialers,
+/// the peer transport's view, and the membership (operators' fence
+/// acknowledgements, the lease). Not the core's `Links` (one node's
+/// message links to its peers).
+pub struct Wiring {
     /// The queues to the peers' dialers.
     pub peers: HashMap<NodeId, PeerSender>,
     /// What the peer transport knows of the views.
@@ -167,11 +168,11 @@ pub fn start(
     metrics: Arc<Metrics>,
     clock: Clock,
     attribution: Option<AttributionMaps>,
-    links: Links,
+    wiring: Wiring,
     access: Arc<Access>,
     token_floor: u64,
 ) -> Result<(DriverHandle, tokio::task::JoinHandle<()>), String> {
-    let Links { peers, peer_view, fence_acks, lease } = links;
+    let Wiring { peers, peer_view, fence_acks, lease } = wiring;
     let node_config = NodeConfig { limits: config.limits.clone(), token_floor, ..NodeConfig::default() };
     let (node_id, cluster_config) = match &config.cluster {
         Some(cluster) => {

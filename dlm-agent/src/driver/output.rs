@@ -2,7 +2,7 @@
 //! everything a pass has for a framed session written at once, and the
 //! sessions whose clients do not read ended as slow readers.
 
-use dlm_core::{Effect, SessionId};
+use dlm_core::{Effect, SessionId, Status};
 use tokio::sync::mpsc;
 
 use super::Driver;
@@ -48,7 +48,7 @@ impl Driver {
     pub(super) fn route_effects(&mut self) {
         self.transmit();
         while let Some(effect) = self.node.poll_effect() {
-            self.observer.account(self.clock.now(), &self.node, &mut self.sessions, &effect);
+            self.observe(&effect);
             let session = match &effect {
                 Effect::Complete(completion) => completion.session,
                 Effect::Blocking { session, .. } | Effect::Revoked { session, .. } => *session,
@@ -67,6 +67,38 @@ impl Driver {
             }
         }
         self.transmit();
+    }
+
+    /// Shows an effect to the observer with the record of its lock, and
+    /// drops the record when the lock ends (released, revoked, or a new
+    /// lock not granted).
+    fn observe(&mut self, effect: &Effect) {
+        let now = self.clock.now();
+        match effect {
+            Effect::Complete(completion) => {
+                let Some(state) = self.sessions.get_mut(&completion.session) else { return };
+                let pid = state.pid();
+                let handle = completion.handle.0;
+                let Some(record) = state.locks.get_mut(&handle) else { return };
+                self.observer.completed(now, &self.node, pid, record, completion);
+                let ends = completion.status == Status::Unlocked
+                    || (completion.status != Status::Granted && completion.mode.is_none());
+                if ends {
+                    state.locks.remove(&handle);
+                }
+            }
+            Effect::Blocking { session, handle, mode } => {
+                let Some(state) = self.sessions.get(session) else { return };
+                if let Some(record) = state.locks.get(&handle.0) {
+                    self.observer.blocking(state.pid(), record, *session, *handle, *mode);
+                }
+            }
+            Effect::Revoked { session, handle, reason } => {
+                if let Some(record) = self.sessions.get_mut(session).and_then(|s| s.locks.remove(&handle.0)) {
+                    self.observer.revoked(&record, *reason);
+                }
+            }
+        }
     }
 
     pub(super) fn end_session(&mut self, session: SessionId, reason: SessionEnd) {

@@ -61,9 +61,10 @@ use tokio::sync::{Notify, Semaphore, mpsc};
 
 use crate::bounds::{PEER_READ_BUFFER_LEN, PEER_WRITE_BATCHES_MAX};
 use crate::codes::PeerReject;
-use crate::command::{Command, DriverHandle, PeerSender, PeerView};
+use crate::command::{Command, DriverHandle, PeerSender};
 use crate::config::ClusterSettings;
 use crate::metrics::Metrics;
+use crate::peer_view::PeerView;
 use crate::transport::tls::Tls;
 
 /// How long a connection may take to say hello.

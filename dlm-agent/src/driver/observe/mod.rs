@@ -11,14 +11,13 @@ mod pressure;
 mod recovery;
 mod usdt;
 
-use std::collections::HashMap;
 use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::Duration;
 
 use self::pressure::PressureMetrics;
 use dlm_core::cluster::{ClusterNode, View};
-use dlm_core::{Effect, LockRequest, Mode, Op, SessionId, Status};
+use dlm_core::{Completion, LockHandle, LockRequest, Mode, Op, RevokeReason, SessionId, Status};
 use dlm_ebpf_common::Attribution;
 use tokio::time::Instant;
 
@@ -27,7 +26,7 @@ use self::evidence::KernelEvidence;
 pub(super) use self::evidence::to_wire as evidence_to_wire;
 use self::recovery::RecoveryWatch;
 pub(super) use self::usdt::ResourceName;
-use super::{LockspaceName, SessionState};
+use super::LockspaceName;
 use crate::clock::Clock;
 use crate::codes::{LinkReset, LockPhase, RejectCode, SessionEnd};
 use crate::config::Config;
@@ -327,124 +326,126 @@ impl Observer {
         span
     }
 
-    /// Updates metrics and the per-lock records for one effect.
-    pub(super) fn account(
+    /// A request of a lock the agent keeps a record of completed: counted,
+    /// on its span, and, when granted or released, timed and traced. The
+    /// driver, which owns the records, drops the record when the lock ends
+    /// (see `output.rs`).
+    pub(super) fn completed(
         &self,
         now: Instant,
         node: &ClusterNode,
-        sessions: &mut HashMap<SessionId, SessionState>,
-        effect: &Effect,
+        pid: Option<u32>,
+        record: &mut LockRecord,
+        completion: &Completion,
     ) {
-        match effect {
-            Effect::Complete(completion) => {
-                let Some(state) = sessions.get_mut(&completion.session) else { return };
-                let pid = state.pid();
-                let handle = completion.handle.0;
-                let Some(known) = state.locks.get_mut(&handle) else { return };
-                let op = completion.op.name();
-                let mode = completion.mode.unwrap_or(known.mode);
-                let lockspace = known.lockspace.clone();
-                let lockspace = lockspace.text();
-                self.metrics
-                    .requests
-                    .with_label_values(&[lockspace, op, known.mode.name(), completion.status.name()])
-                    .inc();
-                if let Some(span) = known.span() {
-                    if completion.op == Op::Lock {
-                        span.record("dlm.outcome", completion.status.name());
-                    }
-                    if let Some(token) = completion.token {
-                        span.record("dlm.fencing_token", token.0);
-                    }
-                }
-                span_event!(
-                    known.span(),
-                    op,
-                    status = completion.status.name(),
-                    mode = mode.name(),
-                    fencing_token = completion.token.map_or(0, |t| t.0),
-                    "{}",
-                    match (completion.op, completion.status) {
-                        (Op::Unlock, _) => "released",
-                        (_, Status::Granted) => "granted",
-                        _ => "not granted",
-                    }
-                );
-                match completion.status {
-                    Status::Granted => {
-                        let mut wait_ns = 0;
-                        if let Some(at) = known.requested_at.take() {
-                            let wait = at.until(self.clock, now);
-                            wait_ns = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
-                            self.metrics
-                                .grant_wait
-                                .with_label_values(&[lockspace, mode.name()])
-                                .observe(wait.as_secs_f64());
-                            if let Some(cluster) = &self.cluster
-                                && node.remote_master(completion.session, completion.handle).is_some()
-                            {
-                                cluster
-                                    .remote_grant_wait
-                                    .with_label_values(&[lockspace, mode.name()])
-                                    .observe(wait.as_secs_f64());
-                            }
-                        }
-                        known.token = completion.token.map_or(known.token, |t| t.0);
-                        usdt::grant(known.usdt_target(), mode, wait_ns, known.token, pid.map_or(0, u64::from));
-                        if known.granted_at.is_none() {
-                            if let Some(mark) = known.take_mark() {
-                                self.evidence.finish(LockPhase::Wait, pid, &mark, &self.metrics, known.span());
-                            }
-                            known.set_mark(self.evidence.mark(pid));
-                        }
-                        known.granted_at.get_or_insert(Stamp::at(self.clock, now));
-                        known.mode = mode;
-                    }
-                    Status::Unlocked => {
-                        if let Some(at) = known.granted_at {
-                            let held = at.until(self.clock, now);
-                            self.metrics
-                                .hold
-                                .with_label_values(&[lockspace, known.mode.name()])
-                                .observe(held.as_secs_f64());
-                            let held_ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
-                            usdt::release(
-                                known.usdt_target(),
-                                known.mode,
-                                held_ns,
-                                known.token,
-                                pid.map_or(0, u64::from),
-                            );
-                        }
-                        if let Some(mark) = known.take_mark() {
-                            self.evidence.finish(LockPhase::Hold, pid, &mark, &self.metrics, known.span());
-                        }
-                        state.locks.remove(&handle);
-                    }
-                    _ if completion.mode.is_none() => {
-                        state.locks.remove(&handle);
-                    }
-                    // A conversion that failed: the lock keeps the mode it held.
-                    _ => {
-                        known.requested_at = None;
-                        known.mode = mode;
-                    }
-                }
+        let op = completion.op.name();
+        let mode = completion.mode.unwrap_or(record.mode);
+        self.metrics
+            .requests
+            .with_label_values(&[record.lockspace.text(), op, record.mode.name(), completion.status.name()])
+            .inc();
+        if let Some(span) = record.span() {
+            if completion.op == Op::Lock {
+                span.record("dlm.outcome", completion.status.name());
             }
-            Effect::Blocking { session, handle, mode } => {
-                let state = sessions.get(session);
-                if let Some(known) = state.and_then(|s| s.locks.get(&handle.0)) {
-                    let pid = state.and_then(SessionState::pid).map_or(0, u64::from);
-                    usdt::blocking(known.usdt_target(), *mode, session.0, handle.0, pid);
-                    self.metrics.blocking.with_label_values(&[known.lockspace.text()]).inc();
-                    span_event!(known.span(), mode = mode.name(), "blocking callback sent");
-                }
-            }
-            Effect::Revoked { session, handle, reason } => {
-                if let Some(known) = sessions.get_mut(session).and_then(|s| s.locks.remove(&handle.0)) {
-                    span_event!(known.span(), reason = ?reason, "revoked");
-                }
+            if let Some(token) = completion.token {
+                span.record("dlm.fencing_token", token.0);
             }
         }
+        span_event!(
+            record.span(),
+            op,
+            status = completion.status.name(),
+            mode = mode.name(),
+            fencing_token = completion.token.map_or(0, |t| t.0),
+            "{}",
+            match (completion.op, completion.status) {
+                (Op::Unlock, _) => "released",
+                (_, Status::Granted) => "granted",
+                _ => "not granted",
+            }
+        );
+        match completion.status {
+            Status::Granted => self.granted(now, node, pid, record, completion, mode),
+            Status::Unlocked => self.released(now, pid, record),
+            // A conversion that failed: the lock keeps the mode it held.
+            _ if completion.mode.is_some() => {
+                record.requested_at = None;
+                record.mode = mode;
+            }
+            // A new lock not granted: its record goes.
+            _ => {}
+        }
+    }
+
+    /// A grant: its wait timed (and, for a lock mastered elsewhere, as a
+    /// remote wait), its USDT probe fired, its kernel evidence moved from
+    /// the wait to the hold.
+    fn granted(
+        &self,
+        now: Instant,
+        node: &ClusterNode,
+        pid: Option<u32>,
+        record: &mut LockRecord,
+        completion: &Completion,
+        mode: Mode,
+    ) {
+        let mut wait_ns = 0;
+        if let Some(at) = record.requested_at.take() {
+            let wait = at.until(self.clock, now);
+            wait_ns = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+            let labels = [record.lockspace.text(), mode.name()];
+            self.metrics.grant_wait.with_label_values(&labels).observe(wait.as_secs_f64());
+            if let Some(cluster) = &self.cluster
+                && node.remote_master(completion.session, completion.handle).is_some()
+            {
+                cluster.remote_grant_wait.with_label_values(&labels).observe(wait.as_secs_f64());
+            }
+        }
+        record.token = completion.token.map_or(record.token, |t| t.0);
+        usdt::grant(record.usdt_target(), mode, wait_ns, record.token, pid.map_or(0, u64::from));
+        if record.granted_at.is_none() {
+            if let Some(mark) = record.take_mark() {
+                self.evidence.finish(LockPhase::Wait, pid, &mark, &self.metrics, record.span());
+            }
+            record.set_mark(self.evidence.mark(pid));
+        }
+        record.granted_at.get_or_insert(Stamp::at(self.clock, now));
+        record.mode = mode;
+    }
+
+    /// A release: the hold timed, its USDT probe fired, its kernel evidence closed.
+    fn released(&self, now: Instant, pid: Option<u32>, record: &mut LockRecord) {
+        if let Some(at) = record.granted_at {
+            let held = at.until(self.clock, now);
+            self.metrics
+                .hold
+                .with_label_values(&[record.lockspace.text(), record.mode.name()])
+                .observe(held.as_secs_f64());
+            let held_ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
+            usdt::release(record.usdt_target(), record.mode, held_ns, record.token, pid.map_or(0, u64::from));
+        }
+        if let Some(mark) = record.take_mark() {
+            self.evidence.finish(LockPhase::Hold, pid, &mark, &self.metrics, record.span());
+        }
+    }
+
+    /// A blocking callback sent to the holder of a lock.
+    pub(super) fn blocking(
+        &self,
+        pid: Option<u32>,
+        record: &LockRecord,
+        session: SessionId,
+        handle: LockHandle,
+        mode: Mode,
+    ) {
+        usdt::blocking(record.usdt_target(), mode, session.0, handle.0, pid.map_or(0, u64::from));
+        self.metrics.blocking.with_label_values(&[record.lockspace.text()]).inc();
+        span_event!(record.span(), mode = mode.name(), "blocking callback sent");
+    }
+
+    /// A lock taken from its holder (forced release, fencing, a lost node).
+    pub(super) fn revoked(&self, record: &LockRecord, reason: RevokeReason) {
+        span_event!(record.span(), reason = ?reason, "revoked");
     }
 }
