@@ -60,11 +60,17 @@ fn module_of(src: &Path, file: &Path) -> Option<String> {
 /// The top-level modules a file names as `crate::<module>`, comments left
 /// out; `use crate::{a, b::{c, d}}` names `a` and `b`, over several lines too.
 fn imports(text: &str) -> Vec<String> {
+    named_after(text, "crate::")
+}
+
+/// The first segments of the paths a file names after `prefix` (as
+/// [`imports`] reads them).
+fn named_after(text: &str, prefix: &str) -> Vec<String> {
     let code: String = text.lines().filter(|l| !l.trim_start().starts_with("//")).map(|l| format!("{l}\n")).collect();
     let mut found = Vec::new();
     let mut rest = code.as_str();
-    while let Some(at) = rest.find("crate::") {
-        rest = &rest[at + "crate::".len()..];
+    while let Some(at) = rest.find(prefix) {
+        rest = &rest[at + prefix.len()..];
         if let Some(group) = rest.strip_prefix('{') {
             // The items at brace depth 0, up to the matching brace.
             let mut depth = 0;
@@ -137,6 +143,32 @@ fn modules_import_only_modules_below_them() {
     // Every layer exists: the list does not name modules that are gone.
     for layer in LAYERS {
         assert!(graph.contains_key(*layer), "LAYERS names {layer}, which has no source file");
+    }
+}
+
+/// The helpers every transport may use (`transport/mod.rs` says so): a
+/// transport imports no other transport, only these, and they import only
+/// each other.
+const TRANSPORT_HELPERS: &[&str] = &["admission", "authority", "preface", "refuse", "tls"];
+
+#[test]
+fn transports_import_only_the_shared_helpers() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/transport");
+    let mut files = Vec::new();
+    source_files(&dir, &mut files);
+    assert!(files.len() > TRANSPORT_HELPERS.len(), "the transports are in {}", dir.display());
+    for file in files {
+        let text = std::fs::read_to_string(&file).expect("readable source");
+        let own = file.file_stem().and_then(|s| s.to_str()).unwrap_or_default();
+        let mut named = named_after(&text, "super::");
+        named.extend(named_after(&text, "crate::transport::"));
+        for module in named.iter().filter(|m| m.as_str() != own) {
+            assert!(
+                TRANSPORT_HELPERS.contains(&module.as_str()),
+                "{} names transport::{module}: a transport imports only the shared helpers {TRANSPORT_HELPERS:?}",
+                file.display()
+            );
+        }
     }
 }
 

@@ -6,7 +6,7 @@
 //! granting in its old epoch while the other nodes declare the node lost,
 //! fence it by the grace and grant its locks again. A whole node paused (a
 //! VM) wakes with the same stale state. So the agent asks its corosync on a
-//! thread of its own (`dlm-lease`, in `membership::ask`), every [`Timing::probe`], whether it is
+//! thread of its own (`dlm-lease`, in `membership::ask`), every [`Timing::ask_every`], whether it is
 //! quorate, and counts any answer as a **confirmation** as of the moment the
 //! question was asked. When the youngest confirmation is older than the
 //! lease's bound, the lease has **lapsed**: the node fences itself exactly
@@ -14,12 +14,12 @@
 //! incarnation), and comes back only through a new round of the agreement.
 //!
 //! A lapse is noticed by every reader, whichever runs first after a pause:
-//! the lease is stale (`now` past the bound), or the prober saw a gap
+//! the lease is stale (`now` past the bound), or the asker saw a gap
 //! larger than the bound between two confirmations (counted in
 //! [`Lease::lapses`], so a lapse healed before anyone looked is not lost).
 //!
 //! **Timing.** corosync removes a silent node after its token timeout plus
-//! consensus (`removal`); the lease's bound is half that, and the probe
+//! consensus (`removal`); the lease's bound is half that, and the asker
 //! runs four times per bound, so a node whose corosync froze stops granting
 //! within 0.625 × `removal` of its last confirmation, before the others can
 //! even remove it. The survivors' grace (`self_fence_grace`) must cover
@@ -57,16 +57,16 @@ impl Timing {
 
     /// How often corosync is asked.
     #[must_use]
-    pub fn probe(self) -> Duration {
-        probe_for(self.bound())
+    pub fn ask_every(self) -> Duration {
+        ask_every_for(self.bound())
     }
 
     /// The longest a node whose corosync stopped answering may go on
-    /// granting: the bound, plus the probe interval in which the lapse is
+    /// granting: the bound, plus the asking interval in which the lapse is
     /// noticed.
     #[must_use]
     pub fn detection(self) -> Duration {
-        self.bound() + self.probe()
+        self.bound() + self.ask_every()
     }
 
     /// The shortest self-fencing grace that is safe: survivors recover a
@@ -80,11 +80,11 @@ impl Timing {
 
 /// How often corosync is asked for a lease of `bound`: four times per
 /// bound, so one slow answer does not lapse it.
-fn probe_for(bound: Duration) -> Duration {
+fn ask_every_for(bound: Duration) -> Duration {
     bound / 4
 }
 
-/// The lease, shared by its prober, the membership task and the driver.
+/// The lease, shared by its asker, the membership task and the driver.
 #[derive(Debug)]
 pub struct Lease {
     /// When the lease started counting; times below are milliseconds since.
@@ -95,7 +95,7 @@ pub struct Lease {
     bound_ms: AtomicU64,
     /// The youngest confirmation: when its question was asked.
     confirmed_ms: AtomicU64,
-    /// Gaps larger than the bound the prober saw between confirmations.
+    /// Gaps larger than the bound the asker saw between confirmations.
     lapses: AtomicU64,
 }
 
@@ -125,13 +125,13 @@ impl Lease {
         self.bound_ms.store(u64::try_from(bound.as_millis()).unwrap_or(u64::MAX).max(1), Ordering::Release);
     }
 
-    /// How often its prober asks corosync now (the bound may change while
+    /// How often its asker asks corosync now (the bound may change while
     /// the agent runs; before it is armed, every 100 ms).
     #[must_use]
-    pub fn probe(&self) -> Duration {
+    pub fn ask_every(&self) -> Duration {
         match self.bound_ms.load(Ordering::Acquire) {
             0 => Duration::from_millis(100),
-            ms => probe_for(Duration::from_millis(ms)),
+            ms => ask_every_for(Duration::from_millis(ms)),
         }
     }
 
@@ -140,7 +140,7 @@ impl Lease {
         let bound = self.bound_ms.load(Ordering::Acquire);
         let asked = self.millis(asked);
         // The gap is counted before the lease is fresh again, so that a
-        // reader never sees it fresh without the count (one prober writes).
+        // reader never sees it fresh without the count (one asker writes).
         let previous = self.confirmed_ms.load(Ordering::Acquire);
         if bound > 0 && asked.saturating_sub(previous) > bound {
             self.lapses.fetch_add(1, Ordering::AcqRel);
@@ -178,7 +178,7 @@ pub struct LapseWatch {
 impl LapseWatch {
     /// Whether a lapse this reader has not acted on happened by `now`: the
     /// lease is stale now (reported once until it is fresh again), or the
-    /// prober counted a gap since the last look.
+    /// asker counted a gap since the last look.
     pub fn lapsed(&mut self, lease: &Lease, now: Instant) -> bool {
         let lapses = lease.lapses();
         let stale = lease.is_stale(now);
@@ -204,7 +204,7 @@ mod tests {
         let t = timing(3000, 3600);
         assert_eq!(t.removal(), Duration::from_millis(6600));
         assert_eq!(t.bound(), Duration::from_millis(3300));
-        assert_eq!(t.probe(), Duration::from_millis(825));
+        assert_eq!(t.ask_every(), Duration::from_millis(825));
         assert!(t.detection() < t.removal());
         assert_eq!(t.grace_floor(), Duration::from_millis(6600 + 4125));
     }
@@ -227,7 +227,7 @@ mod tests {
         assert!(!watch.lapsed(&lease, t0 + Duration::from_millis(50)));
         assert!(watch.lapsed(&lease, t0 + Duration::from_millis(150)), "stale past the bound");
         assert!(!watch.lapsed(&lease, t0 + Duration::from_millis(160)), "the same lapse once");
-        // The prober's next answer is a gap larger than the bound: counted,
+        // The asker's next answer is a gap larger than the bound: counted,
         // but this reader acted on this lapse already while it was stale.
         lease.confirm(t0 + Duration::from_millis(170));
         assert_eq!(lease.lapses(), 1);
@@ -237,7 +237,7 @@ mod tests {
 
     #[test]
     fn a_lapse_healed_before_anyone_looked_is_still_seen() {
-        // A whole node paused: its prober may run first after the wake and
+        // A whole node paused: its asker may run first after the wake and
         // confirm again before the driver or the membership look.
         let lease = Lease::new();
         let t0 = lease.start;

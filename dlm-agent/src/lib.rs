@@ -52,6 +52,21 @@
 //! The command line (`src/cli/`, in the binary) uses only the public
 //! modules.
 //!
+//! ## Words, each with one meaning
+//!
+//! The core's words (engine, node, membership, view, links, term,
+//! generation…) are in `dlm_core`'s crate docs; the agent adds these:
+//!
+//! | word | means | not |
+//! |---|---|---|
+//! | driver | the task that owns the `ClusterNode`; what it is wired to at start is `driver::Wiring` | the core's links |
+//! | membership | the task that gets views from corosync (`membership/`) | the core's member list |
+//! | framing | the byte format of framed messages (`dlm_proto::framing`) | |
+//! | framed | the server of framed sessions on the Unix socket (`transport::framed`) | the format |
+//! | probe | an instrumentation point: an eBPF program's attach point or a USDT probe | the lease's *asker*, which asks corosync |
+//! | collector | a Prometheus collector | the eBPF map reader (`ebpf::map_reader`) |
+//! | resident | the agent's memory locked in RAM (`resident`; what the start got is a `ResidentState`) | |
+//!
 //! ## Where to look
 //!
 //! - A request's path: `transport::framed` or `transport::grpc` →

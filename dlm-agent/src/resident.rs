@@ -63,7 +63,7 @@ impl Residency {
 
 /// What [`make_resident`] did.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub enum ResidentState {
     /// The memory is locked; `locked` bytes were at the time.
     Locked {
         /// [`locked_bytes`] right after locking.
@@ -82,11 +82,12 @@ const CAP_IPC_LOCK: u32 = 14;
 ///
 /// # Errors
 /// With `Required`, the reason the memory could not be locked.
-pub fn make_resident(mode: Residency) -> Result<Outcome, String> {
+pub fn make_resident(mode: Residency) -> Result<ResidentState, String> {
     if mode == Residency::Off {
-        return Ok(Outcome::Off);
+        return Ok(ResidentState::Off);
     }
-    let not_locked = |why: String| if mode == Residency::Required { Err(why) } else { Ok(Outcome::NotLocked(why)) };
+    let not_locked =
+        |why: String| if mode == Residency::Required { Err(why) } else { Ok(ResidentState::NotLocked(why)) };
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     if let Some(why) = unbounded_lock_refused(&status, memlock_limit()) {
         return not_locked(why);
@@ -96,7 +97,7 @@ pub fn make_resident(mode: Residency) -> Result<Outcome, String> {
     if unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE) } != 0 {
         return not_locked(format!("mlockall: {}", std::io::Error::last_os_error()));
     }
-    Ok(Outcome::Locked { locked: locked_bytes().unwrap_or(0) })
+    Ok(ResidentState::Locked { locked: locked_bytes().unwrap_or(0) })
 }
 
 /// Tells glibc's malloc not to trim its heaps (see the module's docs).
@@ -164,13 +165,13 @@ impl ResidentMetrics {
     /// # Panics
     /// Never: the metrics' names are valid.
     #[must_use]
-    pub fn new(outcome: &Outcome) -> Self {
+    pub fn new(outcome: &ResidentState) -> Self {
         let resident = IntGauge::new(
             "dlm_memory_resident",
             "1 when the agent's memory is locked in RAM ([memory] resident), so memory pressure cannot stall it",
         )
         .expect("valid metric");
-        resident.set(i64::from(matches!(outcome, Outcome::Locked { .. })));
+        resident.set(i64::from(matches!(outcome, ResidentState::Locked { .. })));
         let locked = IntGauge::new("dlm_memory_locked_bytes", "Bytes of the agent's memory locked in RAM")
             .expect("valid metric");
         ResidentMetrics { resident, locked }

@@ -24,7 +24,7 @@ use crate::membership::{self, Watchdog};
 use crate::metrics::Metrics;
 use crate::peer_view::PeerView;
 use crate::proto::dlm_server::DlmServer;
-use crate::resident::{self, Outcome, ResidentMetrics};
+use crate::resident::{self, ResidentMetrics, ResidentState};
 use crate::transport::admission::{Admission, Quota};
 use crate::transport::tls::{self, Tls};
 use crate::transport::{framed, grpc::DlmService, http, peer, tcp};
@@ -150,11 +150,11 @@ pub async fn serve(config: Config, shutdown: impl Future<Output = ()> + Send + '
 fn keep_resident(config: &Config, metrics: &Metrics) -> Result<(), ServeError> {
     let resident = resident::make_resident(config.resident).map_err(ServeError::Resident)?;
     match &resident {
-        Outcome::Locked { locked } => tracing::info!(locked_mib = locked >> 20, "memory resident: locked in RAM"),
-        Outcome::NotLocked(why) => {
+        ResidentState::Locked { locked } => tracing::info!(locked_mib = locked >> 20, "memory resident: locked in RAM"),
+        ResidentState::NotLocked(why) => {
             tracing::warn!("memory not resident: memory pressure on this node can stall the agent: {why}");
         }
-        Outcome::Off => tracing::info!("memory not resident ([memory] resident = \"off\")"),
+        ResidentState::Off => tracing::info!("memory not resident ([memory] resident = \"off\")"),
     }
     metrics.register(Box::new(ResidentMetrics::new(&resident)));
     Ok(())

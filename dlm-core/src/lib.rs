@@ -46,6 +46,21 @@
 //! assert_eq!(done.status, Status::Granted);
 //! assert!(done.token.is_some());
 //! ```
+//!
+//! ## Words, each with one meaning
+//!
+//! | word | means | not |
+//! |---|---|---|
+//! | engine | one node's lock engine, the type [`Node`] (a [`cluster::ClusterNode`] keeps one as `engine`) | a machine |
+//! | node | a machine of the cluster, named by a [`cluster::NodeId`] | the engine type |
+//! | membership | the members of an epoch with their weights ([`cluster::Membership`]) | the agent's `membership` task that gets views from corosync |
+//! | view, epoch | a membership handed to a node ([`cluster::View`]); its number, larger at each view | |
+//! | incarnation | one start of a node's process: a member back with another restarted and lost its state | |
+//! | links | a node's ordered, acknowledged message links to its peers (`cluster::links`) | the agent's connections or its driver's wiring |
+//! | term | a mastership's number at the directory, larger at each claim | the agent's restart *generation* |
+//! | generation | the agent's restart counter kept on disk, which floors its tokens ([`tokens`]) | a mastership's term |
+//! | outcome | what became of an accepted request at once ([`cluster::Outcome`]: queued or not) | its final result, a [`Completion`] with a [`Status`] |
+//! | ghost | what lock-delay keeps in the way after a hold was taken without an unlock | |
 
 pub mod cluster;
 mod deadlock;

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use super::{
     AttributionMaps, Probes, Settings,
-    collector::{self, Reader, ReaderGuard, Snapshot},
     kernel_metrics::{EbpfState, KernelMetrics},
+    map_reader::{self, Reader, ReaderGuard, Snapshot},
 };
 
 /// The agent's eBPF pieces.
@@ -63,6 +63,6 @@ pub fn start(config: &crate::config::Config) -> AgentEbpf {
     }
     let attribution = probes.take_attribution_maps();
     tracing::info!(links = probes.links(), "eBPF programs attached");
-    let reader = collector::spawn(Reader::new(probes), interval, snapshot.clone());
+    let reader = map_reader::spawn(Reader::new(probes), interval, snapshot.clone());
     AgentEbpf { attribution, metrics: KernelMetrics::new(EbpfState::On, snapshot), reader: Some(reader) }
 }

@@ -1,6 +1,6 @@
 //! The agent's kernel metrics, second half: a Prometheus collector that
 //! turns the latest [`Snapshot`] (read from the eBPF maps by
-//! [`super::collector`]) into metric families at scrape time.
+//! [`super::map_reader`]) into metric families at scrape time.
 //!
 //! Cardinality stays bounded: histograms are labelled only by enums (lock
 //! type, stall kind); per-process and per-caller series are the top
@@ -17,7 +17,7 @@ use prometheus::{
     proto::{Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType},
 };
 
-use super::{collector::Snapshot, decode, report};
+use super::{decode, map_reader::Snapshot, report};
 
 /// Series kept per top-K metric before the rest is summed as `other`.
 pub const TOP_K: usize = 10;

@@ -10,9 +10,9 @@
 pub mod agent;
 pub mod attribution;
 pub mod btf;
-pub mod collector;
 pub mod decode;
 pub mod kernel_metrics;
+pub mod map_reader;
 pub mod programs;
 pub mod report;
 pub mod symbols;

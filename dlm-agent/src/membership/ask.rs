@@ -80,7 +80,7 @@ const TIMING_RECHECK: Duration = Duration::from_secs(1);
 ///
 /// # Errors
 /// The thread cannot be made.
-pub fn spawn_prober(lease: Arc<Lease>) -> Result<(), String> {
+pub fn spawn_lease_asker(lease: Arc<Lease>) -> Result<(), String> {
     std::thread::Builder::new()
         .name("dlm-lease".into())
         .spawn(move || {
@@ -99,11 +99,11 @@ pub fn spawn_prober(lease: Arc<Lease>) -> Result<(), String> {
                             break;
                         }
                         lease.confirm(asked);
-                        std::thread::sleep(lease.probe());
+                        std::thread::sleep(lease.ask_every());
                     }
                     let _ = quorum::finalize(&handle);
                 }
-                std::thread::sleep(lease.probe());
+                std::thread::sleep(lease.ask_every());
             }
         })
         .map(drop)

@@ -40,7 +40,7 @@ pub enum Event {
     /// The quorum connection broke (or could not be made): why.
     QuorumLost(String),
     /// corosync's timeouts changed while it ran (a reload of its
-    /// configuration), as the lease's prober read them.
+    /// configuration), as the lease's asker read them.
     Timing(Timing),
 }
 

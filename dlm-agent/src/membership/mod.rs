@@ -111,7 +111,7 @@ impl MembershipMetrics {
 /// Starts the membership: corosync's dispatch threads and the task that
 /// agrees on views, fences lost nodes and hands views to the driver.
 /// `fence_acks` brings operators' acknowledgements from the driver; `lease`
-/// is armed here and confirmed by a prober thread (the driver reads it
+/// is armed here and confirmed by a asking thread (the driver reads it
 /// too). Returns the watchdog, when one is configured, for a clean stop to
 /// disarm.
 ///
@@ -142,7 +142,7 @@ pub async fn start(
     let watchdog = settings.fencing.watchdog.as_deref().map(Watchdog::start).transpose()?;
     lease.arm(timing.bound(), std::time::Instant::now());
     let (events, receiver) = mpsc::channel(EVENTS_MAX);
-    ask::spawn_prober(lease.clone())?;
+    ask::spawn_lease_asker(lease.clone())?;
     let told = events.clone();
     ask::spawn_timing_watch(lease.clone(), timing, move |timing| {
         let _ = told.blocking_send(Event::Timing(timing));
@@ -150,7 +150,7 @@ pub async fn start(
     corosync::spawn(settings.cpg_group(), events.clone())?;
     let agreement = Agreement::new(settings.node_id, settings.members.iter().map(|m| (m.id, m.weight)), incarnation)
         .after_epoch(generation);
-    let task = Membership {
+    let task = MembershipTask {
         agreement,
         settings: settings.clone(),
         driver,
@@ -215,7 +215,7 @@ fn self_fence_grace(settings: &ClusterSettings, timing: Timing) -> Result<Durati
 }
 
 /// The membership task's state.
-struct Membership {
+struct MembershipTask {
     agreement: Agreement,
     settings: ClusterSettings,
     driver: DriverHandle,
@@ -246,16 +246,16 @@ struct Membership {
     grace: Duration,
 }
 
-impl Membership {
+impl MembershipTask {
     async fn run(mut self, mut events: mpsc::Receiver<Event>, mut fence_acks: mpsc::Receiver<NodeId>) {
-        let mut probe = tokio::time::interval(self.timing.probe());
-        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut look = tokio::time::interval(self.timing.ask_every());
+        look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             // The lease first, whatever woke this task: after a pause, an
             // event queued before it must not be acted on in the old state.
             let mut steps = self.check_lease();
             steps.extend(tokio::select! {
-                _ = probe.tick() => {
+                _ = look.tick() => {
                     let mut steps = self.check_lease();
                     steps.extend(self.check_stall());
                     steps
@@ -284,9 +284,9 @@ impl Membership {
             if !self.report_status().await {
                 return;
             }
-            if probe.period() != self.timing.probe() {
-                probe = tokio::time::interval(self.timing.probe());
-                probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            if look.period() != self.timing.ask_every() {
+                look = tokio::time::interval(self.timing.ask_every());
+                look.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             }
         }
     }

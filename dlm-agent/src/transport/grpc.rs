@@ -21,7 +21,7 @@ use crate::command::{
 };
 use crate::convert::Rejection;
 use crate::proto;
-use crate::transport::tcp::TcpClient;
+use crate::transport::tls::TcpClient;
 
 /// The `dlm.v1.Dlm` service.
 pub struct DlmService {

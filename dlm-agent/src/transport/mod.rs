@@ -1,8 +1,9 @@
 //! The transports: how clients, peers and scrapers reach the driver. Each
 //! turns its protocol into [`Command`](crate::command::Command)s sent
 //! through a [`DriverHandle`](crate::command::DriverHandle); none imports
-//! the driver itself, nor another transport (they share the helpers
-//! `admission`, `preface` and `tls`).
+//! the driver itself, nor another transport: they share only the helpers
+//! `admission`, `authority`, `preface`, `refuse` and `tls`, which import
+//! only each other (the crate's layering test checks it).
 //!
 //! | module | protocol |
 //! |---|---|

@@ -298,7 +298,7 @@ async fn write_frames(stream: Stream, dialer: &mut Dialer, sent: &prometheus::In
     let (mut reader, mut writer) = tokio::io::split(stream);
     let mut batch = Vec::with_capacity(PEER_WRITE_BATCHES_MAX);
     let mut bytes = Vec::new();
-    let mut probe = [0u8; 64];
+    let mut scratch = [0u8; 64];
     loop {
         tokio::select! {
             count = dialer.queue.recv_many(&mut batch, PEER_WRITE_BATCHES_MAX) => {
@@ -307,7 +307,7 @@ async fn write_frames(stream: Stream, dialer: &mut Dialer, sent: &prometheus::In
                 }
             }
             () = dialer.reset.notified() => return "reset by the driver (queue full, or messages unacknowledged)".into(),
-            read = reader.read(&mut probe) => {
+            read = reader.read(&mut scratch) => {
                 return match read {
                     Ok(0) => "the peer closed the connection".into(),
                     Ok(_) => "the peer wrote after its hello".into(),

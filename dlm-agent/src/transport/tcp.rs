@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -21,14 +20,7 @@ use tonic::transport::server::Connected;
 
 use super::admission::{Admission, Key};
 use super::preface::{Replayed, read_http2_start};
-use super::tls::Tls;
-
-/// What a TCP client's requests carry (tonic puts it in their extensions).
-#[derive(Clone, Debug)]
-pub struct TcpClient {
-    /// The certificate it presented, checked against the cluster's CA.
-    pub certificate: Option<Arc<CertificateDer<'static>>>,
-}
+use super::tls::{TcpClient, Tls};
 
 /// A TCP client's connection: TLS, or plain when insecure.
 pub enum ClientStream {

@@ -170,3 +170,13 @@ pub fn report_insecure(metrics: &Metrics, insecure: bool) {
     gauge.set(i64::from(insecure));
     metrics.register(Box::new(gauge));
 }
+
+/// What a TCP client's requests carry (tonic puts it in their extensions):
+/// the certificate it presented, its identity for the access policy. Here,
+/// beside the TLS it comes from, so that the gRPC service reads it without
+/// importing the TCP transport.
+#[derive(Clone, Debug)]
+pub struct TcpClient {
+    /// The certificate it presented, checked against the cluster's CA.
+    pub certificate: Option<Arc<CertificateDer<'static>>>,
+}

@@ -1,5 +1,5 @@
 //! The directory role: for the resources that hash to this node, which node
-//! masters each one, under which generation; and the largest fencing token
+//! masters each one, under which term; and the largest fencing token
 //! heard of per lockspace, handed to each new master so that tokens keep
 //! growing across masters.
 //!
@@ -16,14 +16,16 @@ use crate::cluster::{ClusterNode, Key};
 use crate::ids::LockspaceId;
 use crate::time::Instant;
 
-/// A mastership as the directory records it: the master and the generation
-/// of that mastership (each claim gets a new one).
+/// A mastership as the directory records it: the master and the
+/// mastership's *term*, a number the directory hands out larger at each
+/// claim, so that a message naming an older mastership of a resource is
+/// told from one naming the current (not the agent's restart generation).
 pub(super) type Mastership = (NodeId, u64);
 
 #[derive(Default)]
 struct Entry {
     master: Option<NodeId>,
-    generation: u64,
+    term: u64,
     /// Lookups held until the stale master's `Remove` arrives.
     held: Vec<NodeId>,
 }
@@ -45,21 +47,21 @@ pub(super) struct Directory {
     /// lookup answer, so a new master starts above it (part 4 of
     /// [`crate::tokens`]).
     token_clock: HashMap<LockspaceId, u64>,
-    /// The last mastership generation handed out.
-    last_generation: u64,
+    /// The last mastership term handed out.
+    last_term: u64,
 }
 
 impl Directory {
     /// The resource's mastership; an unmastered resource is claimed for
-    /// `claimant`, with a new generation.
+    /// `claimant`, with a new term.
     pub(super) fn claim(&mut self, key: Key, claimant: NodeId) -> Mastership {
         let entry = self.entries.entry(key).or_default();
         let master = *entry.master.get_or_insert_with(|| {
-            self.last_generation += 1;
-            entry.generation = self.last_generation;
+            self.last_term += 1;
+            entry.term = self.last_term;
             claimant
         });
-        (master, entry.generation)
+        (master, entry.term)
     }
 
     /// A lookup by `asker`, which may name a mastership it found stale. The
@@ -67,7 +69,7 @@ impl Directory {
     pub(super) fn lookup(&mut self, key: Key, asker: NodeId, stale: Option<Mastership>, me: NodeId) -> Answer {
         if let Some(entry) = self.entries.get_mut(&key)
             && let Some(master) = entry.master
-            && stale == Some((master, entry.generation))
+            && stale == Some((master, entry.term))
             && master != me
         {
             entry.held.push(asker);
@@ -77,25 +79,25 @@ impl Directory {
     }
 
     /// Ends `master`'s mastership of a resource if it is still the recorded
-    /// one (generation included); returns the lookups held for it, to be
+    /// one (term included); returns the lookups held for it, to be
     /// answered now.
-    pub(super) fn remove(&mut self, key: &Key, master: NodeId, generation: u64) -> Option<Vec<NodeId>> {
+    pub(super) fn remove(&mut self, key: &Key, master: NodeId, term: u64) -> Option<Vec<NodeId>> {
         let entry = self.entries.get(key)?;
-        if entry.master != Some(master) || entry.generation != generation {
+        if entry.master != Some(master) || entry.term != term {
             return None;
         }
         self.entries.remove(key).map(|entry| entry.held)
     }
 
     /// Records a mastership a master reported while the directory is
-    /// rebuilt (recovery). Generations handed out later are larger.
-    pub(super) fn record(&mut self, key: Key, master: NodeId, generation: u64) {
-        self.last_generation = self.last_generation.max(generation);
-        self.entries.entry(key).or_insert(Entry { master: Some(master), generation, held: Vec::new() });
+    /// rebuilt (recovery). Terms handed out later are larger.
+    pub(super) fn record(&mut self, key: Key, master: NodeId, term: u64) {
+        self.last_term = self.last_term.max(term);
+        self.entries.entry(key).or_insert(Entry { master: Some(master), term, held: Vec::new() });
     }
 
     /// Forgets every entry (recovery rebuilds them from the masters); the
-    /// token clocks and the generation counter stay.
+    /// token clocks and the term counter stay.
     pub(super) fn clear_entries(&mut self) {
         self.entries.clear();
     }
@@ -160,24 +162,19 @@ impl ClusterNode {
         stale: Option<Mastership>,
     ) {
         let Some(id) = self.peer_lockspace(&lockspace) else {
-            self.send(
-                now,
-                from,
-                PeerMessage::LookupReply { lockspace, name, master: None, generation: 0, token_floor: 0 },
-            );
+            self.send(now, from, PeerMessage::LookupReply { lockspace, name, master: None, term: 0, token_floor: 0 });
             return;
         };
         let key: Key = (id, name.into_boxed_slice());
         let floor = self.token_floor(id);
-        let Answer::Master((master, generation)) = self.directory.lookup(key.clone(), from, stale, self.config.node)
-        else {
+        let Answer::Master((master, term)) = self.directory.lookup(key.clone(), from, stale, self.config.node) else {
             return;
         };
         let name = key.1.into_vec();
         self.send(
             now,
             from,
-            PeerMessage::LookupReply { lockspace, name, master: Some(master), generation, token_floor: floor },
+            PeerMessage::LookupReply { lockspace, name, master: Some(master), term, token_floor: floor },
         );
     }
 
@@ -187,13 +184,13 @@ impl ClusterNode {
         from: NodeId,
         lockspace: &[u8],
         name: Vec<u8>,
-        generation: u64,
+        term: u64,
         token_floor: u64,
     ) {
         let Some(id) = self.engine.lockspace_id(lockspace) else { return };
         self.directory.raise_token_clock(id, token_floor);
         let key: Key = (id, name.into_boxed_slice());
-        if let Some(held) = self.directory.remove(&key, from, generation) {
+        if let Some(held) = self.directory.remove(&key, from, term) {
             self.answer_held(now, key, held);
         }
     }
@@ -204,17 +201,17 @@ impl ClusterNode {
         let Some(&first) = held.first() else { return };
         let lockspace = self.lockspace_name(key.0);
         let floor = self.token_floor(key.0);
-        let (master, generation) = self.directory.claim(key.clone(), first);
+        let (master, term) = self.directory.claim(key.clone(), first);
         for asker in held {
             if asker == self.config.node {
-                self.on_lookup_reply(now, lockspace.clone(), key.1.to_vec(), Some((master, generation)), floor);
+                self.on_lookup_reply(now, lockspace.clone(), key.1.to_vec(), Some((master, term)), floor);
                 continue;
             }
             let (lockspace, name) = (lockspace.clone(), key.1.to_vec());
             self.send(
                 now,
                 asker,
-                PeerMessage::LookupReply { lockspace, name, master: Some(master), generation, token_floor: floor },
+                PeerMessage::LookupReply { lockspace, name, master: Some(master), term, token_floor: floor },
             );
         }
     }
@@ -231,7 +228,7 @@ mod tests {
     }
 
     #[test]
-    fn the_first_to_claim_an_unmastered_resource_masters_it_with_a_new_generation() {
+    fn the_first_to_claim_an_unmastered_resource_masters_it_with_a_new_term() {
         let mut directory = Directory::default();
         assert_eq!(directory.claim(key("a"), NodeId(2)), (NodeId(2), 1));
         assert_eq!(directory.claim(key("a"), NodeId(3)), (NodeId(2), 1), "mastered already");
@@ -245,9 +242,9 @@ mod tests {
         assert_eq!(directory.lookup(key("a"), NodeId(2), None, ME), Answer::Master((NodeId(2), 1)));
         assert_eq!(directory.lookup(key("a"), NodeId(3), Some((NodeId(2), 1)), ME), Answer::Held);
         assert_eq!(directory.lookup(key("a"), ME, Some((NodeId(2), 1)), ME), Answer::Held);
-        // A stale mastership of another generation is not the current one.
+        // A stale mastership of another term is not the current one.
         assert_eq!(directory.lookup(key("a"), NodeId(3), Some((NodeId(2), 7)), ME), Answer::Master((NodeId(2), 1)));
-        // Only the recorded master and generation may remove it.
+        // Only the recorded master and term may remove it.
         assert_eq!(directory.remove(&key("a"), NodeId(3), 1), None);
         assert_eq!(directory.remove(&key("a"), NodeId(2), 2), None);
         assert_eq!(directory.remove(&key("a"), NodeId(2), 1), Some(vec![NodeId(3), ME]));

@@ -23,15 +23,15 @@ struct Mastered {
     idle_since: Option<Instant>,
     /// Whether it has an entry in the idle queue.
     queued: bool,
-    /// The directory's generation of this mastership.
-    generation: u64,
+    /// The directory's term of this mastership.
+    term: u64,
 }
 
 /// A mastership as its directory node is to hear of it in recovery.
 pub(super) struct Report<'a> {
     pub(super) directory: NodeId,
     pub(super) key: &'a Key,
-    pub(super) generation: u64,
+    pub(super) term: u64,
 }
 
 #[derive(Default)]
@@ -91,16 +91,16 @@ impl Masters {
         let (mut remote, mut here): (Vec<Report<'_>>, Vec<Report<'_>>) = self
             .mastered
             .iter()
-            .map(|(key, mastered)| Report { directory: directory(key), key, generation: mastered.generation })
+            .map(|(key, mastered)| Report { directory: directory(key), key, term: mastered.term })
             .partition(|report| report.directory != me);
         remote.sort_unstable_by(|a, b| a.key.cmp(b.key));
         here.sort_unstable_by(|a, b| a.key.cmp(b.key));
         (remote, here)
     }
 
-    /// The masterships, sorted, with their generations.
+    /// The masterships, sorted, with their terms.
     pub(super) fn sorted(&self) -> Vec<(Key, u64)> {
-        let mut all: Vec<(Key, u64)> = self.mastered.iter().map(|(k, m)| (k.clone(), m.generation)).collect();
+        let mut all: Vec<(Key, u64)> = self.mastered.iter().map(|(k, m)| (k.clone(), m.term)).collect();
         all.sort_unstable();
         all
     }
@@ -166,7 +166,7 @@ impl ClusterNode {
     /// newly mastered here within the lock-delay after a member departed
     /// may have been held on that member, which nobody can tell now: its
     /// grants wait as if an EX hold had been taken from it then.
-    pub(super) fn become_master(&mut self, now: Instant, key: Key, generation: u64) {
+    pub(super) fn become_master(&mut self, now: Instant, key: Key, term: u64) {
         let floor = self.token_floor(key.0);
         self.engine.raise_token_floor(key.0, floor);
         if let Some(since) = self.views.departure_at
@@ -175,10 +175,10 @@ impl ClusterNode {
         {
             self.engine.delay_grants(key.0, &key.1, Mode::Ex, since);
         }
-        self.masters.mastered.entry(key).and_modify(|mastered| mastered.generation = generation).or_insert(Mastered {
+        self.masters.mastered.entry(key).and_modify(|mastered| mastered.term = term).or_insert(Mastered {
             idle_since: None,
             queued: false,
-            generation,
+            term,
         });
     }
 
@@ -379,10 +379,10 @@ impl ClusterNode {
             }
             match mastered.idle_since {
                 Some(since) if since.saturating_add(delay) <= now => {
-                    let generation = mastered.generation;
+                    let term = mastered.term;
                     self.masters.mastered.remove(&key);
                     self.stats.released += 1;
-                    self.remove_from_directory(now, key, generation);
+                    self.remove_from_directory(now, key, term);
                 }
                 Some(since) => self.masters.idle.push_back((since, key)),
                 None => mastered.queued = false,
@@ -392,18 +392,18 @@ impl ClusterNode {
 
     /// Tells the directory that this node no longer masters a resource,
     /// with the last token it handed out.
-    fn remove_from_directory(&mut self, now: Instant, key: Key, generation: u64) {
+    fn remove_from_directory(&mut self, now: Instant, key: Key, term: u64) {
         let directory = self.directory_of(&key);
         let floor = self.token_floor(key.0);
         if directory == self.config.node {
-            if let Some(held) = self.directory.remove(&key, self.config.node, generation) {
+            if let Some(held) = self.directory.remove(&key, self.config.node, term) {
                 self.answer_held(now, key, held);
             }
             return;
         }
         let lockspace = self.lockspace_name(key.0);
         let name = key.1.into_vec();
-        self.send(now, directory, PeerMessage::Remove { lockspace, name, generation, token_floor: floor });
+        self.send(now, directory, PeerMessage::Remove { lockspace, name, term, token_floor: floor });
     }
 }
 
@@ -485,7 +485,7 @@ mod tests {
         assert_eq!(h.sent(), vec![]);
         h.advance_to(idle_at.saturating_add(RELEASE_DELAY));
         let remove =
-            PeerMessage::Remove { lockspace: LOCKSPACE.to_vec(), name: name.clone(), generation: 4, token_floor: 11 };
+            PeerMessage::Remove { lockspace: LOCKSPACE.to_vec(), name: name.clone(), term: 4, token_floor: 11 };
         assert_eq!(h.sent(), vec![(NodeId(2), remove)]);
         assert_eq!(h.node.mastered_count(), 0);
         assert_eq!(h.node.stats().released, 1);

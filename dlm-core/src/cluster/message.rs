@@ -63,7 +63,7 @@ pub struct RemoteEdge {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PeerMessage {
     /// To a directory node: who masters this resource? `stale` names a
-    /// mastership (node and generation) whose node answered "not master":
+    /// mastership (node and term) whose node answered "not master":
     /// if the directory still records exactly that one, the node's `Remove`
     /// is on its way, and the directory holds the question until it arrives.
     Lookup {
@@ -86,7 +86,7 @@ pub enum PeerMessage {
         master: Option<NodeId>,
         /// The directory's number for this mastership (a new one each time
         /// it records a master), so that a stale one is told from a new one.
-        generation: u64,
+        term: u64,
         /// Fencing tokens handed out for this lockspace so far, as far as the
         /// directory knows: a new master starts above it.
         token_floor: u64,
@@ -97,8 +97,8 @@ pub enum PeerMessage {
         lockspace: Vec<u8>,
         /// Resource name.
         name: Vec<u8>,
-        /// The mastership's generation.
-        generation: u64,
+        /// The mastership's term.
+        term: u64,
         /// The sender's last fencing token in the lockspace.
         token_floor: u64,
     },
@@ -220,8 +220,8 @@ pub enum PeerMessage {
         lockspace: Vec<u8>,
         /// Resource name.
         name: Vec<u8>,
-        /// The mastership's generation, as the directory that recorded it gave it.
-        generation: u64,
+        /// The mastership's term, as the directory that recorded it gave it.
+        term: u64,
     },
     /// Recovery, to a resource's master: a lock of a client of the sender,
     /// to be added back to the queues (in place of the one there, if any).

@@ -37,7 +37,7 @@
 //! | this one | the struct, its public `handle_*` / `poll_*`, dispatch of peer messages |
 //! | `inspect` | what a node shows of itself: counts, links, dumps |
 //! | `requester` | this node's clients' locks mastered elsewhere: lookups, the master cache, requests, answers |
-//! | `directory` | entries, mastership generations, the token clock; one `claim` for every new mastership |
+//! | `directory` | entries, mastership terms, the token clock; one `claim` for every new mastership |
 //! | `master` | resources mastered here: other nodes' requests, requests held for a lookup, routing the engine's effects, idle release |
 //! | `coordinator` | deadlock search across masters |
 //! | `links` (and `link`, one peer's) | numbering, acknowledgements, resending, heartbeats, silent peers |
@@ -513,14 +513,14 @@ impl ClusterNode {
         }
         match message {
             PeerMessage::Lookup { lockspace, name, stale } => self.on_lookup(now, from, lockspace, name, stale),
-            PeerMessage::LookupReply { lockspace, name, master, generation, token_floor } => {
+            PeerMessage::LookupReply { lockspace, name, master, term, token_floor } => {
                 // Only the directory of a resource answers for it.
                 if self.config.membership.directory(&lockspace, &name) == from {
-                    self.on_lookup_reply(now, lockspace, name, master.map(|m| (m, generation)), token_floor);
+                    self.on_lookup_reply(now, lockspace, name, master.map(|m| (m, term)), token_floor);
                 }
             }
-            PeerMessage::Remove { lockspace, name, generation, token_floor } => {
-                self.on_remove(now, from, &lockspace, name, generation, token_floor);
+            PeerMessage::Remove { lockspace, name, term, token_floor } => {
+                self.on_remove(now, from, &lockspace, name, term, token_floor);
             }
             request @ PeerMessage::Request { .. } => self.on_request(now, from, request),
             PeerMessage::Convert { session, handle, mode, flags, lvb, timeout } => {

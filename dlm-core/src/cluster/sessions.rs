@@ -158,7 +158,7 @@ mod tests {
             lockspace: LOCKSPACE.to_vec(),
             name: elsewhere,
             master: Some(NodeId(3)),
-            generation: 1,
+            term: 1,
             token_floor: 0,
         };
         h.deliver(2, reply);

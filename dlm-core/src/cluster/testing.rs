@@ -139,12 +139,12 @@ pub(super) fn request_message(session: SessionId, handle: u64, name: &[u8], mode
 }
 
 /// The directory's answer naming a master.
-pub(super) fn lookup_reply(name: &[u8], master: u16, generation: u64, token_floor: u64) -> PeerMessage {
+pub(super) fn lookup_reply(name: &[u8], master: u16, term: u64, token_floor: u64) -> PeerMessage {
     PeerMessage::LookupReply {
         lockspace: LOCKSPACE.to_vec(),
         name: name.to_vec(),
         master: Some(NodeId(master)),
-        generation,
+        term,
         token_floor,
     }
 }

@@ -350,15 +350,15 @@ impl ClusterNode {
     pub(in crate::cluster) fn on_recovery_message(&mut self, now: Instant, from: NodeId, message: PeerMessage) {
         match message {
             PeerMessage::Barrier { phase } => self.on_barrier(now, from, phase),
-            PeerMessage::Mastered { lockspace, name, generation } => {
-                self.on_mastered(from, &lockspace, name, generation);
+            PeerMessage::Mastered { lockspace, name, term } => {
+                self.on_mastered(from, &lockspace, name, term);
             }
             PeerMessage::Lookup { lockspace, name, .. } => self.on_recovery_lookup(now, from, lockspace, name),
             // Only the directory of a resource answers for it.
-            PeerMessage::LookupReply { lockspace, name, master, generation, token_floor }
+            PeerMessage::LookupReply { lockspace, name, master, term, token_floor }
                 if self.config.membership.directory(&lockspace, &name) == from =>
             {
-                let master = master.map(|m| (m, generation));
+                let master = master.map(|m| (m, term));
                 self.on_recovery_lookup_reply(now, &lockspace, name, master, token_floor);
             }
             PeerMessage::RecoverLock(lock) => self.on_recover_lock(now, from, lock),

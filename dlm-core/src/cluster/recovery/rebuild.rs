@@ -23,17 +23,17 @@ impl ClusterNode {
     pub(in crate::cluster) fn rebuild_directory(&mut self, now: Instant) {
         let me = self.config.node;
         let (remote, here) = self.masters.reports(me, |key| self.directory_of(key));
-        let here: Vec<(Key, u64)> = here.into_iter().map(|report| (report.key.clone(), report.generation)).collect();
+        let here: Vec<(Key, u64)> = here.into_iter().map(|report| (report.key.clone(), report.term)).collect();
         let reports: Vec<(NodeId, PeerMessage)> = remote
             .into_iter()
             .map(|report| {
                 let lockspace = self.lockspace_name(report.key.0);
                 let name = report.key.1.to_vec();
-                (report.directory, PeerMessage::Mastered { lockspace, name, generation: report.generation })
+                (report.directory, PeerMessage::Mastered { lockspace, name, term: report.term })
             })
             .collect();
-        for (key, generation) in here {
-            self.directory.record(key, me, generation);
+        for (key, term) in here {
+            self.directory.record(key, me, term);
         }
         for (to, report) in reports {
             self.send(now, to, report);
@@ -42,9 +42,9 @@ impl ClusterNode {
     }
 
     /// A master's report to this directory node.
-    pub(in crate::cluster) fn on_mastered(&mut self, from: NodeId, lockspace: &[u8], name: Vec<u8>, generation: u64) {
+    pub(in crate::cluster) fn on_mastered(&mut self, from: NodeId, lockspace: &[u8], name: Vec<u8>, term: u64) {
         let Some(id) = self.peer_lockspace(lockspace) else { return };
-        self.directory.record((id, name.into_boxed_slice()), from, generation);
+        self.directory.record((id, name.into_boxed_slice()), from, term);
     }
 
     /// The directory is whole again: answers the lookups held for it; the
@@ -102,9 +102,9 @@ impl ClusterNode {
     pub(super) fn look_up_in_recovery(&mut self, now: Instant, key: Key) {
         let me = self.config.node;
         if self.directory_of(&key) == me {
-            let (master, generation) = self.directory.claim(key.clone(), me);
+            let (master, term) = self.directory.claim(key.clone(), me);
             let floor = self.token_floor(key.0);
-            self.on_recovered_master(now, key, master, generation, floor);
+            self.on_recovered_master(now, key, master, term, floor);
             return;
         }
         let Some(recovery) = self.views.recovery.as_mut() else { return };
@@ -150,7 +150,7 @@ impl ClusterNode {
             return;
         }
         match master {
-            Some((master, generation)) => self.on_recovered_master(now, key, master, generation, floor),
+            Some((master, term)) => self.on_recovered_master(now, key, master, term, floor),
             None => {
                 // The directory node has no such lockspace: these locks
                 // cannot be kept anywhere.
@@ -184,17 +184,17 @@ impl ClusterNode {
     /// The master of a resource this node holds granted copies of: they go
     /// there (into this node's engine, if it is this node), each in the form
     /// [`recovery_form`] gives it.
-    fn on_recovered_master(&mut self, now: Instant, key: Key, master: NodeId, generation: u64, floor: u64) {
+    fn on_recovered_master(&mut self, now: Instant, key: Key, master: NodeId, term: u64, floor: u64) {
         let me = self.config.node;
         if master == me {
             self.engine.raise_token_floor(key.0, floor);
             let new = !self.masters.contains(&key);
-            self.become_master(now, key.clone(), generation);
+            self.become_master(now, key.clone(), term);
             if new && let Some(recovery) = self.views.recovery.as_mut() {
                 recovery.new_masters.insert(key.clone());
             }
         } else {
-            self.requester.cache_master(key.clone(), (master, generation), self.config.master_cache_max);
+            self.requester.cache_master(key.clone(), (master, term), self.config.master_cache_max);
         }
         for notice in self.views.unsure_unlocks.get(&key).cloned().unwrap_or_default() {
             if master == me {
@@ -416,7 +416,7 @@ impl ClusterNode {
         self.engine.recovery_remove_lock(now, session, handle, &mut Vec::new());
         if !self.masters.contains(&key) {
             // The directory named this node master, and its own answer is
-            // on its way (with the generation): it masters the resource from
+            // on its way (with the term): it masters the resource from
             // now, even if a newer view comes first.
             self.become_master(now, key.clone(), 0);
             if let Some(recovery) = self.views.recovery.as_mut() {

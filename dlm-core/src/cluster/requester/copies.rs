@@ -20,8 +20,8 @@ pub(in crate::cluster) struct RemoteLock {
     pub(in crate::cluster) name: Box<[u8]>,
     /// `None` while the master is being looked up.
     pub(in crate::cluster) master: Option<NodeId>,
-    /// The directory's generation of that mastership.
-    pub(super) master_generation: u64,
+    /// The directory's term of that mastership.
+    pub(super) master_term: u64,
     pub(in crate::cluster) granted: Option<Mode>,
     /// The mode of the request in flight.
     pub(in crate::cluster) requested: Mode,

@@ -56,7 +56,7 @@ impl ClusterNode {
             lockspace: req.lockspace,
             name: key.1.clone(),
             master: None,
-            master_generation: 0,
+            master_term: 0,
             granted: None,
             requested: req.mode,
             token: None,
@@ -117,7 +117,7 @@ impl ClusterNode {
         let Some(lock) = self.requester.locks.get_mut(&(session, handle)) else { return };
         let Some(req) = lock.request.clone() else { return };
         lock.master = Some(master.0);
-        lock.master_generation = master.1;
+        lock.master_term = master.1;
         let lockspace = self.lockspace_name(req.lockspace);
         self.stats.remote_requests += 1;
         self.send(
@@ -287,11 +287,11 @@ impl ClusterNode {
         // outstanding is not ours to act on.
         let Some(waiting) = self.requester.lookups.remove(&key) else { return };
         match master {
-            Some((master, generation)) if master == self.config.node => {
+            Some((master, term)) if master == self.config.node => {
                 // The directory recorded this node as master: take it even
                 // if nobody waits any more (it is released when idle).
                 self.engine.raise_token_floor(id, floor);
-                self.become_master(now, key.clone(), generation);
+                self.become_master(now, key.clone(), term);
                 for (session, handle) in waiting {
                     if !self.requester.awaits_lookup(session, handle, &key) {
                         continue;
@@ -339,7 +339,7 @@ impl ClusterNode {
             return;
         }
         self.stats.stale_masters += 1;
-        let stale = (from, lock.master_generation);
+        let stale = (from, lock.master_term);
         lock.master = None;
         let key: Key = (lock.lockspace, lock.name.clone());
         if lock.abandoned {

@@ -4,7 +4,7 @@ use super::*;
 use crate::cluster::testing::{Harness, LOCKSPACE, ended, granted, lookup_reply, request_message};
 
 /// Node 1 with two locks on a resource whose directory is node 2 and
-/// whose master node 2 says is node 3 (generation 7).
+/// whose master node 2 says is node 3 (term 7).
 fn two_locks_mastered_by_node_3() -> (Harness, Vec<u8>) {
     let mut h = Harness::new(1);
     let name = h.name_with_directory(2);

@@ -152,16 +152,16 @@ impl<'a> Reader<'a> {
                 let lockspace = self.lockspace()?;
                 let name = self.resource()?;
                 let master = if self.flag()? { Some(NodeId(self.u16()?)) } else { None };
-                let generation = self.u64()?;
+                let term = self.u64()?;
                 let token_floor = self.token()?;
-                PeerMessage::LookupReply { lockspace, name, master, generation, token_floor }
+                PeerMessage::LookupReply { lockspace, name, master, term, token_floor }
             }
             3 => {
                 let lockspace = self.lockspace()?;
                 let name = self.resource()?;
-                let generation = self.u64()?;
+                let term = self.u64()?;
                 let token_floor = self.token()?;
-                PeerMessage::Remove { lockspace, name, generation, token_floor }
+                PeerMessage::Remove { lockspace, name, term, token_floor }
             }
             4 => {
                 let lockspace = self.lockspace()?;
@@ -241,7 +241,7 @@ impl<'a> Reader<'a> {
             18 => {
                 let lockspace = self.lockspace()?;
                 let name = self.resource()?;
-                PeerMessage::Mastered { lockspace, name, generation: self.u64()? }
+                PeerMessage::Mastered { lockspace, name, term: self.u64()? }
             }
             19 => {
                 let lockspace = self.lockspace()?;

@@ -75,14 +75,14 @@ pub(super) fn put_message(out: &mut Vec<u8>, message: &PeerMessage) {
             put_name8(out, name);
             match stale {
                 None => out.push(0),
-                Some((node, generation)) => {
+                Some((node, term)) => {
                     out.push(1);
                     out.extend_from_slice(&node.0.to_be_bytes());
-                    put_u64(out, *generation);
+                    put_u64(out, *term);
                 }
             }
         }
-        PeerMessage::LookupReply { lockspace, name, master, generation, token_floor } => {
+        PeerMessage::LookupReply { lockspace, name, master, term, token_floor } => {
             out.push(2);
             put_name8(out, lockspace);
             put_name8(out, name);
@@ -93,14 +93,14 @@ pub(super) fn put_message(out: &mut Vec<u8>, message: &PeerMessage) {
                     out.extend_from_slice(&node.0.to_be_bytes());
                 }
             }
-            put_u64(out, *generation);
+            put_u64(out, *term);
             put_u64(out, *token_floor);
         }
-        PeerMessage::Remove { lockspace, name, generation, token_floor } => {
+        PeerMessage::Remove { lockspace, name, term, token_floor } => {
             out.push(3);
             put_name8(out, lockspace);
             put_name8(out, name);
-            put_u64(out, *generation);
+            put_u64(out, *term);
             put_u64(out, *token_floor);
         }
         PeerMessage::Request { lockspace, session, handle, name, mode, flags, timeout } => {
@@ -189,11 +189,11 @@ pub(super) fn put_message(out: &mut Vec<u8>, message: &PeerMessage) {
             }
         }
         PeerMessage::Barrier { phase } => out.extend_from_slice(&[17, phase.index()]),
-        PeerMessage::Mastered { lockspace, name, generation } => {
+        PeerMessage::Mastered { lockspace, name, term } => {
             out.push(18);
             put_name8(out, lockspace);
             put_name8(out, name);
-            put_u64(out, *generation);
+            put_u64(out, *term);
         }
         PeerMessage::RecoverLock(lock) => {
             out.push(19);

@@ -17,9 +17,9 @@
 //!
 //! | tag | message | fields |
 //! |---|---|---|
-//! | 1 | Lookup | `lockspace:name8, name:name8, stale:opt<node:u16, generation:u64>` |
-//! | 2 | LookupReply | `lockspace:name8, name:name8, master:opt<u16>, generation:u64, token_floor:u64` |
-//! | 3 | Remove | lockspace:name8, name:name8, generation:u64, token_floor:u64 |
+//! | 1 | Lookup | `lockspace:name8, name:name8, stale:opt<node:u16, term:u64>` |
+//! | 2 | LookupReply | `lockspace:name8, name:name8, master:opt<u16>, term:u64, token_floor:u64` |
+//! | 3 | Remove | lockspace:name8, name:name8, term:u64, token_floor:u64 |
 //! | 4 | Request | `lockspace:name8, session:u64, handle:u64, name:name8, mode:u8, flags:u32, timeout_ns:opt<u64>` |
 //! | 5 | Convert | `session:u64, handle:u64, mode:u8, flags:u32, lvb:opt<name16>, timeout_ns:opt<u64>` |
 //! | 6 | Unlock | `session:u64, handle:u64, flags:u32, lvb:opt<name16>, state:u8 (1 unlocking, 2 value block unsure)` |
@@ -34,7 +34,7 @@
 //! | 15 | ConfirmEdges | probe:u64, edges |
 //! | 16 | EdgesConfirmed | probe:u64, confirmed:u8 (0 or 1) |
 //! | 17 | Barrier | phase:u8 (0 stop, 1 directory, 2 locks, 3 done) |
-//! | 18 | Mastered | lockspace:name8, name:name8, generation:u64 |
+//! | 18 | Mastered | lockspace:name8, name:name8, term:u64 |
 //! | 19 | RecoverLock | `lockspace:name8, name:name8, session:u64, handle:u64, mode:u8, token:u64, flags:u32, lvb:opt<name16>, state:u8 (1 unlocking, 2 value block unsure, 4 direct), or_modes:u8 (bit i: mode i)` |
 //! | 20 | RecoverDigest | locks:u64, digest:u128 (big-endian) |
 //! | 21 | RecoverListed | (none) |

@@ -17,10 +17,10 @@ fn samples() -> Vec<PeerMessage> {
             lockspace: b"ls".to_vec(),
             name: vec![0, 255],
             master: Some(NodeId(1)),
-            generation: 5,
+            term: 5,
             token_floor: 99,
         },
-        PeerMessage::Remove { lockspace: b"ls".to_vec(), name: b"r".to_vec(), generation: 5, token_floor: 7 },
+        PeerMessage::Remove { lockspace: b"ls".to_vec(), name: b"r".to_vec(), term: 5, token_floor: 7 },
         PeerMessage::Request {
             lockspace: b"ls".to_vec(),
             session,
@@ -206,12 +206,8 @@ fn random_bytes_never_panic() {
 #[test]
 fn tokens_and_floors_beyond_the_token_space_are_refused() {
     use crate::cluster::TOKEN_LIMIT;
-    let remove = |token_floor| PeerMessage::Remove {
-        lockspace: b"ls".to_vec(),
-        name: b"r".to_vec(),
-        generation: 5,
-        token_floor,
-    };
+    let remove =
+        |token_floor| PeerMessage::Remove { lockspace: b"ls".to_vec(), name: b"r".to_vec(), term: 5, token_floor };
     let decode = |message: PeerMessage| {
         let mut bytes = Vec::new();
         encode_frames(&[Envelope { epoch: 1, seq: 1, ack: 0, message: Some(message) }], &mut bytes);
