@@ -54,11 +54,22 @@ fn worker_threads() -> usize {
     (cpus / 2).clamp(1, 4)
 }
 
+/// The most threads for blocking work (tokio's default is 512).
+const BLOCKING_THREADS_MAX: usize = 16;
+
+/// How long an idle blocking thread is kept (tokio's default is 10 s).
+const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(worker_threads());
     builder.on_thread_park(dlm_agent::spin::before_park).on_thread_unpark(dlm_agent::spin::after_unpark);
+    // Threads for blocking work (generation writes, file reads) are few and
+    // kept: tokio's default ends one after 10 s idle and makes a new one when
+    // next needed, a fresh stack of pages each time — allocated, and locked
+    // with the rest of a resident agent, when the node may be short of memory.
+    builder.max_blocking_threads(BLOCKING_THREADS_MAX).thread_keep_alive(BLOCKING_THREAD_KEEP_ALIVE);
     let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
