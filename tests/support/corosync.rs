@@ -153,13 +153,37 @@ impl CorosyncCluster {
     #[must_use]
     pub fn start(tag: &str, n: usize, token_ms: u32, extra: &str) -> CorosyncCluster {
         let cluster = CorosyncCluster::start_with_members(tag, n, token_ms, extra, |_| (1..=n).collect());
+        cluster.wait_all_running(n);
+        cluster
+    }
+
+    /// As [`CorosyncCluster::start`], with knet's ping timers set to
+    /// `knet_ping` (interval, pong timeout, in ms) instead of corosync's,
+    /// which it derives from the token (a pong timeout of half the token:
+    /// 150 ms at a 300-ms token, which this machine's knet sends pings
+    /// slower than — see the README's "Memory pressure").
+    #[must_use]
+    pub fn start_with_knet_ping(
+        tag: &str,
+        n: usize,
+        token_ms: u32,
+        knet_ping: (u32, u32),
+        extra: &str,
+    ) -> CorosyncCluster {
+        let cluster =
+            CorosyncCluster::start_configured(tag, n, token_ms, Some(knet_ping), extra, |_| (1..=n).collect());
+        cluster.wait_all_running(n);
+        cluster
+    }
+
+    /// Waits until each of the `n` agents runs in a view of all.
+    fn wait_all_running(&self, n: usize) {
         let all: Vec<Value> = (1..=n).map(Value::from).collect();
         for i in 0..n {
-            cluster.wait_state(i, Duration::from_secs(30), |s| {
+            self.wait_state(i, Duration::from_secs(30), |s| {
                 s["state"] == "running" && s["members"].as_array() == Some(&all)
             });
         }
-        cluster
     }
 
     /// As [`CorosyncCluster::start`], each agent configured with the members
@@ -169,6 +193,17 @@ impl CorosyncCluster {
         tag: &str,
         n: usize,
         token_ms: u32,
+        extra: &str,
+        members_of: impl Fn(usize) -> Vec<usize>,
+    ) -> CorosyncCluster {
+        CorosyncCluster::start_configured(tag, n, token_ms, None, extra, members_of)
+    }
+
+    fn start_configured(
+        tag: &str,
+        n: usize,
+        token_ms: u32,
+        knet_ping: Option<(u32, u32)>,
         extra: &str,
         members_of: impl Fn(usize) -> Vec<usize>,
     ) -> CorosyncCluster {
@@ -187,6 +222,7 @@ impl CorosyncCluster {
             let conf = COROSYNC_CONF
                 .replace("@CLUSTER@", tag)
                 .replace("@TOKEN@", &token_ms.to_string())
+                .replace("@KNET@", &knet_ping.map(knet_interface).unwrap_or_default())
                 .replace("@NODES@", nodes.trim_end())
                 .replace("@LOGFILE@", &node.join("corosync.log").display().to_string());
             std::fs::write(node.join("corosync.conf"), conf).expect("corosync.conf");
@@ -455,4 +491,14 @@ pub fn signal_process(pid: u32, signal: &str) {
         assert!(std::time::Instant::now() < deadline, "process {pid} did not stop within 5 s of SIGSTOP");
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// The `interface` section that sets knet's ping timers (interval, pong
+/// timeout, in ms) for link 0: the man page lists them among an
+/// interface's settings (set directly in `totem`, they changed nothing in
+/// our runs).
+fn knet_interface((interval, timeout): (u32, u32)) -> String {
+    format!(
+        "    interface {{\n        linknumber: 0\n        knet_ping_interval: {interval}\n        knet_ping_timeout: {timeout}\n    }}"
+    )
 }

@@ -242,6 +242,7 @@ fn start_corosync(options: &Options) -> Result<(), String> {
         let conf = COROSYNC_CONF
             .replace("@CLUSTER@", "local")
             .replace("@TOKEN@", &options.token_ms.to_string())
+            .replace("@KNET@", "")
             .replace("@NODES@", nodes.trim_end())
             .replace("@LOGFILE@", &dir.join("corosync.log").display().to_string());
         std::fs::write(dir.join("corosync.conf"), conf).map_err(|e| format!("corosync.conf: {e}"))?;
