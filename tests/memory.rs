@@ -358,7 +358,7 @@ fn residency_of_node_2() -> String {
 /// trace).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_squeezed_node_stays_in_the_view_and_serves_what_it_masters() {
-    squeezed_node_stays_in_the_view("a_squeezed_node_stays_in_the_view", node_token(), None).await;
+    squeezed_node_stays_in_the_view("a_squeezed_node_stays_in_the_view", "squeeze", node_token(), None).await;
 }
 
 /// The same squeeze at a 300-ms token. corosync derives knet's pong timeout
@@ -369,26 +369,28 @@ async fn a_squeezed_node_stays_in_the_view_and_serves_what_it_masters() {
 /// node in 300 ms) the squeezed node stays in the view.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_a_300_ms_token_a_squeezed_node_stays_in_the_view_too() {
-    squeezed_node_stays_in_the_view("at_a_300_ms_token_a_squeezed_node_stays", 300, Some((75, 1000))).await;
+    squeezed_node_stays_in_the_view("at_a_300_ms_token_a_squeezed_node_stays", "squeeze300", 300, Some((75, 1000)))
+        .await;
 }
 
 /// The squeeze of node 2 (module docs) in a cluster with corosync's token
 /// `token` (ms) and, if given, knet's ping timers (interval, pong timeout).
-async fn squeezed_node_stays_in_the_view(name: &str, token: u32, knet_ping: Option<(u32, u32)>) {
+/// `tag` names its cgroup, directories and cluster (the tests run at once).
+async fn squeezed_node_stays_in_the_view(name: &str, tag: &str, token: u32, knet_ping: Option<(u32, u32)>) {
     if !can_run(name, true) {
         return;
     }
     // Made first, so that it goes last: after the processes in it.
-    let cgroup = LowMemoryCgroup::create("node2", LIMIT).expect("a memory cgroup (root)");
+    let cgroup = LowMemoryCgroup::create(tag, LIMIT).expect("a memory cgroup (root)");
     let mut cluster = match knet_ping {
-        Some(ping) => CorosyncCluster::start_with_knet_ping("squeeze", 3, token, ping, ""),
-        None => CorosyncCluster::start("squeeze", 3, token, ""),
+        Some(ping) => CorosyncCluster::start_with_knet_ping(tag, 3, token, ping, ""),
+        None => CorosyncCluster::start(tag, 3, token, ""),
     };
     // Node 2's agent again, from a copy of its own made in the cgroup: its
     // pages are its own (the other agents map the shared binary's) and
     // charged to the cgroup.
     cluster.kill_agent(1);
-    let copies = own_dir("node2");
+    let copies = own_dir(tag);
     let copy = copies.join("node2");
     // Run as `sh -c SCRIPT ip netns exec NS BIN ARGS…`: into the cgroup
     // and the copy made outside the namespace, whose `/sys` is its own.
