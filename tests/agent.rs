@@ -533,8 +533,7 @@ async fn a_grpc_message_that_does_not_decode_ends_the_stream_with_an_error_statu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn clients_of_a_socket_that_never_answers_give_up_in_bounded_time() {
     use dlm_agent::client::{ANSWER_TIMEOUT, Client, ClientError, Target};
-    let dir = std::env::temp_dir().join(format!("dlm-test-mute-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = support::Scratch::new("mute");
     let path = dir.join("mute.sock");
     let _listener = std::os::unix::net::UnixListener::bind(&path).expect("bind");
     let started = Instant::now();
@@ -559,5 +558,4 @@ async fn clients_of_a_socket_that_never_answers_give_up_in_bounded_time() {
     assert_eq!(output.status.code(), Some(EXIT_UNREACHABLE), "{}", String::from_utf8_lossy(&output.stderr));
     let elapsed = started.elapsed();
     assert!(elapsed < ANSWER_TIMEOUT * 2, "gave up after {elapsed:?}");
-    std::fs::remove_dir_all(&dir).expect("cleanup");
 }

@@ -57,8 +57,7 @@ fn the_systemd_unit_verifies() {
     assert!(output.status.success());
     let unit =
         include_str!("../dlm-agent/systemd/dlm-agent.service").replace("/usr/local/bin/dlm-agent", support::bin());
-    let dir = std::env::temp_dir().join(format!("dlm-test-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = support::Scratch::new("unit");
     let path = dir.join("dlm-agent.service");
     // The unit alone, then with each drop-in (a drop-in's sections are
     // merged into the unit's, as appending them to it does).
@@ -89,7 +88,6 @@ fn the_systemd_unit_verifies() {
         .output()
         .expect("run");
     assert!(security.status.success(), "{}", String::from_utf8_lossy(&security.stdout));
-    std::fs::remove_dir_all(&dir).expect("cleanup");
 }
 
 /// A bad configuration, or a setting that the agent used to take and then
@@ -98,8 +96,7 @@ fn the_systemd_unit_verifies() {
 /// file behind.
 #[test]
 fn a_bad_configuration_is_refused_with_a_clear_message_and_leaves_nothing() {
-    let dir = std::env::temp_dir().join(format!("dlm-test-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = support::Scratch::new("config");
     for (config, expected) in [
         ("keepalive = \"soon\"\n", "keepalive"),
         ("colour = 1\n", "colour"),
@@ -129,5 +126,4 @@ fn a_bad_configuration_is_refused_with_a_clear_message_and_leaves_nothing() {
     let output = run_with_config(&dir, &http, &["--no-ebpf"]);
     assert!(!output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(!socket.exists(), "a failed start left its socket file behind");
-    std::fs::remove_dir_all(&dir).expect("cleanup");
 }

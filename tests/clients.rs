@@ -119,10 +119,9 @@ fn the_repository_python_client_installs_with_pip_and_runs_a_session() {
     if !available("python3 with grpcio and grpcio-tools", python_has(&["grpc", "grpc_tools", "setuptools"])) {
         return;
     }
-    let target = std::env::temp_dir().join(format!("dlm-python-client-{}", std::process::id()));
+    let target = support::Scratch::new("python-client");
     support::python::install_package(&target);
-    run_client("python-package", "python3", "python_package.py", Some(&target), 17);
-    let _ = std::fs::remove_dir_all(&target);
+    run_client("python-package", "python3", "python_package.py", Some(target.path()), 17);
 }
 
 /// The Python package's asyncio API (`dlm_client.aio`), installed with pip
@@ -135,9 +134,8 @@ fn the_python_clients_asyncio_api_runs_from_a_built_wheel() {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let package = root.join("../dlm-agent/clients/python");
-    let scratch = std::env::temp_dir().join(format!("dlm-python-wheel-{}", std::process::id()));
+    let scratch = support::Scratch::new("python-wheel");
     let (wheels, target) = (scratch.join("wheels"), scratch.join("site"));
-    let _ = std::fs::remove_dir_all(&scratch);
     let pip = |args: &[&std::ffi::OsStr]| {
         let out = Command::new("python3")
             .args(["-m", "pip", "--disable-pip-version-check", "--quiet"])
@@ -188,7 +186,6 @@ fn the_python_clients_asyncio_api_runs_from_a_built_wheel() {
         assert!(printed.contains(line), "the example prints {line:?}:\n{printed}");
     }
     assert!(agent.terminate().success());
-    let _ = std::fs::remove_dir_all(&scratch);
 }
 
 /// The quotas a client meets, from a client in another language

@@ -166,8 +166,7 @@ async fn a_lost_node_is_fenced_before_any_of_its_locks_is_recovered() {
     if !can_run("a_lost_node_is_fenced", true) {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("dlm-fence-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = support::Scratch::new("fence");
     let record = dir.join("calls");
     // Fails its first call, as fence agents do when a device does not
     // answer; each call is recorded with the time it ended.
@@ -225,7 +224,6 @@ async fn a_lost_node_is_fenced_before_any_of_its_locks_is_recovered() {
         "{metrics}"
     );
     assert_eq!(metric_value(&metrics, "dlm_cluster_nodes_lost_total"), 1.0, "{metrics}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -477,8 +475,7 @@ async fn the_watchdog_is_fed_only_while_the_node_is_a_quorate_member_and_its_cor
     // A regular file stands for each node's /dev/watchdog: every feeding
     // writes a byte, a clean stop the magic 'V'. (softdog itself would reset
     // this machine; what is checked is what the agent writes, and when.)
-    let dir = std::env::temp_dir().join(format!("dlm-watchdog-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = support::Scratch::new("watchdog");
     for node in 1..=3 {
         std::fs::write(dir.join(format!("wd{node}")), b"").expect("device");
     }
@@ -514,7 +511,6 @@ async fn the_watchdog_is_fed_only_while_the_node_is_a_quorate_member_and_its_cor
     assert!(agent.terminate().success());
     let written = std::fs::read(dir.join("wd1")).expect("device");
     assert_eq!(written.last(), Some(&b'V'), "a clean stop writes the magic V");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -526,7 +522,8 @@ async fn a_self_fencing_grace_below_what_corosync_needs_is_refused_at_start() {
     cluster.kill_agent(0);
     // token 500 ms, consensus 600 ms: the floor is 1.1 s + 0.6875 s.
     let config = format!("{}\n[cluster.fencing]\nself_fence_grace = \"1s\"\n", cluster.config(0));
-    let file = std::env::temp_dir().join(format!("dlm-lowgrace-{}.toml", std::process::id()));
+    let dir = support::Scratch::new("lowgrace");
+    let file = dir.join("agent.toml");
     std::fs::write(&file, config).expect("config");
     let output = std::process::Command::new("timeout")
         .arg("40")
@@ -534,7 +531,6 @@ async fn a_self_fencing_grace_below_what_corosync_needs_is_refused_at_start() {
         .arg(&file)
         .output()
         .expect("run");
-    let _ = std::fs::remove_file(&file);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("self_fence_grace = 1s is below what this corosync needs"), "{stderr}");

@@ -107,23 +107,21 @@ fn prometheus_config_and_alert_rules_pass_promtool() {
 struct Prometheus {
     child: Child,
     address: String,
-    dir: PathBuf,
+    /// Its configuration and data, removed after it is killed.
+    _dir: support::Scratch,
 }
 
 impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
 fn start_prometheus(binary: &Path, scrape: &[&str]) -> Prometheus {
     let targets: Vec<String> = scrape.iter().map(|t| format!("\"{t}\"")).collect();
     let targets = targets.join(", ");
-    let dir = std::env::temp_dir().join(format!("dlm-test-prometheus-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = support::Scratch::new("prometheus");
     let config = dir.join("prometheus.yml");
     std::fs::write(
         &config,
@@ -139,7 +137,7 @@ fn start_prometheus(binary: &Path, scrape: &[&str]) -> Prometheus {
         .stderr(std::fs::File::create(dir.join("prometheus.log")).expect("log"))
         .spawn()
         .expect("start prometheus");
-    let prometheus = Prometheus { child, address, dir };
+    let prometheus = Prometheus { child, address, _dir: dir };
     let deadline = Instant::now() + Duration::from_secs(30);
     while http_get(&prometheus.address, "/-/ready").is_none_or(|(status, _)| status != 200) {
         assert!(Instant::now() < deadline, "prometheus not ready");

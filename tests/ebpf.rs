@@ -292,7 +292,8 @@ fn folded_offcpu_stacks_name_user_space_functions_and_render_a_flame_graph() {
     }
     let until = Instant::now() + Duration::from_secs(3);
     let sleeper = std::thread::spawn(move || dlm_offcpu_test_sleeper(until));
-    let svg = std::env::temp_dir().join(format!("dlm-offcpu-{}.svg", std::process::id()));
+    let dir = support::Scratch::new("offcpu");
+    let svg = dir.join("offcpu.svg");
     let output = Command::new(support::bin())
         .args(["trace", "offcpu", "--duration", "1500ms", "--folded", "--min-block", "5ms", "--flamegraph"])
         .arg(&svg)
@@ -310,7 +311,6 @@ fn folded_offcpu_stacks_name_user_space_functions_and_render_a_flame_graph() {
     }
     let picture = std::fs::read_to_string(&svg).expect("the flame graph was written");
     assert!(picture.contains("<svg") && picture.contains("dlm_offcpu_test_sleeper"), "the SVG names the function");
-    let _ = std::fs::remove_file(&svg);
     // With --lines, the frame says where in this file it slept.
     let until = Instant::now() + Duration::from_secs(2);
     let sleeper = std::thread::spawn(move || dlm_offcpu_test_sleeper(until));

@@ -160,8 +160,7 @@ async fn a_stopped_agent_holds_up_a_change_only_until_its_node_is_fenced() {
     if !can_run("a_stopped_agent_is_fenced", true) {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("dlm-stall-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = support::Scratch::new("stall");
     let record = dir.join("calls");
     // Fences as a power switch would: everything in the node's namespace
     // (the one with the node's address) dies.
@@ -197,5 +196,4 @@ async fn a_stopped_agent_holds_up_a_change_only_until_its_node_is_fenced() {
     granted(waiter, Duration::from_secs(10)).await;
     eprintln!("a stopped agent (stall timeout 2 s): its node fenced and the change done {went_on:?} after the stop");
     std::mem::forget(held);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -313,7 +313,8 @@ fn a_program_built_with_the_installed_pkg_config_file_uses_dlms_library() {
         return;
     }
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("libdlm/poll_fd.c");
-    let binary = std::env::temp_dir().join(format!("dlm-libdlm-pkgconfig-{}", std::process::id()));
+    let dir = support::Scratch::new("libdlm-pkgconfig");
+    let binary = dir.join("poll_fd");
     let flags = String::from_utf8_lossy(&libs.stdout).to_string();
     let compiled =
         Command::new("cc").arg("-o").arg(&binary).arg(&source).args(flags.split_whitespace()).output().expect("cc");

@@ -71,14 +71,14 @@ fn kill(signal: &str, pid: u32) {
 #[test]
 fn the_command_is_stopped_when_its_agent_is_killed() {
     let agent = Agent::start("loss-kill", "");
-    let pidfile = std::env::temp_dir().join(format!("dlm-loss-kill-{}", std::process::id()));
+    let dir = support::Scratch::new("loss-kill");
+    let pidfile = dir.join("pid");
     let (mut cli, command) = lock_running(&agent, &[], "r", "exec sleep 600", &pidfile);
     let killed_at = Instant::now();
     kill("-KILL", agent.pid());
     let status = wait_with_timeout(&mut cli, Duration::from_secs(10)).expect("the CLI exits when its agent dies");
     let stopped_in = killed_at.elapsed();
     let stderr = stderr_of(&mut cli);
-    let _ = std::fs::remove_file(&pidfile);
     assert_eq!(status.code(), Some(EXIT_LOCK_LOST), "{stderr}");
     assert!(stderr.contains("was lost (the session with the agent ended)"), "{stderr}");
     assert!(gone_within(command, Duration::from_secs(1)), "the command runs on after its lock was lost");
@@ -90,7 +90,8 @@ fn a_command_that_ignores_sigterm_is_killed_after_kill_after() {
     let agent = Agent::start("loss-revoke", "");
     let client = agent.cli().args(["lockspace", "create", "ls1"]).output().expect("create");
     assert!(client.status.success(), "{client:?}");
-    let pidfile = std::env::temp_dir().join(format!("dlm-loss-revoke-{}", std::process::id()));
+    let dir = support::Scratch::new("loss-revoke");
+    let pidfile = dir.join("pid");
     let script = "trap '' TERM; while :; do sleep 0.05; done";
     let (mut cli, command) =
         lock_running(&agent, &["--lockspace", "ls1", "--kill-after", "300ms"], "r", script, &pidfile);
@@ -99,7 +100,6 @@ fn a_command_that_ignores_sigterm_is_killed_after_kill_after() {
     assert!(released.status.success(), "{released:?}");
     let status = wait_with_timeout(&mut cli, Duration::from_secs(10)).expect("the CLI exits on the revocation");
     let stderr = stderr_of(&mut cli);
-    let _ = std::fs::remove_file(&pidfile);
     assert_eq!(status.code(), Some(EXIT_LOCK_LOST), "{stderr}");
     assert!(stderr.contains("was lost (revoked by the agent"), "{stderr}");
     assert!(stderr.contains("SIGKILL"), "{stderr}");
@@ -109,11 +109,11 @@ fn a_command_that_ignores_sigterm_is_killed_after_kill_after() {
 #[test]
 fn killing_the_cli_stops_its_command() {
     let agent = Agent::start("loss-cli", "");
-    let pidfile = std::env::temp_dir().join(format!("dlm-loss-cli-{}", std::process::id()));
+    let dir = support::Scratch::new("loss-cli");
+    let pidfile = dir.join("pid");
     let (mut cli, command) = lock_running(&agent, &[], "r", "exec sleep 600", &pidfile);
     kill("-KILL", cli.id());
     let _ = cli.wait();
-    let _ = std::fs::remove_file(&pidfile);
     assert!(gone_within(command, Duration::from_secs(5)), "the command outlived the CLI holding its lock");
 }
 

@@ -31,7 +31,7 @@
 //! `DLM_SQUEEZE_RESIDENT=off` for node 2's agent not resident. What
 //! they showed is in the README's "Memory pressure".
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -160,10 +160,8 @@ fn summary(times: &mut [Duration]) -> String {
 }
 
 /// A directory of a test's own (the tests of this file run at once).
-fn own_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("dlm-memory-{}-{tag}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("a directory for the copies");
-    dir
+fn own_dir(tag: &str) -> support::Scratch {
+    support::Scratch::new(&format!("memory-{tag}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,7 +212,6 @@ async fn a_resident_agent_reads_nothing_back_while_its_cgroup_is_squeezed() {
     assert_eq!(resident_reads, 0, "a resident agent waited for its own pages to be read back");
     assert!(on.len() > 100 && off.len() > 10, "both agents kept serving: {} and {}", on.len(), off.len());
     drop((resident, reclaimable));
-    let _ = std::fs::remove_dir_all(&copies);
 }
 
 /// What a squeeze did: the round trips of two sessions locking while it
@@ -332,7 +329,6 @@ fn without_the_capability_required_refuses_to_start_and_auto_warns() {
     assert_eq!(metric_value(&agent.metrics(), "dlm_memory_resident"), 0.0);
     assert!(agent.log().contains("memory not resident"), "{}", agent.log());
     drop(agent);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Node 2's `[memory] resident`: its default, spelled out; by hand
@@ -465,5 +461,4 @@ async fn squeezed_node_stays_in_the_view(name: &str, tag: &str, token: u32, knet
     assert!(cluster.status(1).0["pressure"].is_object(), "node 2's status: {:#}", cluster.status(1).0);
     assert!(from_node1.len() > 100, "node 1 was served {} times in {time:?}", from_node1.len());
     drop(cluster);
-    let _ = std::fs::remove_dir_all(&copies);
 }

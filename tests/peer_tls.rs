@@ -130,8 +130,7 @@ async fn tcp_clients_need_tls_and_their_certificate_is_their_identity() {
     drop(agent);
 
     // A TCP listener without [tls]: the agent does not start, and says why.
-    let dir = std::env::temp_dir().join(format!("dlm-notls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
+    let dir = support::Scratch::new("notls");
     let config = dir.join("agent.toml");
     std::fs::write(&config, format!("tcp = \"{address}\"\n")).expect("config");
     let output = std::process::Command::new(support::bin())
@@ -142,7 +141,6 @@ async fn tcp_clients_need_tls_and_their_certificate_is_their_identity() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains("insecure = true") && stderr.contains("tls"), "{stderr}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

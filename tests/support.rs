@@ -22,6 +22,10 @@ pub mod fenced_store;
 pub mod libdlm;
 #[path = "support/python.rs"]
 pub mod python;
+#[path = "support/scratch.rs"]
+pub mod scratch;
+
+pub use scratch::Scratch;
 
 /// The agent binary the tests run: `DLM_AGENT_BIN` when set, else the
 /// `dlm-agent` that cargo built for this test run, in this test
@@ -115,7 +119,7 @@ pub fn newest_source(sources: &[&str]) -> Option<(PathBuf, SystemTime)> {
 /// A running agent, killed (and its directory removed) when dropped.
 pub struct Agent {
     /// Its directory: configuration, socket, log.
-    pub dir: PathBuf,
+    pub dir: Scratch,
     /// Its Unix socket.
     pub socket: PathBuf,
     /// Its HTTP address (`host:port`).
@@ -168,15 +172,6 @@ fn fixed_port_range() -> (u16, u16) {
     (10000, high)
 }
 
-fn temp_dir(tag: &str) -> PathBuf {
-    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let dir = std::env::temp_dir().join(format!("dlm-test-{}-{tag}-{n}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
 impl Agent {
     /// Starts an agent with the given extra TOML configuration.
     pub fn start(tag: &str, config: &str) -> Agent {
@@ -224,7 +219,7 @@ impl Agent {
         if !env.iter().any(|(key, _)| *key == "DLM_NO_EBPF") {
             env.push(("DLM_NO_EBPF", "true".into()));
         }
-        let dir = temp_dir(tag);
+        let dir = Scratch::new(tag);
         if !wrapper.is_empty() {
             // A wrapped agent may run as another user: it makes its socket here.
             use std::os::unix::fs::PermissionsExt as _;
@@ -321,7 +316,7 @@ impl Drop for Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // Its directory goes with the field (kept if the test panicked).
     }
 }
 
@@ -448,14 +443,14 @@ impl Drop for LowMemoryCgroup {
 /// issuing each member's certificate and its `[tls]` section.
 pub struct TestPki {
     /// The CA's directory, where certificates are issued too.
-    pub dir: PathBuf,
+    pub dir: Scratch,
     ca: dlm_agent::pki::Authority,
 }
 
 impl TestPki {
     /// A new CA.
     pub fn new(tag: &str) -> TestPki {
-        let dir = temp_dir(&format!("{tag}-pki"));
+        let dir = Scratch::new(&format!("{tag}-pki"));
         let ca = dlm_agent::pki::Authority::open_or_create(&dir, &format!("{tag} CA")).expect("a CA");
         TestPki { dir, ca }
     }
@@ -479,12 +474,6 @@ impl TestPki {
             cert.display(),
             key.display()
         )
-    }
-}
-
-impl Drop for TestPki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -20,8 +20,7 @@ async fn token_of(agent: &Agent, name: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_grow_through_a_lockspace_recreated_and_restarts_clean_or_killed() {
-    let state = std::env::temp_dir().join(format!("dlm-tokens-state-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&state);
+    let state = support::Scratch::new("tokens-state");
     let mut tokens = Vec::new();
 
     let agent = Agent::start_with_state_dir("tokens-1", "", &state);
@@ -61,7 +60,6 @@ async fn tokens_grow_through_a_lockspace_recreated_and_restarts_clean_or_killed(
         .expect("run");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains("not reset"), "{stderr}");
-    let _ = std::fs::remove_dir_all(&state);
 }
 
 /// Node 1 starts in generation 5, node 2 in generation 1. Node 2 masters

@@ -92,14 +92,14 @@ fn main() {
         return;
     }
     let pairs_c = support::libdlm::compile("pairs", "dlm_lt");
-    let python = std::env::temp_dir().join(format!("dlm-bench-python-{}", std::process::id()));
+    let python = support::Scratch::new("bench-python");
     support::python::install_package(&python);
     let agent = Agent::start("bench-clients", "");
     let target = format!("unix:{}", agent.socket.display());
     let seconds = plan.seconds.to_string();
     let python_run = |script: &str| {
         let mut command = Command::new("python3");
-        command.args(["-c", script, &seconds, &target]).env("PYTHONPATH", &python);
+        command.args(["-c", script, &seconds, &target]).env("PYTHONPATH", python.path());
         program_pairs(&mut command) as f64
     };
     type Measure<'a> = Box<dyn Fn() -> f64 + 'a>;
@@ -144,5 +144,4 @@ fn main() {
         let report = json!({"runs": plan.runs, "seconds": plan.seconds, "placement": "unpinned", "clients": rows});
         std::fs::write(dir.join("clients.json"), serde_json::to_string_pretty(&report).expect("json")).expect("write");
     }
-    let _ = std::fs::remove_dir_all(&python);
 }

@@ -87,8 +87,8 @@ fn wait_all_back(cluster: &CorosyncCluster) {
 }
 
 async fn run(plan: &Plan) -> Result<()> {
-    let dir = std::env::temp_dir().join(format!("dlm-failover-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
+    // Dropped last, after the servers writing in it.
+    let dir = support::Scratch::new("failover-bench");
     let (_redis_server, redis_address) = start_redis(&dir).await?;
     let (_etcd_server, etcd_endpoint) = start_etcd(&dir).await?;
     let redis = Arc::new(Redis {

@@ -4,8 +4,10 @@ on the agent's Unix socket (grpcio then sends the socket path,
 percent-encoded, as the request authority) or on its TCP listener.
 Usage: python_grpc.py TARGET PROTO_DIR, TARGET being unix:PATH or HOST:PORT"""
 
+import atexit
 import os
 import queue
+import shutil
 import sys
 import tempfile
 import threading
@@ -16,6 +18,7 @@ from grpc_tools import protoc
 
 TARGET, PROTO_DIR = sys.argv[1], sys.argv[2]
 OUT = tempfile.mkdtemp(prefix="dlm-py-")
+atexit.register(shutil.rmtree, OUT, ignore_errors=True)  # generated stubs: not left in /tmp
 if protoc.main(["protoc", f"-I{PROTO_DIR}", f"--python_out={OUT}", f"--grpc_python_out={OUT}",
                 os.path.join(PROTO_DIR, "dlm/v1/dlm.proto")]) != 0:
     sys.exit("protoc failed")

@@ -8,7 +8,9 @@ just as plainly, naming limits.sessions_per_uid_max.
 Usage: python_quota.py TARGET PROTO_DIR SESSIONS CONNECTIONS"""
 
 import asyncio
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -18,6 +20,7 @@ from grpc_tools import protoc
 TARGET, PROTO_DIR = sys.argv[1], sys.argv[2]
 SESSIONS, CONNECTIONS = int(sys.argv[3]), int(sys.argv[4])
 OUT = tempfile.mkdtemp(prefix="dlm-py-quota-")
+atexit.register(shutil.rmtree, OUT, ignore_errors=True)  # generated stubs: not left in /tmp
 if protoc.main(["protoc", f"-I{PROTO_DIR}", f"--python_out={OUT}", f"--grpc_python_out={OUT}",
                 os.path.join(PROTO_DIR, "dlm/v1/dlm.proto")]) != 0:
     sys.exit("protoc failed")

@@ -6,7 +6,6 @@
 //! Needs root, `ip` and `corosync` ([`can_run`] says why not, and fails
 //! under `CI=true`).
 
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -134,7 +133,7 @@ impl Drop for Turn {
 pub struct CorosyncCluster {
     /// The namespaces (dropped last: the processes go first).
     pub hosts: Hosts,
-    dir: PathBuf,
+    dir: crate::Scratch,
     corosync: Vec<Option<Child>>,
     /// Node `i + 1`'s agent at index `i`, while it runs.
     pub agents: Vec<Option<Agent>>,
@@ -209,8 +208,7 @@ impl CorosyncCluster {
     ) -> CorosyncCluster {
         let turn = Turn::take();
         let hosts = Hosts::make(n);
-        let dir = std::env::temp_dir().join(format!("dlm-corosync-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let dir = crate::Scratch::new(&format!("corosync-{tag}"));
         let nodes: String = (0..n)
             .map(|i| format!("    node {{\n        ring0_addr: {}\n        nodeid: {}\n    }}\n", hosts.ip(i), i + 1))
             .collect();
@@ -421,7 +419,7 @@ impl Drop for CorosyncCluster {
         for i in 0..self.corosync.len() {
             self.kill_corosync(i);
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // The directory goes with the field, after every process in it.
     }
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use crate::under_ci;
+use crate::{Scratch, under_ci};
 
 /// Whether the header and a C compiler are here (else skip, or fail under CI).
 pub fn available() -> bool {
@@ -21,8 +21,9 @@ pub fn available() -> bool {
 /// A directory holding dlm's two libraries under their sonames, as cargo
 /// built them for this test's profile (`cargo xtask test` builds them
 /// first; no test depends on a shared library, so `cargo test` does not).
+/// It lasts as long as the test process (the next run removes it).
 pub fn library_dir() -> &'static Path {
-    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    static DIR: OnceLock<Scratch> = OnceLock::new();
     DIR.get_or_init(|| {
         let exe = std::env::current_exe().expect("the test executable's path");
         let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps").to_path_buf();
@@ -36,8 +37,7 @@ pub fn library_dir() -> &'static Path {
         );
         let sources = ["Cargo.lock", "libdlm", "dlm-client/src", "dlm-proto/src", "dlm-proto/proto", "dlm-core/src"];
         let newest = crate::newest_source(&sources);
-        let dir = std::env::temp_dir().join(format!("dlm-libdlm-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("library dir");
+        let dir = Scratch::new("libdlm");
         for (file, soname) in [("libdlm.so", "libdlm.so.3"), ("libdlm_lt.so", "libdlm_lt.so.3")] {
             let built = profile_dir.join(file);
             let Some(when) = std::fs::metadata(&built).and_then(|m| m.modified()).ok() else {
@@ -55,10 +55,12 @@ pub fn library_dir() -> &'static Path {
 }
 
 /// Compiles `tests/libdlm/<name>.c` against Debian's header, linked with
-/// `library` (`dlm` or `dlm_lt`) as Debian installs it.
+/// `library` (`dlm` or `dlm_lt`) as Debian installs it, into a directory
+/// that lasts as long as the test process (the next run removes it).
 pub fn compile(name: &str, library: &str) -> PathBuf {
+    static PROGRAMS: OnceLock<Scratch> = OnceLock::new();
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("libdlm").join(format!("{name}.c"));
-    let out = std::env::temp_dir().join(format!("dlm-libdlm-{name}-{}", std::process::id()));
+    let out = PROGRAMS.get_or_init(|| Scratch::new("libdlm-programs")).join(format!("{name}-{library}"));
     let compiled = Command::new("cc")
         .args(["-Wall", "-Wextra", "-Werror", "-O1", "-o"])
         .arg(&out)

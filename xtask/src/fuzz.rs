@@ -7,8 +7,6 @@
 //! (`-s address` if it was found with `--sanitizer address`)
 //! and make it a regression test.
 
-use std::process::Command;
-
 /// Every target, in the order they run.
 pub const TARGETS: &[&str] = &["framed_frames", "client_messages", "peer_wire", "config_toml"];
 
@@ -89,7 +87,7 @@ pub fn run_target(target: &'static str, options: &Options) -> Result<Outcome, St
         args.push(format!("-runs={runs}"));
     }
     eprintln!("xtask: $ cargo {}", args.join(" "));
-    let mut child = Command::new("cargo")
+    let mut child = crate::cargo()
         .args(&args)
         .stderr(std::process::Stdio::piped())
         .spawn()

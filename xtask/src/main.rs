@@ -117,8 +117,21 @@ fn main() -> ExitCode {
 /// Runs a step, echoing it first so a CI log shows what failed.
 pub(crate) fn run(program: &str, args: &[&str]) -> Result<(), String> {
     eprintln!("xtask: $ {program} {}", args.join(" "));
-    let status = Command::new(program).args(args).status().map_err(|e| format!("cannot run {program}: {e}"))?;
+    let mut command = if program == "cargo" { cargo() } else { Command::new(program) };
+    let status = command.args(args).status().map_err(|e| format!("cannot run {program}: {e}"))?;
     if status.success() { Ok(()) } else { Err(format!("`{program} {}` failed ({status})", args.join(" "))) }
+}
+
+/// A cargo command. Under CI (`CI` set) without incremental compilation:
+/// a clean clone's build gains nothing from it, and its state would be
+/// about 3 GB more on the disk that the whole run shares (a full disk
+/// failed a CI run).
+pub(crate) fn cargo() -> Command {
+    let mut command = Command::new("cargo");
+    if std::env::var_os("CI").is_some() {
+        command.env("CARGO_INCREMENTAL", "0");
+    }
+    command
 }
 
 /// The simulation runs with the test profile: optimised, with the engine's
@@ -172,7 +185,7 @@ fn test() -> Result<(), String> {
     fuzz::report(&smoke)?;
     // The crate docs must build without broken links.
     eprintln!("xtask: $ RUSTDOCFLAGS=\"-D warnings\" cargo doc --workspace --no-deps --locked");
-    let status = Command::new("cargo")
+    let status = cargo()
         .args(["doc", "--workspace", "--no-deps", "--locked"])
         .env("RUSTDOCFLAGS", "-D warnings")
         .status()
@@ -208,7 +221,7 @@ fn dashboards() -> Result<(), String> {
     // The test runs the agent binary, which only a build of dlm-agent's
     // own targets makes (see `tests/support.rs`): build it first.
     run("cargo", &["build", "--locked", "--package", "dlm-agent", "--bin", "dlm-agent"])?;
-    let status = Command::new("cargo")
+    let status = cargo()
         .args(["test", "--locked", "--package", "dlm-tests", "--test", "dashboards", "every_panel"])
         .env("DLM_DASHBOARD_DATA", absolute)
         .status()
@@ -249,7 +262,7 @@ fn nemesis(args: &[String]) -> Result<(), String> {
     }
     // The test runs the agent binary a build of dlm-agent's own targets makes.
     run("cargo", &["build", "--locked", "--package", "dlm-agent", "--bin", "dlm-agent"])?;
-    let mut command = Command::new("cargo");
+    let mut command = cargo();
     command
         .args(["test", "--locked", "--package", "dlm-tests", "--test", "nemesis", "--", "--nocapture"])
         .env("DLM_NEMESIS_SECONDS", seconds.to_string());

@@ -110,11 +110,8 @@ impl Report {
 pub(crate) fn cargo_messages(args: &[&str]) -> Result<Vec<Value>, String> {
     use std::io::BufRead;
     eprintln!("xtask: $ cargo {}", args.join(" "));
-    let mut child = Command::new("cargo")
-        .args(args)
-        .stdout(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot run cargo: {e}"))?;
+    let mut child =
+        crate::cargo().args(args).stdout(Stdio::piped()).spawn().map_err(|e| format!("cannot run cargo: {e}"))?;
     let mut messages = Vec::new();
     let stdout = child.stdout.take().expect("piped");
     for line in std::io::BufReader::new(stdout).lines() {

@@ -176,7 +176,7 @@ fn ebpf_toolchain() -> Result<(), String> {
     for (tool, version, why) in CARGO_TOOLS {
         // cargo-fuzz answers `cargo fuzz --version`, bpf-linker its own.
         let shown = match tool.strip_prefix("cargo-") {
-            Some(sub) => Command::new("cargo").args([sub, "--version"]).output(),
+            Some(sub) => crate::cargo().args([sub, "--version"]).output(),
             None => Command::new(tool).arg("--version").output(),
         };
         if !shown.as_ref().is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains(version)) {
