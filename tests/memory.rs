@@ -28,8 +28,10 @@
 //! By hand (figures, not checks): `DLM_SQUEEZE_SECS` (60), `DLM_SQUEEZE_TOKEN_MS`
 //! (1000), `DLM_SQUEEZE_COROSYNC=1` to squeeze node 2's corosync with its
 //! agent, `DLM_SQUEEZE_HOGS=0` for the same run without the hogs,
-//! `DLM_SQUEEZE_RESIDENT=off` for node 2's agent not resident. What
-//! they showed is in the README's "Memory pressure".
+//! `DLM_SQUEEZE_RESIDENT=off` for node 2's agent not resident,
+//! `DLM_SQUEEZE_REALTIME=0` for the membership's threads at normal
+//! priority (on every node). What they showed is in the README's "Memory
+//! pressure".
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -91,12 +93,7 @@ while time.time() < end:
 
 /// Starts an agent inside `cgroup` from a copy of the binary made there.
 fn start_in(cgroup: &LowMemoryCgroup, tag: &str, config: &str, copy: &Path) -> Agent {
-    let script = format!(
-        "echo $$ > {} && cp \"$0\" {} && exec {} \"$@\"",
-        cgroup.procs().display(),
-        copy.display(),
-        copy.display()
-    );
+    let script = format!("{} && cp \"$0\" {} && exec {} \"$@\"", cgroup.enter(), copy.display(), copy.display());
     Agent::start_wrapped(tag, config, &[], &["sh", "-c", &script])
 }
 
@@ -216,7 +213,7 @@ async fn a_resident_agent_reads_nothing_back_while_its_cgroup_is_squeezed() {
 
 /// What a squeeze did: the round trips of two sessions locking while it
 /// ran and their requests that failed, the hogs started and killed, the
-/// times the cgroup's limit was hit, and the machine's pressure stalls.
+/// times the cgroup's limit was hit, and the memory stalls.
 struct Squeeze {
     first: Vec<Duration>,
     second: Vec<Duration>,
@@ -227,48 +224,60 @@ struct Squeeze {
     pressure: Pressure,
 }
 
-/// The share of a squeeze's time that some or all tasks stalled on memory
-/// (`/proc/pressure/memory`'s totals, taken before and after). cgroup v1
-/// has no pressure file per cgroup, so these are the machine's: every node
-/// of the cluster tests shares it.
+/// The share of a squeeze's time that some or all tasks stalled on memory,
+/// from the pressure totals taken before and after: the machine's
+/// (`/proc/pressure/memory`, which every node of the cluster tests shares)
+/// and the squeezed cgroup's own (its processes only: the squeezed node's).
 #[derive(Debug, Default)]
 struct Pressure {
+    machine: Shares,
+    cgroup: Option<Shares>,
+}
+
+/// `some` and `full` as shares of a time.
+#[derive(Debug, Default, Clone, Copy)]
+struct Shares {
     some: f64,
     full: f64,
 }
 
-/// `/proc/pressure/memory`'s `some` and `full` totals (µs), if the kernel has PSI.
-fn memory_stalls() -> Option<(u64, u64)> {
-    let text = std::fs::read_to_string("/proc/pressure/memory").ok()?;
-    let total = |kind: &str| {
-        text.lines()
-            .find(|l| l.starts_with(kind))?
-            .split_whitespace()
-            .find_map(|f| f.strip_prefix("total=")?.parse::<u64>().ok())
-    };
-    Some((total("some")?, total("full")?))
+impl Shares {
+    fn between(before: (u64, u64), after: (u64, u64), elapsed: Duration) -> Shares {
+        let elapsed = elapsed.as_micros() as f64;
+        Shares { some: (after.0 - before.0) as f64 / elapsed, full: (after.1 - before.1) as f64 / elapsed }
+    }
+}
+
+impl std::fmt::Display for Shares {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "some {:.1} %, full {:.1} % of the time", self.some * 100.0, self.full * 100.0)
+    }
+}
+
+/// The machine's memory stall totals, if the kernel has PSI.
+fn machine_stalls() -> Option<(u64, u64)> {
+    support::memory_stall_totals(Path::new("/proc/pressure/memory"))
 }
 
 /// Squeezes `cgroup` for `time` while `first` and `second` lock.
 async fn squeeze(cgroup: &LowMemoryCgroup, first: &Session, second: &Session, time: Duration) -> Squeeze {
     let failures = cgroup.value("memory.failcnt");
-    let stalls = memory_stalls();
+    let stalls = (machine_stalls(), cgroup.stalls());
     let began = Instant::now();
     let end = began + time;
-    let procs = cgroup.procs();
+    let (enter, dir) = (cgroup.enter(), cgroup.path().to_path_buf());
     // `DLM_SQUEEZE_HOGS=0` by hand: the same run with no hog, to tell
     // what the squeeze does from what the load does.
     let hogs_on = std::env::var("DLM_SQUEEZE_HOGS").map_or(true, |v| v != "0");
-    let hogs = std::thread::spawn(move || if hogs_on { squeeze_until(&procs, end) } else { (0, 0) });
+    let hogs = std::thread::spawn(move || if hogs_on { squeeze_until(&enter, &dir, end) } else { (0, 0) });
     let ((first, mut failed), (second, failed_too)) = tokio::join!(lock_until(first, end), lock_until(second, end));
     failed.extend(failed_too);
     let (hogs, killed) = hogs.join().expect("the hogs' waiter");
-    let elapsed = began.elapsed().as_micros() as f64;
-    let pressure = match (stalls, memory_stalls()) {
-        (Some(before), Some(after)) => {
-            Pressure { some: (after.0 - before.0) as f64 / elapsed, full: (after.1 - before.1) as f64 / elapsed }
-        }
-        _ => Pressure::default(),
+    let elapsed = began.elapsed();
+    let share = |before: Option<(u64, u64)>, after| Some(Shares::between(before?, after?, elapsed));
+    let pressure = Pressure {
+        machine: share(stalls.0, machine_stalls()).unwrap_or_default(),
+        cgroup: share(stalls.1, cgroup.stalls()),
     };
     Squeeze { first, second, failed, hogs, killed, failures: cgroup.value("memory.failcnt") - failures, pressure }
 }
@@ -277,14 +286,13 @@ async fn squeeze(cgroup: &LowMemoryCgroup, first: &Session, second: &Session, ti
 /// the cgroup until the kernel has reclaimed all it can and kills the hog
 /// (the highest OOM score); the next one starts at once. Returns how many
 /// ran and how many were killed.
-fn squeeze_until(procs: &Path, end: Instant) -> (u32, u32) {
-    let dir = procs.parent().expect("the cgroup's directory");
+fn squeeze_until(enter: &str, dir: &Path, end: Instant) -> (u32, u32) {
     let (mut started, mut killed) = (0, 0);
     while Instant::now() < end {
         let seconds = end.saturating_duration_since(Instant::now()).as_secs_f64();
         let status = Command::new("sh")
             .arg("-c")
-            .arg(format!("echo $$ > {} && exec python3 -c \"$0\" \"$@\"", procs.display()))
+            .arg(format!("{enter} && exec python3 -c \"$0\" \"$@\""))
             .args([HOG, &dir.display().to_string(), &seconds.to_string()])
             .stdout(Stdio::null())
             .status()
@@ -338,6 +346,16 @@ fn residency_of_node_2() -> String {
     format!("[memory]\nresident = \"{mode}\"\n")
 }
 
+/// Every node's `[cluster] realtime_priority` (the membership's threads):
+/// the default unless `DLM_SQUEEZE_REALTIME` gives one (by hand, `0` shows
+/// what real-time priority buys).
+fn realtime_of_nodes() -> (String, Option<u8>) {
+    match std::env::var("DLM_SQUEEZE_REALTIME").ok().and_then(|v| v.parse::<u8>().ok()) {
+        Some(priority) => (format!("realtime_priority = {priority}\n"), Some(priority)),
+        None => (String::new(), None),
+    }
+}
+
 /// A node whose memory is squeezed is still a healthy member: it stays in
 /// the view (its agent, resident, does not stall) and keeps serving the
 /// resources it masters to the other nodes. Node 2's agent is put in a
@@ -378,9 +396,10 @@ async fn squeezed_node_stays_in_the_view(name: &str, tag: &str, token: u32, knet
     }
     // Made first, so that it goes last: after the processes in it.
     let cgroup = LowMemoryCgroup::create(tag, LIMIT).expect("a memory cgroup (root)");
+    let (realtime, priority) = realtime_of_nodes();
     let mut cluster = match knet_ping {
-        Some(ping) => CorosyncCluster::start_with_knet_ping(tag, 3, token, ping, ""),
-        None => CorosyncCluster::start(tag, 3, token, ""),
+        Some(ping) => CorosyncCluster::start_with_knet_ping(tag, 3, token, ping, &realtime),
+        None => CorosyncCluster::start(tag, 3, token, &realtime),
     };
     // Node 2's agent again, from a copy of its own made in the cgroup: its
     // pages are its own (the other agents map the shared binary's) and
@@ -391,8 +410,8 @@ async fn squeezed_node_stays_in_the_view(name: &str, tag: &str, token: u32, knet
     // Run as `sh -c SCRIPT ip netns exec NS BIN ARGS…`: into the cgroup
     // and the copy made outside the namespace, whose `/sys` is its own.
     let script = format!(
-        "ns=$3; bin=$4; shift 4; echo $$ > {} && cp \"$bin\" {copy} && exec ip netns exec \"$ns\" {copy} \"$@\"",
-        cgroup.procs().display(),
+        "ns=$3; bin=$4; shift 4; {} && cp \"$bin\" {copy} && exec ip netns exec \"$ns\" {copy} \"$@\"",
+        cgroup.enter(),
         copy = copy.display()
     );
     cluster.start_agent_through(1, &residency_of_node_2(), &["sh", "-c", &script]);
@@ -412,10 +431,13 @@ async fn squeezed_node_stays_in_the_view(name: &str, tag: &str, token: u32, knet
     if squeeze_corosync() {
         // By hand: node 2's corosync joins the cgroup with its pages (cgroup
         // v1's move_charge_at_immigrate: anonymous and mapped file pages).
-        let dir = cgroup.procs().parent().expect("the cgroup's directory").to_path_buf();
-        let _ = std::fs::write(dir.join("memory.move_charge_at_immigrate"), "3");
-        std::fs::write(cgroup.procs(), cluster.corosync_pid(1).to_string()).expect("move node 2's corosync");
+        let _ = std::fs::write(cgroup.path().join("memory.move_charge_at_immigrate"), "3");
+        cgroup.join(cluster.corosync_pid(1));
     }
+    // As root, the membership's threads (lease, cpg, quorum; no watchdog
+    // here) run at real-time priority unless it is turned off.
+    let realtime_threads = metric_value(&cluster.agent(1).metrics(), "dlm_cluster_membership_realtime_threads");
+    assert_eq!(realtime_threads, if priority == Some(0) { 0.0 } else { 3.0 }, "{}", cluster.agent(1).log());
     let agent = cluster.agent(1).pid();
     let corosync = cluster.corosync_pid(1);
     let faults_before = (faults(agent), faults(corosync));
@@ -427,13 +449,16 @@ async fn squeezed_node_stays_in_the_view(name: &str, tag: &str, token: u32, knet
     let reads = storage_reads(agent) - reads_before;
     let (corosync_major, corosync_minor) = since(faults(corosync), faults_before.1);
     let where_corosync = if squeeze_corosync() { "squeezed with the agent" } else { "in its own cgroup" };
-    eprintln!("squeeze of {time:?}, token {token} ms, node 2's corosync {where_corosync}");
-    eprintln!("{hogs} hogs started, {killed} of them killed; the limit was hit {failures} times");
     eprintln!(
-        "memory pressure (the machine's): some {:.1} %, full {:.1} % of the time",
-        pressure.some * 100.0,
-        pressure.full * 100.0
+        "squeeze of {time:?}, token {token} ms, node 2's corosync {where_corosync}; {realtime_threads} membership \
+         threads at real-time priority"
     );
+    eprintln!("{hogs} hogs started, {killed} of them killed; the limit was hit {failures} times");
+    eprintln!("memory pressure of the machine (every node's): {}", pressure.machine);
+    match pressure.cgroup {
+        Some(node2) => eprintln!("memory pressure of node 2 (its cgroup: its agent and the hogs): {node2}"),
+        None => eprintln!("memory pressure of node 2: not kept for its cgroup on this machine (no cgroup v2)"),
+    }
     // Reads reported, not checked: in one run of about eight with the
     // machine's RAM full of page cache, this agent (resident: its mappings
     // locked) still had 416 KiB read for it from storage, source not found

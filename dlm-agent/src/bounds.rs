@@ -116,6 +116,17 @@ const _: () = assert!(
     *PEER_QUEUE_MAX_RANGE.start() <= PEER_QUEUE_MAX_DEFAULT && PEER_QUEUE_MAX_DEFAULT <= *PEER_QUEUE_MAX_RANGE.end()
 );
 
+/// The real-time priority the membership's threads take unless configured
+/// (`[cluster] realtime_priority`, see `membership::realtime`): above every
+/// normal task, below corosync's (99) and the kernel's own real-time
+/// threads (99).
+pub const REALTIME_PRIORITY_DEFAULT: u8 = 10;
+
+/// The priorities `realtime_priority` takes: 0 (off: normal priority) to 98.
+pub const REALTIME_PRIORITY_RANGE: std::ops::RangeInclusive<u8> = 0..=98;
+
+const _: () = assert!(REALTIME_PRIORITY_DEFAULT <= *REALTIME_PRIORITY_RANGE.end());
+
 /// Queued batches a peer dialer writes in one go at most.
 pub const PEER_WRITE_BATCHES_MAX: usize = 64;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{ConfigError, in_range, invalid, parse_addr, parse_duration};
-use crate::bounds::{PEER_QUEUE_MAX_DEFAULT, PEER_QUEUE_MAX_RANGE};
+use crate::bounds::{PEER_QUEUE_MAX_DEFAULT, PEER_QUEUE_MAX_RANGE, REALTIME_PRIORITY_DEFAULT, REALTIME_PRIORITY_RANGE};
 
 /// Where the members and their changes come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -58,6 +58,9 @@ pub struct ClusterSettings {
     /// otherwise: how long a lock taken from a lost node stays in the way of
     /// conflicting requests (see the README's "Lock-delay").
     pub lock_delay: Duration,
+    /// The `SCHED_RR` priority of the membership's threads when permitted
+    /// (0: normal priority); see `membership::realtime`.
+    pub realtime_priority: u8,
 }
 
 /// The `[cluster.fencing]` section.
@@ -141,6 +144,7 @@ pub(super) struct FileCluster {
     peer_timeout: Option<String>,
     peer_queue_max: Option<usize>,
     lock_delay: Option<String>,
+    realtime_priority: Option<u8>,
     #[serde(default)]
     fencing: FileFencing,
 }
@@ -191,7 +195,11 @@ pub(super) fn cluster_settings(file: FileCluster) -> Result<ClusterSettings, Con
         },
         members: file.member,
         lock_delay: duration("cluster.lock_delay", file.lock_delay, dlm_core::LOCK_DELAY_DEFAULT)?,
+        realtime_priority: file.realtime_priority.unwrap_or(REALTIME_PRIORITY_DEFAULT),
     };
+    if !REALTIME_PRIORITY_RANGE.contains(&settings.realtime_priority) {
+        return Err(invalid("cluster.realtime_priority", in_range(&REALTIME_PRIORITY_RANGE)));
+    }
     if settings.lock_delay > super::LOCK_DELAY_MAX {
         return Err(invalid("cluster.lock_delay", "must be at most 10m"));
     }

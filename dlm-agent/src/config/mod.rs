@@ -246,7 +246,7 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 }
 
 /// "must be from A to B", from the bound itself.
-fn in_range(range: &std::ops::RangeInclusive<usize>) -> String {
+fn in_range<T: std::fmt::Display>(range: &std::ops::RangeInclusive<T>) -> String {
     format!("must be from {} to {}", range.start(), range.end())
 }
 
@@ -541,6 +541,22 @@ mod tests {
         assert!(error.contains("lock_delay"), "{error}");
         let error = load(&text("", "lock_delay = \"soon\"\n")).expect_err("not a duration").to_string();
         assert!(error.contains("lock_delay") || error.contains("unit"), "{error}");
+    }
+
+    #[test]
+    fn the_membership_threads_priority_defaults_and_is_bounded() {
+        let text = |line: &str| {
+            format!(
+                "[tls]\ninsecure = true\n[cluster]\nname = \"c\"\nnode_id = 1\n{line}[[cluster.member]]\nid = 1\n\
+                 address = \"127.0.0.1:7400\"\n"
+            )
+        };
+        let load = |text: &str| Config::from_text(None, Some(text), &Overrides::default());
+        let priority = |config: Config| config.cluster.expect("a cluster").realtime_priority;
+        assert_eq!(priority(load(&text("")).expect("valid")), crate::bounds::REALTIME_PRIORITY_DEFAULT);
+        assert_eq!(priority(load(&text("realtime_priority = 0\n")).expect("valid")), 0);
+        let error = load(&text("realtime_priority = 99\n")).expect_err("corosync's").to_string();
+        assert!(error.contains("cluster.realtime_priority") && error.contains("0 to 98"), "{error}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use rust_corosync::{cmap, quorum};
 
+use super::realtime::Realtime;
 use crate::lease::{Lease, Timing};
 
 /// Reads the running corosync's token and consensus timeouts (cmap's
@@ -80,10 +81,11 @@ const TIMING_RECHECK: Duration = Duration::from_secs(1);
 ///
 /// # Errors
 /// The thread cannot be made.
-pub fn spawn_lease_asker(lease: Arc<Lease>) -> Result<(), String> {
+pub fn spawn_lease_asker(lease: Arc<Lease>, realtime: Realtime) -> Result<(), String> {
     std::thread::Builder::new()
         .name("dlm-lease".into())
         .spawn(move || {
+            let _realtime = realtime.enter("dlm-lease");
             loop {
                 let model = quorum::ModelData::ModelV1(quorum::Model1Data {
                     flags: quorum::Model1Flags::None,

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use dlm_core::cluster::agree::CpgMember;
 
+use super::realtime::Realtime;
 use crate::lease::Timing;
 
 /// What corosync said, in the order it said it.
@@ -63,11 +64,13 @@ fn emit(event: Event) {
 ///
 /// # Errors
 /// Started twice in one process, or a thread cannot be made.
-pub fn spawn(group: String, events: mpsc::Sender<Event>) -> Result<(), String> {
+pub fn spawn(group: String, events: mpsc::Sender<Event>, realtime: &Realtime) -> Result<(), String> {
     EVENTS.set(events).map_err(|_| "the corosync membership is started once per process".to_string())?;
     let thread = |name: &str| std::thread::Builder::new().name(name.to_string());
+    let (cpg_realtime, quorum_realtime) = (realtime.clone(), realtime.clone());
     thread("dlm-cpg")
         .spawn(move || {
+            let _realtime = cpg_realtime.enter("dlm-cpg");
             loop {
                 emit(Event::CpgLost(run_cpg(&group)));
                 std::thread::sleep(RECONNECT_PAUSE);
@@ -75,7 +78,8 @@ pub fn spawn(group: String, events: mpsc::Sender<Event>) -> Result<(), String> {
         })
         .map_err(|e| e.to_string())?;
     thread("dlm-quorum")
-        .spawn(|| {
+        .spawn(move || {
+            let _realtime = quorum_realtime.enter("dlm-quorum");
             loop {
                 emit(Event::QuorumLost(run_quorum()));
                 std::thread::sleep(RECONNECT_PAUSE);

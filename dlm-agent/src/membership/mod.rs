@@ -22,6 +22,7 @@ mod ask;
 mod corosync;
 mod fencing;
 mod message;
+mod realtime;
 mod watchdog;
 
 pub use watchdog::Watchdog;
@@ -37,6 +38,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use self::corosync::Event;
+use self::realtime::Realtime;
 use crate::command::{Command, DriverHandle, MembershipStatus};
 use crate::config::ClusterSettings;
 use crate::generation;
@@ -54,6 +56,7 @@ pub struct MembershipMetrics {
     fencing: IntCounterVec,
     lease_lapses: prometheus::IntCounter,
     lease_bound: prometheus::Gauge,
+    realtime_threads: prometheus::IntGauge,
 }
 
 impl MembershipMetrics {
@@ -104,6 +107,16 @@ impl MembershipMetrics {
                 metrics.register(Box::new(gauge.clone()));
                 gauge
             },
+            realtime_threads: {
+                let gauge = prometheus::IntGauge::new(
+                    "dlm_cluster_membership_realtime_threads",
+                    "The membership's threads (lease, corosync dispatch, watchdog) running at real-time priority: \
+                     0 when `[cluster] realtime_priority` is 0 or the agent may not (CAP_SYS_NICE)",
+                )
+                .expect("valid metric");
+                metrics.register(Box::new(gauge.clone()));
+                gauge
+            },
         }
     }
 }
@@ -139,15 +152,16 @@ pub async fn start(
         "corosync's timeouts"
     );
     metrics.lease_bound.set(timing.bound().as_secs_f64());
-    let watchdog = settings.fencing.watchdog.as_deref().map(Watchdog::start).transpose()?;
+    let realtime = Realtime::new(settings.realtime_priority, metrics.realtime_threads.clone());
+    let watchdog = settings.fencing.watchdog.as_deref().map(|device| Watchdog::start(device, &realtime)).transpose()?;
     lease.arm(timing.bound(), std::time::Instant::now());
     let (events, receiver) = mpsc::channel(EVENTS_MAX);
-    ask::spawn_lease_asker(lease.clone())?;
+    ask::spawn_lease_asker(lease.clone(), realtime.clone())?;
     let told = events.clone();
     ask::spawn_timing_watch(lease.clone(), timing, move |timing| {
         let _ = told.blocking_send(Event::Timing(timing));
     })?;
-    corosync::spawn(settings.cpg_group(), events.clone())?;
+    corosync::spawn(settings.cpg_group(), events.clone(), &realtime)?;
     let agreement = Agreement::new(settings.node_id, settings.members.iter().map(|m| (m.id, m.weight)), incarnation)
         .after_epoch(generation);
     let task = MembershipTask {

@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use rust_corosync::quorum;
 
+use super::realtime::Realtime;
+
 /// How often the device is fed.
 const FEED_INTERVAL: Duration = Duration::from_secs(1);
 /// How often the thread looks for a disarm.
@@ -43,7 +45,7 @@ impl Watchdog {
     /// # Errors
     /// The device cannot be opened (softdog not loaded, no permission), or
     /// the thread cannot be made.
-    pub fn start(device: &Path) -> Result<Watchdog, String> {
+    pub fn start(device: &Path, realtime: &Realtime) -> Result<Watchdog, String> {
         let file = std::fs::OpenOptions::new()
             .write(true)
             .open(device)
@@ -52,9 +54,11 @@ impl Watchdog {
         let watchdog =
             Watchdog { member: Arc::default(), disarm: Arc::default(), disarmed: Arc::new(Mutex::new(disarmed)) };
         let (member, disarm, device) = (watchdog.member.clone(), watchdog.disarm.clone(), device.to_path_buf());
+        let realtime = realtime.clone();
         std::thread::Builder::new()
             .name("dlm-watchdog".into())
             .spawn(move || {
+                let _realtime = realtime.enter("dlm-watchdog");
                 feed(file, &device, &member, &disarm);
                 let _ = done.send(());
             })
