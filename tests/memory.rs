@@ -30,8 +30,10 @@
 //! agent, `DLM_SQUEEZE_HOGS=0` for the same run without the hogs,
 //! `DLM_SQUEEZE_RESIDENT=off` for node 2's agent not resident,
 //! `DLM_SQUEEZE_REALTIME=0` for the membership's threads at normal
-//! priority (on every node). What they showed is in the README's "Memory
-//! pressure".
+//! priority (on every node), `DLM_SQUEEZE_GROW=N` for node 2 taking N new
+//! locks a second and holding them, `DLM_SQUEEZE_RESERVE_LOCKS=N` for node
+//! 2's `[memory] reserve_locks`. What they showed is in the README's
+//! "Memory pressure".
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -141,6 +143,38 @@ async fn lock_until(session: &Session, end: Instant) -> (Vec<Duration>, Vec<Stri
         }
     }
     (times, failed)
+}
+
+/// Takes new locks (`g/0`, `g/1`, …) on `session`, `per_second` of them,
+/// and holds them until `end`: the agent's tables grow while the node is
+/// squeezed. Returns each grant's time and the requests that failed.
+async fn grow_until(session: &Session, end: Instant, per_second: u32) -> (Vec<Duration>, Vec<String>) {
+    let (mut times, mut failed, mut held) = (Vec::new(), Vec::new(), Vec::new());
+    if per_second == 0 {
+        return (times, failed);
+    }
+    let every = Duration::from_secs(1) / per_second;
+    let mut next = Instant::now();
+    while Instant::now() < end {
+        let start = Instant::now();
+        match session.lock("default", format!("g/{}", held.len()), Mode::Ex, LockOptions::default()).await {
+            Ok(guard) => {
+                times.push(start.elapsed());
+                held.push(guard);
+            }
+            Err(e) => failed.push(format!("grow: {e:?}")),
+        }
+        next += every;
+        tokio::time::sleep_until(next.into()).await;
+    }
+    drop(held);
+    (times, failed)
+}
+
+/// New locks per second node 2 takes and holds during its squeeze: 0 (by
+/// hand, `DLM_SQUEEZE_GROW`, to see what growing under pressure costs).
+fn growth_of_node_2() -> u32 {
+    std::env::var("DLM_SQUEEZE_GROW").ok().and_then(|v| v.parse().ok()).unwrap_or(0)
 }
 
 fn summary(times: &mut [Duration]) -> String {
@@ -343,7 +377,9 @@ fn without_the_capability_required_refuses_to_start_and_auto_warns() {
 /// `DLM_SQUEEZE_RESIDENT=off` shows what residency buys in the cluster.
 fn residency_of_node_2() -> String {
     let mode = std::env::var("DLM_SQUEEZE_RESIDENT").unwrap_or_else(|_| "auto".into());
-    format!("[memory]\nresident = \"{mode}\"\n")
+    // By hand, `DLM_SQUEEZE_RESERVE_LOCKS` sets room aside for that many locks.
+    let reserve = std::env::var("DLM_SQUEEZE_RESERVE_LOCKS").unwrap_or_else(|_| "0".into());
+    format!("[memory]\nresident = \"{mode}\"\nreserve_locks = {reserve}\n")
 }
 
 /// Every node's `[cluster] realtime_priority` (the membership's threads):
@@ -443,8 +479,14 @@ async fn squeezed_node_stays_in_the_view(name: &str, tag: &str, token: u32, knet
     let faults_before = (faults(agent), faults(corosync));
     let reads_before = storage_reads(agent);
     let time = node_squeeze();
-    let Squeeze { first: mut from_node1, second: mut on_node2, failed, hogs, killed, failures, pressure } =
-        squeeze(&cgroup, &remote, &local, time).await;
+    let grower = cluster.agent(1).client().await.session().await.expect("session");
+    let (squeezed, (mut grown, grow_failed)) = tokio::join!(
+        squeeze(&cgroup, &remote, &local, time),
+        grow_until(&grower, Instant::now() + time, growth_of_node_2())
+    );
+    let Squeeze { first: mut from_node1, second: mut on_node2, mut failed, hogs, killed, failures, pressure } =
+        squeezed;
+    failed.extend(grow_failed);
     let (major, minor) = since(faults(agent), faults_before.0);
     let reads = storage_reads(agent) - reads_before;
     let (corosync_major, corosync_minor) = since(faults(corosync), faults_before.1);
@@ -464,10 +506,14 @@ async fn squeezed_node_stays_in_the_view(name: &str, tag: &str, token: u32, knet
     // locked) still had 416 KiB read for it from storage, source not found
     // yet (issue 31's note); the test above checks that a resident agent
     // reads nothing. Not resident (`DLM_SQUEEZE_RESIDENT=off`): 6.4 GB.
-    eprintln!("node 2's agent: {reads} bytes read back, {major} major, {minor} minor faults");
+    let locked = metric_value(&cluster.agent(1).metrics(), "dlm_memory_locked_bytes") / f64::from(1 << 20);
+    eprintln!("node 2's agent: {reads} bytes read back, {major} major, {minor} minor faults; {locked:.0} MiB locked");
     eprintln!("node 2's corosync: {corosync_major} major, {corosync_minor} minor faults");
     eprintln!("node 1 locking r (mastered on node 2): {}", summary(&mut from_node1));
     eprintln!("node 2 locking r: {}", summary(&mut on_node2));
+    if !grown.is_empty() {
+        eprintln!("node 2 taking new locks and holding them: {}", summary(&mut grown));
+    }
 
     assert!(failures > 0 && killed > 0, "no squeeze: the limit was hit {failures} times, {killed} hogs killed");
     assert!(failed.is_empty(), "{} requests failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);

@@ -62,6 +62,10 @@ const BLOCKING_THREAD_KEEP_ALIVE: std::time::Duration = std::time::Duration::fro
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if matches!(args.command, Command::Run(_)) {
+        // Before the runtime's threads exist (see `resident::one_arena`).
+        dlm_agent::resident::one_arena();
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.worker_threads(worker_threads());
     builder.on_thread_park(dlm_agent::spin::before_park).on_thread_unpark(dlm_agent::spin::after_unpark);

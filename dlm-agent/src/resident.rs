@@ -111,6 +111,57 @@ fn keep_freed_memory() {
     }
 }
 
+/// One malloc arena for every thread. glibc gives each new thread that
+/// allocates an arena of its own, so a reserve made on one thread would not
+/// serve another's growth; the agent's engine runs on one worker and few
+/// other threads allocate, so sharing costs nothing measurable. Must run
+/// before any other thread exists (`main` does, for `run`).
+pub fn one_arena() {
+    // SAFETY: mallopt only sets malloc's tunables; no other thread yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
+/// The largest block that comes from the heap once a reserve is made:
+/// glibc's ceiling for `M_MMAP_THRESHOLD` on 64-bit. Above it a block has a
+/// mapping of its own, made when it is allocated.
+const HEAP_BLOCK_MAX: usize = 32 << 20;
+
+/// The reserve is allocated in pieces of this size: below the threshold,
+/// so they come from the heap and, freed, stay in it.
+const RESERVE_PIECE: usize = 1 << 20;
+
+/// Sets aside `bytes` of heap at start, for the growth of the agent's
+/// tables under memory pressure: allocated, every page touched (and locked,
+/// for a resident agent), then freed into the heap, which malloc does not
+/// trim (see [`make_resident`]). Blocks up to 32 MiB (a lock
+/// table doubling, a buffer) then come from the heap too instead of fresh
+/// mappings, so the agent takes room it already has rather than pages the
+/// kernel must find when the node is short of them. Returns what was set
+/// aside.
+pub fn reserve(bytes: u64) -> u64 {
+    if bytes == 0 {
+        return 0;
+    }
+    // SAFETY: mallopt only sets malloc's tunables; glibc serialises it with
+    // allocations.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, i32::try_from(HEAP_BLOCK_MAX).unwrap_or(i32::MAX));
+    }
+    let pieces = usize::try_from(bytes.div_ceil(RESERVE_PIECE as u64)).unwrap_or(usize::MAX);
+    let mut held: Vec<Vec<u8>> = Vec::with_capacity(pieces);
+    for _ in 0..pieces {
+        let mut piece = vec![0u8; RESERVE_PIECE];
+        for page in piece.iter_mut().step_by(4096) {
+            *page = 1;
+        }
+        held.push(std::hint::black_box(piece));
+    }
+    drop(held);
+    pieces as u64 * RESERVE_PIECE as u64
+}
+
 /// Why locking every future mapping could make an allocation fail, or
 /// `None` when nothing bounds it: the process has CAP_IPC_LOCK (effective),
 /// or `RLIMIT_MEMLOCK` is unlimited.
@@ -211,6 +262,12 @@ mod tests {
         }
         assert_eq!(Residency::from_name("on"), None);
         assert_eq!(Residency::default(), Residency::Auto);
+    }
+
+    #[test]
+    fn a_reserve_is_set_aside_in_whole_pieces_and_none_is_nothing() {
+        assert_eq!(reserve(0), 0);
+        assert_eq!(reserve(3 * RESERVE_PIECE as u64 - 1), 3 * RESERVE_PIECE as u64);
     }
 
     #[test]

@@ -156,6 +156,11 @@ fn keep_resident(config: &Config, metrics: &Metrics) -> Result<(), ServeError> {
         }
         ResidentState::Off => tracing::info!("memory not resident ([memory] resident = \"off\")"),
     }
+    if config.reserve_locks > 0 {
+        let reserved =
+            resident::reserve(config.reserve_locks.saturating_mul(crate::config::memory::RESERVE_BYTES_PER_LOCK));
+        tracing::info!(locks = config.reserve_locks, reserved_mib = reserved >> 20, "memory reserve set aside");
+    }
     metrics.register(Box::new(ResidentMetrics::new(&resident)));
     Ok(())
 }

@@ -73,6 +73,8 @@ pub struct Config {
     pub tls: TlsSettings,
     /// Whether the agent's memory is locked in RAM (`[memory] resident`).
     pub resident: Residency,
+    /// Locks the agent sets aside room for at start (`[memory] reserve_locks`).
+    pub reserve_locks: u64,
 }
 
 /// A lockspace the agent creates at start.
@@ -154,6 +156,7 @@ impl Default for Config {
             access: Policy::default(),
             tls: TlsSettings::Unset,
             resident: Residency::Auto,
+            reserve_locks: 0,
         }
     }
 }
@@ -420,7 +423,7 @@ impl Config {
             self.access = access::policy(file_access)?;
         }
         if let Some(file_memory) = file.memory {
-            self.resident = memory::residency(file_memory)?;
+            (self.resident, self.reserve_locks) = memory::settings(file_memory)?;
         }
         if let Some(ebpf) = file.ebpf {
             if let Some(enabled) = ebpf.enabled {
