@@ -45,9 +45,10 @@ pub fn read(resource: &str) -> Option<Pressure> {
     parse(&std::fs::read_to_string(format!("/proc/pressure/{resource}")).ok()?)
 }
 
-/// A pressure file's text: `some avg10=… avg60=… avg300=… total=…`, and
-/// the same for `full`.
-fn parse(text: &str) -> Option<Pressure> {
+/// A pressure file's text (`/proc/pressure/*`, a cgroup's `*.pressure`):
+/// `some avg10=… avg60=… avg300=… total=…`, and the same for `full`.
+#[must_use]
+pub fn parse(text: &str) -> Option<Pressure> {
     let line = |kind: &str| {
         let fields = text.lines().find(|l| l.split_whitespace().next() == Some(kind))?;
         let field = |name: &str| fields.split_whitespace().find_map(|f| f.strip_prefix(name));
