@@ -132,3 +132,15 @@ pub const PEER_WRITE_BATCHES_MAX: usize = 64;
 
 /// A peer reader's buffer: a frame's length and body usually come in one read.
 pub const PEER_READ_BUFFER_LEN: usize = 64 * 1024;
+
+/// The kernel buffer of each TCP socket the agent opens or accepts (peer
+/// links, TCP clients), each way, as asked with `SO_SNDBUF`/`SO_RCVBUF`
+/// (the kernel doubles the figure for its own bookkeeping). Asking fixes it:
+/// left alone, the kernel's autotuning grows a busy link's buffers up to
+/// `tcp_wmem`/`tcp_rmem`'s maximum (4 and 6 MiB by default; a receive
+/// buffer went from 128 KiB to 3.4 MiB in 64 MiB of loopback traffic on the
+/// test machine, `transport::buffers`' test), fresh pages taken when the
+/// link is busiest, which under memory pressure is when a node can least
+/// afford them. 256 KiB covers a 2 Gbit/s link at a 1 ms
+/// round trip; peer traffic is small messages in batches.
+pub const TCP_BUFFER_BYTES: usize = 256 * 1024;

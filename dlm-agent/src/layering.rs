@@ -149,7 +149,7 @@ fn modules_import_only_modules_below_them() {
 /// The helpers every transport may use (`transport/mod.rs` says so): a
 /// transport imports no other transport, only these, and they import only
 /// each other.
-const TRANSPORT_HELPERS: &[&str] = &["admission", "authority", "preface", "refuse", "tls"];
+const TRANSPORT_HELPERS: &[&str] = &["admission", "authority", "buffers", "preface", "refuse", "tls"];
 
 #[test]
 fn transports_import_only_the_shared_helpers() {

@@ -27,7 +27,7 @@ use crate::proto::dlm_server::DlmServer;
 use crate::resident::{self, ResidentMetrics, ResidentState};
 use crate::transport::admission::{Admission, Quota};
 use crate::transport::tls::{self, Tls};
-use crate::transport::{framed, grpc::DlmService, http, peer, tcp};
+use crate::transport::{buffers, framed, grpc::DlmService, http, peer, tcp};
 
 /// Why the agent could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -184,8 +184,15 @@ impl Listeners {
         let bind_tcp = |what: String, addr| async move {
             TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { what, source })
         };
+        // Connections of clients and peers get fixed kernel buffers; the
+        // scrapers' are short-lived.
+        let bind_bounded = |what: String, addr| async move {
+            let listener = bind_tcp(what.clone(), addr).await?;
+            buffers::bound_listener(&listener).map_err(|source| ServeError::Bind { what, source })?;
+            Ok::<_, ServeError>(listener)
+        };
         let tcp = match config.tcp {
-            Some(addr) => Some(bind_tcp(addr.to_string(), addr).await?),
+            Some(addr) => Some(bind_bounded(addr.to_string(), addr).await?),
             None => None,
         };
         let http = match config.http {
@@ -193,7 +200,7 @@ impl Listeners {
             None => None,
         };
         let peer = match &config.cluster {
-            Some(cluster) => Some(bind_tcp(format!("peer listener {}", cluster.listen), cluster.listen).await?),
+            Some(cluster) => Some(bind_bounded(format!("peer listener {}", cluster.listen), cluster.listen).await?),
             None => None,
         };
         Ok(Listeners { unix, socket_file, tcp, http, peer })

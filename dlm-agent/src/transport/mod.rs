@@ -2,12 +2,13 @@
 //! turns its protocol into [`Command`](crate::command::Command)s sent
 //! through a [`DriverHandle`](crate::command::DriverHandle); none imports
 //! the driver itself, nor another transport: they share only the helpers
-//! `admission`, `authority`, `preface`, `refuse` and `tls`, which import
+//! `admission`, `authority`, `buffers`, `preface`, `refuse` and `tls`, which import
 //! only each other (the crate's layering test checks it).
 //!
 //! | module | protocol |
 //! |---|---|
 //! | `admission` | how many client connections may be open, in all and per uid or address |
+//! | `buffers` | fixed kernel buffers for every TCP socket: listeners and dials |
 //! | `preface` | a client connection's first bytes, read under a deadline and replayed to tonic |
 //! | `refuse` | a Unix socket connection over a quota told why: a framed `Rejected`, or gRPC calls failing `RESOURCE_EXHAUSTED` |
 //! | `authority` | gRPC requests on the Unix socket given a valid `:authority` (grpc-core sends the socket path) |
@@ -20,6 +21,7 @@
 
 pub mod admission;
 pub mod authority;
+pub mod buffers;
 pub mod framed;
 pub mod grpc;
 pub mod http;

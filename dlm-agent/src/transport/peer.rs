@@ -65,6 +65,7 @@ use crate::command::{Command, DriverHandle, PeerSender};
 use crate::config::ClusterSettings;
 use crate::metrics::Metrics;
 use crate::peer_view::PeerView;
+use crate::transport::buffers;
 use crate::transport::tls::Tls;
 
 /// How long a connection may take to say hello.
@@ -259,7 +260,7 @@ async fn connect(
     view: &PeerView,
     security: &PeerSecurity,
 ) -> Result<Stream, String> {
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dialer.address))
+    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, buffers::connect(dialer.address))
         .await
         .map_err(|_| "connect timed out".to_string())?
         .map_err(|e| e.to_string())?;
