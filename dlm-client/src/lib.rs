@@ -30,8 +30,15 @@
 //! the agent; if the grant crossed the cancel, the lock is released at once.
 //! A server-side timeout is [`LockOptions::timeout`]; a try-lock is
 //! `LockFlags::NOQUEUE` in [`LockOptions::flags`].
+//!
+//! While a framed session's request waits for its answer and no other
+//! session of the process waits, its reader spins up to
+//! [`DEFAULT_ANSWER_SPIN`] reading the socket before it sleeps, so that an
+//! answer does not have to wake it ([`Client::with_answer_spin`],
+//! `DLM_CLIENT_SPIN_US`; not on a single CPU).
 
 mod session;
+mod spin;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,6 +53,8 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 pub use self::session::{LockGuard, Session};
 use self::session::{Requests, SessionInner};
+use self::spin::{AnswerDue, SpinRead};
+pub use self::spin::{DEFAULT_ANSWER_SPIN, answer_spin};
 /// The lock engine's words a client uses (modes, flags), so that an
 /// application depends on this crate alone.
 pub use dlm_core::{LockFlags, Mode, StatusFlags, UnlockFlags};
@@ -183,6 +192,8 @@ pub struct Client {
     framed: Option<PathBuf>,
     /// Where the agent is, for errors.
     target: String,
+    /// How long a framed session's reader spins for a due answer.
+    answer_spin: Duration,
 }
 
 impl Client {
@@ -236,7 +247,12 @@ impl Client {
             Target::Unix(path) => Some(path.clone()),
             Target::Tcp(_) | Target::Tls(..) => None,
         };
-        Ok(Client { grpc: DlmClient::new(channel), framed, target: format!("{target:?}") })
+        Ok(Client {
+            grpc: DlmClient::new(channel),
+            framed,
+            target: format!("{target:?}"),
+            answer_spin: spin::answer_spin(),
+        })
     }
 
     /// This client, opening its sessions as gRPC streams even on a Unix
@@ -248,6 +264,14 @@ impl Client {
         self
     }
 
+    /// This client, its framed sessions spinning up to `spin` for an answer
+    /// due before they sleep (see [`DEFAULT_ANSWER_SPIN`]); zero: never.
+    #[must_use]
+    pub fn with_answer_spin(mut self, spin: Duration) -> Client {
+        self.answer_spin = spin;
+        self
+    }
+
     /// Opens a session.
     ///
     /// # Errors
@@ -255,7 +279,7 @@ impl Client {
     pub async fn session(&self) -> Result<Session, ClientError> {
         let opened = async {
             match &self.framed {
-                Some(path) => framed_session(path).await,
+                Some(path) => framed_session(path, self.answer_spin).await,
                 None => self.grpc_session().await,
             }
         };
@@ -269,7 +293,7 @@ impl Client {
             Some(proto::ServerMessage { body: Some(server_message::Body::Welcome(welcome)) }) => welcome.session,
             _ => return Err(ClientError::SessionClosed),
         };
-        let inner = Arc::new(SessionInner::new(id, Requests::Stream(requests)));
+        let inner = Arc::new(SessionInner::new(id, Requests::Stream(requests), AnswerDue::new(Duration::ZERO)));
         let reader = Arc::downgrade(&inner);
         tokio::spawn(async move {
             while let Ok(Some(message)) = inbound.message().await {
@@ -417,7 +441,7 @@ pub fn default_socket() -> PathBuf {
 pub(crate) const SESSION_REQUESTS_MAX: usize = 256;
 
 /// Opens a framed session on the Unix socket at `path`.
-async fn framed_session(path: &Path) -> Result<Session, ClientError> {
+async fn framed_session(path: &Path, spin: Duration) -> Result<Session, ClientError> {
     let unreachable = |source: std::io::Error| ClientError::Unreachable {
         target: format!("{:?}", Target::Unix(path.to_path_buf())),
         source: source.into(),
@@ -425,7 +449,8 @@ async fn framed_session(path: &Path) -> Result<Session, ClientError> {
     let mut stream = connect_unix(path).await.map_err(unreachable)?;
     stream.write_all(&framing::PREFACE).await.map_err(unreachable)?;
     let (read_half, write_half) = stream.into_split();
-    let mut reader = BufReader::with_capacity(framing::READ_BUFFER_LEN, read_half);
+    let answer_due = AnswerDue::new(spin);
+    let mut reader = BufReader::with_capacity(framing::READ_BUFFER_LEN, SpinRead::new(read_half, answer_due.clone()));
     let mut body = Vec::new();
     let id = match framing::read_frame::<proto::ServerMessage>(&mut reader, &mut body).await {
         Ok(Frame::Message(proto::ServerMessage { body: Some(server_message::Body::Welcome(welcome)) })) => {
@@ -438,7 +463,7 @@ async fn framed_session(path: &Path) -> Result<Session, ClientError> {
     };
     // The session holds the only handle: when it is dropped the write side
     // shuts down, and the agent ends the session.
-    let inner = Arc::new(SessionInner::new(id, Requests::Framed(FrameSink::new(write_half))));
+    let inner = Arc::new(SessionInner::new(id, Requests::Framed(FrameSink::new(write_half)), answer_due));
     let dispatcher = Arc::downgrade(&inner);
     tokio::spawn(async move {
         loop {

@@ -9,6 +9,7 @@ use std::time::Duration;
 use dlm_core::{Mode, StatusFlags, UnlockFlags};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use super::spin::AnswerDue;
 use super::{LockError, LockOptions, Loss, SESSION_REQUESTS_MAX, SessionEvent};
 use dlm_proto::convert::{mode_from_wire, mode_to_wire, status_flags};
 use dlm_proto::framing::{FrameKind, FrameSink};
@@ -65,18 +66,29 @@ pub(super) struct SessionInner {
     events: broadcast::Sender<SessionEvent>,
     losses: watch::Sender<Losses>,
     next_handle: AtomicU64,
+    /// Whether answers are due, for the reader's spin (framed sessions).
+    answer_due: Arc<AnswerDue>,
 }
 
 impl SessionInner {
-    pub(super) fn new(id: u64, requests: Requests) -> SessionInner {
+    pub(super) fn new(id: u64, requests: Requests, answer_due: Arc<AnswerDue>) -> SessionInner {
         SessionInner {
             id,
             requests,
+            answer_due,
             waiters: Mutex::new(Waiters::default()),
             events: broadcast::channel(1024).0,
             losses: watch::Sender::new(Losses::default()),
             next_handle: AtomicU64::new(1),
         }
+    }
+
+    /// Takes the waiter of `handle`'s request, if it still waits.
+    fn take_waiter(&self, handle: u64) -> Option<oneshot::Sender<Reply>> {
+        let mut waiters = self.waiters();
+        let waiter = waiters.pending.remove(&handle);
+        self.answer_due.set_due(waiters.pending.len());
+        waiter
     }
 
     fn waiters(&self) -> std::sync::MutexGuard<'_, Waiters> {
@@ -88,7 +100,7 @@ impl SessionInner {
     pub(super) fn dispatch(&self, message: proto::ServerMessage) {
         match message.body {
             Some(server_message::Body::Completion(completion)) => {
-                let waiter = self.waiters().pending.remove(&completion.handle);
+                let waiter = self.take_waiter(completion.handle);
                 match waiter {
                     Some(waiter) => {
                         let _ = waiter.send(Reply::Completion(completion));
@@ -104,7 +116,7 @@ impl SessionInner {
                 }
             }
             Some(server_message::Body::Rejected(rejected)) => {
-                if let Some(waiter) = self.waiters().pending.remove(&rejected.handle) {
+                if let Some(waiter) = self.take_waiter(rejected.handle) {
                     let _ = waiter.send(Reply::Rejected(rejected));
                 }
             }
@@ -141,6 +153,7 @@ impl SessionInner {
         let mut waiters = self.waiters();
         waiters.closed = true;
         waiters.pending.clear();
+        self.answer_due.set_due(0);
         drop(waiters);
         self.losses.send_if_modified(|losses| !std::mem::replace(&mut losses.ended, true));
     }
@@ -172,11 +185,13 @@ impl SessionInner {
                 return Err(LockError::SessionClosed);
             }
             waiters.pending.insert(handle, reply);
+            self.answer_due.set_due(waiters.pending.len());
         }
         if self.submit(proto::ClientMessage { body: Some(body) }).await.is_err() {
-            self.waiters().pending.remove(&handle);
+            self.take_waiter(handle);
             return Err(LockError::SessionClosed);
         }
+        self.answer_due.sent();
         // If this future is dropped while waiting, cancel the request.
         let mut cancel_on_drop = CancelOnDrop { inner: self, handle, armed: true };
         let reply = answer.await;
@@ -200,7 +215,7 @@ struct CancelOnDrop<'a> {
 impl Drop for CancelOnDrop<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.inner.waiters().pending.remove(&self.handle);
+            self.inner.take_waiter(self.handle);
             self.inner.send(proto::ClientMessage {
                 body: Some(client_message::Body::Cancel(proto::Cancel { handle: self.handle })),
             });
