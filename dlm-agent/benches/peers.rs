@@ -38,7 +38,11 @@
 //! its own `Lock`/`Unlock` API with a lease per client.
 //!
 //! The agent runs without its eBPF programs (they would slow every process on
-//! the machine, the peers' too); `DLM_BENCH_EBPF=1` measures with them.
+//! the machine, the peers' too); `DLM_BENCH_EBPF=1` measures with them. It
+//! spins up to 50 µs before parking while requests flow (`DLM_SPIN_US`,
+//! unless the environment sets it), and dlm's clients spin for a due answer
+//! (the client library's default): the report says both, and the CPU they
+//! burn is in its CPU rows.
 //!
 //! Without `--bench` (as `cargo test --benches` runs it) every cell is short
 //! and runs once: a check that the harness, the placements and the peers
