@@ -27,8 +27,9 @@ pub fn bound_listener(listener: &TcpListener) -> io::Result<()> {
 /// Making the socket, setting its buffers, or connecting failed.
 pub async fn connect(address: SocketAddr) -> io::Result<TcpStream> {
     let socket = if address.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    socket.set_send_buffer_size(u32::try_from(TCP_BUFFER_BYTES).unwrap_or(u32::MAX))?;
-    socket.set_recv_buffer_size(u32::try_from(TCP_BUFFER_BYTES).unwrap_or(u32::MAX))?;
+    let size = u32::try_from(TCP_BUFFER_BYTES).unwrap_or(u32::MAX);
+    socket.set_send_buffer_size(size)?;
+    socket.set_recv_buffer_size(size)?;
     socket.connect(address).await
 }
 
@@ -43,16 +44,10 @@ mod tests {
         (socket.send_buffer_size().expect("SO_SNDBUF"), socket.recv_buffer_size().expect("SO_RCVBUF"))
     }
 
-    #[tokio::test]
-    async fn dialed_and_accepted_sockets_keep_the_bounded_buffers_after_traffic() {
+    /// Sends 64 MiB from `dialed` to `accepted` (enough for autotuning to
+    /// grow buffers that were not fixed) and gives both back.
+    async fn pump(mut dialed: TcpStream, mut accepted: TcpStream) -> (TcpStream, TcpStream) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        bound_listener(&listener).expect("bound listener");
-        let address = listener.local_addr().expect("address");
-        let (dialed, accepted) = tokio::join!(connect(address), listener.accept());
-        let (mut dialed, (mut accepted, _)) = (dialed.expect("connect"), accepted.expect("accept"));
-        // 64 MiB through the link: enough for autotuning to grow buffers
-        // that were not fixed.
         let writer = tokio::spawn(async move {
             let chunk = vec![7u8; 1 << 20];
             for _ in 0..64 {
@@ -65,7 +60,16 @@ mod tests {
         while read < 64 << 20 {
             read += accepted.read(&mut buffer).await.expect("read");
         }
-        let dialed = writer.await.expect("writer");
+        (writer.await.expect("writer"), accepted)
+    }
+
+    #[tokio::test]
+    async fn dialed_and_accepted_sockets_keep_the_bounded_buffers_after_traffic() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        bound_listener(&listener).expect("bound listener");
+        let address = listener.local_addr().expect("address");
+        let (dialed, accepted) = tokio::join!(connect(address), listener.accept());
+        let (dialed, accepted) = pump(dialed.expect("connect"), accepted.expect("accept").0).await;
         for stream in [&dialed, &accepted] {
             assert_eq!(reported(stream), (2 * TCP_BUFFER_BYTES, 2 * TCP_BUFFER_BYTES));
         }
@@ -73,24 +77,12 @@ mod tests {
 
     #[tokio::test]
     async fn unbounded_sockets_do_grow_so_the_bound_is_what_holds_them() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let (dialed, accepted) = tokio::join!(TcpStream::connect(address), listener.accept());
-        let (mut dialed, (mut accepted, _)) = (dialed.expect("connect"), accepted.expect("accept"));
+        let (dialed, accepted) = (dialed.expect("connect"), accepted.expect("accept").0);
         let before = reported(&accepted).1;
-        let writer = tokio::spawn(async move {
-            let chunk = vec![7u8; 1 << 20];
-            for _ in 0..64 {
-                dialed.write_all(&chunk).await.expect("write");
-            }
-        });
-        let mut buffer = vec![0u8; 1 << 16];
-        let mut read = 0;
-        while read < 64 << 20 {
-            read += accepted.read(&mut buffer).await.expect("read");
-        }
-        writer.await.expect("writer");
+        let (_dialed, accepted) = pump(dialed, accepted).await;
         let after = reported(&accepted).1;
         println!("receive buffer {before} -> {after} bytes");
         assert!(
