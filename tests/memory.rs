@@ -22,12 +22,17 @@
 //! own (as `corosync.service` does): the node must stay in the view and
 //! every lock request, node 1's on the resource it masters and its own,
 //! must be served; what its agent read back and its faults are reported.
+//! The node's workload there is the hogs and a thrasher, which reads a file
+//! at random through a mapping: its pages, evicted and read again, are the
+//! thrashing the kernel counts as memory pressure, and the node's pressure
+//! (PSI, of its cgroup) is reported.
 //! Twice: at the token the README recommends for a LAN (1,000 ms), and at
 //! 300 ms with knet's ping timers set (the README says why they must be).
 //!
 //! By hand (figures, not checks): `DLM_SQUEEZE_SECS` (60), `DLM_SQUEEZE_TOKEN_MS`
 //! (1000), `DLM_SQUEEZE_COROSYNC=1` to squeeze node 2's corosync with its
 //! agent, `DLM_SQUEEZE_HOGS=0` for the same run without the hogs,
+//! `DLM_SQUEEZE_THRASH=0` without the thrasher,
 //! `DLM_SQUEEZE_RESIDENT=off` for node 2's agent not resident,
 //! `DLM_SQUEEZE_REALTIME=0` for the membership's threads at normal
 //! priority (on every node), `DLM_SQUEEZE_GROW=N` for node 2 taking N new
@@ -93,6 +98,51 @@ while time.time() < end:
     time.sleep(0.005)
 ";
 
+/// Reads pages of a file at random through a read-only mapping, until
+/// its time is up, and prints how many it read. Squeezed by the hogs, the
+/// cgroup keeps few of the file's pages, so nearly every read faults and
+/// waits for storage: pages evicted and read again are the thrashing the
+/// kernel counts as memory pressure (PSI), which the hogs' anonymous
+/// memory alone hardly makes without swap. The file's pages are dropped
+/// first (they may still be cached from its writing, charged elsewhere).
+/// Its OOM score is the highest too: the agent is never the one killed.
+const THRASHER: &str = r"
+import mmap, os, random, sys, time
+open('/proc/self/oom_score_adj', 'w').write('1000')
+path, seconds = sys.argv[1], float(sys.argv[2])
+fd = os.open(path, os.O_RDONLY)
+os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+size = os.fstat(fd).st_size
+pages = size // 4096
+mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+end, read = time.time() + seconds, 0
+while time.time() < end:
+    for _ in range(100):
+        mapped[random.randrange(pages) * 4096]
+    read += 100
+print(read)
+";
+
+/// The size of the file the thrasher reads: less than the cgroup keeps
+/// for it once a hog is killed. The kernel counts a read as thrashing only
+/// if the page was in use when it was evicted and is read again soon
+/// after, which pages of a larger file seldom are: the squeezed node's full
+/// pressure was 25.5–30.1 % with this file (four runs), 26.6–29.5 % with
+/// 320 MiB (four), 22 % with 384 MiB (two).
+const THRASHED_FILE: usize = 256 << 20;
+
+/// Writes a file of `size` bytes to storage (flushed, so that its pages
+/// can be dropped) for the thrasher to read.
+fn file_on_storage(path: &Path, size: usize) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).expect("the thrasher's file");
+    let block: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    for _ in 0..size / block.len() {
+        file.write_all(&block).expect("the thrasher's file written");
+    }
+    file.sync_all().expect("the thrasher's file flushed");
+}
+
 /// Starts an agent inside `cgroup` from a copy of the binary made there.
 fn start_in(cgroup: &LowMemoryCgroup, tag: &str, config: &str, copy: &Path) -> Agent {
     let script = format!("{} && cp \"$0\" {} && exec {} \"$@\"", cgroup.enter(), copy.display(), copy.display());
@@ -121,13 +171,26 @@ fn since(now: (u64, u64), before: (u64, u64)) -> (u64, u64) {
     (now.0 - before.0, now.1 - before.1)
 }
 
-/// Locks and unlocks in `session` until `end`, returning each round trip
-/// and each request that failed (with when, since the start): a failure
-/// does not end the run, so that the test says how many there were.
+/// How often a squeeze's sessions lock: a pair at most every millisecond,
+/// so that the agent is idle between them, as on a node with other work.
+/// The kernel counts full memory pressure only while every task of the
+/// cgroup is stalled at once, and an agent kept busy by sessions locking
+/// back to back is seldom stalled: in one run each of this file's tests,
+/// the squeezed nodes' full pressure was 23.0 % and 23.6 % with them,
+/// 25.5 % and 26.0 % paced.
+const LOCK_EVERY: Duration = Duration::from_millis(1);
+
+/// Locks and unlocks in `session` until `end`, a pair every [`LOCK_EVERY`]
+/// (at once if the last one took longer), returning each round trip and
+/// each request that failed (with when, since the start): a failure does
+/// not end the run, so that the test says how many there were.
 async fn lock_until(session: &Session, end: Instant) -> (Vec<Duration>, Vec<String>) {
     let (mut times, mut failed) = (Vec::new(), Vec::new());
     let began = Instant::now();
+    let mut every = tokio::time::interval(LOCK_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     while Instant::now() < end {
+        every.tick().await;
         let start = Instant::now();
         let outcome = match session.lock("default", "r", Mode::Ex, LockOptions::default()).await {
             Ok(guard) => guard.unlock().await.map_err(|e| format!("unlock: {e:?}")),
@@ -218,7 +281,7 @@ async fn a_resident_agent_reads_nothing_back_while_its_cgroup_is_squeezed() {
     let before = (faults(resident.pid()), faults(reclaimable.pid()));
     let reads_before = (storage_reads(resident.pid()), storage_reads(reclaimable.pid()));
     let Squeeze { first: mut on, second: mut off, failed, hogs, killed, failures, .. } =
-        squeeze(&cgroup, &on, &off, SQUEEZE).await;
+        squeeze(&cgroup, &on, &off, SQUEEZE, None).await;
     let (resident_faults, resident_minor) = since(faults(resident.pid()), before.0);
     let (reclaimable_faults, reclaimable_minor) = since(faults(reclaimable.pid()), before.1);
     let resident_reads = storage_reads(resident.pid()) - reads_before.0;
@@ -256,6 +319,8 @@ struct Squeeze {
     killed: u32,
     failures: u64,
     pressure: Pressure,
+    /// Pages the thrasher read, if one ran.
+    thrashed: Option<u64>,
 }
 
 /// The share of a squeeze's time that some or all tasks stalled on memory,
@@ -293,8 +358,15 @@ fn machine_stalls() -> Option<(u64, u64)> {
     support::memory_stall_totals(Path::new("/proc/pressure/memory"))
 }
 
-/// Squeezes `cgroup` for `time` while `first` and `second` lock.
-async fn squeeze(cgroup: &LowMemoryCgroup, first: &Session, second: &Session, time: Duration) -> Squeeze {
+/// Squeezes `cgroup` for `time` while `first` and `second` lock; with a
+/// thrasher reading the file `thrashed` in the cgroup too, if given.
+async fn squeeze(
+    cgroup: &LowMemoryCgroup,
+    first: &Session,
+    second: &Session,
+    time: Duration,
+    thrashed: Option<&Path>,
+) -> Squeeze {
     let failures = cgroup.value("memory.failcnt");
     let stalls = (machine_stalls(), cgroup.stalls());
     let began = Instant::now();
@@ -303,17 +375,41 @@ async fn squeeze(cgroup: &LowMemoryCgroup, first: &Session, second: &Session, ti
     // `DLM_SQUEEZE_HOGS=0` by hand: the same run with no hog, to tell
     // what the squeeze does from what the load does.
     let hogs_on = std::env::var("DLM_SQUEEZE_HOGS").map_or(true, |v| v != "0");
+    let thrasher = thrashed.map(|file| {
+        let (enter, file) = (enter.clone(), file.to_path_buf());
+        std::thread::spawn(move || thrash_until(&enter, &file, end))
+    });
     let hogs = std::thread::spawn(move || if hogs_on { squeeze_until(&enter, &dir, end) } else { (0, 0) });
     let ((first, mut failed), (second, failed_too)) = tokio::join!(lock_until(first, end), lock_until(second, end));
     failed.extend(failed_too);
     let (hogs, killed) = hogs.join().expect("the hogs' waiter");
+    let thrashed = thrasher.map(|t| t.join().expect("the thrasher's waiter"));
     let elapsed = began.elapsed();
     let share = |before: Option<(u64, u64)>, after| Some(Shares::between(before?, after?, elapsed));
     let pressure = Pressure {
         machine: share(stalls.0, machine_stalls()).unwrap_or_default(),
         cgroup: share(stalls.1, cgroup.stalls()),
     };
-    Squeeze { first, second, failed, hogs, killed, failures: cgroup.value("memory.failcnt") - failures, pressure }
+    let failures = cgroup.value("memory.failcnt") - failures;
+    Squeeze { first, second, failed, hogs, killed, failures, pressure, thrashed }
+}
+
+/// Runs the thrasher on `file` in the cgroup until `end`, again if it was
+/// killed; returns the pages it read.
+fn thrash_until(enter: &str, file: &Path, end: Instant) -> u64 {
+    let mut read = 0;
+    while Instant::now() < end {
+        let seconds = end.saturating_duration_since(Instant::now()).as_secs_f64();
+        let output = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{enter} && exec python3 -c \"$0\" \"$@\""))
+            .args([THRASHER, &file.display().to_string(), &seconds.to_string()])
+            .stderr(Stdio::null())
+            .output()
+            .expect("python3 for the thrasher");
+        read += String::from_utf8_lossy(&output.stdout).trim().parse::<u64>().unwrap_or(0);
+    }
+    read
 }
 
 /// Runs hogs in the cgroup, one after the other, until `end`: each fills
@@ -373,6 +469,12 @@ fn without_the_capability_required_refuses_to_start_and_auto_warns() {
     drop(agent);
 }
 
+/// Whether a thrasher reads a file in node 2's cgroup during its squeeze
+/// (the default; `DLM_SQUEEZE_THRASH=0` by hand for the hogs alone).
+fn thrasher_on_node_2() -> bool {
+    std::env::var("DLM_SQUEEZE_THRASH").map_or(true, |v| v != "0")
+}
+
 /// Node 2's `[memory] resident`: its default, spelled out; by hand
 /// `DLM_SQUEEZE_RESIDENT=off` shows what residency buys in the cluster.
 fn residency_of_node_2() -> String {
@@ -396,7 +498,8 @@ fn realtime_of_nodes() -> (String, Option<u8>) {
 /// the view (its agent, resident, does not stall) and keeps serving the
 /// resources it masters to the other nodes. Node 2's agent is put in a
 /// memory cgroup with the hogs, which squeeze it as in the test above for
-/// a minute, while node 1 and node 2 lock a resource node 2 masters.
+/// a minute, and the thrasher, which makes the kernel count the squeeze as
+/// pressure, while node 1 and node 2 lock a resource node 2 masters.
 ///
 /// Node 2's corosync stays in its own cgroup, where a node's service
 /// manager puts it: squeezed with the hogs here, where it cannot lock its
@@ -480,11 +583,16 @@ async fn squeezed_node_stays_in_the_view(name: &str, tag: &str, token: u32, knet
     let reads_before = storage_reads(agent);
     let time = node_squeeze();
     let grower = cluster.agent(1).client().await.session().await.expect("session");
+    let thrashed = copies.join("thrashed");
+    let thrasher = thrasher_on_node_2();
+    if thrasher {
+        file_on_storage(&thrashed, THRASHED_FILE);
+    }
     let (squeezed, (mut grown, grow_failed)) = tokio::join!(
-        squeeze(&cgroup, &remote, &local, time),
+        squeeze(&cgroup, &remote, &local, time, thrasher.then_some(thrashed.as_path())),
         grow_until(&grower, Instant::now() + time, growth_of_node_2())
     );
-    let Squeeze { first: mut from_node1, second: mut on_node2, mut failed, hogs, killed, failures, pressure } =
+    let Squeeze { first: mut from_node1, second: mut on_node2, mut failed, hogs, killed, failures, pressure, thrashed } =
         squeezed;
     failed.extend(grow_failed);
     let (major, minor) = since(faults(agent), faults_before.0);
@@ -496,9 +604,12 @@ async fn squeezed_node_stays_in_the_view(name: &str, tag: &str, token: u32, knet
          threads at real-time priority"
     );
     eprintln!("{hogs} hogs started, {killed} of them killed; the limit was hit {failures} times");
+    if let Some(pages) = thrashed {
+        eprintln!("the thrasher read {pages} pages of its {} MiB file", THRASHED_FILE >> 20);
+    }
     eprintln!("memory pressure of the machine (every node's): {}", pressure.machine);
     match pressure.cgroup {
-        Some(node2) => eprintln!("memory pressure of node 2 (its cgroup: its agent and the hogs): {node2}"),
+        Some(node2) => eprintln!("memory pressure of node 2 (its cgroup: its agent and its workload): {node2}"),
         None => eprintln!("memory pressure of node 2: not kept for its cgroup on this machine (no cgroup v2)"),
     }
     // Reads reported, not checked: in one run of about eight with the
