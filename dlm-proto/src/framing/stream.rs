@@ -38,8 +38,9 @@ pub fn split(stream: UnixStream) -> io::Result<(FramedRead, FramedWrite)> {
     Ok((FramedRead { socket: socket.clone() }, FramedWrite { socket }))
 }
 
-/// Registers `socket` with the runtime for `interest` (it must be
-/// non-blocking: a tokio stream's is).
+/// Registers `socket` with the runtime for `interest`, non-blocking (a
+/// tokio stream's already is; a duplicate shares its flag, set here so that
+/// no caller depends on that).
 #[allow(unsafe_code)]
 fn register(socket: StdUnixStream, interest: Interest) -> io::Result<AsyncFd<StdUnixStream>> {
     socket.set_nonblocking(true)?;
