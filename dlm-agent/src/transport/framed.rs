@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, BufReader};
+use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -190,13 +191,7 @@ async fn classify(mut stream: UnixStream, deadline: Duration) -> Option<Protocol
 /// Serves one framed session until it ends.
 async fn serve(stream: UnixStream, driver: &DriverHandle, settings: &FramedSettings, _open: Ticket) {
     let credentials = stream.peer_cred().map(Credentials::of).unwrap_or_default();
-    let (read_half, write_half) = match framing::split(stream) {
-        Ok(halves) => halves,
-        Err(error) => {
-            tracing::warn!(%error, "a framed connection could not be registered; closed");
-            return;
-        }
-    };
+    let (read_half, write_half) = stream.into_split();
     // Dropped with the last handle (the driver's, this task's): the write
     // side then shuts down, once what was queued is written.
     let sink = FrameSink::new(write_half);
@@ -231,7 +226,7 @@ async fn serve(stream: UnixStream, driver: &DriverHandle, settings: &FramedSetti
 /// Reads the client's frames until it goes away (false) or the driver ends
 /// the session (true).
 async fn read_frames(
-    read_half: framing::FramedRead,
+    read_half: OwnedReadHalf,
     session: dlm_core::SessionId,
     driver: &DriverHandle,
     sink: &FrameSink,

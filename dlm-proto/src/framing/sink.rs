@@ -4,9 +4,10 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use prost::Message;
+use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::Notify;
 
-use super::{DRAIN_TIMEOUT, FrameKind, FramedWrite, encode_control, encode_message};
+use super::{DRAIN_TIMEOUT, FrameKind, encode_control, encode_message};
 
 /// The write side of a framed connection, shared by whoever sends on it
 /// (clones share it).
@@ -26,7 +27,7 @@ pub struct FrameSink {
 }
 
 struct SinkInner {
-    stream: FramedWrite,
+    stream: OwnedWriteHalf,
     /// Where flush tasks run: a flush may come from outside the runtime
     /// (a lock guard dropped on another thread).
     runtime: tokio::runtime::Handle,
@@ -73,7 +74,7 @@ impl FrameSink {
     /// # Panics
     /// Outside a tokio runtime (as the stream itself would).
     #[must_use]
-    pub fn new(stream: FramedWrite) -> FrameSink {
+    pub fn new(stream: OwnedWriteHalf) -> FrameSink {
         let runtime = tokio::runtime::Handle::current();
         FrameSink { inner: Arc::new(SinkInner { stream, runtime, state: Mutex::default(), room: Notify::new() }) }
     }
@@ -247,7 +248,7 @@ mod tests {
     #[tokio::test]
     async fn a_sink_keeps_order_when_the_socket_is_full_and_shuts_down_when_dropped() {
         let (ours, theirs) = tokio::net::UnixStream::pair().expect("pair");
-        let (_read_half, write_half) = crate::framing::split(ours).expect("split");
+        let (_read_half, write_half) = ours.into_split();
         let sink = FrameSink::new(write_half);
         // Far more than a socket buffer holds, written without a reader:
         // the rest goes to a flush task, in order.
