@@ -448,7 +448,7 @@ async fn framed_session(path: &Path, spin: Duration) -> Result<Session, ClientEr
     };
     let mut stream = connect_unix(path).await.map_err(unreachable)?;
     stream.write_all(&framing::PREFACE).await.map_err(unreachable)?;
-    let (read_half, write_half) = stream.into_split();
+    let (read_half, write_half) = framing::split(stream).map_err(unreachable)?;
     let answer_due = AnswerDue::new(spin);
     let mut reader = BufReader::with_capacity(framing::READ_BUFFER_LEN, SpinRead::new(read_half, answer_due.clone()));
     let mut body = Vec::new();

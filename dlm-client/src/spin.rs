@@ -15,15 +15,14 @@
 //! holder answers late): then it sits out [`MISSES_SIT_OUT`] requests. The
 //! CPU it burns is the client's; the peer benchmark counts it.
 
-use std::io::Read;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use dlm_proto::framing;
 use tokio::io::{AsyncRead, ReadBuf};
-use tokio::net::unix::OwnedReadHalf;
 
 /// How long a framed session's reader spins for a due answer, unless
 /// [`Client::with_answer_spin`](crate::Client::with_answer_spin) or
@@ -105,13 +104,13 @@ impl Drop for AnswerDue {
 
 /// The read half of a framed session, spinning as [`AnswerDue`] says.
 pub(crate) struct SpinRead {
-    half: OwnedReadHalf,
+    half: framing::FramedRead,
     due: Arc<AnswerDue>,
     many_cpus: Option<(Instant, bool)>,
 }
 
 impl SpinRead {
-    pub(crate) fn new(half: OwnedReadHalf, due: Arc<AnswerDue>) -> SpinRead {
+    pub(crate) fn new(half: framing::FramedRead, due: Arc<AnswerDue>) -> SpinRead {
         SpinRead { half, due, many_cpus: None }
     }
 
@@ -137,11 +136,8 @@ impl SpinRead {
     /// Reads what the socket has without waiting, for up to the spin.
     fn spin(&self, buf: &mut ReadBuf<'_>) -> Option<std::io::Result<()>> {
         let start = Instant::now();
-        // The socket is non-blocking (tokio's): a read with nothing there
-        // returns `WouldBlock` at once.
-        let socket = socket2::SockRef::from(self.half.as_ref());
         loop {
-            match (&*socket).read(buf.initialize_unfilled()) {
+            match self.half.try_read(buf.initialize_unfilled()) {
                 Ok(n) => {
                     buf.advance(n);
                     return Some(Ok(()));
@@ -178,9 +174,9 @@ impl AsyncRead for SpinRead {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dlm_proto::framing::FramedWrite;
     use std::task::Wake;
     use tokio::net::UnixStream;
-    use tokio::net::unix::OwnedWriteHalf;
 
     /// The tests share [`SESSIONS_DUE`]: one at a time.
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -194,10 +190,10 @@ mod tests {
 
     /// Our read half (and write half, kept open), the agent's end, and the
     /// shared state.
-    fn pair(spin: Duration) -> (SpinRead, OwnedWriteHalf, std::os::unix::net::UnixStream, Arc<AnswerDue>) {
+    fn pair(spin: Duration) -> (SpinRead, FramedWrite, std::os::unix::net::UnixStream, Arc<AnswerDue>) {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair().expect("pair");
         ours.set_nonblocking(true).expect("non-blocking");
-        let (read, write) = UnixStream::from_std(ours).expect("tokio stream").into_split();
+        let (read, write) = framing::split(UnixStream::from_std(ours).expect("tokio stream")).expect("split");
         let due = AnswerDue::new(spin);
         (SpinRead::new(read, due.clone()), write, theirs, due)
     }

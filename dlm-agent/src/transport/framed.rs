@@ -27,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, BufReader};
-use tokio::net::unix::OwnedReadHalf;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
@@ -191,7 +190,13 @@ async fn classify(mut stream: UnixStream, deadline: Duration) -> Option<Protocol
 /// Serves one framed session until it ends.
 async fn serve(stream: UnixStream, driver: &DriverHandle, settings: &FramedSettings, _open: Ticket) {
     let credentials = stream.peer_cred().map(Credentials::of).unwrap_or_default();
-    let (read_half, write_half) = stream.into_split();
+    let (read_half, write_half) = match framing::split(stream) {
+        Ok(halves) => halves,
+        Err(error) => {
+            tracing::warn!(%error, "a framed connection could not be registered; closed");
+            return;
+        }
+    };
     // Dropped with the last handle (the driver's, this task's): the write
     // side then shuts down, once what was queued is written.
     let sink = FrameSink::new(write_half);
@@ -226,7 +231,7 @@ async fn serve(stream: UnixStream, driver: &DriverHandle, settings: &FramedSetti
 /// Reads the client's frames until it goes away (false) or the driver ends
 /// the session (true).
 async fn read_frames(
-    read_half: OwnedReadHalf,
+    read_half: framing::FramedRead,
     session: dlm_core::SessionId,
     driver: &DriverHandle,
     sink: &FrameSink,

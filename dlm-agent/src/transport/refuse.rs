@@ -32,7 +32,7 @@ use super::authority::AuthorityFixed;
 use super::preface::Replayed;
 
 use crate::codes::RejectCode;
-use crate::framing::FrameSink;
+use crate::framing::{self, FrameSink};
 use crate::proto;
 
 /// The longest a refused connection is kept to be answered.
@@ -61,7 +61,9 @@ pub fn spawn_grpc(
 
 /// Tells a refused framed session why, where its welcome would be.
 pub async fn answer_framed(stream: UnixStream, refused: &Refused) {
-    let (_read, write) = stream.into_split();
+    let Ok((_read, write)) = framing::split(stream) else {
+        return;
+    };
     let sink = FrameSink::new(write);
     let refusal = proto::ServerMessage {
         body: Some(proto::server_message::Body::Rejected(proto::Rejected {

@@ -34,15 +34,18 @@
 //! Two parts, used by the client library and by the agent's framed
 //! transport alike: the codec ([`encode_message`], [`read_frame`]) writes
 //! and reads frames; [`FrameSink`] is the write side of a connection,
-//! shared by the tasks that send on it.
+//! shared by the tasks that send on it; [`split`] gives a connection's
+//! halves, its socket registered for reading only.
 
 mod codec;
 mod sink;
+mod stream;
 
 use std::time::Duration;
 
 pub use self::codec::{Frame, FrameError, FrameKind, encode_control, encode_message, read_frame, read_frame_blocking};
 pub use self::sink::{FrameSink, Pushed, SinkClosed};
+pub use self::stream::{FramedRead, FramedWrite, split};
 
 /// Opens a framed session: `DLMS` and the protocol version (1, little-endian).
 pub const PREFACE: [u8; 8] = *b"DLMS\x01\x00\x00\x00";

@@ -4,10 +4,9 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use prost::Message;
-use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::Notify;
 
-use super::{DRAIN_TIMEOUT, FrameKind, encode_control, encode_message};
+use super::{DRAIN_TIMEOUT, FrameKind, FramedWrite, encode_control, encode_message};
 
 /// The write side of a framed connection, shared by whoever sends on it
 /// (clones share it).
@@ -27,7 +26,7 @@ pub struct FrameSink {
 }
 
 struct SinkInner {
-    stream: OwnedWriteHalf,
+    stream: FramedWrite,
     /// Where flush tasks run: a flush may come from outside the runtime
     /// (a lock guard dropped on another thread).
     runtime: tokio::runtime::Handle,
@@ -74,7 +73,7 @@ impl FrameSink {
     /// # Panics
     /// Outside a tokio runtime (as the stream itself would).
     #[must_use]
-    pub fn new(stream: OwnedWriteHalf) -> FrameSink {
+    pub fn new(stream: FramedWrite) -> FrameSink {
         let runtime = tokio::runtime::Handle::current();
         FrameSink { inner: Arc::new(SinkInner { stream, runtime, state: Mutex::default(), room: Notify::new() }) }
     }
@@ -248,7 +247,7 @@ mod tests {
     #[tokio::test]
     async fn a_sink_keeps_order_when_the_socket_is_full_and_shuts_down_when_dropped() {
         let (ours, theirs) = tokio::net::UnixStream::pair().expect("pair");
-        let (_read_half, write_half) = ours.into_split();
+        let (_read_half, write_half) = crate::framing::split(ours).expect("split");
         let sink = FrameSink::new(write_half);
         // Far more than a socket buffer holds, written without a reader:
         // the rest goes to a flush task, in order.
