@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::admission::{Admission, Key, Refused, Ticket};
+use super::admission::{Admission, Key, Refused, Ticket, Turns};
 use super::authority::AuthorityFixed;
 use super::preface::{Replayed, read_http2_start};
 use super::refuse;
@@ -81,6 +81,7 @@ pub fn spawn(
     let (refusing, refusing_task) = refuse::spawn_grpc(refusing_stopped);
     let task = tokio::spawn(async move {
         let mut connections = JoinSet::new();
+        let mut turns = Turns::default();
         tokio::pin!(stop);
         loop {
             tokio::select! {
@@ -96,6 +97,7 @@ pub fn spawn(
                             continue;
                         }
                     };
+                    turns.taken().await;
                     let key = stream.peer_cred().map_or(Key::Unknown, |c| Key::Uid(c.uid()));
                     let (open, handshake) = match settings.admission.admit(key) {
                         Ok(tickets) => tickets,

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
-use super::admission::{Admission, Key};
+use super::admission::{Admission, Key, Turns};
 use super::preface::{Replayed, read_http2_start};
 use super::tls::{TcpClient, Tls};
 
@@ -37,6 +37,7 @@ pub type TcpIncoming = ReceiverStream<io::Result<Replayed<ClientStream>>>;
 pub fn spawn(listener: TcpListener, admission: Admission, tls: Option<Arc<Tls>>) -> TcpIncoming {
     let (grpc, incoming) = mpsc::channel(64);
     tokio::spawn(async move {
+        let mut turns = Turns::default();
         loop {
             let accepted = tokio::select! {
                 accepted = listener.accept() => accepted,
@@ -52,6 +53,7 @@ pub fn spawn(listener: TcpListener, admission: Admission, tls: Option<Arc<Tls>>)
                     continue;
                 }
             };
+            turns.taken().await;
             // Refused connections are counted and logged, and closed: a TCP
             // client would need TLS before it could be told why.
             let Ok((open, handshake)) = admission.admit(Key::Address(address.ip())) else { continue };
