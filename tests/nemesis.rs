@@ -411,9 +411,7 @@ async fn a_nemesis_of_kills_cuts_pauses_and_freezes_breaks_no_lock() {
             }
             // Healed: wait until every node runs in a view of all.
             for i in 0..NODES {
-                c.wait_state(i, Duration::from_secs(60), |s| {
-                    s["state"] == "running" && s["members"].as_array().is_some_and(|m| m.len() == NODES)
-                });
+                c.wait_state(i, Duration::from_secs(60), in_a_view_of_all);
             }
         })
         .await
@@ -448,9 +446,7 @@ async fn a_nemesis_of_kills_cuts_pauses_and_freezes_breaks_no_lock() {
                     for line in c.agent(node).log().lines().filter(|l| l.contains("lease") || l.contains("fenc")) {
                         eprintln!("nemesis: node {} after healing: {line}", node + 1);
                     }
-                    c.wait_state(node, Duration::from_secs(60), |s| {
-                        s["state"] == "running" && s["members"].as_array().is_some_and(|m| m.len() == NODES)
-                    });
+                    c.wait_state(node, Duration::from_secs(60), in_a_view_of_all);
                 })
                 .await
                 .expect("back in a view of all");
@@ -490,6 +486,11 @@ async fn a_nemesis_of_kills_cuts_pauses_and_freezes_breaks_no_lock() {
     assert!(violations.is_empty(), "seed {seed}:\n{}", violations.join("\n"));
     assert!(record.granted > 100, "too little was granted to check anything: {}", record.granted);
     assert!(tally.writes > 50, "too little was written to check the store: {tally:?}");
+}
+
+/// Whether a node's status says it runs in a view of every node.
+fn in_a_view_of_all(status: &serde_json::Value) -> bool {
+    status["state"] == "running" && status["members"].as_array().is_some_and(|m| m.len() == NODES)
 }
 
 /// Lines of each agent's log printed with a failure: the files are gone with

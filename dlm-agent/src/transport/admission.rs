@@ -266,6 +266,8 @@ impl Admission {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[tokio::test]
     async fn an_accept_loop_gives_the_other_tasks_a_turn_every_few_connections() {
         use std::sync::atomic::{AtomicBool, Ordering};
@@ -280,8 +282,6 @@ mod tests {
         turns.taken().await;
         assert!(ran.load(Ordering::SeqCst), "a turn after {ACCEPTS_PER_TURN}");
     }
-
-    use super::*;
 
     #[test]
     fn a_key_gets_its_share_and_no_more_and_others_still_get_theirs() {

@@ -7,7 +7,7 @@
 //!
 //! | module | protocol |
 //! |---|---|
-//! | `admission` | how many client connections may be open, in all and per uid or address |
+//! | `admission` | how many client connections may be open, in all and per uid or address; accept loops that give the admitted clients a turn under a storm |
 //! | `buffers` | fixed kernel buffers for every TCP socket: listeners and dials |
 //! | `preface` | a client connection's first bytes, read under a deadline and replayed to tonic |
 //! | `refuse` | a Unix socket connection over a quota told why: a framed `Rejected`, or gRPC calls failing `RESOURCE_EXHAUSTED` |
