@@ -22,10 +22,11 @@
 //! own (as `corosync.service` does): the node must stay in the view and
 //! every lock request, node 1's on the resource it masters and its own,
 //! must be served; what its agent read back and its faults are reported.
-//! The node's workload there is the hogs and a thrasher, which reads a file
-//! at random through a mapping: its pages, evicted and read again, are the
-//! thrashing the kernel counts as memory pressure, and the node's pressure
-//! (PSI, of its cgroup) is reported.
+//! The node's workload there is the hogs, which leave a little less room
+//! than a file takes, and a thrasher, which reads that file over and over:
+//! its pages, evicted and read again, are the thrashing the kernel counts
+//! as memory pressure; the node's pressure (PSI, of its cgroup) is reported
+//! and must be at least 30 % full.
 //! Twice: at the token the README recommends for a LAN (1,000 ms), and at
 //! 300 ms with knet's ping timers set (the README says why they must be).
 //!
@@ -269,9 +270,10 @@ fn realtime_of_nodes() -> (String, Option<u8>) {
 /// A node whose memory is squeezed is still a healthy member: it stays in
 /// the view (its agent, resident, does not stall) and keeps serving the
 /// resources it masters to the other nodes. Node 2's agent is put in a
-/// memory cgroup with the hogs, which squeeze it as in the test above for
-/// a minute, and the thrasher, which makes the kernel count the squeeze as
-/// pressure, while node 1 and node 2 lock a resource node 2 masters.
+/// memory cgroup with the hogs, which squeeze it for a minute as in the
+/// test above but leave the thrasher room, and the thrasher, which makes the
+/// kernel count the squeeze as pressure, while node 1 and node 2 lock a
+/// resource node 2 masters.
 ///
 /// Node 2's corosync stays in its own cgroup, where a node's service
 /// manager puts it: squeezed with the hogs here, where it cannot lock its
@@ -377,7 +379,7 @@ async fn squeezed_node_stays_in_the_view(name: &str, tag: &str, token: u32, knet
     );
     eprintln!("{hogs} hogs started, {killed} of them killed; the limit was hit {failures} times");
     if let Some(pages) = thrashed {
-        eprintln!("the thrasher read {pages} pages of its {} MiB file", THRASHED_FILE >> 20);
+        eprintln!("the thrasher touched {pages} pages of its {} MiB file", THRASHED_FILE >> 20);
     }
     eprintln!("memory pressure of the machine (every node's): {}", pressure.machine);
     match pressure.cgroup {
@@ -398,14 +400,19 @@ async fn squeezed_node_stays_in_the_view(name: &str, tag: &str, token: u32, knet
         eprintln!("node 2 taking new locks and holding them: {}", summary(&mut grown));
     }
 
-    assert!(failures > 0 && killed > 0, "no squeeze: the limit was hit {failures} times, {killed} hogs killed");
-    // The thrasher must have made pressure, else the squeeze shows nothing
-    // about a node under it: a floor well below what it made in every run
-    // measured (full 23–30 %), checked where the cgroup's pressure is kept.
+    // The hogs leave the thrasher room (no OOM kill is due); alone, they
+    // fill the cgroup until the kernel kills them.
+    assert!(
+        failures > 0 && (thrasher || killed > 0),
+        "no squeeze: the limit was hit {failures} times, {killed} hogs killed"
+    );
+    // The squeeze must be the pressure issue 31 asks for (full ≥ 30 % of the
+    // time), else it shows nothing about a node under it; checked where the
+    // cgroup's pressure is kept.
     if thrasher {
         assert!(thrashed.is_some_and(|pages| pages > 0), "the thrasher read nothing");
         if let Some(node2) = pressure.cgroup {
-            assert!(node2.full >= 0.10, "the thrasher made too little pressure: {node2}");
+            assert!(node2.full >= 0.30, "the thrasher made too little pressure: {node2}");
         }
     }
     assert!(failed.is_empty(), "{} requests failed: {:?}", failed.len(), &failed[..failed.len().min(5)]);

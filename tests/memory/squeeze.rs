@@ -13,15 +13,16 @@ use support::LowMemoryCgroup;
 
 /// Takes memory, 1 MiB at a time, until the cgroup is at its limit and has
 /// at most 1 MiB of file pages it could reclaim (`inactive_file +
-/// active_file`: resident processes' pages are `unevictable`), and keeps
+/// active_file`: resident processes' pages are `unevictable`) beyond the
+/// room it is told to leave them (its third argument, in bytes), and keeps
 /// checking: every page an agent reads back is then taken again. Nothing
-/// else can go without swap, so the agents' code is what the kernel
-/// reclaims. Its OOM score is the highest: when the cgroup runs out, the
-/// hog is the one killed.
+/// else can go without swap, so with no room left the agents' code is what
+/// the kernel reclaims. Its OOM score is the highest: when the cgroup runs
+/// out, the hog is the one killed.
 const HOG: &str = r"
 import os, sys, time
 open('/proc/self/oom_score_adj', 'w').write('1000')
-cgroup, seconds = sys.argv[1], float(sys.argv[2])
+cgroup, seconds, room = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
 MIB = 1 << 20
 def read(name):
     return int(open(os.path.join(cgroup, name)).read())
@@ -31,19 +32,26 @@ def reclaimable():
     return int(stat['inactive_file']) + int(stat['active_file'])
 held, end = [], time.time() + seconds
 while time.time() < end:
-    while reclaimable() > MIB or read('memory.usage_in_bytes') < limit:
+    while read('memory.usage_in_bytes') - reclaimable() < limit - room - MIB:
         held.append(b'\x01' * MIB)
     time.sleep(0.005)
 ";
 
-/// Reads pages of a file at random through a read-only mapping, until
-/// its time is up, and prints how many it read. Squeezed by the hogs, the
-/// cgroup keeps few of the file's pages, so nearly every read faults and
-/// waits for storage: pages evicted and read again are the thrashing the
-/// kernel counts as memory pressure (PSI), which the hogs' anonymous
-/// memory alone hardly makes without swap. The file's pages are dropped
-/// first (they may still be cached from its writing, charged elsewhere).
-/// Its OOM score is the highest too: the agent is never the one killed.
+/// Reads a file over and over, 8 MiB at a time in an order shuffled once,
+/// through two read-only mappings of it, until its time is up, and prints
+/// how many pages it touched. The hogs leave it [`THRASHER_ROOM`], a little
+/// less than the file: a chunk is always evicted before its turn comes
+/// again, so every read faults and waits for storage. The kernel counts
+/// such a wait as a memory stall (PSI) only if the page was in active use
+/// when it was evicted and comes back soon after (a workingset refault):
+/// each page is touched through both mappings, and a page two page-table
+/// entries reference is kept active at reclaim's first look, where a page
+/// touched once is evicted as never used; and the file exceeds the room by
+/// little, so the pages come back soon. Chunks of 8 MiB, every page
+/// touched, use all that a fault reads around it (up to `read_ahead_kb`,
+/// 8 MiB on this VM). The file's pages are dropped first (they may still be
+/// cached from its writing, charged elsewhere). Its OOM score is the
+/// highest too: the agent is never the one killed.
 const THRASHER: &str = r"
 import mmap, os, random, sys, time
 open('/proc/self/oom_score_adj', 'w').write('1000')
@@ -51,23 +59,30 @@ path, seconds = sys.argv[1], float(sys.argv[2])
 fd = os.open(path, os.O_RDONLY)
 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 size = os.fstat(fd).st_size
-pages = size // 4096
-mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-end, read = time.time() + seconds, 0
+CHUNK, PAGE = 8 << 20, 4096
+one = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+two = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+order = list(range(size // CHUNK))
+random.shuffle(order)
+end, touched, next = time.time() + seconds, 0, 0
 while time.time() < end:
-    for _ in range(100):
-        mapped[random.randrange(pages) * 4096]
-    read += 100
-print(read)
+    at = order[next % len(order)] * CHUNK
+    next += 1
+    one[at:at + CHUNK:PAGE]
+    two[at:at + CHUNK:PAGE]
+    touched += CHUNK // PAGE
+print(touched)
 ";
 
-/// The size of the file the thrasher reads: less than the cgroup keeps
-/// for it once a hog is killed. The kernel counts a read as thrashing only
-/// if the page was in use when it was evicted and is read again soon
-/// after, which pages of a larger file seldom are: the squeezed node's full
-/// pressure was 25.5–30.1 % with this file (four runs), 26.6–29.5 % with
-/// 320 MiB (four), 22 % with 384 MiB (two).
+/// The size of the file the thrasher reads.
 pub const THRASHED_FILE: usize = 256 << 20;
+
+/// The room the hogs leave the thrasher's file pages: 32 MiB less than the
+/// file. Measured outside the test (the hog and thrasher alone in a 384-MiB
+/// cgroup, 30 s each), the cgroup's full pressure was 74 % with this room,
+/// 39 % with 192 MiB and 31 % with 128 MiB: with more room missing, pages
+/// come back too late to count as thrashing.
+const THRASHER_ROOM: usize = THRASHED_FILE - (32 << 20);
 
 /// Writes a file of `size` bytes to storage (flushed, so that its pages
 /// can be dropped) for the thrasher to read.
@@ -129,7 +144,7 @@ pub struct Squeeze {
     pub killed: u32,
     pub failures: u64,
     pub pressure: Pressure,
-    /// Pages the thrasher read, if one ran.
+    /// Pages the thrasher touched, if one ran.
     pub thrashed: Option<u64>,
 }
 
@@ -189,7 +204,9 @@ pub async fn squeeze(
         let (enter, file) = (enter.clone(), file.to_path_buf());
         std::thread::spawn(move || thrash_until(&enter, &file, end))
     });
-    let hogs = std::thread::spawn(move || if hogs_on { squeeze_until(&enter, &dir, end) } else { (0, 0) });
+    // With a thrasher, the hogs leave its file room to thrash in.
+    let room = if thrashed.is_some() { THRASHER_ROOM } else { 0 };
+    let hogs = std::thread::spawn(move || if hogs_on { squeeze_until(&enter, &dir, room, end) } else { (0, 0) });
     let ((first, mut failed), (second, failed_too)) = tokio::join!(lock_until(first, end), lock_until(second, end));
     failed.extend(failed_too);
     let (hogs, killed) = hogs.join().expect("the hogs' waiter");
@@ -205,7 +222,7 @@ pub async fn squeeze(
 }
 
 /// Runs the thrasher on `file` in the cgroup until `end`, again if it was
-/// killed; returns the pages it read.
+/// killed; returns the pages it touched.
 fn thrash_until(enter: &str, file: &Path, end: Instant) -> u64 {
     let mut read = 0;
     while Instant::now() < end {
@@ -217,13 +234,18 @@ fn thrash_until(enter: &str, file: &Path, end: Instant) -> u64 {
 }
 
 /// Runs hogs in the cgroup, one after the other, until `end`: each fills
-/// the cgroup until the kernel has reclaimed all it can and kills the hog
-/// (the highest OOM score); the next one starts at once. Returns how many
-/// ran and how many were killed.
-fn squeeze_until(enter: &str, dir: &Path, end: Instant) -> (u32, u32) {
+/// the cgroup but for `room` bytes of file pages; with no room, until the
+/// kernel has reclaimed all it can and kills the hog (the highest OOM
+/// score), and the next one starts at once. Returns how many ran and how
+/// many were killed.
+fn squeeze_until(enter: &str, dir: &Path, room: usize, end: Instant) -> (u32, u32) {
     let (mut started, mut killed) = (0, 0);
     while Instant::now() < end {
-        let status = python_in(enter, HOG, dir, end).stdout(Stdio::null()).status().expect("python3 for the hog");
+        let status = python_in(enter, HOG, dir, end)
+            .arg(room.to_string())
+            .stdout(Stdio::null())
+            .status()
+            .expect("python3 for the hog");
         started += 1;
         killed += u32::from(std::os::unix::process::ExitStatusExt::signal(&status) == Some(9));
     }
