@@ -243,7 +243,13 @@ async fn read_frames(
     let keepalive = settings.keepalive;
     let mut reader = BufReader::with_capacity(framing::READ_BUFFER_LEN, read_half);
     let mut body = Vec::new();
+    // When the client has been silent for `keepalive`: moved by every frame.
     let mut deadline = Instant::now() + keepalive;
+    // One timer for the session, set only when it fires before `deadline`
+    // (or `closing`): setting a timer per frame costs two trips through the
+    // runtime's timer wheel per request.
+    let timer = tokio::time::sleep_until(deadline);
+    tokio::pin!(timer);
     let mut pinged = false;
     // Set when the agent stops: what the client still sends is answered
     // (refused as shutting_down) until it closes, or until this deadline.
@@ -258,6 +264,7 @@ async fn read_frames(
         tokio::pin!(read);
         let frame = loop {
             tokio::select! {
+                biased;
                 frame = &mut read => break frame,
                 _ = &mut ended, if closing.is_none() => {
                     // Ended by the driver: a slow reader is let go at once; at
@@ -265,9 +272,16 @@ async fn read_frames(
                     if !driver.is_stopped() {
                         return true;
                     }
-                    closing = Some(Instant::now() + SHUTDOWN_ANSWER_TIMEOUT);
+                    let until = Instant::now() + SHUTDOWN_ANSWER_TIMEOUT;
+                    closing = Some(until);
+                    timer.as_mut().reset(until);
                 }
-                () = tokio::time::sleep_until(closing.unwrap_or(deadline)) => {
+                () = &mut timer => {
+                    let due = closing.unwrap_or(deadline);
+                    if Instant::now() < due {
+                        timer.as_mut().reset(due);
+                        continue;
+                    }
                     if closing.is_some() {
                         return true;
                     }
@@ -280,6 +294,7 @@ async fn read_frames(
                         return false;
                     }
                     deadline = Instant::now() + keepalive;
+                    timer.as_mut().reset(deadline);
                 }
             }
         };
@@ -291,7 +306,9 @@ async fn read_frames(
                 if closing.is_none() && driver.send(Command::Client { session, message }).await.is_err() {
                     // The driver stopped between two messages: this one,
                     // and any after it, are answered here.
-                    closing = Some(Instant::now() + SHUTDOWN_ANSWER_TIMEOUT);
+                    let until = Instant::now() + SHUTDOWN_ANSWER_TIMEOUT;
+                    closing = Some(until);
+                    timer.as_mut().reset(until);
                 }
                 if closing.is_some() && sink.send_message(&convert::shutting_down(handle)).is_err() {
                     return true;
