@@ -21,7 +21,11 @@
 //!   this process, whose only busy threads are the clients), how far the
 //!   client with the most or fewest grants is from the mean, and p99 of a
 //!   pair (its wait included);
-//! - the floor: a 16-byte Unix-socket ping-pong between two processes.
+//! - the floors: a 16-byte Unix-socket ping-pong between two processes, and
+//!   beside the uncontended rows `echo`, the same clients making two 16-byte
+//!   round trips per pair to a one-threaded server that only echoes (what
+//!   the sockets, wake-ups and the clients' runtime allow in that placement,
+//!   with no lock work at all).
 //!
 //! Each cell is reported as the median of its runs with the lowest and
 //! highest, and each ratio against a peer as the ratio of medians with the
@@ -353,7 +357,7 @@ use report::{CONTENDED, DLM, Measured, P50, PER_CPU, Row, SHARE, SYSTEMS, print_
 
 #[path = "peers/floor.rs"]
 mod floor;
-use floor::{ECHO_SERVER, echo_server, unix_round_trip_p50};
+use floor::{ECHO_MANY, ECHO_SERVER, Echo, echo_many, echo_server, start_echo, unix_round_trip_p50};
 
 // ----- main -----
 
@@ -362,6 +366,10 @@ fn main() {
     if args.get(1).map(String::as_str) == Some(ECHO_SERVER) {
         let path = PathBuf::from(args.get(2).cloned().unwrap_or_default());
         std::process::exit(i32::from(echo_server(&path).is_err()));
+    }
+    if args.get(1).map(String::as_str) == Some(ECHO_MANY) {
+        let path = PathBuf::from(args.get(2).cloned().unwrap_or_default());
+        std::process::exit(i32::from(echo_many(&path).is_err()));
     }
     let measuring = std::env::args().any(|a| a == "--bench");
     // Taken before any placement narrows this process's CPUs.
@@ -405,6 +413,9 @@ struct Bench {
     redis: Arc<Redis>,
     redis_polite: Arc<Redis>,
     etcd: Arc<Etcd>,
+    /// The uncontended rows' floor: a server that only echoes.
+    echo: Arc<Echo>,
+    echo_pid: u32,
     /// The systems to measure (`DLM_BENCH_SYSTEMS=dlm-unix,redis` for quick
     /// comparisons while tuning).
     only: Option<String>,
@@ -418,7 +429,7 @@ impl Bench {
     /// Every cell of one placement, `plan.reps` times (interleaved).
     async fn measure(&self, placement: Placement, dir: &Path, progress: &mut impl FnMut(&str)) -> Result<Measured> {
         let cpus = placement.cpus();
-        for pid in [self.agent.pid, self.redis_pid, self.etcd_pid, std::process::id()] {
+        for pid in [self.agent.pid, self.redis_pid, self.etcd_pid, self.echo_pid, std::process::id()] {
             place(pid, &cpus)?;
         }
         let mut rows: Vec<Row> = Vec::new();
@@ -467,6 +478,7 @@ impl Bench {
                 uncontended!(self.dlm_tcp, self.agent.pid);
                 uncontended!(self.redis, self.redis_pid);
                 uncontended!(self.etcd, self.etcd_pid);
+                uncontended!(self.echo, self.echo_pid);
             }
             let contended = index(&rows, CONTENDED);
             macro_rules! contend {
@@ -513,6 +525,8 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
     let agent = start_dlm(&dir).await?;
     let (redis_server, redis_address) = start_redis(&dir).await?;
     let (etcd_server, etcd_endpoint) = start_etcd(&dir).await?;
+    let echo_socket = dir.join("echo-many.sock");
+    let echo_server = start_echo(&echo_socket).await?;
 
     let unix = Target::Unix(agent.socket.clone());
     let ttl_ms = plan.ttl.as_millis().to_string();
@@ -527,12 +541,16 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
         etcd: Arc::new(Etcd { endpoint: etcd_endpoint.clone(), ttl_s: 600 }),
         redis_pid: redis_server.child.id(),
         etcd_pid: etcd_server.child.id(),
+        echo: Arc::new(Echo { socket: echo_socket }),
+        echo_pid: echo_server.child.id(),
         agent,
         only: std::env::var("DLM_BENCH_SYSTEMS").ok(),
         plan,
     };
     let placements = [Placement::Unpinned, Placement::OneCpu];
-    let per_placement = bench.plan.reps * (bench.plan.concurrency.len() * SYSTEMS.len() + SYSTEMS.len() + 2);
+    // Every system in each uncontended row; all but the echo floor contended;
+    // the ping-pong floor and Redis retrying politely.
+    let per_placement = bench.plan.reps * (bench.plan.concurrency.len() * SYSTEMS.len() + SYSTEMS.len() - 1 + 2);
     let cells = placements.len() * per_placement + 3;
     let mut done = 0usize;
     let mut progress = |what: &str| {
@@ -544,7 +562,7 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
         all.push(bench.measure(placement, &dir, &mut progress).await?);
     }
     // Back to every CPU for the dead holder.
-    for pid in [bench.agent.pid, bench.redis_pid, bench.etcd_pid, std::process::id()] {
+    for pid in [bench.agent.pid, bench.redis_pid, bench.etcd_pid, bench.echo_pid, std::process::id()] {
         place(pid, &Placement::Unpinned.cpus())?;
     }
     let mut killed = Row::new("dead holder -> waiter granted (unpinned, once)", "ms", false);
@@ -592,7 +610,7 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
         write_json(&all, &killed, &path)?;
         println!("written to {}", path.display());
     }
-    drop((redis_server, etcd_server));
+    drop((redis_server, etcd_server, echo_server));
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

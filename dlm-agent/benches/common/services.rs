@@ -30,8 +30,13 @@ pub trait LockSystem: Send + Sync + 'static {
 
 pub enum LockHeld {
     Dlm(dlm_agent::client::LockGuard),
-    Redis { key: String, token: String },
+    Redis {
+        key: String,
+        token: String,
+    },
     Etcd(Vec<u8>),
+    /// Nothing held: the peer benchmark's echo floor, which locks nothing.
+    Echo,
 }
 
 /// A minimal RESP client: enough for SET, EVALSHA and SCRIPT LOAD.

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use super::services::{LockHeld, LockSystem, Server};
 use super::{Result, place};
 
 /// A Unix-socket ping-pong of 16 bytes between this process and a child
@@ -56,4 +57,120 @@ pub fn echo_server(path: &Path) -> std::io::Result<()> {
         stream.write_all(&buffer)?;
     }
     Ok(())
+}
+
+/// The argument that makes this binary the many-connection echo server of
+/// [`Echo`].
+pub const ECHO_MANY: &str = "--echo-many";
+
+/// The floor under the uncontended rows: the same clients (tasks of this
+/// process's runtime, one connection each) each making two 16-byte round
+/// trips per "pair" to a server that does nothing but echo. It locks
+/// nothing; it is what this placement's sockets, wake-ups and the clients'
+/// runtime allow a one-threaded server on the Unix socket.
+pub struct Echo {
+    pub socket: std::path::PathBuf,
+}
+
+impl LockSystem for Echo {
+    type Conn = tokio::net::UnixStream;
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+    async fn connect(&self) -> Result<Self::Conn> {
+        Ok(tokio::net::UnixStream::connect(&self.socket).await?)
+    }
+    async fn lock(&self, conn: &mut Self::Conn, _: &str) -> Result<LockHeld> {
+        round_trip(conn).await?;
+        Ok(LockHeld::Echo)
+    }
+    async fn unlock(&self, conn: &mut Self::Conn, _: LockHeld) -> Result<()> {
+        round_trip(conn).await
+    }
+}
+
+async fn round_trip(conn: &mut tokio::net::UnixStream) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = [7u8; 16];
+    conn.write_all(&buffer).await?;
+    conn.read_exact(&mut buffer).await?;
+    Ok(())
+}
+
+/// Starts [`echo_many`] in a child process, listening on `path`.
+pub async fn start_echo(path: &Path) -> Result<Server> {
+    let _ = std::fs::remove_file(path);
+    let child = Command::new(std::env::current_exe()?).arg(ECHO_MANY).arg(path).spawn()?;
+    let server = Server { child };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(path).is_err() {
+        if Instant::now() > deadline {
+            return Err("the echo server never listened".into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(server)
+}
+
+/// An echo server for many connections: one thread, level-triggered epoll,
+/// each readable connection's bytes written straight back (16-byte
+/// messages always fit the socket's buffer). Runs until killed.
+#[allow(unsafe_code)]
+pub fn echo_many(path: &Path) -> std::io::Result<()> {
+    use std::collections::HashMap;
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    listener.set_nonblocking(true)?;
+    // SAFETY: plain system calls on descriptors this function owns; the
+    // event array outlives every epoll_wait that fills it.
+    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    if epoll < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let watch = |fd: i32| {
+        let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: fd as u64 };
+        // SAFETY: as above.
+        if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, fd, &mut event) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    };
+    watch(listener.as_raw_fd())?;
+    let mut connections: HashMap<i32, std::os::unix::net::UnixStream> = HashMap::new();
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut buffer = [0u8; 4096];
+    loop {
+        // SAFETY: as above.
+        let ready = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, -1) };
+        if ready < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(error);
+        }
+        for event in &events[..ready as usize] {
+            let fd = event.u64 as i32;
+            if fd == listener.as_raw_fd() {
+                while let Ok((stream, _)) = listener.accept() {
+                    stream.set_nonblocking(true)?;
+                    watch(stream.as_raw_fd())?;
+                    connections.insert(stream.as_raw_fd(), stream);
+                }
+                continue;
+            }
+            let Some(stream) = connections.get_mut(&fd) else { continue };
+            match stream.read(&mut buffer) {
+                Ok(0) => drop(connections.remove(&fd)),
+                Ok(read) => {
+                    if stream.write_all(&buffer[..read]).is_err() {
+                        connections.remove(&fd);
+                    }
+                }
+                Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => drop(connections.remove(&fd)),
+            }
+        }
+    }
 }

@@ -60,7 +60,9 @@ impl Row {
 
 /// The system the ratios are of.
 pub const DLM: &str = "dlm-unix";
-pub const SYSTEMS: [&str; 5] = ["dlm-unix", "dlm-unix-grpc", "dlm-tcp", "redis", "etcd"];
+pub const SYSTEMS: [&str; 6] = ["dlm-unix", "dlm-unix-grpc", "dlm-tcp", "redis", "etcd", ECHO];
+/// The uncontended rows' floor: a server that only echoes (`floor::Echo`).
+pub const ECHO: &str = "echo";
 const PEERS: [&str; 2] = ["redis", "etcd"];
 
 fn short(v: f64) -> String {
@@ -122,6 +124,28 @@ pub fn print_table(measured: &Measured) {
     );
     if let Some((p50, _, _)) = measured.row(P50).and_then(|r| r.spread(DLM)) {
         println!("dlm-unix's pair p50 at 1 client is {:.1}x this placement's round trip", p50 / floor);
+    }
+    let shares: Vec<String> = measured
+        .rows
+        .iter()
+        .filter(|row| row.label.starts_with("uncontended"))
+        .filter_map(|row| {
+            let echo = row.spread(ECHO)?.0;
+            let of = |system: &str| row.spread(system).map_or("-".into(), |s| format!("{:.0}%", s.0 / echo * 100.0));
+            Some(format!(
+                "{} clients: dlm-unix {}, redis {}",
+                row.label.rsplit(", ").next()?.trim_end_matches(" clients"),
+                of(DLM),
+                of("redis")
+            ))
+        })
+        .collect();
+    if !shares.is_empty() {
+        println!(
+            "echo floor (a server that only echoes, two 16-byte round trips per pair, the same clients): \
+             the median's share of it at {}",
+            shares.join("; ")
+        );
     }
 }
 
