@@ -4,8 +4,8 @@
 //! Resource names are never labels: `dlm-agent dump` is for those.
 
 use prometheus::{
-    CounterVec, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    CounterVec, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::codes::{LockPhase, RejectCode, SessionEnd};
@@ -167,9 +167,11 @@ impl Metrics {
         self.registry.register(collector).expect("unique metric names");
     }
 
-    /// Creates a new lockspace's series at zero.
-    pub fn add_lockspace(&self, lockspace: &str) {
+    /// Creates a new lockspace's series at zero, and returns the handles
+    /// of those its locks update.
+    pub fn add_lockspace(&self, lockspace: &str) -> LockspaceSeries {
         self.each_lockspace_series(lockspace, |vec, labels| vec.create(labels));
+        LockspaceSeries::new(self, lockspace)
     }
 
     /// Drops a released lockspace's series, every one that
@@ -208,6 +210,82 @@ impl Metrics {
     }
 }
 
+/// The series one lockspace's locks update on every request, taken once
+/// when the lockspace is made: a label lookup (four labels hashed, a read
+/// lock, a reference count) per series per request was ~3 % of the agent's
+/// CPU at 32 clients. Still the registry's series: a scrape reads them,
+/// and [`Metrics::remove_lockspace`] drops them with the rest.
+pub struct LockspaceSeries {
+    /// By operation, mode and outcome, in the order of their `ALL` lists.
+    requests: Box<[IntCounter]>,
+    /// By mode, in the order of `Mode::ALL`.
+    grant_wait: Box<[Histogram]>,
+    hold: Box<[Histogram]>,
+    blocking: IntCounter,
+}
+
+impl LockspaceSeries {
+    fn new(metrics: &Metrics, lockspace: &str) -> LockspaceSeries {
+        use dlm_core::{Mode, Op, Status};
+        let mut requests = Vec::with_capacity(Op::ALL.len() * Mode::ALL.len() * Status::ALL.len());
+        for op in Op::ALL {
+            for mode in Mode::ALL {
+                for outcome in Status::ALL {
+                    requests.push(metrics.requests.with_label_values(&[
+                        lockspace,
+                        op.name(),
+                        mode.name(),
+                        outcome.name(),
+                    ]));
+                }
+            }
+        }
+        let by_mode = |vec: &HistogramVec| {
+            Mode::ALL.iter().map(|mode| vec.with_label_values(&[lockspace, mode.name()])).collect()
+        };
+        LockspaceSeries {
+            requests: requests.into(),
+            grant_wait: by_mode(&metrics.grant_wait),
+            hold: by_mode(&metrics.hold),
+            blocking: metrics.blocking.with_label_values(&[lockspace]),
+        }
+    }
+
+    /// Requests completed with `outcome`.
+    #[must_use]
+    pub fn requests(&self, op: dlm_core::Op, mode: dlm_core::Mode, outcome: dlm_core::Status) -> &IntCounter {
+        use dlm_core::{Mode, Op, Status};
+        let index = (position(&Op::ALL, op) * Mode::ALL.len() + position(&Mode::ALL, mode)) * Status::ALL.len()
+            + position(&Status::ALL, outcome);
+        &self.requests[index]
+    }
+
+    /// Time from a lock or convert request to its grant in `mode`.
+    #[must_use]
+    pub fn grant_wait(&self, mode: dlm_core::Mode) -> &Histogram {
+        &self.grant_wait[position(&dlm_core::Mode::ALL, mode)]
+    }
+
+    /// Time from a grant in `mode` to its release.
+    #[must_use]
+    pub fn hold(&self, mode: dlm_core::Mode) -> &Histogram {
+        &self.hold[position(&dlm_core::Mode::ALL, mode)]
+    }
+
+    /// Blocking callbacks sent.
+    #[must_use]
+    pub fn blocking(&self) -> &IntCounter {
+        &self.blocking
+    }
+}
+
+/// Where `value` is in `all`, one of the core's lists of every value of
+/// its kind (`Op::ALL`, `Mode::ALL`, `Status::ALL`: complete by their
+/// contract, which the series made for each lockspace rely on too).
+fn position<T: PartialEq + Copy>(all: &[T], value: T) -> usize {
+    all.iter().position(|v| *v == value).unwrap_or_else(|| unreachable!("the core's ALL lists every value"))
+}
+
 /// One labelled family of the per-lockspace series.
 enum SeriesOf<'a> {
     Counter(&'a prometheus::IntCounterVec),
@@ -231,5 +309,38 @@ impl SeriesOf<'_> {
             SeriesOf::Gauge(vec) => vec.remove_label_values(labels),
             SeriesOf::Histogram(vec) => vec.remove_label_values(labels),
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dlm_core::{Mode, Op, Status};
+
+    #[test]
+    fn a_lockspaces_handles_update_its_series_and_go_with_it() {
+        let metrics = Metrics::new("node-a");
+        let series = metrics.add_lockspace("ls-a");
+        let _other = metrics.add_lockspace("ls-b");
+        series.requests(Op::Unlock, Mode::Pw, Status::Unlocked).inc();
+        series.requests(Op::Unlock, Mode::Pw, Status::Unlocked).inc();
+        series.hold(Mode::Cr).observe(0.5);
+        series.grant_wait(Mode::Ex).observe(0.25);
+        series.blocking().inc();
+        // The handles are the series a scrape reads, under their labels.
+        let by_labels = |op: Op, mode: Mode, status: Status| {
+            metrics.requests.with_label_values(&["ls-a", op.name(), mode.name(), status.name()]).get()
+        };
+        assert_eq!(by_labels(Op::Unlock, Mode::Pw, Status::Unlocked), 2);
+        assert_eq!(by_labels(Op::Lock, Mode::Pw, Status::Granted), 0);
+        assert_eq!(metrics.hold.with_label_values(&["ls-a", Mode::Cr.name()]).get_sample_count(), 1);
+        assert_eq!(metrics.grant_wait.with_label_values(&["ls-a", Mode::Ex.name()]).get_sample_sum(), 0.25);
+        assert_eq!(metrics.blocking.with_label_values(&["ls-a"]).get(), 1);
+        assert_eq!(metrics.blocking.with_label_values(&["ls-b"]).get(), 0);
+        // Released, none of its series is left in a scrape.
+        metrics.remove_lockspace("ls-a");
+        let scraped = metrics.encode();
+        assert!(!scraped.contains("\"ls-a\""), "a released lockspace's series are still scraped");
+        assert!(scraped.contains("\"ls-b\""));
     }
 }

@@ -16,7 +16,7 @@
 //! CPU it burns is the client's; the peer benchmark counts it.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -61,11 +61,19 @@ pub(crate) struct AnswerDue {
     sitting_out: AtomicU32,
     /// The reader's waker while it sleeps on the socket.
     reader: Mutex<Option<Waker>>,
+    /// What the reader last found: this thread may run on one CPU only.
+    one_cpu: AtomicBool,
 }
 
 impl AnswerDue {
     pub(crate) fn new(spin: Duration) -> Arc<AnswerDue> {
-        Arc::new(AnswerDue { spin, due: AtomicUsize::new(0), sitting_out: AtomicU32::new(0), reader: Mutex::new(None) })
+        Arc::new(AnswerDue {
+            spin,
+            due: AtomicUsize::new(0),
+            sitting_out: AtomicU32::new(0),
+            reader: Mutex::new(None),
+            one_cpu: AtomicBool::new(false),
+        })
     }
 
     /// How many requests wait for their answer (set by the session when its
@@ -79,9 +87,12 @@ impl AnswerDue {
         }
     }
 
-    /// A request was sent: wake the reader so that it spins for the answer.
+    /// A request was sent: wake the reader so that it spins for the answer,
+    /// unless it would not spin (another session waits too, or one CPU, as
+    /// the reader last found): a wake-up for nothing costs a poll of the
+    /// reader per request.
     pub(crate) fn sent(&self) {
-        if self.spin.is_zero() {
+        if self.spin.is_zero() || SESSIONS_DUE.load(Ordering::Acquire) > 1 || self.one_cpu.load(Ordering::Relaxed) {
             return;
         }
         let sitting_out = self.sitting_out.load(Ordering::Relaxed);
@@ -128,6 +139,7 @@ impl SpinRead {
             _ => {
                 let many = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
                 self.many_cpus = Some((now, many));
+                self.due.one_cpu.store(!many, Ordering::Relaxed);
                 many
             }
         }
@@ -244,6 +256,10 @@ mod tests {
         assert_eq!(count.0.load(Ordering::Relaxed), 1);
         due.sent();
         assert_eq!(count.0.load(Ordering::Relaxed), 2);
+        // Where the reader last found one CPU, a request does not wake it.
+        due.one_cpu.store(true, Ordering::Relaxed);
+        due.sent();
+        assert_eq!(count.0.load(Ordering::Relaxed), 2, "woken to spin on one CPU");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,11 +269,15 @@ mod tests {
         let other = AnswerDue::new(Duration::from_millis(200));
         due.set_due(1);
         other.set_due(2);
-        let waker = Waker::from(Arc::new(Count(AtomicUsize::new(0))));
+        let count = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = Waker::from(count.clone());
         let mut buffer = [0u8; 16];
         let started = Instant::now();
         let polled = Pin::new(&mut reader).poll_read(&mut Context::from_waker(&waker), &mut ReadBuf::new(&mut buffer));
         assert!(polled.is_pending() && started.elapsed() < Duration::from_millis(100), "it spun");
+        // Nor is it woken for a request: it would not spin.
+        due.sent();
+        assert_eq!(count.0.load(Ordering::Relaxed), 0, "woken to spin beside another session");
         // The other ends (dropped): this one is alone again, and spins.
         drop(other);
         let started = Instant::now();

@@ -5,7 +5,7 @@ use dlm_core::cluster::NodeId;
 use dlm_core::{DumpCursor, LockspaceConfig, PageBounds, SessionId};
 
 use super::observe::evidence_to_wire;
-use super::{Driver, LockspaceName, SessionState};
+use super::{Driver, LockspaceRef, SessionState};
 use crate::bounds::{DUMP_LOCKS_MAX, DUMP_RESOURCES_DEFAULT, DUMP_RESOURCES_MAX};
 use crate::codes::{RejectCode, SessionEnd};
 use crate::command::Command;
@@ -188,18 +188,18 @@ impl Driver {
         let id = match self.node.lockspace_id(name.as_bytes()) {
             // Made when a peer asked this node about it (as its resources'
             // directory or master): this node's clients make it theirs now.
-            Some(id) if !self.lockspace_names.contains_key(&id) => id,
+            Some(id) if !self.lockspaces.contains_key(&id) => id,
             _ => self.node.create_lockspace(name.as_bytes(), config).map_err(|e| Rejection::from_engine(0, &e))?,
         };
-        self.lockspace_names.insert(id, LockspaceName::new(name));
-        self.observer.metrics.add_lockspace(name);
+        let series = self.observer.metrics.add_lockspace(name);
+        self.lockspaces.insert(id, LockspaceRef::new(name, series));
         Ok(())
     }
 
     pub(super) fn release_lockspace(&mut self, name: &str, force: bool) -> Result<(), Rejection> {
         let id = self.node.lockspace_id(name.as_bytes()).ok_or_else(|| unknown_lockspace(0, name))?;
         self.node.release_lockspace(self.clock.engine_now(), id, force).map_err(|e| Rejection::from_engine(0, &e))?;
-        self.lockspace_names.remove(&id);
+        self.lockspaces.remove(&id);
         self.observer.metrics.remove_lockspace(name);
         Ok(())
     }

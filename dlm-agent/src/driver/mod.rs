@@ -57,7 +57,7 @@ use crate::convert::Rejection;
 use crate::ebpf::AttributionMaps;
 use crate::framing::FrameSink;
 use crate::lease::{LapseWatch, Lease};
-use crate::metrics::Metrics;
+use crate::metrics::{LockspaceSeries, Metrics};
 use crate::peer_view::PeerView;
 
 use self::observe::{LockRecord, Observer};
@@ -80,24 +80,36 @@ impl SessionState {
     }
 }
 
-/// A lockspace's name, as text for labels and as a C string for the USDT
-/// probe points; one allocation shared by all the lockspace's locks, so a
-/// lock's record holds one pointer for it.
+/// What a lock's record keeps of its lockspace: the name, as text for
+/// labels and as a C string for the USDT probe points, and the metric
+/// series its locks update; one allocation shared by all the lockspace's
+/// locks, so a lock's record holds one pointer for it.
 #[derive(Clone)]
-struct LockspaceName(Arc<(Box<str>, CString)>);
+struct LockspaceRef(Arc<LockspaceShared>);
 
-impl LockspaceName {
-    fn new(name: &str) -> LockspaceName {
+struct LockspaceShared {
+    name: Box<str>,
+    c_name: CString,
+    series: LockspaceSeries,
+}
+
+impl LockspaceRef {
+    fn new(name: &str, series: LockspaceSeries) -> LockspaceRef {
         // A name with a NUL byte cannot be a C string: the USDT probe points show it empty.
-        LockspaceName(Arc::new((name.into(), CString::new(name).unwrap_or_default())))
+        let c_name = CString::new(name).unwrap_or_default();
+        LockspaceRef(Arc::new(LockspaceShared { name: name.into(), c_name, series }))
     }
 
     fn text(&self) -> &str {
-        &self.0.0
+        &self.0.name
     }
 
     fn c_string(&self) -> &CStr {
-        &self.0.1
+        &self.0.c_name
+    }
+
+    fn series(&self) -> &LockspaceSeries {
+        &self.0.series
     }
 }
 
@@ -128,7 +140,7 @@ struct Driver {
     sessions: HashMap<SessionId, SessionState>,
     /// Sessions open per uid, and the refusals already logged (`quota.rs`).
     quota: SessionQuota,
-    lockspace_names: HashMap<LockspaceId, LockspaceName>,
+    lockspaces: HashMap<LockspaceId, LockspaceRef>,
     /// Sessions found not reading during routing, ended after it (`output.rs`).
     slow: Vec<SessionId>,
     /// Framed sessions to flush after this pass (frames appended to a clean
@@ -207,7 +219,7 @@ pub fn start(
         started: clock.now(),
         sessions: HashMap::new(),
         quota: SessionQuota::new(config.clients.sessions_per_uid_max),
-        lockspace_names: HashMap::new(),
+        lockspaces: HashMap::new(),
         slow: Vec::new(),
         unflushed: Vec::new(),
         stopping: false,

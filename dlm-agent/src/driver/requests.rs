@@ -31,7 +31,7 @@ impl Driver {
                 return self.reject(session, Rejection::new(handle, RejectCode::PermissionDenied, message));
             }
             lock.lockspace = id;
-            lockspace_name = self.lockspace_names.get(&id).cloned();
+            lockspace_name = self.lockspaces.get(&id).cloned();
         }
         let now = self.clock.now();
         let span = match (&request, &lockspace_name) {

@@ -26,7 +26,7 @@ use self::evidence::KernelEvidence;
 pub(super) use self::evidence::to_wire as evidence_to_wire;
 use self::recovery::RecoveryWatch;
 pub(super) use self::usdt::ResourceName;
-use super::LockspaceName;
+use super::LockspaceRef;
 use crate::clock::Clock;
 use crate::codes::{LinkReset, LockPhase, RejectCode, SessionEnd};
 use crate::config::Config;
@@ -66,7 +66,7 @@ impl Stamp {
 /// because a node holds millions.
 pub(super) struct LockRecord {
     /// Its lockspace's name (shared).
-    lockspace: LockspaceName,
+    lockspace: LockspaceRef,
     /// The resource name, for the USDT probe points.
     resource: ResourceName,
     /// Its span and kernel mark, when spans are exported or eBPF is on.
@@ -96,7 +96,7 @@ struct Extras {
 impl LockRecord {
     /// A lock just requested.
     pub(super) fn new(
-        lockspace: LockspaceName,
+        lockspace: LockspaceRef,
         resource: ResourceName,
         mode: Mode,
         now: Stamp,
@@ -340,10 +340,7 @@ impl Observer {
     ) {
         let op = completion.op.name();
         let mode = completion.mode.unwrap_or(record.mode);
-        self.metrics
-            .requests
-            .with_label_values(&[record.lockspace.text(), op, record.mode.name(), completion.status.name()])
-            .inc();
+        record.lockspace.series().requests(completion.op, record.mode, completion.status).inc();
         if let Some(span) = record.span() {
             if completion.op == Op::Lock {
                 span.record("dlm.outcome", completion.status.name());
@@ -394,11 +391,11 @@ impl Observer {
         if let Some(at) = record.requested_at.take() {
             let wait = at.until(self.clock, now);
             wait_ns = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
-            let labels = [record.lockspace.text(), mode.name()];
-            self.metrics.grant_wait.with_label_values(&labels).observe(wait.as_secs_f64());
+            record.lockspace.series().grant_wait(mode).observe(wait.as_secs_f64());
             if let Some(cluster) = &self.cluster
                 && node.remote_master(completion.session, completion.handle).is_some()
             {
+                let labels = [record.lockspace.text(), mode.name()];
                 cluster.remote_grant_wait.with_label_values(&labels).observe(wait.as_secs_f64());
             }
         }
@@ -418,10 +415,7 @@ impl Observer {
     fn released(&self, now: Instant, pid: Option<u32>, record: &mut LockRecord) {
         if let Some(at) = record.granted_at {
             let held = at.until(self.clock, now);
-            self.metrics
-                .hold
-                .with_label_values(&[record.lockspace.text(), record.mode.name()])
-                .observe(held.as_secs_f64());
+            record.lockspace.series().hold(record.mode).observe(held.as_secs_f64());
             let held_ns = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
             usdt::release(record.usdt_target(), record.mode, held_ns, record.token, pid.map_or(0, u64::from));
         }
@@ -440,7 +434,7 @@ impl Observer {
         mode: Mode,
     ) {
         usdt::blocking(record.usdt_target(), mode, session.0, handle.0, pid.map_or(0, u64::from));
-        self.metrics.blocking.with_label_values(&[record.lockspace.text()]).inc();
+        record.lockspace.series().blocking().inc();
         span_event!(record.span(), mode = mode.name(), "blocking callback sent");
     }
 
