@@ -39,8 +39,10 @@ pub const DEFAULT_SPIN: Duration = Duration::ZERO;
 /// A sleep longer than this means requests are not flowing: no spin next time.
 const FLOWING: Duration = Duration::from_micros(500);
 
-/// How often a worker checks how many CPUs it may run on.
-const CPUS_RECHECK: Duration = Duration::from_millis(50);
+/// How often a worker checks how many CPUs it may run on: every this many
+/// parks (counted, not timed: a clock read per park was one of the agent's
+/// ten per request).
+const CPUS_RECHECK_PARKS: u32 = 1024;
 
 /// The most epoll instances watched (a runtime makes one or two).
 const EPOLL_MAX: usize = 4;
@@ -54,7 +56,8 @@ static STATE: OnceLock<String> = OnceLock::new();
 thread_local! {
     static PARKED_AT: Cell<Option<Instant>> = const { Cell::new(None) };
     static LAST_SLEEP: Cell<Duration> = const { Cell::new(Duration::MAX) };
-    static MANY_CPUS: Cell<Option<(Instant, bool)>> = const { Cell::new(None) };
+    /// Parks left before the next check, and what the last one found.
+    static MANY_CPUS: Cell<Option<(u32, bool)>> = const { Cell::new(None) };
 }
 
 /// The spin asked for: `DLM_SPIN_US` (0 turns it off), else [`DEFAULT_SPIN`].
@@ -113,10 +116,16 @@ fn find_and_enable(spin: Duration) -> Result<(), String> {
     Ok(())
 }
 
-/// The runtime's hook before a worker parks.
+/// The runtime's hook before a worker parks. Where the worker will not
+/// spin (spinning off, one CPU) it reads no clock: the sleeps are timed
+/// only to tell whether requests flow, which only the spin asks.
 pub fn before_park() {
     let spin = Duration::from_nanos(SPIN_NS.load(Ordering::Relaxed));
-    if !spin.is_zero() && LAST_SLEEP.get() < FLOWING && many_cpus() {
+    if spin.is_zero() || !many_cpus() {
+        PARKED_AT.set(None);
+        return;
+    }
+    if LAST_SLEEP.get() < FLOWING {
         let start = Instant::now();
         while !ready() && start.elapsed() < spin {
             std::hint::spin_loop();
@@ -147,13 +156,13 @@ fn ready() -> bool {
 /// Whether this thread may run on more than one CPU (checked now and then:
 /// an operator may pin the agent while it runs).
 fn many_cpus() -> bool {
-    let now = Instant::now();
-    if let Some((at, many)) = MANY_CPUS.get()
-        && now.duration_since(at) < CPUS_RECHECK
+    if let Some((left, many)) = MANY_CPUS.get()
+        && left > 0
     {
+        MANY_CPUS.set(Some((left - 1, many)));
         return many;
     }
     let many = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
-    MANY_CPUS.set(Some((now, many)));
+    MANY_CPUS.set(Some((CPUS_RECHECK_PARKS, many)));
     many
 }

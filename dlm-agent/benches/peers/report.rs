@@ -93,7 +93,7 @@ pub fn print_table(measured: &Measured) {
     println!("\n== {}: {}", measured.placement.name(), measured.placement.describe());
     print!("{:<48}", "workload: median (lowest-highest)");
     for system in SYSTEMS {
-        print!("{system:>22}");
+        print!("{system:>24}");
     }
     for peer in PEERS {
         print!("{:>24}", format!("dlm vs {peer}"));
@@ -104,9 +104,9 @@ pub fn print_table(measured: &Measured) {
         for system in SYSTEMS {
             match row.spread(system) {
                 Some((median, low, high)) => {
-                    print!("{:>22}", format!("{} ({}-{})", short(median), short(low), short(high)));
+                    print!("{:>24}", format!("{} ({}-{})", short(median), short(low), short(high)));
                 }
-                None => print!("{:>22}", "-"),
+                None => print!("{:>24}", "-"),
             }
         }
         for peer in PEERS {

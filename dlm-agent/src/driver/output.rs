@@ -47,8 +47,11 @@ impl Driver {
     /// sessions found slow meanwhile.
     pub(super) fn route_effects(&mut self) {
         self.transmit();
+        // One clock read for the pass's effects, taken at the first.
+        let clock = self.clock;
+        let mut now = None;
         while let Some(effect) = self.node.poll_effect() {
-            self.observe(&effect);
+            self.observe(&effect, *now.get_or_insert_with(|| clock.now()));
             let session = match &effect {
                 Effect::Complete(completion) => completion.session,
                 Effect::Blocking { session, .. } | Effect::Revoked { session, .. } => *session,
@@ -71,9 +74,8 @@ impl Driver {
 
     /// Shows an effect to the observer with the record of its lock, and
     /// drops the record when the lock ends (released, revoked, or a new
-    /// lock not granted).
-    fn observe(&mut self, effect: &Effect) {
-        let now = self.clock.now();
+    /// lock not granted); `now` is the time of the pass that routes it.
+    fn observe(&mut self, effect: &Effect, now: tokio::time::Instant) {
         match effect {
             Effect::Complete(completion) => {
                 let Some(state) = self.sessions.get_mut(&completion.session) else { return };
