@@ -301,8 +301,12 @@ pub struct LockGuard {
 
 impl LockGuard {
     fn granted(inner: Arc<SessionInner>, handle: u64, completion: &proto::Completion, requested: Mode) -> LockGuard {
-        inner.losses.send_modify(|losses| {
+        // A lock newly held is no loss: no one watching is woken (a
+        // notification wakes every guard's `lost`, and costs a lock per
+        // shard of the watch's waiters, on every grant).
+        inner.losses.send_if_modified(|losses| {
             losses.held.insert(handle);
+            false
         });
         LockGuard {
             inner,
