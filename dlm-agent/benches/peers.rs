@@ -38,8 +38,11 @@
 //! `dlm-tcp` (gRPC over TCP).
 //!
 //! The Redis lock is the usual single-instance one: `SET key token NX PX ttl`
-//! to take it, a compare-and-delete Lua script to release it. The etcd lock is
-//! its own `Lock`/`Unlock` API with a lease per client.
+//! to take it, a compare-and-delete Lua script to release it, measured over
+//! loopback TCP (`redis`, the peer the targets were first set against) and
+//! over the server's Unix socket (`redis-unix`, the transport `dlm-unix`
+//! uses); the targets are checked against both. The etcd lock is its own
+//! `Lock`/`Unlock` API with a lease per client.
 //!
 //! The agent runs without its eBPF programs (they would slow every process on
 //! the machine, the peers' too); `DLM_BENCH_EBPF=1` measures with them. It
@@ -63,8 +66,8 @@ use std::time::{Duration, Instant};
 use dlm_agent::client::{Client, LockOptions, Target};
 use dlm_core::Mode;
 use services::{
-    BoxError, Etcd, LockHeld, LockSystem, Redis, Result, Server, abandoned_holder, free_port, start_etcd, start_redis,
-    wait_for_port,
+    BoxError, Etcd, LockHeld, LockSystem, Redis, Result, Server, abandoned_holder, free_port, redis_unix_address,
+    start_etcd, start_redis, wait_for_port,
 };
 
 /// How long each cell runs, and how often.
@@ -411,6 +414,8 @@ struct Bench {
     dlm_unix_grpc: Arc<Dlm>,
     dlm_tcp: Arc<Dlm>,
     redis: Arc<Redis>,
+    /// The same server on its Unix socket, as dlm-unix is measured.
+    redis_unix: Arc<Redis>,
     redis_polite: Arc<Redis>,
     etcd: Arc<Etcd>,
     /// The uncontended rows' floor: a server that only echoes.
@@ -477,6 +482,7 @@ impl Bench {
                 uncontended!(self.dlm_unix_grpc, self.agent.pid);
                 uncontended!(self.dlm_tcp, self.agent.pid);
                 uncontended!(self.redis, self.redis_pid);
+                uncontended!(self.redis_unix, self.redis_pid);
                 uncontended!(self.etcd, self.etcd_pid);
                 uncontended!(self.echo, self.echo_pid);
             }
@@ -500,6 +506,7 @@ impl Bench {
             contend!(self.dlm_unix_grpc, self.agent.pid);
             contend!(self.dlm_tcp, self.agent.pid);
             contend!(self.redis, self.redis_pid);
+            contend!(self.redis_unix, self.redis_pid);
             contend!(self.etcd, self.etcd_pid);
             if self.wanted("redis") {
                 // Redis clients pausing 1 ms between attempts, as real
@@ -535,6 +542,7 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
         dlm_unix_grpc: Arc::new(Dlm { name: "dlm-unix-grpc", target: unix, grpc_sessions: true }),
         dlm_tcp: Arc::new(Dlm { name: "dlm-tcp", target: Target::Tcp(agent.tcp.clone()), grpc_sessions: false }),
         redis: Arc::new(Redis { address: redis_address.clone(), ttl_ms: ttl_ms.clone(), retry_delay: None }),
+        redis_unix: Arc::new(Redis { address: redis_unix_address(&dir), ttl_ms: ttl_ms.clone(), retry_delay: None }),
         redis_polite: Arc::new(Redis { address: redis_address, ttl_ms, retry_delay: Some(Duration::from_millis(1)) }),
         // The throughput cells run longer than a short lease: their clients
         // get a long one; only the dead-holder cell uses the short TTL.

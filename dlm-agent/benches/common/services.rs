@@ -11,8 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, UnixStream};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Result<T> = std::result::Result<T, BoxError>;
@@ -41,16 +41,30 @@ pub enum LockHeld {
 
 /// A minimal RESP client: enough for SET, EVALSHA and SCRIPT LOAD.
 pub struct Resp {
-    reader: BufReader<tokio::net::tcp::OwnedReadHalf>,
-    writer: tokio::net::tcp::OwnedWriteHalf,
+    reader: BufReader<Box<dyn AsyncRead + Unpin + Send>>,
+    writer: Box<dyn AsyncWrite + Unpin + Send>,
     line: String,
 }
 
+/// How a Redis address names its Unix socket: `unix:<path>`.
+const UNIX_PREFIX: &str = "unix:";
+
 impl Resp {
+    /// Connects to `host:port` over TCP, or to `unix:<path>`.
     pub async fn connect(address: &str) -> Result<Resp> {
-        let stream = TcpStream::connect(address).await?;
-        stream.set_nodelay(true)?;
-        let (read, writer) = stream.into_split();
+        let (read, writer): (Box<dyn AsyncRead + Unpin + Send>, Box<dyn AsyncWrite + Unpin + Send>) =
+            match address.strip_prefix(UNIX_PREFIX) {
+                Some(path) => {
+                    let (read, write) = UnixStream::connect(path).await?.into_split();
+                    (Box::new(read), Box::new(write))
+                }
+                None => {
+                    let stream = TcpStream::connect(address).await?;
+                    stream.set_nodelay(true)?;
+                    let (read, write) = stream.into_split();
+                    (Box::new(read), Box::new(write))
+                }
+            };
         Ok(Resp { reader: BufReader::new(read), writer, line: String::new() })
     }
 
@@ -83,6 +97,7 @@ pub const REDIS_UNLOCK_SCRIPT: &str =
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
 pub struct Redis {
+    /// `host:port`, or `unix:<path>` for its Unix socket.
     pub address: String,
     pub ttl_ms: String,
     /// Pause between failed attempts: `None` retries at once (the most
@@ -100,7 +115,7 @@ pub struct RedisConn {
 impl LockSystem for Redis {
     type Conn = RedisConn;
     fn name(&self) -> &'static str {
-        "redis"
+        if self.address.starts_with(UNIX_PREFIX) { "redis-unix" } else { "redis" }
     }
     async fn connect(&self) -> Result<RedisConn> {
         static CLIENTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -206,11 +221,22 @@ pub fn find(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.exists())
 }
 
+/// Where [`start_redis`]'s server in `dir` listens on a Unix socket, as a
+/// [`Redis`] address.
+pub fn redis_unix_address(dir: &Path) -> String {
+    format!("{UNIX_PREFIX}{}", dir.join("redis.sock").display())
+}
+
+/// Starts a Redis server on loopback TCP and on a Unix socket in `dir`
+/// ([`redis_unix_address`]); returns its TCP address.
 pub async fn start_redis(dir: &Path) -> Result<(Server, String)> {
     let binary = find("redis-server").ok_or("redis-server is not installed (cargo xtask bench installs it)")?;
     let port = free_port()?;
+    let unix = redis_unix_address(dir);
+    let socket = unix.strip_prefix(UNIX_PREFIX).unwrap_or_default();
     let child = Command::new(binary)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir"])
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--unixsocket", socket, "--unixsocketperm", "700", "--dir"])
         .arg(dir)
         .stdout(Stdio::null())
         .spawn()?;
