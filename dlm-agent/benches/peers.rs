@@ -59,15 +59,12 @@
 mod services;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use dlm_agent::client::{Client, LockOptions, Target};
-use dlm_core::Mode;
+use dlm_agent::client::Target;
 use services::{
-    BoxError, Etcd, LockHeld, LockSystem, Redis, Result, Server, abandoned_holder, free_port, redis_unix_address,
-    start_etcd, start_redis, wait_for_port,
+    BoxError, Etcd, LockSystem, Redis, Result, abandoned_holder, redis_unix_address, start_etcd, start_redis,
 };
 
 /// How long each cell runs, and how often.
@@ -83,102 +80,15 @@ struct Plan {
     ttl: Duration,
 }
 
-// ----- the systems -----
+// ----- the systems, and where threads run -----
 
-struct Dlm {
-    name: &'static str,
-    target: Target,
-    /// Sessions as gRPC streams even on the Unix socket (as other
-    /// languages' clients open them), instead of framed sessions.
-    grpc_sessions: bool,
-}
+#[path = "peers/dlm.rs"]
+mod dlm;
+use dlm::{Dlm, DlmAgent, agent_spin_us, dlm_killed_holder, start_dlm};
 
-impl LockSystem for Dlm {
-    type Conn = dlm_agent::client::Session;
-    fn name(&self) -> &'static str {
-        self.name
-    }
-    async fn connect(&self) -> Result<Self::Conn> {
-        let client = Client::connect(&self.target).await?;
-        let client = if self.grpc_sessions { client.with_grpc_sessions() } else { client };
-        Ok(client.session().await?)
-    }
-    async fn lock(&self, conn: &mut Self::Conn, key: &str) -> Result<LockHeld> {
-        Ok(LockHeld::Dlm(conn.lock("default", key, Mode::Ex, LockOptions::default()).await?))
-    }
-    async fn unlock(&self, _: &mut Self::Conn, held: LockHeld) -> Result<()> {
-        let LockHeld::Dlm(guard) = held else { return Err("not a dlm lock".into()) };
-        Ok(guard.unlock().await?)
-    }
-}
-
-// ----- where threads run -----
-
-/// Where the servers and the clients run.
-#[derive(Clone, Copy)]
-enum Placement {
-    Unpinned,
-    OneCpu,
-}
-
-impl Placement {
-    fn name(self) -> &'static str {
-        match self {
-            Placement::Unpinned => "unpinned",
-            Placement::OneCpu => "one CPU",
-        }
-    }
-
-    fn cpus(self) -> Vec<usize> {
-        match self {
-            Placement::Unpinned => (0..online_cpus()).collect(),
-            Placement::OneCpu => vec![0],
-        }
-    }
-
-    fn describe(self) -> String {
-        match self {
-            Placement::Unpinned => {
-                format!("every process may run on every CPU (0-{}), where the scheduler puts it", online_cpus() - 1)
-            }
-            Placement::OneCpu => "the servers and every client thread on CPU 0".into(),
-        }
-    }
-}
-
-/// The CPUs this process could use when it started (before any placement
-/// narrowed them).
-fn online_cpus() -> usize {
-    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
-}
-
-/// Sets the CPUs every thread of process `pid` may run on (threads made
-/// later inherit it from the thread that makes them), with util-linux's
-/// `taskset`.
-fn place(pid: u32, cpus: &[usize]) -> Result<()> {
-    let list = cpus.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
-    let status = Command::new("taskset")
-        .args(["--all-tasks", "--pid", "--cpu-list", &list, &pid.to_string()])
-        .stdout(Stdio::null())
-        .status()?;
-    if !status.success() {
-        return Err(format!("taskset could not place process {pid} on CPUs {list}").into());
-    }
-    Ok(())
-}
-
-/// CPU time (user and system, every thread's, the ended ones' too) process
-/// `pid` has used, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command (which may hold spaces) in parentheses.
-    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
-    // utime and stime are fields 14 and 15 of the line (12 and 13 here), in
-    // USER_HZ, which Linux fixes at 100 for user space.
-    (ticks(11) + ticks(12)) as f64 / 100.0
-}
+#[path = "peers/placement.rs"]
+mod placement;
+use placement::{Placement, cpu_seconds, online_cpus, place};
 
 // ----- the workloads -----
 
@@ -253,101 +163,6 @@ async fn pairs<S: LockSystem>(
         client_cpu_s: cpu_after.1 - cpu_before.1,
         share_off_pct,
     })
-}
-
-/// A dlm holder is a real process (`dlm-agent lock … -- sleep`) killed with
-/// SIGKILL; the time is from the kill to the waiter's grant.
-async fn dlm_killed_holder(agent: &DlmAgent) -> Result<Duration> {
-    let mut holder = Command::new(BIN)
-        .args(["lock", "--socket"])
-        .arg(&agent.socket)
-        .args(["killed", "--", "sleep", "60"])
-        .stdout(Stdio::null())
-        .spawn()?;
-    let client = Client::connect(&Target::Unix(agent.socket.clone())).await?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let dump = client
-            .dump(dlm_agent::proto::DumpRequest {
-                lockspace: "default".into(),
-                name: Some(b"killed".to_vec()),
-                max_resources: 1,
-                ..dlm_agent::proto::DumpRequest::default()
-            })
-            .await?;
-        if dump.resources.first().is_some_and(|r| !r.granted.is_empty()) {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err("the holder never got the lock".into());
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let session = client.session().await?;
-    let waiter = tokio::spawn(async move {
-        let guard = session.lock("default", "killed", Mode::Ex, LockOptions::default()).await;
-        (guard.is_ok(), Instant::now())
-    });
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let killed = Instant::now();
-    holder.kill()?;
-    holder.wait()?;
-    let (granted, at) = waiter.await?;
-    if !granted {
-        return Err("the waiter was not granted".into());
-    }
-    Ok(at.saturating_duration_since(killed))
-}
-
-// ----- the servers -----
-
-const BIN: &str = env!("CARGO_BIN_EXE_dlm-agent");
-
-struct DlmAgent {
-    _server: Server,
-    pid: u32,
-    socket: PathBuf,
-    tcp: String,
-}
-
-/// How long the measured agent spins before it parks while requests flow
-/// (`DLM_SPIN_US`, the agent's own default is 0): 50 µs here unless the
-/// environment says otherwise. Spinning pays only together with the
-/// client's spin for a due answer (the client library's default): measured
-/// side by side, unpinned, at 1 client, p50 84.5 µs with neither, 69.0 µs
-/// with the client's alone, 44.5 µs with both. The CPU both burn is in the
-/// CPU rows.
-fn agent_spin_us() -> String {
-    std::env::var("DLM_SPIN_US").unwrap_or_else(|_| "50".into())
-}
-
-async fn start_dlm(dir: &Path) -> Result<DlmAgent> {
-    let socket = dir.join("dlm.sock");
-    let port = free_port()?;
-    let tcp = format!("127.0.0.1:{port}");
-    // The agent's eBPF programs trace every context switch on the machine,
-    // Redis's and etcd's too: they are off unless DLM_BENCH_EBPF=1 asks to
-    // measure everything under them.
-    let ebpf = std::env::var("DLM_BENCH_EBPF").is_ok_and(|v| v == "1");
-    // Plain TCP, as Redis and etcd are measured here: the comparison is of
-    // the lock services, not of TLS (whose cost the cluster bench measures).
-    let config = dir.join("dlm.toml");
-    std::fs::write(&config, "[tls]\ninsecure = true\n")?;
-    let child = Command::new(BIN)
-        .args(["run", "--http", "off", "--tcp", &tcp, "--log", "warn", "--config"])
-        .arg(&config)
-        .arg("--socket")
-        .arg(&socket)
-        .arg("--state-dir")
-        .arg(dir.join("dlm-state"))
-        .env("DLM_NO_EBPF", if ebpf { "false" } else { "true" })
-        .env("DLM_SPIN_US", agent_spin_us())
-        .stderr(std::fs::File::create(dir.join("dlm.log"))?)
-        .spawn()?;
-    let pid = child.id();
-    let server = Server { child };
-    wait_for_port(port, "dlm-agent").await?;
-    Ok(DlmAgent { _server: server, pid, socket, tcp })
 }
 
 // ----- the report -----

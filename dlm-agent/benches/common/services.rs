@@ -221,10 +221,14 @@ pub fn find(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(program)).find(|p| p.exists())
 }
 
-/// Where [`start_redis`]'s server in `dir` listens on a Unix socket, as a
-/// [`Redis`] address.
+/// Where [`start_redis`]'s server in `dir` listens on a Unix socket.
+fn redis_socket(dir: &Path) -> PathBuf {
+    dir.join("redis.sock")
+}
+
+/// That socket as a [`Redis`] address.
 pub fn redis_unix_address(dir: &Path) -> String {
-    format!("{UNIX_PREFIX}{}", dir.join("redis.sock").display())
+    format!("{UNIX_PREFIX}{}", redis_socket(dir).display())
 }
 
 /// Starts a Redis server on loopback TCP and on a Unix socket in `dir`
@@ -232,11 +236,11 @@ pub fn redis_unix_address(dir: &Path) -> String {
 pub async fn start_redis(dir: &Path) -> Result<(Server, String)> {
     let binary = find("redis-server").ok_or("redis-server is not installed (cargo xtask bench installs it)")?;
     let port = free_port()?;
-    let unix = redis_unix_address(dir);
-    let socket = unix.strip_prefix(UNIX_PREFIX).unwrap_or_default();
     let child = Command::new(binary)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .args(["--unixsocket", socket, "--unixsocketperm", "700", "--dir"])
+        .arg("--unixsocket")
+        .arg(redis_socket(dir))
+        .args(["--unixsocketperm", "700", "--dir"])
         .arg(dir)
         .stdout(Stdio::null())
         .spawn()?;
