@@ -21,8 +21,9 @@
 //!   this process, whose only busy threads are the clients), how far the
 //!   client with the most or fewest grants is from the mean, and p99 of a
 //!   pair (its wait included);
-//! - the floors: a 16-byte Unix-socket ping-pong between two processes, and
-//!   beside the uncontended rows `echo`, the same clients making two 16-byte
+//! - the floors: a 16-byte Unix-socket ping-pong between two processes, the
+//!   same ping-pong rung on two eventfds (the wake-ups of a transport whose
+//!   bytes go through shared memory, not the kernel), and beside the uncontended rows `echo`, the same clients making two 16-byte
 //!   round trips per pair to a one-threaded server that only echoes (what
 //!   the sockets, wake-ups and the clients' runtime allow in that placement,
 //!   with no lock work at all).
@@ -175,7 +176,10 @@ use report::{CONTENDED, DLM, Measured, P50, PER_CPU, Row, SHARE, SYSTEMS, print_
 
 #[path = "peers/floor.rs"]
 mod floor;
-use floor::{ECHO_MANY, ECHO_SERVER, Echo, echo_many, echo_server, start_echo, unix_round_trip_p50};
+use floor::{
+    ECHO_MANY, ECHO_SERVER, EVENTFD_ECHO, Echo, echo_many, echo_server, eventfd_echo, eventfd_round_trip_p50,
+    start_echo, unix_round_trip_p50,
+};
 
 // ----- main -----
 
@@ -184,6 +188,10 @@ fn main() {
     if args.get(1).map(String::as_str) == Some(ECHO_SERVER) {
         let path = PathBuf::from(args.get(2).cloned().unwrap_or_default());
         std::process::exit(i32::from(echo_server(&path).is_err()));
+    }
+    if args.get(1).map(String::as_str) == Some(EVENTFD_ECHO) {
+        let fd = |i: usize| args.get(i).and_then(|fd| fd.parse().ok()).unwrap_or(-1);
+        std::process::exit(i32::from(eventfd_echo(fd(2), fd(3)).is_err()));
     }
     if args.get(1).map(String::as_str) == Some(ECHO_MANY) {
         let path = PathBuf::from(args.get(2).cloned().unwrap_or_default());
@@ -254,6 +262,7 @@ impl Bench {
         }
         let mut rows: Vec<Row> = Vec::new();
         let mut floor_us = Vec::new();
+        let mut eventfd_floor_us = Vec::new();
         let label = |clients: usize| format!("uncontended pairs/s, {clients} clients");
         for &clients in &self.plan.concurrency {
             rows.push(Row::new(label(clients), "pairs/s", true));
@@ -272,6 +281,8 @@ impl Bench {
             let what = |cell: &str| format!("[{} {rep}/{}] {cell}", placement.name(), self.plan.reps);
             progress(&what("floor: Unix socket round trip between two processes"));
             floor_us.push(unix_round_trip_p50(dir, self.plan.trips, &cpus).await?);
+            progress(&what("floor: eventfd round trip between two processes"));
+            eventfd_floor_us.push(eventfd_round_trip_p50(self.plan.trips, &cpus).await?);
             for &clients in &self.plan.concurrency {
                 let row = index(&rows, &label(clients));
                 macro_rules! uncontended {
@@ -336,7 +347,7 @@ impl Bench {
                 }
             }
         }
-        Ok(Measured { placement, rows, floor_us })
+        Ok(Measured { placement, rows, floor_us, eventfd_floor_us })
     }
 }
 

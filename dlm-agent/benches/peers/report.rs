@@ -83,6 +83,8 @@ pub struct Measured {
     pub rows: Vec<Row>,
     /// The Unix-socket round trip's p50 of each run, µs.
     pub floor_us: Vec<f64>,
+    /// The eventfd round trip's p50 of each run, µs.
+    pub eventfd_floor_us: Vec<f64>,
 }
 
 impl Measured {
@@ -123,6 +125,11 @@ pub fn print_table(measured: &Measured) {
     println!(
         "floor: a 16-byte Unix-socket round trip between two processes, p50 {floor:.1} µs ({floor_low:.1}-{floor_high:.1}); \
          a lock+unlock pair needs two, a queued hand-off one"
+    );
+    let (eventfd, eventfd_low, eventfd_high) = median_of(&measured.eventfd_floor_us);
+    println!(
+        "floor without bytes through the kernel: an eventfd round trip between two processes (a shared-memory \
+         ring's wake-ups), p50 {eventfd:.1} µs ({eventfd_low:.1}-{eventfd_high:.1})"
     );
     if let Some((p50, _, _)) = measured.row(P50).and_then(|r| r.spread(DLM)) {
         println!("dlm-unix's pair p50 at 1 client is {:.1}x this placement's round trip", p50 / floor);
@@ -231,10 +238,12 @@ pub fn write_json(all: &[Measured], killed: &Row, path: &Path) -> Result<()> {
         .iter()
         .map(|measured| {
             let (floor, floor_low, floor_high) = median_of(&measured.floor_us);
+            let (eventfd, eventfd_low, eventfd_high) = median_of(&measured.eventfd_floor_us);
             serde_json::json!({
                 "placement": measured.placement.name(),
                 "threads": measured.placement.describe(),
                 "unix_round_trip_p50_us": { "median": floor, "min": floor_low, "max": floor_high },
+                "eventfd_round_trip_p50_us": { "median": eventfd, "min": eventfd_low, "max": eventfd_high },
                 "rows": measured.rows.iter().map(|row| serde_json::json!({
                     "workload": row.label,
                     "unit": row.unit,
