@@ -122,6 +122,44 @@ async fn bad_framed_input_closes_only_that_connection() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_through_a_ring_closes_only_that_session() {
+    let agent = Agent::start("framed-ring-bad", "");
+    let too_long = u32::try_from(framing::FRAME_BODY_LEN_MAX + 1).expect("fits").to_le_bytes();
+    let bad_frames: [&[u8]; 2] =
+        [&[too_long[0], too_long[1], too_long[2], too_long[3], 0], &[2, 0, 0, 0, 0, 0xff, 0xff]];
+    for bad in bad_frames {
+        let mut stream = UnixStream::connect(&agent.socket).await.expect("connect");
+        stream.write_all(&framing::RING_PREFACE).await.expect("preface");
+        let (read, write) = framing::split_accepting_ring(stream).await.expect("rings");
+        assert!(read.through_ring(), "the agent had rings to spare");
+        let mut reader = tokio::io::BufReader::new(read);
+        let mut body = Vec::new();
+        let mut next = async || {
+            let frame = framing::read_frame::<proto::ServerMessage>(&mut reader, &mut body);
+            tokio::time::timeout(Duration::from_secs(10), frame).await.expect("in time")
+        };
+        assert!(matches!(
+            next().await,
+            Ok(Frame::Message(proto::ServerMessage { body: Some(proto::server_message::Body::Welcome(_)) }))
+        ));
+        let mut out = Vec::new();
+        framing::encode_message(&proto::ClientMessage { body: Some(lock(1, "ring-dropped")) }, &mut out);
+        assert_eq!(write.try_write(&out).expect("room"), out.len());
+        assert!(matches!(
+            next().await,
+            Ok(Frame::Message(proto::ServerMessage { body: Some(proto::server_message::Body::Completion(_)) }))
+        ));
+        assert_eq!(write.try_write(bad).expect("room"), bad.len());
+        assert!(next().await.is_err(), "the session went on after {bad:?}");
+        // Its lock went with it; the agent serves everyone else.
+        let other = agent.client().await.session().await.expect("session");
+        let options = LockOptions { timeout: Some(Duration::from_secs(5)), ..LockOptions::default() };
+        let guard = other.lock("default", "ring-dropped", Mode::Ex, options).await.expect("released with its session");
+        guard.unlock().await.expect("unlock");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_framed_client_is_pinged_then_dropped_and_a_live_one_is_kept() {
     let agent = Agent::start("framed-keepalive", "keepalive = \"300ms\"\n");
     // The library answers pings: its session outlives many keepalives.

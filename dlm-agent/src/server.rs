@@ -390,6 +390,7 @@ impl ClientServers<'_> {
             connections: Quota::new(config.clients.connections_max, config.clients.connections_per_client_max),
             handshakes: Quota::new(HANDSHAKES_MAX, HANDSHAKES_PER_CLIENT_MAX),
             answering: Quota::new(ANSWERING_MAX, ANSWERING_PER_CLIENT_MAX),
+            rings: Quota::new(config.clients.ring_sessions_max, config.clients.connections_per_client_max),
             handshake_timeout: config.clients.handshake_timeout,
             refused: self.metrics.refused.clone(),
         };

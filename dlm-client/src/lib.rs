@@ -1,7 +1,11 @@
 //! The Rust client library: async sessions and lock guards over the agent's
 //! API. On the Unix socket a session is a framed session
 //! ([`dlm_proto::framing`]: the gRPC messages without HTTP/2, fewer hops and
-//! bytes per lock); over TCP, and for the admin calls, it is gRPC.
+//! bytes per lock), its bytes through shared-memory rings the agent passes
+//! over the socket (only the wake-ups go through the kernel; the agent
+//! serves it on the socket when it has no ring to spare, and
+//! `DLM_CLIENT_RINGS=0` asks for none); over TCP, and for the admin calls,
+//! it is gRPC.
 //!
 //! ```no_run
 //! use dlm_client::{Client, LockOptions, Mode, Target};
@@ -33,7 +37,7 @@
 //!
 //! While a framed session's request waits for its answer and no other
 //! session of the process waits, its reader spins up to
-//! [`DEFAULT_ANSWER_SPIN`] reading the socket before it sleeps, so that an
+//! [`DEFAULT_ANSWER_SPIN`] reading its ring (or socket) before it sleeps, so that an
 //! answer does not have to wake it ([`Client::with_answer_spin`],
 //! `DLM_CLIENT_SPIN_US`; not on a single CPU).
 
@@ -447,8 +451,14 @@ async fn framed_session(path: &Path, spin: Duration) -> Result<Session, ClientEr
         source: source.into(),
     };
     let mut stream = connect_unix(path).await.map_err(unreachable)?;
-    stream.write_all(&framing::PREFACE).await.map_err(unreachable)?;
-    let (read_half, write_half) = framing::split(stream).map_err(unreachable)?;
+    let rings = use_rings();
+    let preface = if rings { framing::RING_PREFACE } else { framing::PREFACE };
+    stream.write_all(&preface).await.map_err(unreachable)?;
+    let (read_half, write_half) = if rings {
+        framing::split_accepting_ring(stream).await.map_err(unreachable)?
+    } else {
+        framing::split(stream).map_err(unreachable)?
+    };
     let answer_due = AnswerDue::new(spin);
     let mut reader = BufReader::with_capacity(framing::READ_BUFFER_LEN, SpinRead::new(read_half, answer_due.clone()));
     let mut body = Vec::new();
@@ -481,6 +491,13 @@ async fn framed_session(path: &Path, spin: Duration) -> Result<Session, ClientEr
         }
     });
     Ok(Session::new(inner))
+}
+
+/// Whether framed sessions ask for shared-memory rings: yes, unless
+/// `DLM_CLIENT_RINGS=0` (an agent with none to spare serves the session on
+/// its socket anyway).
+fn use_rings() -> bool {
+    std::env::var("DLM_CLIENT_RINGS").map_or(true, |v| v.trim() != "0")
 }
 
 /// Connects to the agent's Unix socket. A full accept backlog refuses a

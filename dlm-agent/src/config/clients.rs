@@ -14,10 +14,17 @@ use super::{ConfigError, invalid, parse_duration};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientLimits {
     /// Client connections open at once, every listener and protocol
-    /// together. By default the process's descriptor limit less
-    /// 256 (`DESCRIPTORS_KEPT`), so that `/healthz`, peers and files always
-    /// have descriptors left.
+    /// together. By default the process's descriptor limit less 256
+    /// (`DESCRIPTORS_KEPT`, so that `/healthz`, peers and files always have
+    /// descriptors left) and less the two eventfds of each ring session
+    /// `ring_sessions_max` allows.
     pub connections_max: usize,
+    /// Framed sessions through shared-memory rings at once
+    /// (`dlm_proto::framing`'s rings): each holds two eventfds besides its
+    /// socket and 32 KiB of shared memory, so there are as many as the
+    /// descriptors left beside `connections_max` allow, and at most
+    /// [`RING_SESSIONS_CAP`]; past it a session is served on its socket.
+    pub ring_sessions_max: usize,
     /// Connections one client may hold open: one uid on the Unix socket,
     /// one address on TCP. By default a quarter of `connections_max`.
     pub connections_per_client_max: usize,
@@ -33,6 +40,14 @@ pub struct ClientLimits {
 /// Descriptors the agent keeps for itself out of its limit: the listeners,
 /// peer links, `/metrics` scrapes, eBPF maps and files.
 pub const DESCRIPTORS_KEPT: usize = 256;
+
+/// Descriptors a framed session through rings holds: its socket and two
+/// eventfds.
+const RING_SESSION_DESCRIPTORS: usize = 3;
+
+/// The most framed sessions through rings: their shared memory (32 KiB
+/// each, `dlm_proto::framing::ring::SESSION_SHARED_LEN`) stays under 33 MiB.
+pub const RING_SESSIONS_CAP: usize = 1024;
 
 /// The least `connections_max` may be.
 const CONNECTIONS_MIN: usize = 16;
@@ -76,7 +91,12 @@ impl ClientLimits {
                 ));
             }
             (Some(n), _) => n,
-            (None, Some(available)) => available.min(1 << 20),
+            // What rings would take is kept aside: a third of the
+            // descriptors at most, for at most `RING_SESSIONS_CAP` of them.
+            (None, Some(available)) => {
+                let rings = (available / RING_SESSION_DESCRIPTORS).min(RING_SESSIONS_CAP);
+                (available - rings * (RING_SESSION_DESCRIPTORS - 1)).min(1 << 20)
+            }
             (None, None) => 1024,
         };
         if connections_max < CONNECTIONS_MIN {
@@ -100,7 +120,17 @@ impl ClientLimits {
         if !HANDSHAKE_TIMEOUT_RANGE.contains(&handshake_timeout) {
             return Err(invalid("handshake_timeout", "must be from 100ms to 60s"));
         }
-        Ok(ClientLimits { connections_max, connections_per_client_max, sessions_per_uid_max, handshake_timeout })
+        // Unknown descriptor limit: no rings, whose descriptors could not be counted.
+        let ring_sessions_max = available.map_or(0, |available| {
+            (available.saturating_sub(connections_max) / (RING_SESSION_DESCRIPTORS - 1)).min(RING_SESSIONS_CAP)
+        });
+        Ok(ClientLimits {
+            connections_max,
+            ring_sessions_max,
+            connections_per_client_max,
+            sessions_per_uid_max,
+            handshake_timeout,
+        })
     }
 }
 
@@ -130,8 +160,17 @@ mod tests {
     #[test]
     fn defaults_follow_the_descriptor_limit_and_sessions_max() {
         let limits = ClientLimits::resolve(&FileClients::default(), Some(20_000), 65_536).expect("valid");
-        assert_eq!(limits.connections_max, 20_000 - DESCRIPTORS_KEPT);
-        assert_eq!(limits.connections_per_client_max, (20_000 - DESCRIPTORS_KEPT) / 4);
+        let available = 20_000 - DESCRIPTORS_KEPT;
+        assert_eq!(limits.ring_sessions_max, RING_SESSIONS_CAP, "capped");
+        assert_eq!(limits.connections_max, available - 2 * RING_SESSIONS_CAP);
+        assert_eq!(limits.connections_per_client_max, (available - 2 * RING_SESSIONS_CAP) / 4);
+        let small = ClientLimits::resolve(&FileClients::default(), Some(1_024), 65_536).expect("valid");
+        assert_eq!((small.connections_max, small.ring_sessions_max), (256, 256), "a third each");
+        let configured = FileClients { connections_max: Some(available - 1000), ..FileClients::default() };
+        let limits = ClientLimits::resolve(&configured, Some(20_000), 65_536).expect("valid");
+        assert_eq!(limits.ring_sessions_max, 500, "rings take only the descriptors connections leave");
+        let unknown = ClientLimits::resolve(&FileClients::default(), None, 65_536).expect("valid");
+        assert_eq!(unknown.ring_sessions_max, 0);
         assert_eq!(limits.sessions_per_uid_max, 16_384);
         assert_eq!(limits.handshake_timeout, Duration::from_secs(2));
     }

@@ -142,6 +142,7 @@ impl Default for Config {
             )
             .unwrap_or(ClientLimits {
                 connections_max: 1024,
+                ring_sessions_max: 0,
                 connections_per_client_max: 256,
                 sessions_per_uid_max: Limits::default().sessions_max / 4,
                 handshake_timeout: Duration::from_secs(2),

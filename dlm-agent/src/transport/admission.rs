@@ -192,6 +192,9 @@ pub struct Admission {
     pub handshakes: Arc<Quota>,
     /// Refused connections being told why (`transport::refuse`).
     pub answering: Arc<Quota>,
+    /// Framed sessions through shared-memory rings (each holds two
+    /// descriptors more than its socket); past it, sessions use the socket.
+    pub rings: Arc<Quota>,
     /// How long a new connection may take to send its first bytes.
     pub handshake_timeout: std::time::Duration,
     /// `dlm_client_refused_total`, by limit.

@@ -117,7 +117,8 @@ pub fn spawn(
                                 let stream = AuthorityFixed::new(stream);
                                 let _ = grpc.send(Ok(Replayed::new(start, stream, open))).await;
                             }
-                            Some(Protocol::Framed(stream)) => serve(stream, &driver, &settings, open).await,
+                            Some(Protocol::Framed(stream)) => serve(stream, false, &driver, &settings, open).await,
+                            Some(Protocol::Ring(stream)) => serve(stream, true, &driver, &settings, open).await,
                             None => {}
                         }
                     });
@@ -144,7 +145,17 @@ async fn answer_refused(
     refusing: mpsc::Sender<io::Result<refuse::RefusedGrpc>>,
 ) {
     match classify(stream, refuse::ANSWER_LIFETIME).await {
-        Some(Protocol::Framed(stream)) => refuse::answer_framed(stream, &refused).await,
+        Some(Protocol::Framed(stream)) => {
+            if let Ok((_read, write)) = framing::split(stream) {
+                refuse::answer_framed(write, &refused).await;
+            }
+        }
+        // Asked for rings: told to stay on the socket, and why it is refused there.
+        Some(Protocol::Ring(stream)) => {
+            if let Ok((_read, write)) = framing::split_offering_ring(stream, false) {
+                refuse::answer_framed(write, &refused).await;
+            }
+        }
         Some(Protocol::Grpc(start, stream)) => {
             let stream = Replayed::new(start, AuthorityFixed::new(stream), answer);
             let _ = refusing.send(Ok(refuse::Expiring::new(stream, &refused.message))).await;
@@ -157,7 +168,13 @@ enum Protocol {
     /// gRPC, with the bytes already read (the HTTP/2 preface and SETTINGS).
     Grpc(Vec<u8>, UnixStream),
     Framed(UnixStream),
+    /// A framed session that asks for shared-memory rings.
+    Ring(UnixStream),
 }
+
+/// What [`classify`] returns for a framed session that asks for rings (an
+/// HTTP/2 start is never this short).
+const RING_MARK: [u8; 1] = [0];
 
 /// Reads the first bytes, within `deadline`: an HTTP/2 client's preface and
 /// SETTINGS, or a framed session's preface.
@@ -169,10 +186,15 @@ async fn classify(mut stream: UnixStream, deadline: Duration) -> Option<Protocol
         }
         let mut preface = [first; framing::PREFACE.len()];
         stream.read_exact(&mut preface[1..]).await?;
-        Ok::<_, io::Error>((preface == framing::PREFACE).then(Vec::new))
+        Ok::<_, io::Error>(match preface {
+            framing::PREFACE => Some(Vec::new()),
+            framing::RING_PREFACE => Some(RING_MARK.to_vec()),
+            _ => None,
+        })
     };
     match tokio::time::timeout(deadline, read).await {
         Ok(Ok(Some(start))) if start.is_empty() => Some(Protocol::Framed(stream)),
+        Ok(Ok(Some(start))) if start == RING_MARK => Some(Protocol::Ring(stream)),
         Ok(Ok(Some(start))) => Some(Protocol::Grpc(start, stream)),
         Ok(Ok(None)) => {
             tracing::debug!("connection with an unknown preface closed");
@@ -190,9 +212,18 @@ async fn classify(mut stream: UnixStream, deadline: Duration) -> Option<Protocol
 }
 
 /// Serves one framed session until it ends.
-async fn serve(stream: UnixStream, driver: &DriverHandle, settings: &FramedSettings, _open: Ticket) {
+async fn serve(stream: UnixStream, rings: bool, driver: &DriverHandle, settings: &FramedSettings, _open: Ticket) {
     let credentials = stream.peer_cred().map(Credentials::of).unwrap_or_default();
-    let (read_half, write_half) = match framing::split(stream) {
+    // Held for as long as the session: the descriptors its rings take.
+    let mut _ring_ticket = None;
+    let halves = if rings {
+        let key = credentials.uid().map_or(Key::Unknown, Key::Uid);
+        _ring_ticket = settings.admission.rings.admit(key).ok();
+        framing::split_offering_ring(stream, _ring_ticket.is_some())
+    } else {
+        framing::split(stream)
+    };
+    let (read_half, write_half) = match halves {
         Ok(halves) => halves,
         Err(error) => {
             tracing::warn!(%error, "a framed connection could not be registered; closed");

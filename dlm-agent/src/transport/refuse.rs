@@ -32,7 +32,7 @@ use super::authority::AuthorityFixed;
 use super::preface::Replayed;
 
 use crate::codes::RejectCode;
-use crate::framing::{self, FrameSink};
+use crate::framing::{FrameSink, FramedWrite};
 use crate::proto;
 
 /// The longest a refused connection is kept to be answered.
@@ -60,10 +60,7 @@ pub fn spawn_grpc(
 }
 
 /// Tells a refused framed session why, where its welcome would be.
-pub async fn answer_framed(stream: UnixStream, refused: &Refused) {
-    let Ok((_read, write)) = framing::split(stream) else {
-        return;
-    };
+pub async fn answer_framed(write: FramedWrite, refused: &Refused) {
     let sink = FrameSink::new(write);
     let refusal = proto::ServerMessage {
         body: Some(proto::server_message::Body::Rejected(proto::Rejected {

@@ -31,6 +31,13 @@
 //! does leaving more than `session_queue_max` of the agent's frames unread
 //! (pongs included).
 //!
+//! A client on the agent's node may open with [`RING_PREFACE`] instead: the
+//! agent then answers with one byte, `R` with a sealed memfd and two eventfds
+//! passed alongside (`SCM_RIGHTS`), or `S` when it has no ring to spare. With
+//! `R` the same frames flow through two byte rings in the memfd ([`ring`]),
+//! and the socket carries nothing more: either side closing it ends the
+//! session; with `S` the session goes on over the socket as above.
+//!
 //! Two parts, used by the client library and by the agent's framed
 //! transport alike: the codec ([`encode_message`], [`read_frame`]) writes
 //! and reads frames; [`FrameSink`] is the write side of a connection,
@@ -38,6 +45,7 @@
 //! halves, its socket registered for reading only.
 
 mod codec;
+pub mod ring;
 mod sink;
 mod stream;
 
@@ -45,10 +53,15 @@ use std::time::Duration;
 
 pub use self::codec::{Frame, FrameError, FrameKind, encode_control, encode_message, read_frame, read_frame_blocking};
 pub use self::sink::{FrameSink, Pushed, SinkClosed};
-pub use self::stream::{FramedRead, FramedWrite, split};
+pub use self::stream::{FramedRead, FramedWrite, split, split_accepting_ring, split_offering_ring};
 
 /// Opens a framed session: `DLMS` and the protocol version (1, little-endian).
 pub const PREFACE: [u8; 8] = *b"DLMS\x01\x00\x00\x00";
+
+/// Opens a framed session that asks for shared-memory rings
+/// ([`ring`]): the agent answers with one byte, `R` with the rings'
+/// descriptors, or `S` to go on over the socket.
+pub const RING_PREFACE: [u8; 8] = *b"DLMR\x01\x00\x00\x00";
 
 /// The first byte of an HTTP/2 connection preface (`PRI * HTTP/2.0`).
 pub const HTTP2_FIRST_BYTE: u8 = b'P';

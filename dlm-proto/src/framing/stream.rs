@@ -35,7 +35,31 @@ use tokio::net::UnixStream;
 /// The socket cannot be taken from the runtime or registered again.
 pub fn split(stream: UnixStream) -> io::Result<(FramedRead, FramedWrite)> {
     let socket = Arc::new(register(stream.into_std()?, Interest::READABLE)?);
-    Ok((FramedRead { socket: socket.clone() }, FramedWrite { socket }))
+    Ok((FramedRead { socket: socket.clone(), ring: None }, FramedWrite { socket, ring: None }))
+}
+
+/// The agent's halves of a session that asked for rings (see
+/// [`super::ring`]): when `rings`, they are made and passed to the client
+/// over `stream`; else the client is told to stay on the socket.
+///
+/// # Errors
+/// The rings cannot be made or passed.
+pub fn split_offering_ring(stream: UnixStream, rings: bool) -> io::Result<(FramedRead, FramedWrite)> {
+    halves(super::ring::offer(stream.into_std()?, rings)?)
+}
+
+/// The client's halves of a session that asked for rings: through the
+/// rings the agent passed, or on the socket when it passed none.
+///
+/// # Errors
+/// The agent passed none, or they cannot be mapped.
+pub async fn split_accepting_ring(stream: UnixStream) -> io::Result<(FramedRead, FramedWrite)> {
+    halves(super::ring::accept(stream.into_std()?).await?)
+}
+
+fn halves(ring: super::ring::RingHalves) -> io::Result<(FramedRead, FramedWrite)> {
+    let super::ring::RingHalves { read, write, socket } = ring;
+    Ok((FramedRead { socket: socket.clone(), ring: read }, FramedWrite { socket, ring: write }))
 }
 
 /// Registers `socket` with the runtime for `interest`, non-blocking (a
@@ -53,20 +77,34 @@ fn register(socket: StdUnixStream, interest: Interest) -> io::Result<AsyncFd<Std
 /// that polls.
 pub struct FramedRead {
     socket: Arc<AsyncFd<StdUnixStream>>,
+    ring: Option<super::ring::RingRead>,
 }
 
 impl FramedRead {
+    /// Whether the session's bytes come through a shared-memory ring (not
+    /// the socket).
+    #[must_use]
+    pub fn through_ring(&self) -> bool {
+        self.ring.is_some()
+    }
+
     /// Reads what is there without waiting (`WouldBlock` when nothing is).
     ///
     /// # Errors
     /// As `read(2)`, `WouldBlock` included.
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if let Some(ring) = &self.ring {
+            return ring.try_read(buf);
+        }
         self.socket.get_ref().read(buf)
     }
 }
 
 impl AsyncRead for FramedRead {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        if let Some(ring) = &self.ring {
+            return ring.poll_read(cx, buf);
+        }
         loop {
             let mut ready = ready!(self.socket.poll_read_ready(cx))?;
             let unfilled = buf.initialize_unfilled();
@@ -95,6 +133,7 @@ impl AsyncRead for FramedRead {
 /// The write half: non-blocking writes, and a wait for room.
 pub struct FramedWrite {
     socket: Arc<AsyncFd<StdUnixStream>>,
+    ring: Option<super::ring::RingWrite>,
 }
 
 impl FramedWrite {
@@ -103,6 +142,9 @@ impl FramedWrite {
     /// # Errors
     /// As `write(2)`, `WouldBlock` included.
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        if let Some(ring) = &self.ring {
+            return ring.try_write(buf);
+        }
         self.socket.get_ref().write(buf)
     }
 
@@ -112,6 +154,11 @@ impl FramedWrite {
     /// # Errors
     /// The duplicate cannot be made or registered, or the socket failed.
     pub async fn writable(&self) -> io::Result<()> {
+        if self.ring.is_some() {
+            // A full ring is looked at again shortly (see `super::ring`).
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            return Ok(());
+        }
         let duplicate = StdUnixStream::from(self.socket.get_ref().as_fd().try_clone_to_owned()?);
         let waiting = register(duplicate, Interest::WRITABLE)?;
         let _ready = waiting.writable().await?;

@@ -1,0 +1,592 @@
+//! A framed session's bytes through shared memory instead of the socket,
+//! for clients on the agent's node: only the wake-ups go through the kernel
+//! (an eventfd write when the reader sleeps), which on one CPU halves a
+//! round trip's system time (the peer benchmark's eventfd floor). The agent makes a sealed memfd holding two byte rings (client to
+//! agent, agent to client) and two eventfds ("bells"), and passes them to
+//! the client over the session's socket; the socket then carries nothing
+//! but the end of the session (either side closing it). A writer copies
+//! its bytes into the ring and rings the reader's bell only when the
+//! reader said it was going to sleep; a reader that finds its ring empty
+//! says so, looks once more, and waits on its bell.
+//!
+//! The agent trusts nothing in the shared memory: it keeps its own
+//! indices, reads the client's only to bound what it copies, and copies
+//! every byte out before decoding it. The memfd is sealed against
+//! shrinking before the client sees it, so a client cannot make the
+//! agent's mapping fault. A client that writes nonsense into its ring gets
+//! what writing nonsense on its socket gets: a frame that does not decode
+//! ends its session; one that claims more bytes than the ring holds too.
+//!
+//! A full ring is looked at again every millisecond
+//! ([`super::FramedWrite::writable`]): it means a reader far behind, which
+//! the frame sink's bounds deal with as they do a full socket.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream as StdUnixStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering, fence};
+use std::task::{Context, Poll, ready};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{Interest, ReadBuf};
+
+/// Bytes of each ring's data (a power of two): room for many requests and
+/// answers (tens of bytes each); a frame longer than the ring (an LVB-sized
+/// one is not) goes through in pieces.
+pub const RING_LEN: usize = 16 * 1024;
+
+/// Bytes of shared memory one session's rings take.
+pub const SESSION_SHARED_LEN: usize = MAP_LEN;
+/// A ring's header: the producer's index, the consumer's index and the
+/// consumer's "asleep" flag, each on its own cache line.
+const HEADER_LEN: usize = 192;
+const TAIL: usize = 0;
+const HEAD: usize = 64;
+const WAITING: usize = 128;
+const _: () = assert!(RING_LEN.is_power_of_two() && RING_LEN <= u32::MAX as usize / 2, "indices wrap at u32");
+
+/// The two rings: client to agent first, then agent to client.
+const MAP_LEN: usize = 2 * (HEADER_LEN + RING_LEN);
+const TO_AGENT: usize = 0;
+const TO_CLIENT: usize = HEADER_LEN + RING_LEN;
+
+/// The mapping of the memfd, shared by both halves.
+struct Mapping {
+    base: *mut u8,
+}
+
+// SAFETY: the mapping is plain shared memory; every access to it goes
+// through atomics or byte copies of ranges this side owns at that moment.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn map(memfd: &OwnedFd) -> io::Result<Mapping> {
+        // SAFETY: maps MAP_LEN bytes of an open memfd at least that long.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MAP_LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                memfd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Mapping { base: base.cast() })
+    }
+
+    fn atomic(&self, offset: usize) -> &AtomicU32 {
+        debug_assert!(offset + 4 <= MAP_LEN && offset.is_multiple_of(4));
+        // SAFETY: in bounds, aligned (page-aligned base), and only ever
+        // accessed atomically by both processes.
+        unsafe { &*self.base.add(offset).cast::<AtomicU32>() }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `map` mapped; no reference outlives
+        // the halves holding this mapping.
+        unsafe { libc::munmap(self.base.cast(), MAP_LEN) };
+    }
+}
+
+/// One direction's ring as one side sees it.
+struct Ring {
+    map: Arc<Mapping>,
+    at: usize,
+}
+
+impl Ring {
+    fn tail(&self) -> &AtomicU32 {
+        self.map.atomic(self.at + TAIL)
+    }
+    fn head(&self) -> &AtomicU32 {
+        self.map.atomic(self.at + HEAD)
+    }
+    fn waiting(&self) -> &AtomicU32 {
+        self.map.atomic(self.at + WAITING)
+    }
+    fn data(&self) -> *mut u8 {
+        // SAFETY: the data follows the header inside the mapping.
+        unsafe { self.map.base.add(self.at + HEADER_LEN) }
+    }
+}
+
+/// The consuming side of a ring.
+pub struct RingRead {
+    ring: Ring,
+    /// Where this side has read to (its own copy: the shared one is only
+    /// published). One reader at a time.
+    head: AtomicU32,
+    /// Rung by the writer when this side sleeps.
+    bell: AsyncFd<OwnedFd>,
+    /// The session's socket: readable only when the other side closed it.
+    socket: Arc<AsyncFd<StdUnixStream>>,
+}
+
+/// The producing side of a ring.
+pub struct RingWrite {
+    ring: Ring,
+    /// Where this side has written to (its own copy). Writes are serialized
+    /// by the frame sink's lock.
+    tail: AtomicU32,
+    /// The reader's bell.
+    bell: OwnedFd,
+}
+
+fn corrupt() -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, "the shared ring's indices are out of bounds")
+}
+
+impl RingRead {
+    /// Takes what the ring holds without waiting (`WouldBlock` when empty).
+    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let head = self.head.load(Ordering::Relaxed);
+        let tail = self.ring.tail().load(Ordering::Acquire);
+        let available = tail.wrapping_sub(head) as usize;
+        if available > RING_LEN {
+            return Err(corrupt());
+        }
+        if available == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = available.min(buf.len());
+        let start = head as usize % RING_LEN;
+        let first = n.min(RING_LEN - start);
+        // SAFETY: both ranges lie inside the ring's data; the producer does
+        // not write them until `head` moves past them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.ring.data().add(start), buf.as_mut_ptr(), first);
+            std::ptr::copy_nonoverlapping(self.ring.data(), buf.as_mut_ptr().add(first), n - first);
+        }
+        let head = head.wrapping_add(n as u32);
+        self.head.store(head, Ordering::Relaxed);
+        self.ring.head().store(head, Ordering::Release);
+        Ok(n)
+    }
+
+    /// Reads what the ring holds, or waits for its bell; the end of the
+    /// stream (nothing read) once the ring is empty and the other side
+    /// closed its socket.
+    pub fn poll_read(&self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        loop {
+            match self.try_read(buf.initialize_unfilled()) {
+                Ok(n) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Poll::Ready(Err(error)),
+            }
+            // Empty: the other side may have gone.
+            if let Poll::Ready(ready) = self.socket.poll_read_ready(cx) {
+                let mut ready = ready?;
+                let mut byte = [0u8; 1];
+                let mut socket = self.socket.get_ref();
+                match io::Read::read(&mut socket, &mut byte) {
+                    Ok(0) => return Poll::Ready(Ok(())),
+                    Ok(_) => {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            "bytes on a ring session's socket",
+                        )));
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
+                    Err(error) => return Poll::Ready(Err(error)),
+                }
+            }
+            // Going to sleep: say so, then look once more (the writer
+            // publishes before it reads the flag).
+            self.ring.waiting().store(1, Ordering::SeqCst);
+            fence(Ordering::SeqCst);
+            if self.ring.tail().load(Ordering::SeqCst) != self.head.load(Ordering::Relaxed) {
+                self.ring.waiting().store(0, Ordering::Relaxed);
+                continue;
+            }
+            let mut ready = ready!(self.bell.poll_read_ready(cx))?;
+            let mut count = [0u8; 8];
+            // Reading takes the count to 0: the bell is not readable until
+            // it rings again (an event since this readiness keeps it set).
+            // SAFETY: reads 8 bytes into a live buffer from the eventfd.
+            unsafe { libc::read(self.bell.get_ref().as_raw_fd(), count.as_mut_ptr().cast(), 8) };
+            ready.clear_ready();
+            self.ring.waiting().store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+impl RingWrite {
+    /// Copies what the ring has room for (`WouldBlock` when it is full),
+    /// ringing the reader's bell if it sleeps.
+    pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
+        let tail = self.tail.load(Ordering::Relaxed);
+        let head = self.ring.head().load(Ordering::Acquire);
+        let used = tail.wrapping_sub(head) as usize;
+        if used > RING_LEN {
+            return Err(corrupt());
+        }
+        let n = (RING_LEN - used).min(buf.len());
+        if n == 0 {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let start = tail as usize % RING_LEN;
+        let first = n.min(RING_LEN - start);
+        // SAFETY: both ranges lie inside the ring's data, past the
+        // consumer's head: the consumer does not read them until `tail`
+        // moves past them.
+        unsafe {
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ring.data().add(start), first);
+            std::ptr::copy_nonoverlapping(buf.as_ptr().add(first), self.ring.data(), n - first);
+        }
+        let tail = tail.wrapping_add(n as u32);
+        self.tail.store(tail, Ordering::Relaxed);
+        self.ring.tail().store(tail, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        if self.ring.waiting().load(Ordering::SeqCst) != 0 {
+            ring_bell(self.bell.as_raw_fd());
+        }
+        Ok(n)
+    }
+}
+
+fn ring_bell(fd: RawFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writes 8 bytes from a live buffer to an eventfd.
+    unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
+}
+
+fn registered<T: AsRawFd>(fd: T) -> io::Result<AsyncFd<T>> {
+    // SAFETY: the value owns its descriptor, open and the same for as long
+    // as it lives, and the `AsyncFd` owns the value.
+    Ok(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?)
+}
+
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: eventfd(2) returns a new descriptor or -1.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: new, owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn memfd() -> io::Result<OwnedFd> {
+    // SAFETY: a NUL-terminated name; returns a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(c"dlm-ring".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: new, owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain calls on an open descriptor.
+    let sized = unsafe { libc::ftruncate(fd.as_raw_fd(), MAP_LEN as libc::off_t) } == 0
+        && unsafe {
+            libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL)
+        } == 0;
+    if !sized {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// The halves of a session that asked for rings: through rings, or, when
+/// the agent served it on its socket, `read` and `write` are `None`.
+pub struct RingHalves {
+    /// The ring this side reads.
+    pub read: Option<RingRead>,
+    /// The ring this side writes.
+    pub write: Option<RingWrite>,
+    /// The socket: the session's end either way, and its bytes without rings.
+    pub socket: Arc<AsyncFd<StdUnixStream>>,
+}
+
+/// What the agent's first byte on a session that asked for rings says:
+/// the rings and bells are passed with it.
+const MARK_RING: u8 = b'R';
+/// The session goes on over the socket (no ring to spare).
+const MARK_SOCKET: u8 = b'S';
+
+/// The agent's side: when `rings` says so, makes the rings and bells and
+/// passes them to the client over `socket`; else (or when they cannot be
+/// made) tells it that the session stays on the socket.
+///
+/// # Errors
+/// The socket failed.
+pub fn offer(socket: StdUnixStream, rings: bool) -> io::Result<RingHalves> {
+    socket.set_nonblocking(true)?;
+    let made = if rings { make().ok() } else { None };
+    let socket = Arc::new(registered(socket)?);
+    let Some((memfd, map, agent_bell, client_bell)) = made else {
+        send_marked(socket.get_ref(), MARK_SOCKET, &[])?;
+        return Ok(RingHalves { read: None, write: None, socket });
+    };
+    send_marked(socket.get_ref(), MARK_RING, &[memfd.as_raw_fd(), agent_bell.as_raw_fd(), client_bell.as_raw_fd()])?;
+    // The mapping outlives the descriptor.
+    drop(memfd);
+    Ok(RingHalves {
+        read: Some(RingRead {
+            ring: Ring { map: map.clone(), at: TO_AGENT },
+            head: AtomicU32::new(0),
+            bell: registered(agent_bell)?,
+            socket: socket.clone(),
+        }),
+        write: Some(RingWrite { ring: Ring { map, at: TO_CLIENT }, tail: AtomicU32::new(0), bell: client_bell }),
+        socket,
+    })
+}
+
+/// The memfd (sealed at its size), its mapping, and the two bells.
+fn make() -> io::Result<(OwnedFd, Arc<Mapping>, OwnedFd, OwnedFd)> {
+    let memfd = memfd()?;
+    let map = Arc::new(Mapping::map(&memfd)?);
+    Ok((memfd, map, eventfd()?, eventfd()?))
+}
+
+/// The client's side: takes the rings and bells the agent passed, or goes
+/// on over the socket when it says so.
+///
+/// # Errors
+/// The socket failed or closed, or what the agent passed is not a ring.
+pub async fn accept(socket: StdUnixStream) -> io::Result<RingHalves> {
+    socket.set_nonblocking(true)?;
+    let socket = Arc::new(registered(socket)?);
+    let (mark, fds) = loop {
+        let mut ready = socket.readable().await?;
+        match recv_marked(socket.get_ref()) {
+            Ok(got) => break got,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
+            Err(error) => return Err(error),
+        }
+    };
+    match (mark, fds) {
+        (MARK_SOCKET, None) => Ok(RingHalves { read: None, write: None, socket }),
+        (MARK_RING, Some([memfd, agent_bell, client_bell])) => {
+            // SAFETY: fstat into a zeroed struct, on an open descriptor.
+            let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: as above.
+            let size = unsafe { libc::fstat(memfd.as_raw_fd(), &raw mut stat) };
+            if size != 0 || usize::try_from(stat.st_size).unwrap_or(0) < MAP_LEN {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "the agent's ring is too small"));
+            }
+            let map = Arc::new(Mapping::map(&memfd)?);
+            Ok(RingHalves {
+                read: Some(RingRead {
+                    ring: Ring { map: map.clone(), at: TO_CLIENT },
+                    head: AtomicU32::new(0),
+                    bell: registered(client_bell)?,
+                    socket: socket.clone(),
+                }),
+                write: Some(RingWrite { ring: Ring { map, at: TO_AGENT }, tail: AtomicU32::new(0), bell: agent_bell }),
+                socket,
+            })
+        }
+        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "the agent answered the ring preface with neither")),
+    }
+}
+
+/// Sends one byte, `mark`, with `fds` (none, or the ring's three).
+fn send_marked(socket: &StdUnixStream, mark: u8, fds: &[RawFd]) -> io::Result<()> {
+    let byte = [mark];
+    let mut iov = libc::iovec { iov_base: byte.as_ptr() as *mut libc::c_void, iov_len: 1 };
+    let payload = u32::try_from(std::mem::size_of_val(fds)).unwrap_or(0);
+    // SAFETY: a size computation.
+    let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &raw mut iov;
+    header.msg_iovlen = 1;
+    if !fds.is_empty() {
+        header.msg_control = control.as_mut_ptr().cast();
+        header.msg_controllen = space as _;
+        // SAFETY: the control buffer has room for one header and the fds.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&raw const header);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), payload as usize);
+        }
+    }
+    // A new connection's socket buffer takes one byte: no waiting.
+    // SAFETY: a complete header over live buffers.
+    let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &raw const header, libc::MSG_NOSIGNAL) };
+    if sent == 1 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
+/// Receives the agent's mark, and the three descriptors if it passed any.
+fn recv_marked(socket: &StdUnixStream) -> io::Result<(u8, Option<[OwnedFd; 3]>)> {
+    let mut byte = [0u8; 1];
+    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
+    let payload = u32::try_from(3 * std::mem::size_of::<RawFd>()).unwrap_or(0);
+    // Room for more than three, so that extra descriptors are received
+    // (and closed) rather than cut off.
+    // SAFETY: a size computation.
+    let space = unsafe { libc::CMSG_SPACE(4 * payload) } as usize;
+    let mut control = vec![0u8; space];
+    // SAFETY: plain data.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &raw mut iov;
+    header.msg_iovlen = 1;
+    header.msg_control = control.as_mut_ptr().cast();
+    header.msg_controllen = space as _;
+    // SAFETY: a complete header over live buffers.
+    let got = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut header, libc::MSG_CMSG_CLOEXEC) };
+    if got < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if got == 0 {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
+    // Every descriptor received is owned here, so none leaks whatever the
+    // message held.
+    let mut owned = Vec::new();
+    // SAFETY: the kernel filled the control buffer; walk its headers.
+    unsafe {
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const header);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(cmsg);
+                let len = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
+                for i in 0..len / std::mem::size_of::<RawFd>() {
+                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
+                    owned.push(OwnedFd::from_raw_fd(fd));
+                }
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const header, cmsg);
+        }
+    }
+    let fds = match <[OwnedFd; 3]>::try_from(owned) {
+        Ok(fds) => Some(fds),
+        Err(owned) if owned.is_empty() => None,
+        Err(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the agent passed an unexpected number of descriptors",
+            ));
+        }
+    };
+    Ok((byte[0], fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// The agent's and the client's halves of one session, over a socket pair.
+    async fn session(rings: bool) -> (RingHalves, RingHalves) {
+        let (agent, client) = StdUnixStream::pair().expect("pair");
+        let agent = offer(agent, rings).expect("offered");
+        let client = accept(client).await.expect("accepted");
+        (agent, client)
+    }
+
+    async fn read_exactly(read: &RingRead, n: usize) -> io::Result<Vec<u8>> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let mut buffer = vec![0u8; n - got.len()];
+            let mut buf = ReadBuf::new(&mut buffer);
+            std::future::poll_fn(|cx| read.poll_read(cx, &mut buf)).await?;
+            if buf.filled().is_empty() {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            got.extend_from_slice(buf.filled());
+        }
+        Ok(got)
+    }
+
+    #[tokio::test]
+    async fn bytes_go_both_ways_and_wrap_around_the_ring() {
+        let (agent, client) = session(true).await;
+        let (agent_read, agent_write) = (agent.read.expect("ring"), agent.write.expect("ring"));
+        let (client_read, client_write) = (client.read.expect("ring"), client.write.expect("ring"));
+        // Three times round each ring, in odd-sized pieces.
+        let mut sent = 0usize;
+        while sent < 3 * RING_LEN {
+            let piece: Vec<u8> = (0..1000).map(|i| ((sent + i) % 251) as u8).collect();
+            assert_eq!(client_write.try_write(&piece).expect("room"), piece.len());
+            assert_eq!(read_exactly(&agent_read, piece.len()).await.expect("read"), piece);
+            assert_eq!(agent_write.try_write(&piece).expect("room"), piece.len());
+            assert_eq!(read_exactly(&client_read, piece.len()).await.expect("read"), piece);
+            sent += piece.len();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_ring_takes_nothing_until_its_reader_reads() {
+        let (agent, client) = session(true).await;
+        let (agent_read, client_write) = (agent.read.expect("ring"), client.write.expect("ring"));
+        let big = vec![7u8; RING_LEN + 100];
+        assert_eq!(client_write.try_write(&big).expect("room"), RING_LEN, "takes what fits");
+        let full = client_write.try_write(&big).expect_err("full");
+        assert_eq!(full.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(read_exactly(&agent_read, 100).await.expect("read").len(), 100);
+        assert_eq!(client_write.try_write(&big).expect("room"), 100);
+    }
+
+    #[tokio::test]
+    async fn a_sleeping_reader_is_woken_by_its_bell() {
+        let (agent, client) = session(true).await;
+        let agent_read = agent.read.expect("ring");
+        let client_write = client.write.expect("ring");
+        let reading = tokio::spawn(async move { read_exactly(&agent_read, 5).await });
+        // Let the reader find the ring empty and sleep.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!reading.is_finished());
+        client_write.try_write(b"hello").expect("room");
+        let got = tokio::time::timeout(Duration::from_secs(5), reading).await.expect("woken").expect("task");
+        assert_eq!(got.expect("read"), b"hello");
+    }
+
+    #[tokio::test]
+    async fn indices_out_of_bounds_are_refused_not_followed() {
+        let (agent, client) = session(true).await;
+        let (agent_read, agent_write) = (agent.read.expect("ring"), agent.write.expect("ring"));
+        let client_write = client.write.expect("ring");
+        let client_read = client.read.expect("ring");
+        // A client that claims to have written more than the ring holds.
+        client_write.ring.tail().store(u32::try_from(RING_LEN).expect("fits") + 1, Ordering::SeqCst);
+        let mut buffer = [0u8; 16];
+        assert_eq!(agent_read.try_read(&mut buffer).expect_err("refused").kind(), io::ErrorKind::InvalidData);
+        // Or to have read what the agent never wrote.
+        client_read.ring.head().store(12345, Ordering::SeqCst);
+        assert_eq!(agent_write.try_write(b"x").expect_err("refused").kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[tokio::test]
+    async fn the_other_side_closing_its_socket_ends_the_stream_after_what_it_wrote() {
+        let (agent, client) = session(true).await;
+        let agent_read = agent.read.expect("ring");
+        let client_write = client.write.expect("ring");
+        client_write.try_write(b"last words").expect("room");
+        drop(client_write);
+        drop(client.read);
+        drop(client.socket);
+        assert_eq!(read_exactly(&agent_read, 10).await.expect("read"), b"last words");
+        let ended = tokio::time::timeout(Duration::from_secs(5), read_exactly(&agent_read, 1)).await.expect("ended");
+        assert_eq!(ended.expect_err("end of stream").kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn without_a_ring_to_spare_the_session_stays_on_its_socket() {
+        let (agent, client) = session(false).await;
+        assert!(agent.read.is_none() && agent.write.is_none() && client.read.is_none() && client.write.is_none());
+        io::Write::write_all(&mut client.socket.get_ref(), b"plain").expect("written");
+        let mut got = [0u8; 5];
+        let mut ready = agent.socket.readable().await.expect("readable");
+        ready.clear_ready();
+        io::Read::read_exact(&mut agent.socket.get_ref(), &mut got).expect("read");
+        assert_eq!(&got, b"plain");
+    }
+}
