@@ -1,6 +1,7 @@
 //! Framed sessions (`dlm_agent::framing`) against the real agent: they share
 //! the Unix socket with gRPC, keep their sessions alive with pings, and
-//! bad input closes only the connection that sent it.
+//! bad input, on the socket or through a ring, closes only the connection
+//! that sent it.
 
 use std::time::{Duration, Instant};
 

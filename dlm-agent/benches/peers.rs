@@ -34,15 +34,17 @@
 //! how long until the waiter has the lock.
 //!
 //! dlm is measured three ways: `dlm-unix` (the client library's default on
-//! the Unix socket, framed sessions), `dlm-unix-grpc` (gRPC session streams
+//! the Unix socket, framed sessions through shared-memory rings;
+//! `DLM_CLIENT_RINGS=0` in this process's environment measures them on the
+//! socket), `dlm-unix-grpc` (gRPC session streams
 //! on the same socket, as a client in another language would use it) and
 //! `dlm-tcp` (gRPC over TCP).
 //!
 //! The Redis lock is the usual single-instance one: `SET key token NX PX ttl`
 //! to take it, a compare-and-delete Lua script to release it, measured over
 //! loopback TCP (`redis`, the peer the targets were first set against) and
-//! over the server's Unix socket (`redis-unix`, the transport `dlm-unix`
-//! uses); the targets are checked against both. The etcd lock is its own
+//! over the server's Unix socket (`redis-unix`, the socket `dlm-unix`
+//! connects to); the targets are checked against both. The etcd lock is its own
 //! `Lock`/`Unlock` API with a lease per client.
 //!
 //! The agent runs without its eBPF programs (they would slow every process on

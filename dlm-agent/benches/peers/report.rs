@@ -183,7 +183,7 @@ pub fn print_targets(all: &[Measured]) {
             println!("  [{name}] {label} vs {peer} >= {target:.2}x: {median:.2}x median, {worst:.2}x worst: {met}");
         };
         // Against Redis on loopback TCP (the peer) and on its Unix
-        // socket (the transport dlm-unix uses).
+        // socket (the one dlm-unix connects to).
         for redis in REDIS {
             for row in &measured.rows {
                 if row.label.starts_with("uncontended") {
