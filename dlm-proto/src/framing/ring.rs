@@ -190,8 +190,10 @@ impl RingRead {
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 Err(error) => return Poll::Ready(Err(error)),
             }
-            // Empty: the other side may have gone.
-            if let Poll::Ready(ready) = self.socket.poll_read_ready(cx) {
+            // Empty: the other side may have gone. Polled until pending, so
+            // that the socket's end wakes this task (a readiness found and
+            // cleared registers nothing).
+            while let Poll::Ready(ready) = self.socket.poll_read_ready(cx) {
                 let mut ready = ready?;
                 let mut byte = [0u8; 1];
                 let mut socket = self.socket.get_ref();
@@ -598,6 +600,20 @@ mod tests {
         drop(client.socket);
         assert_eq!(read_exactly(&agent_read, 10).await.expect("read"), b"last words");
         let ended = tokio::time::timeout(Duration::from_secs(5), read_exactly(&agent_read, 1)).await.expect("ended");
+        assert_eq!(ended.expect_err("end of stream").kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn a_sleeping_reader_is_woken_by_the_other_side_closing() {
+        // The client's socket was readable once (the agent's mark): its
+        // reader must still be woken by the agent's end, and not only by a bell.
+        let (agent, client) = session(true).await;
+        let client_read = client.read.expect("ring");
+        let reading = tokio::spawn(async move { read_exactly(&client_read, 1).await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!reading.is_finished());
+        drop(agent);
+        let ended = tokio::time::timeout(Duration::from_secs(5), reading).await.expect("woken").expect("task");
         assert_eq!(ended.expect_err("end of stream").kind(), io::ErrorKind::UnexpectedEof);
     }
 
