@@ -23,7 +23,7 @@ pub struct ClientLimits {
     /// (`dlm_proto::framing`'s rings): each holds two eventfds besides its
     /// socket and 32 KiB of shared memory, so there are as many as the
     /// descriptors left beside `connections_max` allow, and at most
-    /// [`RING_SESSIONS_CAP`]; past it a session is served on its socket.
+    /// `RING_SESSIONS_CAP` (1,024); past it a session is served on its socket.
     pub ring_sessions_max: usize,
     /// Connections one client may hold open: one uid on the Unix socket,
     /// one address on TCP. By default a quarter of `connections_max`.

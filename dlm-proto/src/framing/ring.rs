@@ -1,9 +1,11 @@
 //! A framed session's bytes through shared memory instead of the socket,
 //! for clients on the agent's node: only the wake-ups go through the kernel
 //! (an eventfd write when the reader sleeps), which on one CPU halves a
-//! round trip's system time (the peer benchmark's eventfd floor). The agent makes a sealed memfd holding two byte rings (client to
-//! agent, agent to client) and two eventfds ("bells"), and passes them to
-//! the client over the session's socket; the socket then carries nothing
+//! round trip's system time (the peer benchmark's eventfd floor).
+//!
+//! The agent makes a sealed memfd holding two byte rings (client to agent,
+//! agent to client) and two eventfds ("bells"), and passes them to the
+//! client over the session's socket; the socket then carries nothing
 //! but the end of the session (either side closing it). A writer copies
 //! its bytes into the ring and rings the reader's bell only when the
 //! reader said it was going to sleep; a reader that finds its ring empty
