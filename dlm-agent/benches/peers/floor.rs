@@ -31,15 +31,11 @@ pub async fn unix_round_trip_p50(dir: &Path, count: usize, cpus: &[usize]) -> Re
             }
         };
         let mut buffer = [7u8; 16];
-        let mut trips = Vec::with_capacity(count);
-        for _ in 0..count {
-            let start = Instant::now();
+        trips_p50(count, || {
             stream.write_all(&buffer)?;
             stream.read_exact(&mut buffer)?;
-            trips.push(start.elapsed().as_secs_f64() * 1e6);
-        }
-        trips.sort_by(f64::total_cmp);
-        Ok(trips[trips.len() / 2])
+            Ok(())
+        })
     })
     .await?;
     let _ = child.kill();
@@ -73,21 +69,29 @@ pub async fn eventfd_round_trip_p50(count: usize, cpus: &[usize]) -> Result<f64>
         .arg(pong.as_raw_fd().to_string())
         .spawn()?;
     place(child.id(), cpus)?;
-    let result = tokio::task::spawn_blocking(move || -> Result<f64> {
-        let mut trips = Vec::with_capacity(count);
-        for _ in 0..count {
-            let start = Instant::now();
+    let result = tokio::task::spawn_blocking(move || {
+        trips_p50(count, || {
             ring(&ping)?;
             answered(&pong)?;
-            trips.push(start.elapsed().as_secs_f64() * 1e6);
-        }
-        trips.sort_by(f64::total_cmp);
-        Ok(trips[trips.len() / 2])
+            Ok(())
+        })
     })
     .await?;
     let _ = child.kill();
     let _ = child.wait();
     result
+}
+
+/// Times `count` round trips made by `trip`: their p50 in µs.
+fn trips_p50(count: usize, mut trip: impl FnMut() -> Result<()>) -> Result<f64> {
+    let mut trips = Vec::with_capacity(count);
+    for _ in 0..count {
+        let start = Instant::now();
+        trip()?;
+        trips.push(start.elapsed().as_secs_f64() * 1e6);
+    }
+    trips.sort_by(f64::total_cmp);
+    Ok(trips[trips.len() / 2])
 }
 
 /// The argument that makes this binary the other end of [`eventfd_round_trip_p50`].

@@ -341,14 +341,25 @@ pub fn offer(socket: StdUnixStream, rings: bool) -> io::Result<RingHalves> {
     send_marked(socket.get_ref(), MARK_RING, &[memfd.as_raw_fd(), agent_bell.as_raw_fd(), client_bell.as_raw_fd()])?;
     // The mapping outlives the descriptor.
     drop(memfd);
+    ring_halves(map, socket, (TO_AGENT, agent_bell), (TO_CLIENT, client_bell))
+}
+
+/// One side's halves: it reads the ring at `reads.0`, waking on the bell
+/// `reads.1`, and writes the ring at `writes.0`, ringing `writes.1`.
+fn ring_halves(
+    map: Arc<Mapping>,
+    socket: Arc<AsyncFd<StdUnixStream>>,
+    reads: (usize, OwnedFd),
+    writes: (usize, OwnedFd),
+) -> io::Result<RingHalves> {
     Ok(RingHalves {
         read: Some(RingRead {
-            ring: Ring { map: map.clone(), at: TO_AGENT },
+            ring: Ring { map: map.clone(), at: reads.0 },
             head: AtomicU32::new(0),
-            bell: registered(agent_bell)?,
+            bell: registered(reads.1)?,
             socket: socket.clone(),
         }),
-        write: Some(RingWrite { ring: Ring { map, at: TO_CLIENT }, tail: AtomicU32::new(0), bell: client_bell }),
+        write: Some(RingWrite { ring: Ring { map, at: writes.0 }, tail: AtomicU32::new(0), bell: writes.1 }),
         socket,
     })
 }
@@ -387,16 +398,7 @@ pub async fn accept(socket: StdUnixStream) -> io::Result<RingHalves> {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "the agent's ring is too small"));
             }
             let map = Arc::new(Mapping::map(&memfd)?);
-            Ok(RingHalves {
-                read: Some(RingRead {
-                    ring: Ring { map: map.clone(), at: TO_CLIENT },
-                    head: AtomicU32::new(0),
-                    bell: registered(client_bell)?,
-                    socket: socket.clone(),
-                }),
-                write: Some(RingWrite { ring: Ring { map, at: TO_AGENT }, tail: AtomicU32::new(0), bell: agent_bell }),
-                socket,
-            })
+            ring_halves(map, socket, (TO_CLIENT, client_bell), (TO_AGENT, agent_bell))
         }
         _ => Err(io::Error::new(io::ErrorKind::InvalidData, "the agent answered the ring preface with neither")),
     }
