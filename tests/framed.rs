@@ -161,6 +161,43 @@ async fn bad_input_through_a_ring_closes_only_that_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_past_the_rings_limit_are_served_on_their_socket_and_counted() {
+    // 1,024 descriptors, 256 kept, 766 connections: two left, one ring session.
+    let agent = Agent::start_wrapped(
+        "framed-rings-max",
+        "[limits]\nconnections_max = 766\n",
+        &[],
+        &["prlimit", "--nofile=1024:1024", "--"],
+    );
+    let rings = |metrics: &str| support::metric_value(metrics, "dlm_session_rings");
+    let declined = |metrics: &str| {
+        support::metric_value(metrics, "dlm_session_rings_declined_total{reason=\"ring_sessions_max\"}")
+    };
+    let metrics = agent.metrics();
+    assert_eq!((rings(&metrics), declined(&metrics)), (0.0, 0.0), "{metrics}");
+
+    let client = agent.client().await;
+    let options = || LockOptions { timeout: Some(Duration::from_secs(5)), ..LockOptions::default() };
+    let first = client.session().await.expect("the first session");
+    let second = client.session().await.expect("the second session, on its socket");
+    let metrics = agent.metrics();
+    assert_eq!((rings(&metrics), declined(&metrics)), (1.0, 1.0), "{metrics}");
+    // Both are served, whichever way their frames go.
+    for session in [&first, &second] {
+        let guard = session.lock("default", "either-way", Mode::Ex, options()).await.expect("granted");
+        guard.unlock().await.expect("unlock");
+    }
+    // The ring session's end gives its rings back to the next session.
+    drop(first);
+    support::eventually("the first session's rings are given back", async || rings(&agent.metrics()) == 0.0).await;
+    let third = client.session().await.expect("the third session");
+    let metrics = agent.metrics();
+    assert_eq!((rings(&metrics), declined(&metrics)), (1.0, 1.0), "{metrics}");
+    third.lock("default", "either-way", Mode::Ex, options()).await.expect("granted").unlock().await.expect("unlock");
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_framed_client_is_pinged_then_dropped_and_a_live_one_is_kept() {
     let agent = Agent::start("framed-keepalive", "keepalive = \"300ms\"\n");
     // The library answers pings: its session outlives many keepalives.

@@ -54,6 +54,13 @@
 //! (the client library's default): the report says both, and the CPU they
 //! burn is in its CPU rows.
 //!
+//! Every system's clients run in this process, on one tokio runtime of as
+//! many worker threads as CPUs (tokio's default; `DLM_BENCH_CLIENT_WORKERS`
+//! sets another count). The count matters on a 2-CPU VM: measured in one
+//! sitting (12-07), dlm-unix made 103k pairs/s at 1 client unpinned with one
+//! worker against 60-61k with two, and 44k contended hand-offs/s (32k per
+//! CPU-second) against 41k (27k); on one CPU the count changed nothing.
+//!
 //! Without `--bench` (as `cargo test --benches` runs it) every cell is short
 //! and runs once: a check that the harness, the placements and the peers
 //! work, not a measurement.
@@ -91,7 +98,7 @@ use dlm::{Dlm, DlmAgent, agent_spin_us, dlm_killed_holder, start_dlm};
 
 #[path = "peers/placement.rs"]
 mod placement;
-use placement::{Placement, cpu_seconds, online_cpus, place};
+use placement::{Placement, client_workers, cpu_seconds, online_cpus, place};
 
 // ----- the workloads -----
 
@@ -222,7 +229,11 @@ fn main() {
             ttl: Duration::from_secs(2),
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(client_workers())
+        .enable_all()
+        .build()
+        .expect("runtime");
     if let Err(error) = runtime.block_on(run(plan, measuring)) {
         eprintln!("peers benchmark failed: {error}");
         std::process::exit(1);
@@ -422,9 +433,11 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
     println!(
         "\ndlm's spins: the agent up to {} µs before it parks while requests flow (DLM_SPIN_US), each client \
          session up to {} µs for a due answer while it is its process's only one waiting (DLM_CLIENT_SPIN_US); \
-         neither on one CPU. The CPU they burn is in the CPU rows.",
+         neither on one CPU. The CPU they burn is in the CPU rows. Every system's clients run in this \
+         process on one tokio runtime of {} worker threads (DLM_BENCH_CLIENT_WORKERS).",
         agent_spin_us(),
-        dlm_agent::client::answer_spin().as_micros()
+        dlm_agent::client::answer_spin().as_micros(),
+        client_workers()
     );
     for measured in &all {
         print_table(measured);

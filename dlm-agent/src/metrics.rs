@@ -39,7 +39,20 @@ pub struct Metrics {
     pub attributed: CounterVec,
     /// Connections and sessions refused, by the limit that refused them.
     pub refused: IntCounterVec,
+    /// Framed sessions through shared-memory rings now.
+    pub ring_sessions: IntGauge,
+    /// Framed sessions that asked for rings and were served on their socket,
+    /// by why ([`RINGS_DECLINED`]).
+    pub rings_declined: IntCounterVec,
 }
+
+/// Why a framed session that asked for shared-memory rings was served on
+/// its socket: the `reason` label of `dlm_session_rings_declined_total`.
+/// `ring_sessions_max`: the agent serves that many already, or the client
+/// (its uid) holds `connections_per_client_max` of them; `unavailable`: the
+/// memfd or the eventfds could not be made (descriptors or memory short,
+/// or a seccomp or LSM policy).
+pub const RINGS_DECLINED: &[&str] = &["ring_sessions_max", "unavailable"];
 
 /// The limits that refuse clients, as their configuration keys: the `limit`
 /// label of `dlm_client_refused_total`.
@@ -130,6 +143,20 @@ impl Metrics {
                 "Client connections and sessions refused, by the limit that refused them.",
                 &["limit"],
             ),
+            ring_sessions: {
+                let metric = IntGauge::new(
+                    "dlm_session_rings",
+                    "Framed sessions whose frames go through shared-memory rings now.",
+                )
+                .expect("valid metric");
+                registry.register(Box::new(metric.clone())).expect("unique metric");
+                metric
+            },
+            rings_declined: counter(
+                "dlm_session_rings_declined_total",
+                "Framed sessions that asked for shared-memory rings and were served on their socket, by why.",
+                &["reason"],
+            ),
             registry,
         };
         let info =
@@ -147,6 +174,9 @@ impl Metrics {
         }
         for limit in CLIENT_LIMITS {
             metrics.refused.with_label_values(&[limit]);
+        }
+        for reason in RINGS_DECLINED {
+            metrics.rings_declined.with_label_values(&[reason]);
         }
         for reason in SessionEnd::ALL {
             metrics.sessions_ended.with_label_values(&[reason.as_str()]);

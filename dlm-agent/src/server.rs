@@ -399,6 +399,8 @@ impl ClientServers<'_> {
             session_queue_max: config.session_queue_max,
             keepalive: config.keepalive,
             admission: admission.clone(),
+            ring_sessions: self.metrics.ring_sessions.clone(),
+            rings_declined: self.metrics.rings_declined.clone(),
         };
         let (grpc_incoming, framed_task) = framed::spawn(unix, self.driver.clone(), framed_settings, stopped());
         tasks.spawn(async move {

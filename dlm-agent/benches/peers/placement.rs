@@ -37,6 +37,15 @@ impl Placement {
     }
 }
 
+/// The worker threads of the clients' runtime: `DLM_BENCH_CLIENT_WORKERS`,
+/// else one per CPU (tokio's default).
+pub fn client_workers() -> usize {
+    std::env::var("DLM_BENCH_CLIENT_WORKERS")
+        .ok()
+        .and_then(|w| w.parse::<usize>().ok())
+        .map_or_else(online_cpus, |w| w.max(1))
+}
+
 /// The CPUs this process could use when it started (before any placement
 /// narrowed them).
 pub fn online_cpus() -> usize {

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::{Placement, Result, online_cpus};
+use super::{Placement, Result, client_workers, online_cpus};
 
 /// One row: a measure of every system, each measured several times.
 #[derive(Default)]
@@ -262,6 +262,7 @@ pub fn write_json(all: &[Measured], killed: &Row, path: &Path) -> Result<()> {
     }
     let json = serde_json::json!({
         "cpus": online_cpus(),
+        "client_workers": client_workers(),
         "placements": placements,
         "dead_holder_ms": values(killed),
     });

@@ -57,6 +57,10 @@ pub struct FramedSettings {
     /// Which connections are let in, and how long they have to say which
     /// protocol they speak.
     pub admission: Admission,
+    /// `dlm_session_rings`: sessions through rings now.
+    pub ring_sessions: prometheus::IntGauge,
+    /// `dlm_session_rings_declined_total`, by reason.
+    pub rings_declined: prometheus::IntCounterVec,
 }
 
 /// Gives tonic its connections.
@@ -215,11 +219,11 @@ async fn classify(mut stream: UnixStream, deadline: Duration) -> Option<Protocol
 async fn serve(stream: UnixStream, rings: bool, driver: &DriverHandle, settings: &FramedSettings, _open: Ticket) {
     let credentials = stream.peer_cred().map(Credentials::of).unwrap_or_default();
     // Held for as long as the session: the descriptors its rings take.
-    let mut _ring_ticket = None;
+    let mut ring_ticket = None;
     let halves = if rings {
         let key = credentials.uid().map_or(Key::Unknown, Key::Uid);
-        _ring_ticket = settings.admission.rings.admit(key).ok();
-        framing::split_offering_ring(stream, _ring_ticket.is_some())
+        ring_ticket = settings.admission.rings.admit(key).ok();
+        framing::split_offering_ring(stream, ring_ticket.is_some())
     } else {
         framing::split(stream)
     };
@@ -230,6 +234,7 @@ async fn serve(stream: UnixStream, rings: bool, driver: &DriverHandle, settings:
             return;
         }
     };
+    let _on_rings = rings.then(|| RingsCounted::new(read_half.through_ring(), ring_ticket, settings));
     // Dropped with the last handle (the driver's, this task's): the write
     // side then shuts down, once what was queued is written.
     let sink = FrameSink::new(write_half);
@@ -258,6 +263,41 @@ async fn serve(stream: UnixStream, rings: bool, driver: &DriverHandle, settings:
         let _ = tokio::time::timeout(framing::DRAIN_TIMEOUT, sink.room(0)).await;
     } else {
         let _ = driver.send(Command::Close { session }).await;
+    }
+}
+
+/// A session that asked for rings, counted in `dlm_session_rings` while it
+/// has them (with their ticket), or once in
+/// `dlm_session_rings_declined_total` if it was kept on its socket.
+struct RingsCounted {
+    /// The gauge to lower at the end, and the rings' ticket.
+    on_rings: Option<(prometheus::IntGauge, Ticket)>,
+}
+
+impl RingsCounted {
+    fn new(through_ring: bool, ticket: Option<Ticket>, settings: &FramedSettings) -> RingsCounted {
+        match ticket {
+            Some(ticket) if through_ring => {
+                settings.ring_sessions.inc();
+                RingsCounted { on_rings: Some((settings.ring_sessions.clone(), ticket)) }
+            }
+            Some(_) => {
+                settings.rings_declined.with_label_values(&["unavailable"]).inc();
+                RingsCounted { on_rings: None }
+            }
+            None => {
+                settings.rings_declined.with_label_values(&["ring_sessions_max"]).inc();
+                RingsCounted { on_rings: None }
+            }
+        }
+    }
+}
+
+impl Drop for RingsCounted {
+    fn drop(&mut self) {
+        if let Some((gauge, _ticket)) = &self.on_rings {
+            gauge.dec();
+        }
     }
 }
 
