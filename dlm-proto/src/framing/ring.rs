@@ -152,6 +152,13 @@ fn corrupt() -> io::Error {
 impl RingRead {
     /// Takes what the ring holds without waiting (`WouldBlock` when empty).
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        // A reader that reads is awake: the writer need not ring its bell
+        // (a spinning client's reader would otherwise be rung for every
+        // answer, each ring an event that wakes a thread of its runtime).
+        // It says it sleeps again, and looks once more, before it does.
+        if self.ring.waiting().load(Ordering::Relaxed) != 0 {
+            self.ring.waiting().store(0, Ordering::Relaxed);
+        }
         let head = self.head.load(Ordering::Relaxed);
         let tail = self.ring.tail().load(Ordering::Acquire);
         let available = tail.wrapping_sub(head) as usize;
@@ -557,6 +564,40 @@ mod tests {
         client_write.try_write(b"hello").expect("room");
         let got = tokio::time::timeout(Duration::from_secs(5), reading).await.expect("woken").expect("task");
         assert_eq!(got.expect("read"), b"hello");
+    }
+
+    /// How many times `read`'s bell was rung since this was last asked.
+    #[allow(unsafe_code)]
+    fn rings_of(read: &RingRead) -> u64 {
+        let mut count = 0u64;
+        // SAFETY: the bell is an open non-blocking eventfd; 8 bytes into a u64.
+        let n = unsafe { libc::read(read.bell.get_ref().as_raw_fd(), (&raw mut count).cast(), 8) };
+        if n == 8 { count } else { 0 }
+    }
+
+    #[tokio::test]
+    async fn a_reader_is_rung_only_while_it_sleeps() {
+        let (agent, client) = session(true).await;
+        let (agent_read, client_write) = (agent.read.expect("ring"), client.write.expect("ring"));
+        let mut buffer = [0u8; 8];
+        let sleep = |read: &RingRead, buffer: &mut [u8]| {
+            let mut buf = ReadBuf::new(buffer);
+            let polled = read.poll_read(&mut Context::from_waker(std::task::Waker::noop()), &mut buf);
+            assert!(polled.is_pending(), "nothing to read yet");
+        };
+        // Asleep: a write rings it.
+        sleep(&agent_read, &mut buffer);
+        client_write.try_write(b"one").expect("room");
+        assert_eq!(rings_of(&agent_read), 1);
+        assert_eq!(agent_read.try_read(&mut buffer).expect("read"), 3);
+        // Asleep again, then awake (reading, as a spinning reader does): a
+        // write finds it awake and does not ring.
+        sleep(&agent_read, &mut buffer);
+        assert_eq!(agent_read.try_read(&mut buffer).expect_err("empty").kind(), io::ErrorKind::WouldBlock);
+        client_write.try_write(b"two").expect("room");
+        assert_eq!(rings_of(&agent_read), 0, "rung while it was reading");
+        assert_eq!(agent_read.try_read(&mut buffer).expect("read"), 3);
+        assert_eq!(&buffer[..3], b"two");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
