@@ -197,6 +197,40 @@ async fn sessions_past_the_rings_limit_are_served_on_their_socket_and_counted() 
     drop(second);
 }
 
+/// A requester reads its session's frames while it waits; one that gives
+/// up while reading (its future dropped) hands reading back to the session,
+/// which then still hears callbacks and pings while nothing is asked of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requester_that_gives_up_while_reading_leaves_its_session_heard() {
+    let agent = Agent::start("framed-reading", "keepalive = \"300ms\"\n");
+    let client = agent.client().await;
+    let holder = client.session().await.expect("holder");
+    let waiter = client.session().await.expect("waiter");
+    let held = holder.lock("default", "role", Mode::Ex, LockOptions::default()).await.expect("granted");
+    // Queued behind the holder, the waiter's request reads its session until
+    // it is dropped.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        waiter.lock("default", "role", Mode::Ex, LockOptions::default()),
+    )
+    .await;
+    assert!(gave_up.is_err(), "granted past an EX holder");
+    // Idle past several keepalives: the session answers the pings itself.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    held.unlock().await.expect("unlock");
+    let mine = waiter.lock("default", "mine", Mode::Ex, LockOptions::default()).await.expect("the session lives");
+    // A callback for a lock it holds reaches it while it asks nothing.
+    let mut events = waiter.events();
+    let blocked = tokio::spawn(async move {
+        let options = LockOptions { timeout: Some(Duration::from_secs(5)), ..LockOptions::default() };
+        holder.lock("default", "mine", Mode::Pr, options).await.map(|guard| guard.fencing_token())
+    });
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await.expect("in time").expect("event");
+    assert_eq!(event, SessionEvent::Blocking { handle: mine.handle(), mode: Mode::Pr });
+    mine.unlock().await.expect("unlock");
+    tokio::time::timeout(Duration::from_secs(5), blocked).await.expect("in time").expect("task").expect("granted");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_framed_client_is_pinged_then_dropped_and_a_live_one_is_kept() {
     let agent = Agent::start("framed-keepalive", "keepalive = \"300ms\"\n");

@@ -41,6 +41,7 @@
 //! answer does not have to wake it ([`Client::with_answer_spin`],
 //! `DLM_CLIENT_SPIN_US`; not on a single CPU).
 
+mod incoming;
 mod session;
 mod spin;
 
@@ -55,6 +56,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use self::incoming::Incoming;
 pub use self::session::{LockGuard, Session};
 use self::session::{Requests, SessionInner};
 use self::spin::{AnswerDue, SpinRead};
@@ -297,7 +299,7 @@ impl Client {
             Some(proto::ServerMessage { body: Some(server_message::Body::Welcome(welcome)) }) => welcome.session,
             _ => return Err(ClientError::SessionClosed),
         };
-        let inner = Arc::new(SessionInner::new(id, Requests::Stream(requests), AnswerDue::new(Duration::ZERO)));
+        let inner = Arc::new(SessionInner::new(id, Requests::Stream(requests), AnswerDue::new(Duration::ZERO), None));
         let reader = Arc::downgrade(&inner);
         tokio::spawn(async move {
             while let Ok(Some(message)) = inbound.message().await {
@@ -460,9 +462,11 @@ async fn framed_session(path: &Path, spin: Duration) -> Result<Session, ClientEr
         framing::split(stream).map_err(unreachable)?
     };
     let answer_due = AnswerDue::new(spin);
-    let mut reader = BufReader::with_capacity(framing::READ_BUFFER_LEN, SpinRead::new(read_half, answer_due.clone()));
-    let mut body = Vec::new();
-    let id = match framing::read_frame::<proto::ServerMessage>(&mut reader, &mut body).await {
+    let mut frames = framing::FrameReader::new(BufReader::with_capacity(
+        framing::READ_BUFFER_LEN,
+        SpinRead::new(read_half, answer_due.clone()),
+    ));
+    let id = match std::future::poll_fn(|cx| frames.poll_frame::<proto::ServerMessage>(cx)).await {
         Ok(Frame::Message(proto::ServerMessage { body: Some(server_message::Body::Welcome(welcome)) })) => {
             welcome.session
         }
@@ -473,23 +477,16 @@ async fn framed_session(path: &Path, spin: Duration) -> Result<Session, ClientEr
     };
     // The session holds the only handle: when it is dropped the write side
     // shuts down, and the agent ends the session.
-    let inner = Arc::new(SessionInner::new(id, Requests::Framed(FrameSink::new(write_half)), answer_due));
-    let dispatcher = Arc::downgrade(&inner);
-    tokio::spawn(async move {
-        loop {
-            let frame = framing::read_frame::<proto::ServerMessage>(&mut reader, &mut body).await;
-            let Some(inner) = dispatcher.upgrade() else { break };
-            match frame {
-                Ok(Frame::Message(message)) => inner.dispatch(message),
-                Ok(Frame::Ping) => inner.pong(),
-                Ok(Frame::Pong) => {}
-                Err(_) => {
-                    inner.close_waiters();
-                    break;
-                }
-            }
-        }
-    });
+    // Its requesters read its frames while they wait (`incoming`), and a
+    // task while none does.
+    let incoming = Incoming::new(frames);
+    let inner = Arc::new(SessionInner::new(
+        id,
+        Requests::Framed(FrameSink::new(write_half)),
+        answer_due,
+        Some(incoming.clone()),
+    ));
+    tokio::spawn(incoming.serve(Arc::downgrade(&inner)));
     Ok(Session::new(inner))
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use dlm_core::{Mode, StatusFlags, UnlockFlags};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+use super::incoming::Incoming;
 use super::spin::AnswerDue;
 use super::{LockError, LockOptions, Loss, SESSION_REQUESTS_MAX, SessionEvent};
 use dlm_proto::convert::{mode_from_wire, mode_to_wire, status_flags};
@@ -54,7 +55,7 @@ impl Losses {
     }
 }
 
-enum Reply {
+pub(crate) enum Reply {
     Completion(proto::Completion),
     Rejected(proto::Rejected),
 }
@@ -68,14 +69,23 @@ pub(super) struct SessionInner {
     next_handle: AtomicU64,
     /// Whether answers are due, for the reader's spin (framed sessions).
     answer_due: Arc<AnswerDue>,
+    /// A framed session's frames, read by its requesters while they wait
+    /// (gRPC sessions: none, their stream's task reads).
+    incoming: Option<Arc<Incoming>>,
 }
 
 impl SessionInner {
-    pub(super) fn new(id: u64, requests: Requests, answer_due: Arc<AnswerDue>) -> SessionInner {
+    pub(super) fn new(
+        id: u64,
+        requests: Requests,
+        answer_due: Arc<AnswerDue>,
+        incoming: Option<Arc<Incoming>>,
+    ) -> SessionInner {
         SessionInner {
             id,
             requests,
             answer_due,
+            incoming,
             waiters: Mutex::new(Waiters::default()),
             events: broadcast::channel(1024).0,
             losses: watch::Sender::new(Losses::default()),
@@ -194,7 +204,10 @@ impl SessionInner {
         self.answer_due.sent();
         // If this future is dropped while waiting, cancel the request.
         let mut cancel_on_drop = CancelOnDrop { inner: self, handle, armed: true };
-        let reply = answer.await;
+        let reply = match &self.incoming {
+            Some(incoming) => incoming.wait(self, answer, self.answer_due.would_spin()).await,
+            None => answer.await.map_err(drop),
+        };
         cancel_on_drop.armed = false;
         match reply {
             Ok(Reply::Completion(completion)) => Ok(completion),

@@ -1,7 +1,10 @@
 //! Frames: a length, a kind and a body (the format is in [`super`]).
 
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
 use prost::Message;
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use super::{FRAME_BODY_LEN_MAX, FRAME_HEADER_LEN};
 
@@ -111,6 +114,80 @@ pub fn read_frame_blocking<M: Message + Default>(
     decode_body(kind, body)
 }
 
+/// Frames read from `source` by polling, resumable: a frame half read when
+/// a poll returns `Pending` goes on at the next poll, whichever task polls
+/// (the client's requesters and its session reader take turns reading one
+/// connection; [`read_frame`] would lose a half-read frame if its future
+/// were dropped).
+pub struct FrameReader<R> {
+    source: R,
+    header: [u8; FRAME_HEADER_LEN],
+    /// Header bytes read of the frame under way.
+    header_read: usize,
+    /// The frame under way's body, once its header is read.
+    body: Vec<u8>,
+    /// The frame under way's kind and body length, once its header is read.
+    kind: Option<FrameKind>,
+    body_read: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Reads frames from `source`.
+    pub fn new(source: R) -> FrameReader<R> {
+        FrameReader {
+            source,
+            header: [0; FRAME_HEADER_LEN],
+            header_read: 0,
+            body: Vec::new(),
+            kind: None,
+            body_read: 0,
+        }
+    }
+
+    /// The next frame, or `Pending` (with `cx` woken when more bytes come).
+    ///
+    /// # Errors
+    /// As [`read_frame`]'s; the reader is then of no further use.
+    pub fn poll_frame<M: Message + Default>(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame<M>, FrameError>> {
+        loop {
+            let kind = match self.kind {
+                Some(kind) => kind,
+                None if self.header_read < FRAME_HEADER_LEN => {
+                    let mut buf = ReadBuf::new(&mut self.header[self.header_read..]);
+                    ready!(Pin::new(&mut self.source).poll_read(cx, &mut buf))?;
+                    let read = buf.filled().len();
+                    if read == 0 {
+                        return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()));
+                    }
+                    self.header_read += read;
+                    continue;
+                }
+                None => {
+                    let (kind, len) = parse_header(self.header)?;
+                    self.body.clear();
+                    self.body.resize(len, 0);
+                    self.body_read = 0;
+                    self.kind = Some(kind);
+                    kind
+                }
+            };
+            if self.body_read < self.body.len() {
+                let mut buf = ReadBuf::new(&mut self.body[self.body_read..]);
+                ready!(Pin::new(&mut self.source).poll_read(cx, &mut buf))?;
+                let read = buf.filled().len();
+                if read == 0 {
+                    return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()));
+                }
+                self.body_read += read;
+                continue;
+            }
+            self.kind = None;
+            self.header_read = 0;
+            return Poll::Ready(decode_body(kind, &self.body));
+        }
+    }
+}
+
 /// A frame header's kind and body length, checked.
 fn parse_header(header: [u8; FRAME_HEADER_LEN]) -> Result<(FrameKind, usize), FrameError> {
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
@@ -159,6 +236,31 @@ mod tests {
         let mut blocking = out.as_slice();
         assert_eq!(read_frame_blocking(&mut blocking, &mut body).unwrap(), Frame::Message(message));
         assert_eq!(read_frame_blocking::<proto::ClientMessage>(&mut blocking, &mut body).unwrap(), Frame::Ping);
+    }
+
+    #[tokio::test]
+    async fn a_frame_reader_goes_on_where_the_last_poll_stopped() {
+        let message =
+            proto::ClientMessage { body: Some(proto::client_message::Body::Cancel(proto::Cancel { handle: 7 })) };
+        let mut out = Vec::new();
+        encode_message(&message, &mut out);
+        encode_control(FrameKind::Ping, &mut out);
+        // The bytes come one at a time, each poll taking what there is and
+        // returning `Pending` in between (a new future each time).
+        let (mut writer, source) = tokio::io::duplex(64);
+        let mut reader = FrameReader::new(source);
+        let mut frames = Vec::new();
+        for byte in &out {
+            tokio::io::AsyncWriteExt::write_all(&mut writer, &[*byte]).await.expect("write");
+            let polled = std::future::poll_fn(|cx| Poll::Ready(reader.poll_frame::<proto::ClientMessage>(cx))).await;
+            if let Poll::Ready(frame) = polled {
+                frames.push(frame.expect("frame"));
+            }
+        }
+        assert_eq!(frames, [Frame::Message(message), Frame::Ping]);
+        drop(writer);
+        let end = std::future::poll_fn(|cx| reader.poll_frame::<proto::ClientMessage>(cx)).await;
+        assert!(matches!(end, Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof));
     }
 
     #[tokio::test]

@@ -51,7 +51,9 @@ mod stream;
 
 use std::time::Duration;
 
-pub use self::codec::{Frame, FrameError, FrameKind, encode_control, encode_message, read_frame, read_frame_blocking};
+pub use self::codec::{
+    Frame, FrameError, FrameKind, FrameReader, encode_control, encode_message, read_frame, read_frame_blocking,
+};
 pub use self::sink::{FrameSink, Pushed, SinkClosed};
 pub use self::stream::{FramedRead, FramedWrite, split, split_accepting_ring, split_offering_ring};
 
