@@ -153,13 +153,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             let kind = match self.kind {
                 Some(kind) => kind,
                 None if self.header_read < FRAME_HEADER_LEN => {
-                    let mut buf = ReadBuf::new(&mut self.header[self.header_read..]);
-                    ready!(Pin::new(&mut self.source).poll_read(cx, &mut buf))?;
-                    let read = buf.filled().len();
-                    if read == 0 {
-                        return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()));
-                    }
-                    self.header_read += read;
+                    self.header_read += ready!(poll_some(&mut self.source, cx, &mut self.header[self.header_read..]))?;
                     continue;
                 }
                 None => {
@@ -172,19 +166,28 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
             };
             if self.body_read < self.body.len() {
-                let mut buf = ReadBuf::new(&mut self.body[self.body_read..]);
-                ready!(Pin::new(&mut self.source).poll_read(cx, &mut buf))?;
-                let read = buf.filled().len();
-                if read == 0 {
-                    return Poll::Ready(Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()));
-                }
-                self.body_read += read;
+                self.body_read += ready!(poll_some(&mut self.source, cx, &mut self.body[self.body_read..]))?;
                 continue;
             }
             self.kind = None;
             self.header_read = 0;
             return Poll::Ready(decode_body(kind, &self.body));
         }
+    }
+}
+
+/// Reads some bytes into `buf` (not empty); the end of the stream is an
+/// error here, in the middle of a frame or before one.
+fn poll_some(
+    source: &mut (impl AsyncRead + Unpin),
+    cx: &mut Context<'_>,
+    buf: &mut [u8],
+) -> Poll<std::io::Result<usize>> {
+    let mut buf = ReadBuf::new(buf);
+    ready!(Pin::new(source).poll_read(cx, &mut buf))?;
+    match buf.filled().len() {
+        0 => Poll::Ready(Err(std::io::ErrorKind::UnexpectedEof.into())),
+        read => Poll::Ready(Ok(read)),
     }
 }
 
