@@ -231,6 +231,40 @@ async fn a_requester_that_gives_up_while_reading_leaves_its_session_heard() {
     tokio::time::timeout(Duration::from_secs(5), blocked).await.expect("in time").expect("task").expect("granted");
 }
 
+/// Requests of one session from several tasks at once take turns reading
+/// its frames (one reads, the others are handed their answers), some given
+/// up while they read: every one is answered, none hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_of_one_session_from_many_tasks_take_turns_reading() {
+    let agent = Agent::start("framed-turns", "");
+    let client = agent.client().await;
+    let session = client.session().await.expect("session");
+    let blocker = client.session().await.expect("blocker");
+    let _held = blocker.lock("default", "held", Mode::Ex, LockOptions::default()).await.expect("granted");
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..4 {
+        let session = session.clone();
+        tasks.spawn(async move {
+            for round in 0..1_000 {
+                let name = format!("turns/{task}");
+                let guard = session.lock("default", name, Mode::Ex, LockOptions::default()).await.expect("granted");
+                guard.unlock().await.expect("unlock");
+                if round % 100 == 0 {
+                    // Queued behind the blocker, given up while it may read.
+                    let wait = session.lock("default", "held", Mode::Ex, LockOptions::default());
+                    assert!(tokio::time::timeout(Duration::from_millis(5), wait).await.is_err());
+                }
+            }
+        });
+    }
+    let all = async {
+        while let Some(done) = tasks.join_next().await {
+            done.expect("task");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), all).await.expect("a request was left waiting");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_framed_client_is_pinged_then_dropped_and_a_live_one_is_kept() {
     let agent = Agent::start("framed-keepalive", "keepalive = \"300ms\"\n");

@@ -72,8 +72,21 @@ impl Incoming {
 
     /// Reads and dispatches frames until one read would wait (`Pending`,
     /// `cx` to be woken) or the connection ends (`Ready`), or `done` says so.
-    fn read(&self, session: &SessionInner, cx: &mut Context<'_>, mut done: impl FnMut() -> bool) -> Poll<()> {
+    /// The task (`by_task`) reads nothing while a requester has the role:
+    /// looked at with the frames locked, so that a requester that took the
+    /// role meanwhile reads after it, and is the one the connection wakes
+    /// (the last to poll the connection is the one woken).
+    fn read(
+        &self,
+        session: &SessionInner,
+        cx: &mut Context<'_>,
+        by_task: bool,
+        mut done: impl FnMut() -> bool,
+    ) -> Poll<()> {
         let mut frames = self.frames();
+        if by_task && self.requester_reads.load(Ordering::Acquire) {
+            return Poll::Pending;
+        }
         loop {
             if self.ended.load(Ordering::Acquire) {
                 return Poll::Ready(());
@@ -139,7 +152,7 @@ impl Incoming {
             // which a multi-thread runtime queues and wakes another worker
             // for). Read until a read would wait (`cx` then woken by the
             // connection), the end, or the answer.
-            let _ = self.read(session, cx, || !answer.is_empty());
+            let _ = self.read(session, cx, false, || !answer.is_empty());
             match answer.try_recv() {
                 Ok(reply) => Poll::Ready(Ok(reply)),
                 Err(TryRecvError::Closed) => Poll::Ready(Err(())),
@@ -156,11 +169,8 @@ impl Incoming {
             // Stored before the role is looked at: a requester giving the
             // role back after that look wakes this waker.
             *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
-            if self.requester_reads.load(Ordering::Acquire) {
-                return Poll::Pending;
-            }
             let Some(session) = session.upgrade() else { return Poll::Ready(()) };
-            self.read(&session, cx, || false)
+            self.read(&session, cx, true, || false)
         })
         .await;
     }
