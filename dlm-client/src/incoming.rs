@@ -128,18 +128,18 @@ impl Incoming {
         }
     }
 
-    /// Waits for `answer`; when `read` (its reader would spin for it), by
+    /// Waits for `answer`; when `may_read` (its reader would spin for it), by
     /// reading the session's frames meanwhile if no other requester is
     /// (`Err`: the session ended).
     pub(crate) async fn wait(
         &self,
         session: &SessionInner,
         mut answer: oneshot::Receiver<Reply>,
-        read: bool,
+        may_read: bool,
     ) -> Result<Reply, ()> {
         let mut role = Role { incoming: self, held: false };
         poll_fn(|cx| {
-            if read && !role.held && !self.requester_reads.swap(true, Ordering::AcqRel) {
+            if may_read && !role.held && !self.requester_reads.swap(true, Ordering::AcqRel) {
                 role.held = true;
             }
             if !role.held {

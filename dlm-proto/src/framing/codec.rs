@@ -222,13 +222,19 @@ mod tests {
         read_frame(&mut reader, &mut Vec::new()).await
     }
 
-    #[tokio::test]
-    async fn frames_round_trip() {
+    /// A message, and the bytes of its frame followed by a ping's.
+    fn message_and_ping() -> (proto::ClientMessage, Vec<u8>) {
         let message =
             proto::ClientMessage { body: Some(proto::client_message::Body::Cancel(proto::Cancel { handle: 7 })) };
         let mut out = Vec::new();
         encode_message(&message, &mut out);
         encode_control(FrameKind::Ping, &mut out);
+        (message, out)
+    }
+
+    #[tokio::test]
+    async fn frames_round_trip() {
+        let (message, mut out) = message_and_ping();
         encode_control(FrameKind::Pong, &mut out);
         let mut reader = out.as_slice();
         let mut body = Vec::new();
@@ -243,11 +249,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_frame_reader_goes_on_where_the_last_poll_stopped() {
-        let message =
-            proto::ClientMessage { body: Some(proto::client_message::Body::Cancel(proto::Cancel { handle: 7 })) };
-        let mut out = Vec::new();
-        encode_message(&message, &mut out);
-        encode_control(FrameKind::Ping, &mut out);
+        let (message, out) = message_and_ping();
         // The bytes come one at a time, each poll taking what there is and
         // returning `Pending` in between (a new future each time).
         let (mut writer, source) = tokio::io::duplex(64);
