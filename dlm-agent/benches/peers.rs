@@ -214,7 +214,7 @@ fn main() {
         Plan {
             warmup: Duration::from_millis(300),
             measure: Duration::from_secs(2),
-            concurrency: vec![1, 8, 32, 128],
+            concurrency: concurrency(&[1, 8, 32, 128]),
             reps,
             trips: 20_000,
             ttl: Duration::from_secs(2),
@@ -223,7 +223,7 @@ fn main() {
         Plan {
             warmup: Duration::ZERO,
             measure: Duration::from_millis(200),
-            concurrency: vec![1, 8],
+            concurrency: concurrency(&[1, 8]),
             reps: 1,
             trips: 1_000,
             ttl: Duration::from_secs(2),
@@ -238,6 +238,26 @@ fn main() {
         eprintln!("peers benchmark failed: {error}");
         std::process::exit(1);
     }
+}
+
+/// The uncontended rows' client counts: `DLM_BENCH_CLIENTS` (`1,8`; empty:
+/// none, the contended row alone), else `default`. For quick comparisons
+/// while tuning: the targets want every row.
+fn concurrency(default: &[usize]) -> Vec<usize> {
+    match std::env::var("DLM_BENCH_CLIENTS") {
+        Ok(list) => list.split(',').filter_map(|n| n.trim().parse().ok()).filter(|&n| n > 0).collect(),
+        Err(_) => default.to_vec(),
+    }
+}
+
+/// The placements measured: `DLM_BENCH_PLACEMENTS` (`unpinned`, `one-cpu`
+/// or both, comma-separated), else both.
+fn placements() -> Vec<Placement> {
+    let wanted = std::env::var("DLM_BENCH_PLACEMENTS").ok();
+    [Placement::Unpinned, Placement::OneCpu]
+        .into_iter()
+        .filter(|p| wanted.as_deref().is_none_or(|list| list.split(',').any(|w| w.trim() == p.key())))
+        .collect()
 }
 
 /// The servers and the systems measured on them.
@@ -394,7 +414,7 @@ async fn run(plan: Plan, measuring: bool) -> Result<()> {
         only: std::env::var("DLM_BENCH_SYSTEMS").ok(),
         plan,
     };
-    let placements = [Placement::Unpinned, Placement::OneCpu];
+    let placements = placements();
     // Every system in each uncontended row; all but the echo floor contended;
     // the ping-pong floor and Redis retrying politely.
     let per_placement = bench.plan.reps * (bench.plan.concurrency.len() * SYSTEMS.len() + SYSTEMS.len() - 1 + 2);

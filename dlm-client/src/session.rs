@@ -189,6 +189,8 @@ impl SessionInner {
 
     async fn request(&self, handle: u64, body: client_message::Body) -> Result<proto::Completion, LockError> {
         let (reply, answer) = oneshot::channel();
+        // An unlock is answered without waiting for another holder.
+        self.answer_due.expect_soon(matches!(body, client_message::Body::Unlock(_)));
         {
             let mut waiters = self.waiters();
             if waiters.closed {

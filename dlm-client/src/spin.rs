@@ -5,23 +5,37 @@
 //! on a lock. So while a request waits for its answer, whoever reads the
 //! session's frames (the requester itself, `incoming`) reads the connection
 //! without sleeping, for up to the session's spin, before it parks as usual.
-//! It spins only while its session is the process's only one with an answer
-//! due: with several, the runtime's threads have other sessions' work to
-//! do, and a spin would hold one of them from it (measured: 8 clients in one
-//! process fell from 81.5k to 39.1k pairs/s when each spun). Nor does it
-//! spin when this thread may run on one CPU only (the spin would only keep
-//! the agent off that CPU), nor right after a spin that caught nothing (a
-//! lock queued behind a holder answers late): then it sits out
-//! [`MISSES_SIT_OUT`] requests. The CPU it burns is the client's; the peer
-//! benchmark counts it.
+//! One reader of the process spins at a time, and only for an answer likely
+//! to come within the spin:
+//! - while its session is the process's only one with an answer due and
+//!   its last spin did not miss: with several, the runtime's threads have
+//!   other sessions' work to do, and a spin would hold one of them from it
+//!   (measured: 8 clients in one process fell from 81.5k to 39.1k pairs/s
+//!   when each spun); a lock queued behind a holder answers late, so after
+//!   a spin that caught nothing it sits out [`MISSES_SIT_OUT`] requests;
+//! - or for an unlock's answer, which waits for no other holder, on a
+//!   session whose frames come through shared-memory rings, whatever else
+//!   is due: it stops as soon as another ring session of the process has
+//!   frames waiting, so that the runtime takes them. This is the hand-off
+//!   of a contended lock: the holder's unlock is answered, and the next
+//!   waiter granted, within the agent's one pass, while the process's
+//!   other sessions wait for grants that come one a hand-off; without the
+//!   spin, every hand-off put the client process to sleep and woke it
+//!   across CPUs (peer benchmark, 8 clients on one lock, unpinned: 34-38k
+//!   hand-offs/s at 23-25k per CPU-second became 71-80k at 37-42k).
+//!
+//! Nor does it spin when this thread may run on one CPU only (the spin
+//! would only keep the agent off that CPU). The CPU it burns is the
+//! client's; the peer benchmark counts it.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use dlm_proto::framing;
+use dlm_proto::framing::ring::RingProbe;
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// How long a framed session's reader spins for a due answer, unless
@@ -52,6 +66,22 @@ const CPUS_RECHECK: Duration = Duration::from_millis(50);
 /// Sessions of this process with an answer due.
 static SESSIONS_DUE: AtomicUsize = AtomicUsize::new(0);
 
+/// A reader of this process spins now.
+static SPINNING: AtomicBool = AtomicBool::new(false);
+
+/// The process's sessions through rings, by number: what a spin for an
+/// unlock's answer watches, to stop when another session's frames come.
+static RINGS: RwLock<Vec<(u64, RingProbe)>> = RwLock::new(Vec::new());
+static NEXT_RING: AtomicU64 = AtomicU64::new(0);
+const NO_RING: u64 = u64::MAX;
+
+/// Whether a ring session of the process other than `own` has frames
+/// waiting to be read (or the list is being changed: then it may).
+fn others_unread(own: u64) -> bool {
+    let Ok(rings) = RINGS.try_read() else { return true };
+    rings.iter().any(|(number, probe)| *number != own && probe.unread())
+}
+
 /// What the requesting side and the reader share: whether an answer is due,
 /// and how to wake the reader to spin for it.
 pub(crate) struct AnswerDue {
@@ -61,6 +91,11 @@ pub(crate) struct AnswerDue {
     sitting_out: AtomicU32,
     /// What the reader last found: this thread may run on one CPU only.
     one_cpu: AtomicBool,
+    /// The last request's answer waits for no other holder (an unlock's).
+    soon: AtomicBool,
+    /// The session's number in [`RINGS`] ([`NO_RING`]: on its socket), set
+    /// by its reader.
+    ring: AtomicU64,
 }
 
 impl AnswerDue {
@@ -70,6 +105,8 @@ impl AnswerDue {
             due: AtomicUsize::new(0),
             sitting_out: AtomicU32::new(0),
             one_cpu: AtomicBool::new(false),
+            soon: AtomicBool::new(false),
+            ring: AtomicU64::new(NO_RING),
         })
     }
 
@@ -77,10 +114,25 @@ impl AnswerDue {
     /// session knows (the reader checks again): then the requester reads
     /// for it itself (`incoming`).
     pub(crate) fn would_spin(&self) -> bool {
-        !self.spin.is_zero()
-            && SESSIONS_DUE.load(Ordering::Acquire) <= 1
-            && self.sitting_out.load(Ordering::Relaxed) == 0
-            && !self.one_cpu.load(Ordering::Relaxed)
+        !self.spin.is_zero() && !self.one_cpu.load(Ordering::Relaxed) && self.answer_likely_within_spin()
+    }
+
+    /// The answer due is one to spin for: the process's only one, and no
+    /// miss to sit out; or an unlock's on a ring session, while the
+    /// process's other ring sessions have nothing to read.
+    fn answer_likely_within_spin(&self) -> bool {
+        if SESSIONS_DUE.load(Ordering::Acquire) <= 1 && self.sitting_out.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
+        let ring = self.ring.load(Ordering::Relaxed);
+        self.soon.load(Ordering::Relaxed) && ring != NO_RING && !others_unread(ring)
+    }
+
+    /// The request about to be sent: whether its answer waits for no other
+    /// holder (an unlock). Several requests of one session in flight share
+    /// the flag: the last one's says.
+    pub(crate) fn expect_soon(&self, soon: bool) {
+        self.soon.store(soon, Ordering::Relaxed);
     }
 
     /// How many requests wait for their answer (set by the session when its
@@ -114,23 +166,27 @@ pub(crate) struct SpinRead {
     half: framing::FramedRead,
     due: Arc<AnswerDue>,
     many_cpus: Option<(Instant, bool)>,
+    /// Its number in [`RINGS`], if its frames come through rings.
+    ring: Option<u64>,
 }
 
 impl SpinRead {
     pub(crate) fn new(half: framing::FramedRead, due: Arc<AnswerDue>) -> SpinRead {
-        SpinRead { half, due, many_cpus: None }
+        let ring = half.ring_probe().map(|probe| {
+            let number = NEXT_RING.fetch_add(1, Ordering::Relaxed);
+            RINGS.write().unwrap_or_else(PoisonError::into_inner).push((number, probe));
+            number
+        });
+        due.ring.store(ring.unwrap_or(NO_RING), Ordering::Relaxed);
+        SpinRead { half, due, many_cpus: None, ring }
     }
 
     fn may_spin(&mut self) -> bool {
-        if self.due.spin.is_zero()
-            || self.due.due.load(Ordering::Acquire) == 0
-            || SESSIONS_DUE.load(Ordering::Acquire) > 1
-            || self.due.sitting_out.load(Ordering::Relaxed) > 0
-        {
+        if self.due.spin.is_zero() || self.due.due.load(Ordering::Acquire) == 0 {
             return false;
         }
         let now = Instant::now();
-        match self.many_cpus {
+        let many = match self.many_cpus {
             Some((at, many)) if now.duration_since(at) < CPUS_RECHECK => many,
             _ => {
                 let many = std::thread::available_parallelism().is_ok_and(|n| n.get() > 1);
@@ -138,11 +194,18 @@ impl SpinRead {
                 self.due.one_cpu.store(!many, Ordering::Relaxed);
                 many
             }
-        }
+        };
+        // Last: it may look at every ring session of the process.
+        many && self.due.answer_likely_within_spin()
     }
 
-    /// Reads what the socket has without waiting, for up to the spin.
+    /// Reads what the connection has without waiting, for up to the spin,
+    /// unless another reader of the process spins, or (with other sessions
+    /// waiting) until another ring session has frames to read.
     fn spin(&self, buf: &mut ReadBuf<'_>) -> Option<std::io::Result<()>> {
+        let _spinning = Spinning::take()?;
+        let watch_others = SESSIONS_DUE.load(Ordering::Acquire) > 1;
+        let own = self.ring.unwrap_or(NO_RING);
         let start = Instant::now();
         loop {
             match self.half.try_read(buf.initialize_unfilled()) {
@@ -151,9 +214,14 @@ impl SpinRead {
                     return Some(Ok(()));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if watch_others && others_unread(own) {
+                        return None;
+                    }
                     if start.elapsed() >= self.due.spin {
-                        // The next request's `sent` counts the first of those sat out.
-                        self.due.sitting_out.store(MISSES_SIT_OUT + 1, Ordering::Relaxed);
+                        if !self.due.soon.load(Ordering::Relaxed) {
+                            // The next request's `sent` counts the first of those sat out.
+                            self.due.sitting_out.store(MISSES_SIT_OUT + 1, Ordering::Relaxed);
+                        }
                         return None;
                     }
                     std::hint::spin_loop();
@@ -162,6 +230,29 @@ impl SpinRead {
                 Err(e) => return Some(Err(e)),
             }
         }
+    }
+}
+
+impl Drop for SpinRead {
+    fn drop(&mut self) {
+        if let Some(number) = self.ring {
+            RINGS.write().unwrap_or_else(PoisonError::into_inner).retain(|(n, _)| *n != number);
+        }
+    }
+}
+
+/// The process's one spin, held while it runs.
+struct Spinning;
+
+impl Spinning {
+    fn take() -> Option<Spinning> {
+        (!SPINNING.swap(true, Ordering::Acquire)).then_some(Spinning)
+    }
+}
+
+impl Drop for Spinning {
+    fn drop(&mut self) {
+        SPINNING.store(false, Ordering::Release);
     }
 }
 
@@ -180,12 +271,11 @@ impl AsyncRead for SpinRead {
 mod tests {
     use super::*;
     use dlm_proto::framing::FramedWrite;
-    use std::sync::{Mutex, PoisonError};
     use std::task::Waker;
     use tokio::net::UnixStream;
 
-    /// The tests share [`SESSIONS_DUE`]: one at a time.
-    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    /// The tests share [`SESSIONS_DUE`] and [`RINGS`]: one at a time.
+    static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     /// Our read half (and write half, kept open), the agent's end, and the
     /// shared state.
@@ -197,9 +287,64 @@ mod tests {
         (SpinRead::new(read, due.clone()), write, theirs, due)
     }
 
+    /// A session through rings: our reader over the agent's writer.
+    async fn ring_pair(spin: Duration) -> (SpinRead, framing::FramedWrite, Arc<AnswerDue>) {
+        let (ours, theirs) = UnixStream::pair().expect("pair");
+        let (_agent_read, agent_write) = framing::split_offering_ring(theirs, true).expect("offer");
+        let (read, _write) = framing::split_accepting_ring(ours).await.expect("accept");
+        assert!(read.through_ring(), "no rings");
+        let due = AnswerDue::new(spin);
+        (SpinRead::new(read, due.clone()), agent_write, due)
+    }
+
+    /// One poll of `reader` with a waker nobody wakes: whether it read, and
+    /// how long it took.
+    fn poll_once(reader: &mut SpinRead) -> (bool, Duration) {
+        let mut buffer = [0u8; 16];
+        let started = Instant::now();
+        let polled =
+            Pin::new(reader).poll_read(&mut Context::from_waker(Waker::noop()), &mut ReadBuf::new(&mut buffer));
+        (polled.is_ready(), started.elapsed())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unlocks_answer_is_spun_for_while_other_sessions_wait_until_one_has_frames() {
+        let _alone = ONE_AT_A_TIME.lock().await;
+        let (mut unlocking, agent_to_unlocking, due) = ring_pair(Duration::from_secs(5)).await;
+        let (_waiting, agent_to_waiting, other) = ring_pair(Duration::from_secs(5)).await;
+        other.set_due(1);
+        due.set_due(1);
+        // A lock's answer, with another session waiting: no spin.
+        due.expect_soon(false);
+        let (read, took) = poll_once(&mut unlocking);
+        assert!(!read && took < Duration::from_secs(1), "spun for a lock while another session waits");
+        // An unlock's: spun for, and caught.
+        due.expect_soon(true);
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            agent_to_unlocking.try_write(b"answer").expect("write");
+            agent_to_unlocking
+        });
+        let (read, _) = poll_once(&mut unlocking);
+        assert!(read, "the spin for an unlock's answer gave up before it came");
+        // Kept open: a closed session reads as its end.
+        let _agent_to_unlocking = writer.join().expect("writer");
+        // The other session's frames come first: the spin stops for them.
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            agent_to_waiting.try_write(b"grant").expect("write");
+            agent_to_waiting
+        });
+        let (read, took) = poll_once(&mut unlocking);
+        assert!(!read && took < Duration::from_secs(1), "spun on past another session's frames ({took:?})");
+        // And with them unread, the next unlock does not spin at all.
+        assert!(!due.would_spin(), "would spin with another session's frames unread");
+        let _agent_to_waiting = writer.join().expect("writer");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_answer_written_during_the_spin_is_read_by_the_spin() {
-        let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+        let _alone = ONE_AT_A_TIME.lock().await;
         let (mut reader, _write, mut theirs, due) = pair(Duration::from_secs(5));
         due.set_due(1);
         let writer = std::thread::spawn(move || {
@@ -220,7 +365,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_spin_without_an_answer_due_and_a_miss_sits_out_the_next_requests() {
-        let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+        let _alone = ONE_AT_A_TIME.lock().await;
         let (mut reader, _write, _theirs, due) = pair(Duration::from_millis(20));
         let waker = Waker::noop();
         let mut buffer = [0u8; 16];
@@ -247,7 +392,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_spin_while_another_session_of_the_process_waits_too() {
-        let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
+        let _alone = ONE_AT_A_TIME.lock().await;
         let (mut reader, _write, _theirs, due) = pair(Duration::from_millis(200));
         let other = AnswerDue::new(Duration::from_millis(200));
         due.set_due(1);

@@ -20,6 +20,14 @@ impl Placement {
         }
     }
 
+    /// Its name in `DLM_BENCH_PLACEMENTS`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Placement::Unpinned => "unpinned",
+            Placement::OneCpu => "one-cpu",
+        }
+    }
+
     pub fn cpus(self) -> Vec<usize> {
         match self {
             Placement::Unpinned => (0..online_cpus()).collect(),

@@ -102,6 +102,7 @@ impl Drop for Mapping {
 }
 
 /// One direction's ring as one side sees it.
+#[derive(Clone)]
 struct Ring {
     map: Arc<Mapping>,
     at: usize,
@@ -145,11 +146,34 @@ pub struct RingWrite {
     bell: OwnedFd,
 }
 
+/// A look, from any thread of the reading process, at whether a ring holds
+/// bytes its reader has not taken yet (the reader publishes how far it read
+/// after every read). A writer that lies about its tail only makes it say
+/// yes.
+#[derive(Clone)]
+pub struct RingProbe {
+    ring: Ring,
+}
+
+impl RingProbe {
+    /// Whether bytes wait in the ring.
+    #[must_use]
+    pub fn unread(&self) -> bool {
+        self.ring.tail().load(Ordering::Acquire) != self.ring.head().load(Ordering::Relaxed)
+    }
+}
+
 fn corrupt() -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, "the shared ring's indices are out of bounds")
 }
 
 impl RingRead {
+    /// A look at this ring for other threads (see [`RingProbe`]).
+    #[must_use]
+    pub fn probe(&self) -> RingProbe {
+        RingProbe { ring: self.ring.clone() }
+    }
+
     /// Takes what the ring holds without waiting (`WouldBlock` when empty).
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         // A reader that reads is awake: the writer need not ring its bell
