@@ -61,6 +61,10 @@
 //! worker against 60-61k with two, and 44k contended hand-offs/s (32k per
 //! CPU-second) against 41k (27k); on one CPU the count changed nothing.
 //!
+//! For quick comparisons while tuning, `DLM_BENCH_CLIENTS=1,8` measures
+//! only those uncontended rows (empty: the contended row alone) and
+//! `DLM_BENCH_PLACEMENTS=unpinned` (or `one-cpu`) one placement.
+//!
 //! Without `--bench` (as `cargo test --benches` runs it) every cell is short
 //! and runs once: a check that the harness, the placements and the peers
 //! work, not a measurement.

@@ -5,13 +5,14 @@
 //! wakes the reader, the reader wakes the requester with the answer. In a
 //! multi-thread runtime that ping-pong between two tasks is capped on one
 //! worker (tokio runs three in a row, then queues the next and wakes another
-//! worker to steal it, across CPUs). So while the reader would spin (the
-//! process's only session with an answer due, more than one CPU: see
-//! `spin`), the requester reads the session's frames itself, spinning in its
+//! worker to steal it, across CPUs). So while the reader would spin (see
+//! `spin`: the process's only session with an answer due, or an unlock's
+//! on a ring session while the process's other ring sessions have nothing
+//! to read; more than one CPU), the requester reads the session's frames itself, spinning in its
 //! own poll, and dispatches whatever comes (others' answers, callbacks,
 //! pings); with no spin, it reads too while no other requester does, waking
-//! directly on the connection. Otherwise (several sessions waiting, one
-//! CPU) the session's task reads and hands answers over, as before: there
+//! directly on the connection. Otherwise (several sessions waiting for
+//! answers that may be long, one CPU) the session's task reads and hands answers over, as before: there
 //! requesters reading cost more than they saved (one CPU, 8 clients on one
 //! lock: 57k hand-offs/s fell to 51k). Side by side with the task reading
 //! (peer benchmark, `dlm-unix`, unpinned, clients on a 2-worker runtime, 2

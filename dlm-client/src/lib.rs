@@ -36,11 +36,14 @@
 //! `LockFlags::NOQUEUE` in [`LockOptions::flags`].
 //!
 //! While a framed session's request waits for its answer and no other
-//! session of the process waits, the request itself reads its session's
-//! ring (or socket), spinning up to [`DEFAULT_ANSWER_SPIN`] before it
-//! sleeps, so that an answer does not have to wake it, nor be handed over
-//! from another task ([`Client::with_answer_spin`], `DLM_CLIENT_SPIN_US`;
-//! not on a single CPU); otherwise the session's own task reads.
+//! session of the process waits (or it is an unlock on a session through
+//! rings, while the process's other ring sessions have nothing to read),
+//! the request itself reads its session's ring (or socket), spinning up to
+//! [`DEFAULT_ANSWER_SPIN`] before it sleeps, so that an answer does not
+//! have to wake it, nor be handed over from another task
+//! ([`Client::with_answer_spin`], `DLM_CLIENT_SPIN_US`; not on a single
+//! CPU; one spin of a process at a time); otherwise the session's own task
+//! reads.
 
 mod incoming;
 mod session;

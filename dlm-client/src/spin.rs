@@ -21,8 +21,9 @@
 //!   waiter granted, within the agent's one pass, while the process's
 //!   other sessions wait for grants that come one a hand-off; without the
 //!   spin, every hand-off put the client process to sleep and woke it
-//!   across CPUs (peer benchmark, 8 clients on one lock, unpinned: 34-38k
-//!   hand-offs/s at 23-25k per CPU-second became 71-80k at 37-42k).
+//!   across CPUs (peer benchmark, 8 clients on one lock, unpinned, side by
+//!   side: 39.8-42.6k hand-offs/s at 25.8-27.7k per CPU-second became
+//!   89-95k at 45.7-48.3k; the uncontended rows and one CPU unchanged).
 //!
 //! Nor does it spin when this thread may run on one CPU only (the spin
 //! would only keep the agent off that CPU). The CPU it burns is the
