@@ -25,7 +25,11 @@
 //! The search is generic over [`WaitForGraph`], so a cluster can feed it
 //! edges gathered from other nodes as well as local ones.
 
-use std::collections::{HashMap, HashSet};
+// hashbrown's maps, as the rest of the core: a search runs after every
+// hand-off of a contended lock, and std's SipHash showed in the agent's
+// profile there (side by side the change was within the runs' noise). The
+// search only looks keys up, never iterates, so the hasher changes no result.
+use hashbrown::{HashMap, HashSet};
 
 use crate::ids::{LockspaceId, SessionId};
 
