@@ -193,19 +193,16 @@ pub(crate) struct SpinRead {
     due: Arc<AnswerDue>,
     /// Reads left before the next look at the CPUs, and what the last found.
     many_cpus: Option<(u32, bool)>,
-    /// Its number in [`RINGS`], if its frames come through rings.
-    ring: Option<u64>,
 }
 
 impl SpinRead {
     pub(crate) fn new(half: framing::FramedRead, due: Arc<AnswerDue>) -> SpinRead {
-        let ring = half.ring_probe().map(|probe| {
+        if let Some(probe) = half.ring_probe() {
             let number = NEXT_RING.fetch_add(1, Ordering::Relaxed);
             RINGS.write().unwrap_or_else(PoisonError::into_inner).push((number, probe));
-            number
-        });
-        due.ring.store(ring.unwrap_or(NO_RING), Ordering::Relaxed);
-        SpinRead { half, due, many_cpus: None, ring }
+            due.ring.store(number, Ordering::Relaxed);
+        }
+        SpinRead { half, due, many_cpus: None }
     }
 
     fn may_spin(&mut self) -> bool {
@@ -235,7 +232,7 @@ impl SpinRead {
     fn spin(&self, buf: &mut ReadBuf<'_>) -> Option<std::io::Result<()>> {
         let _spinning = Spinning::take()?;
         let watch_others = SESSIONS_DUE.load(Ordering::Acquire) > 1;
-        let own = self.ring.unwrap_or(NO_RING);
+        let own = self.due.ring.load(Ordering::Relaxed);
         let start = Instant::now();
         loop {
             match self.half.try_read(buf.initialize_unfilled()) {
@@ -265,7 +262,8 @@ impl SpinRead {
 
 impl Drop for SpinRead {
     fn drop(&mut self) {
-        if let Some(number) = self.ring {
+        let number = self.due.ring.load(Ordering::Relaxed);
+        if number != NO_RING {
             RINGS.write().unwrap_or_else(PoisonError::into_inner).retain(|(n, _)| *n != number);
         }
     }

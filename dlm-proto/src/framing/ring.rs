@@ -150,7 +150,6 @@ pub struct RingWrite {
 /// bytes its reader has not taken yet (the reader publishes how far it read
 /// after every read). A writer that lies about its tail only makes it say
 /// yes.
-#[derive(Clone)]
 pub struct RingProbe {
     ring: Ring,
 }
