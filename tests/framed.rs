@@ -161,6 +161,51 @@ async fn bad_input_through_a_ring_closes_only_that_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_sessions_are_all_answered_while_the_spinning_agent_looks_in_their_place() {
+    // A spinning agent looks at its ring sessions' rings itself, their
+    // clients told not to ring: a request that comes as it stops looking
+    // must still be taken (a lost wake-up leaves a waiter, or the holder it
+    // waits for, hanging). Eight sessions take turns on one lock and on
+    // one of their own each, back to back.
+    const SESSIONS: usize = 8;
+    const ROUNDS: usize = 400;
+    let agent = Agent::start_with_env("framed-ring-spin", "", &[("DLM_SPIN_US", "200".to_string())]);
+    let client = agent.client().await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for own in 0..SESSIONS {
+        let session = client.session().await.expect("session");
+        tasks.spawn(async move {
+            let options = LockOptions { timeout: Some(Duration::from_secs(10)), ..LockOptions::default() };
+            for round in 0..ROUNDS {
+                let name = if round % 2 == 0 { "spin-shared".to_string() } else { format!("spin-own-{own}") };
+                let locking = session.lock("default", name.as_str(), Mode::Ex, options.clone());
+                let guard = tokio::time::timeout(Duration::from_secs(20), locking)
+                    .await
+                    .unwrap_or_else(|_| panic!("session {own}, round {round}: no answer to a lock"))
+                    .expect("granted");
+                tokio::time::timeout(Duration::from_secs(20), guard.unlock())
+                    .await
+                    .unwrap_or_else(|_| panic!("session {own}, round {round}: no answer to an unlock"))
+                    .expect("unlocked");
+            }
+        });
+    }
+    let rings = support::metric_value(&agent.metrics(), "dlm_session_rings");
+    assert!(rings >= SESSIONS as f64, "only {rings} of {SESSIONS} sessions on rings");
+    while let Some(done) = tasks.join_next().await {
+        done.expect("a session's task");
+    }
+    let catches = support::metric_value(&agent.metrics(), "dlm_agent_spin_ring_catches_total");
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
+        assert!(catches > 0.0, "the agent never took a ring session's request while spinning");
+    } else {
+        // One CPU: the agent does not spin (see `dlm_agent::spin`).
+        assert!(!support::under_ci(), "CI=true: one CPU, the spinning agent was not tried");
+        eprintln!("skipped the spinning half: this machine has one CPU");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_past_the_rings_limit_are_served_on_their_socket_and_counted() {
     // 1,024 descriptors, 256 kept, 766 connections: two left, one ring session.
     let agent = Agent::start_wrapped(

@@ -164,6 +164,7 @@ impl Metrics {
                 .expect("valid metric");
         info.with_label_values(&[env!("CARGO_PKG_VERSION"), node]).set(1);
         metrics.registry.register(Box::new(info)).expect("unique metric");
+        metrics.registry.register(Box::new(crate::spin::RING_CATCHES.clone())).expect("unique metric");
         #[cfg(target_os = "linux")]
         metrics
             .registry

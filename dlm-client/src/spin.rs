@@ -30,13 +30,13 @@
 //! client's; the peer benchmark counts it.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use dlm_proto::framing;
-use dlm_proto::framing::ring::RingProbe;
+use dlm_proto::framing::ring::{Registration, Watched};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// How long a framed session's reader spins for a due answer, unless
@@ -74,16 +74,8 @@ static SPINNING: AtomicBool = AtomicBool::new(false);
 
 /// The process's sessions through rings, by number: what a spin for an
 /// unlock's answer watches, to stop when another session's frames come.
-static RINGS: RwLock<Vec<(u64, RingProbe)>> = RwLock::new(Vec::new());
-static NEXT_RING: AtomicU64 = AtomicU64::new(0);
+static RINGS: Watched = Watched::new();
 const NO_RING: u64 = u64::MAX;
-
-/// Whether a ring session of the process other than `own` has frames
-/// waiting to be read (or the list is being changed: then it may).
-fn others_unread(own: u64) -> bool {
-    let Ok(rings) = RINGS.try_read() else { return true };
-    rings.iter().any(|(number, probe)| *number != own && probe.unread())
-}
 
 /// What the requesting side and the reader share: whether an answer is due,
 /// and how to wake the reader to spin for it.
@@ -182,7 +174,7 @@ impl SpinKind {
     fn spin_now(self) -> bool {
         match self {
             SpinKind::Alone => true,
-            SpinKind::Soon { ring } => !others_unread(ring),
+            SpinKind::Soon { ring } => !RINGS.any_unread(ring),
         }
     }
 }
@@ -193,16 +185,17 @@ pub(crate) struct SpinRead {
     due: Arc<AnswerDue>,
     /// Reads left before the next look at the CPUs, and what the last found.
     many_cpus: Option<(u32, bool)>,
+    /// The session's place in [`RINGS`] (on its socket: none).
+    _registration: Option<Registration>,
 }
 
 impl SpinRead {
     pub(crate) fn new(half: framing::FramedRead, due: Arc<AnswerDue>) -> SpinRead {
-        if let Some(probe) = half.ring_probe() {
-            let number = NEXT_RING.fetch_add(1, Ordering::Relaxed);
-            RINGS.write().unwrap_or_else(PoisonError::into_inner).push((number, probe));
-            due.ring.store(number, Ordering::Relaxed);
+        let registration = half.ring_watch().map(|watch| RINGS.add(watch));
+        if let Some(registration) = &registration {
+            due.ring.store(registration.number(), Ordering::Relaxed);
         }
-        SpinRead { half, due, many_cpus: None }
+        SpinRead { half, due, many_cpus: None, _registration: registration }
     }
 
     fn may_spin(&mut self) -> bool {
@@ -241,7 +234,7 @@ impl SpinRead {
                     return Some(Ok(()));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if watch_others && others_unread(own) {
+                    if watch_others && RINGS.any_unread(own) {
                         return None;
                     }
                     if start.elapsed() >= self.due.spin {
@@ -256,15 +249,6 @@ impl SpinRead {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Some(Err(e)),
             }
-        }
-    }
-}
-
-impl Drop for SpinRead {
-    fn drop(&mut self) {
-        let number = self.due.ring.load(Ordering::Relaxed);
-        if number != NO_RING {
-            RINGS.write().unwrap_or_else(PoisonError::into_inner).retain(|(n, _)| *n != number);
         }
     }
 }

@@ -235,6 +235,8 @@ async fn serve(stream: UnixStream, rings: bool, driver: &DriverHandle, settings:
         }
     };
     let _on_rings = rings.then(|| RingsCounted::new(read_half.through_ring(), ring_ticket, settings));
+    // Looked at by a spinning worker (see `crate::spin`) while it lives.
+    let _watched = read_half.ring_watch().map(|watch| crate::spin::RINGS.add(watch));
     // Dropped with the last handle (the driver's, this task's): the write
     // side then shuts down, once what was queued is written.
     let sink = FrameSink::new(write_half);

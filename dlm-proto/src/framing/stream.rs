@@ -88,11 +88,11 @@ impl FramedRead {
         self.ring.is_some()
     }
 
-    /// A look at the session's ring, for other threads: whether bytes wait
-    /// in it (`None` on the socket).
+    /// A look at the session's ring, for other threads of this process
+    /// (`None` on the socket).
     #[must_use]
-    pub fn ring_probe(&self) -> Option<super::ring::RingProbe> {
-        self.ring.as_ref().map(super::ring::RingRead::probe)
+    pub fn ring_watch(&self) -> Option<super::ring::RingWatch> {
+        self.ring.as_ref().map(super::ring::RingRead::watch)
     }
 
     /// Reads what is there without waiting (`WouldBlock` when nothing is).

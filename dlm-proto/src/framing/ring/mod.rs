@@ -26,14 +26,20 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering, fence};
 use std::task::{Context, Poll, ready};
 
+use atomic_waker::AtomicWaker;
 use tokio::io::unix::AsyncFd;
 use tokio::io::{Interest, ReadBuf};
+
+mod handoff;
+mod watch;
+pub use handoff::{accept, offer};
+pub use watch::{Hush, Registration, RingWatch, Watched};
 
 /// Bytes of each ring's data (a power of two): room for many requests and
 /// answers (tens of bytes each); a frame longer than the ring (an LVB-sized
@@ -132,6 +138,10 @@ pub struct RingRead {
     head: AtomicU32,
     /// Rung by the writer when this side sleeps.
     bell: AsyncFd<OwnedFd>,
+    /// This side's task while it sleeps, for a [`RingWatch`] that stands
+    /// in for the bell: the agent's side only (only its worker hushes; a
+    /// client's reader would register for nobody).
+    waker: Option<Arc<AtomicWaker>>,
     /// The session's socket: readable only when the other side closed it.
     socket: Arc<AsyncFd<StdUnixStream>>,
 }
@@ -146,19 +156,14 @@ pub struct RingWrite {
     bell: OwnedFd,
 }
 
-/// A look, from any thread of the reading process, at whether a ring holds
-/// bytes its reader has not taken yet (the reader publishes how far it read
-/// after every read). A writer that lies about its tail only makes it say
-/// yes.
-pub struct RingProbe {
-    ring: Ring,
-}
-
-impl RingProbe {
-    /// Whether bytes wait in the ring.
-    #[must_use]
-    pub fn unread(&self) -> bool {
-        self.ring.tail().load(Ordering::Acquire) != self.ring.head().load(Ordering::Relaxed)
+#[cfg(test)]
+impl RingRead {
+    /// How many times this side's bell was rung since this was last asked.
+    fn rings_since_asked(&self) -> u64 {
+        let mut count = 0u64;
+        // SAFETY: the bell is an open non-blocking eventfd; 8 bytes into a u64.
+        let n = unsafe { libc::read(self.bell.get_ref().as_raw_fd(), (&raw mut count).cast(), 8) };
+        if n == 8 { count } else { 0 }
     }
 }
 
@@ -167,10 +172,11 @@ fn corrupt() -> io::Error {
 }
 
 impl RingRead {
-    /// A look at this ring for other threads (see [`RingProbe`]).
+    /// A look at this ring for other threads of this process (see
+    /// [`RingWatch`]).
     #[must_use]
-    pub fn probe(&self) -> RingProbe {
-        RingProbe { ring: self.ring.clone() }
+    pub fn watch(&self) -> RingWatch {
+        RingWatch { ring: self.ring.clone(), waker: self.waker.clone() }
     }
 
     /// Takes what the ring holds without waiting (`WouldBlock` when empty).
@@ -242,7 +248,12 @@ impl RingRead {
                 }
             }
             // Going to sleep: say so, then look once more (the writer
-            // publishes before it reads the flag).
+            // publishes before it reads the flag). The task first, for a
+            // watcher that takes the flag down and looks in the writer's
+            // place.
+            if let Some(waker) = &self.waker {
+                waker.register(cx.waker());
+            }
             self.ring.waiting().store(1, Ordering::SeqCst);
             fence(Ordering::SeqCst);
             if self.ring.tail().load(Ordering::SeqCst) != self.head.load(Ordering::Relaxed) {
@@ -308,35 +319,6 @@ fn registered<T: AsRawFd>(fd: T) -> io::Result<AsyncFd<T>> {
     Ok(unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }?)
 }
 
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: eventfd(2) returns a new descriptor or -1.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: new, owned by nothing else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn memfd() -> io::Result<OwnedFd> {
-    // SAFETY: a NUL-terminated name; returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(c"dlm-ring".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: new, owned by nothing else.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: plain calls on an open descriptor.
-    let sized = unsafe { libc::ftruncate(fd.as_raw_fd(), MAP_LEN as libc::off_t) } == 0
-        && unsafe {
-            libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL)
-        } == 0;
-    if !sized {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
 /// The halves of a session that asked for rings: through rings, or, when
 /// the agent served it on its socket, `read` and `write` are `None`.
 pub struct RingHalves {
@@ -346,177 +328,6 @@ pub struct RingHalves {
     pub write: Option<RingWrite>,
     /// The socket: the session's end either way, and its bytes without rings.
     pub socket: Arc<AsyncFd<StdUnixStream>>,
-}
-
-/// What the agent's first byte on a session that asked for rings says:
-/// the rings and bells are passed with it.
-const MARK_RING: u8 = b'R';
-/// The session goes on over the socket (no ring to spare).
-const MARK_SOCKET: u8 = b'S';
-
-/// The agent's side: when `rings` says so, makes the rings and bells and
-/// passes them to the client over `socket`; else (or when they cannot be
-/// made) tells it that the session stays on the socket.
-///
-/// # Errors
-/// The socket failed.
-pub fn offer(socket: StdUnixStream, rings: bool) -> io::Result<RingHalves> {
-    socket.set_nonblocking(true)?;
-    let made = if rings { make().ok() } else { None };
-    let socket = Arc::new(registered(socket)?);
-    let Some((memfd, map, agent_bell, client_bell)) = made else {
-        send_marked(socket.get_ref(), MARK_SOCKET, &[])?;
-        return Ok(RingHalves { read: None, write: None, socket });
-    };
-    send_marked(socket.get_ref(), MARK_RING, &[memfd.as_raw_fd(), agent_bell.as_raw_fd(), client_bell.as_raw_fd()])?;
-    // The mapping outlives the descriptor.
-    drop(memfd);
-    ring_halves(map, socket, (TO_AGENT, agent_bell), (TO_CLIENT, client_bell))
-}
-
-/// One side's halves: it reads the ring at `reads.0`, waking on the bell
-/// `reads.1`, and writes the ring at `writes.0`, ringing `writes.1`.
-fn ring_halves(
-    map: Arc<Mapping>,
-    socket: Arc<AsyncFd<StdUnixStream>>,
-    reads: (usize, OwnedFd),
-    writes: (usize, OwnedFd),
-) -> io::Result<RingHalves> {
-    Ok(RingHalves {
-        read: Some(RingRead {
-            ring: Ring { map: map.clone(), at: reads.0 },
-            head: AtomicU32::new(0),
-            bell: registered(reads.1)?,
-            socket: socket.clone(),
-        }),
-        write: Some(RingWrite { ring: Ring { map, at: writes.0 }, tail: AtomicU32::new(0), bell: writes.1 }),
-        socket,
-    })
-}
-
-/// The memfd (sealed at its size), its mapping, and the two bells.
-fn make() -> io::Result<(OwnedFd, Arc<Mapping>, OwnedFd, OwnedFd)> {
-    let memfd = memfd()?;
-    let map = Arc::new(Mapping::map(&memfd)?);
-    Ok((memfd, map, eventfd()?, eventfd()?))
-}
-
-/// The client's side: takes the rings and bells the agent passed, or goes
-/// on over the socket when it says so.
-///
-/// # Errors
-/// The socket failed or closed, or what the agent passed is not a ring.
-pub async fn accept(socket: StdUnixStream) -> io::Result<RingHalves> {
-    socket.set_nonblocking(true)?;
-    let socket = Arc::new(registered(socket)?);
-    let (mark, fds) = loop {
-        let mut ready = socket.readable().await?;
-        match recv_marked(socket.get_ref()) {
-            Ok(got) => break got,
-            Err(error) if error.kind() == io::ErrorKind::WouldBlock => ready.clear_ready(),
-            Err(error) => return Err(error),
-        }
-    };
-    match (mark, fds) {
-        (MARK_SOCKET, None) => Ok(RingHalves { read: None, write: None, socket }),
-        (MARK_RING, Some([memfd, agent_bell, client_bell])) => {
-            // SAFETY: fstat into a zeroed struct, on an open descriptor.
-            let mut stat: libc::stat = unsafe { std::mem::zeroed() };
-            // SAFETY: as above.
-            let size = unsafe { libc::fstat(memfd.as_raw_fd(), &raw mut stat) };
-            if size != 0 || usize::try_from(stat.st_size).unwrap_or(0) < MAP_LEN {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "the agent's ring is too small"));
-            }
-            let map = Arc::new(Mapping::map(&memfd)?);
-            ring_halves(map, socket, (TO_CLIENT, client_bell), (TO_AGENT, agent_bell))
-        }
-        _ => Err(io::Error::new(io::ErrorKind::InvalidData, "the agent answered the ring preface with neither")),
-    }
-}
-
-/// Sends one byte, `mark`, with `fds` (none, or the ring's three).
-fn send_marked(socket: &StdUnixStream, mark: u8, fds: &[RawFd]) -> io::Result<()> {
-    let byte = [mark];
-    let mut iov = libc::iovec { iov_base: byte.as_ptr() as *mut libc::c_void, iov_len: 1 };
-    let payload = u32::try_from(std::mem::size_of_val(fds)).unwrap_or(0);
-    // SAFETY: a size computation.
-    let space = unsafe { libc::CMSG_SPACE(payload) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is plain data; zeroed is a valid empty header.
-    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-    header.msg_iov = &raw mut iov;
-    header.msg_iovlen = 1;
-    if !fds.is_empty() {
-        header.msg_control = control.as_mut_ptr().cast();
-        header.msg_controllen = space as _;
-        // SAFETY: the control buffer has room for one header and the fds.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&raw const header);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as _;
-            std::ptr::copy_nonoverlapping(fds.as_ptr().cast::<u8>(), libc::CMSG_DATA(cmsg), payload as usize);
-        }
-    }
-    // A new connection's socket buffer takes one byte: no waiting.
-    // SAFETY: a complete header over live buffers.
-    let sent = unsafe { libc::sendmsg(socket.as_raw_fd(), &raw const header, libc::MSG_NOSIGNAL) };
-    if sent == 1 { Ok(()) } else { Err(io::Error::last_os_error()) }
-}
-
-/// Receives the agent's mark, and the three descriptors if it passed any.
-fn recv_marked(socket: &StdUnixStream) -> io::Result<(u8, Option<[OwnedFd; 3]>)> {
-    let mut byte = [0u8; 1];
-    let mut iov = libc::iovec { iov_base: byte.as_mut_ptr().cast(), iov_len: 1 };
-    let payload = u32::try_from(3 * std::mem::size_of::<RawFd>()).unwrap_or(0);
-    // Room for more than three, so that extra descriptors are received
-    // (and closed) rather than cut off.
-    // SAFETY: a size computation.
-    let space = unsafe { libc::CMSG_SPACE(4 * payload) } as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: plain data.
-    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-    header.msg_iov = &raw mut iov;
-    header.msg_iovlen = 1;
-    header.msg_control = control.as_mut_ptr().cast();
-    header.msg_controllen = space as _;
-    // SAFETY: a complete header over live buffers.
-    let got = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut header, libc::MSG_CMSG_CLOEXEC) };
-    if got < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if got == 0 {
-        return Err(io::ErrorKind::UnexpectedEof.into());
-    }
-    // Every descriptor received is owned here, so none leaks whatever the
-    // message held.
-    let mut owned = Vec::new();
-    // SAFETY: the kernel filled the control buffer; walk its headers.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const header);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg);
-                let len = (*cmsg).cmsg_len as usize - (data as usize - cmsg as usize);
-                for i in 0..len / std::mem::size_of::<RawFd>() {
-                    let fd = std::ptr::read_unaligned(data.cast::<RawFd>().add(i));
-                    owned.push(OwnedFd::from_raw_fd(fd));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&raw const header, cmsg);
-        }
-    }
-    let fds = match <[OwnedFd; 3]>::try_from(owned) {
-        Ok(fds) => Some(fds),
-        Err(owned) if owned.is_empty() => None,
-        Err(_) => {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the agent passed an unexpected number of descriptors",
-            ));
-        }
-    };
-    Ok((byte[0], fds))
 }
 
 #[cfg(test)]
@@ -589,15 +400,6 @@ mod tests {
         assert_eq!(got.expect("read"), b"hello");
     }
 
-    /// How many times `read`'s bell was rung since this was last asked.
-    #[allow(unsafe_code)]
-    fn rings_of(read: &RingRead) -> u64 {
-        let mut count = 0u64;
-        // SAFETY: the bell is an open non-blocking eventfd; 8 bytes into a u64.
-        let n = unsafe { libc::read(read.bell.get_ref().as_raw_fd(), (&raw mut count).cast(), 8) };
-        if n == 8 { count } else { 0 }
-    }
-
     #[tokio::test]
     async fn a_reader_is_rung_only_while_it_sleeps() {
         let (agent, client) = session(true).await;
@@ -611,14 +413,14 @@ mod tests {
         // Asleep: a write rings it.
         sleep(&agent_read, &mut buffer);
         client_write.try_write(b"one").expect("room");
-        assert_eq!(rings_of(&agent_read), 1);
+        assert_eq!(agent_read.rings_since_asked(), 1);
         assert_eq!(agent_read.try_read(&mut buffer).expect("read"), 3);
         // Asleep again, then awake (reading, as a spinning reader does): a
         // write finds it awake and does not ring.
         sleep(&agent_read, &mut buffer);
         assert_eq!(agent_read.try_read(&mut buffer).expect_err("empty").kind(), io::ErrorKind::WouldBlock);
         client_write.try_write(b"two").expect("room");
-        assert_eq!(rings_of(&agent_read), 0, "rung while it was reading");
+        assert_eq!(agent_read.rings_since_asked(), 0, "rung while it was reading");
         assert_eq!(agent_read.try_read(&mut buffer).expect("read"), 3);
         assert_eq!(&buffer[..3], b"two");
     }
