@@ -160,16 +160,14 @@ async fn bad_input_through_a_ring_closes_only_that_session() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ring_sessions_are_all_answered_while_the_spinning_agent_looks_in_their_place() {
-    // A spinning agent looks at its ring sessions' rings itself, their
-    // clients told not to ring: a request that comes as it stops looking
-    // must still be taken (a lost wake-up leaves a waiter, or the holder it
-    // waits for, hanging). Eight sessions take turns on one lock and on
-    // one of their own each, back to back.
+/// Eight ring sessions of one client take turns on one lock and on one of
+/// their own each, back to back, against an agent spinning with `workers`
+/// runtime threads; returns `dlm_agent_spin_ring_catches_total`.
+async fn ring_sessions_against_a_spinning_agent(workers: u32) -> f64 {
     const SESSIONS: usize = 8;
     const ROUNDS: usize = 400;
-    let agent = Agent::start_with_env("framed-ring-spin", "", &[("DLM_SPIN_US", "200".to_string())]);
+    let env = [("DLM_SPIN_US", "200".to_string()), ("DLM_WORKER_THREADS", workers.to_string())];
+    let agent = Agent::start_with_env(&format!("framed-ring-spin-{workers}"), "", &env);
     let client = agent.client().await;
     let mut tasks = tokio::task::JoinSet::new();
     for own in 0..SESSIONS {
@@ -181,11 +179,13 @@ async fn ring_sessions_are_all_answered_while_the_spinning_agent_looks_in_their_
                 let locking = session.lock("default", name.as_str(), Mode::Ex, options.clone());
                 let guard = tokio::time::timeout(Duration::from_secs(20), locking)
                     .await
-                    .unwrap_or_else(|_| panic!("session {own}, round {round}: no answer to a lock"))
+                    .unwrap_or_else(|_| panic!("{workers} workers, session {own}, round {round}: no answer to a lock"))
                     .expect("granted");
                 tokio::time::timeout(Duration::from_secs(20), guard.unlock())
                     .await
-                    .unwrap_or_else(|_| panic!("session {own}, round {round}: no answer to an unlock"))
+                    .unwrap_or_else(|_| {
+                        panic!("{workers} workers, session {own}, round {round}: no answer to an unlock")
+                    })
                     .expect("unlocked");
             }
         });
@@ -195,9 +195,22 @@ async fn ring_sessions_are_all_answered_while_the_spinning_agent_looks_in_their_
     while let Some(done) = tasks.join_next().await {
         done.expect("a session's task");
     }
-    let catches = support::metric_value(&agent.metrics(), "dlm_agent_spin_ring_catches_total");
+    support::metric_value(&agent.metrics(), "dlm_agent_spin_ring_catches_total")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ring_sessions_are_all_answered_while_the_spinning_agent_looks_in_their_place() {
+    // A spinning agent with one worker looks at its ring sessions' rings
+    // itself, their clients told not to ring: a request that comes as it
+    // stops looking must still be taken (a lost wake-up leaves a waiter,
+    // or the holder it waits for, hanging). With two workers it must not
+    // look (a reader it woke could wait for the next event), and everyone
+    // is answered through the bells.
+    let one_worker = ring_sessions_against_a_spinning_agent(1).await;
+    let two_workers = ring_sessions_against_a_spinning_agent(2).await;
+    assert_eq!(two_workers, 0.0, "a multi-thread agent looked in its clients' place");
     if std::thread::available_parallelism().is_ok_and(|n| n.get() > 1) {
-        assert!(catches > 0.0, "the agent never took a ring session's request while spinning");
+        assert!(one_worker > 0.0, "the agent never took a ring session's request while spinning");
     } else {
         // One CPU: the agent does not spin (see `dlm_agent::spin`).
         assert!(!support::under_ci(), "CI=true: one CPU, the spinning agent was not tried");

@@ -82,7 +82,8 @@ fn main() -> ExitCode {
         // Before the runtime's threads exist (see `resident::one_arena`).
         dlm_agent::resident::one_arena();
     }
-    let mut builder = runtime_builder(worker_threads());
+    let workers = worker_threads();
+    let mut builder = runtime_builder(workers);
     builder.on_thread_park(dlm_agent::spin::before_park).on_thread_unpark(dlm_agent::spin::after_unpark);
     // Threads for blocking work (generation writes, file reads) are few and
     // kept: tokio's default ends one after 10 s idle and makes a new one when
@@ -99,7 +100,7 @@ fn main() -> ExitCode {
     if matches!(args.command, Command::Run(_)) {
         // Now, while the runtime's epoll instance is the only one. Why it
         // stays off, if it does, is in the agent's log at start.
-        let _ = dlm_agent::spin::enable(dlm_agent::spin::configured());
+        let _ = dlm_agent::spin::enable(dlm_agent::spin::configured(), workers == 1);
     }
     runtime.block_on(async {
         match args.command {

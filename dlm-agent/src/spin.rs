@@ -23,7 +23,7 @@
 #![allow(unsafe_code)]
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{LazyLock, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -54,8 +54,11 @@ const CPUS_RECHECK_PARKS: u32 = 1024;
 const EPOLL_MAX: usize = 4;
 
 /// The agent's sessions through shared-memory rings, looked at while a
-/// worker spins.
+/// worker spins (on a current-thread runtime only: [`enable`]).
 pub static RINGS: Watched = Watched::new();
+
+/// Whether a spinning worker looks at [`RINGS`] in their clients' place.
+static HUSH_RINGS: AtomicBool = AtomicBool::new(false);
 
 /// `dlm_agent_spin_ring_catches_total`: spins that ended on a ring
 /// session's bytes, each a request taken with no wake-up and no bell rung.
@@ -91,14 +94,24 @@ pub fn configured() -> Duration {
 }
 
 /// Turns spinning on, once the runtime is built and before anything else
-/// opens an epoll instance: finds the runtime's. Returns why it stays off.
+/// opens an epoll instance: finds the runtime's. `one_worker`: the runtime
+/// is a current-thread one, whose worker may look at the ring sessions in
+/// their clients' place (see [`RINGS`]). Returns why it stays off.
 ///
 /// # Errors
 /// No single epoll descriptor in the process (then nothing spins).
-pub fn enable(spin: Duration) -> Result<(), String> {
+pub fn enable(spin: Duration, one_worker: bool) -> Result<(), String> {
     let result = find_and_enable(spin);
+    // A reader woken from the hook runs before the worker parks only on a
+    // current-thread runtime: a multi-thread worker parks with the task
+    // queued for whichever worker wakes next, and its client did not ring.
+    HUSH_RINGS.store(result.is_ok() && one_worker, Ordering::Relaxed);
     let state = match &result {
         Ok(()) if spin.is_zero() => "off (DLM_SPIN_US=0)".to_string(),
+        Ok(()) if one_worker => format!(
+            "up to {} µs while requests flow, on more than one CPU, looking at ring sessions in their clients' place",
+            spin.as_micros()
+        ),
         Ok(()) => format!("up to {} µs while requests flow, on more than one CPU", spin.as_micros()),
         Err(why) => format!("off: {why}"),
     };
@@ -152,7 +165,7 @@ pub fn before_park() {
         // bells: it looks at their rings itself, and wakes a session's
         // reader whose ring got bytes (then the runtime runs it instead of
         // parking). Dropped, it puts the flags back and looks once more.
-        let hush = RINGS.hush(None);
+        let hush = if HUSH_RINGS.load(Ordering::Relaxed) { RINGS.hush(None) } else { None };
         loop {
             if hush.as_ref().is_some_and(Hush::wake_unread) {
                 RING_CATCHES.inc();

@@ -89,58 +89,93 @@ pub enum Search {
 
 /// Looks for a cycle reachable from any of `roots`, visiting at most `budget`
 /// sessions. Depth-first with the usual three colours; a session fully
-/// explored from one root is not explored again from another.
+/// explored from one root is not explored again from another. A caller that
+/// searches often keeps a [`Searcher`] instead (no allocation per search).
 pub fn find_cycle(graph: &impl WaitForGraph, roots: &[SessionId], budget: u32) -> Search {
-    let mut done: HashSet<SessionId> = HashSet::new();
-    let mut on_path: HashMap<SessionId, usize> = HashMap::new();
-    let mut visited = 0u32;
-    let mut scratch = Vec::new();
+    Searcher::default().find_cycle(graph, roots, budget)
+}
 
-    struct Frame {
-        session: SessionId,
-        edges: Vec<Edge>,
-        next: usize,
-        /// The edge this frame was entered by (none for a root).
-        entered_by: Option<Edge>,
-    }
+/// The memory of [`find_cycle`], kept between searches: a node searches
+/// after every event that queues a request or grants one while others
+/// wait (every hand-off of a contended lock), and allocating the maps and
+/// each visited session's edges anew each time showed in the agent's
+/// profile. What one search leaves is cleared by the next.
+#[derive(Default)]
+pub struct Searcher {
+    /// Sessions fully explored.
+    done: HashSet<SessionId>,
+    /// Sessions on the current path, with their depth.
+    on_path: HashMap<SessionId, usize>,
+    /// The current path.
+    path: Vec<Frame>,
+    /// The edges out of the path's sessions, each frame's after its
+    /// parent's (a stack: a frame's are dropped when it is).
+    edges: Vec<Edge>,
+}
 
-    for &root in roots {
-        if done.contains(&root) {
-            continue;
-        }
-        let mut path: Vec<Frame> = Vec::new();
-        graph.edges_from(root, &mut scratch);
-        path.push(Frame { session: root, edges: std::mem::take(&mut scratch), next: 0, entered_by: None });
-        on_path.insert(root, 0);
-        visited += 1;
-        while let Some(frame) = path.last_mut() {
-            if frame.next == frame.edges.len() {
-                let frame = path.pop().expect("non-empty path");
-                on_path.remove(&frame.session);
-                done.insert(frame.session);
+/// A session on the current path.
+struct Frame {
+    session: SessionId,
+    /// Where its edges start in [`Searcher::edges`] (they run to the next
+    /// frame's start, or to the end for the last frame).
+    edges_start: usize,
+    /// Its next edge to follow.
+    next: usize,
+    /// The edge this frame was entered by (none for a root).
+    entered_by: Option<Edge>,
+}
+
+impl Searcher {
+    /// [`find_cycle`], with this searcher's memory.
+    pub fn find_cycle(&mut self, graph: &impl WaitForGraph, roots: &[SessionId], budget: u32) -> Search {
+        self.done.clear();
+        self.on_path.clear();
+        self.path.clear();
+        self.edges.clear();
+        let mut visited = 0u32;
+        for &root in roots {
+            if self.done.contains(&root) {
                 continue;
             }
-            let edge = frame.edges[frame.next];
-            frame.next += 1;
-            if let Some(&depth) = on_path.get(&edge.to) {
-                let mut cycle: Vec<WaitRef> =
-                    path[depth + 1..].iter().filter_map(|f| f.entered_by.map(|e| e.wait)).collect();
-                cycle.push(edge.wait);
-                return Search::Cycle(cycle);
-            }
-            if done.contains(&edge.to) {
-                continue;
-            }
-            if visited >= budget {
-                return Search::BudgetExhausted;
-            }
+            self.enter(graph, root, None);
             visited += 1;
-            graph.edges_from(edge.to, &mut scratch);
-            on_path.insert(edge.to, path.len());
-            path.push(Frame { session: edge.to, edges: std::mem::take(&mut scratch), next: 0, entered_by: Some(edge) });
+            while let Some(frame) = self.path.last_mut() {
+                // The last frame's edges run to the end of the stack.
+                if frame.next == self.edges.len() {
+                    let frame = self.path.pop().expect("non-empty path");
+                    self.edges.truncate(frame.edges_start);
+                    self.on_path.remove(&frame.session);
+                    self.done.insert(frame.session);
+                    continue;
+                }
+                let edge = self.edges[frame.next];
+                frame.next += 1;
+                if let Some(&depth) = self.on_path.get(&edge.to) {
+                    let mut cycle: Vec<WaitRef> =
+                        self.path[depth + 1..].iter().filter_map(|f| f.entered_by.map(|e| e.wait)).collect();
+                    cycle.push(edge.wait);
+                    return Search::Cycle(cycle);
+                }
+                if self.done.contains(&edge.to) {
+                    continue;
+                }
+                if visited >= budget {
+                    return Search::BudgetExhausted;
+                }
+                visited += 1;
+                self.enter(graph, edge.to, Some(edge));
+            }
         }
+        Search::NoCycle
     }
-    Search::NoCycle
+
+    /// Puts `session` on the path, with its edges.
+    fn enter(&mut self, graph: &impl WaitForGraph, session: SessionId, entered_by: Option<Edge>) {
+        let edges_start = self.edges.len();
+        graph.edges_from(session, &mut self.edges);
+        self.on_path.insert(session, self.path.len());
+        self.path.push(Frame { session, edges_start, next: edges_start, entered_by });
+    }
 }
 
 /// The request to fail on a cycle: the youngest wait.
@@ -198,6 +233,25 @@ mod tests {
     fn the_budget_bounds_the_search() {
         let chain: Vec<_> = (0..100).map(|i| (i, i + 1, i)).collect();
         assert_eq!(find_cycle(&Graph(chain), &[SessionId(0)], 10), Search::BudgetExhausted);
+    }
+
+    #[test]
+    fn a_searcher_kept_between_searches_finds_what_a_fresh_one_does() {
+        // Each search left midway (a cycle found, the budget spent) must
+        // leave nothing that changes the next one.
+        let graphs = [
+            (Graph(vec![(1, 2, 1), (2, 3, 2), (3, 4, 3), (4, 2, 4)]), vec![SessionId(1)], 100),
+            (Graph((0..100).map(|i| (i, i + 1, i)).collect()), vec![SessionId(0)], 10),
+            (Graph(vec![(1, 2, 1), (1, 3, 2), (2, 4, 3), (3, 4, 4)]), vec![SessionId(1), SessionId(3)], 100),
+            (Graph(vec![(1, 2, 10), (2, 1, 11)]), vec![SessionId(2)], 100),
+            (Graph(vec![(5, 6, 1), (6, 7, 2), (7, 5, 3), (1, 5, 4)]), vec![SessionId(1), SessionId(6)], 100),
+        ];
+        let mut kept = Searcher::default();
+        for _ in 0..2 {
+            for (graph, roots, budget) in &graphs {
+                assert_eq!(kept.find_cycle(graph, roots, *budget), find_cycle(graph, roots, *budget));
+            }
+        }
     }
 
     #[test]

@@ -84,7 +84,7 @@ mod slab;
 mod time;
 pub mod tokens;
 
-pub use deadlock::{Blocker, Edge, Search, WaitForGraph, WaitRef, find_cycle, victim};
+pub use deadlock::{Blocker, Edge, Search, Searcher, WaitForGraph, WaitRef, find_cycle, victim};
 pub use dump::{DumpCursor, DumpPage, LockInfo, LockspaceInfo, PageBounds, ResourceInfo, SLOTS_PER_PAGE_MAX};
 pub use effect::{Completion, Effect, Op, RevokeReason, Status};
 pub use flags::{LockFlags, StatusFlags, UnlockFlags};

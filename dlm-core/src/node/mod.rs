@@ -99,6 +99,9 @@ pub struct Node {
     out: Outbox,
     /// When a full deadlock scan is due (a targeted search ran out of budget).
     full_scan_at: Option<Instant>,
+    /// The deadlock search's memory, kept between searches (as large as
+    /// the largest search yet: at most every session).
+    searcher: deadlock::Searcher,
 }
 
 impl Node {
@@ -118,6 +121,7 @@ impl Node {
             sessions: HashMap::new(),
             out: Outbox::default(),
             full_scan_at: None,
+            searcher: deadlock::Searcher::default(),
         })
     }
 
@@ -338,7 +342,7 @@ impl Node {
         while !roots.is_empty() {
             roots.sort_unstable();
             roots.dedup();
-            match deadlock::find_cycle(&Graph(&self.lockspaces), &roots, budget) {
+            match self.searcher.find_cycle(&Graph(&self.lockspaces), &roots, budget) {
                 Search::NoCycle => roots.clear(),
                 Search::BudgetExhausted => {
                     let at = now.saturating_add(self.config.deadlock_rescan_delay);
