@@ -5,10 +5,13 @@
 //! A writer rings a reader's bell (an eventfd write: a system call on the
 //! writer's side, and an event the reader's runtime must take) only when
 //! the reader said it sleeps. A thread that spins anyway (the agent's
-//! worker before it parks, a client's reader for a due answer) can take
-//! those "asleep" flags down while it spins ([`Watched::hush`]), look at
-//! the rings itself, and wake a reader whose ring got bytes with a plain
-//! task wake-up: no system call on either side. Before it stops it puts
+//! worker before it parks) can take those "asleep" flags down while it
+//! spins ([`Watched::hush`]), look at the rings itself, and wake a reader
+//! whose ring got bytes with a plain task wake-up: no system call on either
+//! side. A client's spin only looks ([`Watched::any_unread`]): hushing its
+//! other sessions made a contended lock's hand-offs slower (the session it
+//! woke ran after it on its thread, where the agent's ring had woken the
+//! runtime's other thread to run it at once). Before it stops it puts
 //! the flags back and looks once more, so a write it did not see rings as
 //! usual: no wake-up is lost. The order is the bell's own: a writer
 //! publishes its bytes before it reads the flag, the watcher puts the flag
