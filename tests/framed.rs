@@ -169,9 +169,16 @@ async fn ring_sessions_against_a_spinning_agent(workers: u32) -> f64 {
     let env = [("DLM_SPIN_US", "200".to_string()), ("DLM_WORKER_THREADS", workers.to_string())];
     let agent = Agent::start_with_env(&format!("framed-ring-spin-{workers}"), "", &env);
     let client = agent.client().await;
+    let mut sessions = Vec::with_capacity(SESSIONS);
+    for _ in 0..SESSIONS {
+        sessions.push(client.session().await.expect("session"));
+    }
+    // Counted before any starts: a session that is done ends, and leaves
+    // the gauge.
+    let rings = support::metric_value(&agent.metrics(), "dlm_session_rings");
+    assert!(rings >= SESSIONS as f64, "only {rings} of {SESSIONS} sessions on rings");
     let mut tasks = tokio::task::JoinSet::new();
-    for own in 0..SESSIONS {
-        let session = client.session().await.expect("session");
+    for (own, session) in sessions.into_iter().enumerate() {
         tasks.spawn(async move {
             let options = LockOptions { timeout: Some(Duration::from_secs(10)), ..LockOptions::default() };
             for round in 0..ROUNDS {
@@ -190,8 +197,6 @@ async fn ring_sessions_against_a_spinning_agent(workers: u32) -> f64 {
             }
         });
     }
-    let rings = support::metric_value(&agent.metrics(), "dlm_session_rings");
-    assert!(rings >= SESSIONS as f64, "only {rings} of {SESSIONS} sessions on rings");
     while let Some(done) = tasks.join_next().await {
         done.expect("a session's task");
     }
