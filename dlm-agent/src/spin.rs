@@ -201,7 +201,9 @@ fn ready() -> bool {
 
 /// Whether this thread may run on more than one CPU (checked now and then:
 /// an operator may pin the agent while it runs).
-fn many_cpus() -> bool {
+/// Whether this thread may run on more than one CPU (looked at again
+/// every [`CPUS_RECHECK_PARKS`] asks).
+pub fn many_cpus() -> bool {
     if let Some((left, many)) = MANY_CPUS.get()
         && left > 0
     {

@@ -203,7 +203,14 @@ impl SpinRead {
             return false;
         }
         let Some(kind) = self.due.spin_kind() else { return false };
-        let many = match self.many_cpus {
+        // Last: it may look at every ring session of the process.
+        self.many_cpus() && kind.spin_now()
+    }
+
+    /// Whether this process may run on more than one CPU, looked at again
+    /// every [`CPUS_RECHECK_READS`] asks.
+    fn many_cpus(&mut self) -> bool {
+        match self.many_cpus {
             Some((left, many)) if left > 0 => {
                 self.many_cpus = Some((left - 1, many));
                 many
@@ -214,9 +221,7 @@ impl SpinRead {
                 self.due.one_cpu.store(!many, Ordering::Relaxed);
                 many
             }
-        };
-        // Last: it may look at every ring session of the process.
-        many && kind.spin_now()
+        }
     }
 
     /// Reads what the connection has without waiting, for up to the spin,
@@ -275,7 +280,17 @@ impl AsyncRead for SpinRead {
         {
             return Poll::Ready(read);
         }
-        Pin::new(&mut self.half).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let read = Pin::new(&mut self.half).poll_read(cx, buf);
+        // On one CPU, a reader that got bytes wakes the process's other
+        // ring sessions whose answers came in the same pass of the agent
+        // (it rings their bells only after writing them all), so that they
+        // run on this wake-up, before the agent runs again, and their bells
+        // are not rung: each would be a switch to this process and back.
+        if buf.filled().len() > before && SESSIONS_DUE.load(Ordering::Relaxed) > 1 && !self.many_cpus() {
+            RINGS.wake_sleepers(self.due.ring.load(Ordering::Relaxed));
+        }
+        read
     }
 }
 

@@ -1,6 +1,7 @@
 //! Session output: the node's effects routed to the sessions they are for,
-//! everything a pass has for a framed session written at once, and the
-//! sessions whose clients do not read ended as slow readers.
+//! everything a pass has for a framed session written at once (on one CPU
+//! the ring sessions' bells rung after all of it), and the sessions whose
+//! clients do not read ended as slow readers.
 
 use dlm_core::{Effect, SessionId, Status};
 use tokio::sync::mpsc;
@@ -34,13 +35,24 @@ impl Driver {
     /// Writes what this pass appended to framed sessions, one write per
     /// session however many messages it got; a session whose client leaves
     /// more than `session_queue_max` frames unread after that is slow.
+    /// On one CPU, ring sessions' bells are rung after every write (see
+    /// [`dlm_proto::framing::ring::bells_after`]): a bell rung at once
+    /// lets its client preempt the agent before the other sessions'
+    /// answers are out. On more, at once: the client runs beside the rest
+    /// of the pass (side by side, deferring there cost the contended row).
     pub(super) fn flush_sessions(&mut self) {
-        for (session, sink) in std::mem::take(&mut self.unflushed) {
-            sink.flush();
-            if sink.frames_waiting() > self.config.session_queue_max {
-                self.slow.push(session);
+        let unflushed = std::mem::take(&mut self.unflushed);
+        let slow = &mut self.slow;
+        let queue_max = self.config.session_queue_max;
+        let flush = || {
+            for (session, sink) in unflushed {
+                sink.flush();
+                if sink.frames_waiting() > queue_max {
+                    slow.push(session);
+                }
             }
-        }
+        };
+        if crate::spin::many_cpus() { flush() } else { dlm_proto::framing::ring::bells_after(flush) }
     }
 
     /// Sends what the node has for peers and sessions, then ends the

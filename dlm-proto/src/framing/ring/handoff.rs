@@ -38,14 +38,7 @@ pub fn offer(socket: StdUnixStream, rings: bool) -> io::Result<RingHalves> {
     send_marked(socket.get_ref(), MARK_RING, &[memfd.as_raw_fd(), agent_bell.as_raw_fd(), client_bell.as_raw_fd()])?;
     // The mapping outlives the descriptor.
     drop(memfd);
-    ring_halves(map, socket, (TO_AGENT, agent_bell), (TO_CLIENT, client_bell), Side::Agent)
-}
-
-/// Which end of the session a side's halves are.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Side {
-    Agent,
-    Client,
+    ring_halves(map, socket, (TO_AGENT, agent_bell), (TO_CLIENT, client_bell))
 }
 
 /// One side's halves: it reads the ring at `reads.0`, waking on the bell
@@ -55,18 +48,16 @@ fn ring_halves(
     socket: Arc<AsyncFd<StdUnixStream>>,
     reads: (usize, OwnedFd),
     writes: (usize, OwnedFd),
-    side: Side,
 ) -> io::Result<RingHalves> {
     Ok(RingHalves {
         read: Some(RingRead {
             ring: Ring { map: map.clone(), at: reads.0 },
             head: AtomicU32::new(0),
             bell: registered(reads.1)?,
-            // Only the agent's worker hushes its sessions' bells.
-            waker: (side == Side::Agent).then(Arc::default),
+            waker: Arc::default(),
             socket: socket.clone(),
         }),
-        write: Some(RingWrite { ring: Ring { map, at: writes.0 }, tail: AtomicU32::new(0), bell: writes.1 }),
+        write: Some(RingWrite { ring: Ring { map, at: writes.0 }, tail: AtomicU32::new(0), bell: Arc::new(writes.1) }),
         socket,
     })
 }
@@ -105,7 +96,7 @@ pub async fn accept(socket: StdUnixStream) -> io::Result<RingHalves> {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, "the agent's ring is too small"));
             }
             let map = Arc::new(Mapping::map(&memfd)?);
-            ring_halves(map, socket, (TO_CLIENT, client_bell), (TO_AGENT, agent_bell), Side::Client)
+            ring_halves(map, socket, (TO_CLIENT, client_bell), (TO_AGENT, agent_bell))
         }
         _ => Err(io::Error::new(io::ErrorKind::InvalidData, "the agent answered the ring preface with neither")),
     }

@@ -25,6 +25,7 @@
 
 #![allow(unsafe_code)]
 
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
@@ -139,9 +140,9 @@ pub struct RingRead {
     /// Rung by the writer when this side sleeps.
     bell: AsyncFd<OwnedFd>,
     /// This side's task while it sleeps, for a [`RingWatch`] that stands
-    /// in for the bell: the agent's side only (only its worker hushes; a
-    /// client's reader would register for nobody).
-    waker: Option<Arc<AtomicWaker>>,
+    /// in for the bell (the agent's spinning worker, a client's reader
+    /// woken on one CPU).
+    waker: Arc<AtomicWaker>,
     /// The session's socket: readable only when the other side closed it.
     socket: Arc<AsyncFd<StdUnixStream>>,
 }
@@ -152,8 +153,8 @@ pub struct RingWrite {
     /// Where this side has written to (its own copy). Writes are serialized
     /// by the frame sink's lock.
     tail: AtomicU32,
-    /// The reader's bell.
-    bell: OwnedFd,
+    /// The reader's bell (shared with the bells owed in a [`bells_after`]).
+    bell: Arc<OwnedFd>,
 }
 
 #[cfg(test)]
@@ -251,9 +252,7 @@ impl RingRead {
             // publishes before it reads the flag). The task first, for a
             // watcher that takes the flag down and looks in the writer's
             // place.
-            if let Some(waker) = &self.waker {
-                waker.register(cx.waker());
-            }
+            self.waker.register(cx.waker());
             self.ring.waiting().store(1, Ordering::SeqCst);
             fence(Ordering::SeqCst);
             if self.ring.tail().load(Ordering::SeqCst) != self.head.load(Ordering::Relaxed) {
@@ -300,11 +299,68 @@ impl RingWrite {
         self.tail.store(tail, Ordering::Relaxed);
         self.ring.tail().store(tail, Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if self.ring.waiting().load(Ordering::SeqCst) != 0 {
+        if self.ring.waiting().load(Ordering::SeqCst) != 0 && !owe_bell(&self.ring, &self.bell) {
             ring_bell(self.bell.as_raw_fd());
         }
         Ok(n)
     }
+}
+
+thread_local! {
+    /// Whether this thread is inside a [`bells_after`].
+    static DEFERRING: Cell<bool> = const { Cell::new(false) };
+    /// The bells its writes owe, each with the ring whose flag says
+    /// whether its reader still sleeps.
+    static OWED: RefCell<Vec<(Ring, Arc<OwnedFd>)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `write`, ringing the bells its ring writes owe only once it is
+/// done, so that every reader's bytes are in their rings before the first
+/// bell: a pass that answers several sessions of one client process wakes
+/// it once with all of them there, rather than waking it (on one CPU: being
+/// preempted by it) once for each. A reader that woke meanwhile, or was
+/// woken by another of its process's readers (see
+/// [`Watched::wake_sleepers`]), is not rung. Inside another, the outer one
+/// rings.
+pub fn bells_after<R>(write: impl FnOnce() -> R) -> R {
+    if DEFERRING.replace(true) {
+        return write();
+    }
+    let _ring = RingOwed;
+    write()
+}
+
+/// Rings the bells owed when a [`bells_after`] ends, however it ends.
+struct RingOwed;
+
+impl Drop for RingOwed {
+    fn drop(&mut self) {
+        DEFERRING.set(false);
+        OWED.with_borrow_mut(|owed| {
+            // The rings' tails were published before their flags were read
+            // (in `try_write`); the flags are read again now.
+            fence(Ordering::SeqCst);
+            for (ring, bell) in owed.drain(..) {
+                if ring.waiting().load(Ordering::SeqCst) != 0 {
+                    ring_bell(bell.as_raw_fd());
+                }
+            }
+        });
+    }
+}
+
+/// Inside a [`bells_after`], notes that `bell` is owed: whether it did.
+fn owe_bell(ring: &Ring, bell: &Arc<OwnedFd>) -> bool {
+    if !DEFERRING.get() {
+        return false;
+    }
+    OWED.with_borrow_mut(|owed| {
+        // A frame written in pieces owes the same bell again, at once.
+        if !owed.last().is_some_and(|(_, last)| Arc::ptr_eq(last, bell)) {
+            owed.push((ring.clone(), bell.clone()));
+        }
+    });
+    true
 }
 
 fn ring_bell(fd: RawFd) {

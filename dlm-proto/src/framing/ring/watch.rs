@@ -16,6 +16,14 @@
 //! usual: no wake-up is lost. The order is the bell's own: a writer
 //! publishes its bytes before it reads the flag, the watcher puts the flag
 //! back before it looks at the bytes.
+//!
+//! On one CPU a client's reader that got bytes wakes the process's other
+//! readers that sleep with bytes waiting ([`Watched::wake_sleepers`]),
+//! taking their flags down for good (a woken reader raises its own again
+//! before it sleeps). The agent rings a pass's bells only after all its
+//! writes ([`super::bells_after`]), so the answers a pass has for several
+//! sessions of one process wake it once: the others' bells, each a switch
+//! to the client and back, are not rung.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering, fence};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
@@ -28,10 +36,8 @@ use super::Ring;
 /// lies about its tail only makes it say "bytes wait".
 pub struct RingWatch {
     pub(super) ring: Ring,
-    /// The reader's task while it sleeps (registered before it says so);
-    /// none for a reader that does not register (a client's): its ring is
-    /// never hushed.
-    pub(super) waker: Option<Arc<AtomicWaker>>,
+    /// The reader's task while it sleeps (registered before it says so).
+    pub(super) waker: Arc<AtomicWaker>,
 }
 
 impl RingWatch {
@@ -46,9 +52,7 @@ impl RingWatch {
     fn hush(&self) -> bool {
         // A load first: an awake reader's flag is not written (its cache
         // line is the writer's to read).
-        self.waker.is_some()
-            && self.ring.waiting().load(Ordering::Relaxed) != 0
-            && self.ring.waiting().swap(0, Ordering::SeqCst) != 0
+        self.ring.waiting().load(Ordering::Relaxed) != 0 && self.ring.waiting().swap(0, Ordering::SeqCst) != 0
     }
 
     /// Tells the writer to ring again, then looks once more: bytes that
@@ -63,10 +67,24 @@ impl RingWatch {
     /// Wakes the reader if bytes wait: whether they did.
     fn wake_if_unread(&self) -> bool {
         let unread = self.ring.tail().load(Ordering::SeqCst) != self.ring.head().load(Ordering::Relaxed);
-        if unread && let Some(waker) = &self.waker {
-            waker.wake();
+        if unread {
+            self.waker.wake();
         }
         unread
+    }
+
+    /// If the reader sleeps with bytes waiting, takes its flag down (its
+    /// writer need not ring) and wakes it: whether it did. The reader,
+    /// woken, reads, and says it sleeps again when its ring is empty; woken
+    /// needlessly (it read the bytes first), it only looks once more.
+    fn wake_sleeper(&self) -> bool {
+        let woken = self.unread()
+            && self.ring.waiting().load(Ordering::Relaxed) != 0
+            && self.ring.waiting().swap(0, Ordering::SeqCst) != 0;
+        if woken {
+            self.waker.wake();
+        }
+        woken
     }
 }
 
@@ -107,6 +125,17 @@ impl Watched {
     pub fn any_unread(&self, except: u64) -> bool {
         let Ok(rings) = self.rings.try_read() else { return true };
         rings.iter().any(|entry| entry.number != except && entry.watch.unread())
+    }
+
+    /// Wakes the readers, but ring number `except`'s, that sleep with bytes
+    /// waiting, their writers told not to ring (their flags taken down;
+    /// each raises its own again before it sleeps): for a reader that woke
+    /// and may take its process's other answers on its thread (one CPU:
+    /// each bell would be a wake-up, and a switch, of its own). How many it
+    /// woke.
+    pub fn wake_sleepers(&self, except: u64) -> usize {
+        let Ok(rings) = self.rings.try_read() else { return 0 };
+        rings.iter().filter(|entry| entry.number != except && entry.watch.wake_sleeper()).count()
     }
 
     /// Takes down the flags of the readers that sleep, but ring number
@@ -204,7 +233,7 @@ mod tests {
     use tokio::io::ReadBuf;
     use tokio::io::unix::AsyncFd;
 
-    use super::super::{RingRead, RingWrite, accept, offer};
+    use super::super::{RingRead, RingWrite, accept, bells_after, offer};
     use super::*;
 
     /// One session's rings, the reader's watched, and its wake-ups counted.
@@ -303,15 +332,42 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_clients_reader_is_never_hushed() {
-        // Only the agent's worker hushes: a client's reader registers its
-        // task for nobody, so a hush must leave its bell to the writer.
+    async fn bells_owed_in_a_pass_ring_when_it_ends() {
         let w = watching(true).await;
         w.sleep();
-        let hush = w.watched.hush(None).expect("nobody else hushes");
-        w.write.try_write(b"one").expect("room");
-        assert_eq!(w.read.rings_since_asked(), 1, "a client's reader was hushed");
-        assert!(hush.wake_unread(), "its bytes still count as unread");
+        bells_after(|| {
+            w.write.try_write(b"one").expect("room");
+            bells_after(|| w.write.try_write(b"two").expect("room"));
+            assert_eq!(w.read.rings_since_asked(), 0, "rung before the pass ended");
+        });
+        assert_eq!(w.read.rings_since_asked(), 1, "rung once when it ended");
+        // Outside a pass, at once.
+        let mut buffer = [0u8; 8];
+        assert_eq!(w.read.try_read(&mut buffer).expect("read"), 6);
+        w.sleep();
+        w.write.try_write(b"three").expect("room");
+        assert_eq!(w.read.rings_since_asked(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_reader_woken_by_another_is_not_rung_for_bytes_owed_a_bell() {
+        let w = watching(true).await;
+        w.sleep();
+        assert_eq!(w.watched.wake_sleepers(u64::MAX), 0, "nothing written yet");
+        bells_after(|| {
+            w.write.try_write(b"one").expect("room");
+            assert_eq!(w.watched.wake_sleepers(w.registered.number()), 0, "its own reader is left alone");
+            assert_eq!(w.watched.wake_sleepers(u64::MAX), 1, "another reader woke it");
+            assert_eq!(w.watched.wake_sleepers(u64::MAX), 0, "woken once");
+        });
+        assert_eq!(w.wakes(), 1, "the reader's task was woken");
+        assert_eq!(w.read.rings_since_asked(), 0, "rung though woken");
+        let mut buffer = [0u8; 8];
+        assert_eq!(w.read.try_read(&mut buffer).expect("read"), 3);
+        // Asleep again: rung as before.
+        w.sleep();
+        w.write.try_write(b"two").expect("room");
+        assert_eq!(w.read.rings_since_asked(), 1);
     }
 
     /// A writer thread and a reader task in ping-pong (the reader sleeps
@@ -321,7 +377,47 @@ mod tests {
     /// path one at a time.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_wake_up_is_lost_under_a_busy_watcher() {
-        const MESSAGES: u64 = 5_000;
+        ping_pong_beside(|watched, progress, round| {
+            if let Some(hush) = watched.hush(None) {
+                // For the first half the watcher never looks: bytes let in
+                // unrung are then the hush's end's to see.
+                let looks = if progress < MESSAGES / 2 { 0 } else { 50 };
+                for _ in 0..looks {
+                    if hush.wake_unread() {
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                spin(round);
+            }
+        })
+        .await;
+    }
+
+    /// The same with the writer's bells rung after each write's pass and
+    /// another reader of the process waking the sleeper over and over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_wake_up_is_lost_beside_readers_that_wake_each_other() {
+        ping_pong_beside(|watched, _, round| {
+            watched.wake_sleepers(u64::MAX);
+            spin(round);
+        })
+        .await;
+    }
+
+    const MESSAGES: u64 = 5_000;
+
+    /// A while that differs from one round of a watcher to the next.
+    fn spin(round: u32) {
+        for _ in 0..round % 500 {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// The ping-pong, with `watcher` called over and over by a thread of its
+    /// own (with the messages read so far and its round), and every other
+    /// message written inside a [`bells_after`].
+    async fn ping_pong_beside(watcher: fn(&Watched, u64, u32)) {
         let Watching { read, write, watched, registered: _registered, .. } = watching(false).await;
         let stop = Arc::new(AtomicBool::new(false));
         let progress = Arc::new(AtomicU64::new(0));
@@ -331,20 +427,7 @@ mod tests {
                 let mut round = 0u32;
                 while !stop.load(Ordering::Relaxed) {
                     round = round.wrapping_add(1);
-                    if let Some(hush) = watched.hush(None) {
-                        // For the first half the watcher never looks: bytes
-                        // let in unrung are then the hush's end's to see.
-                        let looks = if progress.load(Ordering::Relaxed) < MESSAGES / 2 { 0 } else { 50 };
-                        for _ in 0..looks {
-                            if hush.wake_unread() {
-                                break;
-                            }
-                            std::hint::spin_loop();
-                        }
-                        for _ in 0..round % 500 {
-                            std::hint::spin_loop();
-                        }
-                    }
+                    watcher(watched, progress.load(Ordering::Relaxed), round);
                     std::thread::yield_now();
                 }
             })
@@ -353,7 +436,12 @@ mod tests {
             let progress = progress.clone();
             std::thread::spawn(move || {
                 for n in 0..MESSAGES {
-                    write.try_write(&n.to_le_bytes()).expect("room");
+                    let written = || write.try_write(&n.to_le_bytes()).expect("room");
+                    if n % 2 == 0 {
+                        bells_after(written)
+                    } else {
+                        written()
+                    };
                     let sent = std::time::Instant::now();
                     while progress.load(Ordering::Acquire) <= n && sent.elapsed() < Duration::from_secs(20) {
                         std::thread::yield_now();
