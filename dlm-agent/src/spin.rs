@@ -199,10 +199,8 @@ fn ready() -> bool {
     n > 0
 }
 
-/// Whether this thread may run on more than one CPU (checked now and then:
-/// an operator may pin the agent while it runs).
-/// Whether this thread may run on more than one CPU (looked at again
-/// every [`CPUS_RECHECK_PARKS`] asks).
+/// Whether this thread may run on more than one CPU (looked at again every
+/// `CPUS_RECHECK_PARKS` asks: an operator may pin the agent while it runs).
 pub fn many_cpus() -> bool {
     if let Some((left, many)) = MANY_CPUS.get()
         && left > 0
